@@ -1,0 +1,59 @@
+"""`jaxhet generate`: continue a prompt with a local Hugging Face checkpoint or a fresh tiny model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import jax
+import typer
+from flax import nnx
+from rich.console import Console
+
+from jaxhet.cli.errors import user_errors
+from jaxhet.generate import SamplingConfig, generate as generate_tokens
+from jaxhet.models import Llama, LlamaConfig
+from jaxhet.tokenizers import ByteTokenizer, load_tokenizer
+
+
+def generate(
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "def fibonacci(n):\n",
+    model: Annotated[
+        Optional[Path],
+        typer.Option(help="Local Hugging Face Llama directory; a fresh tiny model when omitted."),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 48,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(min=1, help="Sample among the k most likely tokens.")] = 40,
+    top_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = None,
+    seed: Annotated[int, typer.Option(help="PRNG seed for initialisation and sampling.")] = 0,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16.")] = None,
+) -> None:
+    """Generate text from a prompt."""
+    console = Console()
+    with user_errors():
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        init_key, sample_key = jax.random.split(jax.random.key(seed))
+        if model is None:
+            tokenizer = ByteTokenizer()
+            config = LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, **({"dtype": dtype} if dtype else {}))
+            llama = Llama(config, rngs=nnx.Rngs(params=init_key))
+            source = "a fresh tiny model (random weights: expect noise until it is trained)"
+        else:
+            llama = Llama.from_pretrained(model, dtype=dtype)
+            tokenizer = load_tokenizer(model, bos_id=llama.config.bos_token_id, eos_id=llama.config.eos_token_id)
+            source = str(model)
+        ids = tokenizer.encode(prompt)
+        if tokenizer.bos_id is not None:
+            ids = [tokenizer.bos_id, *ids]
+        console.print(
+            f"[dim]model: {source}; {llama.num_parameters():,} parameters; "
+            f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})[/]"
+        )
+        start = time.perf_counter()
+        (out,) = generate_tokens(llama, [ids], sampling, sample_key, eos_id=tokenizer.eos_id)
+        elapsed = time.perf_counter() - start
+    console.print(prompt, end="", style="bold", markup=False, highlight=False)
+    console.print(tokenizer.decode(out), markup=False, highlight=False)
+    console.print(f"[dim]{len(out)} tokens in {elapsed:.2f}s, compilation included[/]")

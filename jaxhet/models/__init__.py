@@ -1,0 +1,19 @@
+"""Flax NNX language models and their Hugging Face checkpoint format."""
+
+from jaxhet.models.attention import attention, attention_mask
+from jaxhet.models.config import ATTENTION_BACKENDS, ConfigError, LlamaConfig, RopeScaling
+from jaxhet.models.hf import CheckpointError
+from jaxhet.models.llama import KVCache, Llama, segment_positions
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "CheckpointError",
+    "ConfigError",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "RopeScaling",
+    "attention",
+    "attention_mask",
+    "segment_positions",
+]
