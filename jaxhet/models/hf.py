@@ -114,13 +114,13 @@ def load_pretrained(
         handles = {file: stack.enter_context(safe_open(file, framework="numpy")) for file in set(files.values())}
         for name, variable, transposed in table:
             tensor = handles[files[name]].get_tensor(name)
-            if transposed:
-                tensor = tensor.T
-            if tensor.shape != variable.value.shape:
+            target = variable.get_value()
+            expected_shape = target.shape[::-1] if transposed else target.shape
+            if tensor.shape != expected_shape:
                 raise CheckpointError(
-                    f"tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(variable.value.shape)}"
+                    f"tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(expected_shape)}"
                 )
-            variable.value = jnp.asarray(tensor, dtype=variable.value.dtype)
+            variable.set_value(jnp.asarray(tensor.T if transposed else tensor, dtype=target.dtype))
     return model
 
 
@@ -130,7 +130,7 @@ def save_pretrained(model: Llama, path: str | os.PathLike, *, max_shard_bytes: i
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, variable, transposed in parameter_table(model):
-        array = np.asarray(variable.value)
+        array = np.asarray(variable.get_value())
         tensors[name] = np.ascontiguousarray(array.T if transposed else array)
     shards: list[dict[str, np.ndarray]] = [{}]
     shard_bytes = 0

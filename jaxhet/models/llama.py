@@ -51,7 +51,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
         xf = x.astype(jnp.float32)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.weight.value.astype(x.dtype) * normed.astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
 def _linear(in_features: int, out_features: int, config: LlamaConfig, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
