@@ -15,7 +15,8 @@ within its devices' usable memory).
 Large clusters are split into `K` identical cells (each with the same number of nodes of every node class); one
 cell is planned and its plan repeated `K` times, with the gradient all-reduce counted over all `K` cells. Several
 `K` are tried (cells of at most `max_cell_devices` devices, and the whole cluster when it is that small) and the
-best plan is kept. The CP-SAT model per cell:
+best plan is kept. Each cell is solved twice: first over coarse groups only (TP of at least half a node, fast),
+then over all groups starting from that plan (CP-SAT hint), keeping the better one when the time limit is hit. The CP-SAT model per cell:
 - booleans `a[g, r]`: candidate group `g` is a stage of replica slot `r` (slot symmetry broken by first member);
 - integers `n0[g]`, `n1[g]`: blocks without / with recomputation (one of them zero), `m[r]`: micro-batches;
 - stage time `t[g]` linear in those; replica time `S[r] + P2P[r] + (m[r] - 1) * M[r]` with `M[r]` the slowest
@@ -41,6 +42,7 @@ from planners.plan import Replica, Stage, TrainPlan
 from planners.workload import TrainWorkload
 
 RESOLUTION = 10_000
+COARSE_SHARE = 0.25
 MEMORY_RESOLUTION = 1 << 20
 
 
@@ -128,13 +130,18 @@ class _CellModel:
         microbatch: int,
         microbatches: int,
         recompute: bool,
+        coarse: bool = False,
     ) -> None:
-        self.cell, self.model, self.b, self.total_mb = cell, model, microbatch, microbatches
         cluster = cell.cluster
         costs = TrainCosts(cluster, model, seq_len)
-        self.groups = groups = candidate_groups(cluster)
+        groups = candidate_groups(cluster)
+        if coarse:
+            groups = [g for g in groups if 2 * g.tp >= cluster.nodes[g.node].count]
+        self.groups = groups
         G, L = len(groups), model.num_layers
-        R = min(cluster.num_devices, microbatches)
+        state = L * costs.layer_state_bytes(1) + costs.first_state_bytes(1) + costs.last_state_bytes(1)
+        min_devices = math.ceil(state / max(p.capacity_bytes for p in cluster.profiles.values()))
+        R = max(1, min(cluster.num_devices // max(min_devices, 1), microbatches))
         intra = [cluster.nodes[g.node].intra_link for g in groups]
         c0 = [costs.layer_seconds(g.kind, g.tp, microbatch, False, intra[i]) for i, g in enumerate(groups)]
         c1 = [costs.layer_seconds(g.kind, g.tp, microbatch, True, intra[i]) for i, g in enumerate(groups)]
@@ -147,9 +154,9 @@ class _CellModel:
         a = self.a = [[m.new_bool_var(f"a{g}_{r}") for r in range(min(g + 1, R))] for g in range(G)]
         slots = [[g for g in range(G) if r < len(a[g])] for r in range(R)]
         used = self.used = [m.new_bool_var(f"used{r}") for r in range(R)]
-        on = [sum(a[g]) for g in range(G)]
+        on = [m.new_bool_var(f"on{g}") for g in range(G)]
         for g in range(G):
-            m.add(on[g] <= 1)
+            m.add(on[g] == sum(a[g]))
         # Canonical layout inside a node: active groups pack from the node's first device, largest first.
         cover = [sum(on[g] for g in range(G) if d in groups[g].devices) for d in range(cluster.num_devices)]
         for d in range(cluster.num_devices):
@@ -162,6 +169,12 @@ class _CellModel:
             if before >= 0 and groups[g].node == next(h.node for h in groups if before in h.devices):
                 bigger = [on[h] for h in range(G) if before in groups[h].devices and groups[h].tp >= grp.tp]
                 m.add(sum(bigger) >= on[g])
+        # Same-size groups of a node are interchangeable: their replica slots ascend with the address.
+        slot_of = [sum(r * a[g][r] for r in range(len(a[g]))) for g in range(G)]
+        for g in range(G):
+            twins = [k for k in range(g + 1, G) if groups[k].node == groups[g].node and groups[k].tp == groups[g].tp]
+            if twins:
+                m.add(slot_of[twins[0]] >= slot_of[g]).only_enforce_if([on[g], on[twins[0]]])
         for r in range(R):
             for g in slots[r]:
                 m.add_implication(a[g][r], used[r])
@@ -296,7 +309,10 @@ class _CellModel:
         m.minimize(self.objective)
         self.first, self.rc = first, rc
 
-    def solve(self, time_limit_s: float, workers: int) -> tuple[str, list[_Slot] | None]:
+    def solve(self, time_limit_s: float, workers: int, hint: list[_Slot] | None = None) -> tuple[str, list[_Slot] | None]:
+        """Solve within the time limit, starting from `hint` (a plan of the same space) when given."""
+        if hint:
+            self._hint(hint)
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
         solver.parameters.num_workers = workers
@@ -306,6 +322,21 @@ class _CellModel:
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             return name, None
         return name, self._extract(solver)
+
+    def _hint(self, slots: list[_Slot]) -> None:
+        index = {g: i for i, g in enumerate(self.groups)}
+        ordered = sorted(slots, key=lambda slot: min(index[g] for g, _, _ in slot[0]))
+        if len(ordered) > len(self.used):
+            return
+        for r, (stages, count) in enumerate(ordered):
+            self.m.add_hint(self.used[r], True)
+            self.m.add_hint(self.mvars[r], count)
+            for group, layers, recompute in stages:
+                g = index[group]
+                if r < len(self.a[g]):
+                    self.m.add_hint(self.a[g][r], True)
+                self.m.add_hint(self.n0[g], 0 if recompute else layers)
+                self.m.add_hint(self.n1[g], layers if recompute else 0)
 
     def _extract(self, solver: cp_model.CpSolver) -> list[_Slot]:
         out = []
@@ -379,18 +410,20 @@ def plan_training_with_info(
         remaining = time_limit_s - (time.perf_counter() - start)
         budget = remaining / (len(jobs) - i)
         total = workload.global_batch // (cell.copies * b)
-        cm = _CellModel(cell, model, workload.seq_len, b, total, workload.recompute)
-        status, slots = cm.solve(budget, num_workers)
+        args = (cell, model, workload.seq_len, b, total, workload.recompute)
+        _, coarse = _CellModel(*args, coarse=True).solve(COARSE_SHARE * budget, num_workers)
+        status, fine = _CellModel(*args).solve((1 - COARSE_SHARE) * budget, num_workers, hint=coarse)
         statuses.append(status)
-        if slots is None:
-            continue
-        plan = _plan_from_slots(slots, cell, cluster, model, workload, b)
-        assert plan.estimate is not None
-        excess = memory_excess(plan, cluster, plan.estimate)
-        if excess:
-            raise AssertionError(f"planner produced a plan over memory: {excess}")
-        if best is None or plan.estimate.iteration_s < best[0]:
-            best = (plan.estimate.iteration_s, plan, SolveInfo(cell.copies, b, status, 0.0, len(jobs)))
+        for slots in (coarse, fine):
+            if slots is None:
+                continue
+            plan = _plan_from_slots(slots, cell, cluster, model, workload, b)
+            assert plan.estimate is not None
+            excess = memory_excess(plan, cluster, plan.estimate)
+            if excess:
+                raise AssertionError(f"planner produced a plan over memory: {excess}")
+            if best is None or plan.estimate.iteration_s < best[0]:
+                best = (plan.estimate.iteration_s, plan, SolveInfo(cell.copies, b, status, 0.0, len(jobs)))
     elapsed = time.perf_counter() - start
     if best is None:
         if all(s == "INFEASIBLE" for s in statuses):
