@@ -1,0 +1,101 @@
+"""Exhaustive enumeration of the training planner's search space, for checking the planner on small instances.
+
+It builds every plan of the space described in `planners.train` (node layouts, partitions of groups into
+replicas, layer splits, recomputation flags, micro-batch counts, micro-batch sizes) as a `TrainPlan` and scores it
+with `planners.cost_model` directly, sharing nothing with the CP-SAT encoding but the cost model itself.
+Exponential: meant for clusters of a handful of devices and models of a handful of blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+from planners.cluster import ClusterSpec
+from planners.cost_model import evaluate_train_plan, memory_excess
+from planners.model import ModelSpec
+from planners.plan import Replica, Stage, TrainPlan
+from planners.workload import TrainWorkload
+
+
+def _node_layouts(count: int) -> list[tuple[int, ...]]:
+    """Non-increasing tuples of powers of two with sum <= count (the groups a node may run, largest first)."""
+    sizes = [1 << k for k in range(count.bit_length()) if 1 << k <= count]
+    out = [()]
+    for n in range(1, count + 1):
+        out += [c for c in itertools.combinations_with_replacement(sorted(sizes, reverse=True), n) if sum(c) <= count]
+    return out
+
+
+def _set_partitions(items: list[int]) -> Iterator[list[list[int]]]:
+    if not items:
+        yield []
+        return
+    head, rest = items[0], items[1:]
+    for part in _set_partitions(rest):
+        yield [[head], *part]
+        for i in range(len(part)):
+            yield part[:i] + [[head, *part[i]]] + part[i + 1:]
+
+
+def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
+    """Tuples of `parts` positive integers summing to `total`."""
+    for cuts in itertools.combinations(range(1, total), parts - 1):
+        bounds = (0, *cuts, total)
+        yield tuple(bounds[i + 1] - bounds[i] for i in range(parts))
+
+
+def all_plans(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> Iterator[TrainPlan]:
+    """Every plan of the search space (memory not checked)."""
+    kinds = tuple(d.kind for d in cluster.devices)
+    offsets = cluster.node_offsets()
+    layouts = [_node_layouts(node.count) for node in cluster.nodes]
+    L = model.num_layers
+    for choice in itertools.product(*layouts):
+        groups = []
+        for n, sizes in enumerate(choice):
+            start = offsets[n]
+            for t in sizes:
+                groups.append((tuple(range(start, start + t)), cluster.nodes[n].kind))
+                start += t
+        if not groups:
+            continue
+        for partition in _set_partitions(list(range(len(groups)))):
+            for b in workload.microbatch_sizes:
+                total = workload.global_batch // b
+                if len(partition) > total:
+                    continue
+                for counts in _compositions(total, len(partition)):
+                    options = []
+                    for members in partition:
+                        members = sorted(members)
+                        flags = [False, True] if workload.recompute else [False]
+                        options.append(
+                            [
+                                (members, split, rc)
+                                for split in _compositions(L, len(members))
+                                for rc in itertools.product(flags, repeat=len(members))
+                            ]
+                        )
+                    for combo in itertools.product(*options):
+                        replicas = []
+                        for (members, split, rc), m in zip(combo, counts):
+                            stages, start = [], 0
+                            for g, n_layers, flag in zip(members, split, rc):
+                                devices, kind = groups[g]
+                                stages.append(Stage(devices, kind, len(devices), (start, start + n_layers), flag))
+                                start += n_layers
+                            replicas.append(Replica(tuple(stages), m, b))
+                        yield TrainPlan(
+                            tuple(replicas), L, workload.global_batch, workload.seq_len, device_kinds=kinds
+                        )
+
+
+def best_plan(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> tuple[float, TrainPlan] | None:
+    """The lowest predicted iteration time over all plans that fit in memory, or None if none fits."""
+    best: tuple[float, TrainPlan] | None = None
+    for plan in all_plans(cluster, model, workload):
+        estimate = evaluate_train_plan(plan, cluster, model)
+        if (best is None or estimate.iteration_s < best[0]) and not memory_excess(plan, cluster, estimate):
+            best = (estimate.iteration_s, plan)
+    return best

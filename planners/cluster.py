@@ -1,0 +1,190 @@
+"""`ClusterSpec`: the nodes of a cluster, their GPUs, and the links inside and between nodes.
+
+A cluster file (YAML or JSON):
+
+```yaml
+name: h100x4_l4x4
+nodes:
+  - {name: h100, gpu: H100, count: 4}                 # intra-node link defaults to the GPU's NVLink/PCIe
+  - {name: l4, gpu: L4, count: 4, repeat: 1, intra_node_link: {gb_s: 25, latency_us: 8}}
+inter_node_link: {gb_s: 12.5, latency_us: 15}          # per GPU, per direction (100 Gb/s Ethernet here)
+gpus: {MyGPU: {tflops: 100, memory_gb: 32, memory_bw_gb_s: 900, price_per_hour: 1, nvlink_gb_s: 25}}
+profiles: {L4: {compute_efficiency: 0.45}}              # calibrated figures override the catalog
+```
+
+`repeat: N` expands one entry into N identical nodes (named `name-0 .. name-N-1`). `devices` is the flat device
+list plans refer to: node by node in file order, GPUs in order inside each node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from planners import catalog, fields
+from planners.errors import SpecError
+from planners.profile import DeviceProfile
+
+DEFAULT_INTER_NODE = {"gb_s": 12.5, "latency_us": 15.0}
+DEFAULT_INTRA_LATENCY_US = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """A link class: bandwidth per direction in GB/s and one-message latency in microseconds (alpha-beta)."""
+
+    gb_s: float
+    latency_us: float
+
+    def __post_init__(self) -> None:
+        fields.positive_float(self.gb_s, "gb_s")
+        fields.non_negative_float(self.latency_us, "latency_us")
+
+    @classmethod
+    def from_dict(cls, data: Any, field: str) -> Link:
+        d = fields.mapping(data, field, ("gb_s", "latency_us"), ("gb_s",))
+        return cls(
+            fields.positive_float(d["gb_s"], f"{field}.gb_s"),
+            fields.non_negative_float(d.get("latency_us", DEFAULT_INTRA_LATENCY_US), f"{field}.latency_us"),
+        )
+
+    def seconds(self, nbytes: float, messages: int = 1) -> float:
+        """Time to move `nbytes` in `messages` messages over this link."""
+        return messages * self.latency_us * 1e-6 + nbytes / (self.gb_s * 1e9)
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One machine: `count` GPUs of one kind joined by `intra_link`."""
+
+    name: str
+    kind: str
+    count: int
+    intra_link: Link
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """One GPU: its index in the flat device list, its node and its rank inside the node."""
+
+    index: int
+    node: int
+    local: int
+    kind: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSpec:
+    """Nodes, the inter-node link, and the device profile of every GPU kind present."""
+
+    name: str
+    nodes: tuple[Node, ...]
+    inter_link: Link
+    profiles: Mapping[str, DeviceProfile]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nodes", tuple(self.nodes))
+        object.__setattr__(self, "profiles", dict(self.profiles))
+        if not self.nodes:
+            raise SpecError("nodes must list at least one node")
+        for i, node in enumerate(self.nodes):
+            fields.positive_int(node.count, f"nodes[{i}].count")
+            if node.kind not in self.profiles:
+                raise SpecError(f"nodes[{i}].gpu {node.kind!r} has no device profile")
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        out, index = [], 0
+        for n, node in enumerate(self.nodes):
+            for local in range(node.count):
+                out.append(Device(index, n, local, node.kind))
+                index += 1
+        return tuple(out)
+
+    @property
+    def num_devices(self) -> int:
+        return sum(n.count for n in self.nodes)
+
+    def profile(self, kind: str) -> DeviceProfile:
+        return self.profiles[kind]
+
+    def node_offsets(self) -> tuple[int, ...]:
+        """Index of each node's first device in the flat list."""
+        offsets, at = [], 0
+        for node in self.nodes:
+            offsets.append(at)
+            at += node.count
+        return tuple(offsets)
+
+    def price_per_hour(self) -> float:
+        return sum(n.count * self.profiles[n.kind].price_per_hour for n in self.nodes)
+
+    def kinds_summary(self) -> str:
+        """E.g. '4xH100 + 4xL4'."""
+        counts: dict[str, int] = {}
+        for node in self.nodes:
+            counts[node.kind] = counts.get(node.kind, 0) + node.count
+        return " + ".join(f"{c}x{k}" for k, c in counts.items())
+
+    @classmethod
+    def from_dict(cls, data: Any, default_name: str = "cluster") -> ClusterSpec:
+        d = fields.mapping(data, "cluster", ("name", "nodes", "inter_node_link", "gpus", "profiles"), ("nodes",))
+        custom: dict[str, catalog.GPUSpec] = {}
+        for kind, spec in fields.mapping(d.get("gpus", {}), "gpus", list(d.get("gpus", {}) or {})).items():
+            base = None
+            try:
+                base = catalog.lookup(kind)
+            except SpecError:
+                pass
+            custom[kind] = catalog.GPUSpec.from_dict(kind, spec, base)
+        if not isinstance(d["nodes"], list) or not d["nodes"]:
+            raise SpecError("nodes must be a non-empty list of {name, gpu, count} entries")
+        nodes: list[Node] = []
+        gpus: dict[str, catalog.GPUSpec] = {}
+        for i, entry in enumerate(d["nodes"]):
+            where = f"nodes[{i}]"
+            e = fields.mapping(entry, where, ("name", "gpu", "count", "repeat", "intra_node_link"), ("gpu", "count"))
+            gpu = catalog.lookup(e["gpu"], custom, f"{where}.gpu")
+            gpus[gpu.name] = gpu
+            count = fields.positive_int(e["count"], f"{where}.count")
+            repeat = fields.positive_int(e.get("repeat", 1), f"{where}.repeat")
+            if "intra_node_link" in e:
+                link = Link.from_dict(e["intra_node_link"], f"{where}.intra_node_link")
+            else:
+                link = Link(gpu.nvlink_gb_s, DEFAULT_INTRA_LATENCY_US)
+            base_name = str(e.get("name", f"{gpu.name.lower()}{i}"))
+            for r in range(repeat):
+                nodes.append(Node(base_name if repeat == 1 else f"{base_name}-{r}", gpu.name, count, link))
+        inter = Link.from_dict(d.get("inter_node_link", DEFAULT_INTER_NODE), "inter_node_link")
+        overrides = fields.mapping(d.get("profiles", {}), "profiles", list(gpus))
+        profiles = {
+            kind: DeviceProfile.from_gpu(gpu).with_overrides(overrides.get(kind, {})) for kind, gpu in gpus.items()
+        }
+        return cls(str(d.get("name", default_name)), tuple(nodes), inter, profiles)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ClusterSpec:
+        """Read a cluster from a .yaml/.yml or .json file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"cluster file not found: {path}")
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise SpecError(f"{path}: cannot parse: {err}") from None
+        try:
+            return cls.from_dict(data, default_name=path.stem)
+        except SpecError as err:
+            raise SpecError(f"{path}: {err}") from None
+
+    @classmethod
+    def uniform(cls, kind: str, nodes: int, per_node: int, name: str = "") -> ClusterSpec:
+        """`nodes` identical nodes of `per_node` GPUs of `kind`, with default links."""
+        spec = {"nodes": [{"name": kind.lower(), "gpu": kind, "count": per_node, "repeat": nodes}]}
+        return cls.from_dict(spec, default_name=name or f"{kind.lower()}x{nodes * per_node}")
