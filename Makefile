@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/jaxhet generate
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

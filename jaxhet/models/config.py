@@ -36,7 +36,9 @@ class LlamaConfig:
     """Shape and numerics of a Llama-family decoder.
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters; `attention_backend` selects the
-    implementation behind the model's single attention dispatch point.
+    implementation behind the model's single attention dispatch point. `tensor_parallel_axis` is set only on the
+    per-shard specialisation of a config (see `jaxhet.parallel`): head counts and `intermediate_size` are then the
+    shard's own, and the row-parallel projections sum their partial outputs over that `shard_map` axis.
     """
 
     vocab_size: int
@@ -58,6 +60,7 @@ class LlamaConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attention_backend: str = "xla"
+    tensor_parallel_axis: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):

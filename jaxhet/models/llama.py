@@ -66,6 +66,13 @@ def _linear(in_features: int, out_features: int, config: LlamaConfig, bias: bool
     )
 
 
+def _sum_shards(partial: Float[Array, "batch seq hidden"], config: LlamaConfig) -> Float[Array, "batch seq hidden"]:
+    """Complete a row-parallel projection: under tensor parallelism each shard holds a partial sum."""
+    if config.tensor_parallel_axis is None:
+        return partial
+    return jax.lax.psum(partial, config.tensor_parallel_axis)
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with rotary embeddings; the kernel is chosen by `config.attention_backend`."""
 
@@ -87,7 +94,7 @@ class Attention(nnx.Module):
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def _output(self, out: Float[Array, "batch seq heads head_dim"]) -> Float[Array, "batch seq hidden"]:
-        return self.o_proj(out.reshape(*out.shape[:2], -1))
+        return _sum_shards(self.o_proj(out.reshape(*out.shape[:2], -1)), self.config)
 
     def __call__(
         self,
@@ -134,13 +141,14 @@ class MLP(nnx.Module):
     """SwiGLU feed-forward block: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
         hidden, ffn = config.hidden_size, config.intermediate_size
         self.gate_proj = _linear(hidden, ffn, config, config.mlp_bias, rngs)
         self.up_proj = _linear(hidden, ffn, config, config.mlp_bias, rngs)
         self.down_proj = _linear(ffn, hidden, config, config.mlp_bias, rngs)
 
     def __call__(self, x: Float[Array, "batch seq hidden"]) -> Float[Array, "batch seq hidden"]:
-        return self.down_proj(nnx.silu(self.gate_proj(x)) * self.up_proj(x))
+        return _sum_shards(self.down_proj(nnx.silu(self.gate_proj(x)) * self.up_proj(x)), self.config)
 
 
 class DecoderLayer(nnx.Module):

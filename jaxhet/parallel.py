@@ -1,0 +1,171 @@
+"""The Llama model specialised for HSPMD execution: pipeline stages and tensor-parallel shards.
+
+`meshes` runs any model that can describe its pipeline stages (`meshes.StagedModel`); this module is that
+description for `Llama`. A stage is built from the same layer classes as the whole model, with the config
+specialised to one tensor-parallel shard (local head counts and FFN width, row-parallel outputs summed over the
+`shard_map` axis), so the model code is traced once per group shape, never forked. Parameters travel as Flax
+"pure dicts" (nested dicts of arrays) keyed like the whole model's, so a stage's slice is a dict selection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int
+
+from jaxhet.models.config import ConfigError, LlamaConfig
+from jaxhet.models.llama import DecoderLayer, Llama, RMSNorm, _INIT, segment_positions
+from meshes.staged import StageProgram, StageSpec
+
+Params = dict[str, Any]
+# Megatron layout: column-parallel projections split their outputs across shards, row-parallel ones their inputs.
+_COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def next_token_loss_sum(
+    logits: Float[Array, "batch seq vocab"], targets: Int[Array, "batch seq"], weights: Float[Array, "batch seq"]
+) -> Float[Array, ""]:
+    """Sum over tokens of weighted cross-entropy, in float32; dividing by the token count gives the mean loss."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_loss = -jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(token_loss * weights)
+
+
+def shard_config(config: LlamaConfig, tp: int, axis: str) -> LlamaConfig:
+    """The config one of `tp` tensor-parallel shards sees; names the field that does not divide."""
+    if tp == 1:
+        return config
+    for name in ("num_heads", "num_kv_heads", "intermediate_size"):
+        if getattr(config, name) % tp:
+            raise ConfigError(f"{name} ({getattr(config, name)}) must be divisible by the stage's tp ({tp})")
+    if config.attention_bias or config.mlp_bias:
+        raise ConfigError("tensor parallelism needs attention_bias and mlp_bias off (row-parallel biases)")
+    return config.replace(
+        num_heads=config.num_heads // tp,
+        num_kv_heads=config.num_kv_heads // tp,
+        intermediate_size=config.intermediate_size // tp,
+        head_dim=config.head_dim,
+        tensor_parallel_axis=axis,
+    )
+
+
+class LlamaStage(nnx.Module):
+    """Blocks `layers[0]..layers[1]-1` of a Llama, with the embedding if first and the norm + head if last."""
+
+    def __init__(self, config: LlamaConfig, spec: StageSpec, *, rngs: nnx.Rngs):
+        self.config = config
+        self.spec = spec
+        if spec.first or (spec.last and config.tie_word_embeddings):
+            self.embed_tokens = nnx.Embed(
+                config.vocab_size,
+                config.hidden_size,
+                dtype=config.compute_dtype,
+                param_dtype=config.storage_dtype,
+                embedding_init=_INIT,
+                rngs=rngs,
+            )
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(spec.layers[1] - spec.layers[0])])
+        if spec.last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=config.storage_dtype)
+            if not config.tie_word_embeddings:
+                self.lm_head = nnx.Linear(
+                    config.hidden_size,
+                    config.vocab_size,
+                    use_bias=False,
+                    dtype=config.compute_dtype,
+                    param_dtype=config.storage_dtype,
+                    rngs=rngs,
+                )
+
+    def __call__(self, hidden: Float[Array, "batch seq hidden"] | None, batch: dict[str, Array]):
+        """Stage output: activations for the next stage, or the micro-batch's loss sum on the last stage."""
+        segment_ids = batch.get("segment_ids")
+        if segment_ids is None:
+            positions = jnp.broadcast_to(jnp.arange(batch["input_ids"].shape[1]), batch["input_ids"].shape)
+        else:
+            positions = segment_positions(segment_ids)
+        x = self.embed_tokens(batch["input_ids"]) if self.spec.first else hidden
+        for layer in self.layers:
+            x = layer(x, positions, segment_ids)
+        if not self.spec.last:
+            return x
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+        return next_token_loss_sum(logits, batch["targets"], batch["weights"])
+
+
+def _partition_spec(path: tuple, tp: int, tp_axis: str) -> P:
+    if tp == 1:
+        return P()
+    names = [p for p in path if isinstance(p, str)]
+    module, leaf = names[-2], names[-1]
+    if module in _COLUMN_PARALLEL:
+        return P(None, tp_axis) if leaf == "kernel" else P(tp_axis)
+    if module in _ROW_PARALLEL and leaf == "kernel":
+        return P(tp_axis, None)
+    return P()
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedLlama:
+    """`meshes.StagedModel` for a `Llama` config: slices parameters per stage and builds each stage's program."""
+
+    config: LlamaConfig
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def stage_params(self, params: Params, spec: StageSpec) -> Params:
+        out: Params = {"layers": {i - spec.layers[0]: params["layers"][i] for i in range(*spec.layers)}}
+        if spec.first or (spec.last and self.config.tie_word_embeddings):
+            out["embed_tokens"] = params["embed_tokens"]
+        if spec.last:
+            out["norm"] = params["norm"]
+            if not self.config.tie_word_embeddings:
+                out["lm_head"] = params["lm_head"]
+        return out
+
+    def add_stage_grads(self, total: Params, grads: Params, spec: StageSpec) -> Params:
+        """Add one stage's gradients into a whole-model gradient dict (tied embeddings collect from both ends)."""
+        for local, layer_grads in grads["layers"].items():
+            total["layers"][spec.layers[0] + local] = jax.tree.map(
+                jnp.add, total["layers"][spec.layers[0] + local], layer_grads
+            )
+        for name in ("embed_tokens", "norm", "lm_head"):
+            if name in grads:
+                total[name] = jax.tree.map(jnp.add, total[name], grads[name])
+        return total
+
+    def stage_program(self, spec: StageSpec, tp: int, tp_axis: str) -> StageProgram:
+        local_config = shard_config(self.config, tp, tp_axis)
+        stage = nnx.eval_shape(lambda: LlamaStage(local_config, spec, rngs=nnx.Rngs(0)))
+        graphdef, abstract = nnx.split(stage)
+
+        def apply(params: Params, hidden, batch):
+            return module_from_params(graphdef, abstract, params)(hidden, batch)
+
+        whole = nnx.eval_shape(lambda: LlamaStage(self.config, spec, rngs=nnx.Rngs(0)))
+        specs = jax.tree_util.tree_map_with_path(
+            lambda path, _: _partition_spec(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), tp, tp_axis),
+            nnx.state(whole).to_pure_dict(),
+        )
+        return StageProgram(apply=apply, param_specs=specs)
+
+
+def module_from_params(graphdef: nnx.GraphDef, state: nnx.State, params: Params) -> nnx.Module:
+    """A module of `graphdef`'s structure holding `params` (a pure dict), leaving `state` untouched."""
+    state = jax.tree.map(lambda leaf: leaf, state)
+    state.replace_by_pure_dict(params)
+    return nnx.merge(graphdef, state)
+
+
+def llama_params(model: Llama) -> Params:
+    """The model's parameters as a pure dict, the form `meshes` executors take and return."""
+    return nnx.state(model, nnx.Param).to_pure_dict()

@@ -1,0 +1,8 @@
+"""Non-uniform meshes and HSPMD: asymmetric shardings over device groups of different kinds and sizes."""
+
+from meshes.executor import PlanExecutor
+from meshes.hetmesh import DeviceGroup, HetMesh
+from meshes.schedules import pipeline_steps
+from meshes.staged import StagedModel, StageProgram, StageSpec
+
+__all__ = ["DeviceGroup", "HetMesh", "PlanExecutor", "StageProgram", "StageSpec", "StagedModel", "pipeline_steps"]

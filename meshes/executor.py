@@ -1,0 +1,154 @@
+"""Run one training step of a `planners.TrainPlan` across device groups (per-group programs, MPMD across groups).
+
+Each pipeline stage of each replica is its own program on its own mesh (its devices, axis `tp`): the stage's
+per-shard function runs under `shard_map` with Megatron parameter layouts, traced once per stage shape. Stages pass
+activations forward and their gradients backward by transfers between meshes; JAX's asynchronous dispatch lets
+stages and replicas of different groups run at the same time. Each replica runs its own number of micro-batches
+of its own size under the plan's schedule (GPipe or 1F1B). Losses are summed per token and divided once by the
+global token weight, so the loss and every gradient equal the single-device mean over the whole batch whatever
+the batch shares.
+
+Cross-group gradient combination: every stage's gradient (already reduced inside its group by `shard_map`'s
+transpose) is transferred to one home device and summed there, layer by layer; the optimizer then updates from that
+single copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from meshes.hetmesh import DeviceGroup, HetMesh
+from meshes.schedules import pipeline_steps
+from meshes.staged import Params, StagedModel, StageSpec
+from planners.plan import Replica, TrainPlan
+
+TP_AXIS = "tp"
+Batch = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _StageRuntime:
+    spec: StageSpec
+    group: DeviceGroup
+    param_shardings: Any
+    replicated: NamedSharding
+    forward: Any  # (params, hidden, batch) -> (output, vjp_fn)
+    backward: Any  # (vjp_fn, cotangent) -> (param_grads, hidden_grad)
+
+
+def _compile_stage(model: StagedModel, hetmesh: HetMesh, spec: StageSpec, devices, tp: int, name: str):
+    group = hetmesh.submesh(devices, ((TP_AXIS, tp),), name=name)
+    program = model.stage_program(spec, tp, TP_AXIS)
+    sharded = jax.shard_map(
+        program.apply, mesh=group.mesh, in_specs=(program.param_specs, P(), P()), out_specs=P()
+    )
+
+    @jax.jit
+    def forward(params, hidden, batch):
+        return jax.vjp(lambda p, h: sharded(p, h, batch), params, hidden)
+
+    @jax.jit
+    def backward(vjp_fn, cotangent):
+        return vjp_fn(cotangent)
+
+    shardings = jax.tree.map(lambda s: NamedSharding(group.mesh, s), program.param_specs)
+    return _StageRuntime(spec, group, shardings, NamedSharding(group.mesh, P()), forward, backward)
+
+
+class PlanExecutor:
+    """Loss and gradients of one step of `plan` for a `StagedModel`, equal to the single-device computation."""
+
+    def __init__(self, plan: TrainPlan, hetmesh: HetMesh, model: StagedModel):
+        if plan.num_layers != model.num_layers:
+            raise ValueError(f"plan.num_layers ({plan.num_layers}) differs from the model's ({model.num_layers})")
+        for r, replica in enumerate(plan.replicas):
+            if replica.cp != 1:
+                raise ValueError(f"replicas[{r}].cp is {replica.cp}; context parallelism is not supported yet")
+        self.plan = plan
+        self.model = model
+        self.home = hetmesh.devices[plan.replicas[0].stages[0].devices[0]]
+        self.stages = [
+            [
+                _compile_stage(
+                    model,
+                    hetmesh,
+                    StageSpec(stage.layers, first=s == 0, last=s == len(replica.stages) - 1),
+                    stage.devices,
+                    stage.tp,
+                    f"replica{r}/stage{s}",
+                )
+                for s, stage in enumerate(replica.stages)
+            ]
+            for r, replica in enumerate(plan.replicas)
+        ]
+
+    def _microbatches(self, batch: Batch) -> list[list[dict[str, np.ndarray]]]:
+        """Split the global batch into each replica's micro-batches (replica order, then micro-batch order)."""
+        rows = len(next(iter(batch.values())))
+        if rows != self.plan.global_batch:
+            raise ValueError(f"batch has {rows} rows but the plan's global_batch is {self.plan.global_batch}")
+        out, offset = [], 0
+        for replica in self.plan.replicas:
+            mbs = []
+            for _ in range(replica.num_microbatches):
+                stop = offset + replica.microbatch_size
+                mbs.append({k: np.asarray(v[offset:stop]) for k, v in batch.items()})
+                offset = stop
+            out.append(mbs)
+        return out
+
+    def _run_replica(self, replica: Replica, runtimes: list[_StageRuntime], params: Params, microbatches, scale):
+        """Run the replica's pipeline schedule; returns its loss sum and its per-stage gradient sums."""
+        stage_params = [
+            jax.device_put(self.model.stage_params(params, rt.spec), rt.param_shardings) for rt in runtimes
+        ]
+        stage_batches = [[jax.device_put(mb, rt.replicated) for mb in microbatches] for rt in runtimes]
+        inputs: dict[tuple[int, int], Any] = {}
+        vjps: dict[tuple[int, int], Any] = {}
+        cotangents: dict[tuple[int, int], Any] = {}
+        grads: list[Any] = [None] * len(runtimes)
+        loss_sum = jnp.zeros((), jnp.float32, device=self.home)
+        last = len(runtimes) - 1
+        for step in pipeline_steps(len(runtimes), replica.num_microbatches, self.plan.schedule):
+            s, m, rt = step.stage, step.microbatch, runtimes[step.stage]
+            if step.kind == "F":
+                hidden = inputs.pop((s, m), jnp.zeros((), jnp.float32, device=rt.replicated))
+                out, vjps[(s, m)] = rt.forward(stage_params[s], hidden, stage_batches[s][m])
+                if s == last:
+                    loss_sum = loss_sum + jax.device_put(out, self.home)
+                    cotangents[(s, m)] = jax.device_put(scale, rt.replicated)
+                else:
+                    inputs[(s + 1, m)] = jax.device_put(out, runtimes[s + 1].replicated)
+            else:
+                param_grads, hidden_grad = rt.backward(vjps.pop((s, m)), cotangents.pop((s, m)))
+                grads[s] = param_grads if grads[s] is None else jax.tree.map(jnp.add, grads[s], param_grads)
+                if s > 0:
+                    cotangents[(s - 1, m)] = jax.device_put(hidden_grad, runtimes[s - 1].replicated)
+        return loss_sum, grads
+
+    def value_and_grad(self, params: Params, batch: Batch) -> tuple[jax.Array, Params]:
+        """Mean token loss over `batch` and its gradient with respect to the whole-model `params`.
+
+        `batch` holds `input_ids`, `targets` and `weights` (0 for padding) of shape [global_batch, seq], and
+        optionally `segment_ids`; rows are dealt to replicas in plan order.
+        """
+        total_weight = float(np.sum(batch["weights"]))
+        if total_weight <= 0:
+            raise ValueError("batch['weights'] sums to 0: there is no token to train on")
+        scale = jnp.asarray(1.0 / total_weight, jnp.float32)
+        total_grads = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=self.home), params)
+        loss = jnp.zeros((), jnp.float32, device=self.home)
+        for replica, runtimes, microbatches in zip(self.plan.replicas, self.stages, self._microbatches(batch)):
+            loss_sum, grads = self._run_replica(replica, runtimes, params, microbatches, scale)
+            loss = loss + loss_sum
+            for rt, stage_grads in zip(runtimes, grads):
+                self.model.add_stage_grads(total_grads, jax.device_put(stage_grads, self.home), rt.spec)
+        return loss / total_weight, total_grads

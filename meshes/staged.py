@@ -1,0 +1,48 @@
+"""What an HSPMD executor needs from a model: its pipeline stages, each written for one tensor-parallel shard.
+
+`meshes` never imports a model. A model package implements `StagedModel` (jaxhet's is `jaxhet.parallel.StagedLlama`):
+it slices whole-model parameters into a stage's share, builds the stage's program for a given TP degree, and adds a
+stage's gradients back into whole-model form. Parameters are pytrees (nested dicts of arrays).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol
+
+from jax.sharding import PartitionSpec
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """A pipeline stage's share of the model: blocks `layers[0] <= i < layers[1]`, and whether it holds the
+    input embedding (`first`) and the final norm, head and loss (`last`)."""
+
+    layers: tuple[int, int]
+    first: bool
+    last: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class StageProgram:
+    """One stage as a per-shard function plus the layout of its parameters across the stage's TP axis.
+
+    `apply(params, hidden, batch)` sees one TP shard's parameters (sliced per `param_specs`) and replicated
+    activations; it returns the activations for the next stage or, on the last stage, the micro-batch's loss *sum*
+    (so that micro-batches and replicas of different sizes combine exactly by token count).
+    """
+
+    apply: Callable[[Params, Any, dict], Any]
+    param_specs: Any
+
+
+class StagedModel(Protocol):
+    num_layers: int
+
+    def stage_params(self, params: Params, spec: StageSpec) -> Params: ...
+
+    def add_stage_grads(self, total: Params, grads: Params, spec: StageSpec) -> Params: ...
+
+    def stage_program(self, spec: StageSpec, tp: int, tp_axis: str) -> StageProgram: ...

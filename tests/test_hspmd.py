@@ -1,0 +1,263 @@
+"""HSPMD plans on 8 emulated devices give the single-device loss and gradients (float32, relative error <= 1e-5)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxhet import Llama, LlamaConfig
+from jaxhet.parallel import StagedLlama, llama_params, module_from_params, next_token_loss_sum
+from meshes import HetMesh, PlanExecutor, pipeline_steps
+from planners import Replica, Stage, TrainPlan
+from planners.cluster import ClusterSpec
+
+SEQ = 9
+# Float32 everywhere; the plans only reorder sums (micro-batches, replicas, TP partial sums): ~1e-7 relative.
+RTOL = 1e-5
+
+CLUSTER = ClusterSpec.from_dict(
+    {
+        "name": "emulated",
+        "nodes": [
+            {"name": "h100", "gpu": "H100", "count": 4},
+            {"name": "a100", "gpu": "A100-80GB", "count": 2},
+            {"name": "l4", "gpu": "L4", "count": 2},
+        ],
+    }
+)
+KINDS = tuple(d.kind for d in CLUSTER.devices)
+
+
+def stage(devices, layers, recompute=False):
+    return Stage(tuple(devices), KINDS[devices[0]], len(devices), tuple(layers), recompute)
+
+
+def plan_of(replicas, num_layers, schedule="1f1b"):
+    global_batch = sum(r.batch_share for r in replicas)
+    return TrainPlan(tuple(replicas), num_layers, global_batch, SEQ, device_kinds=KINDS, schedule=schedule)
+
+
+def config(num_layers=4, **overrides):
+    fields = dict(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=num_layers,
+        num_heads=4,
+        num_kv_heads=2,
+        tie_word_embeddings=True,
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+PLANS = {
+    "dp_shares_5_2_1": (
+        config(),
+        plan_of(
+            [
+                Replica((stage([0], (0, 4)),), 5, 1),
+                Replica((stage([4], (0, 4)),), 1, 2),
+                Replica((stage([6], (0, 4)),), 1, 1),
+            ],
+            4,
+        ),
+    ),
+    "tp_4_2_1_1": (
+        config(num_kv_heads=4),
+        plan_of(
+            [
+                Replica((stage([0, 1, 2, 3], (0, 4)),), 2, 2),
+                Replica((stage([4, 5], (0, 4)),), 1, 2),
+                Replica((stage([6], (0, 4)),), 1, 1),
+                Replica((stage([7], (0, 4)),), 1, 1),
+            ],
+            4,
+        ),
+    ),
+    "pp_3_and_5_layers_on_tp4_and_tp2": (
+        config(num_layers=8, num_kv_heads=4, tie_word_embeddings=False),
+        plan_of([Replica((stage([0, 1, 2, 3], (0, 3)), stage([4, 5], (3, 8))), 4, 1)], 8),
+    ),
+    "tp2_pp2_beside_dp": (
+        config(),
+        plan_of(
+            [
+                Replica((stage([0, 1], (0, 1)), stage([2, 3], (1, 4))), 3, 1),
+                Replica((stage([4], (0, 4)),), 2, 1),
+                Replica((stage([6], (0, 4)),), 1, 1),
+            ],
+            4,
+        ),
+    ),
+    "hspmd_shape_dp3_depths_4_2_1": (
+        config(num_layers=8),
+        plan_of(
+            [
+                Replica((stage([0], (0, 1)), stage([1], (1, 2)), stage([2], (2, 5)), stage([3], (5, 8))), 4, 1),
+                Replica((stage([4], (0, 3)), stage([5], (3, 8))), 2, 1),
+                Replica((stage([6], (0, 8)),), 1, 1),
+            ],
+            8,
+        ),
+    ),
+    "gpipe_untied_uneven_microbatch_sizes": (
+        config(tie_word_embeddings=False),
+        plan_of(
+            [
+                Replica((stage([0, 1], (0, 2)), stage([2], (2, 4))), 1, 3),
+                Replica((stage([4], (0, 1)), stage([6, 7], (1, 4))), 5, 1),
+            ],
+            4,
+            schedule="gpipe",
+        ),
+    ),
+    "tp2_pp3_three_kinds": (
+        config(num_layers=6),
+        plan_of(
+            [Replica((stage([0, 1], (0, 1)), stage([4, 5], (1, 3)), stage([6, 7], (3, 6))), 3, 2)],
+            6,
+        ),
+    ),
+    "mqa_tp1_pipeline_with_dp": (
+        config(num_kv_heads=1),
+        plan_of(
+            [
+                Replica((stage([0], (0, 3)), stage([1], (3, 4))), 2, 2),
+                Replica((stage([2], (0, 2)), stage([3], (2, 4))), 3, 1),
+            ],
+            4,
+        ),
+    ),
+}
+
+
+def make_batch(seed: int, rows: int, vocab: int, packed: bool) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (rows, SEQ + 1))
+    batch = {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "weights": (rng.random((rows, SEQ)) > 0.15).astype(np.float32),
+    }
+    if packed:
+        batch["segment_ids"] = np.repeat(np.array([[1] * 4 + [2] * 3 + [3] * 2]), rows, axis=0)
+    return batch
+
+
+def single_device_step(model: Llama):
+    """The reference: jitted loss and gradient of the whole model on one device, for one batch."""
+    graphdef, state = nnx.split(model)
+
+    def loss(params, batch):
+        logits = module_from_params(graphdef, state, params)(batch["input_ids"], segment_ids=batch.get("segment_ids"))
+        return next_token_loss_sum(logits, batch["targets"], batch["weights"]) / jnp.sum(batch["weights"])
+
+    return jax.jit(jax.value_and_grad(loss))
+
+
+def assert_trees_close(actual, expected):
+    def relative_error(a, b):
+        a, b = np.asarray(a), np.asarray(b)
+        return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+    errors = jax.tree.map(relative_error, actual, expected)
+    worst = max(jax.tree.leaves(errors))
+    assert worst <= RTOL, f"worst relative gradient error {worst:.2e}"
+
+
+@pytest.fixture(scope="module")
+def hetmesh() -> HetMesh:
+    return HetMesh.from_cluster(CLUSTER)
+
+
+@pytest.fixture(scope="module")
+def executors(hetmesh):
+    """One executor per named plan, shared so that each plan's stage programs compile once per test module."""
+    cache = {}
+
+    def get(name: str) -> PlanExecutor:
+        if name not in cache:
+            cfg, plan = PLANS[name]
+            cache[name] = PlanExecutor(plan, hetmesh, StagedLlama(cfg))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_plan_step_equals_single_device(name, executors):
+    cfg, plan = PLANS[name]
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    params = llama_params(model)
+    batch = make_batch(1, plan.global_batch, cfg.vocab_size, packed=name.startswith("gpipe"))
+    loss, grads = executors(name).value_and_grad(params, batch)
+    expected_loss, expected_grads = single_device_step(model)(params, batch)
+    np.testing.assert_allclose(loss, expected_loss, rtol=RTOL)
+    assert_trees_close(grads, expected_grads)
+
+
+def test_twenty_step_loss_trajectory_matches_single_device(executors):
+    cfg, plan = PLANS["hspmd_shape_dp3_depths_4_2_1"]
+    model = Llama(cfg, rngs=nnx.Rngs(3))
+    executor = executors("hspmd_shape_dp3_depths_4_2_1")
+    optimizer = optax.adamw(3e-3)
+    update = jax.jit(lambda g, s, p: optimizer.update(g, s, p))
+    trajectories = []
+    for step_fn in (executor.value_and_grad, single_device_step(model)):
+        params = llama_params(model)
+        opt_state = optimizer.init(params)
+        losses = []
+        for step in range(20):
+            # Two alternating batches: learnable, so the loss must fall, and still a different batch every step.
+            loss, grads = step_fn(params, make_batch(100 + step % 2, plan.global_batch, cfg.vocab_size, False))
+            updates, opt_state = update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            losses.append(float(loss))
+        trajectories.append(losses)
+    np.testing.assert_allclose(trajectories[0], trajectories[1], rtol=RTOL)
+    assert trajectories[0][-1] < 0.8 * trajectories[0][0]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages,microbatches", [(1, 3), (3, 2), (4, 6)])
+def test_schedules_respect_dependencies(schedule, stages, microbatches):
+    steps = pipeline_steps(stages, microbatches, schedule)
+    assert len(steps) == 2 * stages * microbatches
+    tick_of = {(s.stage, s.kind, s.microbatch): s.tick for s in steps}
+    for (s, kind, m), tick in tick_of.items():
+        if kind == "F" and s > 0:
+            assert tick_of[(s - 1, "F", m)] < tick
+        if kind == "B":
+            assert tick_of[(s, "F", m)] < tick
+            if s < stages - 1:
+                assert tick_of[(s + 1, "B", m)] < tick
+
+
+def test_1f1b_bounds_live_activations_by_depth():
+    """Under 1F1B stage s holds at most (stages - s) micro-batches' activations; GPipe holds all of them."""
+
+    def peak_live(schedule, stage_index):
+        live = peak = 0
+        for step in pipeline_steps(4, 8, schedule):
+            if step.stage == stage_index:
+                live += 1 if step.kind == "F" else -1
+                peak = max(peak, live)
+        return peak
+
+    assert [peak_live("1f1b", s) for s in range(4)] == [4, 3, 2, 1]
+    assert [peak_live("gpipe", s) for s in range(4)] == [8, 8, 8, 8]
+
+
+def test_plan_and_model_disagreeing_on_depth_is_named(hetmesh):
+    _, plan = PLANS["dp_shares_5_2_1"]
+    with pytest.raises(ValueError, match=r"plan.num_layers \(4\) differs from the model's \(6\)"):
+        PlanExecutor(plan, hetmesh, StagedLlama(config(num_layers=6)))
+
+
+def test_tp_degree_that_does_not_divide_heads_is_named(hetmesh):
+    _, plan = PLANS["tp_4_2_1_1"]
+    with pytest.raises(ValueError, match=r"num_kv_heads \(2\) must be divisible by the stage's tp \(4\)"):
+        PlanExecutor(plan, hetmesh, StagedLlama(config()))
