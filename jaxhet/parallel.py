@@ -10,6 +10,7 @@ specialised to one tensor-parallel shard (local head counts and FFN width, row-p
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -164,6 +165,17 @@ def module_from_params(graphdef: nnx.GraphDef, state: nnx.State, params: Params)
     state = jax.tree.map(lambda leaf: leaf, state)
     state.replace_by_pure_dict(params)
     return nnx.merge(graphdef, state)
+
+
+def llama_loss_sum(model: Llama) -> Callable[[Params, dict[str, Array]], Float[Array, ""]]:
+    """`loss_sum(params, batch)` of the whole model: the single-device computation every plan must reproduce."""
+    graphdef, state = nnx.split(model)
+
+    def loss_sum(params: Params, batch: dict[str, Array]) -> Float[Array, ""]:
+        logits = module_from_params(graphdef, state, params)(batch["input_ids"], segment_ids=batch.get("segment_ids"))
+        return next_token_loss_sum(logits, batch["targets"], batch["weights"])
+
+    return loss_sum
 
 
 def llama_params(model: Llama) -> Params:

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from jaxhet import Llama, LlamaConfig
-from jaxhet.parallel import StagedLlama, llama_params, module_from_params, next_token_loss_sum
-from meshes import HetMesh, PlanExecutor, pipeline_steps
+from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
+from meshes import AsymmetricDataParallel, HetMesh, PlanExecutor, pipeline_steps
 from planners import Replica, Stage, TrainPlan
 from planners.cluster import ClusterSpec
 
@@ -149,13 +149,8 @@ def make_batch(seed: int, rows: int, vocab: int, packed: bool) -> dict[str, np.n
 
 def single_device_step(model: Llama):
     """The reference: jitted loss and gradient of the whole model on one device, for one batch."""
-    graphdef, state = nnx.split(model)
-
-    def loss(params, batch):
-        logits = module_from_params(graphdef, state, params)(batch["input_ids"], segment_ids=batch.get("segment_ids"))
-        return next_token_loss_sum(logits, batch["targets"], batch["weights"]) / jnp.sum(batch["weights"])
-
-    return jax.jit(jax.value_and_grad(loss))
+    loss_sum = llama_loss_sum(model)
+    return jax.jit(jax.value_and_grad(lambda params, batch: loss_sum(params, batch) / jnp.sum(batch["weights"])))
 
 
 def assert_trees_close(actual, expected):
@@ -261,3 +256,30 @@ def test_tp_degree_that_does_not_divide_heads_is_named(hetmesh):
     _, plan = PLANS["tp_4_2_1_1"]
     with pytest.raises(ValueError, match=r"num_kv_heads \(2\) must be divisible by the stage's tp \(4\)"):
         PlanExecutor(plan, hetmesh, StagedLlama(config()))
+
+
+@pytest.mark.parametrize("counts", [(5, 2, 1), (3, 0, 1, 2, 1, 1, 4, 2)], ids=["5_2_1", "eight_devices_with_an_idle_one"])
+def test_one_spmd_program_with_per_device_trip_counts_equals_single_device(counts, hetmesh):
+    cfg = config()
+    model = Llama(cfg, rngs=nnx.Rngs(4))
+    params = llama_params(model)
+    devices = hetmesh.devices[: len(counts)]
+    dp = AsymmetricDataParallel(llama_loss_sum(model), devices, counts, microbatch_size=2)
+    batch = make_batch(5, 2 * sum(counts), cfg.vocab_size, packed=True)
+    loss, grads = dp.value_and_grad(params, batch)
+    expected_loss, expected_grads = single_device_step(model)(params, batch)
+    np.testing.assert_allclose(loss, expected_loss, rtol=RTOL)
+    assert_trees_close(grads, expected_grads)
+
+
+def test_asymmetric_dp_from_a_plan_of_single_devices(hetmesh):
+    cfg, plan = PLANS["dp_shares_5_2_1"]
+    model = Llama(cfg, rngs=nnx.Rngs(5))
+    with pytest.raises(ValueError, match=r"microbatch_size values differ \(\[1, 2\]\)"):
+        AsymmetricDataParallel.from_plan(plan, hetmesh, llama_loss_sum(model))
+    even = plan_of([Replica((stage([0], (0, 4)),), 5, 1), Replica((stage([4], (0, 4)),), 2, 1)], 4)
+    dp = AsymmetricDataParallel.from_plan(even, hetmesh, llama_loss_sum(model))
+    assert dp.microbatches == (5, 2)
+    batch = make_batch(6, 7, cfg.vocab_size, packed=False)
+    loss, _ = dp.value_and_grad(llama_params(model), batch)
+    np.testing.assert_allclose(loss, single_device_step(model)(llama_params(model), batch)[0], rtol=RTOL)
