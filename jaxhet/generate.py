@@ -97,9 +97,7 @@ def generate(
     lengths = np.array([len(p) for p in prompts], np.int32)
     cache_len = padded_len + sampling.max_new_tokens
     graphdef, state = nnx.split(model)
-    out = np.asarray(
-        _generate(graphdef, state, tokens, lengths, key, sampling=sampling, cache_len=cache_len)
-    ).tolist()
+    out = np.asarray(_generate(graphdef, state, tokens, lengths, key, sampling=sampling, cache_len=cache_len)).tolist()
     if eos_id is not None:
         out = [row[: row.index(eos_id)] if eos_id in row else row for row in out]
     return out

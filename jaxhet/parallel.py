@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from jaxhet.models.config import ConfigError, LlamaConfig
-from jaxhet.models.llama import DecoderLayer, Llama, RMSNorm, _INIT, segment_positions
+from jaxhet.models.llama import _INIT, DecoderLayer, Llama, RMSNorm, segment_positions
 from meshes.staged import StageProgram, StageSpec
 
 Params = dict[str, Any]

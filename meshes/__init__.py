@@ -6,4 +6,13 @@ from meshes.hetmesh import DeviceGroup, HetMesh
 from meshes.schedules import pipeline_steps
 from meshes.staged import StagedModel, StageProgram, StageSpec
 
-__all__ = ["AsymmetricDataParallel", "DeviceGroup", "HetMesh", "PlanExecutor", "StageProgram", "StageSpec", "StagedModel", "pipeline_steps"]
+__all__ = [
+    "AsymmetricDataParallel",
+    "DeviceGroup",
+    "HetMesh",
+    "PlanExecutor",
+    "StageProgram",
+    "StageSpec",
+    "StagedModel",
+    "pipeline_steps",
+]

@@ -47,9 +47,7 @@ class _StageRuntime:
 def _compile_stage(model: StagedModel, hetmesh: HetMesh, spec: StageSpec, devices, tp: int, name: str):
     group = hetmesh.submesh(devices, ((TP_AXIS, tp),), name=name)
     program = model.stage_program(spec, tp, TP_AXIS)
-    sharded = jax.shard_map(
-        program.apply, mesh=group.mesh, in_specs=(program.param_specs, P(), P()), out_specs=P()
-    )
+    sharded = jax.shard_map(program.apply, mesh=group.mesh, in_specs=(program.param_specs, P(), P()), out_specs=P())
 
     @jax.jit
     def forward(params, hidden, batch):
@@ -107,9 +105,7 @@ class PlanExecutor:
 
     def _run_replica(self, replica: Replica, runtimes: list[_StageRuntime], params: Params, microbatches, scale):
         """Run the replica's pipeline schedule; returns its loss sum and its per-stage gradient sums."""
-        stage_params = [
-            jax.device_put(self.model.stage_params(params, rt.spec), rt.param_shardings) for rt in runtimes
-        ]
+        stage_params = [jax.device_put(self.model.stage_params(params, rt.spec), rt.param_shardings) for rt in runtimes]
         stage_batches = [[jax.device_put(mb, rt.replicated) for mb in microbatches] for rt in runtimes]
         inputs: dict[tuple[int, int], Any] = {}
         vjps: dict[tuple[int, int], Any] = {}
@@ -146,9 +142,11 @@ class PlanExecutor:
         scale = jnp.asarray(1.0 / total_weight, jnp.float32)
         total_grads = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=self.home), params)
         loss = jnp.zeros((), jnp.float32, device=self.home)
-        for replica, runtimes, microbatches in zip(self.plan.replicas, self.stages, self._microbatches(batch)):
+        for replica, runtimes, microbatches in zip(
+            self.plan.replicas, self.stages, self._microbatches(batch), strict=True
+        ):
             loss_sum, grads = self._run_replica(replica, runtimes, params, microbatches, scale)
             loss = loss + loss_sum
-            for rt, stage_grads in zip(runtimes, grads):
+            for rt, stage_grads in zip(runtimes, grads, strict=True):
                 self.model.add_stage_grads(total_grads, jax.device_put(stage_grads, self.home), rt.spec)
         return loss / total_weight, total_grads

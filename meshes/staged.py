@@ -8,9 +8,8 @@ stage's gradients back into whole-model form. Parameters are pytrees (nested dic
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
-
-from jax.sharding import PartitionSpec
+from collections.abc import Callable
+from typing import Any, Protocol
 
 Params = Any
 

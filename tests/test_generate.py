@@ -31,7 +31,7 @@ def naive_greedy(model: Llama, prompt: list[int], steps: int) -> list[int]:
 def test_greedy_batch_equals_each_prompt_alone_without_cache(model):
     prompts = [[5, 9, 2, 33, 7, 1, 60], [4], [8, 8, 8, 3]]
     out = generate(model, prompts, SamplingConfig(max_new_tokens=6), jax.random.key(0))
-    for prompt, generated in zip(prompts, out):
+    for prompt, generated in zip(prompts, out, strict=True):
         assert generated == naive_greedy(model, prompt, 6)
 
 

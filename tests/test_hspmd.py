@@ -258,7 +258,9 @@ def test_tp_degree_that_does_not_divide_heads_is_named(hetmesh):
         PlanExecutor(plan, hetmesh, StagedLlama(config()))
 
 
-@pytest.mark.parametrize("counts", [(5, 2, 1), (3, 0, 1, 2, 1, 1, 4, 2)], ids=["5_2_1", "eight_devices_with_an_idle_one"])
+@pytest.mark.parametrize(
+    "counts", [(5, 2, 1), (3, 0, 1, 2, 1, 1, 4, 2)], ids=["5_2_1", "eight_devices_with_an_idle_one"]
+)
 def test_one_spmd_program_with_per_device_trip_counts_equals_single_device(counts, hetmesh):
     cfg = config()
     model = Llama(cfg, rngs=nnx.Rngs(4))

@@ -116,9 +116,7 @@ def test_packed_documents_do_not_attend_across(model):
 
 def test_segment_positions_restart_per_document():
     segment_ids = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [4, 4, 4, 4, 4, 4, 4, 4]])
-    np.testing.assert_array_equal(
-        segment_positions(segment_ids), [[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]]
-    )
+    np.testing.assert_array_equal(segment_positions(segment_ids), [[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]])
 
 
 def test_cudnn_backend_matches_xla_backend():
@@ -128,9 +126,7 @@ def test_cudnn_backend_matches_xla_backend():
     ids = random_ids(8, (2, 13))
     segment_ids = jnp.array([[1] * 6 + [2] * 7, [1] * 13])
     np.testing.assert_allclose(forward(cudnn_model, ids), forward(xla_model, ids), atol=ATOL)
-    np.testing.assert_allclose(
-        forward(cudnn_model, ids, segment_ids), forward(xla_model, ids, segment_ids), atol=ATOL
-    )
+    np.testing.assert_allclose(forward(cudnn_model, ids, segment_ids), forward(xla_model, ids, segment_ids), atol=ATOL)
     cache = KVCache.create(xla_model.config, 2, 16)
     lengths = jnp.array([13, 9])
     np.testing.assert_allclose(

@@ -166,7 +166,10 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 72
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight has shape \(64, 32\), the config implies \(72, 32\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.layers\.0\.mlp\.gate_proj\.weight has shape \(64, 32\), the config implies \(72, 32\)",
+    ):
         Llama.from_pretrained(tmp_path)
 
 

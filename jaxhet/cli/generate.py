@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import jax
 import typer
@@ -12,7 +12,8 @@ from flax import nnx
 from rich.console import Console
 
 from jaxhet.cli.errors import user_errors
-from jaxhet.generate import SamplingConfig, generate as generate_tokens
+from jaxhet.generate import SamplingConfig
+from jaxhet.generate import generate as generate_tokens
 from jaxhet.models import Llama, LlamaConfig
 from jaxhet.tokenizers import ByteTokenizer, load_tokenizer
 
@@ -20,15 +21,15 @@ from jaxhet.tokenizers import ByteTokenizer, load_tokenizer
 def generate(
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "def fibonacci(n):\n",
     model: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="Local Hugging Face Llama directory; a fresh tiny model when omitted."),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 48,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.8,
-    top_k: Annotated[Optional[int], typer.Option(min=1, help="Sample among the k most likely tokens.")] = 40,
-    top_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = None,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Sample among the k most likely tokens.")] = 40,
+    top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = None,
     seed: Annotated[int, typer.Option(help="PRNG seed for initialisation and sampling.")] = 0,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
 ) -> None:
     """Generate text from a prompt."""
     console = Console()

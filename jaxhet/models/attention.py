@@ -8,7 +8,7 @@ kv_heads, head_dim], grouped-query when heads is a multiple of kv_heads.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -68,9 +68,7 @@ class LlamaConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ConfigError(
@@ -85,8 +83,7 @@ class LlamaConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
-                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
-                f"got {self.attention_backend!r}"
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
 
     @property
@@ -200,9 +197,7 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     rope_theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ConfigError(
-            f"rope_scaling.rope_type must be one of {', '.join(SUPPORTED_ROPE_TYPES)}, got {rope_type!r}"
-        )
+        raise ConfigError(f"rope_scaling.rope_type must be one of {', '.join(SUPPORTED_ROPE_TYPES)}, got {rope_type!r}")
     if rope_type == "default":
         return rope_theta, None
     try:
