@@ -101,16 +101,25 @@ class LlamaStage(nnx.Module):
         return next_token_loss_sum(logits, batch["targets"], batch["weights"])
 
 
-def _partition_spec(path: tuple, tp: int, tp_axis: str) -> P:
-    if tp == 1:
+def megatron_specs(params: Params, tp: int, tp_axis: str) -> Any:
+    """`PartitionSpec`s of a (whole-model or stage) parameter dict in Megatron layout over `tp_axis`.
+
+    Column-parallel projections split their output features, row-parallel ones their input features; norms and
+    embeddings are replicated. With `tp == 1` everything is replicated.
+    """
+
+    def spec(path, _) -> P:
+        names = [getattr(k, "key", None) for k in path]
+        module, leaf = names[-2], names[-1]
+        if tp == 1:
+            return P()
+        if module in _COLUMN_PARALLEL:
+            return P(None, tp_axis) if leaf == "kernel" else P(tp_axis)
+        if module in _ROW_PARALLEL and leaf == "kernel":
+            return P(tp_axis, None)
         return P()
-    names = [p for p in path if isinstance(p, str)]
-    module, leaf = names[-2], names[-1]
-    if module in _COLUMN_PARALLEL:
-        return P(None, tp_axis) if leaf == "kernel" else P(tp_axis)
-    if module in _ROW_PARALLEL and leaf == "kernel":
-        return P(tp_axis, None)
-    return P()
+
+    return jax.tree_util.tree_map_with_path(spec, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +162,7 @@ class StagedLlama:
             return module_from_params(graphdef, abstract, params)(hidden, batch)
 
         whole = nnx.eval_shape(lambda: LlamaStage(self.config, spec, rngs=nnx.Rngs(0)))
-        specs = jax.tree_util.tree_map_with_path(
-            lambda path, _: _partition_spec(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), tp, tp_axis),
-            nnx.state(whole).to_pure_dict(),
-        )
-        return StageProgram(apply=apply, param_specs=specs)
+        return StageProgram(apply=apply, param_specs=megatron_specs(nnx.state(whole).to_pure_dict(), tp, tp_axis))
 
 
 def module_from_params(graphdef: nnx.GraphDef, state: nnx.State, params: Params) -> nnx.Module:
