@@ -8,9 +8,13 @@ of its own size under the plan's schedule (GPipe or 1F1B). Losses are summed per
 global token weight, so the loss and every gradient equal the single-device mean over the whole batch whatever
 the batch shares.
 
-Cross-group gradient combination: every stage's gradient (already reduced inside its group by `shard_map`'s
-transpose) is transferred to one home device and summed there, layer by layer; the optimizer then updates from that
-single copy.
+Between steps each parameter lives with its *owner*: the stage of the first replica that holds it, in that stage's
+Megatron layout (`owner_shardings`). A step sends owners' parameters to every other replica's stages, and every
+stage's gradient (already reduced inside its group by `shard_map`'s transpose) back to the owner, where they are
+summed: a reduction inside groups, then transfers and sums between groups. Gradients come back in the owner
+layout. Switching to another compiled strategy (another executor) is a reshard into its owner layout (`place`),
+never a reload. (optax jits its updates over whole trees, which must sit on one device set, so for now the caller
+gathers parameters and gradients to one device for the optimizer step.)
 """
 
 from __future__ import annotations
@@ -103,6 +107,19 @@ class PlanExecutor:
             out.append(mbs)
         return out
 
+    def owner_shardings(self, params: Params) -> Any:
+        """For every parameter of `params` (whole-model structure), the sharding of the stage that owns it."""
+        labels = jax.tree_util.tree_map_with_path(lambda path, _: path, params)
+        owner = {}
+        for rt in reversed(self.stages[0]):  # the first stage owns a tied embedding, so it is written last
+            paths = jax.tree.leaves(self.model.stage_params(labels, rt.spec), is_leaf=lambda x: isinstance(x, tuple))
+            owner.update(zip(paths, jax.tree.leaves(rt.param_shardings), strict=True))
+        return jax.tree_util.tree_map_with_path(lambda path, _: owner[path], params)
+
+    def place(self, tree: Params, like: Params | None = None) -> Params:
+        """`tree` (parameters, or anything shaped like them) resharded into this plan's owner layout."""
+        return jax.device_put(tree, self.owner_shardings(tree if like is None else like))
+
     def _run_replica(self, replica: Replica, runtimes: list[_StageRuntime], params: Params, microbatches, scale):
         """Run the replica's pipeline schedule; returns its loss sum and its per-stage gradient sums."""
         stage_params = [jax.device_put(self.model.stage_params(params, rt.spec), rt.param_shardings) for rt in runtimes]
@@ -134,13 +151,14 @@ class PlanExecutor:
         """Mean token loss over `batch` and its gradient with respect to the whole-model `params`.
 
         `batch` holds `input_ids`, `targets` and `weights` (0 for padding) of shape [global_batch, seq], and
-        optionally `segment_ids`; rows are dealt to replicas in plan order.
+        optionally `segment_ids`; rows are dealt to replicas in plan order. Gradients are in the owner layout.
         """
         total_weight = float(np.sum(batch["weights"]))
         if total_weight <= 0:
             raise ValueError("batch['weights'] sums to 0: there is no token to train on")
         scale = jnp.asarray(1.0 / total_weight, jnp.float32)
-        total_grads = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=self.home), params)
+        owners = self.owner_shardings(params)
+        total_grads = jax.tree.map(lambda x, sharding: jnp.zeros(x.shape, x.dtype, device=sharding), params, owners)
         loss = jnp.zeros((), jnp.float32, device=self.home)
         for replica, runtimes, microbatches in zip(
             self.plan.replicas, self.stages, self._microbatches(batch), strict=True
@@ -148,5 +166,6 @@ class PlanExecutor:
             loss_sum, grads = self._run_replica(replica, runtimes, params, microbatches, scale)
             loss = loss + loss_sum
             for rt, stage_grads in zip(runtimes, grads, strict=True):
-                self.model.add_stage_grads(total_grads, jax.device_put(stage_grads, self.home), rt.spec)
+                stage_owners = self.model.stage_params(owners, rt.spec)
+                self.model.add_stage_grads(total_grads, jax.device_put(stage_grads, stage_owners), rt.spec)
         return loss / total_weight, total_grads

@@ -198,22 +198,68 @@ def test_twenty_step_loss_trajectory_matches_single_device(executors):
     cfg, plan = PLANS["hspmd_shape_dp3_depths_4_2_1"]
     model = Llama(cfg, rngs=nnx.Rngs(3))
     executor = executors("hspmd_shape_dp3_depths_4_2_1")
-    optimizer = optax.adamw(3e-3)
-    update = jax.jit(lambda g, s, p: optimizer.update(g, s, p))
-    trajectories = []
-    for step_fn in (executor.value_and_grad, single_device_step(model)):
-        params = llama_params(model)
-        opt_state = optimizer.init(params)
-        losses = []
-        for step in range(20):
-            # Two alternating batches: learnable, so the loss must fall, and still a different batch every step.
-            loss, grads = step_fn(params, make_batch(100 + step % 2, plan.global_batch, cfg.vocab_size, False))
-            updates, opt_state = update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            losses.append(float(loss))
-        trajectories.append(losses)
-    np.testing.assert_allclose(trajectories[0], trajectories[1], rtol=RTOL)
-    assert trajectories[0][-1] < 0.8 * trajectories[0][0]
+    # Two alternating batches: learnable, so the loss must fall, and still a different batch every step.
+    batches = [make_batch(100 + step % 2, plan.global_batch, cfg.vocab_size, False) for step in range(20)]
+    hspmd = train(model, [executor] * 20, batches)
+    single = train(model, [None] * 20, batches)
+    np.testing.assert_allclose(hspmd, single, rtol=RTOL)
+    assert hspmd[-1] < 0.8 * hspmd[0]
+
+
+OPTIMIZER = optax.adamw(3e-3)
+OPTIMIZER_UPDATE = jax.jit(OPTIMIZER.update)
+
+
+def train(model: Llama, executors: list, batches: list) -> list[float]:
+    """AdamW steps, each through the given executor (parameters resharded into its owner layout first) or, for
+    None, on one device; the optimizer step runs on one device. Returns the losses."""
+    reference = single_device_step(model)
+    home = jax.devices()[0]
+    params = llama_params(model)
+    opt_state = OPTIMIZER.init(params)
+    losses = []
+    for executor, batch in zip(executors, batches, strict=True):
+        if executor is None:
+            loss, grads = reference(params, batch)
+        else:
+            loss, grads = executor.value_and_grad(executor.place(params), batch)
+        params, grads = jax.device_put((params, grads), home)
+        updates, opt_state = OPTIMIZER_UPDATE(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(loss))
+    return losses
+
+
+def test_switching_strategies_per_batch_keeps_the_single_device_trajectory(executors):
+    """Two compiled strategies in one job, chosen per batch (as per sequence-length bucket), parameters resharded
+    from one layout to the other between steps."""
+    names = ["tp2_pp2_beside_dp", "dp_shares_5_2_1"]
+    cfg = PLANS[names[0]][0]
+    assert all(PLANS[n][0] == cfg for n in names)
+    model = Llama(cfg, rngs=nnx.Rngs(6))
+    chosen = [executors(names[step % 2]) for step in range(6)]
+    batches = [make_batch(200 + step, ex.plan.global_batch, cfg.vocab_size, False) for step, ex in enumerate(chosen)]
+    np.testing.assert_allclose(train(model, chosen, batches), train(model, [None] * 6, batches), rtol=RTOL)
+
+
+def test_resharding_round_trip_is_bit_identical_and_grads_come_back_in_owner_layout(executors):
+    first, second = executors("tp2_pp2_beside_dp"), executors("dp_shares_5_2_1")
+    params = llama_params(Llama(PLANS["tp2_pp2_beside_dp"][0], rngs=nnx.Rngs(7)))
+    there = first.place(params)
+    back = first.place(second.place(there))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, params)
+    assert jax.tree.leaves(jax.tree.map(lambda a, b: a.sharding == b.sharding, back, there)) == [True] * len(
+        jax.tree.leaves(params)
+    )
+    owners = first.owner_shardings(params)
+    q_kernel_owner = owners["layers"][0]["self_attn"]["q_proj"]["kernel"]
+    assert q_kernel_owner.spec == jax.sharding.PartitionSpec(None, "tp")
+    assert {d.id for d in q_kernel_owner.device_set} == {0, 1}
+    assert {d.id for d in owners["layers"][3]["mlp"]["down_proj"]["kernel"].device_set} == {2, 3}
+    _, grads = first.value_and_grad(there, make_batch(8, first.plan.global_batch, 50, False))
+    assert jax.tree.leaves(jax.tree.map(lambda g, o: g.sharding == o, grads, owners)) == [True] * len(
+        jax.tree.leaves(params)
+    )
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
