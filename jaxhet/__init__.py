@@ -1,7 +1,24 @@
-"""jaxhet: train and serve language models with JAX on heterogeneous GPU clusters."""
+"""jaxhet: train and serve language models with JAX on heterogeneous GPU clusters.
 
-from jaxhet.models import CheckpointError, ConfigError, KVCache, Llama, LlamaConfig
+The public names are loaded on first use, so that `import jaxhet.cli` can set XLA flags before JAX starts.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "KVCache", "Llama", "LlamaConfig", "__version__"]
+_EXPORTS = {
+    "CheckpointError": "jaxhet.models",
+    "ConfigError": "jaxhet.models",
+    "KVCache": "jaxhet.models",
+    "Llama": "jaxhet.models",
+    "LlamaConfig": "jaxhet.models",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'jaxhet' has no attribute {name!r}")

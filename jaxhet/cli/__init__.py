@@ -1,10 +1,19 @@
-"""The `jaxhet` command line: one module per sub-command, registered on one Typer app."""
+"""The `jaxhet` command line: one module per sub-command, registered on one Typer app.
 
-from typing import Annotated
+On a machine without GPUs, the CLI emulates an 8-device cluster on CPU devices (unless XLA_FLAGS already says how
+many), which must be set before JAX starts; the flag only concerns the host platform, so GPUs are unaffected.
+"""
 
-import typer
+import os
 
-from jaxhet.cli import generate
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+from typing import Annotated  # noqa: E402
+
+import typer  # noqa: E402
+
+from jaxhet.cli import generate, train  # noqa: E402
 
 
 def _print_version(value: bool) -> None:
@@ -33,3 +42,4 @@ def main(
 
 
 app.command("generate")(generate.generate)
+app.command("train")(train.train)

@@ -1,0 +1,99 @@
+"""`jaxhet train`: train a Llama-family model on a plan from the planner, with checkpoints and progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from jaxhet.cli.errors import user_errors
+
+
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes key=value (e.g. data.seq_len=64), got {pair!r}")
+        out[key] = value
+    return out
+
+
+def save_loss_curve(metrics_path: Path, png_path: Path) -> Path:
+    """Plot the loss of every step recorded in a run's metrics file."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+def train(
+    config: Annotated[Optional[Path], typer.Option(help="YAML config file; fields not given keep their defaults.")] = None,
+    plan: Annotated[Optional[str], typer.Option(help="auto (ask the planner), single (one device), or a plan JSON.")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Train until this step.")] = None,
+    checkpoint_dir: Annotated[Optional[str], typer.Option(help="Run directory for checkpoints and metrics.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in the run directory.")] = False,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a config field, e.g. --set data.seq_len=64.")
+    ] = None,
+) -> None:
+    """Train on the embedded corpus (or your data) over an emulated heterogeneous cluster, with checkpoints."""
+    console = Console()
+    with user_errors():
+        from jaxhet.train import TrainConfig, train as run_training
+
+        overrides = _overrides(set_ or [])
+        for key, value in (("plan", plan), ("steps", steps), ("checkpoint_dir", checkpoint_dir)):
+            if value is not None:
+                overrides[key] = str(value)
+        cfg = TrainConfig.load(config, overrides)
+        console.print(
+            f"[dim]training {cfg.model} for {cfg.steps} steps, batch {cfg.data.batch_size}x{cfg.data.seq_len} tokens, "
+            f"plan {cfg.plan} on {cfg.cluster if cfg.plan == 'auto' else cfg.plan}; run directory {cfg.checkpoint_dir}[/]"
+        )
+        columns = (
+            TextColumn("[bold]step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}  {task.fields[rate]:,.0f} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, transient=False) as progress_bar:
+            task = progress_bar.add_task("train", total=cfg.steps, loss=float("nan"), rate=0.0)
+
+            def on_step(record: dict) -> None:
+                rate = record["tokens"] / max(record["seconds"], 1e-9)
+                progress_bar.update(task, completed=record["step"], loss=record["loss"], rate=rate)
+
+            result = run_training(cfg, resume=resume, progress=on_step)
+    curve = save_loss_curve(result.checkpoint_dir / "metrics.jsonl", result.checkpoint_dir / "loss.png")
+    table = Table(title="jaxhet train", show_header=False)
+    table.add_row("steps", f"{result.start_step} → {result.end_step}" + (" (stopped early)" if result.interrupted else ""))
+    if result.losses:
+        first, last = result.losses[0], result.losses[-1]
+        table.add_row("loss", f"{first:.3f} → {last:.3f} ({100 * (first - last) / first:.0f}% lower)")
+        table.add_row("throughput", f"{result.tokens:,} tokens in {result.seconds:.1f}s = {result.tokens / result.seconds:,.0f} tok/s")
+    table.add_row("plan", result.plan)
+    table.add_row("checkpoints", str(result.checkpoint_dir))
+    table.add_row("loss curve", str(curve))
+    console.print(table)
+    if result.interrupted:
+        raise typer.Exit(code=130)

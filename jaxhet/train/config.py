@@ -1,0 +1,141 @@
+"""`jaxhet train` configuration: plain frozen data, from a YAML file plus `key=value` overrides, validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxhet.data import DataConfig
+from jaxhet.models.config import ATTENTION_BACKENDS, DTYPES, ConfigError
+
+PLAN_CHOICES = ("auto", "single")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to `min_lr_ratio * learning_rate`, and global-norm clipping."""
+
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ConfigError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip <= 0:
+            raise ConfigError(f"optim.grad_clip must be > 0, got {self.grad_clip}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What to train, on what, for how long, and where checkpoints go.
+
+    `model` is "tiny" (a small Llama sized for CPUs, shaped further by `num_layers`, `hidden_size`, ...) or a local
+    Hugging Face Llama directory to fine-tune. `plan` is "auto" (ask the planner for `cluster`), "single" (one
+    device: the reference every plan must match) or a plan JSON file.
+    """
+
+    model: str = "tiny"
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 344
+    dtype: str = "float32"
+    attention_backend: str = "xla"
+    data: DataConfig = DataConfig(seq_len=128, batch_size=16, max_documents=2000)
+    optim: OptimConfig = OptimConfig()
+    steps: int = 300
+    plan: str = "auto"
+    cluster: str = "emulated8"
+    checkpoint_dir: str = "runs/latest"
+    save_every: int = 100
+    keep: int = 3
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "save_every", "keep", "log_every", "num_layers", "hidden_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
+        if self.plan not in PLAN_CHOICES and not Path(self.plan).is_file():
+            raise ConfigError(f"plan must be one of {', '.join(PLAN_CHOICES)} or an existing plan file, got {self.plan!r}")
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Mapping[str, str] | None = None) -> TrainConfig:
+        """Read a YAML file (optional), then apply dotted `key=value` overrides such as `data.seq_len=64`."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} not found")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {path} must hold a mapping of fields")
+            values = loaded
+        for key, raw in (overrides or {}).items():
+            target = values
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                target = target.setdefault(parent, {})
+            target[leaf] = yaml.safe_load(raw)
+        return _build(cls, values, "")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    """Instantiate a frozen dataclass from a mapping, converting types and naming unknown or mistyped fields."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown field {prefix}{unknown[0]}; allowed: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}{name} must be a mapping of fields")
+            kwargs[name] = _build(kind, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _convert(value, kind, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def _convert(value: Any, kind: Any, name: str) -> Any:
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option in (int, str, bool) and type(value) is option:
+            return value
+        if option is str and isinstance(value, (int, float)):
+            return str(value)
+    allowed = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{name} must be {allowed}, got {value!r}")

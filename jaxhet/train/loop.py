@@ -1,0 +1,251 @@
+"""The training loop: a model, its data, an optimizer, and a step that runs on one device or on an HSPMD plan.
+
+Parameters and optimizer state live on one home device between steps; with a plan, each step sends them to the
+plan's stages (`meshes.PlanExecutor`) and brings the summed gradients back, so `--plan single` and any plan give
+the same loss at every step. Everything a run needs to continue exactly is checkpointed: parameters, optimizer
+state (which holds the step count the learning-rate schedule reads) and the data iterator's position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+
+from jaxhet.data import PackedBatches
+from jaxhet.models import Llama, LlamaConfig
+from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
+from jaxhet.train.checkpoints import CheckpointStore
+from jaxhet.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+Params = Any
+StepFn = Callable[[Params, dict], tuple[jax.Array, Params]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a run did: per-step losses from this process, where it started and stopped, and why it stopped."""
+
+    start_step: int
+    end_step: int
+    losses: tuple[float, ...]
+    tokens: int
+    seconds: float
+    interrupted: bool
+    plan: str
+    checkpoint_dir: Path
+
+
+def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    o = config.optim
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=o.learning_rate,
+        warmup_steps=min(o.warmup_steps, config.steps),
+        decay_steps=max(config.steps, o.warmup_steps + 1),
+        end_value=o.learning_rate * o.min_lr_ratio,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(o.grad_clip),
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
+    )
+
+
+def build_model(config: TrainConfig, vocab_size: int, key: jax.Array) -> Llama:
+    if config.model == "tiny":
+        model_config = LlamaConfig.tiny(
+            vocab_size=vocab_size,
+            num_layers=config.num_layers,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            intermediate_size=config.intermediate_size,
+            max_position_embeddings=max(1024, config.data.seq_len),
+            dtype=config.dtype,
+            attention_backend=config.attention_backend,
+        )
+        return Llama(model_config, rngs=nnx.Rngs(params=key))
+    model = Llama.from_pretrained(config.model, attention_backend=config.attention_backend)
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(
+            f"the tokenizer has {vocab_size} tokens but the model {config.model} only {model.config.vocab_size}"
+        )
+    return model
+
+
+def _resolve_plan(config: TrainConfig, model: Llama, directory: Path, resume: bool):
+    """The plan to run (None for one device), reusing a resumed run's saved plan so it continues identically."""
+    import planners
+
+    saved = directory / "plan.json"
+    if config.plan == "single":
+        return None
+    if resume and saved.is_file():
+        return planners.TrainPlan.from_json(saved.read_text())
+    if config.plan != "auto":
+        return planners.TrainPlan.from_json(Path(config.plan).read_text())
+    cluster = planners.ClusterSpec.load(config.cluster)
+    mc = model.config
+    spec = planners.ModelSpec(
+        name="jaxhet-train",
+        vocab_size=mc.vocab_size,
+        hidden_size=mc.hidden_size,
+        ffn_size=mc.intermediate_size,
+        num_layers=mc.num_layers,
+        num_heads=mc.num_heads,
+        num_kv_heads=mc.num_kv_heads,
+        tied_embeddings=mc.tie_word_embeddings,
+    )
+    workload = planners.TrainWorkload(global_batch=config.data.batch_size, seq_len=config.data.seq_len)
+    plan = planners.plan_training(cluster, spec, workload, time_limit_s=10.0)
+    directory.mkdir(parents=True, exist_ok=True)
+    saved.write_text(plan.to_json())
+    planners.picture.save_placement_png(plan, cluster, directory / "plan.png")
+    return plan
+
+
+def _step_function(plan, config: TrainConfig, model: Llama) -> StepFn:
+    """Loss and gradients of one batch: plain `jax.jit` on one device, or the plan's HSPMD executor."""
+    loss_sum = llama_loss_sum(model)
+    if plan is None:
+        return jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
+    import meshes
+    import planners
+
+    hetmesh = meshes.HetMesh.from_cluster(planners.ClusterSpec.load(config.cluster))
+    return meshes.PlanExecutor(plan, hetmesh, StagedLlama(model.config)).value_and_grad
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps, so a stop always saves first."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines past `last_step` (written before a crash, recomputed after resuming)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict], None] | None = None) -> TrainResult:
+    """Run (or continue, with `resume`) the training `config` describes; `progress` receives each step's metrics."""
+    directory = Path(config.checkpoint_dir)
+    data = PackedBatches(config.data)
+    model = build_model(config, data.vocab_size, jax.random.key(config.seed))
+    optimizer = build_optimizer(config)
+    home = jax.devices()[0]
+    state = jax.device_put({"params": llama_params(model), "opt_state": optimizer.init(llama_params(model))}, home)
+    store = CheckpointStore(directory, keep=config.keep)
+    start_step = 0
+    metrics_path = directory / "metrics.jsonl"
+    if resume:
+        restored = store.restore_latest(jax.tree.map(_abstract, state))
+        if restored is None:
+            log.warning("no checkpoint to resume in %s; starting from step 0", directory)
+        else:
+            start_step, state, meta = restored
+            data.restore(meta["data"])
+            _trim_metrics(metrics_path, start_step)
+    elif store.steps():
+        raise ValueError(f"{directory} already holds checkpoints; pass --resume, or choose another checkpoint_dir")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    plan = _resolve_plan(config, model, directory, resume)
+    step_fn = _step_function(plan, config, model)
+    update = jax.jit(optimizer.update)
+
+    losses: list[float] = []
+    tokens = 0
+    started = time.perf_counter()
+    step = start_step
+    with _StopRequest() as stop, metrics_path.open("a") as metrics:
+        while step < config.steps and not stop.requested:
+            batch = next(data)
+            loss, grads = step_fn(state["params"], batch)
+            grads = jax.device_put(grads, home)
+            updates, opt_state = update(grads, state["opt_state"], state["params"])
+            state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+            step += 1
+            loss = float(loss)
+            losses.append(loss)
+            tokens += int(np.sum(batch["weights"]))
+            record = {"step": step, "loss": loss, "tokens": tokens, "seconds": time.perf_counter() - started}
+            metrics.write(json.dumps(record) + "\n")
+            if progress is not None:
+                progress(record)
+            if step % config.save_every == 0 or step == config.steps or stop.requested:
+                metrics.flush()
+                meta = {"step": step, "data": data.state(), "plan": "single" if plan is None else plan.to_dict()}
+                store.save(step, state, meta)
+    store.close()
+    return TrainResult(
+        start_step=start_step,
+        end_step=step,
+        losses=tuple(losses),
+        tokens=tokens,
+        seconds=time.perf_counter() - started,
+        interrupted=step < config.steps,
+        plan="single device" if plan is None else _describe(plan),
+        checkpoint_dir=directory,
+    )
+
+
+def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
+    """Shape, dtype and placement of an array: what Orbax restores into."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
+def _describe(plan) -> str:
+    parts = []
+    for replica in plan.replicas:
+        stages = "+".join(f"{s.kind}x{len(s.devices)}:L{s.layers[0]}-{s.layers[1] - 1}" for s in replica.stages)
+        parts.append(f"[{stages}] mb {replica.num_microbatches}x{replica.microbatch_size}")
+    return f"{len(plan.replicas)} replica(s): " + ", ".join(parts)
+
+
+def load_trained(directory: str | Path) -> tuple[Llama, dict]:
+    """The model of the newest checkpoint in `directory` and its meta record (for serving and evaluation)."""
+    directory = Path(directory)
+    config = TrainConfig.load(directory / "config.yaml")
+    data = PackedBatches(config.data)
+    model = build_model(config, data.vocab_size, jax.random.key(config.seed))
+    optimizer = build_optimizer(config)
+    params = llama_params(model)
+    abstract = jax.tree.map(_abstract, {"params": params, "opt_state": optimizer.init(params)})
+    restored = CheckpointStore(directory, keep=config.keep).restore_latest(abstract)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    _, state, meta = restored
+    graphdef, model_state = nnx.split(model)
+    model_state.replace_by_pure_dict(state["params"])
+    return nnx.merge(graphdef, model_state), meta

@@ -1,0 +1,131 @@
+"""`jaxhet train`: plans match one device, checkpoints resume exactly after kill -9, stops save first."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxhet.parallel import llama_params
+from jaxhet.train import TrainConfig, load_trained, train
+
+JAXHET = shutil.which("jaxhet") or str(Path(sys.executable).parent / "jaxhet")
+SMALL = {
+    "num_layers": "2",
+    "hidden_size": "64",
+    "intermediate_size": "160",
+    "data.seq_len": "32",
+    "data.batch_size": "8",
+    "data.max_documents": "60",
+    "optim.warmup_steps": "2",
+}
+
+
+def small_config(tmp_path: Path, **overrides: str) -> TrainConfig:
+    return TrainConfig.load(None, {**SMALL, "checkpoint_dir": str(tmp_path / "run"), **overrides})
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [JAXHET, "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ, **kwargs
+    )
+
+
+def cli_args(run_dir: Path, steps: int) -> list[str]:
+    args = ["--plan", "single", "--steps", str(steps), "--checkpoint-dir", str(run_dir)]
+    for key, value in {**SMALL, "save_every": "3"}.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def test_auto_plan_gives_the_single_device_loss_at_every_step(tmp_path):
+    single = train(small_config(tmp_path / "single", steps="5", plan="single"))
+    auto = train(small_config(tmp_path / "auto", steps="5", plan="auto"))
+    plan = json.loads((tmp_path / "auto" / "run" / "plan.json").read_text())
+    assert sum(len(stage["devices"]) for replica in plan["replicas"] for stage in replica["stages"]) > 1
+    assert (tmp_path / "auto" / "run" / "plan.png").is_file()
+    # float32 on both paths; the plan only reorders sums (micro-batches, replicas, TP partial sums).
+    np.testing.assert_allclose(auto.losses, single.losses, rtol=1e-5)
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
+    steps = 9
+    reference = run_cli(*cli_args(tmp_path / "reference", steps))
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()
+
+    victim = run_cli(*cli_args(tmp_path / "victim", steps))
+    deadline = time.time() + 300
+    while not (tmp_path / "victim" / "3").is_dir():  # Orbax renames a step's directory into place once complete
+        assert victim.poll() is None, victim.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    resumed = run_cli(*cli_args(tmp_path / "victim", steps), "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+
+    ref_model, ref_meta = load_trained(tmp_path / "reference")
+    model, meta = load_trained(tmp_path / "victim")
+    assert meta["step"] == ref_meta["step"] == steps
+    assert meta["data"] == ref_meta["data"]
+    jax.tree.map(np.testing.assert_array_equal, llama_params(model), llama_params(ref_model))
+    losses = {}
+    for name in ("reference", "victim"):
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in records]
+    assert losses["victim"] == losses["reference"] and len(losses["victim"]) == steps
+
+
+def test_sigterm_saves_then_exits(tmp_path):
+    run_dir = tmp_path / "run"
+    process = run_cli(*cli_args(run_dir, 10_000))
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 130
+    _, meta = load_trained(run_dir)
+    assert 1 <= meta["step"] < 10_000
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    config = small_config(tmp_path, steps="6", save_every="3", plan="single")
+    train(config)
+    for file in (tmp_path / "run" / "6").rglob("*"):
+        if file.is_file() and file.stat().st_size > 0:
+            file.write_bytes(b"\0" * 7)
+    _, meta = load_trained(tmp_path / "run")
+    assert meta["step"] == 3
+    assert "step 6" in caplog.text
+
+
+def test_starting_over_a_run_directory_needs_resume(tmp_path):
+    config = small_config(tmp_path, steps="1", plan="single")
+    train(config)
+    with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
+        train(config)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "data.seq_len=zero"], "data.seq_len must be int, got 'zero'"),
+        (["--set", "optimizer.lr=1"], "unknown field optimizer; allowed:"),
+        (["--plan", "nowhere.json"], "plan must be one of auto, single or an existing plan file"),
+        (["--set", "dtype=int8"], "dtype must be one of float32, bfloat16, float16"),
+    ],
+)
+def test_config_mistakes_get_one_line_and_exit_2(args, message, tmp_path):
+    result = subprocess.run([JAXHET, "train", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
