@@ -28,6 +28,7 @@ import yaml
 
 from planners import catalog, fields
 from planners.errors import SpecError
+from planners.presets import CLUSTERS
 from planners.profile import DeviceProfile
 
 DEFAULT_INTER_NODE = {"gb_s": 12.5, "latency_us": 15.0}
@@ -169,10 +170,12 @@ class ClusterSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> ClusterSpec:
-        """Read a cluster from a .yaml/.yml or .json file."""
+        """Read a cluster from a .yaml/.yml or .json file, or take a built-in one by name (`presets.CLUSTERS`)."""
+        if str(path) in CLUSTERS:
+            return cls.from_dict(CLUSTERS[str(path)])
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"cluster file not found: {path}")
+            raise FileNotFoundError(f"cluster file not found: {path} (built-in clusters: {sorted(CLUSTERS)})")
         text = path.read_text()
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)

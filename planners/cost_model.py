@@ -1,7 +1,7 @@
 """An analytical cost model of training a decoder on heterogeneous devices.
 
 Compute: a roofline per transformer block, `max(FLOPs / achievable FLOP/s, bytes / achievable bandwidth)`, with the
-device's efficiency factors (`DeviceProfile`). FLOPs per token and block are `2 * matmul params + 2 * seq * hidden`
+device's efficiency factors (`DeviceProfile`), plus a fixed per-block overhead (kernel launches). FLOPs per token and block are `2 * matmul params + 2 * seq * hidden`
 (causal attention) forward, twice that backward, once more with recomputation.
 
 Communication: alpha-beta per link class (`Link.seconds`). Tensor parallelism costs two ring all-reduces of the
@@ -78,7 +78,7 @@ class TrainCosts:
         weight_bytes = ACT_BYTES * self._matmul_params / tp
         act_bytes = ACT_BYTES * self._act_elems_per_token(tp) * tokens
         moved = passes * weight_bytes + (passes + 1) * act_bytes
-        compute = max(flops / prof.flops_per_s, moved / prof.bytes_per_s)
+        compute = max(flops / prof.flops_per_s, moved / prof.bytes_per_s) + prof.layer_overhead_us * 1e-6
         allreduces = 6 if recompute else 4
         comm = allreduces * ring_allreduce_seconds(ACT_BYTES * tokens * self.model.hidden_size, tp, link)
         return compute + comm

@@ -166,7 +166,7 @@ class _CellModel:
                 m.add(cover[d] <= cover[d - 1])
         for g, grp in enumerate(groups):
             before = grp.devices[0] - 1
-            if before >= 0 and groups[g].node == next(h.node for h in groups if before in h.devices):
+            if before >= 0 and cluster.devices[before].node == grp.node:
                 bigger = [on[h] for h in range(G) if before in groups[h].devices and groups[h].tp >= grp.tp]
                 m.add(sum(bigger) >= on[g])
         # Same-size groups of a node are interchangeable: their replica slots ascend with the address.
@@ -352,6 +352,30 @@ class _CellModel:
         return out
 
 
+def _seed_slots(
+    cell: _Cell, model: ModelSpec, seq_len: int, microbatch: int, microbatches: int, recompute: bool
+) -> list[_Slot] | None:
+    """A starting point for the solver: one pipeline through every node at its largest TP degree, blocks split in
+    proportion to speed, recomputing if allowed; None if that does not fit in memory."""
+    cluster = cell.cluster
+    costs = TrainCosts(cluster, model, seq_len)
+    offsets = cluster.node_offsets()
+    largest = [g for g in candidate_groups(cluster) if g.devices[0] == offsets[g.node] and 2 * g.tp > cluster.nodes[g.node].count]
+    speed = {
+        g: 1 / costs.layer_seconds(g.kind, g.tp, microbatch, recompute, cluster.nodes[g.node].intra_link) for g in largest
+    }
+    groups = sorted(sorted(largest, key=speed.__getitem__, reverse=True)[: model.num_layers], key=lambda g: g.devices[0])
+    total_speed = sum(speed[g] for g in groups)
+    layers = [1 + math.floor((model.num_layers - len(groups)) * speed[g] / total_speed) for g in groups]
+    layers[max(range(len(groups)), key=lambda i: speed[groups[i]])] += model.num_layers - sum(layers)
+    depth = len(groups)
+    for i, (g, n) in enumerate(zip(groups, layers)):
+        need = costs.stage_memory_bytes(g.tp, n, microbatch, recompute, depth - i, i == 0, i == depth - 1)
+        if need > cluster.profile(g.kind).capacity_bytes:
+            return None
+    return [([(g, n, recompute) for g, n in zip(groups, layers)], microbatches)]
+
+
 def _plan_from_slots(
     slots: list[_Slot],
     cell: _Cell,
@@ -411,10 +435,11 @@ def plan_training_with_info(
         budget = remaining / (len(jobs) - i)
         total = workload.global_batch // (cell.copies * b)
         args = (cell, model, workload.seq_len, b, total, workload.recompute)
-        _, coarse = _CellModel(*args, coarse=True).solve(COARSE_SHARE * budget, num_workers)
-        status, fine = _CellModel(*args).solve((1 - COARSE_SHARE) * budget, num_workers, hint=coarse)
+        seed = _seed_slots(cell, model, workload.seq_len, b, total, workload.recompute)
+        _, coarse = _CellModel(*args, coarse=True).solve(COARSE_SHARE * budget, num_workers, hint=seed)
+        status, fine = _CellModel(*args).solve((1 - COARSE_SHARE) * budget, num_workers, hint=coarse or seed)
         statuses.append(status)
-        for slots in (coarse, fine):
+        for slots in (seed, coarse, fine):
             if slots is None:
                 continue
             plan = _plan_from_slots(slots, cell, cluster, model, workload, b)

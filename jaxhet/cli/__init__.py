@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from jaxhet.cli import generate
+from jaxhet.cli import generate, plan
 
 
 def _print_version(value: bool) -> None:
@@ -33,3 +33,4 @@ def main(
 
 
 app.command("generate")(generate.generate)
+app.add_typer(plan.app, name="plan")

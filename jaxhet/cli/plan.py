@@ -1,0 +1,92 @@
+"""`jaxhet plan train`: plan hybrid-parallel training on a heterogeneous cluster, as a table, JSON and a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import planners
+from jaxhet.cli.errors import user_errors
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.callback()
+def plan() -> None:
+    """Plan training or serving on a heterogeneous cluster."""
+
+ClusterOption = Annotated[
+    str, typer.Option(help="Cluster YAML/JSON file, or a built-in name (emulated8, h100x4_l4x4).")
+]
+ModelOption = Annotated[
+    str, typer.Option(help=f"Model preset ({', '.join(sorted(planners.PRESETS))}) or a HF config.json path.")
+]
+
+
+def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Table:
+    table = Table(title=f"{plan.model} on {plan.cluster} ({cluster.kinds_summary()})")
+    for column in ("replica", "stage", "devices", "GPU", "TP", "layers", "recompute", "micro-batches", "memory GB"):
+        table.add_column(column, justify="left" if column in ("devices", "GPU") else "right")
+    assert plan.estimate is not None
+    for r, (replica, mems) in enumerate(zip(plan.replicas, plan.estimate.peak_memory_gb)):
+        for s, (stage, gb) in enumerate(zip(replica.stages, mems)):
+            cap = cluster.profile(stage.kind).capacity_bytes / 1e9
+            table.add_row(
+                str(r) if s == 0 else "",
+                str(s),
+                ",".join(map(str, stage.devices)),
+                stage.kind,
+                str(stage.tp),
+                f"{stage.layers[0]}-{stage.layers[1] - 1}",
+                "yes" if stage.recompute else "no",
+                f"{replica.num_microbatches} x {replica.microbatch_size}" if s == 0 else "",
+                f"{gb:.2f} / {cap:.1f}",
+            )
+    return table
+
+
+def train(
+    cluster: ClusterOption = "emulated8",
+    model: ModelOption = "tiny",
+    global_batch: Annotated[int, typer.Option(min=1, help="Sequences per iteration.")] = 16,
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 256,
+    no_recompute: Annotated[bool, typer.Option("--no-recompute", help="Forbid activation recomputation.")] = False,
+    time_limit: Annotated[float, typer.Option(min=0.1, help="Solver time limit in seconds.")] = 10.0,
+    workers: Annotated[int, typer.Option(min=1, help="CP-SAT worker threads.")] = 2,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="Write a picture of the placement here.")] = None,
+) -> None:
+    """Find the fastest training plan (replicas, pipelines, TP degrees, layer split, batch shares)."""
+    console = Console()
+    with user_errors():
+        spec = planners.ClusterSpec.load(cluster)
+        model_spec = planners.ModelSpec.resolve(model)
+        workload = planners.TrainWorkload(global_batch, seq_len, recompute=not no_recompute)
+        plan, info = planners.plan_training_with_info(
+            spec, model_spec, workload, time_limit_s=time_limit, num_workers=workers
+        )
+    assert plan.estimate is not None
+    console.print(_train_table(plan, spec))
+    tokens_s = workload.tokens / plan.estimate.iteration_s
+    proof = "optimal under the cost model" if info.status == "OPTIMAL" else "best found within the time limit"
+    console.print(
+        f"predicted iteration {plan.estimate.iteration_s * 1e3:.2f} ms ({tokens_s:,.0f} tokens/s), "
+        f"gradient all-reduce {plan.estimate.grad_sync_s * 1e3:.2f} ms; {proof} "
+        f"({info.solves} solves in {info.solve_s:.1f} s, {info.cells} cell(s), micro-batch size {info.microbatch_size})",
+        highlight=False,
+    )
+    if output is not None:
+        output.write_text(plan.to_json() + "\n")
+        console.print(f"plan written to {output}", highlight=False)
+    if png is not None:
+        from planners.picture import save_placement_png
+
+        save_placement_png(plan, spec, png)
+        console.print(f"placement picture written to {png}", highlight=False)
+
+
+app.command("train")(train)
