@@ -43,6 +43,7 @@ from planners.workload import TrainWorkload
 
 RESOLUTION = 10_000
 COARSE_SHARE = 0.25
+HINT_SHARE = 0.1
 MEMORY_RESOLUTION = 1 << 20
 
 
@@ -271,6 +272,14 @@ class _CellModel:
             m.add_multiplication_equality(steady, [mvars[r], slow])
             m.add(z >= sum(share) + p2p + steady - slow)
 
+        # A relaxation that gives the LP a throughput bound: a group's busy time (its blocks times its replica's
+        # micro-batches, `work`) never exceeds the iteration, and the work of all groups adds up to L * micro-batches.
+        work = [m.new_int_var(0, L * microbatches, f"w{g}") for g in range(G)]
+        m.add(sum(work) == L * microbatches)
+        for g in range(G):
+            m.add(work[g] <= L * microbatches * on[g])
+            m.add(z >= ticks(c0[g]) * work[g])
+
         # Gradient all-reduce across all replicas of all cells.
         count_is = [m.new_bool_var(f"R{k}") for k in range(R + 1)]
         m.add_exactly_one(count_is)
@@ -311,8 +320,8 @@ class _CellModel:
 
     def solve(self, time_limit_s: float, workers: int, hint: list[_Slot] | None = None) -> tuple[str, list[_Slot] | None]:
         """Solve within the time limit, starting from `hint` (a plan of the same space) when given."""
-        if hint:
-            self._hint(hint)
+        if hint and self._hint(hint):
+            self._complete_hint(min(HINT_SHARE * time_limit_s, 2.0))
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
         solver.parameters.num_workers = workers
@@ -323,20 +332,38 @@ class _CellModel:
             return name, None
         return name, self._extract(solver)
 
-    def _hint(self, slots: list[_Slot]) -> None:
-        index = {g: i for i, g in enumerate(self.groups)}
-        ordered = sorted(slots, key=lambda slot: min(index[g] for g, _, _ in slot[0]))
-        if len(ordered) > len(self.used):
+    def _complete_hint(self, time_limit_s: float) -> None:
+        """Extend the hint on the decision variables to every variable, so the search starts from a solution."""
+        solver = cp_model.CpSolver()
+        solver.parameters.fix_variables_to_their_hinted_value = True
+        solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
+        solver.parameters.num_workers = 1
+        if solver.solve(self.m) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             return
-        for r, (stages, count) in enumerate(ordered):
-            self.m.add_hint(self.used[r], True)
-            self.m.add_hint(self.mvars[r], count)
-            for group, layers, recompute in stages:
-                g = index[group]
-                if r < len(self.a[g]):
-                    self.m.add_hint(self.a[g][r], True)
-                self.m.add_hint(self.n0[g], 0 if recompute else layers)
-                self.m.add_hint(self.n1[g], layers if recompute else 0)
+        self.m.clear_hints()
+        for i in range(len(self.m.proto.variables)):
+            var = self.m.get_int_var_from_proto_index(i)
+            self.m.add_hint(var, solver.value(var))
+
+    def _hint(self, slots: list[_Slot]) -> bool:
+        """Hint the decision variables with `slots`, relabelled to satisfy the symmetry breaking; False if the
+        slots do not fit this model."""
+        index = {g: i for i, g in enumerate(self.groups)}
+        if len(slots) > len(self.used) or any(g not in index for stages, _ in slots for g, _, _ in stages):
+            return False
+        slots = _canonical_slots(slots, index)
+        member = {index[g]: (r, n, rc) for r, (stages, _) in enumerate(slots) for g, n, rc in stages}
+        for g, row in enumerate(self.a):
+            r, layers, recompute = member.get(g, (-1, 0, False))
+            for k, var in enumerate(row):
+                self.m.add_hint(var, k == r)
+            self.m.add_hint(self.n0[g], 0 if recompute else layers)
+            self.m.add_hint(self.n1[g], layers if recompute else 0)
+            self.m.add_hint(self.rc[g], recompute)
+        for r, used in enumerate(self.used):
+            self.m.add_hint(used, r < len(slots))
+            self.m.add_hint(self.mvars[r], slots[r][1] if r < len(slots) else 0)
+        return True
 
     def _extract(self, solver: cp_model.CpSolver) -> list[_Slot]:
         out = []
@@ -350,6 +377,30 @@ class _CellModel:
                     stages.append((self.groups[g], layers, bool(solver.value(self.n1[g]))))
             out.append((stages, solver.value(self.mvars[r])))
         return out
+
+
+def _canonical_slots(slots: list[_Slot], index: dict[Group, int]) -> list[_Slot]:
+    """Relabel an equivalent solution into the form the symmetry breaking admits: slots ordered by first group,
+    and same-size groups of a node handed to slots in address order (their blocks and flags move with the slot)."""
+    slots = [(sorted(stages, key=lambda st: index[st[0]]), count) for stages, count in slots]
+    for _ in range(len(slots) + 1):
+        slots.sort(key=lambda slot: index[slot[0][0][0]])
+        classes: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for r, (stages, _) in enumerate(slots):
+            for k, (g, _, _) in enumerate(stages):
+                classes.setdefault((g.node, g.tp), []).append((r, k))
+        changed = False
+        for positions in classes.values():
+            groups = sorted((slots[r][0][k][0] for r, k in positions), key=index.__getitem__)
+            for (r, k), g in zip(sorted(positions, key=lambda p: (p[0], index[slots[p[0]][0][p[1]][0]])), groups):
+                old, n, rc = slots[r][0][k]
+                if old != g:
+                    slots[r][0][k] = (g, n, rc)
+                    changed = True
+        slots = [(sorted(stages, key=lambda st: index[st[0]]), count) for stages, count in slots]
+        if not changed:
+            break
+    return slots
 
 
 def _seed_slots(
