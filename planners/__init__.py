@@ -5,6 +5,7 @@ cluster = planners.ClusterSpec.load("examples/clusters/h100x4_l4x4.yaml")   # YA
 model = planners.ModelSpec.preset("llama-2-7b")                             # or ModelSpec.from_hf_config(path)
 plan = planners.plan_training(cluster, model, planners.TrainWorkload(global_batch=32, seq_len=2048))
 planners.TrainPlan.from_json(plan.to_json()) == plan
+splan = planners.plan_serving(cluster, [model], planners.ServeWorkload(arrival_rate=5.0, budget_per_hour=10.0))
 ```
 """
 
@@ -15,6 +16,7 @@ from planners.errors import PlanningError, SpecError
 from planners.model import PRESETS, ModelSpec
 from planners.plan import PlanError, PlanEstimate, Replica, Stage, TrainPlan
 from planners.profile import DeviceProfile
+from planners.serve import ServePlan, ServeReplica, plan_serving
 from planners.train import SolveInfo, plan_training, plan_training_with_info
 from planners.workload import Request, ServeWorkload, TrainWorkload, load_trace
 
@@ -34,6 +36,8 @@ __all__ = [
     "Replica",
     "Request",
     "ServeWorkload",
+    "ServePlan",
+    "ServeReplica",
     "SolveInfo",
     "SpecError",
     "Stage",
@@ -43,6 +47,7 @@ __all__ = [
     "evaluate_train_plan",
     "load_trace",
     "memory_excess",
+    "plan_serving",
     "plan_training",
     "plan_training_with_info",
 ]

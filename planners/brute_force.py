@@ -1,8 +1,9 @@
-"""Exhaustive enumeration of the training planner's search space, for checking the planner on small instances.
+"""Exhaustive enumeration of the planners' search spaces, for checking them on small instances.
 
-It builds every plan of the space described in `planners.train` (node layouts, partitions of groups into
-replicas, layer splits, recomputation flags, micro-batch counts, micro-batch sizes) as a `TrainPlan` and scores it
-with `planners.cost_model` directly, sharing nothing with the CP-SAT encoding but the cost model itself.
+Training: every plan of the space described in `planners.train` (node layouts, partitions of groups into
+replicas, layer splits, recomputation flags, micro-batch counts, micro-batch sizes) is built as a `TrainPlan` and
+scored with `planners.cost_model` directly, sharing nothing with the CP-SAT encoding but the cost model itself.
+Serving: every vector of replica counts per configuration that fits the nodes and the budget.
 Exponential: meant for clusters of a handful of devices and models of a handful of blocks.
 """
 
@@ -15,7 +16,8 @@ from planners.cluster import ClusterSpec
 from planners.cost_model import evaluate_train_plan, memory_excess
 from planners.model import ModelSpec
 from planners.plan import Replica, Stage, TrainPlan
-from planners.workload import TrainWorkload
+from planners.serve import candidate_configs, packing_fits
+from planners.workload import ServeWorkload, TrainWorkload
 
 
 def _node_layouts(count: int) -> list[tuple[int, ...]]:
@@ -98,4 +100,29 @@ def best_plan(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -
         estimate = evaluate_train_plan(plan, cluster, model)
         if (best is None or estimate.iteration_s < best[0]) and not memory_excess(plan, cluster, estimate):
             best = (estimate.iteration_s, plan)
+    return best
+
+
+def best_serving(
+    cluster: ClusterSpec, models: list[ModelSpec], workload: ServeWorkload, objective: str, rates: list[float]
+) -> float | None:
+    """The best objective value (throughput scale, or hourly price) over all replica counts, None if none serves."""
+    configs = candidate_configs(cluster, models, workload)
+    best: float | None = None
+    ranges = [range(cluster.num_devices // c.perf.tp + 1) for c in configs]
+    for x in itertools.product(*ranges):
+        counts: dict[tuple[int, int], int] = {}
+        for c, n in zip(configs, x):
+            key = (c.node_class, c.perf.tp)
+            counts[key] = counts.get(key, 0) + n
+        price = sum(n * c.perf.price_per_hour for c, n in zip(configs, x))
+        if not packing_fits(cluster, counts) or (workload.budget_per_hour is not None and price > workload.budget_per_hour + 1e-9):
+            continue
+        capacity = [sum(n * c.perf.requests_per_s for c, n in zip(configs, x) if c.perf.model == m.name) for m in models]
+        if objective == "max_throughput":
+            value = min(cap / rate for cap, rate in zip(capacity, rates))
+            if value > 0 and (best is None or value > best):
+                best = value
+        elif all(cap >= rate for cap, rate in zip(capacity, rates)) and (best is None or price < best):
+            best = price
     return best

@@ -42,3 +42,16 @@ def test_user_mistakes_are_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "unknown field(s) ['speed']" in result.output
     result = RUNNER.invoke(app, ["plan", "train", "--cluster", "h100x4_l4x4", "--model", "llama-2-70b"])
     assert result.exit_code == 2 and "weights, gradients and Adam state" in result.output
+
+
+def test_plan_serve(tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    result = RUNNER.invoke(
+        app, ["plan", "serve", "--model", "llama-2-7b", "--rate", "3", "--budget", "10", "--objective", "min_cost", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "L4" in result.output
+    plan = planners.ServePlan.from_json(out.read_text())
+    assert plan.price_per_hour <= 10 and plan.objective == "min_cost"
+    result = RUNNER.invoke(app, ["plan", "serve", "--objective", "fastest"])
+    assert result.exit_code == 2 and "objective must be one of" in result.output

@@ -1,4 +1,4 @@
-"""`jaxhet plan train`: plan hybrid-parallel training on a heterogeneous cluster, as a table, JSON and a PNG."""
+"""`jaxhet plan train|serve`: plan training (table, JSON, PNG of the placement) or serving (table, JSON)."""
 
 from __future__ import annotations
 
@@ -89,4 +89,49 @@ def train(
         console.print(f"placement picture written to {png}", highlight=False)
 
 
+def _serve_table(plan: planners.ServePlan) -> Table:
+    table = Table(title=f"serving on {plan.cluster}: {plan.objective.replace('_', ' ')}")
+    for column in ("replica", "model", "GPU", "TP", "devices", "max batch", "capacity req/s", "routed req/s"):
+        table.add_column(column, justify="left" if column in ("model", "GPU", "devices") else "right")
+    for i, r in enumerate(plan.replicas):
+        table.add_row(
+            str(i), r.model, r.kind, str(r.tp), ",".join(map(str, r.devices)), str(r.max_batch),
+            f"{r.capacity_rps:.2f}", f"{r.routed_rps:.2f}",
+        )
+    return table
+
+
+def serve(
+    cluster: ClusterOption = "h100x4_l4x4",
+    model: Annotated[Optional[list[str]], typer.Option(help="Model preset or HF config.json path; repeat for several.")] = None,
+    rate: Annotated[float, typer.Option(min=1e-9, help="Arrival rate per model, requests/s.")] = 2.0,
+    input_len: Annotated[int, typer.Option(min=1, help="Prompt tokens per request.")] = 512,
+    output_len: Annotated[int, typer.Option(min=1, help="Generated tokens per request.")] = 128,
+    ttft: Annotated[float, typer.Option(min=1e-9, help="Time-to-first-token SLO, seconds.")] = 1.0,
+    tpot: Annotated[float, typer.Option(min=1e-9, help="Time-per-output-token SLO, seconds.")] = 0.1,
+    budget: Annotated[Optional[float], typer.Option(help="Price cap per hour for the GPUs used.")] = None,
+    trace: Annotated[Optional[Path], typer.Option(help="CSV trace (arrival_s,input_len,output_len): sets rate and lengths.")] = None,
+    objective: Annotated[str, typer.Option(help="max_throughput or min_cost.")] = "max_throughput",
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
+) -> None:
+    """Choose GPU composition, replicas and routing for serving under SLOs and a budget."""
+    console = Console()
+    with user_errors():
+        spec = planners.ClusterSpec.load(cluster)
+        models = [planners.ModelSpec.resolve(m) for m in (model or ["llama-2-7b"])]
+        goals = {"ttft_slo_s": ttft, "tpot_slo_s": tpot, "budget_per_hour": budget}
+        if trace is not None:
+            workload = planners.ServeWorkload.from_trace(trace, **goals)
+        else:
+            workload = planners.ServeWorkload(arrival_rate=rate, input_len=input_len, output_len=output_len, **goals)
+        plan = planners.plan_serving(spec, models, workload, objective=objective)
+    console.print(_serve_table(plan))
+    served = ", ".join(f"{name}: {r * plan.throughput_scale:.2f} req/s" for name, r in plan.rates.items())
+    console.print(f"serves {served} at {plan.price_per_hour:.2f}/h (cost model, no queueing)", highlight=False)
+    if output is not None:
+        output.write_text(plan.to_json() + "\n")
+        console.print(f"plan written to {output}", highlight=False)
+
+
 app.command("train")(train)
+app.command("serve")(serve)

@@ -1,0 +1,237 @@
+"""The serving planner: a MILP (OR-Tools, SCIP) choosing GPU composition, replicas and routing under a budget.
+
+Configurations are (model, node class, TP degree) with TP a power of two inside one node; `ServingCosts` gives
+each one's throughput under the SLOs and its hourly price. Integer `x[c]` counts the replicas of configuration
+`c`, continuous `y[c]` the requests/s routed to them (`y[c] <= x[c] * throughput[c]`). GPU availability per node
+class is the exact packing condition for power-of-two groups into nodes (for every size `t`: the GPUs in groups
+of size >= t fit in the nodes' `t`-aligned slots), so the replicas are then placed on devices first-fit.
+
+Objectives: `max_throughput` maximises the factor `alpha` by which every model's arrival rate can be scaled and
+still be served (`sum_c y[c] = alpha * rate[m]`), within the budget if one is given; `min_cost` minimises the
+hourly price of serving the rates as given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from ortools.linear_solver import pywraplp
+
+from planners.cluster import ClusterSpec
+from planners.errors import PlanningError, SpecError
+from planners.model import ModelSpec
+from planners.serving_cost import ReplicaPerf, ServingCosts
+from planners.workload import ServeWorkload
+
+OBJECTIVES = ("max_throughput", "min_cost")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeReplica:
+    """One serving replica: a TP group of `devices` (indices into the cluster's device list) running `model`."""
+
+    model: str
+    kind: str
+    tp: int
+    devices: tuple[int, ...]
+    max_batch: int
+    capacity_rps: float
+    routed_rps: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "devices", tuple(self.devices))
+
+
+@dataclasses.dataclass(frozen=True)
+class ServePlan:
+    """A serving deployment: replicas, the traffic each one takes, and what the cost model predicts."""
+
+    replicas: tuple[ServeReplica, ...]
+    objective: str
+    throughput_scale: float
+    price_per_hour: float
+    rates: dict[str, float]
+    cluster: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "replicas", tuple(self.replicas))
+        if self.objective not in OBJECTIVES:
+            raise SpecError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+
+    def to_json(self, indent: int | None = 2) -> str:
+        data = dataclasses.asdict(self)
+        data["format"] = "jaxhet.serve_plan"
+        return json.dumps(data, indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServePlan:
+        data: dict[str, Any] = json.loads(text)
+        if data.pop("format", None) != "jaxhet.serve_plan":
+            raise SpecError("format must be 'jaxhet.serve_plan'")
+        replicas = tuple(ServeReplica(**r) for r in data.pop("replicas"))
+        return cls(replicas=replicas, **data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A candidate replica shape and its performance; `node_class` indexes `node_classes(cluster)`."""
+
+    node_class: int
+    perf: ReplicaPerf
+
+
+def node_classes(cluster: ClusterSpec) -> list[list[int]]:
+    """Indices of identical nodes (same GPU kind, count and link), in order of first appearance."""
+    classes: dict[tuple, list[int]] = {}
+    for i, node in enumerate(cluster.nodes):
+        classes.setdefault((node.kind, node.count, node.intra_link), []).append(i)
+    return list(classes.values())
+
+
+def candidate_configs(cluster: ClusterSpec, models: Sequence[ModelSpec], workload: ServeWorkload) -> list[Config]:
+    """Every (model, node class, power-of-two TP) that can meet the SLOs."""
+    out = []
+    for model in models:
+        costs = ServingCosts(cluster, model, workload)
+        for k, members in enumerate(node_classes(cluster)):
+            node = cluster.nodes[members[0]]
+            tp = 1
+            while tp <= node.count:
+                perf = costs.replica(node.kind, tp, node.intra_link)
+                if perf is not None:
+                    out.append(Config(k, perf))
+                tp *= 2
+    return out
+
+
+def packing_fits(cluster: ClusterSpec, counts: dict[tuple[int, int], int]) -> bool:
+    """Whether `counts[(node_class, tp)]` groups fit in the class's nodes (the MILP's availability rows)."""
+    for k, members in enumerate(node_classes(cluster)):
+        per_node = cluster.nodes[members[0]].count
+        for t in {tp for (kk, tp) in counts if kk == k}:
+            used = sum(n * tp for (kk, tp), n in counts.items() if kk == k and tp >= t)
+            if used > len(members) * t * (per_node // t):
+                return False
+    return True
+
+
+def _place(cluster: ClusterSpec, groups: list[tuple[int, int]]) -> list[tuple[int, ...]]:
+    """Devices for each (node_class, tp) group, first-fit decreasing inside the class's nodes."""
+    classes = node_classes(cluster)
+    offsets = cluster.node_offsets()
+    free = {n: 0 for n in range(len(cluster.nodes))}
+    placed: dict[int, tuple[int, ...]] = {}
+    for i in sorted(range(len(groups)), key=lambda i: -groups[i][1]):
+        k, tp = groups[i]
+        for n in classes[k]:
+            start = -(-free[n] // tp) * tp
+            if start + tp <= cluster.nodes[n].count:
+                placed[i] = tuple(range(offsets[n] + start, offsets[n] + start + tp))
+                free[n] = start + tp
+                break
+        else:
+            raise AssertionError("packing condition admitted groups that do not fit")
+    return [placed[i] for i in range(len(groups))]
+
+
+def plan_serving(
+    cluster: ClusterSpec,
+    models: Sequence[ModelSpec],
+    workload: ServeWorkload,
+    *,
+    objective: str = "max_throughput",
+    rates: Sequence[float] | None = None,
+    time_limit_s: float = 20.0,
+) -> ServePlan:
+    """The best deployment of `models` on `cluster` (arrival rate per model: `rates`, default the workload's)."""
+    if objective not in OBJECTIVES:
+        raise SpecError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+    if not models:
+        raise SpecError("models must list at least one model")
+    rates = list(rates) if rates is not None else [workload.arrival_rate] * len(models)
+    if len(rates) != len(models):
+        raise SpecError(f"rates has {len(rates)} entries for {len(models)} models")
+    configs = candidate_configs(cluster, models, workload)
+    for model in models:
+        if not any(c.perf.model == model.name for c in configs):
+            raise PlanningError(
+                f"{model.name}: no GPU group in the cluster meets TTFT <= {workload.ttft_slo_s} s and "
+                f"TPOT <= {workload.tpot_slo_s} s with room for one request's KV cache "
+                f"({workload.input_len} + {workload.output_len} tokens)"
+            )
+    solver = pywraplp.Solver.CreateSolver("SCIP")
+    solver.SetTimeLimit(int(time_limit_s * 1000))
+    classes = node_classes(cluster)
+    x = [solver.IntVar(0, cluster.num_devices // c.perf.tp, f"x{i}") for i, c in enumerate(configs)]
+    y = [solver.NumVar(0, solver.infinity(), f"y{i}") for i in range(len(configs))]
+    alpha = solver.NumVar(0, solver.infinity(), "alpha")
+    for i, c in enumerate(configs):
+        solver.Add(y[i] <= c.perf.requests_per_s * x[i])
+    for model, rate in zip(models, rates):
+        served = sum(y[i] for i, c in enumerate(configs) if c.perf.model == model.name)
+        solver.Add(served == (alpha if objective == "max_throughput" else 1.0) * rate)
+    for k, members in enumerate(classes):
+        per_node = cluster.nodes[members[0]].count
+        tp = 1
+        while tp <= per_node:
+            solver.Add(
+                sum(x[i] * c.perf.tp for i, c in enumerate(configs) if c.node_class == k and c.perf.tp >= tp)
+                <= len(members) * tp * (per_node // tp)
+            )
+            tp *= 2
+    price = sum(x[i] * c.perf.price_per_hour for i, c in enumerate(configs))
+    if workload.budget_per_hour is not None:
+        solver.Add(price <= workload.budget_per_hour)
+    if objective == "max_throughput":
+        solver.Maximize(alpha)
+    else:
+        solver.Minimize(price)
+    status = solver.Solve()
+    if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE) or (
+        objective == "max_throughput" and alpha.solution_value() <= 0
+    ):
+        raise PlanningError(_explain(cluster, configs, workload, objective, rates))
+    groups, replicas_of = [], []
+    for i, c in enumerate(configs):
+        for _ in range(round(x[i].solution_value())):
+            groups.append((c.node_class, c.perf.tp))
+            replicas_of.append(i)
+    devices = _place(cluster, groups)
+    replicas = []
+    for i, devs in zip(replicas_of, devices):
+        c, n = configs[i], round(x[i].solution_value())
+        replicas.append(
+            ServeReplica(c.perf.model, c.perf.kind, c.perf.tp, devs, c.perf.max_batch, c.perf.requests_per_s, y[i].solution_value() / n)
+        )
+    return ServePlan(
+        replicas=tuple(replicas),
+        objective=objective,
+        throughput_scale=alpha.solution_value() if objective == "max_throughput" else 1.0,
+        price_per_hour=sum(r.tp * cluster.profile(r.kind).price_per_hour for r in replicas),
+        rates={m.name: r for m, r in zip(models, rates)},
+        cluster=cluster.name,
+    )
+
+
+def _explain(
+    cluster: ClusterSpec, configs: list[Config], workload: ServeWorkload, objective: str, rates: Sequence[float]
+) -> str:
+    cheapest = min(c.perf.price_per_hour for c in configs)
+    if workload.budget_per_hour is not None and workload.budget_per_hour < cheapest:
+        return (
+            f"budget: {workload.budget_per_hour:.2f}/h is below the cheapest replica that meets the SLOs "
+            f"({cheapest:.2f}/h)"
+        )
+    if objective == "min_cost":
+        return (
+            f"capacity: the cluster ({cluster.kinds_summary()}) cannot serve {list(rates)} requests/s within the SLOs"
+            + (f" and a budget of {workload.budget_per_hour:.2f}/h" if workload.budget_per_hour is not None else "")
+        )
+    return (
+        f"budget: {workload.budget_per_hour}/h cannot buy a replica of every model that meets the SLOs"
+        if workload.budget_per_hour is not None
+        else "availability: the cluster cannot hold a replica of every model that meets the SLOs"
+    )

@@ -1,0 +1,103 @@
+"""An analytical cost model of serving a decoder with continuous batching on one TP group.
+
+Per request: a prefill of `input_len` tokens (roofline over the prompt, causal attention), then `output_len`
+decode steps shared with the other requests of the batch. A decode step over a batch of `B` requests reads the
+weights once and each request's KV cache (at its average context `input_len + output_len / 2`), and computes
+`2 * params` FLOPs per request. Weights are bf16; the KV cache bf16, sharded by TP; what is left of usable memory
+after the weights bounds the batch (`B * (input_len + output_len)` tokens of KV cache).
+
+The largest batch whose decode step meets the time-per-output-token SLO and whose KV cache fits sets a replica's
+throughput: one request costs its prefill plus `output_len` steps divided among `B` requests. A configuration whose
+prefill alone misses the time-to-first-token SLO, or that cannot hold one request, cannot serve. Queueing is not
+modelled (the planner keeps each replica's load at or below this throughput).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from planners.cluster import ClusterSpec, Link
+from planners.cost_model import ring_allreduce_seconds
+from planners.model import ModelSpec
+from planners.workload import ServeWorkload
+
+WEIGHT_BYTES = 2
+KV_BYTES = 2
+MAX_BATCH = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaPerf:
+    """What one replica of `model` on `tp` devices of `kind` achieves under the workload's SLOs."""
+
+    model: str
+    kind: str
+    tp: int
+    max_batch: int
+    prefill_s: float
+    step_s: float
+    requests_per_s: float
+    price_per_hour: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingCosts:
+    """Serving costs of one model on one cluster for one workload."""
+
+    cluster: ClusterSpec
+    model: ModelSpec
+    workload: ServeWorkload
+
+    @property
+    def _matmul_params(self) -> int:
+        m = self.model
+        return m.num_layers * (m.layer_params - 2 * m.hidden_size) + m.vocab_size * m.hidden_size
+
+    def weight_bytes(self, tp: int) -> float:
+        return WEIGHT_BYTES * self.model.num_params / tp
+
+    def kv_bytes_per_token(self, tp: int) -> float:
+        m = self.model
+        return 2 * m.num_layers * m.num_kv_heads * m.head_dim * KV_BYTES / tp
+
+    def kv_capacity_tokens(self, kind: str, tp: int) -> int:
+        free = self.cluster.profile(kind).capacity_bytes - self.weight_bytes(tp)
+        return max(0, int(free // self.kv_bytes_per_token(tp)))
+
+    def prefill_seconds(self, kind: str, tp: int, link: Link) -> float:
+        prof, m, n = self.cluster.profile(kind), self.model, self.workload.input_len
+        flops = (2 * self._matmul_params * n + 2 * n * n * m.hidden_size * m.num_layers) / tp
+        compute = max(flops / prof.flops_per_s, self.weight_bytes(tp) / prof.bytes_per_s)
+        comm = 2 * m.num_layers * ring_allreduce_seconds(WEIGHT_BYTES * n * m.hidden_size, tp, link)
+        return compute + comm + m.num_layers * prof.layer_overhead_us * 1e-6
+
+    def step_seconds(self, kind: str, tp: int, batch: int, link: Link) -> float:
+        prof, m, w = self.cluster.profile(kind), self.model, self.workload
+        context = w.input_len + w.output_len / 2
+        flops = 2 * self._matmul_params * batch / tp
+        moved = self.weight_bytes(tp) + batch * context * self.kv_bytes_per_token(tp)
+        compute = max(flops / prof.flops_per_s, moved / prof.bytes_per_s)
+        comm = 2 * m.num_layers * ring_allreduce_seconds(WEIGHT_BYTES * batch * m.hidden_size, tp, link)
+        return compute + comm + m.num_layers * prof.layer_overhead_us * 1e-6
+
+    def replica(self, kind: str, tp: int, link: Link) -> ReplicaPerf | None:
+        """The replica's performance under the SLOs, or None if it cannot meet them or hold one request."""
+        w = self.workload
+        per_request = w.input_len + w.output_len
+        fit = min(MAX_BATCH, self.kv_capacity_tokens(kind, tp) // per_request)
+        prefill = self.prefill_seconds(kind, tp, link)
+        if fit < 1 or prefill > w.ttft_slo_s:
+            return None
+        lo, hi = 0, fit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.step_seconds(kind, tp, mid, link) <= w.tpot_slo_s:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == 0:
+            return None
+        step = self.step_seconds(kind, tp, lo, link)
+        rate = 1.0 / (prefill + w.output_len * step / lo)
+        price = tp * self.cluster.profile(kind).price_per_hour
+        return ReplicaPerf(self.model.name, kind, tp, lo, prefill, step, rate, price)
