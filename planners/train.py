@@ -16,7 +16,8 @@ Large clusters are split into `K` identical cells (each with the same number of 
 cell is planned and its plan repeated `K` times, with the gradient all-reduce counted over all `K` cells. Several
 `K` are tried (cells of at most `max_cell_devices` devices, and the whole cluster when it is that small) and the
 best plan is kept. Each cell is solved twice: first over coarse groups only (TP of at least half a node, fast),
-then over all groups starting from that plan (CP-SAT hint), keeping the better one when the time limit is hit. The CP-SAT model per cell:
+then over all groups starting from that plan (a CP-SAT hint), keeping the better one when the time limit is hit;
+both start from a simple feasible pipeline when there is one. The CP-SAT model per cell:
 - booleans `a[g, r]`: candidate group `g` is a stage of replica slot `r` (slot symmetry broken by first member);
 - integers `n0[g]`, `n1[g]`: blocks without / with recomputation (one of them zero), `m[r]`: micro-batches;
 - stage time `t[g]` linear in those; replica time `S[r] + P2P[r] + (m[r] - 1) * M[r]` with `M[r]` the slowest
@@ -30,47 +31,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
 
 from ortools.sat.python import cp_model
 
 from planners.cluster import ClusterSpec, Link
 from planners.cost_model import TrainCosts, evaluate_train_plan, memory_excess
 from planners.errors import PlanningError
+from planners.groups import Group, Slot, candidate_groups
 from planners.model import ModelSpec
 from planners.plan import Replica, Stage, TrainPlan
+from planners.seeds import seed_slots
 from planners.workload import TrainWorkload
 
 RESOLUTION = 10_000
 COARSE_SHARE = 0.25
 HINT_SHARE = 0.1
 MEMORY_RESOLUTION = 1 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class Group:
-    """A candidate stage: `tp` aligned devices of one node (indices into the planned cluster's device list)."""
-
-    node: int
-    devices: tuple[int, ...]
-    kind: str
-
-    @property
-    def tp(self) -> int:
-        return len(self.devices)
-
-
-def candidate_groups(cluster: ClusterSpec) -> list[Group]:
-    """Every aligned power-of-two group inside every node, ordered by first device then size."""
-    groups = []
-    for n, (node, offset) in enumerate(zip(cluster.nodes, cluster.node_offsets())):
-        tp = 1
-        while tp <= node.count:
-            for k in range(node.count // tp):
-                start = offset + k * tp
-                groups.append(Group(n, tuple(range(start, start + tp)), node.kind))
-            tp *= 2
-    return sorted(groups, key=lambda g: (g.devices[0], g.tp))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +58,6 @@ class SolveInfo:
     status: str
     solve_s: float
     solves: int
-
-
-_Slot = tuple[list[tuple[Group, int, bool]], int]
-"""A solved replica slot: its stages (group, blocks, recompute) in pipeline order, and its micro-batch count."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,14 +263,17 @@ class _CellModel:
             m.add(sum(node_used) <= 1 + len(cluster.nodes) * multi)
         for g in range(G):
             m.add(node_used[groups[g].node] >= on[g])
+
         def sync_ticks(nbytes: float, total: int, link: Link) -> int:
             return ticks(costs.grad_sync_seconds(total, nbytes, link) - costs.grad_sync_seconds(total, 0, link))
 
+        links = [cluster.inter_link, *intra]
+        widest = R * cell.copies
         full = max(costs.stage_grad_bytes(gr.tp, L, True, True) for gr in groups)
-        slowest = min([cluster.inter_link, *intra], key=lambda link: link.gb_s)
-        sync_hi = ticks(costs.grad_sync_seconds(R * cell.copies, full, slowest)) + 2 * (R * cell.copies) * ticks(
-            max(link.latency_us for link in [cluster.inter_link, *intra]) * 1e-6
-        ) + 2
+        slowest = min(links, key=lambda link: link.gb_s)
+        laggiest = max(links, key=lambda link: link.latency_us)
+        rounding = L + 3
+        sync_hi = sync_ticks(full, widest, slowest) + ticks(costs.grad_sync_seconds(widest, 0, laggiest)) + rounding
         sync = m.new_int_var(0, sync_hi, "sync")
         for k in range(1, R + 1):
             total = k * cell.copies
@@ -314,11 +289,10 @@ class _CellModel:
                         + sync_ticks(costs.stage_grad_bytes(grp.tp, 0, False, True), total, link) * is_last[g]
                         + ticks(costs.grad_sync_seconds(total, 0, link))
                     ).only_enforce_if([count_is[k], when])
-        self.objective = z + sync
-        m.minimize(self.objective)
-        self.first, self.rc = first, rc
+        m.minimize(z + sync)
+        self.rc = rc
 
-    def solve(self, time_limit_s: float, workers: int, hint: list[_Slot] | None = None) -> tuple[str, list[_Slot] | None]:
+    def solve(self, time_limit_s: float, workers: int, hint: list[Slot] | None = None) -> tuple[str, list[Slot] | None]:
         """Solve within the time limit, starting from `hint` (a plan of the same space) when given."""
         if hint and self._hint(hint):
             self._complete_hint(min(HINT_SHARE * time_limit_s, 2.0))
@@ -345,7 +319,7 @@ class _CellModel:
             var = self.m.get_int_var_from_proto_index(i)
             self.m.add_hint(var, solver.value(var))
 
-    def _hint(self, slots: list[_Slot]) -> bool:
+    def _hint(self, slots: list[Slot]) -> bool:
         """Hint the decision variables with `slots`, relabelled to satisfy the symmetry breaking; False if the
         slots do not fit this model."""
         index = {g: i for i, g in enumerate(self.groups)}
@@ -365,7 +339,7 @@ class _CellModel:
             self.m.add_hint(self.mvars[r], slots[r][1] if r < len(slots) else 0)
         return True
 
-    def _extract(self, solver: cp_model.CpSolver) -> list[_Slot]:
+    def _extract(self, solver: cp_model.CpSolver) -> list[Slot]:
         out = []
         for r, used in enumerate(self.used):
             if not solver.value(used):
@@ -379,7 +353,7 @@ class _CellModel:
         return out
 
 
-def _canonical_slots(slots: list[_Slot], index: dict[Group, int]) -> list[_Slot]:
+def _canonical_slots(slots: list[Slot], index: dict[Group, int]) -> list[Slot]:
     """Relabel an equivalent solution into the form the symmetry breaking admits: slots ordered by first group,
     and same-size groups of a node handed to slots in address order (their blocks and flags move with the slot)."""
     slots = [(sorted(stages, key=lambda st: index[st[0]]), count) for stages, count in slots]
@@ -403,32 +377,8 @@ def _canonical_slots(slots: list[_Slot], index: dict[Group, int]) -> list[_Slot]
     return slots
 
 
-def _seed_slots(
-    cell: _Cell, model: ModelSpec, seq_len: int, microbatch: int, microbatches: int, recompute: bool
-) -> list[_Slot] | None:
-    """A starting point for the solver: one pipeline through every node at its largest TP degree, blocks split in
-    proportion to speed, recomputing if allowed; None if that does not fit in memory."""
-    cluster = cell.cluster
-    costs = TrainCosts(cluster, model, seq_len)
-    offsets = cluster.node_offsets()
-    largest = [g for g in candidate_groups(cluster) if g.devices[0] == offsets[g.node] and 2 * g.tp > cluster.nodes[g.node].count]
-    speed = {
-        g: 1 / costs.layer_seconds(g.kind, g.tp, microbatch, recompute, cluster.nodes[g.node].intra_link) for g in largest
-    }
-    groups = sorted(sorted(largest, key=speed.__getitem__, reverse=True)[: model.num_layers], key=lambda g: g.devices[0])
-    total_speed = sum(speed[g] for g in groups)
-    layers = [1 + math.floor((model.num_layers - len(groups)) * speed[g] / total_speed) for g in groups]
-    layers[max(range(len(groups)), key=lambda i: speed[groups[i]])] += model.num_layers - sum(layers)
-    depth = len(groups)
-    for i, (g, n) in enumerate(zip(groups, layers)):
-        need = costs.stage_memory_bytes(g.tp, n, microbatch, recompute, depth - i, i == 0, i == depth - 1)
-        if need > cluster.profile(g.kind).capacity_bytes:
-            return None
-    return [([(g, n, recompute) for g, n in zip(groups, layers)], microbatches)]
-
-
 def _plan_from_slots(
-    slots: list[_Slot],
+    slots: list[Slot],
     cell: _Cell,
     cluster: ClusterSpec,
     model: ModelSpec,
@@ -486,7 +436,12 @@ def plan_training_with_info(
         budget = remaining / (len(jobs) - i)
         total = workload.global_batch // (cell.copies * b)
         args = (cell, model, workload.seq_len, b, total, workload.recompute)
-        seed = _seed_slots(cell, model, workload.seq_len, b, total, workload.recompute)
+        seed, seed_s = None, math.inf
+        for slots in seed_slots(cell.cluster, *args[1:]):
+            plan = _plan_from_slots(slots, cell, cluster, model, workload, b)
+            assert plan.estimate is not None
+            if plan.estimate.iteration_s < seed_s and not memory_excess(plan, cluster, plan.estimate):
+                seed, seed_s = slots, plan.estimate.iteration_s
         _, coarse = _CellModel(*args, coarse=True).solve(COARSE_SHARE * budget, num_workers, hint=seed)
         status, fine = _CellModel(*args).solve((1 - COARSE_SHARE) * budget, num_workers, hint=coarse or seed)
         statuses.append(status)
