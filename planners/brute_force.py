@@ -93,10 +93,14 @@ def all_plans(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -
                         )
 
 
-def best_plan(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> tuple[float, TrainPlan] | None:
+def best_plan(
+    cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, use_all_devices: bool = False
+) -> tuple[float, TrainPlan] | None:
     """The lowest predicted iteration time over all plans that fit in memory, or None if none fits."""
     best: tuple[float, TrainPlan] | None = None
     for plan in all_plans(cluster, model, workload):
+        if use_all_devices and len(plan.devices) < cluster.num_devices:
+            continue
         estimate = evaluate_train_plan(plan, cluster, model)
         if (best is None or estimate.iteration_s < best[0]) and not memory_excess(plan, cluster, estimate):
             best = (estimate.iteration_s, plan)

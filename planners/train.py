@@ -104,6 +104,7 @@ class _CellModel:
         microbatches: int,
         recompute: bool,
         coarse: bool = False,
+        use_all_devices: bool = False,
     ) -> None:
         cluster = cell.cluster
         costs = TrainCosts(cluster, model, seq_len)
@@ -133,7 +134,7 @@ class _CellModel:
         # Canonical layout inside a node: active groups pack from the node's first device, largest first.
         cover = [sum(on[g] for g in range(G) if d in groups[g].devices) for d in range(cluster.num_devices)]
         for d in range(cluster.num_devices):
-            m.add(cover[d] <= 1)
+            m.add(cover[d] == 1 if use_all_devices else cover[d] <= 1)
         for n, offset in enumerate(cluster.node_offsets()):
             for d in range(offset + 1, offset + cluster.nodes[n].count):
                 m.add(cover[d] <= cover[d - 1])
@@ -414,6 +415,7 @@ def plan_training_with_info(
     time_limit_s: float = 20.0,
     num_workers: int = 2,
     max_cell_devices: int = 16,
+    use_all_devices: bool = False,
 ) -> tuple[TrainPlan, SolveInfo]:
     """`plan_training`, also returning how the plan was found."""
     cells = _cells(cluster, max_cell_devices)
@@ -440,10 +442,13 @@ def plan_training_with_info(
         for slots in seed_slots(cell.cluster, *args[1:]):
             plan = _plan_from_slots(slots, cell, cluster, model, workload, b)
             assert plan.estimate is not None
-            if plan.estimate.iteration_s < seed_s and not memory_excess(plan, cluster, plan.estimate):
+            idle = use_all_devices and len(plan.devices) < cluster.num_devices
+            if plan.estimate.iteration_s < seed_s and not idle and not memory_excess(plan, cluster, plan.estimate):
                 seed, seed_s = slots, plan.estimate.iteration_s
-        _, coarse = _CellModel(*args, coarse=True).solve(COARSE_SHARE * budget, num_workers, hint=seed)
-        status, fine = _CellModel(*args).solve((1 - COARSE_SHARE) * budget, num_workers, hint=coarse or seed)
+        coarse_model = _CellModel(*args, coarse=True, use_all_devices=use_all_devices)
+        _, coarse = coarse_model.solve(COARSE_SHARE * budget, num_workers, hint=seed)
+        fine_model = _CellModel(*args, use_all_devices=use_all_devices)
+        status, fine = fine_model.solve((1 - COARSE_SHARE) * budget, num_workers, hint=coarse or seed)
         statuses.append(status)
         for slots in (seed, coarse, fine):
             if slots is None:
@@ -473,13 +478,22 @@ def plan_training(
     time_limit_s: float = 20.0,
     num_workers: int = 2,
     max_cell_devices: int = 16,
+    use_all_devices: bool = False,
 ) -> TrainPlan:
     """The fastest training plan under the cost model (best found within `time_limit_s` if not proven optimal).
 
-    Raises `PlanningError` naming the binding constraint when no plan fits.
+    `use_all_devices` forbids idle devices (e.g. to exercise every emulated device). Large clusters are planned
+    as `max_cell_devices`-sized identical cells (see the module docstring). Raises `PlanningError` naming the
+    binding constraint when no plan fits.
     """
     plan, _ = plan_training_with_info(
-        cluster, model, workload, time_limit_s=time_limit_s, num_workers=num_workers, max_cell_devices=max_cell_devices
+        cluster,
+        model,
+        workload,
+        time_limit_s=time_limit_s,
+        num_workers=num_workers,
+        max_cell_devices=max_cell_devices,
+        use_all_devices=use_all_devices,
     )
     return plan
 

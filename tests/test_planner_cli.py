@@ -24,10 +24,14 @@ def test_plan_train_writes_json_and_png(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plan_train_defaults_run() -> None:
+def test_plan_train_defaults_run(tmp_path: Path) -> None:
     result = RUNNER.invoke(app, ["plan", "train", "--time-limit", "2"])
     assert result.exit_code == 0, result.output
     assert "tiny on emulated8" in result.output
+    out = tmp_path / "all.json"
+    result = RUNNER.invoke(app, ["plan", "train", "--time-limit", "3", "--use-all-devices", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(planners.TrainPlan.from_json(out.read_text()).devices) == list(range(8))
 
 
 def test_user_mistakes_are_one_line(tmp_path: Path) -> None:

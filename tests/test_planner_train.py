@@ -47,6 +47,17 @@ def test_planner_matches_exhaustive_enumeration() -> None:
     assert matched + infeasible == 24 and matched >= 20
 
 
+def test_use_all_devices_matches_exhaustive_enumeration() -> None:
+    for seed in range(24, 30):
+        cluster, model, workload = random_instance(seed)
+        expected = best_plan(cluster, model, workload, use_all_devices=True)
+        if expected is None:
+            continue
+        plan = planners.plan_training(cluster, model, workload, time_limit_s=60, num_workers=1, use_all_devices=True)
+        assert sorted(plan.devices) == list(range(cluster.num_devices))
+        assert plan.estimate.iteration_s == pytest.approx(expected[0], rel=1e-3), seed
+
+
 def check_plan(plan: planners.TrainPlan, cluster: planners.ClusterSpec, model: planners.ModelSpec) -> None:
     assert plan.estimate is not None
     assert not planners.memory_excess(plan, cluster, plan.estimate)

@@ -55,6 +55,7 @@ def train(
     global_batch: Annotated[int, typer.Option(min=1, help="Sequences per iteration.")] = 16,
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 256,
     no_recompute: Annotated[bool, typer.Option("--no-recompute", help="Forbid activation recomputation.")] = False,
+    use_all_devices: Annotated[bool, typer.Option("--use-all-devices", help="Leave no device idle.")] = False,
     time_limit: Annotated[float, typer.Option(min=0.1, help="Solver time limit in seconds.")] = 10.0,
     workers: Annotated[int, typer.Option(min=1, help="CP-SAT worker threads.")] = 2,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
@@ -67,7 +68,7 @@ def train(
         model_spec = planners.ModelSpec.resolve(model)
         workload = planners.TrainWorkload(global_batch, seq_len, recompute=not no_recompute)
         plan, info = planners.plan_training_with_info(
-            spec, model_spec, workload, time_limit_s=time_limit, num_workers=workers
+            spec, model_spec, workload, time_limit_s=time_limit, num_workers=workers, use_all_devices=use_all_devices
         )
     assert plan.estimate is not None
     console.print(_train_table(plan, spec))
