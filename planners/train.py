@@ -46,6 +46,7 @@ from planners.workload import TrainWorkload
 RESOLUTION = 10_000
 COARSE_SHARE = 0.25
 HINT_SHARE = 0.1
+RESERVE_SHARE = 0.03  # of the time limit, kept for turning solutions into plans
 MEMORY_RESOLUTION = 1 << 20
 
 
@@ -69,15 +70,15 @@ class _Cell:
     device_maps: tuple[tuple[int, ...], ...]
 
 
-def _cells(cluster: ClusterSpec, max_cell_devices: int) -> list[_Cell]:
-    """The ways to split `cluster` into identical cells worth trying, largest cell first."""
+def _cells(cluster: ClusterSpec, max_cell_devices: int, batch: int) -> list[_Cell]:
+    """The ways to split `cluster` into identical cells worth trying, largest cell first: every split into cells
+    of at most `max_cell_devices` devices, or else the finest split; the number of cells must divide `batch`."""
     classes: dict[tuple, list[int]] = {}
     for i, node in enumerate(cluster.nodes):
         classes.setdefault((node.kind, node.count, node.intra_link), []).append(i)
     g = math.gcd(*(len(v) for v in classes.values()))
-    ks = [k for k in range(1, g + 1) if g % k == 0 and cluster.num_devices // k <= max_cell_devices]
-    if not ks:
-        ks = [g]
+    splits = [k for k in range(1, g + 1) if g % k == 0 and batch % k == 0]
+    ks = [k for k in splits if cluster.num_devices // k <= max_cell_devices] or [splits[-1]]
     offsets = cluster.node_offsets()
     cells = []
     for k in ks:
@@ -295,10 +296,11 @@ class _CellModel:
 
     def solve(self, time_limit_s: float, workers: int, hint: list[Slot] | None = None) -> tuple[str, list[Slot] | None]:
         """Solve within the time limit, starting from `hint` (a plan of the same space) when given."""
+        start = time.perf_counter()
         if hint and self._hint(hint):
             self._complete_hint(min(HINT_SHARE * time_limit_s, 2.0))
         solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
+        solver.parameters.max_time_in_seconds = max(time_limit_s - (time.perf_counter() - start), 0.05)
         solver.parameters.num_workers = workers
         solver.parameters.linearization_level = 2  # the LP relaxation of the enforced constraints proves bounds
         status = solver.solve(self.m)
@@ -418,7 +420,7 @@ def plan_training_with_info(
     use_all_devices: bool = False,
 ) -> tuple[TrainPlan, SolveInfo]:
     """`plan_training`, also returning how the plan was found."""
-    cells = _cells(cluster, max_cell_devices)
+    cells = _cells(cluster, max_cell_devices, workload.global_batch)
     jobs = [
         (cell, b)
         for cell in cells
@@ -433,9 +435,9 @@ def plan_training_with_info(
     best: tuple[float, TrainPlan, SolveInfo] | None = None
     statuses = []
     start = time.perf_counter()
+    deadline = start + (1 - RESERVE_SHARE) * time_limit_s
     for i, (cell, b) in enumerate(jobs):
-        remaining = time_limit_s - (time.perf_counter() - start)
-        budget = remaining / (len(jobs) - i)
+        job_end = time.perf_counter() + (deadline - time.perf_counter()) / (len(jobs) - i)
         total = workload.global_batch // (cell.copies * b)
         args = (cell, model, workload.seq_len, b, total, workload.recompute)
         seed, seed_s = None, math.inf
@@ -446,9 +448,9 @@ def plan_training_with_info(
             if plan.estimate.iteration_s < seed_s and not idle and not memory_excess(plan, cluster, plan.estimate):
                 seed, seed_s = slots, plan.estimate.iteration_s
         coarse_model = _CellModel(*args, coarse=True, use_all_devices=use_all_devices)
-        _, coarse = coarse_model.solve(COARSE_SHARE * budget, num_workers, hint=seed)
+        _, coarse = coarse_model.solve(COARSE_SHARE * (job_end - time.perf_counter()), num_workers, hint=seed)
         fine_model = _CellModel(*args, use_all_devices=use_all_devices)
-        status, fine = fine_model.solve((1 - COARSE_SHARE) * budget, num_workers, hint=coarse or seed)
+        status, fine = fine_model.solve(job_end - time.perf_counter(), num_workers, hint=coarse or seed)
         statuses.append(status)
         for slots in (seed, coarse, fine):
             if slots is None:
