@@ -17,7 +17,7 @@ from planners.model import PRESETS, ModelSpec
 from planners.plan import PlanError, PlanEstimate, Replica, Stage, TrainPlan
 from planners.profile import DeviceProfile
 from planners.serve import ServePlan, ServeReplica, plan_serving
-from planners.train import SolveInfo, plan_training, plan_training_with_info
+from planners.train import SolveInfo, plan_training, plan_training_with_info, replan_training
 from planners.workload import Request, ServeWorkload, TrainWorkload, load_trace
 
 __all__ = [
@@ -50,4 +50,5 @@ __all__ = [
     "plan_serving",
     "plan_training",
     "plan_training_with_info",
+    "replan_training",
 ]

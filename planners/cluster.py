@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,25 @@ class ClusterSpec:
             offsets.append(at)
             at += node.count
         return tuple(offsets)
+
+    def without_devices(self, failed: Iterable[int]) -> tuple[ClusterSpec, tuple[int, ...]]:
+        """The cluster left after losing `failed` devices (nodes shrink, empty nodes go), and for each of its
+        devices the index it had in this cluster."""
+        failed = set(failed)
+        unknown = sorted(d for d in failed if not 0 <= d < self.num_devices)
+        if unknown:
+            raise SpecError(f"failed devices {unknown} are not in the cluster (0..{self.num_devices - 1})")
+        nodes, survivors = [], []
+        for node, offset in zip(self.nodes, self.node_offsets()):
+            alive = [offset + i for i in range(node.count) if offset + i not in failed]
+            if alive:
+                nodes.append(dataclasses.replace(node, count=len(alive)))
+                survivors += alive
+        if not nodes:
+            raise SpecError("every device of the cluster failed")
+        kinds = {n.kind for n in nodes}
+        profiles = {k: p for k, p in self.profiles.items() if k in kinds}
+        return dataclasses.replace(self, nodes=tuple(nodes), profiles=profiles), tuple(survivors)
 
     def price_per_hour(self) -> float:
         return sum(n.count * self.profiles[n.kind].price_per_hour for n in self.nodes)

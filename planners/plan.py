@@ -292,6 +292,20 @@ class TrainPlan:
         """Per replica, the number of blocks per stage (HSPMD's stage layer-count lists)."""
         return [[s.num_layers for s in r.stages] for r in self.replicas]
 
+    def with_devices(self, mapping: Sequence[int], device_kinds: Sequence[str], cluster: str = "") -> TrainPlan:
+        """The same plan with device `d` renamed `mapping[d]`, on a cluster whose devices have `device_kinds`
+        (e.g. a plan made for the survivors of a failure, expressed in the original cluster's numbering)."""
+        replicas = tuple(
+            dataclasses.replace(
+                r,
+                stages=tuple(dataclasses.replace(s, devices=tuple(mapping[d] for d in s.devices)) for s in r.stages),
+            )
+            for r in self.replicas
+        )
+        return dataclasses.replace(
+            self, replicas=replicas, device_kinds=tuple(device_kinds), cluster=cluster or self.cluster
+        )
+
     @property
     def devices(self) -> tuple[int, ...]:
         """Every device the plan uses, replica by replica, stage by stage."""

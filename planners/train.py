@@ -31,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
+from typing import Any
 
 from ortools.sat.python import cp_model
 
@@ -498,6 +500,22 @@ def plan_training(
         use_all_devices=use_all_devices,
     )
     return plan
+
+
+def replan_training(
+    cluster: ClusterSpec,
+    failed: Sequence[int],
+    model: ModelSpec,
+    workload: TrainWorkload,
+    **options: Any,
+) -> TrainPlan:
+    """A new plan after losing the `failed` devices, numbered as in `cluster` (the survivors keep their indices).
+
+    `options` are those of `plan_training`.
+    """
+    survivors, original = cluster.without_devices(failed)
+    plan = plan_training(survivors, model, workload, **options)
+    return plan.with_devices(original, [d.kind for d in cluster.devices], cluster.name)
 
 
 def explain_infeasible(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> str:

@@ -112,3 +112,16 @@ def test_block_too_big_is_explained() -> None:
     model = planners.ModelSpec("wide", 1000, 8192, 32768, 2, 64, 8)
     with pytest.raises(planners.PlanningError, match=r"T4: one block at TP=1 needs 15.\d\d GB of 14.40 GB usable"):
         planners.plan_training(cluster, model, planners.TrainWorkload(8, 1024), time_limit_s=5, num_workers=1)
+
+
+def test_replan_after_failure_keeps_original_numbering() -> None:
+    cluster = planners.ClusterSpec.load("emulated8")
+    model = planners.ModelSpec.preset("tiny")
+    workload = planners.TrainWorkload(16, 128)
+    plan = planners.replan_training(cluster, [1, 2, 5], model, workload, time_limit_s=3, num_workers=1, use_all_devices=True)
+    assert sorted(plan.devices) == [0, 3, 4, 6, 7]
+    assert plan.device_kinds == tuple(d.kind for d in cluster.devices) and plan.cluster == "emulated8"
+    survivors, original = cluster.without_devices([1, 2, 5])
+    assert original == (0, 3, 4, 6, 7) and [n.count for n in survivors.nodes] == [2, 1, 2]
+    with pytest.raises(planners.SpecError, match=r"failed devices \[9\] are not in the cluster"):
+        cluster.without_devices([9])
