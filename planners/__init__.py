@@ -17,6 +17,7 @@ from planners.model import PRESETS, ModelSpec
 from planners.plan import PlanError, PlanEstimate, Replica, Stage, TrainPlan
 from planners.profile import DeviceProfile
 from planners.serve import ServePlan, ServeReplica, plan_serving
+from planners.simulate import simulate_pipeline, simulate_replica
 from planners.train import SolveInfo, plan_training, plan_training_with_info, replan_training
 from planners.workload import Request, ServeWorkload, TrainWorkload, load_trace
 
@@ -51,4 +52,6 @@ __all__ = [
     "plan_training",
     "plan_training_with_info",
     "replan_training",
+    "simulate_pipeline",
+    "simulate_replica",
 ]
