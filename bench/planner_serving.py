@@ -4,7 +4,8 @@ Two checks of findings reported for heterogeneous serving (e.g. Melange; arXiv 2
 cost model only (no measurements):
 1. min-cost serving of a fixed rate, per request-size class: the price with each single GPU kind available vs
    with all kinds available, and the kinds the mixed plan buys;
-2. max throughput under a price budget: the mixed fleet vs the best single-kind fleet.
+2. max throughput under a price budget: the mixed fleet (colocated replicas only, and with prefill/decode
+   disaggregation allowed) vs the best single-kind fleet.
 
     python bench/planner_serving.py [--model llama-2-7b] [--out bench/results/planner_serving.json]
 """
@@ -29,17 +30,25 @@ def fleet(kinds: tuple[str, ...]) -> planners.ClusterSpec:
     return planners.ClusterSpec.from_dict({"name": "+".join(kinds), "nodes": nodes})
 
 
-def solve(kinds: tuple[str, ...], model: planners.ModelSpec, workload: planners.ServeWorkload, objective: str) -> planners.ServePlan | None:
+def solve(
+    kinds: tuple[str, ...],
+    model: planners.ModelSpec,
+    workload: planners.ServeWorkload,
+    objective: str,
+    disaggregate: bool = True,
+) -> planners.ServePlan | None:
     try:
-        return planners.plan_serving(fleet(kinds), [model], workload, objective=objective)
+        return planners.plan_serving(fleet(kinds), [model], workload, objective=objective, disaggregate=disaggregate)
     except planners.PlanningError:
         return None
 
 
 def mix(plan: planners.ServePlan) -> str:
+    """GPUs bought per kind and role, e.g. '2xH100 + 4xL40S(decode)'."""
     counts: dict[str, int] = {}
     for r in plan.replicas:
-        counts[r.kind] = counts.get(r.kind, 0) + r.tp
+        key = r.kind if r.role == "both" else f"{r.kind}({r.role})"
+        counts[key] = counts.get(key, 0) + r.tp
     return " + ".join(f"{n}x{k}" for k, n in sorted(counts.items()))
 
 
@@ -66,7 +75,7 @@ def main() -> None:
         })
 
     print(f"\n2. max requests/s of {model.name} (medium requests) within a budget")
-    print(f"{'$/h':>6} {'best single kind':>22} {'mixed':>8}  mixed buys")
+    print(f"{'$/h':>6} {'best single kind':>22} {'mixed colocated':>16} {'mixed':>8}  mixed buys")
     inp, out = SIZES["medium"]
     for budget in BUDGETS:
         workload = planners.ServeWorkload(
@@ -76,11 +85,16 @@ def main() -> None:
         best_kind = max(single, key=lambda k: single[k].throughput_scale if single[k] else 0.0)
         best = single[best_kind]
         mixed = solve(KINDS, model, workload, "max_throughput")
+        colocated = solve(KINDS, model, workload, "max_throughput", disaggregate=False)
         best_txt = f"{best.throughput_scale:.1f} ({best_kind})" if best else "-"
-        print(f"{budget:>6.1f} {best_txt:>22} {mixed.throughput_scale if mixed else 0.0:>8.1f}  {mix(mixed) if mixed else '-'}")
+        print(
+            f"{budget:>6.1f} {best_txt:>22} {colocated.throughput_scale if colocated else 0.0:>16.1f} "
+            f"{mixed.throughput_scale if mixed else 0.0:>8.1f}  {mix(mixed) if mixed else '-'}"
+        )
         results["max_throughput"].append({
             "budget_per_hour": budget, "best_single_kind": best_kind,
             "best_single_rps": best.throughput_scale if best else None,
+            "mixed_colocated_rps": colocated.throughput_scale if colocated else None,
             "mixed_rps": mixed.throughput_scale if mixed else None, "mixed_gpus": mix(mixed) if mixed else None,
         })
     args.out.parent.mkdir(parents=True, exist_ok=True)

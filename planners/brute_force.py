@@ -16,7 +16,7 @@ from planners.cluster import ClusterSpec
 from planners.cost_model import evaluate_train_plan, memory_excess
 from planners.model import ModelSpec
 from planners.plan import Replica, Stage, TrainPlan
-from planners.serve import candidate_configs, packing_fits
+from planners.serve import Config, candidate_configs, packing_fits, served_rate
 from planners.workload import ServeWorkload, TrainWorkload
 
 
@@ -108,25 +108,48 @@ def best_plan(
 
 
 def best_serving(
-    cluster: ClusterSpec, models: list[ModelSpec], workload: ServeWorkload, objective: str, rates: list[float]
+    cluster: ClusterSpec,
+    models: list[ModelSpec],
+    workload: ServeWorkload,
+    objective: str,
+    rates: list[float],
+    disaggregate: bool = True,
 ) -> float | None:
     """The best objective value (throughput scale, or hourly price) over all replica counts, None if none serves."""
-    configs = candidate_configs(cluster, models, workload)
+    configs = candidate_configs(cluster, models, workload, disaggregate)
     best: float | None = None
-    ranges = [range(cluster.num_devices // c.perf.tp + 1) for c in configs]
-    for x in itertools.product(*ranges):
-        counts: dict[tuple[int, int], int] = {}
-        for c, n in zip(configs, x):
-            key = (c.node_class, c.perf.tp)
-            counts[key] = counts.get(key, 0) + n
+    for x in _counts(cluster, configs, 0, {}):
         price = sum(n * c.perf.price_per_hour for c, n in zip(configs, x))
-        if not packing_fits(cluster, counts) or (workload.budget_per_hour is not None and price > workload.budget_per_hour + 1e-9):
+        if workload.budget_per_hour is not None and price > workload.budget_per_hour + 1e-9:
             continue
-        capacity = [sum(n * c.perf.requests_per_s for c, n in zip(configs, x) if c.perf.model == m.name) for m in models]
+        served = []
+        for m in models:
+            capacity: dict[str, float] = {}
+            for c, n in zip(configs, x):
+                if c.perf.model == m.name:
+                    capacity[c.perf.role] = capacity.get(c.perf.role, 0.0) + n * c.perf.requests_per_s
+            served.append(served_rate(capacity))
         if objective == "max_throughput":
-            value = min(cap / rate for cap, rate in zip(capacity, rates))
+            value = min(s / rate for s, rate in zip(served, rates))
             if value > 0 and (best is None or value > best):
                 best = value
-        elif all(cap >= rate for cap, rate in zip(capacity, rates)) and (best is None or price < best):
+        elif all(s >= rate * (1 - 1e-9) for s, rate in zip(served, rates)) and (best is None or price < best):
             best = price
     return best
+
+
+def _counts(cluster: ClusterSpec, configs: list[Config], start: int, used: dict[tuple[int, int], int]) -> Iterator[tuple[int, ...]]:
+    """Every vector of replica counts for `configs[start:]` that still packs into the nodes."""
+    if start == len(configs):
+        yield ()
+        return
+    key = (configs[start].node_class, configs[start].perf.tp)
+    n = 0
+    while True:
+        trial = dict(used)
+        trial[key] = trial.get(key, 0) + n
+        if not packing_fits(cluster, trial):
+            return
+        for rest in _counts(cluster, configs, start + 1, trial):
+            yield (n, *rest)
+        n += 1

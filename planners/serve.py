@@ -1,8 +1,10 @@
 """The serving planner: a MILP (OR-Tools, SCIP) choosing GPU composition, replicas and routing under a budget.
 
-Configurations are (model, node class, TP degree) with TP a power of two inside one node; `ServingCosts` gives
-each one's throughput under the SLOs and its hourly price. Integer `x[c]` counts the replicas of configuration
-`c`, continuous `y[c]` the requests/s routed to them (`y[c] <= x[c] * throughput[c]`). GPU availability per node
+Configurations are (model, node class, TP degree, role) with TP a power of two inside one node and role
+colocated, prefill-only or decode-only (disaggregation); `ServingCosts` gives each one's throughput under the SLOs
+and its hourly price. Integer `x[c]` counts the replicas of configuration `c`, continuous `y[c]` the requests/s
+routed to them (`y[c] <= x[c] * throughput[c]`); per model, colocated plus prefill traffic and colocated plus
+decode traffic both equal the model's demand. GPU availability per node
 class is the exact packing condition for power-of-two groups into nodes (for every size `t`: the GPUs in groups
 of size >= t fit in the nodes' `t`-aligned slots), so the replicas are then placed on devices first-fit.
 
@@ -23,7 +25,7 @@ from ortools.linear_solver import pywraplp
 from planners.cluster import ClusterSpec
 from planners.errors import PlanningError, SpecError
 from planners.model import ModelSpec
-from planners.serving_cost import ReplicaPerf, ServingCosts
+from planners.serving_cost import ROLES, ReplicaPerf, ServingCosts
 from planners.workload import ServeWorkload
 
 OBJECTIVES = ("max_throughput", "min_cost")
@@ -40,9 +42,12 @@ class ServeReplica:
     max_batch: int
     capacity_rps: float
     routed_rps: float
+    role: str = "both"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", tuple(self.devices))
+        if self.role not in ROLES:
+            raise SpecError(f"role must be one of {list(ROLES)}, got {self.role!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,20 +96,29 @@ def node_classes(cluster: ClusterSpec) -> list[list[int]]:
     return list(classes.values())
 
 
-def candidate_configs(cluster: ClusterSpec, models: Sequence[ModelSpec], workload: ServeWorkload) -> list[Config]:
-    """Every (model, node class, power-of-two TP) that can meet the SLOs."""
+def candidate_configs(
+    cluster: ClusterSpec, models: Sequence[ModelSpec], workload: ServeWorkload, disaggregate: bool = True
+) -> list[Config]:
+    """Every (model, node class, power-of-two TP, role) that can meet the SLOs."""
     out = []
+    roles = ROLES if disaggregate else ("both",)
     for model in models:
         costs = ServingCosts(cluster, model, workload)
         for k, members in enumerate(node_classes(cluster)):
             node = cluster.nodes[members[0]]
             tp = 1
             while tp <= node.count:
-                perf = costs.replica(node.kind, tp, node.intra_link)
-                if perf is not None:
-                    out.append(Config(k, perf))
+                for role in roles:
+                    perf = costs.replica(node.kind, tp, node.intra_link, role)
+                    if perf is not None:
+                        out.append(Config(k, perf))
                 tp *= 2
     return out
+
+
+def served_rate(capacity: dict[str, float]) -> float:
+    """Requests/s a model's replicas can complete: colocated ones, plus disaggregated pairs of stages."""
+    return capacity.get("both", 0.0) + min(capacity.get("prefill", 0.0), capacity.get("decode", 0.0))
 
 
 def packing_fits(cluster: ClusterSpec, counts: dict[tuple[int, int], int]) -> bool:
@@ -144,9 +158,13 @@ def plan_serving(
     *,
     objective: str = "max_throughput",
     rates: Sequence[float] | None = None,
+    disaggregate: bool = True,
     time_limit_s: float = 20.0,
 ) -> ServePlan:
-    """The best deployment of `models` on `cluster` (arrival rate per model: `rates`, default the workload's)."""
+    """The best deployment of `models` on `cluster` (arrival rate per model: `rates`, default the workload's).
+
+    With `disaggregate`, replicas may specialise in prefill or decode where that pays.
+    """
     if objective not in OBJECTIVES:
         raise SpecError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     if not models:
@@ -154,9 +172,9 @@ def plan_serving(
     rates = list(rates) if rates is not None else [workload.arrival_rate] * len(models)
     if len(rates) != len(models):
         raise SpecError(f"rates has {len(rates)} entries for {len(models)} models")
-    configs = candidate_configs(cluster, models, workload)
+    configs = candidate_configs(cluster, models, workload, disaggregate)
     for model in models:
-        if not any(c.perf.model == model.name for c in configs):
+        if not served_rate({c.perf.role: 1.0 for c in configs if c.perf.model == model.name}):
             raise PlanningError(
                 f"{model.name}: no GPU group in the cluster meets TTFT <= {workload.ttft_slo_s} s and "
                 f"TPOT <= {workload.tpot_slo_s} s with room for one request's KV cache "
@@ -171,8 +189,11 @@ def plan_serving(
     for i, c in enumerate(configs):
         solver.Add(y[i] <= c.perf.requests_per_s * x[i])
     for model, rate in zip(models, rates):
-        served = sum(y[i] for i, c in enumerate(configs) if c.perf.model == model.name)
-        solver.Add(served == (alpha if objective == "max_throughput" else 1.0) * rate)
+        demand = (alpha if objective == "max_throughput" else 1.0) * rate
+        both = sum(y[i] for i, c in enumerate(configs) if c.perf.model == model.name and c.perf.role == "both")
+        for role in ("prefill", "decode"):
+            split = sum(y[i] for i, c in enumerate(configs) if c.perf.model == model.name and c.perf.role == role)
+            solver.Add(both + split == demand)
     for k, members in enumerate(classes):
         per_node = cluster.nodes[members[0]].count
         tp = 1
@@ -204,7 +225,10 @@ def plan_serving(
     for i, devs in zip(replicas_of, devices):
         c, n = configs[i], round(x[i].solution_value())
         replicas.append(
-            ServeReplica(c.perf.model, c.perf.kind, c.perf.tp, devs, c.perf.max_batch, c.perf.requests_per_s, y[i].solution_value() / n)
+            ServeReplica(
+                c.perf.model, c.perf.kind, c.perf.tp, devs, c.perf.max_batch, c.perf.requests_per_s,
+                y[i].solution_value() / n, c.perf.role,
+            )
         )
     return ServePlan(
         replicas=tuple(replicas),

@@ -8,8 +8,10 @@ after the weights bounds the batch (`B * (input_len + output_len)` tokens of KV 
 
 The largest batch whose decode step meets the time-per-output-token SLO and whose KV cache fits sets a replica's
 throughput: one request costs its prefill plus `output_len` steps divided among `B` requests. A configuration whose
-prefill alone misses the time-to-first-token SLO, or that cannot hold one request, cannot serve. Queueing is not
-modelled (the planner keeps each replica's load at or below this throughput).
+prefill alone misses the time-to-first-token SLO, or that cannot hold one request, cannot serve. With
+prefill/decode disaggregation a prefill replica's throughput is one prompt per prefill time (its TTFT includes
+shipping the KV cache over the inter-node link) and a decode replica's `B` requests per `output_len` steps.
+Queueing is not modelled (the planner keeps each replica's load at or below its throughput).
 """
 
 from __future__ import annotations
@@ -26,13 +28,22 @@ KV_BYTES = 2
 MAX_BATCH = 512
 
 
+ROLES = ("both", "prefill", "decode")
+
+
 @dataclasses.dataclass(frozen=True)
 class ReplicaPerf:
-    """What one replica of `model` on `tp` devices of `kind` achieves under the workload's SLOs."""
+    """What one replica of `model` on `tp` devices of `kind` achieves in `role` under the workload's SLOs.
+
+    `role` "both" serves whole requests; "prefill" only prompts (its KV cache then crosses the inter-node link to a
+    "decode" replica, which only generates). `requests_per_s` is the rate of requests the replica completes its
+    part of.
+    """
 
     model: str
     kind: str
     tp: int
+    role: str
     max_batch: int
     prefill_s: float
     step_s: float
@@ -80,24 +91,35 @@ class ServingCosts:
         comm = 2 * m.num_layers * ring_allreduce_seconds(WEIGHT_BYTES * batch * m.hidden_size, tp, link)
         return compute + comm + m.num_layers * prof.layer_overhead_us * 1e-6
 
-    def replica(self, kind: str, tp: int, link: Link) -> ReplicaPerf | None:
-        """The replica's performance under the SLOs, or None if it cannot meet them or hold one request."""
-        w = self.workload
-        per_request = w.input_len + w.output_len
-        fit = min(MAX_BATCH, self.kv_capacity_tokens(kind, tp) // per_request)
-        prefill = self.prefill_seconds(kind, tp, link)
-        if fit < 1 or prefill > w.ttft_slo_s:
-            return None
-        lo, hi = 0, fit
+    def kv_transfer_seconds(self) -> float:
+        """Moving one prompt's KV cache from a prefill replica to a decode replica over the inter-node link."""
+        return self.cluster.inter_link.seconds(self.workload.input_len * self.kv_bytes_per_token(1))
+
+    def _decode_batch(self, kind: str, tp: int, link: Link, per_request: int) -> int:
+        """The largest batch whose KV cache fits and whose decode step meets the TPOT SLO (0 if none)."""
+        lo, hi = 0, min(MAX_BATCH, self.kv_capacity_tokens(kind, tp) // per_request)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self.step_seconds(kind, tp, mid, link) <= w.tpot_slo_s:
+            if self.step_seconds(kind, tp, mid, link) <= self.workload.tpot_slo_s:
                 lo = mid
             else:
                 hi = mid - 1
-        if lo == 0:
-            return None
-        step = self.step_seconds(kind, tp, lo, link)
-        rate = 1.0 / (prefill + w.output_len * step / lo)
+        return lo
+
+    def replica(self, kind: str, tp: int, link: Link, role: str = "both") -> ReplicaPerf | None:
+        """The replica's performance in `role` under the SLOs, or None if it cannot meet them."""
+        w = self.workload
         price = tp * self.cluster.profile(kind).price_per_hour
-        return ReplicaPerf(self.model.name, kind, tp, lo, prefill, step, rate, price)
+        prefill = self.prefill_seconds(kind, tp, link)
+        if role == "prefill":
+            if self.kv_capacity_tokens(kind, tp) < w.input_len or prefill + self.kv_transfer_seconds() > w.ttft_slo_s:
+                return None
+            return ReplicaPerf(self.model.name, kind, tp, role, 1, prefill, 0.0, 1.0 / prefill, price)
+        if role == "both" and prefill > w.ttft_slo_s:
+            return None
+        batch = self._decode_batch(kind, tp, link, w.input_len + w.output_len)
+        if batch == 0:
+            return None
+        step = self.step_seconds(kind, tp, batch, link)
+        busy = w.output_len * step / batch + (prefill if role == "both" else 0.0)
+        return ReplicaPerf(self.model.name, kind, tp, role, batch, prefill, step, 1.0 / busy, price)

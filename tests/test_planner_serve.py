@@ -70,3 +70,19 @@ def test_serving_infeasible_budget_is_explained() -> None:
     l4_only = planners.ClusterSpec.from_dict({"nodes": [{"gpu": "L4", "count": 4}]})
     with pytest.raises(planners.PlanningError, match="llama-2-70b: no GPU group in the cluster meets"):
         plan_serving(l4_only, [planners.ModelSpec.preset("llama-2-70b")], planners.ServeWorkload())
+
+
+def test_disaggregation_pays_on_a_mixed_fleet() -> None:
+    cluster = planners.ClusterSpec.from_dict(
+        {"nodes": [{"gpu": "A100-80GB", "count": 8}, {"gpu": "L40S", "count": 8}, {"gpu": "H100", "count": 8}]}
+    )
+    model = planners.ModelSpec.preset("llama-2-7b")
+    workload = planners.ServeWorkload(input_len=512, output_len=128, ttft_slo_s=2.0, tpot_slo_s=0.1, budget_per_hour=20)
+    colocated = plan_serving(cluster, [model], workload, disaggregate=False)
+    split = plan_serving(cluster, [model], workload)
+    assert {r.role for r in colocated.replicas} == {"both"}
+    assert split.throughput_scale > 1.05 * colocated.throughput_scale
+    routed = {role: sum(r.routed_rps for r in split.replicas if r.role == role) for role in ("both", "prefill", "decode")}
+    assert routed["prefill"] == pytest.approx(routed["decode"]) and routed["prefill"] > 0
+    assert routed["both"] + routed["prefill"] == pytest.approx(split.throughput_scale)
+    assert split.price_per_hour <= 20 + 1e-6

@@ -92,11 +92,11 @@ def train(
 
 def _serve_table(plan: planners.ServePlan) -> Table:
     table = Table(title=f"serving on {plan.cluster}: {plan.objective.replace('_', ' ')}")
-    for column in ("replica", "model", "GPU", "TP", "devices", "max batch", "capacity req/s", "routed req/s"):
-        table.add_column(column, justify="left" if column in ("model", "GPU", "devices") else "right")
+    for column in ("replica", "model", "role", "GPU", "TP", "devices", "batch", "capacity/s", "routed/s"):
+        table.add_column(column, justify="left" if column in ("model", "role", "GPU", "devices") else "right")
     for i, r in enumerate(plan.replicas):
         table.add_row(
-            str(i), r.model, r.kind, str(r.tp), ",".join(map(str, r.devices)), str(r.max_batch),
+            str(i), r.model, r.role, r.kind, str(r.tp), ",".join(map(str, r.devices)), str(r.max_batch),
             f"{r.capacity_rps:.2f}", f"{r.routed_rps:.2f}",
         )
     return table
@@ -113,6 +113,7 @@ def serve(
     budget: Annotated[Optional[float], typer.Option(help="Price cap per hour for the GPUs used.")] = None,
     trace: Annotated[Optional[Path], typer.Option(help="CSV trace (arrival_s,input_len,output_len): sets rate and lengths.")] = None,
     objective: Annotated[str, typer.Option(help="max_throughput or min_cost.")] = "max_throughput",
+    colocate: Annotated[bool, typer.Option("--colocate", help="No prefill/decode disaggregation.")] = False,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
 ) -> None:
     """Choose GPU composition, replicas and routing for serving under SLOs and a budget."""
@@ -125,7 +126,7 @@ def serve(
             workload = planners.ServeWorkload.from_trace(trace, **goals)
         else:
             workload = planners.ServeWorkload(arrival_rate=rate, input_len=input_len, output_len=output_len, **goals)
-        plan = planners.plan_serving(spec, models, workload, objective=objective)
+        plan = planners.plan_serving(spec, models, workload, objective=objective, disaggregate=not colocate)
     console.print(_serve_table(plan))
     served = ", ".join(f"{name}: {r * plan.throughput_scale:.2f} req/s" for name, r in plan.rates.items())
     console.print(f"serves {served} at {plan.price_per_hour:.2f}/h (cost model, no queueing)", highlight=False)
