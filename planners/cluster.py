@@ -111,6 +111,13 @@ class ClusterSpec:
     def num_devices(self) -> int:
         return sum(n.count for n in self.nodes)
 
+    def node_classes(self) -> list[list[int]]:
+        """Indices of identical nodes (same GPU kind, count and link), classes in order of first appearance."""
+        classes: dict[tuple[str, int, Link], list[int]] = {}
+        for i, node in enumerate(self.nodes):
+            classes.setdefault((node.kind, node.count, node.intra_link), []).append(i)
+        return list(classes.values())
+
     def profile(self, kind: str) -> DeviceProfile:
         return self.profiles[kind]
 

@@ -33,10 +33,8 @@ def seed_slots(
 ) -> Iterator[list[Slot]]:
     """Regular plans for one cell (memory not checked)."""
     costs = TrainCosts(cluster, model, seq_len)
-    classes: dict[tuple, list[int]] = {}
-    for i, node in enumerate(cluster.nodes):
-        classes.setdefault((node.kind, node.count, node.intra_link), []).append(i)
-    subsets = [list(range(len(cluster.nodes)))] + (list(classes.values()) if len(classes) > 1 else [])
+    classes = cluster.node_classes()
+    subsets = [list(range(len(cluster.nodes)))] + (classes if len(classes) > 1 else [])
     candidates = candidate_groups(cluster)
     for nodes in subsets:
         tp = 1

@@ -82,18 +82,10 @@ class ServePlan:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """A candidate replica shape and its performance; `node_class` indexes `node_classes(cluster)`."""
+    """A candidate replica shape and its performance; `node_class` indexes `ClusterSpec.node_classes()`."""
 
     node_class: int
     perf: ReplicaPerf
-
-
-def node_classes(cluster: ClusterSpec) -> list[list[int]]:
-    """Indices of identical nodes (same GPU kind, count and link), in order of first appearance."""
-    classes: dict[tuple, list[int]] = {}
-    for i, node in enumerate(cluster.nodes):
-        classes.setdefault((node.kind, node.count, node.intra_link), []).append(i)
-    return list(classes.values())
 
 
 def candidate_configs(
@@ -104,7 +96,7 @@ def candidate_configs(
     roles = ROLES if disaggregate else ("both",)
     for model in models:
         costs = ServingCosts(cluster, model, workload)
-        for k, members in enumerate(node_classes(cluster)):
+        for k, members in enumerate(cluster.node_classes()):
             node = cluster.nodes[members[0]]
             tp = 1
             while tp <= node.count:
@@ -121,20 +113,30 @@ def served_rate(capacity: dict[str, float]) -> float:
     return capacity.get("both", 0.0) + min(capacity.get("prefill", 0.0), capacity.get("decode", 0.0))
 
 
-def packing_fits(cluster: ClusterSpec, counts: dict[tuple[int, int], int]) -> bool:
-    """Whether `counts[(node_class, tp)]` groups fit in the class's nodes (the MILP's availability rows)."""
-    for k, members in enumerate(node_classes(cluster)):
+def packing_limits(cluster: ClusterSpec) -> list[tuple[int, int, int]]:
+    """Rows `(node_class, t, limit)`: GPUs in groups of size >= t of that class must not exceed `limit` (the
+    class's `t`-aligned slots); for power-of-two group sizes these rows are exactly the condition to pack."""
+    rows = []
+    for k, members in enumerate(cluster.node_classes()):
         per_node = cluster.nodes[members[0]].count
-        for t in {tp for (kk, tp) in counts if kk == k}:
-            used = sum(n * tp for (kk, tp), n in counts.items() if kk == k and tp >= t)
-            if used > len(members) * t * (per_node // t):
-                return False
-    return True
+        t = 1
+        while t <= per_node:
+            rows.append((k, t, len(members) * t * (per_node // t)))
+            t *= 2
+    return rows
+
+
+def packing_fits(cluster: ClusterSpec, counts: dict[tuple[int, int], int]) -> bool:
+    """Whether `counts[(node_class, tp)]` groups fit in the class's nodes."""
+    return all(
+        sum(n * tp for (kk, tp), n in counts.items() if kk == k and tp >= t) <= limit
+        for k, t, limit in packing_limits(cluster)
+    )
 
 
 def _place(cluster: ClusterSpec, groups: list[tuple[int, int]]) -> list[tuple[int, ...]]:
     """Devices for each (node_class, tp) group, first-fit decreasing inside the class's nodes."""
-    classes = node_classes(cluster)
+    classes = cluster.node_classes()
     offsets = cluster.node_offsets()
     free = {n: 0 for n in range(len(cluster.nodes))}
     placed: dict[int, tuple[int, ...]] = {}
@@ -182,7 +184,6 @@ def plan_serving(
             )
     solver = pywraplp.Solver.CreateSolver("SCIP")
     solver.SetTimeLimit(int(time_limit_s * 1000))
-    classes = node_classes(cluster)
     x = [solver.IntVar(0, cluster.num_devices // c.perf.tp, f"x{i}") for i, c in enumerate(configs)]
     y = [solver.NumVar(0, solver.infinity(), f"y{i}") for i in range(len(configs))]
     alpha = solver.NumVar(0, solver.infinity(), "alpha")
@@ -194,15 +195,8 @@ def plan_serving(
         for role in ("prefill", "decode"):
             split = sum(y[i] for i, c in enumerate(configs) if c.perf.model == model.name and c.perf.role == role)
             solver.Add(both + split == demand)
-    for k, members in enumerate(classes):
-        per_node = cluster.nodes[members[0]].count
-        tp = 1
-        while tp <= per_node:
-            solver.Add(
-                sum(x[i] * c.perf.tp for i, c in enumerate(configs) if c.node_class == k and c.perf.tp >= tp)
-                <= len(members) * tp * (per_node // tp)
-            )
-            tp *= 2
+    for k, t, limit in packing_limits(cluster):
+        solver.Add(sum(x[i] * c.perf.tp for i, c in enumerate(configs) if c.node_class == k and c.perf.tp >= t) <= limit)
     price = sum(x[i] * c.perf.price_per_hour for i, c in enumerate(configs))
     if workload.budget_per_hour is not None:
         solver.Add(price <= workload.budget_per_hour)

@@ -75,23 +75,20 @@ class _Cell:
 def _cells(cluster: ClusterSpec, max_cell_devices: int, batch: int) -> list[_Cell]:
     """The ways to split `cluster` into identical cells worth trying, largest cell first: every split into cells
     of at most `max_cell_devices` devices, or else the finest split; the number of cells must divide `batch`."""
-    classes: dict[tuple, list[int]] = {}
-    for i, node in enumerate(cluster.nodes):
-        classes.setdefault((node.kind, node.count, node.intra_link), []).append(i)
-    g = math.gcd(*(len(v) for v in classes.values()))
+    classes = cluster.node_classes()
+    g = math.gcd(*(len(nodes) for nodes in classes))
     splits = [k for k in range(1, g + 1) if g % k == 0 and batch % k == 0]
     ks = [k for k in splits if cluster.num_devices // k <= max_cell_devices] or [splits[-1]]
     offsets = cluster.node_offsets()
     cells = []
     for k in ks:
-        per_class = {key: len(nodes) // k for key, nodes in classes.items()}
-        maps = []
-        for c in range(k):
-            chosen = sorted(n for key, nodes in classes.items() for n in nodes[c * per_class[key]:(c + 1) * per_class[key]])
-            maps.append(tuple(offsets[n] + i for n in chosen for i in range(cluster.nodes[n].count)))
-        chosen0 = sorted(n for key, nodes in classes.items() for n in nodes[: per_class[key]])
-        sub = dataclasses.replace(cluster, nodes=tuple(cluster.nodes[n] for n in chosen0))
-        cells.append(_Cell(sub, k, tuple(maps)))
+        chosen = [
+            sorted(n for nodes in classes for n in nodes[c * len(nodes) // k:(c + 1) * len(nodes) // k])
+            for c in range(k)
+        ]
+        maps = tuple(tuple(offsets[n] + i for n in nodes for i in range(cluster.nodes[n].count)) for nodes in chosen)
+        sub = dataclasses.replace(cluster, nodes=tuple(cluster.nodes[n] for n in chosen[0]))
+        cells.append(_Cell(sub, k, maps))
     return cells
 
 
