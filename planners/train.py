@@ -60,7 +60,7 @@ class SolveInfo:
     microbatch_size: int
     status: str
     solve_s: float
-    solves: int
+    solves: int  # (cell split, micro-batch size) sub-problems, each solved coarse then full
 
 
 @dataclasses.dataclass(frozen=True)

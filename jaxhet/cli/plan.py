@@ -28,8 +28,11 @@ ModelOption = Annotated[
 
 
 def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Table:
-    table = Table(title=f"{plan.model} on {plan.cluster} ({cluster.kinds_summary()})")
-    for column in ("replica", "stage", "devices", "GPU", "TP", "layers", "recompute", "micro-batches", "memory GB"):
+    table = Table(
+        title=f"{plan.model} on {plan.cluster} ({cluster.kinds_summary()})",
+        caption="rc: recompute activations; mb x size: micro-batches x sequences each; mem: peak / usable",
+    )
+    for column in ("replica", "stage", "devices", "GPU", "TP", "layers", "rc", "mb x size", "mem GB"):
         table.add_column(column, justify="left" if column in ("devices", "GPU") else "right")
     assert plan.estimate is not None
     for r, (replica, mems) in enumerate(zip(plan.replicas, plan.estimate.peak_memory_gb)):
@@ -44,7 +47,7 @@ def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Tab
                 f"{stage.layers[0]}-{stage.layers[1] - 1}",
                 "yes" if stage.recompute else "no",
                 f"{replica.num_microbatches} x {replica.microbatch_size}" if s == 0 else "",
-                f"{gb:.2f} / {cap:.1f}",
+                f"{gb:.1f}/{cap:.0f}",
             )
     return table
 
@@ -77,7 +80,7 @@ def train(
     console.print(
         f"predicted iteration {plan.estimate.iteration_s * 1e3:.2f} ms ({tokens_s:,.0f} tokens/s), "
         f"gradient all-reduce {plan.estimate.grad_sync_s * 1e3:.2f} ms; {proof} "
-        f"({info.solves} solves in {info.solve_s:.1f} s, {info.cells} cell(s), micro-batch size {info.microbatch_size})",
+        f"({info.solve_s:.1f} s over {info.solves} sub-problems; {info.cells} cell(s), micro-batch size {info.microbatch_size})",
         highlight=False,
     )
     if output is not None:
