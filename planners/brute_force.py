@@ -138,7 +138,9 @@ def best_serving(
     return best
 
 
-def _counts(cluster: ClusterSpec, configs: list[Config], start: int, used: dict[tuple[int, int], int]) -> Iterator[tuple[int, ...]]:
+def _counts(
+    cluster: ClusterSpec, configs: list[Config], start: int, used: dict[tuple[int, int], int]
+) -> Iterator[tuple[int, ...]]:
     """Every vector of replica counts for `configs[start:]` that still packs into the nodes."""
     if start == len(configs):
         yield ()

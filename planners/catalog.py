@@ -54,17 +54,51 @@ _PCIE3 = 12.0  # GB/s per direction, effective, PCIe 3.0 x16
 CATALOG: Mapping[str, GPUSpec] = {
     g.name: g
     for g in (
-        GPUSpec("H100", 989.0, 80.0, 3350.0, 2.99, 450.0, "NVIDIA H100 SXM5 datasheet: 989 TF bf16 dense, 80 GB HBM3 3.35 TB/s, NVLink4 900 GB/s bidirectional"),
-        GPUSpec("H200", 989.0, 141.0, 4800.0, 3.80, 450.0, "NVIDIA H200 SXM datasheet: 989 TF bf16 dense, 141 GB HBM3e 4.8 TB/s, NVLink4 900 GB/s bidirectional"),
-        GPUSpec("A100-80GB", 312.0, 80.0, 2039.0, 1.79, 300.0, "NVIDIA A100 SXM4 80GB datasheet: 312 TF bf16 dense, 2.04 TB/s, NVLink3 600 GB/s bidirectional"),
-        GPUSpec("A100-40GB", 312.0, 40.0, 1555.0, 1.29, 300.0, "NVIDIA A100 SXM4 40GB datasheet: 312 TF bf16 dense, 1.56 TB/s, NVLink3 600 GB/s bidirectional"),
-        GPUSpec("L40S", 362.0, 48.0, 864.0, 1.04, _PCIE4, "NVIDIA L40S datasheet: 362 TF bf16 dense (733 with sparsity), 48 GB GDDR6 864 GB/s, PCIe 4.0"),
-        GPUSpec("A10G", 70.0, 24.0, 600.0, 1.01, _PCIE4, "AWS G5 (A10G): ~70 TF bf16 dense as commonly reported, 24 GB GDDR6 600 GB/s; price g5.xlarge us-east-1"),
-        GPUSpec("L4", 121.0, 24.0, 300.0, 0.71, _PCIE4, "NVIDIA L4 datasheet: 121 TF bf16 dense (242 with sparsity), 24 GB GDDR6 300 GB/s, PCIe 4.0"),
-        GPUSpec("T4", 65.0, 16.0, 320.0, 0.35, _PCIE3, "NVIDIA T4 datasheet: 65 TF fp16 tensor (no bf16), 16 GB GDDR6 320 GB/s, PCIe 3.0"),
-        GPUSpec("V100", 125.0, 32.0, 900.0, 2.48, 150.0, "NVIDIA V100 SXM2 32GB datasheet: 125 TF fp16 tensor (no bf16), 900 GB/s HBM2, NVLink2 300 GB/s bidirectional"),
-        GPUSpec("RTX4090", 165.0, 24.0, 1008.0, 0.40, _PCIE4, "NVIDIA Ada whitepaper (RTX 4090): 165 TF bf16 dense with fp32 accumulate, 24 GB GDDR6X 1008 GB/s"),
-        GPUSpec("RTX3090", 71.0, 24.0, 936.0, 0.22, _PCIE4, "NVIDIA Ampere GA102 whitepaper (RTX 3090): 71 TF bf16 dense with fp32 accumulate, 24 GB GDDR6X 936 GB/s"),
+        GPUSpec(
+            "H100", 989.0, 80.0, 3350.0, 2.99, 450.0,
+            "NVIDIA H100 SXM5 datasheet: 989 TF bf16 dense, 80 GB HBM3 3.35 TB/s, NVLink4 900 GB/s bidirectional",
+        ),
+        GPUSpec(
+            "H200", 989.0, 141.0, 4800.0, 3.80, 450.0,
+            "NVIDIA H200 SXM datasheet: 989 TF bf16 dense, 141 GB HBM3e 4.8 TB/s, NVLink4 900 GB/s bidirectional",
+        ),
+        GPUSpec(
+            "A100-80GB", 312.0, 80.0, 2039.0, 1.79, 300.0,
+            "NVIDIA A100 SXM4 80GB datasheet: 312 TF bf16 dense, 2.04 TB/s, NVLink3 600 GB/s bidirectional",
+        ),
+        GPUSpec(
+            "A100-40GB", 312.0, 40.0, 1555.0, 1.29, 300.0,
+            "NVIDIA A100 SXM4 40GB datasheet: 312 TF bf16 dense, 1.56 TB/s, NVLink3 600 GB/s bidirectional",
+        ),
+        GPUSpec(
+            "L40S", 362.0, 48.0, 864.0, 1.04, _PCIE4,
+            "NVIDIA L40S datasheet: 362 TF bf16 dense (733 with sparsity), 48 GB GDDR6 864 GB/s, PCIe 4.0",
+        ),
+        GPUSpec(
+            "A10G", 70.0, 24.0, 600.0, 1.01, _PCIE4,
+            "AWS G5 (A10G): ~70 TF bf16 dense as commonly reported, 24 GB GDDR6 600 GB/s; price g5.xlarge us-east-1",
+        ),
+        GPUSpec(
+            "L4", 121.0, 24.0, 300.0, 0.71, _PCIE4,
+            "NVIDIA L4 datasheet: 121 TF bf16 dense (242 with sparsity), 24 GB GDDR6 300 GB/s, PCIe 4.0",
+        ),
+        GPUSpec(
+            "T4", 65.0, 16.0, 320.0, 0.35, _PCIE3,
+            "NVIDIA T4 datasheet: 65 TF fp16 tensor (no bf16), 16 GB GDDR6 320 GB/s, PCIe 3.0",
+        ),
+        GPUSpec(
+            "V100", 125.0, 32.0, 900.0, 2.48, 150.0,
+            "NVIDIA V100 SXM2 32GB datasheet: 125 TF fp16 tensor (no bf16), 900 GB/s HBM2, NVLink2 300 GB/s "
+            "bidirectional",
+        ),
+        GPUSpec(
+            "RTX4090", 165.0, 24.0, 1008.0, 0.40, _PCIE4,
+            "NVIDIA Ada whitepaper (RTX 4090): 165 TF bf16 dense with fp32 accumulate, 24 GB GDDR6X 1008 GB/s",
+        ),
+        GPUSpec(
+            "RTX3090", 71.0, 24.0, 936.0, 0.22, _PCIE4,
+            "NVIDIA Ampere GA102 whitepaper (RTX 3090): 71 TF bf16 dense with fp32 accumulate, 24 GB GDDR6X 936 GB/s",
+        ),
     )
 }
 

@@ -1,8 +1,9 @@
 """An analytical cost model of training a decoder on heterogeneous devices.
 
 Compute: a roofline per transformer block, `max(FLOPs / achievable FLOP/s, bytes / achievable bandwidth)`, with the
-device's efficiency factors (`DeviceProfile`), plus a fixed per-block overhead (kernel launches). FLOPs per token and block are `2 * matmul params + 2 * seq * hidden`
-(causal attention) forward, twice that backward, once more with recomputation.
+device's efficiency factors (`DeviceProfile`), plus a fixed per-block overhead (kernel launches). FLOPs per token
+and block are `2 * matmul params + 2 * seq * hidden` (causal attention) forward, twice that backward, once more
+with recomputation.
 
 Communication: alpha-beta per link class (`Link.seconds`). Tensor parallelism costs two ring all-reduces of the
 block's activations forward and two backward (two more when recomputing) over the node's link; pipeline stages

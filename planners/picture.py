@@ -34,7 +34,8 @@ def save_placement_png(plan: TrainPlan, cluster: ClusterSpec, path: str | Path) 
             stage = plan.replicas[r].stages[s]
             depth = len(plan.replicas[r].stages)
             colour, alpha = cmap(r % 10), 1.0 - 0.55 * s / max(depth - 1, 1)
-            text = f"R{r} S{s}\nL{stage.layers[0]}-{stage.layers[1] - 1}\nTP{stage.tp}{' rc' if stage.recompute else ''}"
+            flags = " rc" if stage.recompute else ""
+            text = f"R{r} S{s}\nL{stage.layers[0]}-{stage.layers[1] - 1}\nTP{stage.tp}{flags}"
         else:
             colour, alpha, text = "lightgrey", 1.0, "idle"
         ax.add_patch(Rectangle((x + 0.05, y + 0.08), 0.9, 0.84, facecolor=colour, alpha=alpha, edgecolor="black"))

@@ -257,6 +257,8 @@ class TrainPlan:
             raise PlanError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if not self.replicas:
             raise PlanError("replicas must not be empty")
+        if not all(isinstance(k, str) and k for k in self.device_kinds):
+            raise PlanError(f"device_kinds must be a list of GPU kind names, got {list(self.device_kinds)}")
         seen: dict[int, str] = {}
         for r, replica in enumerate(self.replicas):
             if not isinstance(replica, Replica):
@@ -343,13 +345,16 @@ class TrainPlan:
         if not isinstance(d["replicas"], list):
             raise PlanError(f"replicas must be a list, got {d['replicas']!r}")
         replicas = tuple(Replica.from_dict(r, f"replicas[{i}]") for i, r in enumerate(d["replicas"]))
+        kinds = d.get("device_kinds", [])
+        if not isinstance(kinds, list):
+            raise PlanError(f"device_kinds must be a list of GPU kind names, got {kinds!r}")
         estimate = d.get("estimate")
         return cls(
             replicas=replicas,
             num_layers=d["num_layers"],
             global_batch=d["global_batch"],
             seq_len=d["seq_len"],
-            device_kinds=tuple(d.get("device_kinds", ())),
+            device_kinds=tuple(kinds),
             schedule=d.get("schedule", "1f1b"),
             model=d.get("model", ""),
             cluster=d.get("cluster", ""),

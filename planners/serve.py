@@ -196,7 +196,8 @@ def plan_serving(
             split = sum(y[i] for i, c in enumerate(configs) if c.perf.model == model.name and c.perf.role == role)
             solver.Add(both + split == demand)
     for k, t, limit in packing_limits(cluster):
-        solver.Add(sum(x[i] * c.perf.tp for i, c in enumerate(configs) if c.node_class == k and c.perf.tp >= t) <= limit)
+        members = [i for i, c in enumerate(configs) if c.node_class == k and c.perf.tp >= t]
+        solver.Add(sum(x[i] * configs[i].perf.tp for i in members) <= limit)
     price = sum(x[i] * c.perf.price_per_hour for i, c in enumerate(configs))
     if workload.budget_per_hour is not None:
         solver.Add(price <= workload.budget_per_hour)

@@ -69,7 +69,9 @@ def simulate_pipeline(
     return max(free)
 
 
-def simulate_replica(replica: Replica, cluster: ClusterSpec, model: ModelSpec, seq_len: int, schedule: str = "1f1b") -> float:
+def simulate_replica(
+    replica: Replica, cluster: ClusterSpec, model: ModelSpec, seq_len: int, schedule: str = "1f1b"
+) -> float:
     """Simulated iteration time of one replica of a plan, with the cost model's stage and transfer times."""
     costs = TrainCosts(cluster, model, seq_len)
     devices = cluster.devices

@@ -528,14 +528,17 @@ def explain_infeasible(cluster: ClusterSpec, model: ModelSpec, workload: TrainWo
             f"{usable / 1e9:.1f} GB in total"
         )
     lines = []
-    for node in {n.kind: n for n in cluster.nodes}.values():
+    for members in cluster.node_classes():
+        node = cluster.nodes[members[0]]
         tp = 1 << (node.count.bit_length() - 1)
         need = costs.stage_memory_bytes(tp, 1, b, workload.recompute, 1, False, False)
         cap = cluster.profile(node.kind).capacity_bytes
         lines.append(f"{node.kind}: one block at TP={tp} needs {need / 1e9:.2f} GB of {cap / 1e9:.2f} GB usable")
-        for what, extra in (("embedding", costs.first_state_bytes(tp)), ("LM head", costs.last_state_bytes(tp) + costs.logits_bytes(tp, b))):
+        head = costs.last_state_bytes(tp) + costs.logits_bytes(tp, b)
+        for what, extra in (("embedding", costs.first_state_bytes(tp)), ("LM head", head)):
             if need + extra > cap:
-                lines.append(f"{node.kind}: a stage holding one block and the {what} at TP={tp} needs {(need + extra) / 1e9:.2f} GB")
+                gb = (need + extra) / 1e9
+                lines.append(f"{node.kind}: a stage holding one block and the {what} at TP={tp} needs {gb:.2f} GB")
     return (
         f"memory: no placement of {model.name} ({model.num_layers} blocks, micro-batch >= {b}, seq_len "
         f"{workload.seq_len}) keeps every stage within its devices' usable memory; " + "; ".join(lines)

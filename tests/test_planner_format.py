@@ -71,6 +71,7 @@ def mutate(path: list, value: object) -> dict:
         (["schedule"], "zigzag", "schedule must be one of ['1f1b', 'gpipe']"),
         (["version"], 7, "version must be 1"),
         (["replicas"], [], "replicas must not be empty"),
+        (["device_kinds"], "H100", "device_kinds must be a list of GPU kind names, got 'H100'"),
     ],
 )
 def test_errors_name_the_field(path: list, value: object, message: str) -> None:

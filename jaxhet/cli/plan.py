@@ -80,7 +80,8 @@ def train(
     console.print(
         f"predicted iteration {plan.estimate.iteration_s * 1e3:.2f} ms ({tokens_s:,.0f} tokens/s), "
         f"gradient all-reduce {plan.estimate.grad_sync_s * 1e3:.2f} ms; {proof} "
-        f"({info.solve_s:.1f} s over {info.solves} sub-problems; {info.cells} cell(s), micro-batch size {info.microbatch_size})",
+        f"({info.solve_s:.1f} s over {info.solves} sub-problems; {info.cells} cell(s), "
+        f"micro-batch size {info.microbatch_size})",
         highlight=False,
     )
     if output is not None:
@@ -107,14 +108,18 @@ def _serve_table(plan: planners.ServePlan) -> Table:
 
 def serve(
     cluster: ClusterOption = "h100x4_l4x4",
-    model: Annotated[Optional[list[str]], typer.Option(help="Model preset or HF config.json path; repeat for several.")] = None,
+    model: Annotated[
+        Optional[list[str]], typer.Option(help="Model preset or HF config.json path; repeat for several.")
+    ] = None,
     rate: Annotated[float, typer.Option(min=1e-9, help="Arrival rate per model, requests/s.")] = 2.0,
     input_len: Annotated[int, typer.Option(min=1, help="Prompt tokens per request.")] = 512,
     output_len: Annotated[int, typer.Option(min=1, help="Generated tokens per request.")] = 128,
     ttft: Annotated[float, typer.Option(min=1e-9, help="Time-to-first-token SLO, seconds.")] = 1.0,
     tpot: Annotated[float, typer.Option(min=1e-9, help="Time-per-output-token SLO, seconds.")] = 0.1,
     budget: Annotated[Optional[float], typer.Option(help="Price cap per hour for the GPUs used.")] = None,
-    trace: Annotated[Optional[Path], typer.Option(help="CSV trace (arrival_s,input_len,output_len): sets rate and lengths.")] = None,
+    trace: Annotated[
+        Optional[Path], typer.Option(help="CSV trace (arrival_s,input_len,output_len): sets rate and lengths.")
+    ] = None,
     objective: Annotated[str, typer.Option(help="max_throughput or min_cost.")] = "max_throughput",
     colocate: Annotated[bool, typer.Option("--colocate", help="No prefill/decode disaggregation.")] = False,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
