@@ -3,9 +3,9 @@
 Half of each cluster is 8-GPU nodes of a fast kind, half 8-GPU nodes of a slower one (default H100 and L4; the
 8-GPU case: one node of 4 of each), with a 200 Gb/s inter-node network. For each size it plans llama-2-7b at 4096
 tokens per sequence and two sequences per GPU per iteration under a time limit, and prints wall time (model
-building included), whether CP-SAT proved the plan optimal, the predicted iteration time and throughput, and the
-iteration time on the fast half alone and for a uniform baseline (every replica a two-stage fast -> slow
-pipeline, layers split evenly).
+building included), whether CP-SAT proved the plan optimal, the predicted iteration time, its gap to CP-SAT's
+lower bound over the searched space, the throughput, and the iteration time on the fast half alone and for a
+uniform baseline (every replica a two-stage fast -> slow pipeline, layers split evenly).
 
     python bench/planner_solve_time.py [--sizes 8 32 128 512 1024] [--kinds H100 L4]
                                        [--out bench/results/planner_solve_time.json]
@@ -65,7 +65,7 @@ def main() -> None:
     kinds = tuple(args.kinds)
     only = f"{kinds[0]}-only iter s"
     header = (
-        f"{'GPUs':>5} {'limit s':>8} {'wall s':>7} {'status':>9} {'cells':>5} {'iter s':>8} {'Mtok/s':>7} "
+        f"{'GPUs':>5} {'limit s':>8} {'wall s':>7} {'status':>9} {'cells':>5} {'iter s':>8} {'gap %':>6} {'Mtok/s':>7} "
         f"{only:>16} {'uniform iter s':>14}"
     )
     print(header)
@@ -84,13 +84,15 @@ def main() -> None:
         assert plan.estimate is not None and homogeneous.estimate is not None
         row = {
             "gpus": gpus, "time_limit_s": limit, "wall_s": wall, "status": info.status, "cells": info.cells,
-            "iteration_s": plan.estimate.iteration_s, "tokens_per_s": workload.tokens / plan.estimate.iteration_s,
+            "iteration_s": plan.estimate.iteration_s, "lower_bound_s": info.lower_bound_s,
+            "tokens_per_s": workload.tokens / plan.estimate.iteration_s,
             "first_kind_only_iteration_s": homogeneous.estimate.iteration_s, "uniform_iteration_s": uniform,
             "replicas": len(plan.replicas), "microbatch_size": info.microbatch_size,
         }
         rows.append(row)
         print(
             f"{gpus:>5} {limit:>8.0f} {wall:>7.1f} {info.status:>9} {info.cells:>5} {row['iteration_s']:>8.3f} "
+            f"{100 * (1 - info.lower_bound_s / row['iteration_s']):>6.1f} "
             f"{row['tokens_per_s'] / 1e6:>7.2f} {row['first_kind_only_iteration_s']:>16.3f} "
             f"{'over memory' if uniform is None else f'{uniform:.3f}':>14}",
             flush=True,

@@ -54,13 +54,14 @@ MEMORY_RESOLUTION = 1 << 20
 
 @dataclasses.dataclass(frozen=True)
 class SolveInfo:
-    """How the plan was found: cells, micro-batch size, CP-SAT status and wall time."""
+    """How the plan was found: cells, micro-batch size, CP-SAT status, wall time, and a proven lower bound."""
 
     cells: int
     microbatch_size: int
     status: str
     solve_s: float
     solves: int  # (cell split, micro-batch size) sub-problems, each solved coarse then full
+    lower_bound_s: float  # no plan of the searched space is faster (CP-SAT's bound, to ~1e-4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +120,7 @@ class _CellModel:
         intra = [cluster.nodes[g.node].intra_link for g in groups]
         c0 = [costs.layer_seconds(g.kind, g.tp, microbatch, False, intra[i]) for i, g in enumerate(groups)]
         c1 = [costs.layer_seconds(g.kind, g.tp, microbatch, True, intra[i]) for i, g in enumerate(groups)]
-        unit = min(c0) / RESOLUTION
+        unit = self.unit = min(c0) / RESOLUTION
 
         def ticks(seconds: float) -> int:
             return round(seconds / unit)
@@ -293,8 +294,11 @@ class _CellModel:
         m.minimize(z + sync)
         self.rc = rc
 
-    def solve(self, time_limit_s: float, workers: int, hint: list[Slot] | None = None) -> tuple[str, list[Slot] | None]:
-        """Solve within the time limit, starting from `hint` (a plan of the same space) when given."""
+    def solve(
+        self, time_limit_s: float, workers: int, hint: list[Slot] | None = None
+    ) -> tuple[str, list[Slot] | None, float]:
+        """Solve within the time limit, starting from `hint` (a plan of the same space) when given; returns the
+        status, the solution, and CP-SAT's lower bound on the iteration time in seconds."""
         start = time.perf_counter()
         if hint and self._hint(hint):
             self._complete_hint(min(HINT_SHARE * time_limit_s, 2.0))
@@ -304,9 +308,10 @@ class _CellModel:
         solver.parameters.linearization_level = 2  # the LP relaxation of the enforced constraints proves bounds
         status = solver.solve(self.m)
         name = solver.status_name(status)
+        bound = math.inf if status == cp_model.INFEASIBLE else solver.best_objective_bound * self.unit
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return name, None
-        return name, self._extract(solver)
+            return name, None, bound
+        return name, self._extract(solver), bound
 
     def _complete_hint(self, time_limit_s: float) -> None:
         """Extend the hint on the decision variables to every variable, so the search starts from a solution."""
@@ -433,6 +438,7 @@ def plan_training_with_info(
         )
     best: tuple[float, TrainPlan, SolveInfo] | None = None
     statuses = []
+    lower_bound = math.inf
     start = time.perf_counter()
     deadline = start + (1 - RESERVE_SHARE) * time_limit_s
     for i, (cell, b) in enumerate(jobs):
@@ -447,9 +453,10 @@ def plan_training_with_info(
             if plan.estimate.iteration_s < seed_s and not idle and not memory_excess(plan, cluster, plan.estimate):
                 seed, seed_s = slots, plan.estimate.iteration_s
         coarse_model = _CellModel(*args, coarse=True, use_all_devices=use_all_devices)
-        _, coarse = coarse_model.solve(COARSE_SHARE * (job_end - time.perf_counter()), num_workers, hint=seed)
+        _, coarse, _ = coarse_model.solve(COARSE_SHARE * (job_end - time.perf_counter()), num_workers, hint=seed)
         fine_model = _CellModel(*args, use_all_devices=use_all_devices)
-        status, fine = fine_model.solve(job_end - time.perf_counter(), num_workers, hint=coarse or seed)
+        status, fine, bound = fine_model.solve(job_end - time.perf_counter(), num_workers, hint=coarse or seed)
+        lower_bound = min(lower_bound, bound)
         statuses.append(status)
         for slots in (seed, coarse, fine):
             if slots is None:
@@ -460,14 +467,16 @@ def plan_training_with_info(
             if excess:
                 raise AssertionError(f"planner produced a plan over memory: {excess}")
             if best is None or plan.estimate.iteration_s < best[0]:
-                best = (plan.estimate.iteration_s, plan, SolveInfo(cell.copies, b, status, 0.0, len(jobs)))
+                best = (plan.estimate.iteration_s, plan, SolveInfo(cell.copies, b, status, 0.0, len(jobs), 0.0))
     elapsed = time.perf_counter() - start
     if best is None:
         if all(s == "INFEASIBLE" for s in statuses):
             raise PlanningError(explain_infeasible(cluster, model, workload))
         raise PlanningError(f"no plan found within the time limit of {time_limit_s:.1f} s (CP-SAT: {statuses})")
     all_optimal = all(s in ("OPTIMAL", "INFEASIBLE") for s in statuses)
-    info = dataclasses.replace(best[2], status="OPTIMAL" if all_optimal else "FEASIBLE", solve_s=elapsed)
+    info = dataclasses.replace(
+        best[2], status="OPTIMAL" if all_optimal else "FEASIBLE", solve_s=elapsed, lower_bound_s=lower_bound
+    )
     return best[1], info
 
 
