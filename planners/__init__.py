@@ -16,7 +16,7 @@ from planners.errors import PlanningError, SpecError
 from planners.model import PRESETS, ModelSpec
 from planners.plan import PlanError, PlanEstimate, Replica, Stage, TrainPlan
 from planners.profile import DeviceProfile
-from planners.serve import ServePlan, ServeReplica, plan_serving
+from planners.serve import ServePlan, ServeReplica, plan_serving, replan_serving
 from planners.simulate import simulate_pipeline, simulate_replica
 from planners.train import SolveInfo, plan_training, plan_training_with_info, replan_training
 from planners.workload import Request, ServeWorkload, TrainWorkload, load_trace
@@ -51,6 +51,7 @@ __all__ = [
     "plan_serving",
     "plan_training",
     "plan_training_with_info",
+    "replan_serving",
     "replan_training",
     "simulate_pipeline",
     "simulate_replica",

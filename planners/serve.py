@@ -52,7 +52,8 @@ class ServeReplica:
 
 @dataclasses.dataclass(frozen=True)
 class ServePlan:
-    """A serving deployment: replicas, the traffic each one takes, and what the cost model predicts."""
+    """A serving deployment: replicas, the traffic each one takes, and what the cost model predicts; `kept` counts
+    the replicas left in place from the deployment it replaced."""
 
     replicas: tuple[ServeReplica, ...]
     objective: str
@@ -60,6 +61,7 @@ class ServePlan:
     price_per_hour: float
     rates: dict[str, float]
     cluster: str = ""
+    kept: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "replicas", tuple(self.replicas))
@@ -134,23 +136,40 @@ def packing_fits(cluster: ClusterSpec, counts: dict[tuple[int, int], int]) -> bo
     )
 
 
-def _place(cluster: ClusterSpec, groups: list[tuple[int, int]]) -> list[tuple[int, ...]]:
-    """Devices for each (node_class, tp) group, first-fit decreasing inside the class's nodes."""
+def _place(
+    cluster: ClusterSpec, groups: list[tuple[int, int]], fixed: dict[int, tuple[int, ...]]
+) -> list[tuple[int, ...]] | None:
+    """Devices for each (node_class, tp) group: the `fixed` ones keep theirs, the others go largest first into the
+    first free aligned slot of their class; None if they do not fit around the fixed ones (never without)."""
     classes = cluster.node_classes()
     offsets = cluster.node_offsets()
-    free = {n: 0 for n in range(len(cluster.nodes))}
-    placed: dict[int, tuple[int, ...]] = {}
-    for i in sorted(range(len(groups)), key=lambda i: -groups[i][1]):
+    taken = {d for devices in fixed.values() for d in devices}
+    placed = dict(fixed)
+    for i in sorted((i for i in range(len(groups)) if i not in fixed), key=lambda i: -groups[i][1]):
         k, tp = groups[i]
-        for n in classes[k]:
-            start = -(-free[n] // tp) * tp
-            if start + tp <= cluster.nodes[n].count:
-                placed[i] = tuple(range(offsets[n] + start, offsets[n] + start + tp))
-                free[n] = start + tp
-                break
-        else:
-            raise AssertionError("packing condition admitted groups that do not fit")
+        slots = (
+            tuple(range(offsets[n] + s, offsets[n] + s + tp))
+            for n in classes[k]
+            for s in range(0, cluster.nodes[n].count - tp + 1, tp)
+        )
+        devices = next((slot for slot in slots if taken.isdisjoint(slot)), None)
+        if devices is None:
+            return None
+        taken.update(devices)
+        placed[i] = devices
     return [placed[i] for i in range(len(groups))]
+
+
+def _config_key(cluster: ClusterSpec, replica: ServeReplica) -> tuple[int, str, int, str] | None:
+    """(node class, model, tp, role) of a running replica, or None if its devices are not one node of `cluster`."""
+    if not replica.devices or any(not 0 <= d < cluster.num_devices for d in replica.devices):
+        return None
+    nodes = {cluster.devices[d].node for d in replica.devices}
+    if len(nodes) != 1 or any(cluster.devices[d].kind != replica.kind for d in replica.devices):
+        return None
+    node = nodes.pop()
+    k = next(k for k, members in enumerate(cluster.node_classes()) if node in members)
+    return (k, replica.model, replica.tp, replica.role)
 
 
 def plan_serving(
@@ -161,11 +180,14 @@ def plan_serving(
     objective: str = "max_throughput",
     rates: Sequence[float] | None = None,
     disaggregate: bool = True,
+    current: ServePlan | None = None,
     time_limit_s: float = 20.0,
 ) -> ServePlan:
     """The best deployment of `models` on `cluster` (arrival rate per model: `rates`, default the workload's).
 
-    With `disaggregate`, replicas may specialise in prefill or decode where that pays.
+    With `disaggregate`, replicas may specialise in prefill or decode where that pays. With `current` (a running
+    deployment on this cluster), among the optimal deployments the one keeping most of its GPUs' replicas in
+    place is chosen (a second, lexicographic solve), and kept replicas stay on their devices.
     """
     if objective not in OBJECTIVES:
         raise SpecError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
@@ -210,12 +232,23 @@ def plan_serving(
         objective == "max_throughput" and alpha.solution_value() <= 0
     ):
         raise PlanningError(_explain(cluster, configs, workload, objective, rates))
-    groups, replicas_of = [], []
+    running: dict[tuple[int, str, int, str], list[tuple[int, ...]]] = {}
+    for replica in current.replicas if current is not None else ():
+        key = _config_key(cluster, replica)
+        if key is not None:
+            running.setdefault(key, []).append(replica.devices)
+    if running:
+        _keep_most(solver, configs, x, running, alpha if objective == "max_throughput" else price, objective)
+    groups, replicas_of, fixed = [], [], {}
     for i, c in enumerate(configs):
-        for _ in range(round(x[i].solution_value())):
+        reuse = running.get((c.node_class, c.perf.model, c.perf.tp, c.perf.role), [])
+        for n in range(round(x[i].solution_value())):
+            if n < len(reuse):
+                fixed[len(groups)] = reuse[n]
             groups.append((c.node_class, c.perf.tp))
             replicas_of.append(i)
-    devices = _place(cluster, groups)
+    devices = _place(cluster, groups, fixed) or _place(cluster, groups, {})
+    assert devices is not None, "the packing rows admitted groups that do not fit"
     replicas = []
     for i, devs in zip(replicas_of, devices):
         c, n = configs[i], round(x[i].solution_value())
@@ -232,7 +265,60 @@ def plan_serving(
         price_per_hour=sum(r.tp * cluster.profile(r.kind).price_per_hour for r in replicas),
         rates={m.name: r for m, r in zip(models, rates)},
         cluster=cluster.name,
+        kept=len({_identity(r) for r in replicas} & {_identity(r) for r in (current.replicas if current else ())}),
     )
+
+
+def _identity(replica: ServeReplica) -> tuple[str, str, int, str, tuple[int, ...]]:
+    return (replica.model, replica.kind, replica.tp, replica.role, replica.devices)
+
+
+def _keep_most(
+    solver: pywraplp.Solver,
+    configs: list[Config],
+    x: list[pywraplp.Variable],
+    running: dict[tuple[int, str, int, str], list[tuple[int, ...]]],
+    objective_var: Any,
+    objective: str,
+) -> None:
+    """Re-solve keeping the optimum of the first objective, maximising the GPUs of running replicas kept."""
+    best = solver.Objective().Value()
+    if objective == "max_throughput":
+        solver.Add(objective_var >= best * (1 - 1e-7))
+    else:
+        solver.Add(objective_var <= best * (1 + 1e-7) + 1e-9)
+    kept = []
+    for i, c in enumerate(configs):
+        have = len(running.get((c.node_class, c.perf.model, c.perf.tp, c.perf.role), []))
+        if have:
+            keep = solver.IntVar(0, have, f"keep{i}")
+            solver.Add(keep <= x[i])
+            kept.append(keep * c.perf.tp)
+    solver.Maximize(sum(kept))
+    if solver.Solve() not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+        raise AssertionError("the re-solve lost the first solve's optimum")
+
+
+def replan_serving(
+    cluster: ClusterSpec,
+    failed: Sequence[int],
+    models: Sequence[ModelSpec],
+    workload: ServeWorkload,
+    current: ServePlan,
+    **options: Any,
+) -> ServePlan:
+    """A new deployment after losing the `failed` devices (or, with none, after a workload shift) that keeps as
+    much of `current` as the optimum allows; devices are numbered as in `cluster`. `options` go to `plan_serving`."""
+    survivors, original = cluster.without_devices(failed)
+    renumber = {old: new for new, old in enumerate(original)}
+    alive = tuple(
+        dataclasses.replace(r, devices=tuple(renumber[d] for d in r.devices))
+        for r in current.replicas
+        if all(d in renumber for d in r.devices)
+    )
+    plan = plan_serving(survivors, models, workload, current=dataclasses.replace(current, replicas=alive), **options)
+    replicas = tuple(dataclasses.replace(r, devices=tuple(original[d] for d in r.devices)) for r in plan.replicas)
+    return dataclasses.replace(plan, replicas=replicas, cluster=cluster.name)
 
 
 def _explain(

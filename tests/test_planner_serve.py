@@ -86,3 +86,25 @@ def test_disaggregation_pays_on_a_mixed_fleet() -> None:
     assert routed["prefill"] == pytest.approx(routed["decode"]) and routed["prefill"] > 0
     assert routed["both"] + routed["prefill"] == pytest.approx(split.throughput_scale)
     assert split.price_per_hour <= 20 + 1e-6
+
+
+def test_replanning_keeps_running_replicas() -> None:
+    cluster = planners.ClusterSpec.from_dict({"nodes": [{"gpu": "L4", "count": 4, "repeat": 2}]})
+    model = planners.ModelSpec.preset("llama-2-7b")
+
+    def workload(rate: float) -> planners.ServeWorkload:
+        return planners.ServeWorkload(arrival_rate=rate, input_len=256, output_len=64, ttft_slo_s=1.0, tpot_slo_s=0.1)
+
+    before = plan_serving(cluster, [model], workload(4.0), objective="min_cost")
+    # Workload shift: twice the traffic; what was running stays where it was.
+    fresh = plan_serving(cluster, [model], workload(8.0), objective="min_cost")
+    after = planners.replan_serving(cluster, [], [model], workload(8.0), before, objective="min_cost")
+    assert after.price_per_hour == pytest.approx(fresh.price_per_hour) and len(after.replicas) > len(before.replicas)
+    assert after.kept == len(before.replicas) >= 1
+    assert {r.devices for r in before.replicas} <= {r.devices for r in after.replicas}
+    # Failure: the devices of one running replica die; the others stay put.
+    lost = after.replicas[0].devices
+    again = planners.replan_serving(cluster, list(lost), [model], workload(8.0), after, objective="min_cost")
+    assert not set(lost) & {d for r in again.replicas for d in r.devices}
+    assert again.kept == len(after.replicas) - 1 and again.cluster == cluster.name
+    assert again.price_per_hour == pytest.approx(after.price_per_hour)
