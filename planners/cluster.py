@@ -129,6 +129,13 @@ class ClusterSpec:
             at += node.count
         return tuple(offsets)
 
+    def with_profiles(self, overrides: Mapping[str, Any]) -> ClusterSpec:
+        """A copy whose device profiles take the figures in `overrides[kind]` (e.g. measured by a profiling run:
+        `{"H100": {"tflops": 700, "compute_efficiency": 1.0}}`), validated like a cluster file's `profiles:`."""
+        d = fields.mapping(overrides, "profiles", list(self.profiles))
+        profiles = {kind: p.with_overrides(d.get(kind, {})) for kind, p in self.profiles.items()}
+        return dataclasses.replace(self, profiles=profiles)
+
     def without_devices(self, failed: Iterable[int]) -> tuple[ClusterSpec, tuple[int, ...]]:
         """The cluster left after losing `failed` devices (nodes shrink, empty nodes go), and for each of its
         devices the index it had in this cluster."""

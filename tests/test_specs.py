@@ -51,6 +51,10 @@ def test_profile_and_custom_gpu_overrides() -> None:
     )
     assert cluster.profile("L4").tflops == 100 and cluster.profile("L4").compute_efficiency == 0.3
     assert cluster.profile("Mine").memory_gb == 8
+    measured = cluster.with_profiles({"L4": {"memory_bw_gb_s": 250.0}})
+    assert measured.profile("L4").memory_bw_gb_s == 250.0 and measured.profile("L4").tflops == 100
+    with pytest.raises(planners.SpecError, match=r"profiles.L4: unknown field\(s\) \['speed'\]"):
+        cluster.with_profiles({"L4": {"speed": 1}})
 
 
 @pytest.mark.parametrize(
