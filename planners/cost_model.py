@@ -13,7 +13,7 @@ when the plan spans several nodes.
 
 Memory per device: parameters with mixed-precision Adam state (16 bytes per parameter: bf16 weights, fp32 master,
 two fp32 moments; gradients accumulate into the fp32 master buffer's twin counted in the 16), divided by TP;
-bf16 activations of the micro-batches in flight (1F1B: a stage `k` stages from the end holds `k` of them) —
+bf16 activations of the micro-batches in flight (1F1B: a stage `k` stages from the end holds `min(k, m)`) —
 without recomputation every block keeps its inputs to every matmul, norm and activation, with recomputation
 only its input plus one block's worth of working space; the last stage also holds the logits.
 
@@ -154,6 +154,7 @@ def evaluate_train_plan(plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec)
         times, mems, comm = [], [], 0.0
         for i, stage in enumerate(replica.stages):
             first, last = i == 0, i == depth - 1
+            in_flight = min(depth - i, replica.num_microbatches)
             node = devices[stage.devices[0]].node
             link = cluster.nodes[node].intra_link
             t = stage.num_layers * costs.layer_seconds(stage.kind, stage.tp, b, stage.recompute, link)
@@ -161,7 +162,7 @@ def evaluate_train_plan(plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec)
                 t += costs.head_seconds(stage.kind, stage.tp, b)
             times.append(t)
             mems.append(
-                costs.stage_memory_bytes(stage.tp, stage.num_layers, b, stage.recompute, depth - i, first, last) / 1e9
+                costs.stage_memory_bytes(stage.tp, stage.num_layers, b, stage.recompute, in_flight, first, last) / 1e9
             )
             max_grad = max(max_grad, costs.stage_grad_bytes(stage.tp, stage.num_layers, first, last))
             if not last:

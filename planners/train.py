@@ -191,7 +191,10 @@ class _CellModel:
         is_first = [sum(first[g]) for g in range(G)]
         is_last = [sum(last[g]) for g in range(G)]
 
-        # Memory: in-flight micro-batches of a stage = its distance from the end of its pipeline.
+        mvars = self.mvars = [m.new_int_var(0, microbatches, f"m{r}") for r in range(R)]
+        m.add(sum(mvars) == microbatches)
+
+        # Memory: 1F1B keeps min(distance from the end of the pipeline, micro-batches) micro-batches in flight.
         memory_unit = min(p.capacity_bytes for p in cluster.profiles.values()) / MEMORY_RESOLUTION
 
         def mb(nbytes: float) -> int:
@@ -199,8 +202,10 @@ class _CellModel:
 
         q = [m.new_int_var(0, G, f"q{g}") for g in range(G)]
         for g in range(G):
+            by_count = m.new_bool_var(f"short{g}")
             for r in range(len(a[g])):
-                m.add(q[g] >= suffix(g, r)).only_enforce_if(a[g][r])
+                m.add(q[g] >= suffix(g, r)).only_enforce_if([a[g][r], by_count.negated()])
+                m.add(q[g] >= mvars[r]).only_enforce_if([a[g][r], by_count])
             grp = groups[g]
             p0, p1 = m.new_int_var(0, L * G, f"p0_{g}"), m.new_int_var(0, L * G, f"p1_{g}")
             m.add_multiplication_equality(p0, [n0[g], q[g]])
@@ -222,8 +227,6 @@ class _CellModel:
         nodes = range(len(cluster.nodes))
         p2p_intra = [ticks(costs.p2p_seconds(cluster.nodes[n].intra_link, microbatch)) for n in nodes]
         p2p_inter = ticks(costs.p2p_seconds(cluster.inter_link, microbatch))
-        mvars = self.mvars = [m.new_int_var(0, microbatches, f"m{r}") for r in range(R)]
-        m.add(sum(mvars) == microbatches)
         z = m.new_int_var(0, t_hi * (microbatches + G) + p2p_inter * G + max(p2p_intra) * G, "z")
         node_used = [m.new_bool_var(f"node{n}") for n in nodes]
         for r in range(R):
