@@ -63,16 +63,25 @@ def main() -> None:
     print(f"1. min-cost $/h to serve {RATE} req/s of {model.name} (TTFT <= 2 s, TPOT <= 0.1 s)")
     print(f"{'size':>7} " + " ".join(f"{k:>10}" for k in KINDS) + f" {'mixed':>8}  mixed buys")
     for name, (inp, out) in SIZES.items():
-        workload = planners.ServeWorkload(arrival_rate=RATE, input_len=inp, output_len=out, ttft_slo_s=2.0, tpot_slo_s=0.1)
+        workload = planners.ServeWorkload(
+            arrival_rate=RATE, input_len=inp, output_len=out, ttft_slo_s=2.0, tpot_slo_s=0.1
+        )
         single = {k: solve((k,), model, workload, "min_cost") for k in KINDS}
         mixed = solve(KINDS, model, workload, "min_cost")
         cells = " ".join(f"{p.price_per_hour:>10.2f}" if p else f"{'-':>10}" for p in single.values())
-        print(f"{name:>7} {cells} {mixed.price_per_hour if mixed else float('nan'):>8.2f}  {mix(mixed) if mixed else '-'}")
-        results["min_cost"].append({
-            "size": name, "input_len": inp, "output_len": out,
-            "single": {k: p.price_per_hour if p else None for k, p in single.items()},
-            "mixed": mixed.price_per_hour if mixed else None, "mixed_gpus": mix(mixed) if mixed else None,
-        })
+        print(
+            f"{name:>7} {cells} {mixed.price_per_hour if mixed else float('nan'):>8.2f}  {mix(mixed) if mixed else '-'}"
+        )
+        results["min_cost"].append(
+            {
+                "size": name,
+                "input_len": inp,
+                "output_len": out,
+                "single": {k: p.price_per_hour if p else None for k, p in single.items()},
+                "mixed": mixed.price_per_hour if mixed else None,
+                "mixed_gpus": mix(mixed) if mixed else None,
+            }
+        )
 
     print(f"\n2. max requests/s of {model.name} (medium requests) within a budget")
     print(f"{'$/h':>6} {'best single kind':>22} {'mixed colocated':>16} {'mixed':>8}  mixed buys")
@@ -91,12 +100,16 @@ def main() -> None:
             f"{budget:>6.1f} {best_txt:>22} {colocated.throughput_scale if colocated else 0.0:>16.1f} "
             f"{mixed.throughput_scale if mixed else 0.0:>8.1f}  {mix(mixed) if mixed else '-'}"
         )
-        results["max_throughput"].append({
-            "budget_per_hour": budget, "best_single_kind": best_kind,
-            "best_single_rps": best.throughput_scale if best else None,
-            "mixed_colocated_rps": colocated.throughput_scale if colocated else None,
-            "mixed_rps": mixed.throughput_scale if mixed else None, "mixed_gpus": mix(mixed) if mixed else None,
-        })
+        results["max_throughput"].append(
+            {
+                "budget_per_hour": budget,
+                "best_single_kind": best_kind,
+                "best_single_rps": best.throughput_scale if best else None,
+                "mixed_colocated_rps": colocated.throughput_scale if colocated else None,
+                "mixed_rps": mixed.throughput_scale if mixed else None,
+                "mixed_gpus": mix(mixed) if mixed else None,
+            }
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": model.name, **results}, indent=2) + "\n")
     print(f"wrote {args.out}")

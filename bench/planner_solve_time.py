@@ -45,7 +45,13 @@ def uniform_baseline(cluster: planners.ClusterSpec, model: planners.ModelSpec, b
         h, l4 = cluster.nodes[i], cluster.nodes[half + i]
         stages = (
             planners.Stage(tuple(range(offsets[i], offsets[i] + h.count)), h.kind, h.count, (0, split), True),
-            planners.Stage(tuple(range(offsets[half + i], offsets[half + i] + l4.count)), l4.kind, l4.count, (split, model.num_layers), True),
+            planners.Stage(
+                tuple(range(offsets[half + i], offsets[half + i] + l4.count)),
+                l4.kind,
+                l4.count,
+                (split, model.num_layers),
+                True,
+            ),
         )
         replicas.append(planners.Replica(stages, batch // half, 1))
     plan = planners.TrainPlan(tuple(replicas), model.num_layers, batch, SEQ_LEN)
@@ -75,7 +81,9 @@ def main() -> None:
         workload = planners.TrainWorkload(batch, SEQ_LEN, microbatch_sizes=(1, 2))
         limit = TIME_LIMITS.get(gpus, 60.0)
         start = time.perf_counter()
-        plan, info = planners.plan_training_with_info(cluster, model, workload, time_limit_s=limit, num_workers=args.workers)
+        plan, info = planners.plan_training_with_info(
+            cluster, model, workload, time_limit_s=limit, num_workers=args.workers
+        )
         wall = time.perf_counter() - start
         homogeneous = planners.plan_training(
             mixed_cluster(gpus, kinds, only_first=True), model, workload, time_limit_s=limit, num_workers=args.workers
@@ -83,11 +91,18 @@ def main() -> None:
         uniform = uniform_baseline(cluster, model, batch)
         assert plan.estimate is not None and homogeneous.estimate is not None
         row = {
-            "gpus": gpus, "time_limit_s": limit, "wall_s": wall, "status": info.status, "cells": info.cells,
-            "iteration_s": plan.estimate.iteration_s, "lower_bound_s": info.lower_bound_s,
+            "gpus": gpus,
+            "time_limit_s": limit,
+            "wall_s": wall,
+            "status": info.status,
+            "cells": info.cells,
+            "iteration_s": plan.estimate.iteration_s,
+            "lower_bound_s": info.lower_bound_s,
             "tokens_per_s": workload.tokens / plan.estimate.iteration_s,
-            "first_kind_only_iteration_s": homogeneous.estimate.iteration_s, "uniform_iteration_s": uniform,
-            "replicas": len(plan.replicas), "microbatch_size": info.microbatch_size,
+            "first_kind_only_iteration_s": homogeneous.estimate.iteration_s,
+            "uniform_iteration_s": uniform,
+            "replicas": len(plan.replicas),
+            "microbatch_size": info.microbatch_size,
         }
         rows.append(row)
         print(

@@ -37,7 +37,7 @@ def _set_partitions(items: list[int]) -> Iterator[list[list[int]]]:
     for part in _set_partitions(rest):
         yield [[head], *part]
         for i in range(len(part)):
-            yield part[:i] + [[head, *part[i]]] + part[i + 1:]
+            yield part[:i] + [[head, *part[i]]] + part[i + 1 :]
 
 
 def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
@@ -81,16 +81,14 @@ def all_plans(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -
                         )
                     for combo in itertools.product(*options):
                         replicas = []
-                        for (members, split, rc), m in zip(combo, counts):
+                        for (members, split, rc), m in zip(combo, counts, strict=True):
                             stages, start = [], 0
-                            for g, n_layers, flag in zip(members, split, rc):
+                            for g, n_layers, flag in zip(members, split, rc, strict=True):
                                 devices, kind = groups[g]
                                 stages.append(Stage(devices, kind, len(devices), (start, start + n_layers), flag))
                                 start += n_layers
                             replicas.append(Replica(tuple(stages), m, b))
-                        yield TrainPlan(
-                            tuple(replicas), L, workload.global_batch, workload.seq_len, device_kinds=kinds
-                        )
+                        yield TrainPlan(tuple(replicas), L, workload.global_batch, workload.seq_len, device_kinds=kinds)
 
 
 def best_plan(
@@ -119,21 +117,23 @@ def best_serving(
     configs = candidate_configs(cluster, models, workload, disaggregate)
     best: float | None = None
     for x in _counts(cluster, configs, 0, {}):
-        price = sum(n * c.perf.price_per_hour for c, n in zip(configs, x))
+        price = sum(n * c.perf.price_per_hour for c, n in zip(configs, x, strict=True))
         if workload.budget_per_hour is not None and price > workload.budget_per_hour + 1e-9:
             continue
         served = []
         for m in models:
             capacity: dict[str, float] = {}
-            for c, n in zip(configs, x):
+            for c, n in zip(configs, x, strict=True):
                 if c.perf.model == m.name:
                     capacity[c.perf.role] = capacity.get(c.perf.role, 0.0) + n * c.perf.requests_per_s
             served.append(served_rate(capacity))
         if objective == "max_throughput":
-            value = min(s / rate for s, rate in zip(served, rates))
+            value = min(s / rate for s, rate in zip(served, rates, strict=True))
             if value > 0 and (best is None or value > best):
                 best = value
-        elif all(s >= rate * (1 - 1e-9) for s, rate in zip(served, rates)) and (best is None or price < best):
+        elif all(s >= rate * (1 - 1e-9) for s, rate in zip(served, rates, strict=True)) and (
+            best is None or price < best
+        ):
             best = price
     return best
 

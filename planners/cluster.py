@@ -144,7 +144,7 @@ class ClusterSpec:
         if unknown:
             raise SpecError(f"failed devices {unknown} are not in the cluster (0..{self.num_devices - 1})")
         nodes, survivors = [], []
-        for node, offset in zip(self.nodes, self.node_offsets()):
+        for node, offset in zip(self.nodes, self.node_offsets(), strict=True):
             alive = [offset + i for i in range(node.count) if offset + i not in failed]
             if alive:
                 nodes.append(dataclasses.replace(node, count=len(alive)))

@@ -178,8 +178,8 @@ def evaluate_train_plan(plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec)
 def memory_excess(plan: TrainPlan, cluster: ClusterSpec, estimate: PlanEstimate) -> list[str]:
     """One line per stage whose predicted peak memory exceeds its devices' usable memory."""
     out = []
-    for r, (replica, mems) in enumerate(zip(plan.replicas, estimate.peak_memory_gb)):
-        for s, (stage, gb) in enumerate(zip(replica.stages, mems)):
+    for r, (replica, mems) in enumerate(zip(plan.replicas, estimate.peak_memory_gb, strict=True)):
+        for s, (stage, gb) in enumerate(zip(replica.stages, mems, strict=True)):
             cap = cluster.profile(stage.kind).capacity_bytes / 1e9
             if gb > cap:
                 out.append(f"replicas[{r}].stages[{s}] needs {gb:.2f} GB per {stage.kind}, usable {cap:.2f} GB")

@@ -27,7 +27,7 @@ Slot = tuple[list[tuple[Group, int, bool]], int]
 def candidate_groups(cluster: ClusterSpec) -> list[Group]:
     """Every aligned power-of-two group inside every node, ordered by first device then size."""
     groups = []
-    for n, (node, offset) in enumerate(zip(cluster.nodes, cluster.node_offsets())):
+    for n, (node, offset) in enumerate(zip(cluster.nodes, cluster.node_offsets(), strict=True)):
         tp = 1
         while tp <= node.count:
             for k in range(node.count // tp):

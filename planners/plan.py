@@ -334,8 +334,17 @@ class TrainPlan:
     @classmethod
     def from_dict(cls, data: Any) -> TrainPlan:
         fields = (
-            "format", "version", "model", "cluster", "num_layers", "global_batch", "seq_len", "schedule",
-            "device_kinds", "replicas", "estimate",
+            "format",
+            "version",
+            "model",
+            "cluster",
+            "num_layers",
+            "global_batch",
+            "seq_len",
+            "schedule",
+            "device_kinds",
+            "replicas",
+            "estimate",
         )
         d = _expect_keys(data, fields, ("num_layers", "global_batch", "seq_len", "replicas"), "")
         if d.get("format", FORMAT) != FORMAT:

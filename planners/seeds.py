@@ -42,7 +42,7 @@ def seed_slots(
             groups = [g for g in candidates if g.node in nodes and g.tp == tp]
             depth = 1
             while depth <= min(len(groups), model.num_layers):
-                replicas = [groups[i:i + depth] for i in range(0, len(groups) - depth + 1, depth)]
+                replicas = [groups[i : i + depth] for i in range(0, len(groups) - depth + 1, depth)]
                 for rc in (False, True) if recompute else (False,):
                     slots = _balanced(costs, cluster, replicas, microbatch, microbatches, rc)
                     if slots is not None:
@@ -68,11 +68,11 @@ def _balanced(
         if layers is None:
             return None
         layers_of.append(layers)
-        slowest.append(max(n * t for n, t in zip(layers, per_layer)))
+        slowest.append(max(n * t for n, t in zip(layers, per_layer, strict=True)))
     counts = _split(microbatches, [1 / t for t in slowest])
     if counts is None:
         return None
     return [
-        ([(g, n, recompute) for g, n in zip(stages, layers)], count)
-        for stages, layers, count in zip(replicas, layers_of, counts)
+        ([(g, n, recompute) for g, n in zip(stages, layers, strict=True)], count)
+        for stages, layers, count in zip(replicas, layers_of, counts, strict=True)
     ]

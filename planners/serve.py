@@ -211,7 +211,7 @@ def plan_serving(
     alpha = solver.NumVar(0, solver.infinity(), "alpha")
     for i, c in enumerate(configs):
         solver.Add(y[i] <= c.perf.requests_per_s * x[i])
-    for model, rate in zip(models, rates):
+    for model, rate in zip(models, rates, strict=True):
         demand = (alpha if objective == "max_throughput" else 1.0) * rate
         both = sum(y[i] for i, c in enumerate(configs) if c.perf.model == model.name and c.perf.role == "both")
         for role in ("prefill", "decode"):
@@ -250,12 +250,18 @@ def plan_serving(
     devices = _place(cluster, groups, fixed) or _place(cluster, groups, {})
     assert devices is not None, "the packing rows admitted groups that do not fit"
     replicas = []
-    for i, devs in zip(replicas_of, devices):
+    for i, devs in zip(replicas_of, devices, strict=True):
         c, n = configs[i], round(x[i].solution_value())
         replicas.append(
             ServeReplica(
-                c.perf.model, c.perf.kind, c.perf.tp, devs, c.perf.max_batch, c.perf.requests_per_s,
-                y[i].solution_value() / n, c.perf.role,
+                c.perf.model,
+                c.perf.kind,
+                c.perf.tp,
+                devs,
+                c.perf.max_batch,
+                c.perf.requests_per_s,
+                y[i].solution_value() / n,
+                c.perf.role,
             )
         )
     return ServePlan(
@@ -263,7 +269,7 @@ def plan_serving(
         objective=objective,
         throughput_scale=alpha.solution_value() if objective == "max_throughput" else 1.0,
         price_per_hour=sum(r.tp * cluster.profile(r.kind).price_per_hour for r in replicas),
-        rates={m.name: r for m, r in zip(models, rates)},
+        rates={m.name: r for m, r in zip(models, rates, strict=True)},
         cluster=cluster.name,
         kept=len({_identity(r) for r in replicas} & {_identity(r) for r in (current.replicas if current else ())}),
     )

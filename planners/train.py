@@ -84,7 +84,7 @@ def _cells(cluster: ClusterSpec, max_cell_devices: int, batch: int) -> list[_Cel
     cells = []
     for k in ks:
         chosen = [
-            sorted(n for nodes in classes for n in nodes[c * len(nodes) // k:(c + 1) * len(nodes) // k])
+            sorted(n for nodes in classes for n in nodes[c * len(nodes) // k : (c + 1) * len(nodes) // k])
             for c in range(k)
         ]
         maps = tuple(tuple(offsets[n] + i for n in nodes for i in range(cluster.nodes[n].count)) for nodes in chosen)
@@ -376,7 +376,9 @@ def _canonical_slots(slots: list[Slot], index: dict[Group, int]) -> list[Slot]:
         changed = False
         for positions in classes.values():
             groups = sorted((slots[r][0][k][0] for r, k in positions), key=index.__getitem__)
-            for (r, k), g in zip(sorted(positions, key=lambda p: (p[0], index[slots[p[0]][0][p[1]][0]])), groups):
+            for (r, k), g in zip(
+                sorted(positions, key=lambda p: (p[0], index[slots[p[0]][0][p[1]][0]])), groups, strict=True
+            ):
                 old, n, rc = slots[r][0][k]
                 if old != g:
                     slots[r][0][k] = (g, n, rc)
@@ -429,10 +431,7 @@ def plan_training_with_info(
     """`plan_training`, also returning how the plan was found."""
     cells = _cells(cluster, max_cell_devices, workload.global_batch)
     jobs = [
-        (cell, b)
-        for cell in cells
-        for b in workload.microbatch_sizes
-        if workload.global_batch % (cell.copies * b) == 0
+        (cell, b) for cell in cells for b in workload.microbatch_sizes if workload.global_batch % (cell.copies * b) == 0
     ]
     if not jobs:
         raise PlanningError(

@@ -23,7 +23,9 @@ def test_time_grows_with_batch_and_recompute_and_shrinks_with_tp() -> None:
     assert COSTS.layer_seconds("H100", 1, 1, True, NVLINK) > one
     assert COSTS.layer_seconds("H100", 4, 1, False, NVLINK) < one
     # Over slow PCIe, TP's all-reduces can cost more than they save.
-    assert COSTS.layer_seconds("L4", 4, 1, False, planners.Link(1.0, 10.0)) > COSTS.layer_seconds("L4", 1, 1, False, PCIE)
+    assert COSTS.layer_seconds("L4", 4, 1, False, planners.Link(1.0, 10.0)) > COSTS.layer_seconds(
+        "L4", 1, 1, False, PCIE
+    )
 
 
 def test_compute_bound_layer_matches_flops() -> None:

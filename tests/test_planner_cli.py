@@ -14,8 +14,24 @@ def test_plan_train_writes_json_and_png(tmp_path: Path) -> None:
     out, png = tmp_path / "plan.json", tmp_path / "map.png"
     result = RUNNER.invoke(
         app,
-        ["plan", "train", "--cluster", "h100x4_l4x4", "--model", "llama-2-7b", "--global-batch", "8",
-         "--seq-len", "1024", "--time-limit", "3", "-o", str(out), "--png", str(png)],
+        [
+            "plan",
+            "train",
+            "--cluster",
+            "h100x4_l4x4",
+            "--model",
+            "llama-2-7b",
+            "--global-batch",
+            "8",
+            "--seq-len",
+            "1024",
+            "--time-limit",
+            "3",
+            "-o",
+            str(out),
+            "--png",
+            str(png),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "predicted iteration" in result.output and "H100" in result.output
@@ -51,7 +67,21 @@ def test_user_mistakes_are_one_line(tmp_path: Path) -> None:
 def test_plan_serve(tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
     result = RUNNER.invoke(
-        app, ["plan", "serve", "--model", "llama-2-7b", "--rate", "3", "--budget", "10", "--objective", "min_cost", "-o", str(out)]
+        app,
+        [
+            "plan",
+            "serve",
+            "--model",
+            "llama-2-7b",
+            "--rate",
+            "3",
+            "--budget",
+            "10",
+            "--objective",
+            "min_cost",
+            "-o",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "L4" in result.output

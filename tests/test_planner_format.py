@@ -10,6 +10,7 @@ from planners import PlanError, PlanEstimate, Replica, Stage, TrainPlan
 def hspmd_like() -> TrainPlan:
     """A scaled-down strategy in the shape of HSPMD's 24xH20 + 15xH800 example: three replicas of depths 4, 3, 4,
     uneven layer counts and micro-batch counts, on 16 devices."""
+
     def stages(spec: list[tuple[tuple[int, ...], str, int, int]]) -> tuple[Stage, ...]:
         out, start = [], 0
         for devices, kind, tp, layers in spec:
@@ -19,9 +20,20 @@ def hspmd_like() -> TrainPlan:
 
     return TrainPlan(
         replicas=(
-            Replica(stages([((0,), "H20", 1, 7), ((1,), "H20", 1, 7), ((2, 3), "H800", 2, 23), ((4, 5), "H800", 2, 23)]), 29, 1),
+            Replica(
+                stages([((0,), "H20", 1, 7), ((1,), "H20", 1, 7), ((2, 3), "H800", 2, 23), ((4, 5), "H800", 2, 23)]),
+                29,
+                1,
+            ),
             Replica(stages([((6,), "H20", 1, 11), ((7,), "H20", 1, 11), ((8, 9), "H800", 2, 38)]), 18, 1),
-            Replica(stages([((10,), "H20", 1, 12), ((11,), "H20", 1, 11), ((12, 13), "H800", 2, 24), ((14,), "H800", 1, 13)]), 17, 1, cp=1),
+            Replica(
+                stages(
+                    [((10,), "H20", 1, 12), ((11,), "H20", 1, 11), ((12, 13), "H800", 2, 24), ((14,), "H800", 1, 13)]
+                ),
+                17,
+                1,
+                cp=1,
+            ),
         ),
         num_layers=60,
         global_batch=64,
@@ -37,7 +49,13 @@ def test_hspmd_strategy_is_expressible_and_round_trips() -> None:
     assert TrainPlan.from_json(plan.to_json()) == plan
     data = json.loads(plan.to_json())
     assert data["format"] == "jaxhet.train_plan" and data["version"] == 1
-    assert data["replicas"][0]["stages"][2] == {"devices": [2, 3], "kind": "H800", "tp": 2, "layers": [14, 37], "recompute": False}
+    assert data["replicas"][0]["stages"][2] == {
+        "devices": [2, 3],
+        "kind": "H800",
+        "tp": 2,
+        "layers": [14, 37],
+        "recompute": False,
+    }
 
 
 def test_context_parallel_devices() -> None:
@@ -61,9 +79,21 @@ def mutate(path: list, value: object) -> dict:
     ("path", "value", "message"),
     [
         (["replicas", 1, "stages", 0, "tp"], 0, "replicas[1].stages[0].tp must be a positive integer"),
-        (["replicas", 1, "stages", 0, "devices"], [0], "replicas[1].stages[0].devices[0]: device 0 is already used by replicas[0].stages[0]"),
-        (["replicas", 0, "stages", 1, "layers"], [8, 14], "replicas[0].stages[1].layers starts at 8 but the previous stage stops at 7"),
-        (["replicas", 2, "stages", 3, "layers"], [47, 59], "replicas[2].stages[3].layers stops at 59 but num_layers is 60"),
+        (
+            ["replicas", 1, "stages", 0, "devices"],
+            [0],
+            "replicas[1].stages[0].devices[0]: device 0 is already used by replicas[0].stages[0]",
+        ),
+        (
+            ["replicas", 0, "stages", 1, "layers"],
+            [8, 14],
+            "replicas[0].stages[1].layers starts at 8 but the previous stage stops at 7",
+        ),
+        (
+            ["replicas", 2, "stages", 3, "layers"],
+            [47, 59],
+            "replicas[2].stages[3].layers stops at 59 but num_layers is 60",
+        ),
         (["replicas", 0, "num_microbatches"], 30, "sum to 65, but global_batch is 64"),
         (["replicas", 0, "microbatch_size"], -1, "replicas[0].microbatch_size must be a positive integer"),
         (["replicas", 0, "stages", 0, "kind"], "", "replicas[0].stages[0].kind must be a non-empty GPU kind name"),

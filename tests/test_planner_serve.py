@@ -11,7 +11,9 @@ from planners.serve import ServePlan, plan_serving
 KINDS = ["H100", "A100-80GB", "L40S", "L4", "A10G", "RTX4090"]
 
 
-def random_instance(seed: int) -> tuple[planners.ClusterSpec, list[planners.ModelSpec], planners.ServeWorkload, str, list[float]]:
+def random_instance(
+    seed: int,
+) -> tuple[planners.ClusterSpec, list[planners.ModelSpec], planners.ServeWorkload, str, list[float]]:
     rng = random.Random(seed)
     nodes = [{"gpu": rng.choice(KINDS), "count": rng.choice([1, 2])} for _ in range(rng.choice([1, 2]))]
     cluster = planners.ClusterSpec.from_dict({"nodes": nodes})
@@ -82,7 +84,9 @@ def test_disaggregation_pays_on_a_mixed_fleet() -> None:
     split = plan_serving(cluster, [model], workload)
     assert {r.role for r in colocated.replicas} == {"both"}
     assert split.throughput_scale > 1.05 * colocated.throughput_scale
-    routed = {role: sum(r.routed_rps for r in split.replicas if r.role == role) for role in ("both", "prefill", "decode")}
+    routed = {
+        role: sum(r.routed_rps for r in split.replicas if r.role == role) for role in ("both", "prefill", "decode")
+    }
     assert routed["prefill"] == pytest.approx(routed["decode"]) and routed["prefill"] > 0
     assert routed["both"] + routed["prefill"] == pytest.approx(split.throughput_scale)
     assert split.price_per_hour <= 20 + 1e-6

@@ -9,7 +9,16 @@ from planners.simulate import simulate_pipeline, simulate_replica, stage_order
 
 
 def test_schedules() -> None:
-    assert stage_order(0, 3, 4, "1f1b") == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("B", 2), ("B", 3)]
+    assert stage_order(0, 3, 4, "1f1b") == [
+        ("F", 0),
+        ("F", 1),
+        ("F", 2),
+        ("B", 0),
+        ("F", 3),
+        ("B", 1),
+        ("B", 2),
+        ("B", 3),
+    ]
     assert stage_order(2, 3, 2, "1f1b") == [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
     assert stage_order(1, 3, 2, "gpipe") == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
 
@@ -34,6 +43,8 @@ def test_closed_form_bounds_uneven_stages_without_transfers() -> None:
 def test_planned_replicas_match_the_simulator() -> None:
     cluster = planners.ClusterSpec.load("h100x4_l4x4")
     model = planners.ModelSpec.preset("llama-2-7b")
-    plan = planners.plan_training(cluster, model, planners.TrainWorkload(32, 2048, microbatch_sizes=(1,)), time_limit_s=4)
-    for replica, predicted in zip(plan.replicas, plan.estimate.replica_s):
+    plan = planners.plan_training(
+        cluster, model, planners.TrainWorkload(32, 2048, microbatch_sizes=(1,)), time_limit_s=4
+    )
+    for replica, predicted in zip(plan.replicas, plan.estimate.replica_s, strict=True):
         assert simulate_replica(replica, cluster, model, 2048) == pytest.approx(predicted, rel=0.02)

@@ -18,9 +18,13 @@ def random_instance(seed: int) -> tuple[planners.ClusterSpec, planners.ModelSpec
     memory = rng.choice([0.3, 0.6, 1.5, 10])
     gpus = {k: {"memory_gb": memory * rng.choice([1, 2])} for k in {n["gpu"] for n in nodes}}
     link = {"gb_s": rng.choice([1.0, 12.5]), "latency_us": 10}
-    cluster = planners.ClusterSpec.from_dict({"name": f"r{seed}", "nodes": nodes, "gpus": gpus, "inter_node_link": link})
+    cluster = planners.ClusterSpec.from_dict(
+        {"name": f"r{seed}", "nodes": nodes, "gpus": gpus, "inter_node_link": link}
+    )
     hidden = rng.choice([256, 512, 1024])
-    model = planners.ModelSpec("m", rng.choice([1000, 8000]), hidden, 4 * hidden, rng.choice([2, 3, 4]), 8, rng.choice([2, 8]))
+    model = planners.ModelSpec(
+        "m", rng.choice([1000, 8000]), hidden, 4 * hidden, rng.choice([2, 3, 4]), 8, rng.choice([2, 8])
+    )
     batch = rng.choice([2, 3, 4])
     workload = planners.TrainWorkload(
         batch, rng.choice([128, 512]), microbatch_sizes=tuple(b for b in (1, 2) if batch % b == 0)
@@ -82,8 +86,19 @@ def test_llama_7b_on_h100_and_l4() -> None:
     alone = planners.plan_training(h100_only, model, workload, time_limit_s=4, num_workers=2)
     assert plan.estimate.iteration_s <= alone.estimate.iteration_s * 1.001
     uniform = planners.TrainPlan(
-        (planners.Replica((planners.Stage((0, 1, 2, 3), "H100", 4, (0, 16)), planners.Stage((4, 5, 6, 7), "L4", 4, (16, 32), True)), 32, 1),),
-        32, 32, 2048,
+        (
+            planners.Replica(
+                (
+                    planners.Stage((0, 1, 2, 3), "H100", 4, (0, 16)),
+                    planners.Stage((4, 5, 6, 7), "L4", 4, (16, 32), True),
+                ),
+                32,
+                1,
+            ),
+        ),
+        32,
+        32,
+        2048,
     )
     assert plan.estimate.iteration_s < planners.evaluate_train_plan(uniform, cluster, model).iteration_s
 
@@ -118,7 +133,9 @@ def test_replan_after_failure_keeps_original_numbering() -> None:
     cluster = planners.ClusterSpec.load("emulated8")
     model = planners.ModelSpec.preset("tiny")
     workload = planners.TrainWorkload(16, 128)
-    plan = planners.replan_training(cluster, [1, 2, 5], model, workload, time_limit_s=3, num_workers=1, use_all_devices=True)
+    plan = planners.replan_training(
+        cluster, [1, 2, 5], model, workload, time_limit_s=3, num_workers=1, use_all_devices=True
+    )
     assert sorted(plan.devices) == [0, 3, 4, 6, 7]
     assert plan.device_kinds == tuple(d.kind for d in cluster.devices) and plan.cluster == "emulated8"
     survivors, original = cluster.without_devices([1, 2, 5])

@@ -45,7 +45,9 @@ def test_profile_and_custom_gpu_overrides() -> None:
     cluster = planners.ClusterSpec.from_dict(
         {
             "nodes": [{"gpu": "L4", "count": 2}, {"gpu": "Mine", "count": 1}],
-            "gpus": {"Mine": {"tflops": 50, "memory_gb": 8, "memory_bw_gb_s": 400, "price_per_hour": 0.1, "nvlink_gb_s": 10}},
+            "gpus": {
+                "Mine": {"tflops": 50, "memory_gb": 8, "memory_bw_gb_s": 400, "price_per_hour": 0.1, "nvlink_gb_s": 10}
+            },
             "profiles": {"L4": {"compute_efficiency": 0.3, "tflops": 100}},
         }
     )
@@ -101,7 +103,12 @@ def test_catalog_has_the_required_kinds_with_sources() -> None:
 def test_model_presets() -> None:
     tiny = planners.ModelSpec.preset("tiny")
     assert (tiny.vocab_size, tiny.hidden_size, tiny.ffn_size, tiny.num_layers, tiny.num_heads, tiny.num_kv_heads) == (
-        264, 128, 344, 4, 4, 2,
+        264,
+        128,
+        344,
+        4,
+        4,
+        2,
     )
     assert abs(planners.ModelSpec.preset("llama-2-7b").num_params / 6.74e9 - 1) < 0.01
     assert abs(planners.ModelSpec.preset("llama-2-70b").num_params / 68.98e9 - 1) < 0.01
@@ -113,16 +120,30 @@ def test_model_presets() -> None:
 
 def test_model_from_hf_config(tmp_path: Path) -> None:
     llama = {
-        "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "tie_word_embeddings": False,
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "tie_word_embeddings": False,
     }
     (tmp_path / "config.json").write_text(json.dumps(llama))
     spec = planners.ModelSpec.from_hf_config(tmp_path)
     assert dataclass_shape(spec) == dataclass_shape(planners.ModelSpec.preset("llama-2-7b"))
     assert planners.ModelSpec.resolve(str(tmp_path / "config.json")).hidden_size == 4096
-    opt = {"model_type": "opt", "vocab_size": 50272, "hidden_size": 7168, "ffn_dim": 28672, "num_hidden_layers": 48,
-           "num_attention_heads": 56}
-    assert dataclass_shape(planners.ModelSpec.from_hf_config(opt)) == dataclass_shape(planners.ModelSpec.preset("opt-30b"))
+    opt = {
+        "model_type": "opt",
+        "vocab_size": 50272,
+        "hidden_size": 7168,
+        "ffn_dim": 28672,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 56,
+    }
+    assert dataclass_shape(planners.ModelSpec.from_hf_config(opt)) == dataclass_shape(
+        planners.ModelSpec.preset("opt-30b")
+    )
     with pytest.raises(planners.SpecError, match="missing field 'num_attention_heads'"):
         planners.ModelSpec.from_hf_config({"model_type": "llama"})
     with pytest.raises(planners.SpecError, match="model.num_heads"):
@@ -130,8 +151,16 @@ def test_model_from_hf_config(tmp_path: Path) -> None:
 
 
 def dataclass_shape(spec: planners.ModelSpec) -> tuple:
-    return (spec.vocab_size, spec.hidden_size, spec.ffn_size, spec.num_layers, spec.num_heads, spec.num_kv_heads,
-            spec.gated_mlp, spec.tied_embeddings)
+    return (
+        spec.vocab_size,
+        spec.hidden_size,
+        spec.ffn_size,
+        spec.num_layers,
+        spec.num_heads,
+        spec.num_kv_heads,
+        spec.gated_mlp,
+        spec.tied_embeddings,
+    )
 
 
 def test_workloads(tmp_path: Path) -> None:

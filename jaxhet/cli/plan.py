@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -18,6 +18,7 @@ app = typer.Typer(no_args_is_help=True)
 @app.callback()
 def plan() -> None:
     """Plan training or serving on a heterogeneous cluster."""
+
 
 ClusterOption = Annotated[
     str, typer.Option(help="Cluster YAML/JSON file, or a built-in name (emulated8, h100x4_l4x4).")
@@ -35,8 +36,8 @@ def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Tab
     for column in ("replica", "stage", "devices", "GPU", "TP", "layers", "rc", "mb x size", "mem GB"):
         table.add_column(column, justify="left" if column in ("devices", "GPU") else "right")
     assert plan.estimate is not None
-    for r, (replica, mems) in enumerate(zip(plan.replicas, plan.estimate.peak_memory_gb)):
-        for s, (stage, gb) in enumerate(zip(replica.stages, mems)):
+    for r, (replica, mems) in enumerate(zip(plan.replicas, plan.estimate.peak_memory_gb, strict=True)):
+        for s, (stage, gb) in enumerate(zip(replica.stages, mems, strict=True)):
             cap = cluster.profile(stage.kind).capacity_bytes / 1e9
             table.add_row(
                 str(r) if s == 0 else "",
@@ -61,8 +62,8 @@ def train(
     use_all_devices: Annotated[bool, typer.Option("--use-all-devices", help="Leave no device idle.")] = False,
     time_limit: Annotated[float, typer.Option(min=0.1, help="Solver time limit in seconds.")] = 10.0,
     workers: Annotated[int, typer.Option(min=1, help="CP-SAT worker threads.")] = 2,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
-    png: Annotated[Optional[Path], typer.Option(help="Write a picture of the placement here.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
+    png: Annotated[Path | None, typer.Option(help="Write a picture of the placement here.")] = None,
 ) -> None:
     """Find the fastest training plan (replicas, pipelines, TP degrees, layer split, batch shares)."""
     console = Console()
@@ -100,8 +101,15 @@ def _serve_table(plan: planners.ServePlan) -> Table:
         table.add_column(column, justify="left" if column in ("model", "role", "GPU", "devices") else "right")
     for i, r in enumerate(plan.replicas):
         table.add_row(
-            str(i), r.model, r.role, r.kind, str(r.tp), ",".join(map(str, r.devices)), str(r.max_batch),
-            f"{r.capacity_rps:.2f}", f"{r.routed_rps:.2f}",
+            str(i),
+            r.model,
+            r.role,
+            r.kind,
+            str(r.tp),
+            ",".join(map(str, r.devices)),
+            str(r.max_batch),
+            f"{r.capacity_rps:.2f}",
+            f"{r.routed_rps:.2f}",
         )
     return table
 
@@ -109,20 +117,20 @@ def _serve_table(plan: planners.ServePlan) -> Table:
 def serve(
     cluster: ClusterOption = "h100x4_l4x4",
     model: Annotated[
-        Optional[list[str]], typer.Option(help="Model preset or HF config.json path; repeat for several.")
+        list[str] | None, typer.Option(help="Model preset or HF config.json path; repeat for several.")
     ] = None,
     rate: Annotated[float, typer.Option(min=1e-9, help="Arrival rate per model, requests/s.")] = 2.0,
     input_len: Annotated[int, typer.Option(min=1, help="Prompt tokens per request.")] = 512,
     output_len: Annotated[int, typer.Option(min=1, help="Generated tokens per request.")] = 128,
     ttft: Annotated[float, typer.Option(min=1e-9, help="Time-to-first-token SLO, seconds.")] = 1.0,
     tpot: Annotated[float, typer.Option(min=1e-9, help="Time-per-output-token SLO, seconds.")] = 0.1,
-    budget: Annotated[Optional[float], typer.Option(help="Price cap per hour for the GPUs used.")] = None,
+    budget: Annotated[float | None, typer.Option(help="Price cap per hour for the GPUs used.")] = None,
     trace: Annotated[
-        Optional[Path], typer.Option(help="CSV trace (arrival_s,input_len,output_len): sets rate and lengths.")
+        Path | None, typer.Option(help="CSV trace (arrival_s,input_len,output_len): sets rate and lengths.")
     ] = None,
     objective: Annotated[str, typer.Option(help="max_throughput or min_cost.")] = "max_throughput",
     colocate: Annotated[bool, typer.Option("--colocate", help="No prefill/decode disaggregation.")] = False,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
 ) -> None:
     """Choose GPU composition, replicas and routing for serving under SLOs and a budget."""
     console = Console()
