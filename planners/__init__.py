@@ -1,5 +1,58 @@
-"""Cluster, model and workload specs, a cost model, and OR-Tools planners for heterogeneous training and serving."""
+"""Cluster, model and workload specs, a cost model, and OR-Tools planners for heterogeneous training and serving.
 
+```python
+cluster = planners.ClusterSpec.load("examples/clusters/h100x4_l4x4.yaml")   # YAML, JSON, or a built-in name
+model = planners.ModelSpec.preset("llama-2-7b")                             # or ModelSpec.from_hf_config(path)
+plan = planners.plan_training(cluster, model, planners.TrainWorkload(global_batch=32, seq_len=2048))
+planners.TrainPlan.from_json(plan.to_json()) == plan
+splan = planners.plan_serving(cluster, [model], planners.ServeWorkload(arrival_rate=5.0, budget_per_hour=10.0))
+```
+"""
+
+from planners.catalog import CATALOG, GPUSpec
+from planners.cluster import ClusterSpec, Device, Link, Node
+from planners.cost_model import TrainCosts, evaluate_train_plan, memory_excess
+from planners.errors import PlanningError, SpecError
+from planners.model import PRESETS, ModelSpec
 from planners.plan import PlanError, PlanEstimate, Replica, Stage, TrainPlan
+from planners.profile import DeviceProfile
+from planners.serve import ServePlan, ServeReplica, plan_serving, replan_serving
+from planners.simulate import simulate_pipeline, simulate_replica
+from planners.train import SolveInfo, plan_training, plan_training_with_info, replan_training
+from planners.workload import Request, ServeWorkload, TrainWorkload, load_trace
 
-__all__ = ["PlanError", "PlanEstimate", "Replica", "Stage", "TrainPlan"]
+__all__ = [
+    "CATALOG",
+    "PRESETS",
+    "ClusterSpec",
+    "Device",
+    "DeviceProfile",
+    "GPUSpec",
+    "Link",
+    "ModelSpec",
+    "Node",
+    "PlanError",
+    "PlanEstimate",
+    "PlanningError",
+    "Replica",
+    "Request",
+    "ServeWorkload",
+    "ServePlan",
+    "ServeReplica",
+    "SolveInfo",
+    "SpecError",
+    "Stage",
+    "TrainCosts",
+    "TrainPlan",
+    "TrainWorkload",
+    "evaluate_train_plan",
+    "load_trace",
+    "memory_excess",
+    "plan_serving",
+    "plan_training",
+    "plan_training_with_info",
+    "replan_serving",
+    "replan_training",
+    "simulate_pipeline",
+    "simulate_replica",
+]

@@ -1,8 +1,9 @@
-"""Exhaustive enumeration of the training planner's search space, for checking the planner on small instances.
+"""Exhaustive enumeration of the planners' search spaces, for checking them on small instances.
 
-It builds every plan of the space described in `planners.train` (node layouts, partitions of groups into
-replicas, layer splits, recomputation flags, micro-batch counts, micro-batch sizes) as a `TrainPlan` and scores it
-with `planners.cost_model` directly, sharing nothing with the CP-SAT encoding but the cost model itself.
+Training: every plan of the space described in `planners.train` (node layouts, partitions of groups into
+replicas, layer splits, recomputation flags, micro-batch counts, micro-batch sizes) is built as a `TrainPlan` and
+scored with `planners.cost_model` directly, sharing nothing with the CP-SAT encoding but the cost model itself.
+Serving: every vector of replica counts per configuration that fits the nodes and the budget.
 Exponential: meant for clusters of a handful of devices and models of a handful of blocks.
 """
 
@@ -15,7 +16,8 @@ from planners.cluster import ClusterSpec
 from planners.cost_model import evaluate_train_plan, memory_excess
 from planners.model import ModelSpec
 from planners.plan import Replica, Stage, TrainPlan
-from planners.workload import TrainWorkload
+from planners.serve import Config, candidate_configs, packing_fits, served_rate
+from planners.workload import ServeWorkload, TrainWorkload
 
 
 def _node_layouts(count: int) -> list[tuple[int, ...]]:
@@ -35,7 +37,7 @@ def _set_partitions(items: list[int]) -> Iterator[list[list[int]]]:
     for part in _set_partitions(rest):
         yield [[head], *part]
         for i in range(len(part)):
-            yield part[:i] + [[head, *part[i]]] + part[i + 1:]
+            yield part[:i] + [[head, *part[i]]] + part[i + 1 :]
 
 
 def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
@@ -79,23 +81,77 @@ def all_plans(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -
                         )
                     for combo in itertools.product(*options):
                         replicas = []
-                        for (members, split, rc), m in zip(combo, counts):
+                        for (members, split, rc), m in zip(combo, counts, strict=True):
                             stages, start = [], 0
-                            for g, n_layers, flag in zip(members, split, rc):
+                            for g, n_layers, flag in zip(members, split, rc, strict=True):
                                 devices, kind = groups[g]
                                 stages.append(Stage(devices, kind, len(devices), (start, start + n_layers), flag))
                                 start += n_layers
                             replicas.append(Replica(tuple(stages), m, b))
-                        yield TrainPlan(
-                            tuple(replicas), L, workload.global_batch, workload.seq_len, device_kinds=kinds
-                        )
+                        yield TrainPlan(tuple(replicas), L, workload.global_batch, workload.seq_len, device_kinds=kinds)
 
 
-def best_plan(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> tuple[float, TrainPlan] | None:
+def best_plan(
+    cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, use_all_devices: bool = False
+) -> tuple[float, TrainPlan] | None:
     """The lowest predicted iteration time over all plans that fit in memory, or None if none fits."""
     best: tuple[float, TrainPlan] | None = None
     for plan in all_plans(cluster, model, workload):
+        if use_all_devices and len(plan.devices) < cluster.num_devices:
+            continue
         estimate = evaluate_train_plan(plan, cluster, model)
         if (best is None or estimate.iteration_s < best[0]) and not memory_excess(plan, cluster, estimate):
             best = (estimate.iteration_s, plan)
     return best
+
+
+def best_serving(
+    cluster: ClusterSpec,
+    models: list[ModelSpec],
+    workload: ServeWorkload,
+    objective: str,
+    rates: list[float],
+    disaggregate: bool = True,
+) -> float | None:
+    """The best objective value (throughput scale, or hourly price) over all replica counts, None if none serves."""
+    configs = candidate_configs(cluster, models, workload, disaggregate)
+    best: float | None = None
+    for x in _counts(cluster, configs, 0, {}):
+        price = sum(n * c.perf.price_per_hour for c, n in zip(configs, x, strict=True))
+        if workload.budget_per_hour is not None and price > workload.budget_per_hour + 1e-9:
+            continue
+        served = []
+        for m in models:
+            capacity: dict[str, float] = {}
+            for c, n in zip(configs, x, strict=True):
+                if c.perf.model == m.name:
+                    capacity[c.perf.role] = capacity.get(c.perf.role, 0.0) + n * c.perf.requests_per_s
+            served.append(served_rate(capacity))
+        if objective == "max_throughput":
+            value = min(s / rate for s, rate in zip(served, rates, strict=True))
+            if value > 0 and (best is None or value > best):
+                best = value
+        elif all(s >= rate * (1 - 1e-9) for s, rate in zip(served, rates, strict=True)) and (
+            best is None or price < best
+        ):
+            best = price
+    return best
+
+
+def _counts(
+    cluster: ClusterSpec, configs: list[Config], start: int, used: dict[tuple[int, int], int]
+) -> Iterator[tuple[int, ...]]:
+    """Every vector of replica counts for `configs[start:]` that still packs into the nodes."""
+    if start == len(configs):
+        yield ()
+        return
+    key = (configs[start].node_class, configs[start].perf.tp)
+    n = 0
+    while True:
+        trial = dict(used)
+        trial[key] = trial.get(key, 0) + n
+        if not packing_fits(cluster, trial):
+            return
+        for rest in _counts(cluster, configs, start + 1, trial):
+            yield (n, *rest)
+        n += 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import yaml
 
 from planners import catalog, fields
 from planners.errors import SpecError
+from planners.presets import CLUSTERS
 from planners.profile import DeviceProfile
 
 DEFAULT_INTER_NODE = {"gb_s": 12.5, "latency_us": 15.0}
@@ -110,6 +111,13 @@ class ClusterSpec:
     def num_devices(self) -> int:
         return sum(n.count for n in self.nodes)
 
+    def node_classes(self) -> list[list[int]]:
+        """Indices of identical nodes (same GPU kind, count and link), classes in order of first appearance."""
+        classes: dict[tuple[str, int, Link], list[int]] = {}
+        for i, node in enumerate(self.nodes):
+            classes.setdefault((node.kind, node.count, node.intra_link), []).append(i)
+        return list(classes.values())
+
     def profile(self, kind: str) -> DeviceProfile:
         return self.profiles[kind]
 
@@ -120,6 +128,32 @@ class ClusterSpec:
             offsets.append(at)
             at += node.count
         return tuple(offsets)
+
+    def with_profiles(self, overrides: Mapping[str, Any]) -> ClusterSpec:
+        """A copy whose device profiles take the figures in `overrides[kind]` (e.g. measured by a profiling run:
+        `{"H100": {"tflops": 700, "compute_efficiency": 1.0}}`), validated like a cluster file's `profiles:`."""
+        d = fields.mapping(overrides, "profiles", list(self.profiles))
+        profiles = {kind: p.with_overrides(d.get(kind, {})) for kind, p in self.profiles.items()}
+        return dataclasses.replace(self, profiles=profiles)
+
+    def without_devices(self, failed: Iterable[int]) -> tuple[ClusterSpec, tuple[int, ...]]:
+        """The cluster left after losing `failed` devices (nodes shrink, empty nodes go), and for each of its
+        devices the index it had in this cluster."""
+        failed = set(failed)
+        unknown = sorted(d for d in failed if not 0 <= d < self.num_devices)
+        if unknown:
+            raise SpecError(f"failed devices {unknown} are not in the cluster (0..{self.num_devices - 1})")
+        nodes, survivors = [], []
+        for node, offset in zip(self.nodes, self.node_offsets(), strict=True):
+            alive = [offset + i for i in range(node.count) if offset + i not in failed]
+            if alive:
+                nodes.append(dataclasses.replace(node, count=len(alive)))
+                survivors += alive
+        if not nodes:
+            raise SpecError("every device of the cluster failed")
+        kinds = {n.kind for n in nodes}
+        profiles = {k: p for k, p in self.profiles.items() if k in kinds}
+        return dataclasses.replace(self, nodes=tuple(nodes), profiles=profiles), tuple(survivors)
 
     def price_per_hour(self) -> float:
         return sum(n.count * self.profiles[n.kind].price_per_hour for n in self.nodes)
@@ -169,10 +203,12 @@ class ClusterSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> ClusterSpec:
-        """Read a cluster from a .yaml/.yml or .json file."""
+        """Read a cluster from a .yaml/.yml or .json file, or take a built-in one by name (`presets.CLUSTERS`)."""
+        if str(path) in CLUSTERS:
+            return cls.from_dict(CLUSTERS[str(path)])
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"cluster file not found: {path}")
+            raise FileNotFoundError(f"cluster file not found: {path} (built-in clusters: {sorted(CLUSTERS)})")
         text = path.read_text()
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)

@@ -1,8 +1,9 @@
 """An analytical cost model of training a decoder on heterogeneous devices.
 
 Compute: a roofline per transformer block, `max(FLOPs / achievable FLOP/s, bytes / achievable bandwidth)`, with the
-device's efficiency factors (`DeviceProfile`). FLOPs per token and block are `2 * matmul params + 2 * seq * hidden`
-(causal attention) forward, twice that backward, once more with recomputation.
+device's efficiency factors (`DeviceProfile`), plus a fixed per-block overhead (kernel launches). FLOPs per token
+and block are `2 * matmul params + 2 * seq * hidden` (causal attention) forward, twice that backward, once more
+with recomputation.
 
 Communication: alpha-beta per link class (`Link.seconds`). Tensor parallelism costs two ring all-reduces of the
 block's activations forward and two backward (two more when recomputing) over the node's link; pipeline stages
@@ -12,7 +13,7 @@ when the plan spans several nodes.
 
 Memory per device: parameters with mixed-precision Adam state (16 bytes per parameter: bf16 weights, fp32 master,
 two fp32 moments; gradients accumulate into the fp32 master buffer's twin counted in the 16), divided by TP;
-bf16 activations of the micro-batches in flight (1F1B: a stage `k` stages from the end holds `k` of them) —
+bf16 activations of the micro-batches in flight (1F1B: a stage `k` stages from the end holds `min(k, m)`) —
 without recomputation every block keeps its inputs to every matmul, norm and activation, with recomputation
 only its input plus one block's worth of working space; the last stage also holds the logits.
 
@@ -78,7 +79,7 @@ class TrainCosts:
         weight_bytes = ACT_BYTES * self._matmul_params / tp
         act_bytes = ACT_BYTES * self._act_elems_per_token(tp) * tokens
         moved = passes * weight_bytes + (passes + 1) * act_bytes
-        compute = max(flops / prof.flops_per_s, moved / prof.bytes_per_s)
+        compute = max(flops / prof.flops_per_s, moved / prof.bytes_per_s) + prof.layer_overhead_us * 1e-6
         allreduces = 6 if recompute else 4
         comm = allreduces * ring_allreduce_seconds(ACT_BYTES * tokens * self.model.hidden_size, tp, link)
         return compute + comm
@@ -153,6 +154,7 @@ def evaluate_train_plan(plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec)
         times, mems, comm = [], [], 0.0
         for i, stage in enumerate(replica.stages):
             first, last = i == 0, i == depth - 1
+            in_flight = min(depth - i, replica.num_microbatches)
             node = devices[stage.devices[0]].node
             link = cluster.nodes[node].intra_link
             t = stage.num_layers * costs.layer_seconds(stage.kind, stage.tp, b, stage.recompute, link)
@@ -160,7 +162,7 @@ def evaluate_train_plan(plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec)
                 t += costs.head_seconds(stage.kind, stage.tp, b)
             times.append(t)
             mems.append(
-                costs.stage_memory_bytes(stage.tp, stage.num_layers, b, stage.recompute, depth - i, first, last) / 1e9
+                costs.stage_memory_bytes(stage.tp, stage.num_layers, b, stage.recompute, in_flight, first, last) / 1e9
             )
             max_grad = max(max_grad, costs.stage_grad_bytes(stage.tp, stage.num_layers, first, last))
             if not last:
@@ -176,8 +178,8 @@ def evaluate_train_plan(plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec)
 def memory_excess(plan: TrainPlan, cluster: ClusterSpec, estimate: PlanEstimate) -> list[str]:
     """One line per stage whose predicted peak memory exceeds its devices' usable memory."""
     out = []
-    for r, (replica, mems) in enumerate(zip(plan.replicas, estimate.peak_memory_gb)):
-        for s, (stage, gb) in enumerate(zip(replica.stages, mems)):
+    for r, (replica, mems) in enumerate(zip(plan.replicas, estimate.peak_memory_gb, strict=True)):
+        for s, (stage, gb) in enumerate(zip(replica.stages, mems, strict=True)):
             cap = cluster.profile(stage.kind).capacity_bytes / 1e9
             if gb > cap:
                 out.append(f"replicas[{r}].stages[{s}] needs {gb:.2f} GB per {stage.kind}, usable {cap:.2f} GB")

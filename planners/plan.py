@@ -257,6 +257,8 @@ class TrainPlan:
             raise PlanError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if not self.replicas:
             raise PlanError("replicas must not be empty")
+        if not all(isinstance(k, str) and k for k in self.device_kinds):
+            raise PlanError(f"device_kinds must be a list of GPU kind names, got {list(self.device_kinds)}")
         seen: dict[int, str] = {}
         for r, replica in enumerate(self.replicas):
             if not isinstance(replica, Replica):
@@ -292,6 +294,20 @@ class TrainPlan:
         """Per replica, the number of blocks per stage (HSPMD's stage layer-count lists)."""
         return [[s.num_layers for s in r.stages] for r in self.replicas]
 
+    def with_devices(self, mapping: Sequence[int], device_kinds: Sequence[str], cluster: str = "") -> TrainPlan:
+        """The same plan with device `d` renamed `mapping[d]`, on a cluster whose devices have `device_kinds`
+        (e.g. a plan made for the survivors of a failure, expressed in the original cluster's numbering)."""
+        replicas = tuple(
+            dataclasses.replace(
+                r,
+                stages=tuple(dataclasses.replace(s, devices=tuple(mapping[d] for d in s.devices)) for s in r.stages),
+            )
+            for r in self.replicas
+        )
+        return dataclasses.replace(
+            self, replicas=replicas, device_kinds=tuple(device_kinds), cluster=cluster or self.cluster
+        )
+
     @property
     def devices(self) -> tuple[int, ...]:
         """Every device the plan uses, replica by replica, stage by stage."""
@@ -318,8 +334,17 @@ class TrainPlan:
     @classmethod
     def from_dict(cls, data: Any) -> TrainPlan:
         fields = (
-            "format", "version", "model", "cluster", "num_layers", "global_batch", "seq_len", "schedule",
-            "device_kinds", "replicas", "estimate",
+            "format",
+            "version",
+            "model",
+            "cluster",
+            "num_layers",
+            "global_batch",
+            "seq_len",
+            "schedule",
+            "device_kinds",
+            "replicas",
+            "estimate",
         )
         d = _expect_keys(data, fields, ("num_layers", "global_batch", "seq_len", "replicas"), "")
         if d.get("format", FORMAT) != FORMAT:
@@ -329,13 +354,16 @@ class TrainPlan:
         if not isinstance(d["replicas"], list):
             raise PlanError(f"replicas must be a list, got {d['replicas']!r}")
         replicas = tuple(Replica.from_dict(r, f"replicas[{i}]") for i, r in enumerate(d["replicas"]))
+        kinds = d.get("device_kinds", [])
+        if not isinstance(kinds, list):
+            raise PlanError(f"device_kinds must be a list of GPU kind names, got {kinds!r}")
         estimate = d.get("estimate")
         return cls(
             replicas=replicas,
             num_layers=d["num_layers"],
             global_batch=d["global_batch"],
             seq_len=d["seq_len"],
-            device_kinds=tuple(d.get("device_kinds", ())),
+            device_kinds=tuple(kinds),
             schedule=d.get("schedule", "1f1b"),
             model=d.get("model", ""),
             cluster=d.get("cluster", ""),

@@ -15,6 +15,7 @@ from planners.catalog import GPUSpec
 DEFAULT_COMPUTE_EFFICIENCY = 0.5
 DEFAULT_MEMORY_EFFICIENCY = 0.8
 DEFAULT_USABLE_MEMORY = 0.9
+DEFAULT_LAYER_OVERHEAD_US = 20.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,8 @@ class DeviceProfile:
 
     `compute_efficiency` scales peak TFLOP/s to what dense transformer layers reach (model-FLOPs utilisation);
     `memory_efficiency` scales peak memory bandwidth; `usable_memory` is the fraction of memory left to the model
-    after the runtime, allocator fragmentation and communication buffers.
+    after the runtime, allocator fragmentation and communication buffers; `layer_overhead_us` is the fixed cost
+    of one block's forward and backward pass on one micro-batch (kernel launches, synchronisation).
     """
 
     kind: str
@@ -34,6 +36,7 @@ class DeviceProfile:
     compute_efficiency: float = DEFAULT_COMPUTE_EFFICIENCY
     memory_efficiency: float = DEFAULT_MEMORY_EFFICIENCY
     usable_memory: float = DEFAULT_USABLE_MEMORY
+    layer_overhead_us: float = DEFAULT_LAYER_OVERHEAD_US
     source: str = "catalog"
 
     def __post_init__(self) -> None:
@@ -41,6 +44,7 @@ class DeviceProfile:
         for name in ("tflops", "memory_gb", "memory_bw_gb_s"):
             fields.positive_float(getattr(self, name), f"{where}.{name}")
         fields.non_negative_float(self.price_per_hour, f"{where}.price_per_hour")
+        fields.non_negative_float(self.layer_overhead_us, f"{where}.layer_overhead_us")
         for name in ("compute_efficiency", "memory_efficiency", "usable_memory"):
             fields.fraction(getattr(self, name), f"{where}.{name}")
 

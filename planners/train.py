@@ -16,7 +16,8 @@ Large clusters are split into `K` identical cells (each with the same number of 
 cell is planned and its plan repeated `K` times, with the gradient all-reduce counted over all `K` cells. Several
 `K` are tried (cells of at most `max_cell_devices` devices, and the whole cluster when it is that small) and the
 best plan is kept. Each cell is solved twice: first over coarse groups only (TP of at least half a node, fast),
-then over all groups starting from that plan (CP-SAT hint), keeping the better one when the time limit is hit. The CP-SAT model per cell:
+then over all groups starting from that plan (a CP-SAT hint), keeping the better one when the time limit is hit;
+both start from a simple feasible pipeline when there is one. The CP-SAT model per cell:
 - booleans `a[g, r]`: candidate group `g` is a stage of replica slot `r` (slot symmetry broken by first member);
 - integers `n0[g]`, `n1[g]`: blocks without / with recomputation (one of them zero), `m[r]`: micro-batches;
 - stage time `t[g]` linear in those; replica time `S[r] + P2P[r] + (m[r] - 1) * M[r]` with `M[r]` the slowest
@@ -31,60 +32,36 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from ortools.sat.python import cp_model
 
 from planners.cluster import ClusterSpec, Link
 from planners.cost_model import TrainCosts, evaluate_train_plan, memory_excess
 from planners.errors import PlanningError
+from planners.groups import Group, Slot, candidate_groups
 from planners.model import ModelSpec
 from planners.plan import Replica, Stage, TrainPlan
+from planners.seeds import seed_slots
 from planners.workload import TrainWorkload
 
 RESOLUTION = 10_000
 COARSE_SHARE = 0.25
+HINT_SHARE = 0.1
+RESERVE_SHARE = 0.03  # of the time limit, kept for turning solutions into plans
 MEMORY_RESOLUTION = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
-class Group:
-    """A candidate stage: `tp` aligned devices of one node (indices into the planned cluster's device list)."""
-
-    node: int
-    devices: tuple[int, ...]
-    kind: str
-
-    @property
-    def tp(self) -> int:
-        return len(self.devices)
-
-
-def candidate_groups(cluster: ClusterSpec) -> list[Group]:
-    """Every aligned power-of-two group inside every node, ordered by first device then size."""
-    groups = []
-    for n, (node, offset) in enumerate(zip(cluster.nodes, cluster.node_offsets())):
-        tp = 1
-        while tp <= node.count:
-            for k in range(node.count // tp):
-                start = offset + k * tp
-                groups.append(Group(n, tuple(range(start, start + tp)), node.kind))
-            tp *= 2
-    return sorted(groups, key=lambda g: (g.devices[0], g.tp))
-
-
-@dataclasses.dataclass(frozen=True)
 class SolveInfo:
-    """How the plan was found: cells, micro-batch size, CP-SAT status and wall time."""
+    """How the plan was found: cells, micro-batch size, CP-SAT status, wall time, and a proven lower bound."""
 
     cells: int
     microbatch_size: int
     status: str
     solve_s: float
-    solves: int
-
-
-_Slot = tuple[list[tuple[Group, int, bool]], int]
-"""A solved replica slot: its stages (group, blocks, recompute) in pipeline order, and its micro-batch count."""
+    solves: int  # (cell split, micro-batch size) sub-problems, each solved coarse then full
+    lower_bound_s: float  # no plan of the searched space is faster (CP-SAT's bound, to ~1e-4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,26 +73,23 @@ class _Cell:
     device_maps: tuple[tuple[int, ...], ...]
 
 
-def _cells(cluster: ClusterSpec, max_cell_devices: int) -> list[_Cell]:
-    """The ways to split `cluster` into identical cells worth trying, largest cell first."""
-    classes: dict[tuple, list[int]] = {}
-    for i, node in enumerate(cluster.nodes):
-        classes.setdefault((node.kind, node.count, node.intra_link), []).append(i)
-    g = math.gcd(*(len(v) for v in classes.values()))
-    ks = [k for k in range(1, g + 1) if g % k == 0 and cluster.num_devices // k <= max_cell_devices]
-    if not ks:
-        ks = [g]
+def _cells(cluster: ClusterSpec, max_cell_devices: int, batch: int) -> list[_Cell]:
+    """The ways to split `cluster` into identical cells worth trying, largest cell first: every split into cells
+    of at most `max_cell_devices` devices, or else the finest split; the number of cells must divide `batch`."""
+    classes = cluster.node_classes()
+    g = math.gcd(*(len(nodes) for nodes in classes))
+    splits = [k for k in range(1, g + 1) if g % k == 0 and batch % k == 0]
+    ks = [k for k in splits if cluster.num_devices // k <= max_cell_devices] or [splits[-1]]
     offsets = cluster.node_offsets()
     cells = []
     for k in ks:
-        per_class = {key: len(nodes) // k for key, nodes in classes.items()}
-        maps = []
-        for c in range(k):
-            chosen = sorted(n for key, nodes in classes.items() for n in nodes[c * per_class[key]:(c + 1) * per_class[key]])
-            maps.append(tuple(offsets[n] + i for n in chosen for i in range(cluster.nodes[n].count)))
-        chosen0 = sorted(n for key, nodes in classes.items() for n in nodes[: per_class[key]])
-        sub = dataclasses.replace(cluster, nodes=tuple(cluster.nodes[n] for n in chosen0))
-        cells.append(_Cell(sub, k, tuple(maps)))
+        chosen = [
+            sorted(n for nodes in classes for n in nodes[c * len(nodes) // k : (c + 1) * len(nodes) // k])
+            for c in range(k)
+        ]
+        maps = tuple(tuple(offsets[n] + i for n in nodes for i in range(cluster.nodes[n].count)) for nodes in chosen)
+        sub = dataclasses.replace(cluster, nodes=tuple(cluster.nodes[n] for n in chosen[0]))
+        cells.append(_Cell(sub, k, maps))
     return cells
 
 
@@ -131,6 +105,7 @@ class _CellModel:
         microbatches: int,
         recompute: bool,
         coarse: bool = False,
+        use_all_devices: bool = False,
     ) -> None:
         cluster = cell.cluster
         costs = TrainCosts(cluster, model, seq_len)
@@ -145,7 +120,7 @@ class _CellModel:
         intra = [cluster.nodes[g.node].intra_link for g in groups]
         c0 = [costs.layer_seconds(g.kind, g.tp, microbatch, False, intra[i]) for i, g in enumerate(groups)]
         c1 = [costs.layer_seconds(g.kind, g.tp, microbatch, True, intra[i]) for i, g in enumerate(groups)]
-        unit = min(c0) / RESOLUTION
+        unit = self.unit = min(c0) / RESOLUTION
 
         def ticks(seconds: float) -> int:
             return round(seconds / unit)
@@ -160,13 +135,13 @@ class _CellModel:
         # Canonical layout inside a node: active groups pack from the node's first device, largest first.
         cover = [sum(on[g] for g in range(G) if d in groups[g].devices) for d in range(cluster.num_devices)]
         for d in range(cluster.num_devices):
-            m.add(cover[d] <= 1)
+            m.add(cover[d] == 1 if use_all_devices else cover[d] <= 1)
         for n, offset in enumerate(cluster.node_offsets()):
             for d in range(offset + 1, offset + cluster.nodes[n].count):
                 m.add(cover[d] <= cover[d - 1])
         for g, grp in enumerate(groups):
             before = grp.devices[0] - 1
-            if before >= 0 and groups[g].node == next(h.node for h in groups if before in h.devices):
+            if before >= 0 and cluster.devices[before].node == grp.node:
                 bigger = [on[h] for h in range(G) if before in groups[h].devices and groups[h].tp >= grp.tp]
                 m.add(sum(bigger) >= on[g])
         # Same-size groups of a node are interchangeable: their replica slots ascend with the address.
@@ -216,7 +191,10 @@ class _CellModel:
         is_first = [sum(first[g]) for g in range(G)]
         is_last = [sum(last[g]) for g in range(G)]
 
-        # Memory: in-flight micro-batches of a stage = its distance from the end of its pipeline.
+        mvars = self.mvars = [m.new_int_var(0, microbatches, f"m{r}") for r in range(R)]
+        m.add(sum(mvars) == microbatches)
+
+        # Memory: 1F1B keeps min(distance from the end of the pipeline, micro-batches) micro-batches in flight.
         memory_unit = min(p.capacity_bytes for p in cluster.profiles.values()) / MEMORY_RESOLUTION
 
         def mb(nbytes: float) -> int:
@@ -224,8 +202,10 @@ class _CellModel:
 
         q = [m.new_int_var(0, G, f"q{g}") for g in range(G)]
         for g in range(G):
+            by_count = m.new_bool_var(f"short{g}")
             for r in range(len(a[g])):
-                m.add(q[g] >= suffix(g, r)).only_enforce_if(a[g][r])
+                m.add(q[g] >= suffix(g, r)).only_enforce_if([a[g][r], by_count.negated()])
+                m.add(q[g] >= mvars[r]).only_enforce_if([a[g][r], by_count])
             grp = groups[g]
             p0, p1 = m.new_int_var(0, L * G, f"p0_{g}"), m.new_int_var(0, L * G, f"p1_{g}")
             m.add_multiplication_equality(p0, [n0[g], q[g]])
@@ -247,8 +227,6 @@ class _CellModel:
         nodes = range(len(cluster.nodes))
         p2p_intra = [ticks(costs.p2p_seconds(cluster.nodes[n].intra_link, microbatch)) for n in nodes]
         p2p_inter = ticks(costs.p2p_seconds(cluster.inter_link, microbatch))
-        mvars = self.mvars = [m.new_int_var(0, microbatches, f"m{r}") for r in range(R)]
-        m.add(sum(mvars) == microbatches)
         z = m.new_int_var(0, t_hi * (microbatches + G) + p2p_inter * G + max(p2p_intra) * G, "z")
         node_used = [m.new_bool_var(f"node{n}") for n in nodes]
         for r in range(R):
@@ -271,6 +249,14 @@ class _CellModel:
             m.add_multiplication_equality(steady, [mvars[r], slow])
             m.add(z >= sum(share) + p2p + steady - slow)
 
+        # A relaxation that gives the LP a throughput bound: a group's busy time (its blocks times its replica's
+        # micro-batches, `work`) never exceeds the iteration, and the work of all groups adds up to L * micro-batches.
+        work = [m.new_int_var(0, L * microbatches, f"w{g}") for g in range(G)]
+        m.add(sum(work) == L * microbatches)
+        for g in range(G):
+            m.add(work[g] <= L * microbatches * on[g])
+            m.add(z >= ticks(c0[g]) * work[g])
+
         # Gradient all-reduce across all replicas of all cells.
         count_is = [m.new_bool_var(f"R{k}") for k in range(R + 1)]
         m.add_exactly_one(count_is)
@@ -282,14 +268,17 @@ class _CellModel:
             m.add(sum(node_used) <= 1 + len(cluster.nodes) * multi)
         for g in range(G):
             m.add(node_used[groups[g].node] >= on[g])
+
         def sync_ticks(nbytes: float, total: int, link: Link) -> int:
             return ticks(costs.grad_sync_seconds(total, nbytes, link) - costs.grad_sync_seconds(total, 0, link))
 
+        links = [cluster.inter_link, *intra]
+        widest = R * cell.copies
         full = max(costs.stage_grad_bytes(gr.tp, L, True, True) for gr in groups)
-        slowest = min([cluster.inter_link, *intra], key=lambda link: link.gb_s)
-        sync_hi = ticks(costs.grad_sync_seconds(R * cell.copies, full, slowest)) + 2 * (R * cell.copies) * ticks(
-            max(link.latency_us for link in [cluster.inter_link, *intra]) * 1e-6
-        ) + 2
+        slowest = min(links, key=lambda link: link.gb_s)
+        laggiest = max(links, key=lambda link: link.latency_us)
+        rounding = L + 3
+        sync_hi = sync_ticks(full, widest, slowest) + ticks(costs.grad_sync_seconds(widest, 0, laggiest)) + rounding
         sync = m.new_int_var(0, sync_hi, "sync")
         for k in range(1, R + 1):
             total = k * cell.copies
@@ -305,40 +294,62 @@ class _CellModel:
                         + sync_ticks(costs.stage_grad_bytes(grp.tp, 0, False, True), total, link) * is_last[g]
                         + ticks(costs.grad_sync_seconds(total, 0, link))
                     ).only_enforce_if([count_is[k], when])
-        self.objective = z + sync
-        m.minimize(self.objective)
-        self.first, self.rc = first, rc
+        m.minimize(z + sync)
+        self.rc = rc
 
-    def solve(self, time_limit_s: float, workers: int, hint: list[_Slot] | None = None) -> tuple[str, list[_Slot] | None]:
-        """Solve within the time limit, starting from `hint` (a plan of the same space) when given."""
-        if hint:
-            self._hint(hint)
+    def solve(
+        self, time_limit_s: float, workers: int, hint: list[Slot] | None = None
+    ) -> tuple[str, list[Slot] | None, float]:
+        """Solve within the time limit, starting from `hint` (a plan of the same space) when given; returns the
+        status, the solution, and CP-SAT's lower bound on the iteration time in seconds."""
+        start = time.perf_counter()
+        if hint and self._hint(hint):
+            self._complete_hint(min(HINT_SHARE * time_limit_s, 2.0))
         solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
+        solver.parameters.max_time_in_seconds = max(time_limit_s - (time.perf_counter() - start), 0.05)
         solver.parameters.num_workers = workers
         solver.parameters.linearization_level = 2  # the LP relaxation of the enforced constraints proves bounds
         status = solver.solve(self.m)
         name = solver.status_name(status)
+        bound = math.inf if status == cp_model.INFEASIBLE else solver.best_objective_bound * self.unit
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return name, None
-        return name, self._extract(solver)
+            return name, None, bound
+        return name, self._extract(solver), bound
 
-    def _hint(self, slots: list[_Slot]) -> None:
-        index = {g: i for i, g in enumerate(self.groups)}
-        ordered = sorted(slots, key=lambda slot: min(index[g] for g, _, _ in slot[0]))
-        if len(ordered) > len(self.used):
+    def _complete_hint(self, time_limit_s: float) -> None:
+        """Extend the hint on the decision variables to every variable, so the search starts from a solution."""
+        solver = cp_model.CpSolver()
+        solver.parameters.fix_variables_to_their_hinted_value = True
+        solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
+        solver.parameters.num_workers = 1
+        if solver.solve(self.m) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             return
-        for r, (stages, count) in enumerate(ordered):
-            self.m.add_hint(self.used[r], True)
-            self.m.add_hint(self.mvars[r], count)
-            for group, layers, recompute in stages:
-                g = index[group]
-                if r < len(self.a[g]):
-                    self.m.add_hint(self.a[g][r], True)
-                self.m.add_hint(self.n0[g], 0 if recompute else layers)
-                self.m.add_hint(self.n1[g], layers if recompute else 0)
+        self.m.clear_hints()
+        for i in range(len(self.m.proto.variables)):
+            var = self.m.get_int_var_from_proto_index(i)
+            self.m.add_hint(var, solver.value(var))
 
-    def _extract(self, solver: cp_model.CpSolver) -> list[_Slot]:
+    def _hint(self, slots: list[Slot]) -> bool:
+        """Hint the decision variables with `slots`, relabelled to satisfy the symmetry breaking; False if the
+        slots do not fit this model."""
+        index = {g: i for i, g in enumerate(self.groups)}
+        if len(slots) > len(self.used) or any(g not in index for stages, _ in slots for g, _, _ in stages):
+            return False
+        slots = _canonical_slots(slots, index)
+        member = {index[g]: (r, n, rc) for r, (stages, _) in enumerate(slots) for g, n, rc in stages}
+        for g, row in enumerate(self.a):
+            r, layers, recompute = member.get(g, (-1, 0, False))
+            for k, var in enumerate(row):
+                self.m.add_hint(var, k == r)
+            self.m.add_hint(self.n0[g], 0 if recompute else layers)
+            self.m.add_hint(self.n1[g], layers if recompute else 0)
+            self.m.add_hint(self.rc[g], recompute)
+        for r, used in enumerate(self.used):
+            self.m.add_hint(used, r < len(slots))
+            self.m.add_hint(self.mvars[r], slots[r][1] if r < len(slots) else 0)
+        return True
+
+    def _extract(self, solver: cp_model.CpSolver) -> list[Slot]:
         out = []
         for r, used in enumerate(self.used):
             if not solver.value(used):
@@ -352,8 +363,34 @@ class _CellModel:
         return out
 
 
+def _canonical_slots(slots: list[Slot], index: dict[Group, int]) -> list[Slot]:
+    """Relabel an equivalent solution into the form the symmetry breaking admits: slots ordered by first group,
+    and same-size groups of a node handed to slots in address order (their blocks and flags move with the slot)."""
+    slots = [(sorted(stages, key=lambda st: index[st[0]]), count) for stages, count in slots]
+    for _ in range(len(slots) + 1):
+        slots.sort(key=lambda slot: index[slot[0][0][0]])
+        classes: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for r, (stages, _) in enumerate(slots):
+            for k, (g, _, _) in enumerate(stages):
+                classes.setdefault((g.node, g.tp), []).append((r, k))
+        changed = False
+        for positions in classes.values():
+            groups = sorted((slots[r][0][k][0] for r, k in positions), key=index.__getitem__)
+            for (r, k), g in zip(
+                sorted(positions, key=lambda p: (p[0], index[slots[p[0]][0][p[1]][0]])), groups, strict=True
+            ):
+                old, n, rc = slots[r][0][k]
+                if old != g:
+                    slots[r][0][k] = (g, n, rc)
+                    changed = True
+        slots = [(sorted(stages, key=lambda st: index[st[0]]), count) for stages, count in slots]
+        if not changed:
+            break
+    return slots
+
+
 def _plan_from_slots(
-    slots: list[_Slot],
+    slots: list[Slot],
     cell: _Cell,
     cluster: ClusterSpec,
     model: ModelSpec,
@@ -389,14 +426,12 @@ def plan_training_with_info(
     time_limit_s: float = 20.0,
     num_workers: int = 2,
     max_cell_devices: int = 16,
+    use_all_devices: bool = False,
 ) -> tuple[TrainPlan, SolveInfo]:
     """`plan_training`, also returning how the plan was found."""
-    cells = _cells(cluster, max_cell_devices)
+    cells = _cells(cluster, max_cell_devices, workload.global_batch)
     jobs = [
-        (cell, b)
-        for cell in cells
-        for b in workload.microbatch_sizes
-        if workload.global_batch % (cell.copies * b) == 0
+        (cell, b) for cell in cells for b in workload.microbatch_sizes if workload.global_batch % (cell.copies * b) == 0
     ]
     if not jobs:
         raise PlanningError(
@@ -405,16 +440,27 @@ def plan_training_with_info(
         )
     best: tuple[float, TrainPlan, SolveInfo] | None = None
     statuses = []
+    lower_bound = math.inf
     start = time.perf_counter()
+    deadline = start + (1 - RESERVE_SHARE) * time_limit_s
     for i, (cell, b) in enumerate(jobs):
-        remaining = time_limit_s - (time.perf_counter() - start)
-        budget = remaining / (len(jobs) - i)
+        job_end = time.perf_counter() + (deadline - time.perf_counter()) / (len(jobs) - i)
         total = workload.global_batch // (cell.copies * b)
         args = (cell, model, workload.seq_len, b, total, workload.recompute)
-        _, coarse = _CellModel(*args, coarse=True).solve(COARSE_SHARE * budget, num_workers)
-        status, fine = _CellModel(*args).solve((1 - COARSE_SHARE) * budget, num_workers, hint=coarse)
+        seed, seed_s = None, math.inf
+        for slots in seed_slots(cell.cluster, *args[1:]):
+            plan = _plan_from_slots(slots, cell, cluster, model, workload, b)
+            assert plan.estimate is not None
+            idle = use_all_devices and len(plan.devices) < cluster.num_devices
+            if plan.estimate.iteration_s < seed_s and not idle and not memory_excess(plan, cluster, plan.estimate):
+                seed, seed_s = slots, plan.estimate.iteration_s
+        coarse_model = _CellModel(*args, coarse=True, use_all_devices=use_all_devices)
+        _, coarse, _ = coarse_model.solve(COARSE_SHARE * (job_end - time.perf_counter()), num_workers, hint=seed)
+        fine_model = _CellModel(*args, use_all_devices=use_all_devices)
+        status, fine, bound = fine_model.solve(job_end - time.perf_counter(), num_workers, hint=coarse or seed)
+        lower_bound = min(lower_bound, bound)
         statuses.append(status)
-        for slots in (coarse, fine):
+        for slots in (seed, coarse, fine):
             if slots is None:
                 continue
             plan = _plan_from_slots(slots, cell, cluster, model, workload, b)
@@ -423,14 +469,16 @@ def plan_training_with_info(
             if excess:
                 raise AssertionError(f"planner produced a plan over memory: {excess}")
             if best is None or plan.estimate.iteration_s < best[0]:
-                best = (plan.estimate.iteration_s, plan, SolveInfo(cell.copies, b, status, 0.0, len(jobs)))
+                best = (plan.estimate.iteration_s, plan, SolveInfo(cell.copies, b, status, 0.0, len(jobs), 0.0))
     elapsed = time.perf_counter() - start
     if best is None:
         if all(s == "INFEASIBLE" for s in statuses):
             raise PlanningError(explain_infeasible(cluster, model, workload))
         raise PlanningError(f"no plan found within the time limit of {time_limit_s:.1f} s (CP-SAT: {statuses})")
     all_optimal = all(s in ("OPTIMAL", "INFEASIBLE") for s in statuses)
-    info = dataclasses.replace(best[2], status="OPTIMAL" if all_optimal else "FEASIBLE", solve_s=elapsed)
+    info = dataclasses.replace(
+        best[2], status="OPTIMAL" if all_optimal else "FEASIBLE", solve_s=elapsed, lower_bound_s=lower_bound
+    )
     return best[1], info
 
 
@@ -442,15 +490,40 @@ def plan_training(
     time_limit_s: float = 20.0,
     num_workers: int = 2,
     max_cell_devices: int = 16,
+    use_all_devices: bool = False,
 ) -> TrainPlan:
     """The fastest training plan under the cost model (best found within `time_limit_s` if not proven optimal).
 
-    Raises `PlanningError` naming the binding constraint when no plan fits.
+    `use_all_devices` forbids idle devices (e.g. to exercise every emulated device). Large clusters are planned
+    as `max_cell_devices`-sized identical cells (see the module docstring). Raises `PlanningError` naming the
+    binding constraint when no plan fits.
     """
     plan, _ = plan_training_with_info(
-        cluster, model, workload, time_limit_s=time_limit_s, num_workers=num_workers, max_cell_devices=max_cell_devices
+        cluster,
+        model,
+        workload,
+        time_limit_s=time_limit_s,
+        num_workers=num_workers,
+        max_cell_devices=max_cell_devices,
+        use_all_devices=use_all_devices,
     )
     return plan
+
+
+def replan_training(
+    cluster: ClusterSpec,
+    failed: Sequence[int],
+    model: ModelSpec,
+    workload: TrainWorkload,
+    **options: Any,
+) -> TrainPlan:
+    """A new plan after losing the `failed` devices, numbered as in `cluster` (the survivors keep their indices).
+
+    `options` are those of `plan_training`.
+    """
+    survivors, original = cluster.without_devices(failed)
+    plan = plan_training(survivors, model, workload, **options)
+    return plan.with_devices(original, [d.kind for d in cluster.devices], cluster.name)
 
 
 def explain_infeasible(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> str:
@@ -466,14 +539,17 @@ def explain_infeasible(cluster: ClusterSpec, model: ModelSpec, workload: TrainWo
             f"{usable / 1e9:.1f} GB in total"
         )
     lines = []
-    for node in {n.kind: n for n in cluster.nodes}.values():
+    for members in cluster.node_classes():
+        node = cluster.nodes[members[0]]
         tp = 1 << (node.count.bit_length() - 1)
         need = costs.stage_memory_bytes(tp, 1, b, workload.recompute, 1, False, False)
         cap = cluster.profile(node.kind).capacity_bytes
         lines.append(f"{node.kind}: one block at TP={tp} needs {need / 1e9:.2f} GB of {cap / 1e9:.2f} GB usable")
-        for what, extra in (("embedding", costs.first_state_bytes(tp)), ("LM head", costs.last_state_bytes(tp) + costs.logits_bytes(tp, b))):
+        head = costs.last_state_bytes(tp) + costs.logits_bytes(tp, b)
+        for what, extra in (("embedding", costs.first_state_bytes(tp)), ("LM head", head)):
             if need + extra > cap:
-                lines.append(f"{node.kind}: a stage holding one block and the {what} at TP={tp} needs {(need + extra) / 1e9:.2f} GB")
+                gb = (need + extra) / 1e9
+                lines.append(f"{node.kind}: a stage holding one block and the {what} at TP={tp} needs {gb:.2f} GB")
     return (
         f"memory: no placement of {model.name} ({model.num_layers} blocks, micro-batch >= {b}, seq_len "
         f"{workload.seq_len}) keeps every stage within its devices' usable memory; " + "; ".join(lines)

@@ -1,0 +1,155 @@
+"""`jaxhet plan train|serve`: plan training (table, JSON, PNG of the placement) or serving (table, JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import planners
+from jaxhet.cli.errors import user_errors
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.callback()
+def plan() -> None:
+    """Plan training or serving on a heterogeneous cluster."""
+
+
+ClusterOption = Annotated[
+    str, typer.Option(help="Cluster YAML/JSON file, or a built-in name (emulated8, h100x4_l4x4).")
+]
+ModelOption = Annotated[
+    str, typer.Option(help=f"Model preset ({', '.join(sorted(planners.PRESETS))}) or a HF config.json path.")
+]
+
+
+def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Table:
+    table = Table(
+        title=f"{plan.model} on {plan.cluster} ({cluster.kinds_summary()})",
+        caption="rc: recompute activations; mb x size: micro-batches x sequences each; mem: peak / usable",
+    )
+    for column in ("replica", "stage", "devices", "GPU", "TP", "layers", "rc", "mb x size", "mem GB"):
+        table.add_column(column, justify="left" if column in ("devices", "GPU") else "right")
+    assert plan.estimate is not None
+    for r, (replica, mems) in enumerate(zip(plan.replicas, plan.estimate.peak_memory_gb, strict=True)):
+        for s, (stage, gb) in enumerate(zip(replica.stages, mems, strict=True)):
+            cap = cluster.profile(stage.kind).capacity_bytes / 1e9
+            table.add_row(
+                str(r) if s == 0 else "",
+                str(s),
+                ",".join(map(str, stage.devices)),
+                stage.kind,
+                str(stage.tp),
+                f"{stage.layers[0]}-{stage.layers[1] - 1}",
+                "yes" if stage.recompute else "no",
+                f"{replica.num_microbatches} x {replica.microbatch_size}" if s == 0 else "",
+                f"{gb:.1f}/{cap:.0f}",
+            )
+    return table
+
+
+def train(
+    cluster: ClusterOption = "emulated8",
+    model: ModelOption = "tiny",
+    global_batch: Annotated[int, typer.Option(min=1, help="Sequences per iteration.")] = 16,
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 256,
+    no_recompute: Annotated[bool, typer.Option("--no-recompute", help="Forbid activation recomputation.")] = False,
+    use_all_devices: Annotated[bool, typer.Option("--use-all-devices", help="Leave no device idle.")] = False,
+    time_limit: Annotated[float, typer.Option(min=0.1, help="Solver time limit in seconds.")] = 10.0,
+    workers: Annotated[int, typer.Option(min=1, help="CP-SAT worker threads.")] = 2,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
+    png: Annotated[Path | None, typer.Option(help="Write a picture of the placement here.")] = None,
+) -> None:
+    """Find the fastest training plan (replicas, pipelines, TP degrees, layer split, batch shares)."""
+    console = Console()
+    with user_errors():
+        spec = planners.ClusterSpec.load(cluster)
+        model_spec = planners.ModelSpec.resolve(model)
+        workload = planners.TrainWorkload(global_batch, seq_len, recompute=not no_recompute)
+        plan, info = planners.plan_training_with_info(
+            spec, model_spec, workload, time_limit_s=time_limit, num_workers=workers, use_all_devices=use_all_devices
+        )
+    assert plan.estimate is not None
+    console.print(_train_table(plan, spec))
+    tokens_s = workload.tokens / plan.estimate.iteration_s
+    proof = "optimal under the cost model" if info.status == "OPTIMAL" else "best found within the time limit"
+    console.print(
+        f"predicted iteration {plan.estimate.iteration_s * 1e3:.2f} ms ({tokens_s:,.0f} tokens/s), "
+        f"gradient all-reduce {plan.estimate.grad_sync_s * 1e3:.2f} ms; {proof} "
+        f"({info.solve_s:.1f} s over {info.solves} sub-problems; {info.cells} cell(s), "
+        f"micro-batch size {info.microbatch_size})",
+        highlight=False,
+    )
+    if output is not None:
+        output.write_text(plan.to_json() + "\n")
+        console.print(f"plan written to {output}", highlight=False)
+    if png is not None:
+        from planners.picture import save_placement_png
+
+        save_placement_png(plan, spec, png)
+        console.print(f"placement picture written to {png}", highlight=False)
+
+
+def _serve_table(plan: planners.ServePlan) -> Table:
+    table = Table(title=f"serving on {plan.cluster}: {plan.objective.replace('_', ' ')}")
+    for column in ("replica", "model", "role", "GPU", "TP", "devices", "batch", "capacity/s", "routed/s"):
+        table.add_column(column, justify="left" if column in ("model", "role", "GPU", "devices") else "right")
+    for i, r in enumerate(plan.replicas):
+        table.add_row(
+            str(i),
+            r.model,
+            r.role,
+            r.kind,
+            str(r.tp),
+            ",".join(map(str, r.devices)),
+            str(r.max_batch),
+            f"{r.capacity_rps:.2f}",
+            f"{r.routed_rps:.2f}",
+        )
+    return table
+
+
+def serve(
+    cluster: ClusterOption = "h100x4_l4x4",
+    model: Annotated[
+        list[str] | None, typer.Option(help="Model preset or HF config.json path; repeat for several.")
+    ] = None,
+    rate: Annotated[float, typer.Option(min=1e-9, help="Arrival rate per model, requests/s.")] = 2.0,
+    input_len: Annotated[int, typer.Option(min=1, help="Prompt tokens per request.")] = 512,
+    output_len: Annotated[int, typer.Option(min=1, help="Generated tokens per request.")] = 128,
+    ttft: Annotated[float, typer.Option(min=1e-9, help="Time-to-first-token SLO, seconds.")] = 1.0,
+    tpot: Annotated[float, typer.Option(min=1e-9, help="Time-per-output-token SLO, seconds.")] = 0.1,
+    budget: Annotated[float | None, typer.Option(help="Price cap per hour for the GPUs used.")] = None,
+    trace: Annotated[
+        Path | None, typer.Option(help="CSV trace (arrival_s,input_len,output_len): sets rate and lengths.")
+    ] = None,
+    objective: Annotated[str, typer.Option(help="max_throughput or min_cost.")] = "max_throughput",
+    colocate: Annotated[bool, typer.Option("--colocate", help="No prefill/decode disaggregation.")] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
+) -> None:
+    """Choose GPU composition, replicas and routing for serving under SLOs and a budget."""
+    console = Console()
+    with user_errors():
+        spec = planners.ClusterSpec.load(cluster)
+        models = [planners.ModelSpec.resolve(m) for m in (model or ["llama-2-7b"])]
+        goals = {"ttft_slo_s": ttft, "tpot_slo_s": tpot, "budget_per_hour": budget}
+        if trace is not None:
+            workload = planners.ServeWorkload.from_trace(trace, **goals)
+        else:
+            workload = planners.ServeWorkload(arrival_rate=rate, input_len=input_len, output_len=output_len, **goals)
+        plan = planners.plan_serving(spec, models, workload, objective=objective, disaggregate=not colocate)
+    console.print(_serve_table(plan))
+    served = ", ".join(f"{name}: {r * plan.throughput_scale:.2f} req/s" for name, r in plan.rates.items())
+    console.print(f"serves {served} at {plan.price_per_hour:.2f}/h (cost model, no queueing)", highlight=False)
+    if output is not None:
+        output.write_text(plan.to_json() + "\n")
+        console.print(f"plan written to {output}", highlight=False)
+
+
+app.command("train")(train)
+app.command("serve")(serve)

@@ -1,0 +1,63 @@
+"""A PNG of a training plan's placement: one row per node, one box per device, coloured by replica and stage.
+
+matplotlib is imported when a picture is drawn, so the rest of the planners work without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from planners.cluster import ClusterSpec
+from planners.plan import TrainPlan
+
+
+def save_placement_png(plan: TrainPlan, cluster: ClusterSpec, path: str | Path) -> Path:
+    """Draw `plan` on `cluster` into `path` (PNG) and return the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    owner: dict[int, tuple[int, int]] = {}
+    for r, replica in enumerate(plan.replicas):
+        for s, stage in enumerate(replica.stages):
+            for d in stage.devices:
+                owner[d] = (r, s)
+    width = max(n.count for n in cluster.nodes)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.25 * width, 0.9 + 0.9 * len(cluster.nodes)))
+    cmap = plt.get_cmap("tab10")
+    for d in cluster.devices:
+        x, y = d.local, len(cluster.nodes) - 1 - d.node
+        if d.index in owner:
+            r, s = owner[d.index]
+            stage = plan.replicas[r].stages[s]
+            depth = len(plan.replicas[r].stages)
+            colour, alpha = cmap(r % 10), 1.0 - 0.55 * s / max(depth - 1, 1)
+            flags = " rc" if stage.recompute else ""
+            text = f"R{r} S{s}\nL{stage.layers[0]}-{stage.layers[1] - 1}\nTP{stage.tp}{flags}"
+        else:
+            colour, alpha, text = "lightgrey", 1.0, "idle"
+        ax.add_patch(Rectangle((x + 0.05, y + 0.08), 0.9, 0.84, facecolor=colour, alpha=alpha, edgecolor="black"))
+        ax.text(x + 0.5, y + 0.5, f"#{d.index} {d.kind}\n{text}", ha="center", va="center", fontsize=7)
+    ax.set_xlim(0, width)
+    ax.set_ylim(0, len(cluster.nodes))
+    ax.set_yticks([len(cluster.nodes) - 1 - i + 0.5 for i in range(len(cluster.nodes))])
+    ax.set_yticklabels([f"{n.name}\n{n.count}x{n.kind}" for n in cluster.nodes], fontsize=8)
+    ax.set_xticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    title = f"{plan.model or 'model'} on {plan.cluster or cluster.name}: {len(plan.replicas)} replica(s)"
+    if plan.estimate is not None:
+        title += f", predicted {plan.estimate.iteration_s * 1e3:.1f} ms/iteration"
+    ax.set_title(title, fontsize=9)
+    handles = [
+        Patch(color=cmap(r % 10), label=f"R{r}: {rep.num_microbatches}x{rep.microbatch_size} seq")
+        for r, rep in enumerate(plan.replicas[:10])
+    ]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

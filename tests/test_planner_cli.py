@@ -1,0 +1,91 @@
+"""`jaxhet plan train` through the real command line."""
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+import planners
+from jaxhet.cli import app
+
+RUNNER = CliRunner()
+
+
+def test_plan_train_writes_json_and_png(tmp_path: Path) -> None:
+    out, png = tmp_path / "plan.json", tmp_path / "map.png"
+    result = RUNNER.invoke(
+        app,
+        [
+            "plan",
+            "train",
+            "--cluster",
+            "h100x4_l4x4",
+            "--model",
+            "llama-2-7b",
+            "--global-batch",
+            "8",
+            "--seq-len",
+            "1024",
+            "--time-limit",
+            "3",
+            "-o",
+            str(out),
+            "--png",
+            str(png),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "predicted iteration" in result.output and "H100" in result.output
+    plan = planners.TrainPlan.from_json(out.read_text())
+    assert plan.model == "llama-2-7b" and plan.global_batch == 8 and plan.cluster == "h100x4_l4x4"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_train_defaults_run(tmp_path: Path) -> None:
+    result = RUNNER.invoke(app, ["plan", "train", "--time-limit", "2"])
+    assert result.exit_code == 0, result.output
+    assert "tiny on emulated8" in result.output
+    out = tmp_path / "all.json"
+    result = RUNNER.invoke(app, ["plan", "train", "--time-limit", "3", "--use-all-devices", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(planners.TrainPlan.from_json(out.read_text()).devices) == list(range(8))
+
+
+def test_user_mistakes_are_one_line(tmp_path: Path) -> None:
+    result = RUNNER.invoke(app, ["plan", "train", "--cluster", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert "cluster file not found" in result.output and "Traceback" not in result.output
+    result = RUNNER.invoke(app, ["plan", "train", "--model", "gpt-9"])
+    assert result.exit_code == 2 and "neither a preset" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nodes: [{gpu: H100, count: 4, speed: 9}]\n")
+    result = RUNNER.invoke(app, ["plan", "train", "--cluster", str(bad)])
+    assert result.exit_code == 2 and "unknown field(s) ['speed']" in result.output
+    result = RUNNER.invoke(app, ["plan", "train", "--cluster", "h100x4_l4x4", "--model", "llama-2-70b"])
+    assert result.exit_code == 2 and "weights, gradients and Adam state" in result.output
+
+
+def test_plan_serve(tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    result = RUNNER.invoke(
+        app,
+        [
+            "plan",
+            "serve",
+            "--model",
+            "llama-2-7b",
+            "--rate",
+            "3",
+            "--budget",
+            "10",
+            "--objective",
+            "min_cost",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "L4" in result.output
+    plan = planners.ServePlan.from_json(out.read_text())
+    assert plan.price_per_hour <= 10 and plan.objective == "min_cost"
+    result = RUNNER.invoke(app, ["plan", "serve", "--objective", "fastest"])
+    assert result.exit_code == 2 and "objective must be one of" in result.output
