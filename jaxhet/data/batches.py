@@ -60,11 +60,11 @@ class PackedBatches:
     def restore(self, state: dict[str, Any]) -> None:
         """Continue exactly where the iterator that produced `state` stood."""
         expected = {"version": STATE_VERSION, **self._identity()}
-        mismatched = {key: state.get(key) for key, value in expected.items() if state.get(key) != value}
-        if mismatched:
-            raise ValueError(
-                f"data state belongs to another corpus or split: {mismatched} here is {({k: expected[k] for k in mismatched})}"
-            )
+        differences = [
+            f"{key} {state.get(key)!r} (here {value!r})" for key, value in expected.items() if state.get(key) != value
+        ]
+        if differences:
+            raise ValueError(f"the data state belongs to another corpus, split or tokenizer: {'; '.join(differences)}")
         self._seek(epoch=state["epoch"], position=state["position"], offset=state["offset"])
 
     @functools.cached_property
