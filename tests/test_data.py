@@ -131,11 +131,16 @@ def test_restore_in_the_middle_of_a_stdlib_file():
     assert_same_batches(continued, take(restored, 20))
 
 
-def test_restore_rejects_the_state_of_another_corpus(tmp_path):
+def test_restore_rejects_foreign_or_corrupt_states(tmp_path):
     write_corpus(tmp_path)
-    state = PackedBatches(DataConfig(source=str(tmp_path), seed=1)).state()
-    with pytest.raises(ValueError, match="seed"):
+    batches = PackedBatches(DataConfig(source=str(tmp_path), seed=1))
+    state = batches.state()
+    with pytest.raises(ValueError, match="seed 1 .here 2."):
         PackedBatches(DataConfig(source=str(tmp_path), seed=2)).restore(state)
+    with pytest.raises(ValueError, match="position"):
+        batches.restore({**state, "position": 12})
+    with pytest.raises(ValueError, match="offset"):
+        batches.restore({**state, "offset": 10**6})
 
 
 def test_jsonl_source_one_document_per_line(tmp_path):

@@ -55,17 +55,25 @@ class PackedBatches:
 
     def state(self) -> dict[str, Any]:
         """The position between batches, as JSON-serialisable plain data."""
-        return {"version": STATE_VERSION, **self._identity(), **self._position()}
+        position = {"epoch": self._epoch, "position": self._position_in_epoch, "offset": self._offset}
+        return {"version": STATE_VERSION, **self._identity(), **position}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Continue exactly where the iterator that produced `state` stood."""
+        """Continue exactly where the iterator that produced `state` stood; a state from another corpus, split,
+        seed or tokenizer, or one pointing outside its documents, raises a `ValueError`."""
         expected = {"version": STATE_VERSION, **self._identity()}
         differences = [
             f"{key} {state.get(key)!r} (here {value!r})" for key, value in expected.items() if state.get(key) != value
         ]
         if differences:
             raise ValueError(f"the data state belongs to another corpus, split or tokenizer: {'; '.join(differences)}")
-        self._seek(epoch=state["epoch"], position=state["position"], offset=state["offset"])
+        epoch, position, offset = (state.get(key) for key in ("epoch", "position", "offset"))
+        counters_valid = all(isinstance(v, int) and v >= 0 for v in (epoch, position, offset))
+        if not counters_valid or position >= len(self._documents):
+            raise ValueError(f"the data state's position is invalid: epoch {epoch!r}, position {position!r}")
+        self._seek(epoch=epoch, position=position, offset=offset)
+        if offset >= len(self._tokens) - 1:
+            raise ValueError(f"the data state's offset {offset} lies past the end of its document")
 
     @functools.cached_property
     def tokens_per_epoch(self) -> int:
@@ -85,9 +93,6 @@ class PackedBatches:
             "max_documents": config.max_documents,
             "num_documents": len(self._documents),
         }
-
-    def _position(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "position": self._position_in_epoch, "offset": self._offset}
 
     def _seek(self, *, epoch: int, position: int, offset: int) -> None:
         self._epoch = epoch
