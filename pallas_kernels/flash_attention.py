@@ -1,0 +1,464 @@
+"""FlashAttention-2 style attention in Pallas: online-softmax forward, dQ and dK/dV backward kernels.
+
+The kernels are written for Pallas's Triton lowering (GPU): a grid over (batch, heads, blocks), BlockSpecs that
+hand each program one query (or key) block plus the whole key (or query) sequence of its head, and a
+`lax.fori_loop` over the other sequence's blocks that loads slices with `pl.ds`. Elsewhere they run in Pallas
+interpret mode, which is what the CPU tests exercise.
+
+Numerics: scores, the running max/sum and all accumulators are float32 whatever the input dtype; probabilities
+are cast to the input dtype only as the left operand of the P·V and dS·K / dS·Q products, as in FlashAttention.
+Scores are kept in base 2 (`exp2`, with log2(e) folded into the scale) and the saved logsumexp is base 2 as well.
+A row with no visible key has sum 0: its output is 0 and its logsumexp +inf, which makes every recomputed
+probability 0 in the backward pass, so such rows give 0 outputs and 0 gradients, never NaN.
+
+Work follows the mask: without a block mask each program loops over the kv-block range that causality and the
+window leave (`Geometry.kv_block_range`); with a block mask it loops over its kept-block list
+(`schedule.BlockSchedule`). The dK/dV kernel uses the transposed ranges/lists.
+
+GQA/MQA: K/V are never repeated; the BlockSpec index maps send query head `h` to kv head `h // groups`. The dK/dV
+kernel runs per query head and writes float32 partial gradients that are summed over each head group afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jaxtyping import Array, Bool, Float, Int
+
+from pallas_kernels.geometry import Geometry, normalize_window, segment_mask
+from pallas_kernels.schedule import BlockSchedule, build_schedule
+
+DEFAULT_BLOCK = 64
+MIN_BLOCK = 16  # the smallest tile Triton's matrix-multiply instruction accepts
+_MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so a fully masked tile never gives inf - inf
+_LOG2_E = math.log2(math.e)
+
+SegmentIds = Int[Array, "batch seq"] | tuple[Int[Array, "batch q_len"], Int[Array, "batch kv_len"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything about a call that is fixed at trace time (hashable: a `custom_vjp` non-diff argument)."""
+
+    geometry: Geometry
+    sm_scale: float
+    groups: int
+    has_segments: bool
+    sparse: bool
+    interpret: bool
+
+    @property
+    def scale_log2(self) -> float:
+        return self.sm_scale * _LOG2_E
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Extras:
+    """Integer side inputs of the kernels; they receive no gradient."""
+
+    q_segments: Int[Array, "batch q_pad"] | None
+    kv_segments: Int[Array, "batch kv_pad"] | None
+    schedule: BlockSchedule | None
+
+
+def _dot_nt(a, b):
+    """a @ b.T with a float32 result."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_nn(a, b):
+    """a @ b with a float32 result."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+    """a.T @ b with a float32 result."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _tile_mask(st: _Static, q_start, kv_start, q_segments, kv_segments) -> Bool[Array, "bq bk"] | None:
+    """Mask of one (query block, kv block) tile: positions (causal, window, ragged tails) and segments."""
+    g = st.geometry
+    mask = g.element_mask(q_start, kv_start, g.block_q, g.block_k)
+    if q_segments is not None:
+        same = segment_mask(q_segments, kv_segments)
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def _loop_schedule(refs: dict, st: _Static, block, transposed: bool) -> tuple[object, Callable]:
+    """How many blocks program `block` visits and the block index of its j-th visit.
+
+    Dense: the contiguous range the geometry allows. Sparse: the kept-block list and its count.
+    """
+    if st.sparse:
+        indices, counts = (refs["q_indices"], refs["q_counts"]) if transposed else (refs["kv_indices"], refs["kv_counts"])
+        return counts[0], lambda j: indices[j]
+    lo, hi = (st.geometry.q_block_range if transposed else st.geometry.kv_block_range)(block)
+    return jnp.maximum(hi - lo, 0), lambda j: lo + j
+
+
+def _probabilities(scores, lse, mask):
+    """Softmax probabilities recomputed from base-2 scores and the saved base-2 logsumexp; masked -> 0."""
+    p = jnp.exp2(scores - lse[:, None])
+    return p if mask is None else jnp.where(mask, p, 0.0)
+
+
+def _forward_kernel(*refs, st: _Static, names: tuple[str, ...]):
+    r = dict(zip(names, refs))
+    g = st.geometry
+    q_block = pl.program_id(2)
+    q = r["q"][...]
+    q_segments = r["q_segments"][...] if st.has_segments else None
+    count, kv_block_at = _loop_schedule(r, st, q_block, transposed=False)
+
+    def body(j, carry):
+        acc, row_max, row_sum = carry
+        kv_block = kv_block_at(j)
+        kv_slice = pl.ds(pl.multiple_of(kv_block * g.block_k, g.block_k), g.block_k)
+        k = r["k"][kv_slice, :]
+        v = r["v"][kv_slice, :]
+        scores = _dot_nt(q, k) * st.scale_log2
+        kv_segments = r["kv_segments"][kv_slice] if st.has_segments else None
+        mask = _tile_mask(st, q_block * g.block_q, kv_block * g.block_k, q_segments, kv_segments)
+        if mask is not None:
+            scores = jnp.where(mask, scores, _MASKED)
+        new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
+        correction = jnp.exp2(row_max - new_max)
+        p = jnp.exp2(scores - new_max[:, None])
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+        row_sum = correction * row_sum + jnp.sum(p, axis=1)
+        acc = correction[:, None] * acc + _dot_nn(p.astype(v.dtype), v)
+        return acc, new_max, row_sum
+
+    init = (
+        jnp.zeros(q.shape, jnp.float32),
+        jnp.full((g.block_q,), _MASKED, jnp.float32),
+        jnp.zeros((g.block_q,), jnp.float32),
+    )
+    acc, row_max, row_sum = lax.fori_loop(0, count, body, init)
+    seen = row_sum > 0
+    r["o"][...] = (acc / jnp.where(seen, row_sum, 1.0)[:, None]).astype(r["o"].dtype)
+    r["lse"][...] = jnp.where(seen, row_max + jnp.log2(jnp.where(seen, row_sum, 1.0)), jnp.inf)
+
+
+def _dq_kernel(*refs, st: _Static, names: tuple[str, ...]):
+    r = dict(zip(names, refs))
+    g = st.geometry
+    q_block = pl.program_id(2)
+    q, do = r["q"][...], r["do"][...]
+    lse, delta = r["lse"][...], r["delta"][...]
+    q_segments = r["q_segments"][...] if st.has_segments else None
+    count, kv_block_at = _loop_schedule(r, st, q_block, transposed=False)
+
+    def body(j, dq):
+        kv_block = kv_block_at(j)
+        kv_slice = pl.ds(pl.multiple_of(kv_block * g.block_k, g.block_k), g.block_k)
+        k = r["k"][kv_slice, :]
+        v = r["v"][kv_slice, :]
+        kv_segments = r["kv_segments"][kv_slice] if st.has_segments else None
+        mask = _tile_mask(st, q_block * g.block_q, kv_block * g.block_k, q_segments, kv_segments)
+        p = _probabilities(_dot_nt(q, k) * st.scale_log2, lse, mask)
+        ds = p * (_dot_nt(do, v) - delta[:, None])
+        return dq + _dot_nn(ds.astype(k.dtype), k)
+
+    dq = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
+    r["dq"][...] = (dq * st.sm_scale).astype(r["dq"].dtype)
+
+
+def _dkdv_kernel(*refs, st: _Static, names: tuple[str, ...]):
+    r = dict(zip(names, refs))
+    g = st.geometry
+    kv_block = pl.program_id(2)
+    k, v = r["k"][...], r["v"][...]
+    kv_segments = r["kv_segments"][...] if st.has_segments else None
+    count, q_block_at = _loop_schedule(r, st, kv_block, transposed=True)
+
+    def body(j, carry):
+        dk, dv = carry
+        q_block = q_block_at(j)
+        q_slice = pl.ds(pl.multiple_of(q_block * g.block_q, g.block_q), g.block_q)
+        q = r["q"][q_slice, :]
+        do = r["do"][q_slice, :]
+        q_segments = r["q_segments"][q_slice] if st.has_segments else None
+        mask = _tile_mask(st, q_block * g.block_q, kv_block * g.block_k, q_segments, kv_segments)
+        p = _probabilities(_dot_nt(q, k) * st.scale_log2, r["lse"][q_slice], mask)
+        dv = dv + _dot_tn(p.astype(do.dtype), do)
+        ds = p * (_dot_nt(do, v) - r["delta"][q_slice][:, None])
+        dk = dk + _dot_tn(ds.astype(q.dtype), q)
+        return dk, dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, count, body, (zeros, zeros))
+    r["dk"][...] = dk * st.sm_scale
+    r["dv"][...] = dv
+
+
+def _pick(index, size: int):
+    """Index into a broadcastable leading mask dimension: the program's own index, or 0 when the size is 1."""
+    return index if size > 1 else 0
+
+
+def _side_inputs(st: _Static, extras: _Extras, transposed: bool) -> list[tuple[str, Array, pl.BlockSpec]]:
+    """Segment ids and schedule lists with their BlockSpecs; the grid is (batch, head, block)."""
+    g = st.geometry
+    inputs = []
+    if st.has_segments:
+        q_pad, kv_pad = extras.q_segments.shape[1], extras.kv_segments.shape[1]
+        if transposed:
+            q_spec = pl.BlockSpec((None, q_pad), lambda b, h, i: (b, 0))
+            kv_spec = pl.BlockSpec((None, g.block_k), lambda b, h, i: (b, i))
+        else:
+            q_spec = pl.BlockSpec((None, g.block_q), lambda b, h, i: (b, i))
+            kv_spec = pl.BlockSpec((None, kv_pad), lambda b, h, i: (b, 0))
+        inputs += [("q_segments", extras.q_segments, q_spec), ("kv_segments", extras.kv_segments, kv_spec)]
+    if st.sparse:
+        s = extras.schedule
+        indices, counts, prefix = (s.q_indices, s.q_counts, "q") if transposed else (s.kv_indices, s.kv_counts, "kv")
+        mb, mh, _, length = indices.shape
+        inputs += [
+            (
+                f"{prefix}_indices",
+                indices,
+                pl.BlockSpec((None, None, None, length), lambda b, h, i: (_pick(b, mb), _pick(h, mh), i, 0)),
+            ),
+            (
+                f"{prefix}_counts",
+                counts,
+                pl.BlockSpec((None, None, 1), lambda b, h, i: (_pick(b, mb), _pick(h, mh), i)),
+            ),
+        ]
+    return inputs
+
+
+def _call(kernel, st: _Static, grid, inputs, outputs, name: str):
+    """`pl.pallas_call` over named inputs/outputs; the kernel receives them by name."""
+    names = tuple(n for n, _, _ in inputs) + tuple(n for n, _, _ in outputs)
+    head_dim = inputs[0][1].shape[-1]
+    return pl.pallas_call(
+        functools.partial(kernel, st=st, names=names),
+        grid=grid,
+        in_specs=[spec for _, _, spec in inputs],
+        out_specs=[spec for _, _, spec in outputs],
+        out_shape=[shape for _, shape, _ in outputs],
+        compiler_params=plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2),
+        interpret=st.interpret,
+        name=name,
+    )(*[array for _, array, _ in inputs])
+
+
+def _forward(q, k, v, extras: _Extras, st: _Static):
+    g = st.geometry
+    batch, q_pad, heads, head_dim = q.shape
+    kv_pad = k.shape[1]
+    shared = lambda h: lax.div(h, st.groups)  # noqa: E731
+    inputs = [
+        ("q", q, pl.BlockSpec((None, g.block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))),
+        ("k", k, pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, shared(h), 0))),
+        ("v", v, pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, shared(h), 0))),
+        *_side_inputs(st, extras, transposed=False),
+    ]
+    outputs = [
+        ("o", jax.ShapeDtypeStruct(q.shape, q.dtype), inputs[0][2]),
+        (
+            "lse",
+            jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32),
+            pl.BlockSpec((None, None, g.block_q), lambda b, h, i: (b, h, i)),
+        ),
+    ]
+    return _call(_forward_kernel, st, (batch, heads, g.num_q_blocks), inputs, outputs, "flash_attention_fwd")
+
+
+def _backward(st: _Static, residuals, do):
+    q, k, v, extras, o, lse = residuals
+    g = st.geometry
+    batch, q_pad, heads, head_dim = q.shape
+    kv_pad, kv_heads = k.shape[1], k.shape[2]
+    do = do.astype(q.dtype)
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    shared = lambda h: lax.div(h, st.groups)  # noqa: E731
+    q_tile = pl.BlockSpec((None, g.block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
+    q_row = pl.BlockSpec((None, None, g.block_q), lambda b, h, i: (b, h, i))
+    (dq,) = _call(
+        _dq_kernel,
+        st,
+        (batch, heads, g.num_q_blocks),
+        [
+            ("q", q, q_tile),
+            ("k", k, pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, shared(h), 0))),
+            ("v", v, pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, shared(h), 0))),
+            ("do", do, q_tile),
+            ("lse", lse, q_row),
+            ("delta", delta, q_row),
+            *_side_inputs(st, extras, transposed=False),
+        ],
+        [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), q_tile)],
+        "flash_attention_dq",
+    )
+    q_all = pl.BlockSpec((None, q_pad, None, head_dim), lambda b, h, i: (b, 0, h, 0))
+    row_all = pl.BlockSpec((None, None, q_pad), lambda b, h, i: (b, h, 0))
+    kv_tile = pl.BlockSpec((None, g.block_k, None, head_dim), lambda b, h, i: (b, i, shared(h), 0))
+    per_head = jax.ShapeDtypeStruct((batch, kv_pad, heads, head_dim), jnp.float32)
+    per_head_tile = pl.BlockSpec((None, g.block_k, None, head_dim), lambda b, h, i: (b, i, h, 0))
+    dk, dv = _call(
+        _dkdv_kernel,
+        st,
+        (batch, heads, g.num_kv_blocks),
+        [
+            ("q", q, q_all),
+            ("k", k, kv_tile),
+            ("v", v, kv_tile),
+            ("do", do, q_all),
+            ("lse", lse, row_all),
+            ("delta", delta, row_all),
+            *_side_inputs(st, extras, transposed=True),
+        ],
+        [("dk", per_head, per_head_tile), ("dv", per_head, per_head_tile)],
+        "flash_attention_dkdv",
+    )
+    group_sum = lambda x: x.reshape(batch, kv_pad, kv_heads, st.groups, head_dim).sum(axis=3)  # noqa: E731
+    return dq, group_sum(dk).astype(k.dtype), group_sum(dv).astype(v.dtype), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, extras: _Extras, st: _Static):
+    return _forward(q, k, v, extras, st)[0]
+
+
+def _attention_fwd(q, k, v, extras: _Extras, st: _Static):
+    o, lse = _forward(q, k, v, extras, st)
+    return o, (q, k, v, extras, o, lse)
+
+
+_attention.defvjp(_attention_fwd, _backward)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _block_size(requested: int | None, length: int, fixed: bool) -> int:
+    """The requested block size; by default 64, shrunk for short sequences unless a block mask fixes it."""
+    if requested is not None:
+        if requested < 1 or requested & (requested - 1):
+            raise ValueError(f"block sizes must be powers of two, got {requested}")
+        return requested
+    if fixed:
+        return DEFAULT_BLOCK
+    return min(DEFAULT_BLOCK, max(MIN_BLOCK, _next_power_of_2(length)))
+
+
+def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _segments(segment_ids: SegmentIds | None, batch: int, q_len: int, kv_len: int):
+    if segment_ids is None:
+        return None, None
+    if isinstance(segment_ids, (tuple, list)):
+        q_seg, kv_seg = segment_ids
+    else:
+        if q_len != kv_len:
+            raise ValueError(
+                f"a single segment_ids array needs q_len == kv_len (got {q_len} and {kv_len}); "
+                "pass (q_segment_ids, kv_segment_ids) instead"
+            )
+        q_seg = kv_seg = segment_ids
+    if q_seg.shape != (batch, q_len) or kv_seg.shape != (batch, kv_len):
+        raise ValueError(
+            f"segment ids must have shapes ({batch}, {q_len}) and ({batch}, {kv_len}), "
+            f"got {q_seg.shape} and {kv_seg.shape}"
+        )
+    return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+
+
+def default_interpret() -> bool:
+    """Compiled kernels on a GPU, Pallas interpret mode on every other backend."""
+    return jax.default_backend() != "gpu"
+
+
+def flash_attention(
+    q: Float[Array, "batch q_len heads head_dim"],
+    k: Float[Array, "batch kv_len kv_heads head_dim"],
+    v: Float[Array, "batch kv_len kv_heads head_dim"],
+    *,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    segment_ids: SegmentIds | None = None,
+    block_mask: Bool[Array, "mb mh num_q_blocks num_kv_blocks"] | None = None,
+    local_window: int | tuple[int, int] | None = None,
+    interpret: bool | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+) -> Float[Array, "batch q_len heads head_dim"]:
+    """Softmax(q·kᵀ·sm_scale + mask)·v, differentiable, in the layout of `jax.nn.dot_product_attention`.
+
+    Args:
+      q, k, v: float32, bfloat16 or float16; `heads` must be a multiple of `kv_heads` (GQA, MQA when 1).
+      causal: keys after the query's position are hidden; queries are aligned to the end of the key sequence
+        (query row t sits at position t + kv_len - q_len), see `pallas_kernels.geometry`.
+      sm_scale: defaults to head_dim ** -0.5.
+      segment_ids: int [batch, seq] (needs q_len == kv_len) or a pair (q ids [batch, q_len], kv ids
+        [batch, kv_len]); a query sees only keys with the same id.
+      block_mask: bool [batch or 1, heads or 1, cdiv(q_len, block_q), cdiv(kv_len, block_k)]; only kept
+        (query block, kv block) tiles are computed, and the cost of forward and backward follows its density.
+        Combined (AND) with every other mask. Block sizes then default to 64 and must match its shape.
+      local_window: int w or (left, right): a query at position p sees keys in [p - left, p + right].
+      interpret: None picks compiled kernels on a GPU and interpret mode elsewhere.
+      block_q, block_k: tile sizes (powers of two; at least 16 for compiled kernels).
+
+    Rows that can see no key return 0 (and get 0 gradients).
+    """
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q [b, t, h, d] and k, v [b, s, kh, d] alike, got {q.shape}, {k.shape}, {v.shape}")
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    geometry = Geometry(
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=_block_size(block_q, q_len, block_mask is not None),
+        block_k=_block_size(block_k, kv_len, block_mask is not None),
+        causal=causal,
+        window=normalize_window(local_window),
+    )
+    q_seg, kv_seg = _segments(segment_ids, batch, q_len, kv_len)
+    st = _Static(
+        geometry=geometry,
+        sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale),
+        groups=heads // kv_heads,
+        has_segments=q_seg is not None,
+        sparse=block_mask is not None,
+        interpret=default_interpret() if interpret is None else bool(interpret),
+    )
+    q_pad = geometry.num_q_blocks * geometry.block_q
+    kv_pad = geometry.num_kv_blocks * geometry.block_k
+    dim_pad = max(MIN_BLOCK, _next_power_of_2(head_dim))
+    extras = _Extras(
+        q_segments=None if q_seg is None else _pad_axis(q_seg, 1, q_pad),
+        kv_segments=None if kv_seg is None else _pad_axis(kv_seg, 1, kv_pad),
+        schedule=None if block_mask is None else build_schedule(block_mask, geometry),
+    )
+    q, k, v = (_pad_axis(_pad_axis(x, 1, n), 3, dim_pad) for x, n in ((q, q_pad), (k, kv_pad), (v, kv_pad)))
+    out = _attention(q, k, v, extras, st)
+    return out[:, :q_len, :, :head_dim]
