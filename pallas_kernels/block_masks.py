@@ -70,17 +70,19 @@ def vertical_slash(
 ) -> BlockMask:
     """Vertical lines (keys every query attends to) and slash lines (keys at fixed distances p - s).
 
-    `verticals` are key positions; `slashes` are non-negative offsets d, the line s = p - d (0 is the diagonal).
+    `verticals` are key positions; `slashes` are offsets d, the line s = p - d (0 is the diagonal; negative
+    offsets, above the diagonal, only matter without `causal`).
     This is the block-level shape of MInference's vertical-slash pattern.
     """
     geometry = Geometry(q_len, kv_len, block_q, block_k, causal=causal)
     nq, nk = geometry.num_q_blocks, geometry.num_kv_blocks
     keep = np.zeros((nq, nk), bool)
-    keep[:, _key_blocks_of(verticals, kv_len, block_k)] = True
     offset = kv_len - q_len
     for i in range(nq):
         p_lo = i * block_q + offset
         p_hi = min((i + 1) * block_q, q_len) - 1 + offset
+        visible_verticals = [s for s in verticals if not causal or s <= p_hi]
+        keep[i] |= _key_blocks_of(visible_verticals, kv_len, block_k)
         for d in slashes:
             s_lo, s_hi = max(p_lo - d, 0), min(p_hi - d, kv_len - 1)
             if s_lo <= s_hi:
