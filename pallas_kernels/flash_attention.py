@@ -392,6 +392,9 @@ def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
+@functools.partial(
+    jax.jit, static_argnames=("causal", "sm_scale", "local_window", "interpret", "block_q", "block_k")
+)
 def flash_attention(
     q: Float[Array, "batch q_len heads head_dim"],
     k: Float[Array, "batch kv_len kv_heads head_dim"],

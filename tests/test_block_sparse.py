@@ -19,7 +19,7 @@ def test_schedule_lists_exactly_the_kept_blocks():
     geometry = pk.Geometry(q_len=100, kv_len=90, block_q=BQ, block_k=BK, causal=True)
     mask = block_masks.random_blocks(jax.random.key(0), (2, 3, 7, 6), 0.4, keep_diagonal=False)
     effective = np.asarray(mask & geometry.block_visibility())
-    schedule = pk.build_schedule(mask, geometry)
+    schedule = jax.jit(pk.build_schedule, static_argnums=1)(mask, geometry)
     for b, h, i in np.ndindex(2, 3, 7):
         count = int(schedule.kv_counts[b, h, i])
         assert list(np.asarray(schedule.kv_indices[b, h, i, :count])) == list(np.flatnonzero(effective[b, h, i]))

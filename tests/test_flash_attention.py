@@ -41,13 +41,14 @@ class Case:
     block_q: int | None = 16
     block_k: int | None = 16
     dtype: str = "float32"
+    sm_scale: float | None = None
 
 
 CASES = [
     Case("odd_len_mha", 37, 37, head_dim=32),
     Case("causal_gqa2", 70, 70, kv_heads=2, causal=True),
     Case("mqa_causal_window", 70, 70, kv_heads=1, causal=True, window=10),
-    Case("two_sided_window", 37, 37, window=(5, 12), block_q=32),
+    Case("two_sided_window_custom_scale", 37, 37, window=(5, 12), block_q=32, sm_scale=0.7),
     Case("short_q_causal_gqa2", 37, 70, kv_heads=2, causal=True),
     Case("long_q_causal_empty_rows", 70, 37, heads=2, kv_heads=2, causal=True),
     Case("segments_causal_gqa2", 70, 70, kv_heads=2, causal=True, segments="shared", head_dim=64),
@@ -96,6 +97,7 @@ def _inputs(case: Case, key: jax.Array):
 def _options(case: Case, segment_ids, block_mask) -> dict:
     return dict(
         causal=case.causal,
+        sm_scale=case.sm_scale,
         local_window=case.window,
         segment_ids=segment_ids,
         block_mask=block_mask,
@@ -121,18 +123,24 @@ def _assert_close(actual, expected, tol, names=("out", "dq", "dk", "dv")):
         np.testing.assert_allclose(a, e, atol=tol, rtol=tol, err_msg=name)
 
 
+def _element_mask(case: Case, segment_ids, block_mask):
+    """The reference's element mask for a case, [batch|1, heads|1, q_len, kv_len]."""
+    options = _options(case, segment_ids, block_mask)
+    del options["sm_scale"]
+    return pk.reference.attention_mask(case.q_len, case.kv_len, **options)
+
+
 def _jax_nn(case: Case, q, k, v, segment_ids, block_mask):
     """`jax.nn.dot_product_attention` with the same mask: its own causal/window flags when they mean the same."""
     if case.q_len == case.kv_len and segment_ids is None and block_mask is None:
         window = case.window if case.window is None or isinstance(case.window, tuple) else (case.window,) * 2
         return jax.nn.dot_product_attention(
-            q, k, v, is_causal=case.causal, local_window_size=window, implementation="xla"
+            q, k, v, scale=case.sm_scale, is_causal=case.causal, local_window_size=window, implementation="xla"
         )
-    mask = pk.reference.attention_mask(
-        case.q_len, case.kv_len, **_options(case, segment_ids, block_mask)
+    mask = jnp.broadcast_to(
+        _element_mask(case, segment_ids, block_mask), (case.batch, case.heads, case.q_len, case.kv_len)
     )
-    mask = jnp.broadcast_to(mask, (case.batch, case.heads, case.q_len, case.kv_len))
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, scale=case.sm_scale, mask=mask, implementation="xla")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -147,7 +155,7 @@ def test_matches_reference_and_jax_nn(case: Case):
     _assert_close(got, expected, tol)
     assert got[0].dtype == q.dtype and all(g.dtype == x.dtype for g, x in zip(got[1:], (q, k, v)))
 
-    visible = pk.reference.attention_mask(case.q_len, case.kv_len, **ref_options).any(axis=-1)
+    visible = _element_mask(case, segment_ids, block_mask).any(axis=-1)
     if not bool(visible.all()):
         empty = ~np.asarray(jnp.broadcast_to(visible, (case.batch, case.heads, case.q_len)))
         out = np.moveaxis(np.asarray(got[0]), 1, 2)  # [batch, heads, q_len, dim]
@@ -166,14 +174,6 @@ def test_float16_and_head_dim_128_forward():
     expected = pk.reference.flash_attention(*(x.astype(jnp.float32) for x in (q, k, v)), causal=True)
     assert out.dtype == jnp.float16
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected), atol=1e-2, rtol=1e-2)
-
-
-def test_custom_scale_matches_reference():
-    kq, kk, kv = jax.random.split(jax.random.key(3), 3)
-    q = jax.random.normal(kq, (1, 20, 2, 16))
-    k, v = jax.random.normal(kk, (1, 20, 1, 16)), jax.random.normal(kv, (1, 20, 1, 16))
-    out = pk.flash_attention(q, k, v, sm_scale=0.7, block_q=16, block_k=16)
-    np.testing.assert_allclose(out, pk.reference.flash_attention(q, k, v, sm_scale=0.7), atol=F32_TOL, rtol=F32_TOL)
 
 
 @pytest.mark.parametrize(
