@@ -166,14 +166,31 @@ def test_matches_reference_and_jax_nn(case: Case):
         _assert_close(got, _value_and_grads(lambda q, k, v: _jax_nn(case, q, k, v, segment_ids, block_mask), *upcast[:3], do), F32_TOL)
 
 
-def test_float16_and_head_dim_128_forward():
-    kq, kk, kv = jax.random.split(jax.random.key(7), 3)
-    shape = (1, 40, 2, 128)
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_float16_large_head_dims_forward(head_dim):
+    kq, kk, kv = jax.random.split(jax.random.key(head_dim), 3)
+    shape = (1, 40, 2, head_dim)
     q, k, v = (jax.random.normal(key, shape, jnp.float16) for key in (kq, kk, kv))
     out = pk.flash_attention(q, k, v, causal=True, block_q=16, block_k=16)
     expected = pk.reference.flash_attention(*(x.astype(jnp.float32) for x in (q, k, v)), causal=True)
     assert out.dtype == jnp.float16
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_compiled_kernels_on_gpu(causal):
+    """The Triton-lowered kernels (not interpret mode) at a realistic shape: bf16, GQA 4, D=128, ragged length,
+    against the float32 reference; bf16 tolerance as for the bf16 sweep case, scaled by the longer rows."""
+    kq, kk, kv, kd = jax.random.split(jax.random.key(11), 4)
+    q = jax.random.normal(kq, (2, 1000, 8, 128), jnp.bfloat16)
+    k = jax.random.normal(kk, (2, 1000, 2, 128), jnp.bfloat16)
+    v = jax.random.normal(kv, (2, 1000, 2, 128), jnp.bfloat16)
+    do = jax.random.normal(kd, q.shape, jnp.bfloat16)
+    got = _value_and_grads(lambda q, k, v: pk.flash_attention(q, k, v, causal=causal, interpret=False), q, k, v, do)
+    upcast = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    expected = _value_and_grads(lambda q, k, v: pk.reference.flash_attention(q, k, v, causal=causal), *upcast)
+    _assert_close(got, expected, 5e-2)
 
 
 @pytest.mark.parametrize(
