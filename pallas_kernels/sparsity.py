@@ -67,6 +67,8 @@ def pooled_block_mass(
 
 def _quantize(x: Float[Array, "... dim"], bits: int) -> tuple[Int[Array, "... dim"], Float[Array, "... 1"]]:
     """Symmetric per-vector integer quantisation: x ≈ values * scale with |values| <= 2^(bits-1) - 1."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be between 2 and 8, got {bits}")
     top = 2 ** (bits - 1) - 1
     scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / top
     scale = jnp.where(scale > 0, scale, 1.0)
