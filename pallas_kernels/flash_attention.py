@@ -86,14 +86,22 @@ def _dot_tn(a, b):
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _tile_mask(st: _Static, q_start, kv_start, q_segments, kv_segments) -> Bool[Array, "bq bk"] | None:
-    """Mask of one (query block, kv block) tile: positions (causal, window, ragged tails) and segments."""
+def _block_slice(block, size: int):
+    """The `size` rows of block number `block` (a traced scalar)."""
+    return pl.ds(pl.multiple_of(block * size, size), size)
+
+
+def _scores(st: _Static, q, k, q_block, kv_block, q_segments, kv_segments):
+    """Base-2 scores of one (query block, kv block) tile and its mask (None when nothing can be masked).
+
+    The mask combines positions (causal, window, ragged tails, via `Geometry.element_mask`) and segments.
+    """
     g = st.geometry
-    mask = g.element_mask(q_start, kv_start, g.block_q, g.block_k)
+    mask = g.element_mask(q_block * g.block_q, kv_block * g.block_k, g.block_q, g.block_k)
     if q_segments is not None:
         same = segment_mask(q_segments, kv_segments)
         mask = same if mask is None else mask & same
-    return mask
+    return _dot_nt(q, k) * st.scale_log2, mask
 
 
 def _loop_schedule(refs: dict, st: _Static, block, transposed: bool) -> tuple[object, Callable]:
@@ -108,7 +116,7 @@ def _loop_schedule(refs: dict, st: _Static, block, transposed: bool) -> tuple[ob
     return jnp.maximum(hi - lo, 0), lambda j: lo + j
 
 
-def _probabilities(scores, lse, mask):
+def _probabilities(scores, mask, *, lse):
     """Softmax probabilities recomputed from base-2 scores and the saved base-2 logsumexp; masked -> 0."""
     p = jnp.exp2(scores - lse[:, None])
     return p if mask is None else jnp.where(mask, p, 0.0)
@@ -125,12 +133,10 @@ def _forward_kernel(*refs, st: _Static, names: tuple[str, ...]):
     def body(j, carry):
         acc, row_max, row_sum = carry
         kv_block = kv_block_at(j)
-        kv_slice = pl.ds(pl.multiple_of(kv_block * g.block_k, g.block_k), g.block_k)
-        k = r["k"][kv_slice, :]
-        v = r["v"][kv_slice, :]
-        scores = _dot_nt(q, k) * st.scale_log2
+        kv_slice = _block_slice(kv_block, g.block_k)
+        k, v = r["k"][kv_slice, :], r["v"][kv_slice, :]
         kv_segments = r["kv_segments"][kv_slice] if st.has_segments else None
-        mask = _tile_mask(st, q_block * g.block_q, kv_block * g.block_k, q_segments, kv_segments)
+        scores, mask = _scores(st, q, k, q_block, kv_block, q_segments, kv_segments)
         if mask is not None:
             scores = jnp.where(mask, scores, _MASKED)
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
@@ -164,12 +170,10 @@ def _dq_kernel(*refs, st: _Static, names: tuple[str, ...]):
 
     def body(j, dq):
         kv_block = kv_block_at(j)
-        kv_slice = pl.ds(pl.multiple_of(kv_block * g.block_k, g.block_k), g.block_k)
-        k = r["k"][kv_slice, :]
-        v = r["v"][kv_slice, :]
+        kv_slice = _block_slice(kv_block, g.block_k)
+        k, v = r["k"][kv_slice, :], r["v"][kv_slice, :]
         kv_segments = r["kv_segments"][kv_slice] if st.has_segments else None
-        mask = _tile_mask(st, q_block * g.block_q, kv_block * g.block_k, q_segments, kv_segments)
-        p = _probabilities(_dot_nt(q, k) * st.scale_log2, lse, mask)
+        p = _probabilities(*_scores(st, q, k, q_block, kv_block, q_segments, kv_segments), lse=lse)
         ds = p * (_dot_nt(do, v) - delta[:, None])
         return dq + _dot_nn(ds.astype(k.dtype), k)
 
@@ -188,12 +192,10 @@ def _dkdv_kernel(*refs, st: _Static, names: tuple[str, ...]):
     def body(j, carry):
         dk, dv = carry
         q_block = q_block_at(j)
-        q_slice = pl.ds(pl.multiple_of(q_block * g.block_q, g.block_q), g.block_q)
-        q = r["q"][q_slice, :]
-        do = r["do"][q_slice, :]
+        q_slice = _block_slice(q_block, g.block_q)
+        q, do = r["q"][q_slice, :], r["do"][q_slice, :]
         q_segments = r["q_segments"][q_slice] if st.has_segments else None
-        mask = _tile_mask(st, q_block * g.block_q, kv_block * g.block_k, q_segments, kv_segments)
-        p = _probabilities(_dot_nt(q, k) * st.scale_log2, r["lse"][q_slice], mask)
+        p = _probabilities(*_scores(st, q, k, q_block, kv_block, q_segments, kv_segments), lse=r["lse"][q_slice])
         dv = dv + _dot_tn(p.astype(do.dtype), do)
         ds = p * (_dot_nt(do, v) - r["delta"][q_slice][:, None])
         dk = dk + _dot_tn(ds.astype(q.dtype), q)
