@@ -16,7 +16,7 @@ window leave (`Geometry.kv_block_range`); with a block mask it loops over its ke
 (`schedule.BlockSchedule`). The dK/dV kernel uses the transposed ranges/lists.
 
 GQA/MQA: K/V are never repeated; the BlockSpec index maps send query head `h` to kv head `h // groups`. The dK/dV
-kernel runs per query head and writes float32 partial gradients that are summed over each head group afterwards.
+kernel runs per kv head and loops over the query heads of its group, so dK/dV are written once, at kv-head size.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class _Static:
     groups: int
     has_segments: bool
     sparse: bool
+    mask_per_head: bool
     interpret: bool
 
     @property
@@ -104,13 +105,17 @@ def _scores(st: _Static, q, k, q_block, kv_block, q_segments, kv_segments):
     return _dot_nt(q, k) * st.scale_log2, mask
 
 
-def _loop_schedule(refs: dict, st: _Static, block, transposed: bool) -> tuple[object, Callable]:
+def _loop_schedule(refs: dict, st: _Static, block, transposed: bool, head=None) -> tuple[object, Callable]:
     """How many blocks program `block` visits and the block index of its j-th visit.
 
-    Dense: the contiguous range the geometry allows. Sparse: the kept-block list and its count.
+    Dense: the contiguous range the geometry allows. Sparse: the kept-block list and its count; the dK/dV
+    kernel, which walks the query heads of its group, passes `head` to pick that head's list when the block mask
+    differs per head.
     """
     if st.sparse:
         indices, counts = (refs["q_indices"], refs["q_counts"]) if transposed else (refs["kv_indices"], refs["kv_counts"])
+        if head is not None and st.mask_per_head:
+            return counts[head, 0], lambda j: indices[head, j]
         return counts[0], lambda j: indices[j]
     lo, hi = (st.geometry.q_block_range if transposed else st.geometry.kv_block_range)(block)
     return jnp.maximum(hi - lo, 0), lambda j: lo + j
@@ -182,29 +187,34 @@ def _dq_kernel(*refs, st: _Static, names: tuple[str, ...]):
 
 
 def _dkdv_kernel(*refs, st: _Static, names: tuple[str, ...]):
+    """dK, dV of one kv block, accumulated over the query heads that share it (GQA) and their query blocks."""
     r = dict(zip(names, refs))
     g = st.geometry
     kv_block = pl.program_id(2)
     k, v = r["k"][...], r["v"][...]
     kv_segments = r["kv_segments"][...] if st.has_segments else None
-    count, q_block_at = _loop_schedule(r, st, kv_block, transposed=True)
 
-    def body(j, carry):
-        dk, dv = carry
-        q_block = q_block_at(j)
-        q_slice = _block_slice(q_block, g.block_q)
-        q, do = r["q"][q_slice, :], r["do"][q_slice, :]
-        q_segments = r["q_segments"][q_slice] if st.has_segments else None
-        p = _probabilities(*_scores(st, q, k, q_block, kv_block, q_segments, kv_segments), lse=r["lse"][q_slice])
-        dv = dv + _dot_tn(p.astype(do.dtype), do)
-        ds = p * (_dot_nt(do, v) - r["delta"][q_slice][:, None])
-        dk = dk + _dot_tn(ds.astype(q.dtype), q)
-        return dk, dv
+    def head_body(head, carry):
+        count, q_block_at = _loop_schedule(r, st, kv_block, transposed=True, head=head)
+
+        def body(j, carry):
+            dk, dv = carry
+            q_block = q_block_at(j)
+            q_slice = _block_slice(q_block, g.block_q)
+            q, do = r["q"][q_slice, head, :], r["do"][q_slice, head, :]
+            q_segments = r["q_segments"][q_slice] if st.has_segments else None
+            scores, mask = _scores(st, q, k, q_block, kv_block, q_segments, kv_segments)
+            p = _probabilities(scores, mask, lse=r["lse"][head, q_slice])
+            dv = dv + _dot_tn(p.astype(do.dtype), do)
+            ds = p * (_dot_nt(do, v) - r["delta"][head, q_slice][:, None])
+            return dk + _dot_tn(ds.astype(q.dtype), q), dv
+
+        return lax.fori_loop(0, count, body, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, count, body, (zeros, zeros))
-    r["dk"][...] = dk * st.sm_scale
-    r["dv"][...] = dv
+    dk, dv = lax.fori_loop(0, st.groups, head_body, (zeros, zeros))
+    r["dk"][...] = (dk * st.sm_scale).astype(r["dk"].dtype)
+    r["dv"][...] = dv.astype(r["dv"].dtype)
 
 
 def _pick(index, size: int):
@@ -229,16 +239,19 @@ def _side_inputs(st: _Static, extras: _Extras, transposed: bool) -> list[tuple[s
         s = extras.schedule
         indices, counts, prefix = (s.q_indices, s.q_counts, "q") if transposed else (s.kv_indices, s.kv_counts, "kv")
         mb, mh, _, length = indices.shape
+        # Forward/dQ grid: one query head per program. dK/dV grid: one kv head, whose `groups` query heads'
+        # lists are handed over together when the mask differs per head.
+        heads = st.groups if transposed and mh > 1 else None
         inputs += [
             (
                 f"{prefix}_indices",
                 indices,
-                pl.BlockSpec((None, None, None, length), lambda b, h, i: (_pick(b, mb), _pick(h, mh), i, 0)),
+                pl.BlockSpec((None, heads, None, length), lambda b, h, i: (_pick(b, mb), _pick(h, mh), i, 0)),
             ),
             (
                 f"{prefix}_counts",
                 counts,
-                pl.BlockSpec((None, None, 1), lambda b, h, i: (_pick(b, mb), _pick(h, mh), i)),
+                pl.BlockSpec((None, heads, 1), lambda b, h, i: (_pick(b, mb), _pick(h, mh), i)),
             ),
         ]
     return inputs
@@ -308,29 +321,26 @@ def _backward(st: _Static, residuals, do):
         [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), q_tile)],
         "flash_attention_dq",
     )
-    q_all = pl.BlockSpec((None, q_pad, None, head_dim), lambda b, h, i: (b, 0, h, 0))
-    row_all = pl.BlockSpec((None, None, q_pad), lambda b, h, i: (b, h, 0))
-    kv_tile = pl.BlockSpec((None, g.block_k, None, head_dim), lambda b, h, i: (b, i, shared(h), 0))
-    per_head = jax.ShapeDtypeStruct((batch, kv_pad, heads, head_dim), jnp.float32)
-    per_head_tile = pl.BlockSpec((None, g.block_k, None, head_dim), lambda b, h, i: (b, i, h, 0))
+    group_all = pl.BlockSpec((None, q_pad, st.groups, head_dim), lambda b, h, i: (b, 0, h, 0))
+    group_rows = pl.BlockSpec((None, st.groups, q_pad), lambda b, h, i: (b, h, 0))
+    kv_tile = pl.BlockSpec((None, g.block_k, None, head_dim), lambda b, h, i: (b, i, h, 0))
     dk, dv = _call(
         _dkdv_kernel,
         st,
-        (batch, heads, g.num_kv_blocks),
+        (batch, kv_heads, g.num_kv_blocks),
         [
-            ("q", q, q_all),
+            ("q", q, group_all),
             ("k", k, kv_tile),
             ("v", v, kv_tile),
-            ("do", do, q_all),
-            ("lse", lse, row_all),
-            ("delta", delta, row_all),
+            ("do", do, group_all),
+            ("lse", lse, group_rows),
+            ("delta", delta, group_rows),
             *_side_inputs(st, extras, transposed=True),
         ],
-        [("dk", per_head, per_head_tile), ("dv", per_head, per_head_tile)],
+        [("dk", jax.ShapeDtypeStruct(k.shape, k.dtype), kv_tile), ("dv", jax.ShapeDtypeStruct(v.shape, v.dtype), kv_tile)],
         "flash_attention_dkdv",
     )
-    group_sum = lambda x: x.reshape(batch, kv_pad, kv_heads, st.groups, head_dim).sum(axis=3)  # noqa: E731
-    return dq, group_sum(dk).astype(k.dtype), group_sum(dv).astype(v.dtype), None
+    return dq, dk, dv, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -448,12 +458,16 @@ def flash_attention(
         window=normalize_window(local_window),
     )
     q_seg, kv_seg = _segments(segment_ids, batch, q_len, kv_len)
+    if block_mask is not None and (block_mask.ndim != 4 or block_mask.shape[0] not in (1, batch)
+                                   or block_mask.shape[1] not in (1, heads)):
+        raise ValueError(f"block_mask must be [batch or 1, heads or 1, nq, nk], got shape {block_mask.shape}")
     st = _Static(
         geometry=geometry,
         sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale),
         groups=heads // kv_heads,
         has_segments=q_seg is not None,
         sparse=block_mask is not None,
+        mask_per_head=block_mask is not None and block_mask.shape[1] > 1,
         interpret=default_interpret() if interpret is None else bool(interpret),
     )
     q_pad = geometry.num_q_blocks * geometry.block_q
