@@ -92,33 +92,64 @@ def _block_slice(block, size: int):
     return pl.ds(pl.multiple_of(block * size, size), size)
 
 
-def _scores(st: _Static, q, k, q_block, kv_block, q_segments, kv_segments):
-    """Base-2 scores of one (query block, kv block) tile and its mask (None when nothing can be masked).
+def _scores(st: _Static, q, k, q_block, kv_block, q_segments, kv_segments, masked: bool):
+    """Base-2 scores of one (query block, kv block) tile and its mask (None for tiles known to need none).
 
     The mask combines positions (causal, window, ragged tails, via `Geometry.element_mask`) and segments.
     """
+    scores = _dot_nt(q, k) * st.scale_log2
+    if not masked:
+        return scores, None
     g = st.geometry
     mask = g.element_mask(q_block * g.block_q, kv_block * g.block_k, g.block_q, g.block_k)
     if q_segments is not None:
         same = segment_mask(q_segments, kv_segments)
         mask = same if mask is None else mask & same
-    return _dot_nt(q, k) * st.scale_log2, mask
+    return scores, mask
 
 
-def _loop_schedule(refs: dict, st: _Static, block, transposed: bool, head=None) -> tuple[object, Callable]:
-    """How many blocks program `block` visits and the block index of its j-th visit.
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """`count` consecutive visits; the j-th visits block `block_at(j)`; `masked` says whether tiles need a mask."""
 
-    Dense: the contiguous range the geometry allows. Sparse: the kept-block list and its count; the dK/dV
-    kernel, which walks the query heads of its group, passes `head` to pick that head's list when the block mask
-    differs per head.
+    count: object
+    block_at: Callable
+    masked: bool
+
+
+def _loop_schedule(refs: dict, st: _Static, block, transposed: bool, head=None) -> list[_Run]:
+    """The blocks program `block` visits, as runs of tiles that do or do not need masking.
+
+    Sparse: the kept-block list and its count (the dK/dV kernel, which walks the query heads of its group, passes
+    `head` to pick that head's list when the block mask differs per head). Dense: the contiguous range the
+    geometry allows, split so that the tiles entirely visible by position skip the mask (segment ids, being data,
+    always need it).
     """
+    needs_mask = st.geometry.has_static_mask or st.has_segments
     if st.sparse:
         indices, counts = (refs["q_indices"], refs["q_counts"]) if transposed else (refs["kv_indices"], refs["kv_counts"])
         if head is not None and st.mask_per_head:
-            return counts[head, 0], lambda j: indices[head, j]
-        return counts[0], lambda j: indices[j]
-    lo, hi = (st.geometry.q_block_range if transposed else st.geometry.kv_block_range)(block)
-    return jnp.maximum(hi - lo, 0), lambda j: lo + j
+            return [_Run(counts[head, 0], lambda j: indices[head, j], needs_mask)]
+        return [_Run(counts[0], lambda j: indices[j], needs_mask)]
+    g = st.geometry
+    lo, hi = (g.q_block_range if transposed else g.kv_block_range)(block)
+    if st.has_segments or not g.has_static_mask:
+        return [_Run(jnp.maximum(hi - lo, 0), lambda j: lo + j, needs_mask)]
+    full_lo, full_hi = (g.full_q_block_range if transposed else g.full_kv_block_range)(block)
+    return [
+        _Run(full_lo - lo, lambda j: lo + j, True),
+        _Run(full_hi - full_lo, lambda j: full_lo + j, False),
+        _Run(jnp.maximum(hi - full_hi, 0), lambda j: full_hi + j, True),
+    ]
+
+
+def _loop(runs: list[_Run], body: Callable, carry):
+    """Runs `body(block, masked, carry)` over every visit of every run."""
+    for run in runs:
+        carry = lax.fori_loop(
+            0, run.count, lambda j, c, run=run: body(run.block_at(j), run.masked, c), carry
+        )
+    return carry
 
 
 def _probabilities(scores, mask, *, lse):
@@ -128,20 +159,19 @@ def _probabilities(scores, mask, *, lse):
 
 
 def _forward_kernel(*refs, st: _Static, names: tuple[str, ...]):
+    """Output and base-2 logsumexp of one query block: online softmax over the kv blocks it visits."""
     r = dict(zip(names, refs))
     g = st.geometry
     q_block = pl.program_id(2)
     q = r["q"][...]
     q_segments = r["q_segments"][...] if st.has_segments else None
-    count, kv_block_at = _loop_schedule(r, st, q_block, transposed=False)
 
-    def body(j, carry):
+    def body(kv_block, masked, carry):
         acc, row_max, row_sum = carry
-        kv_block = kv_block_at(j)
         kv_slice = _block_slice(kv_block, g.block_k)
         k, v = r["k"][kv_slice, :], r["v"][kv_slice, :]
         kv_segments = r["kv_segments"][kv_slice] if st.has_segments else None
-        scores, mask = _scores(st, q, k, q_block, kv_block, q_segments, kv_segments)
+        scores, mask = _scores(st, q, k, q_block, kv_block, q_segments, kv_segments, masked)
         if mask is not None:
             scores = jnp.where(mask, scores, _MASKED)
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
@@ -158,31 +188,30 @@ def _forward_kernel(*refs, st: _Static, names: tuple[str, ...]):
         jnp.full((g.block_q,), _MASKED, jnp.float32),
         jnp.zeros((g.block_q,), jnp.float32),
     )
-    acc, row_max, row_sum = lax.fori_loop(0, count, body, init)
+    acc, row_max, row_sum = _loop(_loop_schedule(r, st, q_block, transposed=False), body, init)
     seen = row_sum > 0
     r["o"][...] = (acc / jnp.where(seen, row_sum, 1.0)[:, None]).astype(r["o"].dtype)
     r["lse"][...] = jnp.where(seen, row_max + jnp.log2(jnp.where(seen, row_sum, 1.0)), jnp.inf)
 
 
 def _dq_kernel(*refs, st: _Static, names: tuple[str, ...]):
+    """dQ of one query block, over the same kv blocks as its forward pass."""
     r = dict(zip(names, refs))
     g = st.geometry
     q_block = pl.program_id(2)
     q, do = r["q"][...], r["do"][...]
     lse, delta = r["lse"][...], r["delta"][...]
     q_segments = r["q_segments"][...] if st.has_segments else None
-    count, kv_block_at = _loop_schedule(r, st, q_block, transposed=False)
 
-    def body(j, dq):
-        kv_block = kv_block_at(j)
+    def body(kv_block, masked, dq):
         kv_slice = _block_slice(kv_block, g.block_k)
         k, v = r["k"][kv_slice, :], r["v"][kv_slice, :]
         kv_segments = r["kv_segments"][kv_slice] if st.has_segments else None
-        p = _probabilities(*_scores(st, q, k, q_block, kv_block, q_segments, kv_segments), lse=lse)
+        p = _probabilities(*_scores(st, q, k, q_block, kv_block, q_segments, kv_segments, masked), lse=lse)
         ds = p * (_dot_nt(do, v) - delta[:, None])
         return dq + _dot_nn(ds.astype(k.dtype), k)
 
-    dq = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
+    dq = _loop(_loop_schedule(r, st, q_block, transposed=False), body, jnp.zeros(q.shape, jnp.float32))
     r["dq"][...] = (dq * st.sm_scale).astype(r["dq"].dtype)
 
 
@@ -195,21 +224,18 @@ def _dkdv_kernel(*refs, st: _Static, names: tuple[str, ...]):
     kv_segments = r["kv_segments"][...] if st.has_segments else None
 
     def head_body(head, carry):
-        count, q_block_at = _loop_schedule(r, st, kv_block, transposed=True, head=head)
-
-        def body(j, carry):
+        def body(q_block, masked, carry):
             dk, dv = carry
-            q_block = q_block_at(j)
             q_slice = _block_slice(q_block, g.block_q)
             q, do = r["q"][q_slice, head, :], r["do"][q_slice, head, :]
             q_segments = r["q_segments"][q_slice] if st.has_segments else None
-            scores, mask = _scores(st, q, k, q_block, kv_block, q_segments, kv_segments)
+            scores, mask = _scores(st, q, k, q_block, kv_block, q_segments, kv_segments, masked)
             p = _probabilities(scores, mask, lse=r["lse"][head, q_slice])
             dv = dv + _dot_tn(p.astype(do.dtype), do)
             ds = p * (_dot_nt(do, v) - r["delta"][head, q_slice][:, None])
             return dk + _dot_tn(ds.astype(q.dtype), q), dv
 
-        return lax.fori_loop(0, count, body, carry)
+        return _loop(_loop_schedule(r, st, kv_block, transposed=True, head=head), body, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, st.groups, head_body, (zeros, zeros))

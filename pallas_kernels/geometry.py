@@ -106,6 +106,43 @@ class Geometry:
             hi = jnp.minimum(hi, _cdiv(jnp.clip(last_row + 1, 0, self.q_len), self.block_q))
         return lo, hi
 
+    def full_kv_block_range(self, q_block):
+        """Half-open range of kv blocks whose tile with `q_block` is entirely visible by position (no mask needed).
+
+        Empty for a query block with padding rows. Always inside `kv_block_range`.
+        """
+        p_min = q_block * self.block_q + self.q_offset
+        rows_valid = (q_block + 1) * self.block_q <= self.q_len
+        hi = jnp.full_like(q_block, self.kv_len // self.block_k)
+        slack = self._key_upper_slack()
+        if slack is not None:
+            hi = jnp.minimum(hi, lax.div(jnp.maximum(p_min + slack + 1, 0), jnp.int32(self.block_k)))
+        lo = jnp.zeros_like(q_block)
+        if self.window is not None:
+            lo = _cdiv(jnp.maximum(p_min + self.block_q - 1 - self.window[0], 0), self.block_k)
+        return self._inside(lo, jnp.where(rows_valid, hi, lo), self.kv_block_range(q_block))
+
+    def full_q_block_range(self, kv_block):
+        """Half-open range of query blocks whose tile with `kv_block` is entirely visible by position."""
+        s_min = kv_block * self.block_k
+        keys_valid = s_min + self.block_k <= self.kv_len
+        lo = jnp.zeros_like(kv_block)
+        slack = self._key_upper_slack()
+        if slack is not None:
+            lo = _cdiv(jnp.maximum(s_min + self.block_k - 1 - slack - self.q_offset, 0), self.block_q)
+        hi = jnp.full_like(kv_block, self.q_len // self.block_q)
+        if self.window is not None:
+            last = s_min + self.window[0] - self.q_offset + 1  # rows t with t + 1 <= last are within the window
+            hi = jnp.minimum(hi, lax.div(jnp.maximum(last, 0), jnp.int32(self.block_q)))
+        return self._inside(lo, jnp.where(keys_valid, hi, lo), self.q_block_range(kv_block))
+
+    @staticmethod
+    def _inside(lo, hi, outer):
+        """[lo, hi) clipped into the range `outer`, empty ranges collapsed onto the outer start."""
+        outer_lo, outer_hi = outer
+        lo = jnp.clip(lo, outer_lo, jnp.maximum(outer_hi, outer_lo))
+        return lo, jnp.clip(hi, lo, jnp.maximum(outer_hi, lo))
+
     def block_visibility(self) -> Bool[Array, "num_q_blocks num_kv_blocks"]:
         """Blocks inside `kv_block_range` of their query block: the blocks a dense kernel visits."""
         lo, hi = self.kv_block_range(jnp.arange(self.num_q_blocks, dtype=jnp.int32))

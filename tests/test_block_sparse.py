@@ -30,19 +30,33 @@ def test_schedule_lists_exactly_the_kept_blocks():
     assert int(schedule.kv_counts.sum()) == int(schedule.q_counts.sum()) == int(effective.sum())
 
 
-def test_geometry_ranges_cover_exactly_the_visible_tiles():
-    """The dense kernels' kv-block ranges (forward/dQ) and q-block ranges (dK/dV) hold every tile with a visible
-    pair and no other: checked against the element mask of the reference for several shapes."""
-    for q_len, kv_len, causal, window in [(70, 70, True, None), (37, 70, True, (9, 9)), (70, 37, True, None),
-                                          (50, 50, False, (5, 20)), (33, 64, False, None)]:
-        geometry = pk.Geometry(q_len, kv_len, BQ, BK, causal=causal, window=window)
-        element = attention_mask(q_len, kv_len, causal=causal, local_window=window)[0, 0]
-        needed = np.asarray(block_masks.from_element_mask(element, BQ, BK)[0, 0])
-        assert (np.asarray(geometry.block_visibility()) == needed).all(), (q_len, kv_len, causal, window)
-        lo, hi = geometry.q_block_range(jnp.arange(geometry.num_kv_blocks))
-        rows = jnp.arange(geometry.num_q_blocks)[:, None]
-        transposed = np.asarray((rows >= lo[None, :]) & (rows < hi[None, :]))
-        assert (transposed == needed).all(), (q_len, kv_len, causal, window)
+def _in_range(lo, hi, n: int, transposed: bool) -> np.ndarray:
+    """Bool [blocks, n] (or its transpose): which of n blocks lie in each [lo, hi)."""
+    inside = (jnp.arange(n)[None, :] >= lo[:, None]) & (jnp.arange(n)[None, :] < hi[:, None])
+    return np.asarray(inside.T if transposed else inside)
+
+
+@pytest.mark.parametrize(
+    "q_len, kv_len, causal, window",
+    [(70, 70, True, None), (37, 70, True, (9, 9)), (70, 37, True, None), (50, 50, False, (5, 20)),
+     (33, 64, False, None), (64, 64, True, (40, 0)), (48, 96, False, (0, 30))],
+)
+def test_geometry_ranges_are_exactly_the_visible_and_the_full_tiles(q_len, kv_len, causal, window):
+    """The dense kernels' loop bounds, checked tile by tile against the reference's element mask:
+    kv-block ranges (forward/dQ) and q-block ranges (dK/dV) hold exactly the tiles with a visible pair, and the
+    unmasked sub-ranges exactly the tiles where every pair is visible (ragged rows/keys count as hidden)."""
+    geometry = pk.Geometry(q_len, kv_len, BQ, BK, causal=causal, window=window)
+    nq, nk = geometry.num_q_blocks, geometry.num_kv_blocks
+    element = attention_mask(q_len, kv_len, causal=causal, local_window=window)[0, 0]
+    needed = np.asarray(block_masks.from_element_mask(element, BQ, BK)[0, 0])
+    full = ~np.asarray(block_masks.from_element_mask(~element, BQ, BK)[0, 0])
+    full[q_len // BQ :, :] = False
+    full[:, kv_len // BK :] = False
+    q_blocks, kv_blocks = jnp.arange(nq), jnp.arange(nk)
+    assert (_in_range(*geometry.kv_block_range(q_blocks), nk, False) == needed).all()
+    assert (_in_range(*geometry.q_block_range(kv_blocks), nq, True) == needed).all()
+    assert (_in_range(*geometry.full_kv_block_range(q_blocks), nk, False) == full).all()
+    assert (_in_range(*geometry.full_q_block_range(kv_blocks), nq, True) == full).all()
 
 
 def test_skipped_blocks_are_never_read():
