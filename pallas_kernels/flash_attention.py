@@ -12,8 +12,9 @@ A row with no visible key has sum 0: its output is 0 and its logsumexp +inf, whi
 probability 0 in the backward pass, so such rows give 0 outputs and 0 gradients, never NaN.
 
 Work follows the mask: without a block mask each program loops over the kv-block range that causality and the
-window leave (`Geometry.kv_block_range`); with a block mask it loops over its kept-block list
-(`schedule.BlockSchedule`). The dK/dV kernel uses the transposed ranges/lists.
+window leave (`Geometry.kv_block_range`), and only the edge tiles of that range pay for element masking (tiles
+entirely visible by position, `Geometry.full_kv_block_range`, skip it); with a block mask it loops over its
+kept-block list (`schedule.BlockSchedule`). The dK/dV kernel uses the transposed ranges/lists.
 
 GQA/MQA: K/V are never repeated; the BlockSpec index maps send query head `h` to kv head `h // groups`. The dK/dV
 kernel runs per kv head and loops over the query heads of its group, so dK/dV are written once, at kv-head size.
@@ -72,19 +73,29 @@ class _Extras:
     schedule: BlockSchedule | None
 
 
+def _dot(a, b, contract: tuple[int, int]):
+    """2-D matmul contracting a's axis `contract[0]` with b's `contract[1]`, float32 result.
+
+    HIGHEST precision makes float32 operands multiply in full float32 on GPU (Triton's default is TF32); it
+    changes nothing for 16-bit operands.
+    """
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
 def _dot_nt(a, b):
-    """a @ b.T with a float32 result."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    """a @ b.T"""
+    return _dot(a, b, (1, 1))
 
 
 def _dot_nn(a, b):
-    """a @ b with a float32 result."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    """a @ b"""
+    return _dot(a, b, (1, 0))
 
 
 def _dot_tn(a, b):
-    """a.T @ b with a float32 result."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    """a.T @ b"""
+    return _dot(a, b, (0, 0))
 
 
 def _block_slice(block, size: int):
