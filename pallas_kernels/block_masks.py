@@ -17,7 +17,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool
+from jaxtyping import Array, Bool, Int
 
 from pallas_kernels.geometry import Geometry
 
@@ -102,6 +102,30 @@ def from_element_mask(mask: Bool[Array, "... q_len kv_len"], block_q: int, block
     nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
     padded = jnp.pad(mask, [(0, 0)] * len(lead) + [(0, nq * block_q - q_len), (0, nk * block_k - kv_len)])
     return padded.reshape(*lead, nq, block_q, nk, block_k).any(axis=(-3, -1))
+
+
+def segments(
+    segment_ids: Int[Array, "batch seq"], block_q: int, block_k: int, kv_segment_ids: Int[Array, "batch kv"] | None = None
+) -> Bool[Array, "batch 1 nq nk"]:
+    """Per-batch tiles whose query and key segment-id ranges overlap (packed documents).
+
+    A tile whose query ids span [a, b] and key ids [c, d] with no overlap has no same-document pair, so it can be
+    skipped; overlapping ranges are kept (exact for sorted, contiguous ids; conservative otherwise). Combine with
+    `segment_ids=` for the element-level mask. Ragged tails are ignored.
+    """
+    kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+
+    def ranges(ids, block):
+        length = ids.shape[1]
+        n = -(-length // block)
+        pad = n * block - length
+        blocks = jnp.pad(jnp.asarray(ids, jnp.int32), ((0, 0), (0, pad)), mode="edge").reshape(-1, n, block)
+        return blocks.min(axis=-1), blocks.max(axis=-1)
+
+    q_lo, q_hi = ranges(segment_ids, block_q)
+    k_lo, k_hi = ranges(kv_segment_ids, block_k)
+    overlap = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
+    return overlap[:, None]
 
 
 def random_blocks(

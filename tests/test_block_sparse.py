@@ -132,3 +132,11 @@ def test_block_sparse_equals_dense_with_the_equivalent_element_mask():
     element = attention_mask(80, 80, causal=True, block_mask=blocks, block_q=BQ, block_k=BK)
     dense = jax.nn.dot_product_attention(q, k, v, mask=jnp.broadcast_to(element, (1, 2, 80, 80)), implementation="xla")
     np.testing.assert_allclose(out, dense, atol=2e-5, rtol=2e-5)
+
+
+def test_segment_blocks_keep_exactly_the_tiles_with_same_document_pairs():
+    ids = jnp.array([[0] * 20 + [1] * 30 + [2] * 14, [0] * 64])
+    built = np.asarray(block_masks.segments(ids, BQ, BK))
+    same = ids[:, :, None] == ids[:, None, :]
+    assert built.shape == (2, 1, 4, 4)
+    assert (built == np.asarray(block_masks.from_element_mask(same[:, None], BQ, BK))).all()
