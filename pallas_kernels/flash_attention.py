@@ -310,54 +310,60 @@ def _call(kernel, st: _Static, grid, inputs, outputs, name: str):
     )(*[array for _, array, _ in inputs])
 
 
+def _q_tile_spec(g: Geometry, head_dim: int) -> pl.BlockSpec:
+    """[block_q, head_dim] tile of a [batch, q_pad, heads, head_dim] array: query block i of head h."""
+    return pl.BlockSpec((None, g.block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
+
+
+def _row_tile_spec(g: Geometry) -> pl.BlockSpec:
+    """[block_q] slice of a per-row [batch, heads, q_pad] array (logsumexp, delta)."""
+    return pl.BlockSpec((None, None, g.block_q), lambda b, h, i: (b, h, i))
+
+
+def _shared_kv_spec(kv_pad: int, head_dim: int, groups: int) -> pl.BlockSpec:
+    """The whole key/value sequence of the kv head that query head h reads (h // groups): K/V never repeated."""
+    return pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, lax.div(h, groups), 0))
+
+
 def _forward(q, k, v, extras: _Extras, st: _Static):
     g = st.geometry
     batch, q_pad, heads, head_dim = q.shape
-    kv_pad = k.shape[1]
-    shared = lambda h: lax.div(h, st.groups)  # noqa: E731
-    inputs = [
-        ("q", q, pl.BlockSpec((None, g.block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))),
-        ("k", k, pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, shared(h), 0))),
-        ("v", v, pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, shared(h), 0))),
-        *_side_inputs(st, extras, transposed=False),
-    ]
+    kv_spec = _shared_kv_spec(k.shape[1], head_dim, st.groups)
+    inputs = [("q", q, _q_tile_spec(g, head_dim)), ("k", k, kv_spec), ("v", v, kv_spec)]
     outputs = [
-        ("o", jax.ShapeDtypeStruct(q.shape, q.dtype), inputs[0][2]),
-        (
-            "lse",
-            jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32),
-            pl.BlockSpec((None, None, g.block_q), lambda b, h, i: (b, h, i)),
-        ),
+        ("o", jax.ShapeDtypeStruct(q.shape, q.dtype), _q_tile_spec(g, head_dim)),
+        ("lse", jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32), _row_tile_spec(g)),
     ]
+    inputs += _side_inputs(st, extras, transposed=False)
     return _call(_forward_kernel, st, (batch, heads, g.num_q_blocks), inputs, outputs, "flash_attention_fwd")
 
 
 def _backward(st: _Static, residuals, do):
+    """dQ over query blocks (same schedule as the forward), then dK/dV over kv blocks (transposed schedule)."""
     q, k, v, extras, o, lse = residuals
     g = st.geometry
     batch, q_pad, heads, head_dim = q.shape
-    kv_pad, kv_heads = k.shape[1], k.shape[2]
+    kv_heads = k.shape[2]
     do = do.astype(q.dtype)
-    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-    shared = lambda h: lax.div(h, st.groups)  # noqa: E731
-    q_tile = pl.BlockSpec((None, g.block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
-    q_row = pl.BlockSpec((None, None, g.block_q), lambda b, h, i: (b, h, i))
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))  # rowsum(dO * O)
+    q_tile, rows, kv_spec = _q_tile_spec(g, head_dim), _row_tile_spec(g), _shared_kv_spec(k.shape[1], head_dim, st.groups)
     (dq,) = _call(
         _dq_kernel,
         st,
         (batch, heads, g.num_q_blocks),
         [
             ("q", q, q_tile),
-            ("k", k, pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, shared(h), 0))),
-            ("v", v, pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, shared(h), 0))),
+            ("k", k, kv_spec),
+            ("v", v, kv_spec),
             ("do", do, q_tile),
-            ("lse", lse, q_row),
-            ("delta", delta, q_row),
+            ("lse", lse, rows),
+            ("delta", delta, rows),
             *_side_inputs(st, extras, transposed=False),
         ],
         [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), q_tile)],
         "flash_attention_dq",
     )
+    # dK/dV grid: (batch, kv head, kv block); each program sees all query heads of its group.
     group_all = pl.BlockSpec((None, q_pad, st.groups, head_dim), lambda b, h, i: (b, 0, h, 0))
     group_rows = pl.BlockSpec((None, st.groups, q_pad), lambda b, h, i: (b, h, 0))
     kv_tile = pl.BlockSpec((None, g.block_k, None, head_dim), lambda b, h, i: (b, i, h, 0))
@@ -408,12 +414,13 @@ def _block_size(requested: int | None, length: int, fixed: bool) -> int:
     return min(DEFAULT_BLOCK, max(MIN_BLOCK, _next_power_of_2(length)))
 
 
-def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
+def _pad_axis(x: Array, axis: int, size: int) -> Array:
+    """Zero-pad `axis` up to `size`."""
     if x.shape[axis] == size:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
+    return jnp.pad(x, widths)
 
 
 def _segments(segment_ids: SegmentIds | None, batch: int, q_len: int, kv_len: int):

@@ -170,6 +170,8 @@ def sparse_attention(
     """Attention over the blocks `estimate_block_mask` keeps at threshold `tau`, in one call.
 
     The mask is chosen without gradient; the result is differentiable in q, k, v like `flash_attention`.
+    The estimators look at positions only: `segment_ids` are applied by the kernel, not used to pick blocks
+    (combine `block_masks.segments` with an estimated mask to also skip cross-document tiles).
     """
     mask = estimate_block_mask(
         q, k, block_q=block_q, block_k=block_k, causal=causal, keep=tau, method=method,
