@@ -13,6 +13,7 @@ Estimators (`ESTIMATORS`; a new one is a function with the `BlockMass` signature
   with an integer matmul, and take each block's share of every row's softmax mass, averaged over the block's rows.
   More faithful than pooling when blocks are not internally similar, at the cost of a full low-precision
   score matrix (done here in jnp, so meant for moderate lengths).
+- "exact": the same block shares from float32 scores; an oracle for measuring the others, not a saving.
 """
 
 from __future__ import annotations
@@ -75,6 +76,20 @@ def _quantize(x: Float[Array, "... dim"], bits: int) -> tuple[Int[Array, "... di
     return jnp.clip(jnp.round(x / scale), -top, top).astype(jnp.int8), scale
 
 
+def _row_mass_per_block(
+    scores: Float[Array, "batch heads q_len kv_len"], geometry: Geometry
+) -> Float[Array, "batch heads num_q_blocks num_kv_blocks"]:
+    """Each kv block's share of every row's softmax (over visible keys), averaged over a query block's rows."""
+    g = geometry
+    visible = g.element_mask(0, 0, g.q_len, g.kv_len)
+    probs = _visible_softmax(scores, jnp.ones(scores.shape[-2:], bool) if visible is None else visible)
+    nq, nk = g.num_q_blocks, g.num_kv_blocks
+    padded = jnp.pad(probs, ((0, 0), (0, 0), (0, nq * g.block_q - g.q_len), (0, nk * g.block_k - g.kv_len)))
+    blocks = padded.reshape(*probs.shape[:2], nq, g.block_q, nk, g.block_k).sum(axis=(3, 5))
+    rows = jnp.clip(g.q_len - g.block_q * jnp.arange(nq), 0, g.block_q).astype(jnp.float32)
+    return blocks / rows[:, None]
+
+
 def lowbit_block_mass(
     q: Float[Array, "batch q_len heads dim"],
     k: Float[Array, "batch kv_len kv_heads dim"],
@@ -90,17 +105,25 @@ def lowbit_block_mass(
     k_int, k_scale = jnp.repeat(k_int, groups, axis=2), jnp.repeat(k_scale, groups, axis=2)
     dots = jnp.einsum("bthd,bshd->bhts", q_int, k_int, preferred_element_type=jnp.int32)
     scores = dots.astype(jnp.float32) * (jnp.moveaxis(q_scale, 1, 2) * jnp.moveaxis(k_scale, 1, 3)) * sm_scale
-    g = geometry
-    visible = g.element_mask(0, 0, g.q_len, g.kv_len)
-    probs = _visible_softmax(scores, jnp.ones(scores.shape[-2:], bool) if visible is None else visible)
-    nq, nk = g.num_q_blocks, g.num_kv_blocks
-    padded = jnp.pad(probs, ((0, 0), (0, 0), (0, nq * g.block_q - g.q_len), (0, nk * g.block_k - g.kv_len)))
-    blocks = padded.reshape(*probs.shape[:2], nq, g.block_q, nk, g.block_k).sum(axis=(3, 5))
-    rows = jnp.clip(g.q_len - g.block_q * jnp.arange(nq), 0, g.block_q).astype(jnp.float32)
-    return blocks / rows[:, None]
+    return _row_mass_per_block(scores, geometry)
 
 
-ESTIMATORS: Mapping[str, BlockMass] = types.MappingProxyType({"pooled": pooled_block_mass, "lowbit": lowbit_block_mass})
+def exact_block_mass(
+    q: Float[Array, "batch q_len heads dim"],
+    k: Float[Array, "batch kv_len kv_heads dim"],
+    geometry: Geometry,
+    sm_scale: float,
+) -> Float[Array, "batch heads num_q_blocks num_kv_blocks"]:
+    """The true block distribution from float32 scores: an oracle to measure the estimators against (it costs a
+    full attention score matrix, so it saves nothing in practice)."""
+    k = jnp.repeat(k.astype(jnp.float32), q.shape[2] // k.shape[2], axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k) * sm_scale
+    return _row_mass_per_block(scores, geometry)
+
+
+ESTIMATORS: Mapping[str, BlockMass] = types.MappingProxyType(
+    {"pooled": pooled_block_mass, "lowbit": lowbit_block_mass, "exact": exact_block_mass}
+)
 
 
 def select_by_mass(
