@@ -181,7 +181,8 @@ def test_float16_large_head_dims_forward(head_dim):
 @pytest.mark.parametrize("causal", [False, True])
 def test_compiled_kernels_on_gpu(causal):
     """The Triton-lowered kernels (not interpret mode) at a realistic shape: bf16, GQA 4, D=128, ragged length,
-    against the float32 reference; bf16 tolerance as for the bf16 sweep case, scaled by the longer rows."""
+    against the float32 reference. Long bf16 reductions make elementwise tolerances brittle, so the error is
+    measured against each result's scale: max |got - expected| <= 2e-2 * max |expected| (a few bf16 ulps)."""
     kq, kk, kv, kd = jax.random.split(jax.random.key(11), 4)
     q = jax.random.normal(kq, (2, 1000, 8, 128), jnp.bfloat16)
     k = jax.random.normal(kk, (2, 1000, 2, 128), jnp.bfloat16)
@@ -190,7 +191,10 @@ def test_compiled_kernels_on_gpu(causal):
     got = _value_and_grads(lambda q, k, v: pk.flash_attention(q, k, v, causal=causal, interpret=False), q, k, v, do)
     upcast = [x.astype(jnp.float32) for x in (q, k, v, do)]
     expected = _value_and_grads(lambda q, k, v: pk.reference.flash_attention(q, k, v, causal=causal), *upcast)
-    _assert_close(got, expected, 5e-2)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
+        a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
+        assert np.isfinite(a).all(), name
+        assert np.abs(a - e).max() <= 2e-2 * np.abs(e).max(), name
 
 
 @pytest.mark.parametrize(
