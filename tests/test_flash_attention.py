@@ -55,7 +55,6 @@ CASES = [
     Case("segment_pair_empty_rows_gqa4", 37, 70, kv_heads=1, segments="pair", head_dim=24),
     Case("random_blocks_causal_gqa2", 70, 70, kv_heads=2, causal=True, block_mask="random"),
     Case("broadcast_blocks_empty_q_block", 70, 37, kv_heads=2, block_mask="broadcast", block_k=32),
-    Case("default_blocks", 37, 37, kv_heads=2, causal=True, block_q=None, block_k=None),
     Case("bf16_causal_gqa2", 70, 70, kv_heads=2, causal=True, dtype="bfloat16"),
 ]
 
@@ -166,12 +165,13 @@ def test_matches_reference_and_jax_nn(case: Case):
         _assert_close(got, _value_and_grads(lambda q, k, v: _jax_nn(case, q, k, v, segment_ids, block_mask), *upcast[:3], do), F32_TOL)
 
 
-@pytest.mark.parametrize("head_dim", [128, 256])
-def test_float16_large_head_dims_forward(head_dim):
+@pytest.mark.parametrize("head_dim, block", [(128, 16), (256, None)])
+def test_float16_large_head_dims_forward(head_dim, block):
+    """Also covers the default block size (shrunk to the sequence: one 64-row block for 40 tokens)."""
     kq, kk, kv = jax.random.split(jax.random.key(head_dim), 3)
     shape = (1, 40, 2, head_dim)
     q, k, v = (jax.random.normal(key, shape, jnp.float16) for key in (kq, kk, kv))
-    out = pk.flash_attention(q, k, v, causal=True, block_q=16, block_k=16)
+    out = pk.flash_attention(q, k, v, causal=True, block_q=block, block_k=block)
     expected = pk.reference.flash_attention(*(x.astype(jnp.float32) for x in (q, k, v)), causal=True)
     assert out.dtype == jnp.float16
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected), atol=1e-2, rtol=1e-2)
