@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from pallas_kernels import block_masks
 from pallas_kernels.flash_attention import DEFAULT_BLOCK, flash_attention
 from pallas_kernels.geometry import Geometry, normalize_window
 
@@ -193,13 +194,16 @@ def sparse_attention(
     """Attention over the blocks `estimate_block_mask` keeps at threshold `tau`, in one call.
 
     The mask is chosen without gradient; the result is differentiable in q, k, v like `flash_attention`.
-    The estimators look at positions only: `segment_ids` are applied by the kernel, not used to pick blocks
-    (combine `block_masks.segments` with an estimated mask to also skip cross-document tiles).
+    The estimators look at positions only; with `segment_ids`, tiles without a same-document pair are dropped
+    as well (`block_masks.segments`) and the kernel applies the element-level segment mask.
     """
     mask = estimate_block_mask(
         q, k, block_q=block_q, block_k=block_k, causal=causal, keep=tau, method=method,
         local_window=local_window, sm_scale=sm_scale,
     )
+    if segment_ids is not None:
+        q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+        mask &= block_masks.segments(q_seg, block_q, block_k, kv_seg)
     return flash_attention(
         q, k, v, causal=causal, sm_scale=sm_scale, segment_ids=segment_ids, block_mask=mask,
         local_window=local_window, interpret=interpret, block_q=block_q, block_k=block_k,

@@ -55,13 +55,20 @@ def test_density_falls_and_error_grows_as_tau_falls(qkv, method):
 
 
 def test_tau_one_keeps_every_visible_block_and_matches_dense(qkv):
+    """τ = 1 keeps all visible blocks; `sparse_attention` then equals dense attention, packed documents too."""
     q, k, v = qkv
     q, k, v = q[:, :100], k[:, :100], v[:, :100]
     mask = pk.estimate_block_mask(q, k, block_q=BLOCK, block_k=BLOCK, causal=True, keep=1.0)
     visible = pk.Geometry(100, 100, BLOCK, BLOCK, causal=True).block_visibility()
     assert (np.asarray(mask) == np.asarray(visible)[None, None]).all()
-    out = jax.jit(lambda q, k, v: pk.sparse_attention(q, k, v, tau=1.0, causal=True, block_q=BLOCK, block_k=BLOCK))(q, k, v)
-    np.testing.assert_allclose(out, pk.reference.flash_attention(q, k, v, causal=True), atol=2e-5, rtol=2e-5)
+    segment_ids = jnp.array([[0] * 30 + [1] * 45 + [2] * 25])  # packed documents: cross-document tiles dropped
+    out = jax.jit(
+        lambda q, k, v: pk.sparse_attention(
+            q, k, v, tau=1.0, causal=True, segment_ids=segment_ids, block_q=BLOCK, block_k=BLOCK
+        )
+    )(q, k, v)
+    expected = pk.reference.flash_attention(q, k, v, causal=True, segment_ids=segment_ids)
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
 
 
 def test_select_by_mass_keeps_the_fewest_heaviest_blocks():
