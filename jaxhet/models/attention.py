@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+import pallas_kernels as pk
 from jaxhet.models.config import ATTENTION_BACKENDS, ConfigError
 
 Mask = Bool[Array, "batch 1 q_len kv_len"]
@@ -101,7 +102,10 @@ def cudnn_attention(
 
 Backend = Callable[..., Float[Array, "batch q_len heads head_dim"]]
 _BACKENDS: dict[str, Backend] = {"xla": xla_attention, "cudnn": cudnn_attention}
-assert tuple(_BACKENDS) == ATTENTION_BACKENDS
+# Pallas kernels take the mask as structure (causal flag, segment ids) rather than as a dense array, so they can
+# skip masked blocks. `block_sparse` estimates a block mask per input (`pk.sparse_attention`, default threshold).
+_KERNEL_BACKENDS: dict[str, Backend] = {"flash": pk.flash_attention, "block_sparse": pk.sparse_attention}
+assert tuple(_BACKENDS) + tuple(_KERNEL_BACKENDS) == ATTENTION_BACKENDS
 
 
 def attention(
@@ -115,9 +119,17 @@ def attention(
     q_offsets: Int[Array, " batch"] | None = None,
     kv_lengths: Int[Array, " batch"] | None = None,
 ) -> Float[Array, "batch q_len heads head_dim"]:
-    """Scaled dot-product attention through the backend named by `backend` (see `ATTENTION_BACKENDS`)."""
-    if backend not in _BACKENDS:
-        raise ConfigError(f"attention_backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
+    """Scaled dot-product attention through the backend named by `backend` (see `ATTENTION_BACKENDS`).
+
+    The Pallas backends (`flash`, `block_sparse`) serve full-sequence attention (training, prefill); calls over a
+    KV cache (`q_offsets` / `kv_lengths` given) use the `xla` path for them.
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
+    if backend in _KERNEL_BACKENDS:
+        if q_offsets is None and kv_lengths is None:
+            return _KERNEL_BACKENDS[backend](q, k, v, causal=causal, segment_ids=segment_ids)
+        backend = "xla"
     batch, q_len = q.shape[:2]
     kv_len = k.shape[1]
     causal_only = causal and segment_ids is None and q_offsets is None and kv_lengths is None and q_len == kv_len
