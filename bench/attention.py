@@ -24,7 +24,7 @@ import pathlib
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +71,14 @@ def bench_dense(q, k, v, do, *, causal: bool, block: int, repeats: int) -> list[
         both = _time(_fwd_bwd(attend), q, k, v, do, repeats=repeats)
         rows.append(
             dict(
-                kind="dense", impl=name, seq=seq, causal=causal, fwd_ms=fwd * 1e3, fwd_bwd_ms=both * 1e3,
-                fwd_tflops=flops / fwd / 1e12, fwd_bwd_tflops=3.5 * flops / both / 1e12,
+                kind="dense",
+                impl=name,
+                seq=seq,
+                causal=causal,
+                fwd_ms=fwd * 1e3,
+                fwd_bwd_ms=both * 1e3,
+                fwd_tflops=flops / fwd / 1e12,
+                fwd_bwd_tflops=3.5 * flops / both / 1e12,
             )
         )
     return rows
@@ -91,9 +97,16 @@ def bench_sparse(q, k, v, do, *, block: int, densities, repeats: int, key: jax.A
         kept = float(mask.mean())
         rows.append(
             dict(
-                kind="block_sparse", impl="pallas flash", seq=seq, causal=False, target_density=density,
-                density=kept, fwd_ms=fwd * 1e3, fwd_bwd_ms=both * 1e3,
-                fwd_vs_dense=fwd * 1e3 / dense["fwd_ms"], fwd_bwd_vs_dense=both * 1e3 / dense["fwd_bwd_ms"],
+                kind="block_sparse",
+                impl="pallas flash",
+                seq=seq,
+                causal=False,
+                target_density=density,
+                density=kept,
+                fwd_ms=fwd * 1e3,
+                fwd_bwd_ms=both * 1e3,
+                fwd_vs_dense=fwd * 1e3 / dense["fwd_ms"],
+                fwd_bwd_vs_dense=both * 1e3 / dense["fwd_bwd_ms"],
                 fwd_vs_ideal=fwd * 1e3 / dense["fwd_ms"] / kept,  # target on H100: <= 1.15
             )
         )
@@ -101,16 +114,20 @@ def bench_sparse(q, k, v, do, *, block: int, densities, repeats: int, key: jax.A
 
 
 def _print_table(rows: list[dict]) -> None:
-    print(f"{'kind':12} {'impl':18} {'S':>6} {'causal':6} {'density':>7} {'fwd ms':>9} {'fwd TF/s':>8} "
-          f"{'f+b ms':>9} {'f+b TF/s':>8} {'fwd/dense':>9} {'/ideal':>6}")
+    print(
+        f"{'kind':12} {'impl':18} {'S':>6} {'causal':6} {'density':>7} {'fwd ms':>9} {'fwd TF/s':>8} "
+        f"{'f+b ms':>9} {'f+b TF/s':>8} {'fwd/dense':>9} {'/ideal':>6}"
+    )
     for r in rows:
         density = f"{r['density']:.2f}" if "density" in r else "-"
         fwd_tf = f"{r['fwd_tflops']:.2f}" if "fwd_tflops" in r else "-"
         both_tf = f"{r['fwd_bwd_tflops']:.2f}" if "fwd_bwd_tflops" in r else "-"
         vs = f"{r['fwd_vs_dense']:.3f}" if "fwd_vs_dense" in r else "-"
         ideal = f"{r['fwd_vs_ideal']:.2f}" if "fwd_vs_ideal" in r else "-"
-        print(f"{r['kind']:12} {r['impl']:18} {r['seq']:6d} {str(r['causal']):6} {density:>7} {r['fwd_ms']:9.3f} "
-              f"{fwd_tf:>8} {r['fwd_bwd_ms']:9.3f} {both_tf:>8} {vs:>9} {ideal:>6}")
+        print(
+            f"{r['kind']:12} {r['impl']:18} {r['seq']:6d} {str(r['causal']):6} {density:>7} {r['fwd_ms']:9.3f} "
+            f"{fwd_tf:>8} {r['fwd_bwd_ms']:9.3f} {both_tf:>8} {vs:>9} {ideal:>6}"
+        )
 
 
 def main(argv: list[str] | None = None) -> pathlib.Path:

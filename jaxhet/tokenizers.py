@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Protocol
@@ -52,12 +53,30 @@ class HFTokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def load_tokenizer(
-    checkpoint_dir: str | os.PathLike | None = None, *, bos_id: int | None = None, eos_id: int | None = None
-) -> Tokenizer:
-    """The checkpoint's `tokenizer.json` when it has one, else the byte-level tokenizer."""
-    if checkpoint_dir is not None:
-        path = Path(checkpoint_dir) / "tokenizer.json"
-        if path.is_file():
-            return HFTokenizer(path, bos_id=bos_id, eos_id=eos_id)
-    return ByteTokenizer()
+BYTE_TOKENIZER = "byte"
+
+
+def _first_id(value: object) -> int | None:
+    """A special-token id from a Hugging Face config, where a list means several and the first is canonical."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, int) else None
+
+
+def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
+    """The byte-level tokenizer for "byte"; otherwise the `tokenizer.json` in directory `spec`, with BOS/EOS ids
+    from the directory's `config.json` (`bos_token_id`, `eos_token_id`) when it is a Hugging Face checkpoint."""
+    if str(spec) == BYTE_TOKENIZER:
+        return ByteTokenizer()
+    directory = Path(spec).expanduser()
+    if not (directory / "tokenizer.json").is_file():
+        from jaxhet.models.config import ConfigError
+
+        raise ConfigError(f"tokenizer must be {BYTE_TOKENIZER!r} or a directory holding tokenizer.json, got {spec!r}")
+    config_path = directory / "config.json"
+    model_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    return HFTokenizer(
+        directory / "tokenizer.json",
+        bos_id=_first_id(model_config.get("bos_token_id")),
+        eos_id=_first_id(model_config.get("eos_token_id")),
+    )

@@ -12,7 +12,7 @@ Positions follow `pallas_kernels.geometry`: query row t is at position t + kv_le
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,9 @@ def causal(q_len: int, kv_len: int, block_q: int, block_k: int) -> BlockMask:
     return _blocks(Geometry(q_len, kv_len, block_q, block_k, causal=True))
 
 
-def sliding_window(q_len: int, kv_len: int, block_q: int, block_k: int, window: int, *, causal: bool = True) -> BlockMask:
+def sliding_window(
+    q_len: int, kv_len: int, block_q: int, block_k: int, window: int, *, causal: bool = True
+) -> BlockMask:
     """Tiles touching the band p - window <= s <= p (or <= p + window when not causal)."""
     return _blocks(Geometry(q_len, kv_len, block_q, block_k, causal=causal, window=(window, window)))
 
@@ -51,7 +53,7 @@ def _key_blocks_of(positions: Sequence[int] | np.ndarray, kv_len: int, block_k: 
 def a_shape(
     q_len: int, kv_len: int, block_q: int, block_k: int, *, sink: int, window: int, causal: bool = True
 ) -> BlockMask:
-    """"A-shape" (attention sink + local window, StreamingLLM): the first `sink` keys plus a sliding window."""
+    """ "A-shape" (attention sink + local window, StreamingLLM): the first `sink` keys plus a sliding window."""
     geometry = Geometry(q_len, kv_len, block_q, block_k, causal=causal)
     sink_blocks = jnp.asarray(_key_blocks_of(np.arange(sink), kv_len, block_k))
     local = sliding_window(q_len, kv_len, block_q, block_k, window, causal=causal)
@@ -105,7 +107,10 @@ def from_element_mask(mask: Bool[Array, "... q_len kv_len"], block_q: int, block
 
 
 def segments(
-    segment_ids: Int[Array, "batch seq"], block_q: int, block_k: int, kv_segment_ids: Int[Array, "batch kv"] | None = None
+    segment_ids: Int[Array, "batch seq"],
+    block_q: int,
+    block_k: int,
+    kv_segment_ids: Int[Array, "batch kv"] | None = None,
 ) -> Bool[Array, "batch 1 nq nk"]:
     """Per-batch tiles whose query and key segment-id ranges overlap (packed documents).
 

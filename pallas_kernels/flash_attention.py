@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +138,9 @@ def _loop_schedule(refs: dict, st: _Static, block, transposed: bool, head=None) 
     """
     needs_mask = st.geometry.has_static_mask or st.has_segments
     if st.sparse:
-        indices, counts = (refs["q_indices"], refs["q_counts"]) if transposed else (refs["kv_indices"], refs["kv_counts"])
+        indices, counts = (
+            (refs["q_indices"], refs["q_counts"]) if transposed else (refs["kv_indices"], refs["kv_counts"])
+        )
         if head is not None and st.mask_per_head:
             return [_Run(counts[head, 0], lambda j: indices[head, j], needs_mask)]
         return [_Run(counts[0], lambda j: indices[j], needs_mask)]
@@ -157,9 +159,7 @@ def _loop_schedule(refs: dict, st: _Static, block, transposed: bool, head=None) 
 def _loop(runs: list[_Run], body: Callable, carry):
     """Runs `body(block, masked, carry)` over every visit of every run."""
     for run in runs:
-        carry = lax.fori_loop(
-            0, run.count, lambda j, c, run=run: body(run.block_at(j), run.masked, c), carry
-        )
+        carry = lax.fori_loop(0, run.count, lambda j, c, run=run: body(run.block_at(j), run.masked, c), carry)
     return carry
 
 
@@ -171,7 +171,7 @@ def _probabilities(scores, mask, *, lse):
 
 def _forward_kernel(*refs, st: _Static, names: tuple[str, ...]):
     """Output and base-2 logsumexp of one query block: online softmax over the kv blocks it visits."""
-    r = dict(zip(names, refs))
+    r = dict(zip(names, refs, strict=False))
     g = st.geometry
     q_block = pl.program_id(2)
     q = r["q"][...]
@@ -207,7 +207,7 @@ def _forward_kernel(*refs, st: _Static, names: tuple[str, ...]):
 
 def _dq_kernel(*refs, st: _Static, names: tuple[str, ...]):
     """dQ of one query block, over the same kv blocks as its forward pass."""
-    r = dict(zip(names, refs))
+    r = dict(zip(names, refs, strict=False))
     g = st.geometry
     q_block = pl.program_id(2)
     q, do = r["q"][...], r["do"][...]
@@ -228,7 +228,7 @@ def _dq_kernel(*refs, st: _Static, names: tuple[str, ...]):
 
 def _dkdv_kernel(*refs, st: _Static, names: tuple[str, ...]):
     """dK, dV of one kv block, accumulated over the query heads that share it (GQA) and their query blocks."""
-    r = dict(zip(names, refs))
+    r = dict(zip(names, refs, strict=False))
     g = st.geometry
     kv_block = pl.program_id(2)
     k, v = r["k"][...], r["v"][...]
@@ -346,7 +346,11 @@ def _backward(st: _Static, residuals, do):
     kv_heads = k.shape[2]
     do = do.astype(q.dtype)
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))  # rowsum(dO * O)
-    q_tile, rows, kv_spec = _q_tile_spec(g, head_dim), _row_tile_spec(g), _shared_kv_spec(k.shape[1], head_dim, st.groups)
+    q_tile, rows, kv_spec = (
+        _q_tile_spec(g, head_dim),
+        _row_tile_spec(g),
+        _shared_kv_spec(k.shape[1], head_dim, st.groups),
+    )
     (dq,) = _call(
         _dq_kernel,
         st,
@@ -380,7 +384,10 @@ def _backward(st: _Static, residuals, do):
             ("delta", delta, group_rows),
             *_side_inputs(st, extras, transposed=True),
         ],
-        [("dk", jax.ShapeDtypeStruct(k.shape, k.dtype), kv_tile), ("dv", jax.ShapeDtypeStruct(v.shape, v.dtype), kv_tile)],
+        [
+            ("dk", jax.ShapeDtypeStruct(k.shape, k.dtype), kv_tile),
+            ("dv", jax.ShapeDtypeStruct(v.shape, v.dtype), kv_tile),
+        ],
         "flash_attention_dkdv",
     )
     return dq, dk, dv, None
@@ -448,9 +455,7 @@ def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-@functools.partial(
-    jax.jit, static_argnames=("causal", "sm_scale", "local_window", "interpret", "block_q", "block_k")
-)
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "local_window", "interpret", "block_q", "block_k"))
 def flash_attention(
     q: Float[Array, "batch q_len heads head_dim"],
     k: Float[Array, "batch kv_len kv_heads head_dim"],
@@ -502,8 +507,9 @@ def flash_attention(
         window=normalize_window(local_window),
     )
     q_seg, kv_seg = _segments(segment_ids, batch, q_len, kv_len)
-    if block_mask is not None and (block_mask.ndim != 4 or block_mask.shape[0] not in (1, batch)
-                                   or block_mask.shape[1] not in (1, heads)):
+    if block_mask is not None and (
+        block_mask.ndim != 4 or block_mask.shape[0] not in (1, batch) or block_mask.shape[1] not in (1, heads)
+    ):
         raise ValueError(f"block_mask must be [batch or 1, heads or 1, nq, nk], got shape {block_mask.shape}")
     st = _Static(
         geometry=geometry,

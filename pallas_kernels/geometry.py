@@ -167,8 +167,6 @@ class Geometry:
         return mask
 
 
-def segment_mask(
-    q_segments: Int[Array, " rows"], kv_segments: Int[Array, " cols"]
-) -> Bool[Array, "rows cols"]:
+def segment_mask(q_segments: Int[Array, " rows"], kv_segments: Int[Array, " cols"]) -> Bool[Array, "rows cols"]:
     """Queries see only keys of their own segment (packed documents)."""
     return q_segments[:, None] == kv_segments[None, :]

@@ -19,7 +19,7 @@ Estimators (`ESTIMATORS`; a new one is a function with the `BlockMass` signature
 from __future__ import annotations
 
 import types
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -198,13 +198,29 @@ def sparse_attention(
     as well (`block_masks.segments`) and the kernel applies the element-level segment mask.
     """
     mask = estimate_block_mask(
-        q, k, block_q=block_q, block_k=block_k, causal=causal, keep=tau, method=method,
-        local_window=local_window, sm_scale=sm_scale,
+        q,
+        k,
+        block_q=block_q,
+        block_k=block_k,
+        causal=causal,
+        keep=tau,
+        method=method,
+        local_window=local_window,
+        sm_scale=sm_scale,
     )
     if segment_ids is not None:
         q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
         mask &= block_masks.segments(q_seg, block_q, block_k, kv_seg)
     return flash_attention(
-        q, k, v, causal=causal, sm_scale=sm_scale, segment_ids=segment_ids, block_mask=mask,
-        local_window=local_window, interpret=interpret, block_q=block_q, block_k=block_k,
+        q,
+        k,
+        v,
+        causal=causal,
+        sm_scale=sm_scale,
+        segment_ids=segment_ids,
+        block_mask=mask,
+        local_window=local_window,
+        interpret=interpret,
+        block_q=block_q,
+        block_k=block_k,
     )

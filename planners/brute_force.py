@@ -20,9 +20,10 @@ from planners.serve import Config, candidate_configs, packing_fits, served_rate
 from planners.workload import ServeWorkload, TrainWorkload
 
 
-def _node_layouts(count: int) -> list[tuple[int, ...]]:
-    """Non-increasing tuples of powers of two with sum <= count (the groups a node may run, largest first)."""
-    sizes = [1 << k for k in range(count.bit_length()) if 1 << k <= count]
+def _node_layouts(count: int, model: ModelSpec) -> list[tuple[int, ...]]:
+    """Non-increasing tuples of powers of two with sum <= count (the groups a node may run, largest first), each a
+    TP degree `model` supports."""
+    sizes = [1 << k for k in range(count.bit_length()) if 1 << k <= count and model.supports_tp(1 << k)]
     out = [()]
     for n in range(1, count + 1):
         out += [c for c in itertools.combinations_with_replacement(sorted(sizes, reverse=True), n) if sum(c) <= count]
@@ -51,7 +52,7 @@ def all_plans(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -
     """Every plan of the search space (memory not checked)."""
     kinds = tuple(d.kind for d in cluster.devices)
     offsets = cluster.node_offsets()
-    layouts = [_node_layouts(node.count) for node in cluster.nodes]
+    layouts = [_node_layouts(node.count, model) for node in cluster.nodes]
     L = model.num_layers
     for choice in itertools.product(*layouts):
         groups = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from planners.cluster import ClusterSpec
+from planners.model import ModelSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,12 +25,13 @@ Slot = tuple[list[tuple[Group, int, bool]], int]
 """A replica of a cell's plan: its stages (group, blocks, recompute) in pipeline order, and its micro-batch count."""
 
 
-def candidate_groups(cluster: ClusterSpec) -> list[Group]:
-    """Every aligned power-of-two group inside every node, ordered by first device then size."""
+def candidate_groups(cluster: ClusterSpec, model: ModelSpec) -> list[Group]:
+    """Every aligned power-of-two group inside every node whose size `model` can use as its TP degree, ordered by
+    first device then size."""
     groups = []
     for n, (node, offset) in enumerate(zip(cluster.nodes, cluster.node_offsets(), strict=True)):
         tp = 1
-        while tp <= node.count:
+        while tp <= node.count and model.supports_tp(tp):
             for k in range(node.count // tp):
                 start = offset + k * tp
                 groups.append(Group(n, tuple(range(start, start + tp)), node.kind))

@@ -41,6 +41,10 @@ class ModelSpec:
                 f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})"
             )
 
+    def supports_tp(self, tp: int) -> bool:
+        """Whether Megatron tensor parallelism of degree `tp` splits heads, kv heads and the FFN width evenly."""
+        return self.num_heads % tp == 0 and self.num_kv_heads % tp == 0 and self.ffn_size % tp == 0
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads

@@ -35,7 +35,7 @@ def seed_slots(
     costs = TrainCosts(cluster, model, seq_len)
     classes = cluster.node_classes()
     subsets = [list(range(len(cluster.nodes)))] + (classes if len(classes) > 1 else [])
-    candidates = candidate_groups(cluster)
+    candidates = candidate_groups(cluster, model)
     for nodes in subsets:
         tp = 1
         while tp <= max(cluster.nodes[n].count for n in nodes):

@@ -109,7 +109,7 @@ class _CellModel:
     ) -> None:
         cluster = cell.cluster
         costs = TrainCosts(cluster, model, seq_len)
-        groups = candidate_groups(cluster)
+        groups = candidate_groups(cluster, model)
         if coarse:
             groups = [g for g in groups if 2 * g.tp >= cluster.nodes[g.node].count]
         self.groups = groups

@@ -38,8 +38,15 @@ def _in_range(lo, hi, n: int, transposed: bool) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "q_len, kv_len, causal, window",
-    [(70, 70, True, None), (37, 70, True, (9, 9)), (70, 37, True, None), (50, 50, False, (5, 20)),
-     (33, 64, False, None), (64, 64, True, (40, 0)), (48, 96, False, (0, 30))],
+    [
+        (70, 70, True, None),
+        (37, 70, True, (9, 9)),
+        (70, 37, True, None),
+        (50, 50, False, (5, 20)),
+        (33, 64, False, None),
+        (64, 64, True, (40, 0)),
+        (48, 96, False, (0, 30)),
+    ],
 )
 def test_geometry_ranges_are_exactly_the_visible_and_the_full_tiles(q_len, kv_len, causal, window):
     """The dense kernels' loop bounds, checked tile by tile against the reference's element mask:
@@ -79,15 +86,19 @@ def test_skipped_blocks_are_never_read():
     do_poisoned = do.at[:, skipped_queries].set(jnp.nan)
 
     def run(q, k, v, do):
-        out, vjp = jax.vjp(lambda q, k, v: pk.flash_attention(q, k, v, block_mask=mask, block_q=BQ, block_k=BK), q, k, v)
+        out, vjp = jax.vjp(
+            lambda q, k, v: pk.flash_attention(q, k, v, block_mask=mask, block_q=BQ, block_k=BK), q, k, v
+        )
         return (out, *vjp(do))
 
     got = jax.jit(run)(*poisoned, do_poisoned)
-    clean = [x.at[:, skipped_queries].set(0.0) if i == 0 else x.at[:, skipped_keys].set(0.0) for i, x in enumerate(poisoned)]
+    clean = [
+        x.at[:, skipped_queries].set(0.0) if i == 0 else x.at[:, skipped_keys].set(0.0) for i, x in enumerate(poisoned)
+    ]
     ref = lambda q, k, v: pk.reference.flash_attention(q, k, v, block_mask=mask, block_q=BQ, block_k=BK)  # noqa: E731
     out, vjp = jax.vjp(ref, *clean)
     expected = (out, *vjp(do.at[:, skipped_queries].set(0.0)))
-    for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
         assert np.isfinite(np.asarray(a)).all(), name
         np.testing.assert_allclose(a, e, atol=2e-5, rtol=2e-5, err_msg=name)
     assert (np.asarray(got[0][:, skipped_queries]) == 0).all()
@@ -110,7 +121,10 @@ def test_pattern_builders_match_element_definitions(q_len, kv_len):
     expected = {
         "causal": (block_masks.causal(q_len, kv_len, BQ, BK), causal),
         "window": (block_masks.sliding_window(q_len, kv_len, BQ, BK, window), local),
-        "a_shape": (block_masks.a_shape(q_len, kv_len, BQ, BK, sink=sink, window=window), local | (causal & (s < sink))),
+        "a_shape": (
+            block_masks.a_shape(q_len, kv_len, BQ, BK, sink=sink, window=window),
+            local | (causal & (s < sink)),
+        ),
         "vertical_slash": (
             block_masks.vertical_slash(q_len, kv_len, BQ, BK, verticals=vertical, slashes=slashes),
             vs,
@@ -128,7 +142,9 @@ def test_block_sparse_equals_dense_with_the_equivalent_element_mask():
     k = jax.random.normal(kk, (1, 80, 2, 16))
     v = jax.random.normal(kv, (1, 80, 2, 16))
     blocks = block_masks.a_shape(80, 80, BQ, BK, sink=16, window=16)
-    out = jax.jit(lambda q, k, v: pk.flash_attention(q, k, v, causal=True, block_mask=blocks, block_q=BQ, block_k=BK))(q, k, v)
+    out = jax.jit(lambda q, k, v: pk.flash_attention(q, k, v, causal=True, block_mask=blocks, block_q=BQ, block_k=BK))(
+        q, k, v
+    )
     element = attention_mask(80, 80, causal=True, block_mask=blocks, block_q=BQ, block_k=BK)
     dense = jax.nn.dot_product_attention(q, k, v, mask=jnp.broadcast_to(element, (1, 2, 80, 80)), implementation="xla")
     np.testing.assert_allclose(out, dense, atol=2e-5, rtol=2e-5)

@@ -116,7 +116,7 @@ def _value_and_grads(fn, q, k, v, do):
 
 
 def _assert_close(actual, expected, tol, names=("out", "dq", "dk", "dv")):
-    for name, a, e in zip(names, actual, expected):
+    for name, a, e in zip(names, actual, expected, strict=True):
         a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
         assert np.isfinite(a).all(), f"{name} has non-finite values"
         np.testing.assert_allclose(a, e, atol=tol, rtol=tol, err_msg=name)
@@ -152,7 +152,7 @@ def test_matches_reference_and_jax_nn(case: Case):
     expected = _value_and_grads(lambda q, k, v: pk.reference.flash_attention(q, k, v, **ref_options), *upcast)
     tol = BF16_TOL if case.dtype == "bfloat16" else F32_TOL
     _assert_close(got, expected, tol)
-    assert got[0].dtype == q.dtype and all(g.dtype == x.dtype for g, x in zip(got[1:], (q, k, v)))
+    assert got[0].dtype == q.dtype and all(g.dtype == x.dtype for g, x in zip(got[1:], (q, k, v), strict=True))
 
     visible = _element_mask(case, segment_ids, block_mask).any(axis=-1)
     if not bool(visible.all()):
@@ -162,7 +162,11 @@ def test_matches_reference_and_jax_nn(case: Case):
         assert (out[empty] == 0).all() and (dq[empty] == 0).all()
         return  # jax.nn averages the values of rows that see nothing, so compare with it only when none exist
     if case.dtype == "float32":
-        _assert_close(got, _value_and_grads(lambda q, k, v: _jax_nn(case, q, k, v, segment_ids, block_mask), *upcast[:3], do), F32_TOL)
+        _assert_close(
+            got,
+            _value_and_grads(lambda q, k, v: _jax_nn(case, q, k, v, segment_ids, block_mask), *upcast[:3], do),
+            F32_TOL,
+        )
 
 
 @pytest.mark.parametrize("head_dim, block", [(128, 16), (256, None)])
@@ -191,7 +195,7 @@ def test_compiled_kernels_on_gpu(causal):
     got = _value_and_grads(lambda q, k, v: pk.flash_attention(q, k, v, causal=causal, interpret=False), q, k, v, do)
     upcast = [x.astype(jnp.float32) for x in (q, k, v, do)]
     expected = _value_and_grads(lambda q, k, v: pk.reference.flash_attention(q, k, v, causal=causal), *upcast)
-    for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
         a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
         assert np.isfinite(a).all(), name
         assert np.abs(a - e).max() <= 2e-2 * np.abs(e).max(), name

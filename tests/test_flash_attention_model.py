@@ -44,7 +44,7 @@ def test_flash_backend_matches_xla_logits_and_gradients(batch):
     np.testing.assert_allclose(loss_f, loss_x, atol=TOL, rtol=TOL)
     flat_x, flat_f = jax.tree.leaves(nnx.state(grads_x)), jax.tree.leaves(nnx.state(grads_f))
     assert len(flat_x) == len(flat_f) > 0
-    for gx, gf in zip(flat_x, flat_f):
+    for gx, gf in zip(flat_x, flat_f, strict=True):
         np.testing.assert_allclose(gf, gx, atol=1e-4, rtol=1e-3)
 
 

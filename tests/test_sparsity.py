@@ -28,7 +28,9 @@ def _dense_with_blocks(q, k, v, mask, causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_diagonal_and_sink_always_kept_and_causality_respected(qkv, method, causal):
     q, k, _ = qkv
-    mask = np.asarray(pk.estimate_block_mask(q, k, block_q=BLOCK, block_k=BLOCK, causal=causal, keep=0.05, method=method))
+    mask = np.asarray(
+        pk.estimate_block_mask(q, k, block_q=BLOCK, block_k=BLOCK, causal=causal, keep=0.05, method=method)
+    )
     n = LENGTH // BLOCK
     assert mask.shape == (1, 4, n, n)
     assert mask[..., np.arange(n), np.arange(n)].all()

@@ -1,7 +1,9 @@
 """Byte-level and Hugging Face tokenizers."""
 
+import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+from jaxhet import ConfigError
 from jaxhet.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 
 
@@ -26,14 +28,17 @@ def test_hf_tokenizer_json_is_loaded_from_a_checkpoint_dir(tmp_path):
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
     tokenizer.save(str(tmp_path / "tokenizer.json"))
 
-    loaded = load_tokenizer(tmp_path, bos_id=1, eos_id=2)
+    (tmp_path / "config.json").write_text('{"bos_token_id": 1, "eos_token_id": [2, 9]}')
+    loaded = load_tokenizer(tmp_path)
     assert isinstance(loaded, HFTokenizer)
     assert loaded.vocab_size == tokenizer.get_vocab_size()
     ids = loaded.encode("the lazy fox")
     assert ids == tokenizer.encode("the lazy fox").ids
+    assert (loaded.bos_id, loaded.eos_id) == (1, 2)
     assert loaded.decode([1, *ids, 2]) == "the lazy fox"
 
 
-def test_without_tokenizer_json_the_byte_tokenizer_is_used(tmp_path):
-    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
-    assert isinstance(load_tokenizer(None), ByteTokenizer)
+def test_byte_spec_and_a_directory_without_tokenizer_json(tmp_path):
+    assert isinstance(load_tokenizer("byte"), ByteTokenizer)
+    with pytest.raises(ConfigError, match="tokenizer must be 'byte' or a directory holding tokenizer.json"):
+        load_tokenizer(tmp_path)

@@ -43,7 +43,7 @@ def generate(
             source = "a fresh tiny model (random weights: expect noise until it is trained)"
         else:
             llama = Llama.from_pretrained(model, dtype=dtype)
-            tokenizer = load_tokenizer(model, bos_id=llama.config.bos_token_id, eos_id=llama.config.eos_token_id)
+            tokenizer = load_tokenizer(model) if (model / "tokenizer.json").is_file() else ByteTokenizer()
             source = str(model)
         ids = tokenizer.encode(prompt)
         if tokenizer.bos_id is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -45,28 +45,32 @@ def save_loss_curve(metrics_path: Path, png_path: Path) -> Path:
 
 
 def train(
-    config: Annotated[Optional[Path], typer.Option(help="YAML config file; fields not given keep their defaults.")] = None,
-    plan: Annotated[Optional[str], typer.Option(help="auto (ask the planner), single (one device), or a plan JSON.")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Train until this step.")] = None,
-    checkpoint_dir: Annotated[Optional[str], typer.Option(help="Run directory for checkpoints and metrics.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config file; fields not given keep their defaults.")] = None,
+    plan: Annotated[
+        str | None, typer.Option(help="auto (ask the planner), single (one device), or a plan JSON.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Train until this step.")] = None,
+    checkpoint_dir: Annotated[str | None, typer.Option(help="Run directory for checkpoints and metrics.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in the run directory.")] = False,
     set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a config field, e.g. --set data.seq_len=64.")
+        list[str] | None, typer.Option("--set", help="Override a config field, e.g. --set data.seq_len=64.")
     ] = None,
 ) -> None:
     """Train on the embedded corpus (or your data) over an emulated heterogeneous cluster, with checkpoints."""
     console = Console()
     with user_errors():
-        from jaxhet.train import TrainConfig, train as run_training
+        from jaxhet.train import TrainConfig
+        from jaxhet.train import train as run_training
 
         overrides = _overrides(set_ or [])
         for key, value in (("plan", plan), ("steps", steps), ("checkpoint_dir", checkpoint_dir)):
             if value is not None:
                 overrides[key] = str(value)
         cfg = TrainConfig.load(config, overrides)
+        where = cfg.cluster if cfg.plan == "auto" else cfg.plan
         console.print(
             f"[dim]training {cfg.model} for {cfg.steps} steps, batch {cfg.data.batch_size}x{cfg.data.seq_len} tokens, "
-            f"plan {cfg.plan} on {cfg.cluster if cfg.plan == 'auto' else cfg.plan}; run directory {cfg.checkpoint_dir}[/]"
+            f"plan {cfg.plan} on {where}; run directory {cfg.checkpoint_dir}[/]"
         )
         columns = (
             TextColumn("[bold]step {task.completed}/{task.total}"),
@@ -86,11 +90,16 @@ def train(
             result = run_training(cfg, resume=resume, progress=on_step)
     curve = save_loss_curve(result.checkpoint_dir / "metrics.jsonl", result.checkpoint_dir / "loss.png")
     table = Table(title="jaxhet train", show_header=False)
-    table.add_row("steps", f"{result.start_step} → {result.end_step}" + (" (stopped early)" if result.interrupted else ""))
+    table.add_row(
+        "steps", f"{result.start_step} → {result.end_step}" + (" (stopped early)" if result.interrupted else "")
+    )
     if result.losses:
         first, last = result.losses[0], result.losses[-1]
         table.add_row("loss", f"{first:.3f} → {last:.3f} ({100 * (first - last) / first:.0f}% lower)")
-        table.add_row("throughput", f"{result.tokens:,} tokens in {result.seconds:.1f}s = {result.tokens / result.seconds:,.0f} tok/s")
+        table.add_row(
+            "throughput",
+            f"{result.tokens:,} tokens in {result.seconds:.1f}s = {result.tokens / result.seconds:,.0f} tok/s",
+        )
     table.add_row("plan", result.plan)
     table.add_row("checkpoints", str(result.checkpoint_dir))
     table.add_row("loss curve", str(curve))

@@ -18,7 +18,8 @@ from jaxhet.data.config import DataConfig, check_split
 from jaxhet.data.order import epoch_order, split_documents
 from jaxhet.data.packing import batch_from_rows
 from jaxhet.data.sources import open_source
-from jaxhet.data.tokens import MIN_DOCUMENT_TOKENS, document_tokens, load_data_tokenizer
+from jaxhet.data.tokens import MIN_DOCUMENT_TOKENS, document_tokens
+from jaxhet.tokenizers import load_tokenizer
 
 STATE_VERSION = 1
 
@@ -30,7 +31,7 @@ class PackedBatches:
         check_split(split, config)
         self.config = config
         self.split = split
-        self.tokenizer = load_data_tokenizer(config.tokenizer)
+        self.tokenizer = load_tokenizer(config.tokenizer)
         self.vocab_size: int = self.tokenizer.vocab_size
         self._source = open_source(config.source)
         self._documents = split_documents(

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 from jaxhet.models.config import ConfigError
+from jaxhet.tokenizers import BYTE_TOKENIZER
 
 STDLIB_SOURCE = "stdlib"
-BYTE_TOKENIZER = "byte"
 SPLITS = ("train", "validation")
 
 

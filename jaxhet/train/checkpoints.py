@@ -46,10 +46,17 @@ class CheckpointStore:
             try:
                 restored = self._manager.restore(
                     step,
-                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                    ),
                 )
             except Exception as err:  # noqa: BLE001 - any failure to read a checkpoint means: try the previous one
-                log.warning("checkpoint at step %d in %s cannot be restored (%s); trying the previous one", step, self.directory, err)
+                log.warning(
+                    "checkpoint at step %d in %s cannot be restored (%s); trying the previous one",
+                    step,
+                    self.directory,
+                    err,
+                )
                 continue
             return step, restored["state"], restored["meta"]
         return None

@@ -46,7 +46,9 @@ class TrainConfig:
 
     `model` is "tiny" (a small Llama sized for CPUs, shaped further by `num_layers`, `hidden_size`, ...) or a local
     Hugging Face Llama directory to fine-tune. `plan` is "auto" (ask the planner for `cluster`), "single" (one
-    device: the reference every plan must match) or a plan JSON file.
+    device: the reference every plan must match) or a plan JSON file. `use_all_devices` makes the planner keep
+    every device of `cluster` busy, so that an emulated cluster runs a truly heterogeneous plan; turn it off to let
+    the planner leave devices idle where its cost model says that is faster.
     """
 
     model: str = "tiny"
@@ -62,6 +64,7 @@ class TrainConfig:
     steps: int = 300
     plan: str = "auto"
     cluster: str = "emulated8"
+    use_all_devices: bool = True
     checkpoint_dir: str = "runs/latest"
     save_every: int = 100
     keep: int = 3
@@ -79,7 +82,9 @@ class TrainConfig:
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
         if self.plan not in PLAN_CHOICES and not Path(self.plan).is_file():
-            raise ConfigError(f"plan must be one of {', '.join(PLAN_CHOICES)} or an existing plan file, got {self.plan!r}")
+            raise ConfigError(
+                f"plan must be one of {', '.join(PLAN_CHOICES)} or an existing plan file, got {self.plan!r}"
+            )
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: Mapping[str, str] | None = None) -> TrainConfig:
@@ -127,7 +132,11 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
 
 
 def _convert(value: Any, kind: Any, name: str) -> Any:
-    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
+    options = (
+        typing.get_args(kind)
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+        else (kind,)
+    )
     if value is None and type(None) in options:
         return None
     for option in options:

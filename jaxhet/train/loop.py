@@ -89,6 +89,7 @@ def build_model(config: TrainConfig, vocab_size: int, key: jax.Array) -> Llama:
 def _resolve_plan(config: TrainConfig, model: Llama, directory: Path, resume: bool):
     """The plan to run (None for one device), reusing a resumed run's saved plan so it continues identically."""
     import planners
+    from planners.picture import save_placement_png
 
     saved = directory / "plan.json"
     if config.plan == "single":
@@ -110,10 +111,10 @@ def _resolve_plan(config: TrainConfig, model: Llama, directory: Path, resume: bo
         tied_embeddings=mc.tie_word_embeddings,
     )
     workload = planners.TrainWorkload(global_batch=config.data.batch_size, seq_len=config.data.seq_len)
-    plan = planners.plan_training(cluster, spec, workload, time_limit_s=10.0)
+    plan = planners.plan_training(cluster, spec, workload, time_limit_s=10.0, use_all_devices=config.use_all_devices)
     directory.mkdir(parents=True, exist_ok=True)
     saved.write_text(plan.to_json())
-    planners.picture.save_placement_png(plan, cluster, directory / "plan.png")
+    save_placement_png(plan, cluster, directory / "plan.png")
     return plan
 
 
