@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/jaxhet generate
+	rm -rf runs/demo
+	$(BIN)/jaxhet train --checkpoint-dir runs/demo
+	$(BIN)/jaxhet generate --run runs/demo --prompt "import os" --max-new-tokens 200
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests

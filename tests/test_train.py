@@ -71,8 +71,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     resumed = run_cli(*cli_args(tmp_path / "victim", steps), "--resume")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
 
-    ref_model, ref_meta = load_trained(tmp_path / "reference")
-    model, meta = load_trained(tmp_path / "victim")
+    reference_run, run = load_trained(tmp_path / "reference"), load_trained(tmp_path / "victim")
+    ref_model, ref_meta, model, meta = reference_run.model, reference_run.meta, run.model, run.meta
     assert meta["step"] == ref_meta["step"] == steps
     assert meta["data"] == ref_meta["data"]
     jax.tree.map(np.testing.assert_array_equal, llama_params(model), llama_params(ref_model))
@@ -81,6 +81,15 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
         records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [r["loss"] for r in records]
     assert losses["victim"] == losses["reference"] and len(losses["victim"]) == steps
+
+    generated = subprocess.run(
+        [JAXHET, "generate", "--run", str(tmp_path / "victim"), "--max-new-tokens", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert generated.returncode == 0, generated.stderr
+    assert f"(step {steps})" in " ".join(generated.stdout.split())
 
 
 def test_sigterm_saves_then_exits(tmp_path):
@@ -93,8 +102,7 @@ def test_sigterm_saves_then_exits(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 130
-    _, meta = load_trained(run_dir)
-    assert 1 <= meta["step"] < 10_000
+    assert 1 <= load_trained(run_dir).meta["step"] < 10_000
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
@@ -103,8 +111,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog
     for file in (tmp_path / "run" / "6").rglob("*"):
         if file.is_file() and file.stat().st_size > 0:
             file.write_bytes(b"\0" * 7)
-    _, meta = load_trained(tmp_path / "run")
-    assert meta["step"] == 3
+    assert load_trained(tmp_path / "run").meta["step"] == 3
     assert "step 6" in caplog.text
 
 

@@ -22,7 +22,10 @@ def generate(
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "def fibonacci(n):\n",
     model: Annotated[
         Path | None,
-        typer.Option(help="Local Hugging Face Llama directory; a fresh tiny model when omitted."),
+        typer.Option(help="Local Hugging Face Llama directory; a fresh tiny model when neither this nor --run."),
+    ] = None,
+    run: Annotated[
+        Path | None, typer.Option(help="A `jaxhet train` run directory: generate from its newest checkpoint.")
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 48,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.8,
@@ -36,7 +39,15 @@ def generate(
     with user_errors():
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         init_key, sample_key = jax.random.split(jax.random.key(seed))
-        if model is None:
+        if model is not None and run is not None:
+            raise ValueError("give --model or --run, not both")
+        if run is not None:
+            from jaxhet.train import load_trained
+
+            trained = load_trained(run)
+            llama, tokenizer = trained.model, trained.tokenizer
+            source = f"{run} (step {trained.meta['step']})"
+        elif model is None:
             tokenizer = ByteTokenizer()
             config = LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, **({"dtype": dtype} if dtype else {}))
             llama = Llama(config, rngs=nnx.Rngs(params=init_key))

@@ -29,6 +29,7 @@ from jaxhet.models import Llama, LlamaConfig
 from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
 from jaxhet.train.checkpoints import CheckpointStore
 from jaxhet.train.config import TrainConfig
+from jaxhet.tokenizers import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 Params = Any
@@ -234,12 +235,24 @@ def _describe(plan) -> str:
     return f"{len(plan.replicas)} replica(s): " + ", ".join(parts)
 
 
-def load_trained(directory: str | Path) -> tuple[Llama, dict]:
-    """The model of the newest checkpoint in `directory` and its meta record (for serving and evaluation)."""
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A `jaxhet train` run directory's newest checkpoint, ready to generate from or serve."""
+
+    model: Llama
+    tokenizer: Tokenizer
+    meta: dict
+    config: TrainConfig
+
+
+def load_trained(directory: str | Path) -> TrainedRun:
+    """The model of the newest restorable checkpoint in `directory`, with its tokenizer and meta record."""
     directory = Path(directory)
+    if not (directory / "config.yaml").is_file():
+        raise FileNotFoundError(f"{directory} is not a jaxhet train run directory (no config.yaml)")
     config = TrainConfig.load(directory / "config.yaml")
-    data = PackedBatches(config.data)
-    model = build_model(config, data.vocab_size, jax.random.key(config.seed))
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    model = build_model(config, tokenizer.vocab_size, jax.random.key(config.seed))
     optimizer = build_optimizer(config)
     params = llama_params(model)
     abstract = jax.tree.map(_abstract, {"params": params, "opt_state": optimizer.init(params)})
@@ -249,4 +262,4 @@ def load_trained(directory: str | Path) -> tuple[Llama, dict]:
     _, state, meta = restored
     graphdef, model_state = nnx.split(model)
     model_state.replace_by_pure_dict(state["params"])
-    return nnx.merge(graphdef, model_state), meta
+    return TrainedRun(nnx.merge(graphdef, model_state), tokenizer, meta, config)
