@@ -27,9 +27,9 @@ from flax import nnx
 from jaxhet.data import PackedBatches
 from jaxhet.models import Llama, LlamaConfig
 from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
+from jaxhet.tokenizers import Tokenizer, load_tokenizer
 from jaxhet.train.checkpoints import CheckpointStore
 from jaxhet.train.config import TrainConfig
-from jaxhet.tokenizers import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 Params = Any
