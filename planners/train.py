@@ -294,7 +294,8 @@ class _CellModel:
                         + sync_ticks(costs.stage_grad_bytes(grp.tp, 0, False, True), total, link) * is_last[g]
                         + ticks(costs.grad_sync_seconds(total, 0, link))
                     ).only_enforce_if([count_is[k], when])
-        m.minimize(z + sync)
+        # One tick per recomputed block breaks ties towards not recomputing where it does not pay.
+        m.minimize(z + sync + sum(n1))
         self.rc = rc
 
     def solve(
