@@ -474,7 +474,13 @@ def plan_training_with_info(
     elapsed = time.perf_counter() - start
     if best is None:
         if all(s == "INFEASIBLE" for s in statuses):
-            raise PlanningError(explain_infeasible(cluster, model, workload))
+            reason = explain_infeasible(cluster, model, workload)
+            if use_all_devices:
+                reason += (
+                    "; or use_all_devices: every device must run a stage (each stage at least one block, each "
+                    "replica at least one micro-batch)"
+                )
+            raise PlanningError(reason)
         raise PlanningError(f"no plan found within the time limit of {time_limit_s:.1f} s (CP-SAT: {statuses})")
     all_optimal = all(s in ("OPTIMAL", "INFEASIBLE") for s in statuses)
     info = dataclasses.replace(
