@@ -395,7 +395,9 @@ def _best_seed(
 ) -> list[Slot] | None:
     """The fastest seed plan that fits, scored on one copy of the cell with the all-reduce over all copies."""
     one = _Cell(cell.cluster, 1, (tuple(range(cell.cluster.num_devices)),))
-    share = dataclasses.replace(workload, global_batch=workload.global_batch // cell.copies)
+    share = dataclasses.replace(
+        workload, global_batch=workload.global_batch // cell.copies, microbatch_sizes=(microbatch,)
+    )
     total = share.global_batch // microbatch
     costs = TrainCosts(cell.cluster, model, workload.seq_len)
     best, best_s = None, math.inf
