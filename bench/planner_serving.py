@@ -5,7 +5,8 @@ cost model only (no measurements):
 1. min-cost serving of a fixed rate, per request-size class: the price with each single GPU kind available vs
    with all kinds available, and the kinds the mixed plan buys;
 2. max throughput under a price budget: the mixed fleet (colocated replicas only, and with prefill/decode
-   disaggregation allowed) vs the best single-kind fleet.
+   disaggregation allowed) vs the best single-kind fleet, and the SLO attainment the serving simulator finds for
+   the mixed plan under Poisson arrivals at 90% of its planned capacity.
 
     python bench/planner_serving.py [--model llama-2-7b] [--out bench/results/planner_serving.json]
 """
@@ -17,6 +18,7 @@ import json
 from pathlib import Path
 
 import planners
+from planners.simulate_serving import poisson_trace, simulate_serving
 
 KINDS = ("H100", "A100-80GB", "L40S", "L4", "A10G")
 SIZES = {"short": (128, 32), "medium": (512, 128), "long": (2048, 512)}
@@ -84,7 +86,7 @@ def main() -> None:
         )
 
     print(f"\n2. max requests/s of {model.name} (medium requests) within a budget")
-    print(f"{'$/h':>6} {'best single kind':>22} {'mixed colocated':>16} {'mixed':>8}  mixed buys")
+    print(f"{'$/h':>6} {'best single kind':>22} {'mixed colocated':>16} {'mixed':>8} {'sim SLO @90%':>13}  mixed buys")
     inp, out = SIZES["medium"]
     for budget in BUDGETS:
         workload = planners.ServeWorkload(
@@ -96,9 +98,13 @@ def main() -> None:
         mixed = solve(KINDS, model, workload, "max_throughput")
         colocated = solve(KINDS, model, workload, "max_throughput", disaggregate=False)
         best_txt = f"{best.throughput_scale:.1f} ({best_kind})" if best else "-"
+        attained = None
+        if mixed:
+            trace = poisson_trace(0.9 * mixed.throughput_scale, 3000, inp, out)
+            attained = simulate_serving(mixed, fleet(KINDS), [model], workload, trace).slo_attainment
         print(
             f"{budget:>6.1f} {best_txt:>22} {colocated.throughput_scale if colocated else 0.0:>16.1f} "
-            f"{mixed.throughput_scale if mixed else 0.0:>8.1f}  {mix(mixed) if mixed else '-'}"
+            f"{mixed.throughput_scale if mixed else 0.0:>8.1f} {attained or 0.0:>13.3f}  {mix(mixed) if mixed else '-'}"
         )
         results["max_throughput"].append(
             {
@@ -107,6 +113,7 @@ def main() -> None:
                 "best_single_rps": best.throughput_scale if best else None,
                 "mixed_colocated_rps": colocated.throughput_scale if colocated else None,
                 "mixed_rps": mixed.throughput_scale if mixed else None,
+                "simulated_slo_attainment_at_90pct": attained,
                 "mixed_gpus": mix(mixed) if mixed else None,
             }
         )

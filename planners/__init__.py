@@ -18,6 +18,7 @@ from planners.plan import PlanError, PlanEstimate, Replica, Stage, TrainPlan
 from planners.profile import DeviceProfile
 from planners.serve import ServePlan, ServeReplica, plan_serving, replan_serving
 from planners.simulate import simulate_pipeline, simulate_replica
+from planners.simulate_serving import ServeStats, poisson_trace, simulate_serving
 from planners.train import SolveInfo, plan_training, plan_training_with_info, replan_training
 from planners.workload import Request, ServeWorkload, TrainWorkload, load_trace
 
@@ -39,6 +40,7 @@ __all__ = [
     "ServeWorkload",
     "ServePlan",
     "ServeReplica",
+    "ServeStats",
     "SolveInfo",
     "SpecError",
     "Stage",
@@ -49,10 +51,12 @@ __all__ = [
     "load_trace",
     "memory_excess",
     "plan_serving",
+    "poisson_trace",
     "plan_training",
     "plan_training_with_info",
     "replan_serving",
     "replan_training",
     "simulate_pipeline",
     "simulate_replica",
+    "simulate_serving",
 ]

@@ -1,12 +1,14 @@
 """Starting points for the training solver: regular plans built by rule, to hint CP-SAT and to fall back on.
 
-Each seed uses one kind of node (or all), one TP degree everywhere, and replicas of equal depth made of
-consecutive groups; blocks are split in proportion to each stage's speed and micro-batches in proportion to each
-replica's throughput. All seeds lie in the planner's search space. They are not optimised: CP-SAT improves on them.
+Each seed uses one class of nodes (or all), one TP degree per node class, and replicas of equal depth made of
+consecutive groups; blocks are split to minimise the slowest stage (the LM head counted on the last) and
+micro-batches in proportion to each replica's throughput. All seeds lie in the planner's search space; CP-SAT
+starts from the best of them and improves on it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 
@@ -14,6 +16,8 @@ from planners.cluster import ClusterSpec
 from planners.cost_model import TrainCosts
 from planners.groups import Group, Slot, candidate_groups
 from planners.model import ModelSpec
+
+MAX_DEPTH = 8
 
 
 def _split(total: int, weights: list[float]) -> list[int] | None:
@@ -34,21 +38,49 @@ def seed_slots(
     """Regular plans for one cell (memory not checked)."""
     costs = TrainCosts(cluster, model, seq_len)
     classes = cluster.node_classes()
-    subsets = [list(range(len(cluster.nodes)))] + (classes if len(classes) > 1 else [])
     candidates = candidate_groups(cluster, model)
-    for nodes in subsets:
-        tp = 1
-        while tp <= max(cluster.nodes[n].count for n in nodes):
-            groups = [g for g in candidates if g.node in nodes and g.tp == tp]
-            depth = 1
-            while depth <= min(len(groups), model.num_layers):
+    subsets = [classes] + ([[c] for c in classes] if len(classes) > 1 else [])
+    for chosen in subsets:
+        degrees = [[d for d in _degrees(cluster.nodes[c[0]].count) if model.supports_tp(d)] or [1] for c in chosen]
+        for tps in itertools.product(*degrees):
+            tp_of = {n: tp for c, tp in zip(chosen, tps, strict=True) for n in c}
+            groups = [g for g in candidates if tp_of.get(g.node) == g.tp]
+            for depth in range(1, min(len(groups), model.num_layers, MAX_DEPTH) + 1):
                 replicas = [groups[i : i + depth] for i in range(0, len(groups) - depth + 1, depth)]
                 for rc in (False, True) if recompute else (False,):
                     slots = _balanced(costs, cluster, replicas, microbatch, microbatches, rc)
                     if slots is not None:
                         yield slots
-                depth *= 2
-            tp *= 2
+
+
+def _degrees(count: int) -> list[int]:
+    """The TP degrees seeds use on a node of `count` GPUs: powers of two from a quarter of the node up."""
+    out, tp = [], 1
+    while tp <= count:
+        if 4 * tp >= count:
+            out.append(tp)
+        tp *= 2
+    return out
+
+
+def _minmax_split(total: int, per_item: list[float], extra: list[float]) -> list[int] | None:
+    """`total` items over stages (each at least one) minimising the slowest stage `n_i * per_item[i] + extra[i]`."""
+    if total < len(per_item):
+        return None
+
+    def fits(limit: float) -> list[int]:
+        return [max(0, math.floor((limit - e) / t + 1e-9)) for t, e in zip(per_item, extra, strict=True)]
+
+    lo = max(t + e for t, e in zip(per_item, extra, strict=True))
+    hi = total * max(per_item) + max(extra)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if sum(fits(mid)) >= total else (mid, hi)
+    counts = fits(hi)
+    for i in sorted(range(len(counts)), key=lambda i: per_item[i], reverse=True):
+        surplus = sum(counts) - total
+        counts[i] -= min(surplus, counts[i] - 1)
+    return counts
 
 
 def _balanced(
@@ -64,11 +96,12 @@ def _balanced(
         per_layer = [
             costs.layer_seconds(g.kind, g.tp, microbatch, recompute, cluster.nodes[g.node].intra_link) for g in stages
         ]
-        layers = _split(costs.model.num_layers, [1 / t for t in per_layer])
+        head = [0.0] * (len(stages) - 1) + [costs.head_seconds(stages[-1].kind, stages[-1].tp, microbatch)]
+        layers = _minmax_split(costs.model.num_layers, per_layer, head)
         if layers is None:
             return None
         layers_of.append(layers)
-        slowest.append(max(n * t for n, t in zip(layers, per_layer, strict=True)))
+        slowest.append(max(n * t + h for n, t, h in zip(layers, per_layer, head, strict=True)))
     counts = _split(microbatches, [1 / t for t in slowest])
     if counts is None:
         return None

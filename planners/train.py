@@ -294,7 +294,8 @@ class _CellModel:
                         + sync_ticks(costs.stage_grad_bytes(grp.tp, 0, False, True), total, link) * is_last[g]
                         + ticks(costs.grad_sync_seconds(total, 0, link))
                     ).only_enforce_if([count_is[k], when])
-        m.minimize(z + sync)
+        # One tick per recomputed block breaks ties towards not recomputing where it does not pay.
+        m.minimize(z + sync + sum(n1))
         self.rc = rc
 
     def solve(
@@ -389,6 +390,37 @@ def _canonical_slots(slots: list[Slot], index: dict[Group, int]) -> list[Slot]:
     return slots
 
 
+def _best_seed(
+    cell: _Cell, model: ModelSpec, workload: TrainWorkload, microbatch: int, use_all_devices: bool
+) -> list[Slot] | None:
+    """The fastest seed plan that fits, scored on one copy of the cell with the all-reduce over all copies."""
+    one = _Cell(cell.cluster, 1, (tuple(range(cell.cluster.num_devices)),))
+    share = dataclasses.replace(
+        workload, global_batch=workload.global_batch // cell.copies, microbatch_sizes=(microbatch,)
+    )
+    total = share.global_batch // microbatch
+    costs = TrainCosts(cell.cluster, model, workload.seq_len)
+    best, best_s = None, math.inf
+    for slots in seed_slots(cell.cluster, model, workload.seq_len, microbatch, total, workload.recompute):
+        plan = _plan_from_slots(slots, one, cell.cluster, model, share, microbatch)
+        estimate = plan.estimate
+        assert estimate is not None
+        if cell.copies > 1:
+            grad = max(
+                costs.stage_grad_bytes(st.tp, st.num_layers, i == 0, i == len(r.stages) - 1)
+                for r in plan.replicas
+                for i, st in enumerate(r.stages)
+            )
+            replicas = len(plan.replicas) * cell.copies
+            score = max(estimate.replica_s) + costs.grad_sync_seconds(replicas, grad, cell.cluster.inter_link)
+        else:
+            score = estimate.iteration_s
+        idle = use_all_devices and len(plan.devices) < cell.cluster.num_devices
+        if score < best_s and not idle and not memory_excess(plan, cell.cluster, estimate):
+            best, best_s = slots, score
+    return best
+
+
 def _plan_from_slots(
     slots: list[Slot],
     cell: _Cell,
@@ -447,13 +479,7 @@ def plan_training_with_info(
         job_end = time.perf_counter() + (deadline - time.perf_counter()) / (len(jobs) - i)
         total = workload.global_batch // (cell.copies * b)
         args = (cell, model, workload.seq_len, b, total, workload.recompute)
-        seed, seed_s = None, math.inf
-        for slots in seed_slots(cell.cluster, *args[1:]):
-            plan = _plan_from_slots(slots, cell, cluster, model, workload, b)
-            assert plan.estimate is not None
-            idle = use_all_devices and len(plan.devices) < cluster.num_devices
-            if plan.estimate.iteration_s < seed_s and not idle and not memory_excess(plan, cluster, plan.estimate):
-                seed, seed_s = slots, plan.estimate.iteration_s
+        seed = _best_seed(cell, model, workload, b, use_all_devices)
         coarse_model = _CellModel(*args, coarse=True, use_all_devices=use_all_devices)
         _, coarse, _ = coarse_model.solve(COARSE_SHARE * (job_end - time.perf_counter()), num_workers, hint=seed)
         fine_model = _CellModel(*args, use_all_devices=use_all_devices)
@@ -473,7 +499,13 @@ def plan_training_with_info(
     elapsed = time.perf_counter() - start
     if best is None:
         if all(s == "INFEASIBLE" for s in statuses):
-            raise PlanningError(explain_infeasible(cluster, model, workload))
+            reason = explain_infeasible(cluster, model, workload)
+            if use_all_devices:
+                reason += (
+                    "; or use_all_devices: every device must run a stage (each stage at least one block, each "
+                    "replica at least one micro-batch)"
+                )
+            raise PlanningError(reason)
         raise PlanningError(f"no plan found within the time limit of {time_limit_s:.1f} s (CP-SAT: {statuses})")
     all_optimal = all(s in ("OPTIMAL", "INFEASIBLE") for s in statuses)
     info = dataclasses.replace(

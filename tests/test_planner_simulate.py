@@ -48,3 +48,22 @@ def test_planned_replicas_match_the_simulator() -> None:
     )
     for replica, predicted in zip(plan.replicas, plan.estimate.replica_s, strict=True):
         assert simulate_replica(replica, cluster, model, 2048) == pytest.approx(predicted, rel=0.02)
+
+
+def test_serving_plan_meets_slos_below_capacity_and_not_above() -> None:
+    from planners.simulate_serving import poisson_trace, simulate_serving
+
+    cluster = planners.ClusterSpec.from_dict(
+        {"nodes": [{"gpu": "A100-80GB", "count": 8}, {"gpu": "L40S", "count": 8}, {"gpu": "H100", "count": 8}]}
+    )
+    model = planners.ModelSpec.preset("llama-2-7b")
+    workload = planners.ServeWorkload(input_len=512, output_len=128, ttft_slo_s=2.0, tpot_slo_s=0.1, budget_per_hour=20)
+    for disaggregate in (False, True):
+        plan = planners.plan_serving(cluster, [model], workload, disaggregate=disaggregate)
+        capacity = plan.throughput_scale
+        calm = simulate_serving(plan, cluster, [model], workload, poisson_trace(0.8 * capacity, 2000, 512, 128))
+        assert calm.slo_attainment >= 0.99 and len(calm.ttft_s) == 2000
+        assert max(calm.tpot_s) <= workload.tpot_slo_s
+        overload = simulate_serving(plan, cluster, [model], workload, poisson_trace(1.5 * capacity, 2000, 512, 128))
+        assert overload.slo_attainment < calm.slo_attainment
+        assert sorted(overload.ttft_s)[1000] > sorted(calm.ttft_s)[1000]

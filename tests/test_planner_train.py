@@ -142,3 +142,13 @@ def test_replan_after_failure_keeps_original_numbering() -> None:
     assert original == (0, 3, 4, 6, 7) and [n.count for n in survivors.nodes] == [2, 1, 2]
     with pytest.raises(planners.SpecError, match=r"failed devices \[9\] are not in the cluster"):
         cluster.without_devices([9])
+
+
+def test_use_all_devices_infeasibility_is_explained() -> None:
+    """One sequence (one replica) of a 4-block model cannot occupy eight single-GPU machines."""
+    cluster = planners.ClusterSpec.from_dict({"nodes": [{"gpu": "L4", "count": 1, "repeat": 8}]})
+    workload = planners.TrainWorkload(1, 128)
+    with pytest.raises(planners.PlanningError, match="use_all_devices: every device must run a stage"):
+        planners.plan_training(
+            cluster, planners.ModelSpec.preset("tiny"), workload, time_limit_s=5, use_all_devices=True
+        )
