@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from jaxhet.models.config import ConfigError, LlamaConfig
-from jaxhet.models.llama import _INIT, DecoderLayer, Llama, RMSNorm, segment_positions
+from jaxhet.models.llama import DecoderLayer, Llama, add_output_head, output_logits, segment_positions, token_embedding
 from meshes.staged import StageProgram, StageSpec
 
 Params = dict[str, Any]
@@ -63,26 +63,10 @@ class LlamaStage(nnx.Module):
         self.config = config
         self.spec = spec
         if spec.first or (spec.last and config.tie_word_embeddings):
-            self.embed_tokens = nnx.Embed(
-                config.vocab_size,
-                config.hidden_size,
-                dtype=config.compute_dtype,
-                param_dtype=config.storage_dtype,
-                embedding_init=_INIT,
-                rngs=rngs,
-            )
+            self.embed_tokens = token_embedding(config, rngs)
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(spec.layers[1] - spec.layers[0])])
         if spec.last:
-            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=config.storage_dtype)
-            if not config.tie_word_embeddings:
-                self.lm_head = nnx.Linear(
-                    config.hidden_size,
-                    config.vocab_size,
-                    use_bias=False,
-                    dtype=config.compute_dtype,
-                    param_dtype=config.storage_dtype,
-                    rngs=rngs,
-                )
+            add_output_head(self, config, rngs)
 
     def __call__(self, hidden: Float[Array, "batch seq hidden"] | None, batch: dict[str, Array]):
         """Stage output: activations for the next stage, or the micro-batch's loss sum on the last stage."""
@@ -96,9 +80,7 @@ class LlamaStage(nnx.Module):
             x = layer(x, positions, segment_ids)
         if not self.spec.last:
             return x
-        x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
-        return next_token_loss_sum(logits, batch["targets"], batch["weights"])
+        return next_token_loss_sum(output_logits(self, x), batch["targets"], batch["weights"])
 
 
 def megatron_specs(params: Params, tp: int, tp_axis: str) -> Any:

@@ -183,29 +183,40 @@ def segment_positions(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
+def token_embedding(config: LlamaConfig, rngs: nnx.Rngs) -> nnx.Embed:
+    return nnx.Embed(
+        config.vocab_size,
+        config.hidden_size,
+        dtype=config.compute_dtype,
+        param_dtype=config.storage_dtype,
+        embedding_init=_INIT,
+        rngs=rngs,
+    )
+
+
+def add_output_head(module: nnx.Module, config: LlamaConfig, rngs: nnx.Rngs) -> None:
+    """Give `module` the final norm and, unless the embedding is tied, the LM head (see `output_logits`)."""
+    module.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=config.storage_dtype)
+    if not config.tie_word_embeddings:
+        module.lm_head = _linear(config.hidden_size, config.vocab_size, config, False, rngs)
+
+
+def output_logits(module: nnx.Module, x: Float[Array, "batch seq hidden"]) -> Float[Array, "batch seq vocab"]:
+    """Next-token logits from the last hidden states of a module built with `add_output_head`."""
+    x = module.norm(x)
+    if module.config.tie_word_embeddings:
+        return module.embed_tokens.attend(x)
+    return module.lm_head(x)
+
+
 class Llama(nnx.Module):
     """Llama-family causal language model: token ids in, next-token logits out."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.embed_tokens = nnx.Embed(
-            config.vocab_size,
-            config.hidden_size,
-            dtype=config.compute_dtype,
-            param_dtype=config.storage_dtype,
-            embedding_init=_INIT,
-            rngs=rngs,
-        )
+        self.embed_tokens = token_embedding(config, rngs)
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=config.storage_dtype)
-        if not config.tie_word_embeddings:
-            self.lm_head = _linear(config.hidden_size, config.vocab_size, config, False, rngs)
-
-    def _logits(self, x: Float[Array, "batch seq hidden"]) -> Float[Array, "batch seq vocab"]:
-        x = self.norm(x)
-        if self.config.tie_word_embeddings:
-            return self.embed_tokens.attend(x)
-        return self.lm_head(x)
+        add_output_head(self, config, rngs)
 
     def __call__(
         self,
@@ -224,7 +235,7 @@ class Llama(nnx.Module):
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, positions, segment_ids)
-        return self._logits(x)
+        return output_logits(self, x)
 
     def extend(
         self,
@@ -246,7 +257,7 @@ class Llama(nnx.Module):
             new_k.append(k)
             new_v.append(v)
         cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), lengths=cache.lengths + input_lengths)
-        return self._logits(x), cache
+        return output_logits(self, x), cache
 
     def num_parameters(self) -> int:
         return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
