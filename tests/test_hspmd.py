@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+import planners
 from jaxhet import Llama, LlamaConfig
 from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
 from meshes import AsymmetricDataParallel, HetMesh, PlanExecutor, pipeline_steps
@@ -331,3 +332,31 @@ def test_asymmetric_dp_from_a_plan_of_single_devices(hetmesh):
     batch = make_batch(6, 7, cfg.vocab_size, packed=False)
     loss, _ = dp.value_and_grad(llama_params(model), batch)
     np.testing.assert_allclose(loss, single_device_step(model)(llama_params(model), batch)[0], rtol=RTOL)
+
+
+def test_elastic_drop_a_group_replan_over_survivors_and_continue(hetmesh):
+    """A node fails mid-run: the planner re-plans over the survivors, training continues from the parameters and
+    optimizer state kept on a surviving device, and the trajectory equals six steps on one device."""
+    cfg = config()
+    model = Llama(cfg, rngs=nnx.Rngs(8))
+    spec = planners.ModelSpec(
+        "test",
+        cfg.vocab_size,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        tied_embeddings=True,
+    )
+    workload = planners.TrainWorkload(global_batch=8, seq_len=SEQ, recompute=False)
+    options = dict(time_limit_s=5.0, num_workers=1, use_all_devices=True)
+    before = planners.plan_training(CLUSTER, spec, workload, **options)
+    failed = [6, 7]  # the L4 node
+    after = planners.replan_training(CLUSTER, failed, spec, workload, **options)
+    assert set(failed) <= set(before.devices)
+    assert not set(failed) & set(after.devices)
+    executors = [PlanExecutor(p, hetmesh, StagedLlama(cfg)) for p in (before, after)]
+    chosen = [executors[0]] * 3 + [executors[1]] * 3
+    batches = [make_batch(300 + step, 8, cfg.vocab_size, False) for step in range(6)]
+    np.testing.assert_allclose(train(model, chosen, batches), train(model, [None] * 6, batches), rtol=RTOL)

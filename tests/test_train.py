@@ -136,3 +136,19 @@ def test_config_mistakes_get_one_line_and_exit_2(args, message, tmp_path):
     assert result.returncode == 2
     assert message in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
+
+
+def test_fine_tunes_a_local_hugging_face_checkpoint(tmp_path):
+    from flax import nnx
+
+    from jaxhet import Llama, LlamaConfig
+
+    source = tmp_path / "hf"
+    Llama(
+        LlamaConfig.tiny(vocab_size=300, num_layers=2, hidden_size=64, intermediate_size=160), rngs=nnx.Rngs(1)
+    ).save_pretrained(source)
+    result = train(small_config(tmp_path, model=str(source), steps="4", plan="single"))
+    assert result.end_step == 4 and all(np.isfinite(result.losses))
+    run = load_trained(tmp_path / "run")
+    assert run.model.config.vocab_size == 300
+    assert run.model.config.num_layers == 2
