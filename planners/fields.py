@@ -8,9 +8,9 @@ from typing import Any
 from planners.errors import SpecError
 
 
-def positive_int(value: Any, field: str) -> int:
+def positive_int(value: Any, field: str, *, error: type[ValueError] = SpecError) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise SpecError(f"{field} must be a positive integer, got {value!r}")
+        raise error(f"{field} must be a positive integer, got {value!r}")
     return value
 
 
@@ -38,14 +38,21 @@ def one_of(value: Any, allowed: Sequence[str], field: str) -> str:
     return value
 
 
-def mapping(data: Any, field: str, allowed: Sequence[str], required: Sequence[str] = ()) -> Mapping[str, Any]:
+def mapping(
+    data: Any,
+    field: str,
+    allowed: Sequence[str],
+    required: Sequence[str] = (),
+    *,
+    error: type[ValueError] = SpecError,
+) -> Mapping[str, Any]:
     """Check that `data` is a mapping with only `allowed` keys and every `required` one."""
     if not isinstance(data, Mapping):
-        raise SpecError(f"{field} must be a mapping, got {type(data).__name__}")
+        raise error(f"{field} must be a mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise SpecError(f"{field}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+        raise error(f"{field}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
     missing = [k for k in required if k not in data]
     if missing:
-        raise SpecError(f"{field}: missing required field(s) {missing}")
+        raise error(f"{field}: missing required field(s) {missing}")
     return data

@@ -37,6 +37,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from planners import fields as validators
+
 FORMAT = "jaxhet.train_plan"
 VERSION = 1
 SCHEDULES = ("1f1b", "gpipe")
@@ -47,20 +49,11 @@ class PlanError(ValueError):
 
 
 def _positive_int(value: Any, field: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise PlanError(f"{field} must be a positive integer, got {value!r}")
+    validators.positive_int(value, field, error=PlanError)
 
 
 def _expect_keys(data: Any, allowed: Sequence[str], required: Sequence[str], where: str) -> Mapping[str, Any]:
-    if not isinstance(data, Mapping):
-        raise PlanError(f"{where or 'plan'} must be an object, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise PlanError(f"{where or 'plan'}: unknown field(s) {unknown}; allowed: {list(allowed)}")
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise PlanError(f"{where or 'plan'}: missing field(s) {missing}")
-    return data
+    return validators.mapping(data, where or "plan", allowed, required, error=PlanError)
 
 
 def _dotted(where: str, name: str) -> str:
