@@ -116,9 +116,9 @@ class PlanExecutor:
             owner.update(zip(paths, jax.tree.leaves(rt.param_shardings), strict=True))
         return jax.tree_util.tree_map_with_path(lambda path, _: owner[path], params)
 
-    def place(self, tree: Params, like: Params | None = None) -> Params:
+    def place(self, tree: Params) -> Params:
         """`tree` (parameters, or anything shaped like them) resharded into this plan's owner layout."""
-        return jax.device_put(tree, self.owner_shardings(tree if like is None else like))
+        return jax.device_put(tree, self.owner_shardings(tree))
 
     def _run_replica(self, replica: Replica, runtimes: list[_StageRuntime], params: Params, microbatches, scale):
         """Run the replica's pipeline schedule; returns its loss sum and its per-stage gradient sums."""

@@ -87,19 +87,16 @@ def build_model(config: TrainConfig, vocab_size: int, key: jax.Array) -> Llama:
     return model
 
 
-def _resolve_plan(config: TrainConfig, model: Llama, directory: Path, resume: bool):
-    """The plan to run (None for one device), reusing a resumed run's saved plan so it continues identically."""
+def _resolve_plan(config: TrainConfig, cluster, model: Llama, directory: Path, resume: bool):
+    """The plan to run on `cluster`, reusing a resumed run's saved plan so it continues identically."""
     import planners
     from planners.picture import save_placement_png
 
     saved = directory / "plan.json"
-    if config.plan == "single":
-        return None
     if resume and saved.is_file():
         return planners.TrainPlan.from_json(saved.read_text())
     if config.plan != "auto":
         return planners.TrainPlan.from_json(Path(config.plan).read_text())
-    cluster = planners.ClusterSpec.load(config.cluster)
     mc = model.config
     spec = planners.ModelSpec(
         name="jaxhet-train",
@@ -119,16 +116,25 @@ def _resolve_plan(config: TrainConfig, model: Llama, directory: Path, resume: bo
     return plan
 
 
-def _step_function(plan, config: TrainConfig, model: Llama) -> StepFn:
-    """Loss and gradients of one batch: plain `jax.jit` on one device, or the plan's HSPMD executor."""
-    loss_sum = llama_loss_sum(model)
-    if plan is None:
-        return jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
+def _step_function(config: TrainConfig, model: Llama, directory: Path, resume: bool) -> tuple[StepFn, Any]:
+    """The step computing loss and gradients of one batch, and the plan it runs (None for one device, where the
+    step is plain `jax.jit`; otherwise the plan's HSPMD executor)."""
+    if config.plan == "single":
+        loss_sum = llama_loss_sum(model)
+        return jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"]))), None
     import meshes
     import planners
 
-    hetmesh = meshes.HetMesh.from_cluster(planners.ClusterSpec.load(config.cluster))
-    return meshes.PlanExecutor(plan, hetmesh, StagedLlama(model.config)).value_and_grad
+    cluster = planners.ClusterSpec.load(config.cluster)
+    plan = _resolve_plan(config, cluster, model, directory, resume)
+    executor = meshes.PlanExecutor(plan, meshes.HetMesh.from_cluster(cluster), StagedLlama(model.config))
+    return executor.value_and_grad, plan
+
+
+def _fresh_state(model: Llama, optimizer: optax.GradientTransformation) -> dict:
+    """Parameters and optimizer state as checkpointed: the structure every restore reads into."""
+    params = llama_params(model)
+    return {"params": params, "opt_state": optimizer.init(params)}
 
 
 class _StopRequest:
@@ -166,7 +172,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
     model = build_model(config, data.vocab_size, jax.random.key(config.seed))
     optimizer = build_optimizer(config)
     home = jax.devices()[0]
-    state = jax.device_put({"params": llama_params(model), "opt_state": optimizer.init(llama_params(model))}, home)
+    state = jax.device_put(_fresh_state(model, optimizer), home)
     store = CheckpointStore(directory, keep=config.keep)
     start_step = 0
     metrics_path = directory / "metrics.jsonl"
@@ -182,8 +188,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
         raise ValueError(f"{directory} already holds checkpoints; pass --resume, or choose another checkpoint_dir")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    plan = _resolve_plan(config, model, directory, resume)
-    step_fn = _step_function(plan, config, model)
+    step_fn, plan = _step_function(config, model, directory, resume)
     update = jax.jit(optimizer.update)
 
     losses: list[float] = []
@@ -253,9 +258,7 @@ def load_trained(directory: str | Path) -> TrainedRun:
     config = TrainConfig.load(directory / "config.yaml")
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = build_model(config, tokenizer.vocab_size, jax.random.key(config.seed))
-    optimizer = build_optimizer(config)
-    params = llama_params(model)
-    abstract = jax.tree.map(_abstract, {"params": params, "opt_state": optimizer.init(params)})
+    abstract = jax.tree.map(_abstract, _fresh_state(model, build_optimizer(config)))
     restored = CheckpointStore(directory, keep=config.keep).restore_latest(abstract)
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
