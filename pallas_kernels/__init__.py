@@ -7,25 +7,34 @@ Modules, one job each:
 - `schedule`: block masks turned into per-block lists of kept blocks (and their transpose for dK/dV);
 - `block_masks`: static pattern builders (causal, sliding window, A-shape, vertical-slash, arbitrary, random);
 - `sparsity`: `estimate_block_mask` (pooled and low-bit estimators) and the one-call `sparse_attention`;
+- `kv_cache`: KV-cache storage formats (float, int8, packed int4), quantisation and paged layout;
+- `decode_attention`: one query token per sequence against a (quantised, paged) KV cache;
 - `reference`: plain-jnp float32 references used by the tests;
 - `synthetic`: structured (local + global) attention inputs for quality measurements.
 """
 
-from pallas_kernels import block_masks, reference, synthetic
+from pallas_kernels import block_masks, kv_cache, reference, synthetic
+from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import default_interpret, flash_attention
 from pallas_kernels.geometry import Geometry
+from pallas_kernels.kv_cache import KV_FORMATS, dequantize_kv, quantize_kv
 from pallas_kernels.schedule import BlockSchedule, build_schedule
 from pallas_kernels.sparsity import ESTIMATORS, estimate_block_mask, sparse_attention
 
 __all__ = [
     "BlockSchedule",
     "ESTIMATORS",
+    "KV_FORMATS",
     "Geometry",
     "block_masks",
     "build_schedule",
+    "decode_attention",
     "default_interpret",
+    "dequantize_kv",
     "estimate_block_mask",
     "flash_attention",
+    "kv_cache",
+    "quantize_kv",
     "reference",
     "sparse_attention",
     "synthetic",

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels.geometry import normalize_window
+from pallas_kernels.kv_cache import contiguous_kv, valid_token_mask
 
 
 def block_to_element_mask(
@@ -100,3 +101,21 @@ def flash_attention(
         block_k=block_k,
     )
     return masked_attention(q, k, v, mask, sm_scale=sm_scale)
+
+
+def decode_attention(
+    q: Float[Array, "batch heads head_dim"],
+    k_cache: Array,
+    v_cache: Array,
+    lengths: Int[Array, " batch"],
+    *,
+    k_scale: Array | None = None,
+    v_scale: Array | None = None,
+    block_tables: Int[Array, "batch pages"] | None = None,
+    sm_scale: float | None = None,
+) -> Float[Array, "batch heads head_dim"]:
+    """Reference of `pallas_kernels.decode_attention`: dequantise the whole cache, mask by length, attend."""
+    k = contiguous_kv(k_cache, k_scale, block_tables, jnp.float32)
+    v = contiguous_kv(v_cache, v_scale, block_tables, jnp.float32)
+    mask = valid_token_mask(lengths, k.shape[1])[:, None, None, :]
+    return masked_attention(q[:, None], k, v, mask, sm_scale=sm_scale)[:, 0]
