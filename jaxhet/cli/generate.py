@@ -8,14 +8,12 @@ from typing import Annotated
 
 import jax
 import typer
-from flax import nnx
 from rich.console import Console
 
 from jaxhet.cli.errors import user_errors
 from jaxhet.generate import SamplingConfig
 from jaxhet.generate import generate as generate_tokens
-from jaxhet.models import Llama, LlamaConfig
-from jaxhet.tokenizers import ByteTokenizer, load_tokenizer
+from jaxhet.loading import load_model
 
 
 def generate(
@@ -39,23 +37,8 @@ def generate(
     with user_errors():
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         init_key, sample_key = jax.random.split(jax.random.key(seed))
-        if model is not None and run is not None:
-            raise ValueError("give --model or --run, not both")
-        if run is not None:
-            from jaxhet.train import load_trained
-
-            trained = load_trained(run)
-            llama, tokenizer = trained.model, trained.tokenizer
-            source = f"{run} (step {trained.meta['step']})"
-        elif model is None:
-            tokenizer = ByteTokenizer()
-            config = LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, **({"dtype": dtype} if dtype else {}))
-            llama = Llama(config, rngs=nnx.Rngs(params=init_key))
-            source = "a fresh tiny model (random weights: expect noise until it is trained)"
-        else:
-            llama = Llama.from_pretrained(model, dtype=dtype)
-            tokenizer = load_tokenizer(model) if (model / "tokenizer.json").is_file() else ByteTokenizer()
-            source = str(model)
+        loaded = load_model(run=run, hf_dir=model, dtype=dtype, key=init_key)
+        llama, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
         ids = tokenizer.encode(prompt)
         if tokenizer.bos_id is not None:
             ids = [tokenizer.bos_id, *ids]
