@@ -10,7 +10,7 @@ from flax import nnx
 import planners
 from jaxhet import Llama, LlamaConfig
 from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
-from meshes import AsymmetricDataParallel, HetMesh, PlanExecutor, pipeline_steps
+from meshes import AsymmetricDataParallel, GroupedOptimizer, HetMesh, PlanExecutor, pipeline_steps
 from planners import Replica, Stage, TrainPlan
 from planners.cluster import ClusterSpec
 
@@ -212,21 +212,27 @@ OPTIMIZER_UPDATE = jax.jit(OPTIMIZER.update)
 
 
 def train(model: Llama, executors: list, batches: list) -> list[float]:
-    """AdamW steps, each through the given executor (parameters resharded into its owner layout first) or, for
-    None, on one device; the optimizer step runs on one device. Returns the losses."""
+    """AdamW steps, each through the given executor or, for None, on one device. Before an executor's step the
+    parameters and the optimizer state are resharded into its owner layout (from wherever the previous step left
+    them), and each owner group runs the optimizer on its own parameters. Returns the losses."""
     reference = single_device_step(model)
-    home = jax.devices()[0]
     params = llama_params(model)
     opt_state = OPTIMIZER.init(params)
+    optimizers: dict[int, GroupedOptimizer] = {}
     losses = []
     for executor, batch in zip(executors, batches, strict=True):
         if executor is None:
             loss, grads = reference(params, batch)
+            updates, opt_state = OPTIMIZER_UPDATE(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
         else:
-            loss, grads = executor.value_and_grad(executor.place(params), batch)
-        params, grads = jax.device_put((params, grads), home)
-        updates, opt_state = OPTIMIZER_UPDATE(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+            grouped = optimizers.setdefault(
+                id(executor), GroupedOptimizer(OPTIMIZER, None, executor.owner_shardings(params))
+            )
+            params, opt_state = executor.place(params), grouped.place_state(opt_state)
+            loss, grads = executor.value_and_grad(params, batch)
+            params, opt_state, _ = grouped.step(params, grads, opt_state)
+            assert {d.id for leaf in jax.tree.leaves(params) for d in leaf.devices()} <= set(executor.plan.devices)
         losses.append(float(loss))
     return losses
 
@@ -336,7 +342,7 @@ def test_asymmetric_dp_from_a_plan_of_single_devices(hetmesh):
 
 def test_elastic_drop_a_group_replan_over_survivors_and_continue(hetmesh):
     """A node fails mid-run: the planner re-plans over the survivors, training continues from the parameters and
-    optimizer state kept on a surviving device, and the trajectory equals six steps on one device."""
+    optimizer state resharded from their surviving owners, and the trajectory equals six steps on one device."""
     cfg = config()
     model = Llama(cfg, rngs=nnx.Rngs(8))
     spec = planners.ModelSpec(
