@@ -16,6 +16,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from jaxhet.models.llama import KVCache, Llama
+from jaxhet.sampling import sample_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,20 +43,14 @@ def sample_token(
     logits: Float[Array, "batch vocab"], key: PRNGKeyArray, sampling: SamplingConfig
 ) -> Int[Array, " batch"]:
     """Pick one token per row from its logits according to `sampling`."""
-    if sampling.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sampling.temperature
-    if sampling.top_k is not None:
-        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p is not None:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p: a token is kept if the mass before it is below top_p.
-        kept = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs < sampling.top_p
-        threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    batch = logits.shape[0]
+    return sample_rows(
+        logits,
+        jax.random.split(key, batch),
+        jnp.full((batch,), sampling.temperature, jnp.float32),
+        jnp.full((batch,), sampling.top_k or 0, jnp.int32),
+        jnp.full((batch,), sampling.top_p or 1.0, jnp.float32),
+    )
 
 
 @partial(jax.jit, static_argnames=("graphdef", "sampling", "cache_len"))
@@ -63,8 +58,8 @@ def _generate(graphdef, state, tokens, lengths, key, *, sampling: SamplingConfig
     model = nnx.merge(graphdef, state)
     batch = tokens.shape[0]
     cache = KVCache.create(model.config, batch, cache_len)
-    logits, cache = model.extend(tokens, cache, lengths)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits, cache = model.extend(tokens, cache, lengths, last_only=True)
+    last = logits[:, 0]
     keys = jax.random.split(key, sampling.max_new_tokens)
     first = sample_token(last, keys[0], sampling)
 

@@ -23,3 +23,18 @@ def test_hspmd_overhead_benchmark_runs(tmp_path):
     record = json.loads((tmp_path / "hspmd_overhead_cpu.json").read_text())
     assert [r["layout"] for r in record["results"]] == ["dp=8", "dp=4 tp=2"]
     assert all(r["plain_s"] > 0 and r["hspmd_s"] > 0 for r in record["results"])
+
+
+def test_serve_benchmark_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    (path,) = tmp_path.glob("serve_*_smoke_*.json")
+    record = json.loads(path.read_text())
+    (row,) = record["rows"]
+    assert row["engine"]["tokens_per_s"] > 0 and row["naive"]["tokens_per_s"] > 0
+    assert record["decode"]["step_ms"] > 0

@@ -3,23 +3,89 @@
 Module and parameter names follow Hugging Face's `LlamaForCausalLM` (`layers[i].self_attn.q_proj`, ...), so the
 checkpoint mapping in `jaxhet.models.hf` is a table, not a translation. Two entry points share every layer:
 `__call__` (full sequences: training and scoring, with optional packed-document segment ids) and `extend`
-(append tokens to a `KVCache`: prefill, then one-token decode, for serving).
+(append tokens to a cache: prefill, then one-token decode, for serving; `KVCache` here, paged pools in
+`jaxhet.serve`).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxhet.models.attention import attention
 from jaxhet.models.config import LlamaConfig
 from jaxhet.models.rope import apply_rope, inverse_frequencies
 
 _INIT = nnx.initializers.normal(stddev=0.02)
+
+
+class LayerCache(Protocol):
+    """One layer's key/value store as `Attention.extend` sees it: append this chunk's keys/values, then attend.
+
+    The model never looks inside, so contiguous caches (here) and the serving engine's paged, quantized pools share
+    every layer of the model.
+    """
+
+    def append(
+        self,
+        k: Float[Array, "batch seq kv_heads head_dim"],
+        v: Float[Array, "batch seq kv_heads head_dim"],
+        lengths: Int[Array, " batch"],
+        input_lengths: Int[Array, " batch"],
+    ) -> LayerCache: ...
+
+    def attend(
+        self,
+        q: Float[Array, "batch seq heads head_dim"],
+        lengths: Int[Array, " batch"],
+        input_lengths: Int[Array, " batch"],
+        backend: str,
+    ) -> Float[Array, "batch seq heads head_dim"]: ...
+
+
+class Cache(Protocol):
+    """A per-layer cache with `lengths[b]` valid tokens in row b (see `Llama.extend`)."""
+
+    lengths: Int[Array, " batch"]
+
+    def layer(self, index: int) -> LayerCache: ...
+
+    def with_layers(self, layers: list[LayerCache], lengths: Int[Array, " batch"]) -> Cache: ...
+
+
+def chunk_slots(
+    lengths: Int[Array, " batch"], input_lengths: Int[Array, " batch"], seq: int
+) -> tuple[Int[Array, "batch seq"], Bool[Array, "batch seq"]]:
+    """Absolute position of each token of an appended chunk, and whether it is a real token (not padding)."""
+    offsets = jnp.arange(seq)[None, :]
+    return lengths[:, None] + offsets, offsets < input_lengths[:, None]
+
+
+@struct.dataclass
+class ContiguousLayerCache:
+    """One layer of a `KVCache`: `[batch, max_len, kv_heads, head_dim]` keys and values."""
+
+    k: Float[Array, "batch max_len kv_heads head_dim"]
+    v: Float[Array, "batch max_len kv_heads head_dim"]
+
+    def append(self, k, v, lengths, input_lengths) -> ContiguousLayerCache:
+        positions, real = chunk_slots(lengths, input_lengths, k.shape[1])
+        # Padding tokens are written out of bounds and dropped, never over valid entries.
+        slots = jnp.where(real, positions, self.k.shape[1])
+        rows = jnp.arange(k.shape[0])[:, None]
+        return ContiguousLayerCache(
+            k=self.k.at[rows, slots].set(k.astype(self.k.dtype), mode="drop"),
+            v=self.v.at[rows, slots].set(v.astype(self.v.dtype), mode="drop"),
+        )
+
+    def attend(self, q, lengths, input_lengths, backend):
+        k, v = self.k.astype(q.dtype), self.v.astype(q.dtype)
+        return attention(q, k, v, backend=backend, causal=True, q_offsets=lengths, kv_lengths=lengths + input_lengths)
 
 
 @struct.dataclass
@@ -39,6 +105,15 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+    def layer(self, index: int) -> ContiguousLayerCache:
+        return ContiguousLayerCache(self.k[index], self.v[index])
+
+    def with_layers(self, layers: list[ContiguousLayerCache], lengths: Int[Array, " batch"]) -> KVCache:
+        return KVCache(k=jnp.stack([c.k for c in layers]), v=jnp.stack([c.v for c in layers]), lengths=lengths)
+
+
+CacheT = TypeVar("CacheT", bound=Cache)
 
 
 class RMSNorm(nnx.Module):
@@ -109,32 +184,15 @@ class Attention(nnx.Module):
     def extend(
         self,
         x: Float[Array, "batch seq hidden"],
-        cache_k: Float[Array, "batch max_len kv_heads head_dim"],
-        cache_v: Float[Array, "batch max_len kv_heads head_dim"],
+        cache: LayerCache,
         lengths: Int[Array, " batch"],
         input_lengths: Int[Array, " batch"],
-    ):
-        """Write this chunk's keys/values after each row's cached tokens and attend over the whole cache."""
-        seq = x.shape[1]
-        offsets = jnp.arange(seq)[None, :]
-        positions = lengths[:, None] + offsets
+    ) -> tuple[Float[Array, "batch seq hidden"], LayerCache]:
+        """Append this chunk's keys/values after each row's cached tokens and attend over the whole cache."""
+        positions, _ = chunk_slots(lengths, input_lengths, x.shape[1])
         q, k, v = self._project(x, positions)
-        max_len = cache_k.shape[1]
-        # Padding tokens (beyond input_lengths) are written out of bounds and dropped, never over valid entries.
-        slots = jnp.where(offsets < input_lengths[:, None], positions, max_len)
-        rows = jnp.arange(x.shape[0])[:, None]
-        cache_k = cache_k.at[rows, slots].set(k.astype(cache_k.dtype), mode="drop")
-        cache_v = cache_v.at[rows, slots].set(v.astype(cache_v.dtype), mode="drop")
-        out = attention(
-            q,
-            cache_k.astype(q.dtype),
-            cache_v.astype(q.dtype),
-            backend=self.config.attention_backend,
-            causal=True,
-            q_offsets=lengths,
-            kv_lengths=lengths + input_lengths,
-        )
-        return self._output(out), cache_k, cache_v
+        cache = cache.append(k, v, lengths, input_lengths)
+        return self._output(cache.attend(q, lengths, input_lengths, self.config.attention_backend)), cache
 
 
 class MLP(nnx.Module):
@@ -165,12 +223,10 @@ class DecoderLayer(nnx.Module):
         x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def extend(self, x, cache_k, cache_v, lengths, input_lengths):
-        attn_out, cache_k, cache_v = self.self_attn.extend(
-            self.input_layernorm(x), cache_k, cache_v, lengths, input_lengths
-        )
+    def extend(self, x, cache, lengths, input_lengths):
+        attn_out, cache = self.self_attn.extend(self.input_layernorm(x), cache, lengths, input_lengths)
         x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x)), cache_k, cache_v
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 def segment_positions(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch seq"]:
@@ -240,24 +296,28 @@ class Llama(nnx.Module):
     def extend(
         self,
         input_ids: Int[Array, "batch seq"],
-        cache: KVCache,
+        cache: CacheT,
         input_lengths: Int[Array, " batch"] | None = None,
-    ) -> tuple[Float[Array, "batch seq vocab"], KVCache]:
+        *,
+        last_only: bool = False,
+    ) -> tuple[Float[Array, "batch seq vocab"], CacheT]:
         """Append `input_ids` to each row of `cache` and return their logits and the updated cache.
 
         Row b contributes its first `input_lengths[b]` tokens (default: all); the rest is padding whose logits
         are meaningless. A prefill is an `extend` on an empty cache; a decode step is an `extend` by one token.
+        With `last_only`, only the logits of each row's last real token are computed (`[batch, 1, vocab]`), which
+        is all a generator needs.
         """
         if input_lengths is None:
             input_lengths = jnp.full((input_ids.shape[0],), input_ids.shape[1], jnp.int32)
         x = self.embed_tokens(input_ids)
-        new_k, new_v = [], []
+        layers = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer.extend(x, cache.k[i], cache.v[i], cache.lengths, input_lengths)
-            new_k.append(k)
-            new_v.append(v)
-        cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), lengths=cache.lengths + input_lengths)
-        return output_logits(self, x), cache
+            x, layer_cache = layer.extend(x, cache.layer(i), cache.lengths, input_lengths)
+            layers.append(layer_cache)
+        if last_only:
+            x = jnp.take_along_axis(x, jnp.maximum(input_lengths - 1, 0)[:, None, None], axis=1)
+        return output_logits(self, x), cache.with_layers(layers, cache.lengths + input_lengths)
 
     def num_parameters(self) -> int:
         return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))

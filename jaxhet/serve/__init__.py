@@ -1,0 +1,30 @@
+"""Serving: a continuous-batching engine over a paged, quantized KV cache, and an OpenAI-compatible HTTP server.
+
+`Engine` is the synchronous core (add requests, step); `AsyncEngine` runs one on its own thread for asyncio code;
+`create_app` builds the FastAPI app over deployments (`ModelDeployment`, `CascadeDeployment`) that
+`build_deployments` makes from loaded models and an optional serving plan; `BackgroundServer` runs it on
+127.0.0.1 from Python (tests, notebooks), `jaxhet serve` from the shell.
+"""
+
+from jaxhet.serve.app import ServerConfig, create_app
+from jaxhet.serve.async_engine import AsyncEngine
+from jaxhet.serve.build import build_deployments
+from jaxhet.serve.config import EngineConfig, SamplingParams
+from jaxhet.serve.deployment import CascadeDeployment, ModelDeployment
+from jaxhet.serve.engine import Engine, EngineStats, RequestOutput
+from jaxhet.serve.server import BackgroundServer
+
+__all__ = [
+    "AsyncEngine",
+    "BackgroundServer",
+    "CascadeDeployment",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "ModelDeployment",
+    "RequestOutput",
+    "SamplingParams",
+    "ServerConfig",
+    "build_deployments",
+    "create_app",
+]

@@ -1,0 +1,351 @@
+"""The OpenAI-compatible HTTP API over a set of deployments, as a FastAPI app.
+
+Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both streaming over SSE or not), `GET /v1/models`,
+`GET /health`, `GET /metrics` (Prometheus). Every refused request gets a 4xx with an OpenAI-style error body that
+names the problem; request bodies are read with a size limit and parsed here (strict UTF-8, JSON, then the
+pydantic models of `jaxhet.serve.protocol`) so each failure gets its own message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jaxhet.serve.async_engine import EngineFailure
+from jaxhet.serve.config import SamplingParams
+from jaxhet.serve.deployment import CascadeDeployment, ModelDeployment
+from jaxhet.serve.engine import RequestOutput
+from jaxhet.serve.metrics import CONTENT_TYPE, ServerMetrics
+from jaxhet.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_prompt,
+    validation_error,
+)
+
+Deployment = ModelDeployment | CascadeDeployment
+CHAT_STOP = ("\n\nUser:", "\n\nSystem:")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """HTTP-level settings: an optional bearer key, the largest accepted body, the default completion length."""
+
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    default_max_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be at least 1, got {self.default_max_tokens}")
+
+
+@dataclasses.dataclass
+class _Generation:
+    """One request on its way through a deployment, with the timestamps the latency metrics need."""
+
+    served_by: str
+    output: RequestOutput
+    arrival: float
+    first_token: float | None = None
+
+
+def _engines_of(deployments: Mapping[str, Deployment]) -> dict[str, list]:
+    engines: dict[str, list] = {}
+    for deployment in deployments.values():
+        for model in deployment.stages if isinstance(deployment, CascadeDeployment) else [deployment]:
+            engines[model.name] = list(model.replicas)
+    return engines
+
+
+def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = ServerConfig()) -> FastAPI:
+    """The app serving `deployments` (served name -> deployment); closes their engines on shutdown."""
+    engines = _engines_of(deployments)
+    metrics = ServerMetrics(engines, [d for d in deployments.values() if isinstance(d, CascadeDeployment)])
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        for replicas in engines.values():
+            for engine in replicas:
+                await engine.close()
+
+    app = FastAPI(title="jaxhet", lifespan=lifespan)
+
+    def _refuse(request: Request, err: APIError) -> JSONResponse:
+        metrics.requests.labels(request.url.path, str(err.status)).inc()
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError) -> JSONResponse:
+        return _refuse(request, err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return _refuse(request, APIError(err.status_code, str(err.detail)))
+
+    @app.middleware("http")
+    async def _authorise(request: Request, call_next):
+        if config.api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization") != f"Bearer {config.api_key}":
+                err = APIError(
+                    401, "missing or invalid API key (Authorization: Bearer ...)", kind="authentication_error"
+                )
+                return _refuse(request, err)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "jaxhet"} for name in deployments]
+        return {"object": "list", "data": data}
+
+    async def _body(request: Request, model: type[BaseModel]) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise APIError(413, f"the request body is larger than {config.max_body_bytes} bytes")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > config.max_body_bytes:
+                raise APIError(413, f"the request body is larger than {config.max_body_bytes} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise APIError(400, f"the request body is not valid UTF-8 (byte {err.start})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise APIError(400, f"the request body is not valid JSON: {err.msg} (line {err.lineno})") from None
+        try:
+            return model.model_validate(data)
+        except ValidationError as err:
+            raise validation_error(err) from None
+
+    def _deployment(name: str) -> Deployment:
+        if name not in deployments:
+            raise APIError(404, f"model {name!r} does not exist; served models: {sorted(deployments)}", param="model")
+        return deployments[name]
+
+    def _prompt_ids(deployment: Deployment, prompt: str | list[int]) -> list[int]:
+        ids = deployment.encode(prompt)
+        vocab = deployment.tokenizer.vocab_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        return ids
+
+    def _sampling(request, max_tokens: int, **extra) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                seed=request.seed,
+                **extra,
+            )
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+
+    async def _start(
+        deployment: Deployment, ids: list[int], params: SamplingParams
+    ) -> tuple[_Generation, AsyncIterator[tuple[str, RequestOutput]]]:
+        """Submit the request and wait for its first output, so that a refusal is still a plain 4xx."""
+        arrival = time.monotonic()
+        stream = deployment.generate(uuid.uuid4().hex, ids, params)
+        try:
+            served_by, output = await anext(stream)
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+        except EngineFailure as err:
+            raise APIError(500, str(err), kind="server_error") from None
+        generation = _Generation(served_by, output, arrival)
+        _note_progress(generation)
+        return generation, stream
+
+    def _note_progress(generation: _Generation) -> None:
+        now = time.monotonic()
+        if generation.first_token is None and generation.output.token_ids:
+            generation.first_token = now
+        if generation.output.finished:
+            tokens = len(generation.output.token_ids)
+            metrics.observe_request(
+                generation.served_by, generation.arrival, generation.first_token or now, now, tokens
+            )
+
+    async def _follow(generation: _Generation, stream) -> AsyncIterator[_Generation]:
+        """Yield the generation after each new output, finishing the stream (or aborting it if left early)."""
+        async with contextlib.aclosing(stream):
+            yield generation
+            async for served_by, output in stream:
+                generation.served_by, generation.output = served_by, output
+                _note_progress(generation)
+                yield generation
+
+    async def _complete(http: Request, request, deployment: Deployment, ids, params, render, render_chunk):
+        generation, stream = await _start(deployment, ids, params)
+        if not request.stream:
+            try:
+                async for _ in _follow(generation, stream):
+                    pass
+            except EngineFailure as err:
+                raise APIError(500, str(err), kind="server_error") from None
+            metrics.requests.labels(http.url.path, "200").inc()
+            return render(generation, len(ids))
+
+        async def events() -> AsyncIterator[str]:
+            sent, first = 0, True
+            try:
+                async for current in _follow(generation, stream):
+                    chunk = render_chunk(current, current.output.text[sent:], first=first)
+                    sent = len(current.output.text)
+                    if chunk is not None:
+                        first = False
+                        yield f"data: {json.dumps(chunk)}\n\n"
+            except EngineFailure as err:
+                yield f"data: {json.dumps(APIError(500, str(err), kind='server_error').body())}\n\n"
+            yield "data: [DONE]\n\n"
+
+        metrics.requests.labels(http.url.path, "200").inc()
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _body(request, CompletionRequest)
+        deployment = _deployment(body.model)
+        ids = _prompt_ids(deployment, body.prompt)
+        max_tokens = body.max_tokens or config.default_max_tokens
+        params = _sampling(body, max_tokens, stop=body.stop_strings(), logprobs=body.logprobs)
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+
+        def render(generation: _Generation, prompt_tokens: int) -> dict[str, Any]:
+            out = generation.output
+            choice = {
+                "index": 0,
+                "text": out.text,
+                "logprobs": _completion_logprobs(deployment, out) if body.logprobs is not None else None,
+                "finish_reason": out.finish_reason,
+            }
+            return {
+                "id": response_id,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": generation.served_by,
+                "choices": [choice],
+                "usage": _usage(prompt_tokens, out),
+            }
+
+        def render_chunk(generation: _Generation, delta: str, first: bool) -> dict[str, Any] | None:
+            out = generation.output
+            if not delta and not out.finished:
+                return None
+            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": out.finish_reason}
+            return {
+                "id": response_id,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": generation.served_by,
+                "choices": [choice],
+            }
+
+        return await _complete(request, body, deployment, ids, params, render, render_chunk)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _body(request, ChatCompletionRequest)
+        deployment = _deployment(body.model)
+        ids = _prompt_ids(deployment, chat_prompt(body.messages))
+        max_tokens = body.requested_max_tokens() or max(1, deployment.max_model_len - len(ids))
+        params = _sampling(
+            body, max_tokens, stop=(*body.stop_strings(), *CHAT_STOP), logprobs=body.requested_logprobs()
+        )
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+
+        def render(generation: _Generation, prompt_tokens: int) -> dict[str, Any]:
+            out = generation.output
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": out.text.strip()},
+                "logprobs": _chat_logprobs(deployment, out) if body.logprobs else None,
+                "finish_reason": out.finish_reason,
+            }
+            return {
+                "id": response_id,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": generation.served_by,
+                "choices": [choice],
+                "usage": _usage(prompt_tokens, out),
+            }
+
+        def render_chunk(generation: _Generation, delta: str, first: bool) -> dict[str, Any] | None:
+            out = generation.output
+            if not delta and not out.finished and not first:
+                return None
+            message = {"role": "assistant", "content": delta} if first else {"content": delta}
+            choice = {"index": 0, "delta": message, "logprobs": None, "finish_reason": out.finish_reason}
+            return {
+                "id": response_id,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": generation.served_by,
+                "choices": [choice],
+            }
+
+        return await _complete(request, body, deployment, ids, params, render, render_chunk)
+
+    return app
+
+
+def _usage(prompt_tokens: int, output: RequestOutput) -> dict[str, int]:
+    completion = len(output.token_ids)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _token_text(deployment: Deployment, token: int) -> str:
+    return deployment.tokenizer.decode([token])
+
+
+def _completion_logprobs(deployment: Deployment, output: RequestOutput) -> dict[str, Any]:
+    tokens = [_token_text(deployment, t) for t in output.token_ids]
+    offsets, position = [], 0
+    for text in tokens:
+        offsets.append(position)
+        position += len(text)
+    top = None
+    if output.top_logprobs is not None:
+        top = [{_token_text(deployment, t): lp for t, lp in alts.items()} for alts in output.top_logprobs]
+    return {"tokens": tokens, "token_logprobs": output.logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_logprobs(deployment: Deployment, output: RequestOutput) -> dict[str, Any]:
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(deployment, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for index, (token, logprob) in enumerate(zip(output.token_ids, output.logprobs, strict=False)):
+        alternatives = output.top_logprobs[index] if output.top_logprobs is not None else {}
+        content.append({**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in alternatives.items()]})
+    return {"content": content}

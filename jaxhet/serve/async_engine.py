@@ -1,0 +1,175 @@
+"""`AsyncEngine`: one `Engine` stepping on its own thread, with asyncio streams of each request's outputs.
+
+The engine is not thread-safe and its steps block for as long as the device takes, so it lives on a dedicated
+thread that owns it alone; the event loop talks to it through a command queue (add, abort, stop) and receives
+outputs through per-request asyncio queues. A request whose consumer goes away (a client disconnecting
+mid-stream) is aborted, which frees its KV pages at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jaxhet.serve.config import SamplingParams
+from jaxhet.serve.engine import Engine, EngineStats, RequestOutput
+
+RATE_WINDOW_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSnapshot:
+    """What the engine thread last published: its counters and tokens generated per recent second."""
+
+    stats: EngineStats
+    tokens_by_second: tuple[tuple[int, int], ...] = ()
+
+    def tokens_per_second(self, now: float | None = None) -> float:
+        """Generated tokens per second over the last `RATE_WINDOW_S` seconds."""
+        now = time.monotonic() if now is None else now
+        return sum(n for second, n in self.tokens_by_second if now - second <= RATE_WINDOW_S) / RATE_WINDOW_S
+
+
+class EngineFailure(RuntimeError):
+    """The engine failed while stepping; the requests it held are aborted and the engine goes on serving."""
+
+
+class _Sink:
+    """Hands items from the engine thread to one request's asyncio queue on its event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is listening any more
+
+
+class AsyncEngine:
+    """Serve an `Engine` to asyncio code: `async for out in engine.generate(...)`."""
+
+    def __init__(self, engine: Engine, *, name: str):
+        self.engine = engine
+        self.name = name
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._sinks: dict[str, _Sink] = {}
+        self._tokens_by_second: collections.deque[tuple[int, int]] = collections.deque()
+        self._snapshot = EngineSnapshot(engine.stats())
+        self._in_flight = 0
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def snapshot(self) -> EngineSnapshot:
+        return self._snapshot
+
+    @property
+    def load(self) -> int:
+        """Requests submitted and not yet finished, the measure replicas are balanced by."""
+        return self._in_flight
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until the finished one; ValueError if the engine refuses it.
+
+        Leaving the iteration early (or being cancelled) aborts the request.
+        """
+        sink = _Sink(asyncio.get_running_loop())
+        self._in_flight += 1
+        self._commands.put(("add", request_id, prompt_token_ids, params, sink))
+        finished = False
+        try:
+            while not finished:
+                item = await sink.queue.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._in_flight -= 1
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    async def close(self) -> None:
+        """Stop the engine thread once every request it holds has finished."""
+        self._commands.put(("stop",))
+        await asyncio.to_thread(self._thread.join)
+
+    def _run(self) -> None:
+        stopping = False
+        while not (stopping and not self.engine.has_unfinished()):
+            busy = self.engine.has_unfinished()
+            try:
+                command = self._commands.get(block=not busy)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                stopping |= self._apply(command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if self.engine.has_unfinished():
+                self._step()
+            else:
+                self._publish(new_tokens=0)
+
+    def _step(self) -> None:
+        before = self.engine.stats().generated_tokens
+        try:
+            outputs = self.engine.step()
+        except Exception as err:  # noqa: BLE001 - a failed step fails the requests it held, not the server
+            for request_id, sink in self._sinks.items():
+                self.engine.abort_request(request_id)
+                sink.put(EngineFailure(f"{self.name}: engine step failed: {err!r}"))
+            self._sinks.clear()
+            outputs = []
+        for output in outputs:
+            self._deliver(output)
+        self._publish(new_tokens=self.engine.stats().generated_tokens - before)
+
+    def _apply(self, command: tuple[Any, ...]) -> bool:
+        """Carry out one command; True when it asks the thread to stop."""
+        kind = command[0]
+        if kind == "add":
+            _, request_id, prompt, params, sink = command
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except ValueError as err:
+                sink.put(err)
+            else:
+                self._sinks[request_id] = sink
+        elif kind == "abort":
+            self.engine.abort_request(command[1])
+            self._sinks.pop(command[1], None)
+        return kind == "stop"
+
+    def _deliver(self, output: RequestOutput) -> None:
+        sink = self._sinks.get(output.request_id)
+        if sink is None:
+            return
+        if output.finished:
+            del self._sinks[output.request_id]
+        sink.put(output)
+
+    def _publish(self, new_tokens: int) -> None:
+        second = int(time.monotonic())
+        if self._tokens_by_second and self._tokens_by_second[-1][0] == second:
+            second, count = self._tokens_by_second.pop()
+        else:
+            count = 0
+        self._tokens_by_second.append((second, count + new_tokens))
+        while second - self._tokens_by_second[0][0] > RATE_WINDOW_S:
+            self._tokens_by_second.popleft()
+        self._snapshot = EngineSnapshot(self.engine.stats(), tuple(self._tokens_by_second))

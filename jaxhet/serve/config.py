@@ -1,0 +1,85 @@
+"""Plain-data settings of the serving engine (`EngineConfig`) and of one request (`SamplingParams`).
+
+Both validate on construction and raise `ValueError` naming the field and what it accepts, so the CLI and the HTTP
+layer can hand the message to the user as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pallas_kernels as pk
+
+PAGE_SIZES = (16, 32, 64)
+MAX_TOP_LOGPROBS = 20
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How one engine batches and caches.
+
+    `max_running` sequences decode together; a step prefills at most `prefill_chunk` prompt tokens (longer prompts
+    are split over steps, so decoding never stalls behind a long prompt); the KV cache is `num_pages` pages of
+    `page_size` tokens stored as `kv_format`; a sequence holds at most `max_model_len` tokens, prompt included.
+    Requests without a seed draw one from `seed`.
+    """
+
+    max_running: int = 16
+    page_size: int = 16
+    num_pages: int = 256
+    kv_format: str = "bfloat16"
+    max_model_len: int = 1024
+    prefill_chunk: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least("max_running", self.max_running, 1)
+        if self.page_size not in PAGE_SIZES:
+            raise ValueError(f"page_size must be one of {list(PAGE_SIZES)}, got {self.page_size}")
+        _at_least("num_pages", self.num_pages, 1)
+        if self.kv_format not in pk.KV_FORMATS:
+            raise ValueError(f"kv_format must be one of {list(pk.KV_FORMATS)}, got {self.kv_format!r}")
+        _at_least("max_model_len", self.max_model_len, 2)
+        if self.max_model_len % self.page_size:
+            size = self.page_size
+            raise ValueError(f"max_model_len must be a multiple of page_size={size}, got {self.max_model_len}")
+        _at_least("prefill_chunk", self.prefill_chunk, 8)
+
+    @property
+    def pages_per_sequence(self) -> int:
+        return self.max_model_len // self.page_size
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request's tokens are chosen and when it stops.
+
+    Greedy when `temperature` is 0; `top_k` 0 and `top_p` 1 disable those filters. Generation stops at the
+    tokenizer's EOS, at any of the `stop` strings (which are cut from the text), or after `max_tokens` tokens.
+    `logprobs`: how many most likely alternatives to report per token (None: only the chosen token's log-prob).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        _at_least("max_tokens", self.max_tokens, 1)
+        if not 0 <= self.temperature <= 100:
+            raise ValueError(f"temperature must be between 0 and 100, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _at_least("top_k", self.top_k, 0)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must hold non-empty strings, got {list(self.stop)!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")

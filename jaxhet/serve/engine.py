@@ -1,0 +1,286 @@
+"""`Engine`: continuous batching over a paged KV cache, one step at a time.
+
+Each `step` (1) admits waiting requests while a batch slot and the pages for their whole prompt are free (keeping
+one page of headroom per running sequence), (2) gives every decoding sequence the page its next token needs,
+preempting the most recently admitted sequences when the pool runs dry (their pages are freed and they are
+recomputed from their tokens later: no output is lost or changed), and (3) runs one decode batch and one prefill
+batch whose prompt chunks share a fixed token budget, so a long prompt never stalls the decoders. Sampling keys
+come from each request's seed and token index, so a seeded request gives the same tokens whatever it is batched
+with, and greedy requests give what they would give alone.
+
+The engine is single-threaded; `AsyncEngine` runs it on its own thread for the HTTP server.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+
+import numpy as np
+
+from jaxhet.models.llama import Llama
+from jaxhet.serve.config import EngineConfig, SamplingParams
+from jaxhet.serve.detokenize import TextStream
+from jaxhet.serve.paged_cache import PageAllocator
+from jaxhet.serve.runner import ModelRunner, StepInputs, StepOutputs
+from jaxhet.tokenizers import Tokenizer
+
+FINISH_REASONS = ("stop", "length", "abort")
+_SEED_RANGE = 2**31
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """Everything one request has produced so far; `text` only ever grows between outputs of one request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]] | None
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """Queue depths, KV-page use and running totals, as /metrics reports them."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_pages_used: int = 0
+    kv_pages_total: int = 0
+    preemptions: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+
+
+@dataclasses.dataclass
+class _Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    admitted: int
+    text: TextStream
+    generated: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    pages: list[int] = dataclasses.field(default_factory=list)
+    computed: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+    @property
+    def pending(self) -> int:
+        """Tokens whose keys/values are not cached yet; the last of them is fed to predict the next token."""
+        return len(self.prompt) + len(self.generated) - self.computed
+
+
+class Engine:
+    """Serve one model on one device: add requests, call `step` until `has_unfinished` is False."""
+
+    def __init__(self, model: Llama, tokenizer: Tokenizer, config: EngineConfig | None = None, *, device=None):
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.vocab_size = model.config.vocab_size
+        self._runner = ModelRunner(model, self.config, device=device)
+        self._allocator = PageAllocator(self.config.num_pages)
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._requests: dict[str, _Sequence] = {}
+        self._seeds = np.random.default_rng(self.config.seed)
+        self._admissions = itertools.count()
+        self._totals = collections.Counter()
+
+    def warmup(self) -> None:
+        """Compile every step shape, so that no request waits for a compilation."""
+        self._runner.warmup()
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; ValueError (naming the problem) if it can never be served."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("prompt must hold at least one token")
+        limit = self.config.max_model_len
+        if len(prompt_token_ids) >= limit:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; this model takes at most {limit - 1}")
+        if len(prompt_token_ids) + params.max_tokens > limit:
+            raise ValueError(
+                f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds this model's "
+                f"context of {limit} tokens"
+            )
+        if self._pages_for(len(prompt_token_ids) + 1) > self.config.num_pages:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens, more than the KV cache can ever hold")
+        if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        seed = params.seed if params.seed is not None else int(self._seeds.integers(_SEED_RANGE))
+        sequence = _Sequence(
+            request_id=request_id,
+            prompt=list(prompt_token_ids),
+            params=params,
+            seed=seed % _SEED_RANGE,
+            admitted=-1,
+            text=TextStream(self.tokenizer, params.stop),
+        )
+        self._requests[request_id] = sequence
+        self._waiting.append(sequence)
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request wherever it is and free its pages at once; unknown ids are ignored."""
+        sequence = self._requests.pop(request_id, None)
+        if sequence is None:
+            return
+        if sequence in self._waiting:
+            self._waiting.remove(sequence)
+        else:
+            self._running.remove(sequence)
+        self._release(sequence)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            waiting=len(self._waiting),
+            running=len(self._running),
+            kv_pages_used=self._allocator.num_used,
+            kv_pages_total=self._allocator.num_pages,
+            **self._totals,
+        )
+
+    def step(self) -> list[RequestOutput]:
+        """Advance every running sequence by one decode token or one prompt chunk; outputs of those that sampled."""
+        self._admit()
+        decoding = self._reserve_decode_pages([s for s in self._running if s.pending == 1])
+        prefilling = [s for s in self._running if s.pending > 1]
+        outputs = []
+        if decoding:
+            outputs += self._run_decode(decoding)
+        if prefilling:
+            outputs += self._run_prefill(prefilling)
+        self._totals["steps"] += 1
+        return outputs
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+        """Run `prompts` to completion together and return their final outputs in order."""
+        ids = [f"generate-{i}" for i in range(len(prompts))]
+        for request_id, prompt in zip(ids, prompts, strict=True):
+            self.add_request(request_id, prompt, params)
+        final: dict[str, RequestOutput] = {}
+        while any(i not in final for i in ids):
+            final.update((out.request_id, out) for out in self.step() if out.finished)
+        return [final[i] for i in ids]
+
+    def _pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.config.page_size)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.config.max_running:
+            sequence = self._waiting[0]
+            needed = self._pages_for(len(sequence.tokens))
+            if self._allocator.num_free - needed < len(self._running):
+                return
+            sequence.pages = self._allocator.allocate(needed)
+            if sequence.admitted < 0:
+                self._totals["prompt_tokens"] += len(sequence.prompt)
+            sequence.admitted = next(self._admissions)
+            self._running.append(self._waiting.popleft())
+
+    def _reserve_decode_pages(self, decoding: list[_Sequence]) -> list[_Sequence]:
+        """Give each decoding sequence room for its next token, preempting the newest sequences when needed."""
+        ready = []
+        for sequence in decoding:
+            while sequence in self._running and self._pages_for(sequence.computed + 1) > len(sequence.pages):
+                page = self._allocator.allocate(1)
+                if page is not None:
+                    sequence.pages += page
+                else:
+                    self._preempt(max(self._running, key=lambda s: s.admitted))
+            if sequence in self._running:
+                ready.append(sequence)
+        return [s for s in ready if s in self._running]
+
+    def _preempt(self, sequence: _Sequence) -> None:
+        self._running.remove(sequence)
+        self._release(sequence)
+        sequence.computed = 0
+        self._waiting.appendleft(sequence)
+        self._totals["preemptions"] += 1
+
+    def _release(self, sequence: _Sequence) -> None:
+        self._allocator.free(sequence.pages)
+        sequence.pages = []
+
+    def _inputs(self, rows: int, width: int, chunks: list[tuple[_Sequence, int]]) -> StepInputs:
+        inputs = StepInputs.empty(rows, width, self.config.pages_per_sequence)
+        for row, (sequence, size) in enumerate(chunks):
+            params = sequence.params
+            inputs.tokens[row, :size] = sequence.tokens[sequence.computed : sequence.computed + size]
+            inputs.block_tables[row, : len(sequence.pages)] = sequence.pages
+            inputs.lengths[row] = sequence.computed
+            inputs.input_lengths[row] = size
+            inputs.seeds[row] = sequence.seed
+            inputs.counts[row] = len(sequence.generated)
+            inputs.temperature[row] = params.temperature
+            inputs.top_k[row] = params.top_k
+            inputs.top_p[row] = params.top_p
+        return inputs
+
+    def _run_decode(self, decoding: list[_Sequence]) -> list[RequestOutput]:
+        chunks = [(sequence, 1) for sequence in decoding]
+        results = self._runner.run(self._inputs(self._runner.decode_rows(len(chunks)), 1, chunks))
+        return self._advance(chunks, results)
+
+    def _run_prefill(self, prefilling: list[_Sequence]) -> list[RequestOutput]:
+        rows, width = self._runner.prefill_shape(len(prefilling))
+        chunks = [(sequence, min(sequence.pending, width)) for sequence in prefilling[:rows]]
+        results = self._runner.run(self._inputs(rows, width, chunks))
+        return self._advance(chunks, results)
+
+    def _advance(self, chunks: list[tuple[_Sequence, int]], results: StepOutputs) -> list[RequestOutput]:
+        """Account for the tokens just cached; rows that reached their last token take the sampled one."""
+        outputs = []
+        for row, (sequence, size) in enumerate(chunks):
+            sequence.computed += size
+            if sequence.pending == 0:
+                outputs.append(self._accept(sequence, results, row))
+        return outputs
+
+    def _accept(self, sequence: _Sequence, results: StepOutputs, row: int) -> RequestOutput:
+        token = int(results.tokens[row])
+        params = sequence.params
+        sequence.generated.append(token)
+        sequence.logprobs.append(float(results.logprobs[row]))
+        if params.logprobs is not None:
+            count = params.logprobs
+            top = zip(results.top_ids[row, :count].tolist(), results.top_logprobs[row, :count].tolist(), strict=True)
+            sequence.top_logprobs.append(dict(top))
+        self._totals["generated_tokens"] += 1
+        finish = None
+        if token == self.tokenizer.eos_id:
+            finish = "stop"
+        elif len(sequence.generated) >= params.max_tokens or len(sequence.tokens) >= self.config.max_model_len:
+            finish = "length"
+        if sequence.text.update(sequence.generated, final=finish is not None):
+            finish = "stop"
+        if finish is not None:
+            self._running.remove(sequence)
+            self._release(sequence)
+            del self._requests[sequence.request_id]
+        return RequestOutput(
+            request_id=sequence.request_id,
+            prompt_token_ids=sequence.prompt,
+            token_ids=list(sequence.generated),
+            text=sequence.text.text,
+            logprobs=list(sequence.logprobs),
+            top_logprobs=list(sequence.top_logprobs) if params.logprobs is not None else None,
+            finished=finish is not None,
+            finish_reason=finish,
+        )

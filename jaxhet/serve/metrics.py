@@ -1,0 +1,113 @@
+"""Prometheus metrics of one server: engine gauges read at scrape time, request latency histograms, counters.
+
+Each server owns its registry (no process-global state), so several servers in one process stay apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from jaxhet.serve.async_engine import AsyncEngine
+from jaxhet.serve.deployment import CascadeDeployment
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class _EngineCollector(Collector):
+    """Queue depth, KV usage, token counters and the recent generation rate of every replica, per scrape."""
+
+    def __init__(self, replicas: Mapping[str, Iterable[AsyncEngine]], cascades: Iterable[CascadeDeployment]):
+        self.replicas = replicas
+        self.cascades = list(cascades)
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["model", "replica"]
+        gauges = {
+            "waiting": GaugeMetricFamily("jaxhet_requests_waiting", "Requests queued for admission.", labels=labels),
+            "running": GaugeMetricFamily("jaxhet_requests_running", "Requests being generated.", labels=labels),
+            "kv_used": GaugeMetricFamily("jaxhet_kv_pages_used", "KV-cache pages in use.", labels=labels),
+            "kv_total": GaugeMetricFamily("jaxhet_kv_pages_total", "KV-cache pages in the pool.", labels=labels),
+            "kv_usage": GaugeMetricFamily("jaxhet_kv_usage_ratio", "Fraction of KV pages in use.", labels=labels),
+            "rate": GaugeMetricFamily(
+                "jaxhet_generation_tokens_per_second", "Tokens generated per second, recent window.", labels=labels
+            ),
+        }
+        counters = {
+            "prompt": CounterMetricFamily("jaxhet_prompt_tokens", "Prompt tokens prefilled.", labels=labels),
+            "generated": CounterMetricFamily("jaxhet_generation_tokens", "Tokens generated.", labels=labels),
+            "preemptions": CounterMetricFamily(
+                "jaxhet_preemptions", "Sequences preempted for lack of KV pages.", labels=labels
+            ),
+        }
+        for model, engines in self.replicas.items():
+            for engine in engines:
+                snap, key = engine.snapshot, [model, engine.name]
+                stats = snap.stats
+                gauges["waiting"].add_metric(key, stats.waiting)
+                gauges["running"].add_metric(key, stats.running)
+                gauges["kv_used"].add_metric(key, stats.kv_pages_used)
+                gauges["kv_total"].add_metric(key, stats.kv_pages_total)
+                gauges["kv_usage"].add_metric(key, stats.kv_pages_used / max(stats.kv_pages_total, 1))
+                gauges["rate"].add_metric(key, snap.tokens_per_second())
+                counters["prompt"].add_metric(key, stats.prompt_tokens)
+                counters["generated"].add_metric(key, stats.generated_tokens)
+                counters["preemptions"].add_metric(key, stats.preemptions)
+        escalations = CounterMetricFamily(
+            "jaxhet_cascade_escalations", "Requests a cascade stage passed on.", labels=["cascade", "stage"]
+        )
+        for cascade in self.cascades:
+            for stage, count in zip(cascade.stages, cascade.escalations, strict=False):
+                escalations.add_metric([cascade.name, stage.name], count)
+        yield from gauges.values()
+        yield from counters.values()
+        yield escalations
+
+
+class ServerMetrics:
+    """The server's registry and the per-request observations the HTTP layer records."""
+
+    def __init__(self, replicas: Mapping[str, Iterable[AsyncEngine]], cascades: Iterable[CascadeDeployment] = ()):
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(replicas, cascades))
+        self.requests = Counter(
+            "jaxhet_requests",
+            "Requests answered, by endpoint and HTTP status.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "jaxhet_time_to_first_token_seconds",
+            "Arrival to first generated token.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_per_output_token = Histogram(
+            "jaxhet_time_per_output_token_seconds",
+            "Mean time between generated tokens after the first, per request.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_latency = Histogram(
+            "jaxhet_request_latency_seconds",
+            "Arrival to last token.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_request(self, model: str, arrival: float, first_token: float, done: float, tokens: int) -> None:
+        """Record one finished generation's latencies (monotonic seconds)."""
+        self.time_to_first_token.labels(model).observe(first_token - arrival)
+        self.request_latency.labels(model).observe(done - arrival)
+        if tokens > 1:
+            self.time_per_output_token.labels(model).observe((done - first_token) / (tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,111 @@
+"""The OpenAI-compatible request bodies the server accepts, validated strictly, and the error body it answers with.
+
+Fields the server does not implement are refused by name when set to anything but their neutral value, so a
+client never silently gets something other than what it asked for; fields it does not know are ignored, as
+OpenAI's own API does for forward compatibility.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_STOP_STRINGS = 4
+MAX_LOGPROBS = 20
+
+
+class APIError(Exception):
+    """A request the server refuses: HTTP status, OpenAI error type, the offending parameter and a message."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.kind = kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+def validation_error(err: ValidationError) -> APIError:
+    """The first problem pydantic found, phrased with the dotted name of the field it concerns."""
+    first = err.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise ValueError(f"at most {MAX_STOP_STRINGS} non-empty stop strings")
+        return value
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class CompletionRequest(_Request):
+    """`POST /v1/completions`: a prompt (text or token ids; one per request) to continue."""
+
+    prompt: str | list[int]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: Literal[False] = False
+    suffix: None = None
+    best_of: int | None = Field(default=None, ge=1, le=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value: str | list[int]) -> str | list[int]:
+        if len(value) == 0:
+            raise ValueError("the prompt must not be empty")
+        return value
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_Request):
+    """`POST /v1/chat/completions`: a conversation whose next assistant message is generated."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """The plain-text transcript a base model continues: one `Role: content` paragraph per message, then
+    `Assistant:` to open the reply. Models trained with their own chat template should be prompted through
+    `/v1/completions` with it."""
+    turns = [f"{m.role.capitalize()}: {m.content}" for m in messages]
+    return "\n\n".join([*turns, "Assistant:"])

@@ -1,0 +1,125 @@
+"""`ModelRunner`: the engine's device side, one jitted forward-and-sample step over a batch of sequence chunks.
+
+Every call has one of a few static shapes: decode batches `[rows, 1]` and prefill batches `[rows, tokens]` with
+rows a power of two up to `max_running` and `rows * tokens` equal to the prefill budget. `warmup` compiles them
+all, so a new request never waits for a compilation. The KV pools are donated to each step and updated in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxhet.models.llama import Llama
+from jaxhet.sampling import sample_rows
+from jaxhet.serve.config import MAX_TOP_LOGPROBS, EngineConfig
+from jaxhet.serve.paged_cache import LayerPool, PagedKVCache, create_pools
+
+MIN_PREFILL_TOKENS = 8
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """Host-side inputs of one step: row b feeds `tokens[b, :input_lengths[b]]` after `lengths[b]` cached tokens
+    held in pages `block_tables[b]`, and samples with its own settings and key `(seeds[b], counts[b])`."""
+
+    tokens: np.ndarray
+    block_tables: np.ndarray
+    lengths: np.ndarray
+    input_lengths: np.ndarray
+    seeds: np.ndarray
+    counts: np.ndarray
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+
+    @classmethod
+    def empty(cls, rows: int, tokens: int, pages_per_sequence: int) -> StepInputs:
+        """All-padding inputs: rows that read page 0, write nothing and sample greedily."""
+        ints = partial(np.zeros, dtype=np.int32)
+        return cls(
+            tokens=ints((rows, tokens)),
+            block_tables=ints((rows, pages_per_sequence)),
+            lengths=ints(rows),
+            input_lengths=ints(rows),
+            seeds=ints(rows),
+            counts=ints(rows),
+            temperature=np.zeros(rows, np.float32),
+            top_k=ints(rows),
+            top_p=np.ones(rows, np.float32),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutputs:
+    """Per row: the sampled token, its log-probability, and the `MAX_TOP_LOGPROBS` most likely tokens."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pools",))
+def _step(graphdef, state, pools: tuple[LayerPool, ...], inputs: StepInputs):
+    model = nnx.merge(graphdef, state)
+    cache = PagedKVCache(pools, inputs.block_tables, inputs.lengths)
+    logits, cache = model.extend(inputs.tokens, cache, inputs.input_lengths, last_only=True)
+    logits = logits[:, 0].astype(jnp.float32)
+    keys = jax.vmap(lambda seed, count: jax.random.fold_in(jax.random.key(seed), count))(inputs.seeds, inputs.counts)
+    tokens = sample_rows(logits, keys, inputs.temperature, inputs.top_k, inputs.top_p)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_TOP_LOGPROBS, logprobs.shape[-1]))
+    return (tokens, chosen, top_ids, top_logprobs), cache.pools
+
+
+class ModelRunner:
+    """Owns the model's weights and the KV pools on one device and runs steps on them."""
+
+    def __init__(self, model: Llama, config: EngineConfig, *, device: jax.Device | None = None):
+        self.config = config
+        self.device = device or jax.devices()[0]
+        graphdef, state = nnx.split(model)
+        self._graphdef = graphdef
+        self._state = jax.device_put(state, self.device)
+        self._pools = create_pools(model.config, config.num_pages, config.page_size, config.kv_format, self.device)
+
+    def row_buckets(self) -> list[int]:
+        """Batch sizes a decode step is padded to: powers of two up to `max_running` (and `max_running`)."""
+        sizes = [1 << i for i in range(self.config.max_running.bit_length()) if 1 << i < self.config.max_running]
+        return [*sizes, self.config.max_running]
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """(rows, tokens per row) of prefill steps: the budget split over 1, 2, 4, ... rows."""
+        shapes, rows = [], 1
+        while rows <= self.config.max_running and self.config.prefill_chunk // rows >= MIN_PREFILL_TOKENS:
+            shapes.append((rows, self.config.prefill_chunk // rows))
+            rows *= 2
+        return shapes
+
+    def decode_rows(self, count: int) -> int:
+        return next(size for size in self.row_buckets() if size >= count)
+
+    def prefill_shape(self, count: int) -> tuple[int, int]:
+        """The smallest prefill shape with at least `count` rows (or the widest one there is)."""
+        shapes = self.prefill_shapes()
+        return next((shape for shape in shapes if shape[0] >= count), shapes[-1])
+
+    def run(self, inputs: StepInputs) -> StepOutputs:
+        outputs, self._pools = _step(self._graphdef, self._state, self._pools, inputs)
+        return StepOutputs(*(np.asarray(x) for x in outputs))
+
+    def warmup(self) -> None:
+        """Compile every step shape now rather than on a user's request."""
+        pages = self.config.pages_per_sequence
+        for rows in self.row_buckets():
+            self.run(StepInputs.empty(rows, 1, pages))
+        for rows, tokens in self.prefill_shapes():
+            self.run(StepInputs.empty(rows, tokens, pages))

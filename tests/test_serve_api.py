@@ -1,0 +1,221 @@
+"""The OpenAI-compatible server, started for real on 127.0.0.1 and spoken to over sockets with the official
+`openai` client and with raw HTTP for the malformed requests a client library would refuse to send."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import jax
+import openai
+import pytest
+from flax import nnx
+from prometheus_client.parser import text_string_to_metric_families
+
+from jaxhet.generate import SamplingConfig, generate
+from jaxhet.loading import LoadedModel
+from jaxhet.models import Llama, LlamaConfig
+from jaxhet.serve import (
+    BackgroundServer,
+    CascadeDeployment,
+    EngineConfig,
+    ServerConfig,
+    build_deployments,
+    create_app,
+)
+from jaxhet.tokenizers import ByteTokenizer
+
+ENGINE = EngineConfig(max_running=8, page_size=16, num_pages=96, kv_format="float32", max_model_len=192)
+
+
+def _tiny(seed: int, layers: int = 2) -> LoadedModel:
+    tokenizer = ByteTokenizer()
+    config = LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, num_layers=layers, dtype="float32")
+    return LoadedModel(Llama(config, rngs=nnx.Rngs(params=jax.random.key(seed))), tokenizer, f"tiny-{seed}")
+
+
+@pytest.fixture(scope="module")
+def served():
+    small, large = _tiny(1), _tiny(2, layers=3)
+    deployments = build_deployments({"small": small, "large": large}, ENGINE)
+    deployments["always-small"] = CascadeDeployment(
+        "always-small", [deployments["small"], deployments["large"]], [-1e9]
+    )
+    deployments["always-large"] = CascadeDeployment("always-large", [deployments["small"], deployments["large"]], [1e9])
+    with BackgroundServer(create_app(deployments, ServerConfig(max_body_bytes=4096))) as server:
+        yield server, small
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    server, _ = served
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _metrics(url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in _metrics(url).items() if n == name and all((k, labels[k]) in ls for k in labels))
+
+
+def test_completion_equals_offline_greedy_generation(served, client):
+    _, small = served
+    prompt = "def add(a, b):\n"
+    response = client.completions.create(model="small", prompt=prompt, max_tokens=12, temperature=0)
+    ids = [small.tokenizer.bos_id, *small.tokenizer.encode(prompt)]
+    (expected,) = generate(small.model, [ids], SamplingConfig(max_new_tokens=12), jax.random.key(0))
+    choice = response.choices[0]
+    assert choice.text == small.tokenizer.decode(expected)
+    assert choice.finish_reason == "length"
+    assert response.model == "small"
+    assert response.usage.prompt_tokens == len(ids) and response.usage.completion_tokens == 12
+
+
+def test_models_lists_every_served_name(client):
+    assert sorted(m.id for m in client.models.list()) == ["always-large", "always-small", "large", "small"]
+
+
+def test_streamed_chat_equals_the_unstreamed_answer(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
+    whole = client.chat.completions.create(model="small", messages=messages, max_tokens=10, temperature=0)
+    stream = client.chat.completions.create(model="small", messages=messages, max_tokens=10, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed.strip() == whole.choices[0].message.content
+    assert whole.usage.completion_tokens <= 10
+
+
+def test_streamed_completion_reassembles(client):
+    whole = client.completions.create(model="large", prompt="import os\n", max_tokens=9, temperature=0)
+    parts = client.completions.create(model="large", prompt="import os\n", max_tokens=9, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in parts) == whole.choices[0].text
+
+
+def test_logprobs_are_reported_per_token(client):
+    response = client.completions.create(model="small", prompt="x = ", max_tokens=5, temperature=0, logprobs=3)
+    logprobs = response.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == len(logprobs.tokens) == 5
+    assert all(lp <= 0 for lp in logprobs.token_logprobs)
+    for chosen, alternatives in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert 1 <= len(alternatives) <= 3
+        assert max(alternatives.values()) == pytest.approx(chosen, abs=1e-5)  # greedy picks the most likely
+
+
+def test_64_concurrent_greedy_requests_each_equal_their_solo_run(served):
+    server, _ = served
+    prompts = [f"# request {i}\n" + "x" * (i % 23) for i in range(64)]
+
+    def body(prompt: str) -> dict:
+        return {"model": "small", "prompt": prompt, "max_tokens": 6 + len(prompt) % 5, "temperature": 0}
+
+    solo = {}
+    with httpx.Client(base_url=server.url, timeout=300) as http:
+        for prompt in prompts[:8]:
+            solo[prompt] = http.post("/v1/completions", json=body(prompt)).json()["choices"][0]["text"]
+
+    async def all_at_once() -> list[dict]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as http:
+            responses = await asyncio.gather(*(http.post("/v1/completions", json=body(p)) for p in prompts))
+        return [r.json() for r in responses]
+
+    together = asyncio.run(all_at_once())
+    assert all("choices" in r for r in together)
+    with httpx.Client(base_url=server.url, timeout=300) as http:
+        for prompt in prompts[8:]:
+            solo[prompt] = http.post("/v1/completions", json=body(prompt)).json()["choices"][0]["text"]
+    assert [r["choices"][0]["text"] for r in together] == [solo[p] for p in prompts]
+
+
+MALFORMED = [
+    ("bad json", b'{"model": "small", "prompt": ', 400, "not valid JSON"),
+    ("invalid utf-8", b'{"model": "small", "prompt": "\xff\xfe"}', 400, "UTF-8"),
+    ("wrong type", json.dumps({"model": "small", "prompt": 5}).encode(), 400, "prompt"),
+    ("string max_tokens", json.dumps({"model": "small", "prompt": "a", "max_tokens": "9"}).encode(), 400, "max_tokens"),
+    (
+        "negative max_tokens",
+        json.dumps({"model": "small", "prompt": "a", "max_tokens": -1}).encode(),
+        400,
+        "max_tokens",
+    ),
+    ("huge max_tokens", json.dumps({"model": "small", "prompt": "a", "max_tokens": 10**9}).encode(), 400, "max"),
+    ("empty prompt", json.dumps({"model": "small", "prompt": ""}).encode(), 400, "empty"),
+    ("token outside vocab", json.dumps({"model": "small", "prompt": [1, 99999]}).encode(), 400, "token ids"),
+    ("unknown model", json.dumps({"model": "gpt-9", "prompt": "a"}).encode(), 404, "gpt-9"),
+    ("n > 1", json.dumps({"model": "small", "prompt": "a", "n": 2}).encode(), 400, "n"),
+    ("too many stops", json.dumps({"model": "small", "prompt": "a", "stop": list("abcde")}).encode(), 400, "stop"),
+    ("oversized body", json.dumps({"model": "small", "prompt": "a" * 5000}).encode(), 413, "larger than"),
+]
+
+
+@pytest.mark.parametrize(("case", "raw", "status", "needle"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_requests_get_a_4xx_naming_the_problem(served, case, raw, status, needle):
+    server, _ = served
+    headers = {"content-type": "application/json"}
+    response = httpx.post(f"{server.url}/v1/completions", content=raw, headers=headers, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert needle in error["message"] and error["type"]
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+
+
+def test_chat_refuses_an_unknown_role_and_an_empty_conversation(served):
+    server, _ = served
+    for messages in ([], [{"role": "robot", "content": "hi"}]):
+        response = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "small", "messages": messages})
+        assert response.status_code == 400 and "messages" in response.json()["error"]["message"]
+
+
+def test_a_client_leaving_mid_stream_frees_its_kv_pages(served):
+    server, _ = served
+    body = {"model": "large", "prompt": "while True:\n", "max_tokens": 150, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        with http.stream("POST", "/v1/completions", json=body) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            assert _metric(server.url, "jaxhet_kv_pages_used", model="large") > 0
+    for _ in range(200):
+        if _metric(server.url, "jaxhet_kv_pages_used", model="large") == 0:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert _metric(server.url, "jaxhet_kv_pages_used", model="large") == 0
+    assert _metric(server.url, "jaxhet_requests_running", model="large") == 0
+
+
+def test_cascade_answers_with_the_small_model_or_escalates(served, client):
+    server, _ = served
+    kept = client.completions.create(model="always-small", prompt="a", max_tokens=4, temperature=0)
+    assert kept.model == "small"
+    before = _metric(server.url, "jaxhet_cascade_escalations_total", cascade="always-large")
+    escalated = client.completions.create(model="always-large", prompt="a", max_tokens=4, temperature=0)
+    direct = client.completions.create(model="large", prompt="a", max_tokens=4, temperature=0)
+    assert escalated.model == "large" and escalated.choices[0].text == direct.choices[0].text
+    assert _metric(server.url, "jaxhet_cascade_escalations_total", cascade="always-large") == before + 1
+
+
+def test_metrics_report_latency_histograms_and_request_counts(served, client):
+    server, _ = served
+    client.completions.create(model="small", prompt="b", max_tokens=3, temperature=0)
+    assert _metric(server.url, "jaxhet_time_to_first_token_seconds_count", model="small") >= 1
+    assert _metric(server.url, "jaxhet_requests_total", endpoint="/v1/completions", status="200") >= 1
+    assert _metric(server.url, "jaxhet_requests_total", status="404") >= 0
+    assert _metric(server.url, "jaxhet_kv_pages_total", model="small") == ENGINE.num_pages
+
+
+def test_api_key_is_required_when_set():
+    deployments = build_deployments({"small": _tiny(1)}, ENGINE)
+    with BackgroundServer(create_app(deployments, ServerConfig(api_key="s3cret"))) as server:
+        assert httpx.get(f"{server.url}/v1/models").status_code == 401
+        ok = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in ok.models.list()] == ["small"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()

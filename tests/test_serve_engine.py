@@ -1,0 +1,171 @@
+"""The continuous-batching engine against the plain generator: same tokens whatever the batching, chunking,
+preemption or cache format, seeded sampling independent of batch neighbours, stop handling, and no compilation
+after warm-up."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxhet.generate import SamplingConfig, generate
+from jaxhet.models import Llama, LlamaConfig
+from jaxhet.serve import Engine, EngineConfig, SamplingParams
+from jaxhet.serve import runner as runner_module
+from jaxhet.tokenizers import ByteTokenizer
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0)
+LENGTHS = (5, 37, 1, 70, 12, 3, 100, 9, 44, 17)
+
+
+@pytest.fixture(scope="module")
+def model() -> Llama:
+    config = LlamaConfig.tiny(vocab_size=ByteTokenizer.vocab_size, num_layers=2, dtype="float32")
+    return Llama(config, rngs=nnx.Rngs(params=jax.random.key(3)))
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, n).tolist() for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def solo(model, prompts) -> list[list[int]]:
+    """Each prompt generated alone by the plain jitted generator."""
+    sampling = SamplingConfig(max_new_tokens=GREEDY.max_tokens)
+    return [generate(model, [p], sampling, jax.random.key(0))[0] for p in prompts]
+
+
+def _engine(model, **overrides) -> Engine:
+    fields = dict(max_running=4, page_size=16, num_pages=32, kv_format="float32", max_model_len=160, prefill_chunk=32)
+    return Engine(model, ByteTokenizer(), EngineConfig(**{**fields, **overrides}))
+
+
+def test_batched_and_chunked_generation_equals_solo_runs(model, prompts, solo):
+    engine = _engine(model)
+    outputs = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outputs] == solo
+    stats = engine.stats()
+    assert stats.prompt_tokens == sum(LENGTHS) and stats.generated_tokens == GREEDY.max_tokens * len(LENGTHS)
+    assert stats.kv_pages_used == 0 and stats.running == stats.waiting == 0
+    assert all(o.finish_reason == "length" for o in outputs)
+
+
+def test_preempted_sequences_are_recomputed_without_changing_their_tokens(model, prompts):
+    # Each sequence grows from one page to four; seven pages cannot hold three of them, so the newest are preempted.
+    growing = [p[:15] for p in prompts if len(p) >= 15][:4]
+    expected = generate(model, growing, SamplingConfig(max_new_tokens=40), jax.random.key(0))
+    engine = _engine(model, num_pages=7)
+    outputs = engine.generate(growing, SamplingParams(max_tokens=40, temperature=0))
+    assert [o.token_ids for o in outputs] == expected
+    assert engine.stats().preemptions > 0 and engine.stats().kv_pages_used == 0
+
+
+@pytest.mark.parametrize(("kv_format", "min_equal"), [("bfloat16", 9), ("int8", 9), ("int4", 6)])
+def test_quantized_caches_mostly_keep_the_greedy_tokens(model, prompts, solo, kv_format, min_equal):
+    outputs = _engine(model, kv_format=kv_format).generate(prompts, GREEDY)
+    assert sum(o.token_ids == s for o, s in zip(outputs, solo, strict=True)) >= min_equal
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model, prompts):
+    params = SamplingParams(max_tokens=8, temperature=1.2, top_p=0.9, top_k=40, seed=11)
+    alone = _engine(model).generate([prompts[0]], params)[0].token_ids
+    engine = _engine(model)
+    together = engine.generate(prompts[:4], params)[0].token_ids
+    other_seed = _engine(model).generate([prompts[0]], SamplingParams(max_tokens=8, temperature=1.2, seed=12))
+    assert alone == together
+    assert other_seed[0].token_ids != alone
+
+
+def test_stop_strings_cut_the_text_and_streamed_text_only_grows(model):
+    tokenizer = ByteTokenizer()
+    engine = _engine(model, max_running=2)
+    prompt = tokenizer.encode("hello")
+    full = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0]
+    stop = full.text[3:5]
+    engine.add_request("r", prompt, SamplingParams(max_tokens=12, temperature=0, stop=(stop,)))
+    texts = []
+    while engine.has_unfinished():
+        texts += [o.text for o in engine.step()]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+    assert texts[-1] == full.text[: full.text.index(stop)]
+
+
+def test_eos_ends_a_request_with_reason_stop(model, prompts, solo):
+    eos = solo[0][4]
+    engine = Engine(model, _EosTokenizer(eos), _engine(model).config)
+    (output,) = engine.generate([prompts[0]], GREEDY)
+    assert output.token_ids == solo[0][: solo[0].index(eos) + 1]
+    assert output.finish_reason == "stop"
+
+
+class _EosTokenizer(ByteTokenizer):
+    def __init__(self, eos: int):
+        self.eos_id = eos
+
+
+def test_logprobs_report_the_chosen_token_and_its_alternatives(model, prompts):
+    (output,) = _engine(model).generate([prompts[1]], SamplingParams(max_tokens=4, temperature=0, logprobs=3))
+    assert len(output.logprobs) == len(output.top_logprobs) == 4
+    for token, chosen, alternatives in zip(output.token_ids, output.logprobs, output.top_logprobs, strict=True):
+        assert len(alternatives) == 3 and max(alternatives, key=alternatives.get) == token
+        assert alternatives[token] == pytest.approx(chosen) and chosen <= 0
+
+
+def test_abort_frees_pages_and_unknown_ids_are_ignored(model, prompts):
+    engine = _engine(model)
+    engine.add_request("a", prompts[3], GREEDY)
+    engine.step()
+    assert engine.stats().kv_pages_used > 0
+    engine.abort_request("a")
+    engine.abort_request("never-added")
+    assert engine.stats().kv_pages_used == 0 and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "needle"),
+    [
+        ([], GREEDY, "at least one token"),
+        ([1] * 160, GREEDY, "at most 159"),
+        ([1] * 155, GREEDY, "max_tokens"),
+        ([300], GREEDY, "[0, 259)"),
+    ],
+)
+def test_requests_that_can_never_be_served_are_refused(model, prompt, params, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        _engine(model).add_request("r", prompt, params)
+
+
+def test_duplicate_request_ids_are_refused(model):
+    engine = _engine(model)
+    engine.add_request("r", [1, 2], GREEDY)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("r", [3], GREEDY)
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [({"page_size": 8}, "page_size"), ({"kv_format": "fp8"}, "kv_format"), ({"max_model_len": 100}, "multiple")],
+)
+def test_engine_config_names_the_bad_field(fields, needle):
+    with pytest.raises(ValueError, match=needle):
+        EngineConfig(**fields)
+
+
+@pytest.mark.parametrize(("fields", "needle"), [({"top_p": 0}, "top_p"), ({"logprobs": 21}, "logprobs")])
+def test_sampling_params_name_the_bad_field(fields, needle):
+    with pytest.raises(ValueError, match=needle):
+        SamplingParams(**fields)
+
+
+def test_no_compilation_after_warmup(model, prompts):
+    engine = _engine(model, kv_format="int8")
+    engine.warmup()
+    compiled = runner_module._step._cache_size()
+    engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0.7, seed=1))
+    engine.generate(prompts[:3], GREEDY)
+    assert runner_module._step._cache_size() == compiled
