@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from prometheus_client.parser import text_string_to_metric_families
 
+import planners
 from jaxhet.generate import SamplingConfig, generate
 from jaxhet.loading import LoadedModel
 from jaxhet.models import Llama, LlamaConfig
@@ -219,3 +220,30 @@ def test_api_key_is_required_when_set():
         assert [m.id for m in ok.models.list()] == ["small"]
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_a_plan_with_prefill_and_decode_replicas_hands_the_cache_over(served):
+    _, small = served
+    replica = dict(model="small", kind="cpu", tp=1, max_batch=8, capacity_rps=1.0, routed_rps=1.0)
+    plan = planners.ServePlan(
+        replicas=(
+            planners.ServeReplica(devices=(2,), role="prefill", **replica),
+            planners.ServeReplica(devices=(3,), role="decode", **replica),
+        ),
+        objective="max_throughput",
+        throughput_scale=1.0,
+        price_per_hour=0.0,
+        rates={"small": 1.0},
+    )
+    deployments = build_deployments({"small": small}, ENGINE, plan=plan)
+    with BackgroundServer(create_app(deployments)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        prompt = "def add(a, b):\n"
+        whole = client.completions.create(model="small", prompt=prompt, max_tokens=12, temperature=0)
+        parts = client.completions.create(model="small", prompt=prompt, max_tokens=12, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in parts) == whole.choices[0].text
+        prefill_pages = _metric(server.url, "jaxhet_kv_pages_used", replica="small-prefill-0")
+    ids = [small.tokenizer.bos_id, *small.tokenizer.encode(prompt)]
+    (expected,) = generate(small.model, [ids], SamplingConfig(max_new_tokens=12), jax.random.key(0))
+    assert whole.choices[0].text == small.tokenizer.decode(expected)
+    assert whole.choices[0].finish_reason == "length" and prefill_pages == 0

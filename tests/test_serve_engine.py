@@ -169,3 +169,34 @@ def test_no_compilation_after_warmup(model, prompts):
     engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0.7, seed=1))
     engine.generate(prompts[:3], GREEDY)
     assert runner_module._step._cache_size() == compiled
+
+
+@pytest.mark.parametrize("kv_format", ["float32", "int4"])
+def test_prefill_on_one_device_and_decode_on_another_equals_one_engine(model, prompts, kv_format):
+    cpu = jax.devices()
+    whole = _engine(model, kv_format=kv_format).generate(prompts[:5], GREEDY)
+    config = _engine(model, kv_format=kv_format).config
+    prefill = Engine(model, ByteTokenizer(), config, device=cpu[0])
+    decode = Engine(model, ByteTokenizer(), config, device=cpu[1])
+    for i, prompt in enumerate(prompts[:5]):
+        prefill.add_request(f"r{i}", prompt, GREEDY, hand_off=True)
+    handoffs = {}
+    while prefill.has_unfinished():
+        handoffs.update((o.request_id, o.handoff) for o in prefill.step())
+    assert prefill.stats().kv_pages_used == 0
+    for request_id, handoff in handoffs.items():
+        assert len(handoff.token_ids) == 1 and handoff.cached_tokens == len(handoff.prompt_token_ids)
+        decode.add_handoff(request_id, handoff, GREEDY)
+    final = {}
+    while decode.has_unfinished():
+        final.update((o.request_id, o) for o in decode.step() if o.finished)
+    assert [final[f"r{i}"].token_ids for i in range(5)] == [o.token_ids for o in whole]
+    assert decode.stats().prompt_tokens == 0  # the decode engine imported the prompts' cache, it did not recompute
+
+
+def test_a_handoff_into_an_engine_with_another_cache_format_is_refused(model, prompts):
+    prefill = _engine(model, kv_format="int8")
+    prefill.add_request("r", prompts[0], GREEDY, hand_off=True)
+    (output,) = prefill.step()
+    with pytest.raises(ValueError, match="kv_format='int8'"):
+        _engine(model, kv_format="bfloat16").add_handoff("r", output.handoff, GREEDY)

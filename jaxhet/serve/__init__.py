@@ -10,17 +10,19 @@ from jaxhet.serve.app import ServerConfig, create_app
 from jaxhet.serve.async_engine import AsyncEngine
 from jaxhet.serve.build import build_deployments
 from jaxhet.serve.config import EngineConfig, SamplingParams
-from jaxhet.serve.deployment import CascadeDeployment, ModelDeployment
-from jaxhet.serve.engine import Engine, EngineStats, RequestOutput
+from jaxhet.serve.deployment import CascadeDeployment, DisaggregatedDeployment, ModelDeployment
+from jaxhet.serve.engine import Engine, EngineStats, KVHandoff, RequestOutput
 from jaxhet.serve.server import BackgroundServer
 
 __all__ = [
     "AsyncEngine",
     "BackgroundServer",
     "CascadeDeployment",
+    "DisaggregatedDeployment",
     "Engine",
     "EngineConfig",
     "EngineStats",
+    "KVHandoff",
     "ModelDeployment",
     "RequestOutput",
     "SamplingParams",

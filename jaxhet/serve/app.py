@@ -67,7 +67,7 @@ def _engines_of(deployments: Mapping[str, Deployment]) -> dict[str, list]:
     engines: dict[str, list] = {}
     for deployment in deployments.values():
         for model in deployment.stages if isinstance(deployment, CascadeDeployment) else [deployment]:
-            engines[model.name] = list(model.replicas)
+            engines[model.name] = model.engines
     return engines
 
 

@@ -14,11 +14,11 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from jaxhet.serve.config import SamplingParams
-from jaxhet.serve.engine import Engine, EngineStats, RequestOutput
+from jaxhet.serve.engine import Engine, EngineStats, KVHandoff, RequestOutput
 
 RATE_WINDOW_S = 10.0
 
@@ -77,16 +77,27 @@ class AsyncEngine:
         """Requests submitted and not yet finished, the measure replicas are balanced by."""
         return self._in_flight
 
-    async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *, hand_off: bool = False
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs until the finished one; ValueError if the engine refuses it.
 
-        Leaving the iteration early (or being cancelled) aborts the request.
+        Leaving the iteration early (or being cancelled) aborts the request. `hand_off` as in `Engine.add_request`.
         """
+
+        def submit(engine: Engine) -> None:
+            engine.add_request(request_id, prompt_token_ids, params, hand_off=hand_off)
+
+        return self._stream(request_id, submit)
+
+    def resume(self, request_id: str, handoff: KVHandoff, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Continue a request another engine prefilled (`Engine.add_handoff`), yielding outputs as `generate`."""
+        return self._stream(request_id, lambda e: e.add_handoff(request_id, handoff, params))
+
+    async def _stream(self, request_id: str, submit: Callable[[Engine], None]) -> AsyncIterator[RequestOutput]:
         sink = _Sink(asyncio.get_running_loop())
         self._in_flight += 1
-        self._commands.put(("add", request_id, prompt_token_ids, params, sink))
+        self._commands.put(("add", request_id, submit, sink))
         finished = False
         try:
             while not finished:
@@ -143,9 +154,9 @@ class AsyncEngine:
         """Carry out one command; True when it asks the thread to stop."""
         kind = command[0]
         if kind == "add":
-            _, request_id, prompt, params, sink = command
+            _, request_id, submit, sink = command
             try:
-                self.engine.add_request(request_id, prompt, params)
+                submit(self.engine)
             except ValueError as err:
                 sink.put(err)
             else:

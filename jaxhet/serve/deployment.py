@@ -27,6 +27,11 @@ class ModelDeployment:
             raise ValueError(f"model {self.name!r} needs at least one replica")
 
     @property
+    def engines(self) -> list[AsyncEngine]:
+        """Every engine this deployment runs."""
+        return list(self.replicas)
+
+    @property
     def tokenizer(self) -> Tokenizer:
         return self.replicas[0].engine.tokenizer
 
@@ -44,9 +49,47 @@ class ModelDeployment:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[tuple[str, RequestOutput]]:
-        replica = min(self.replicas, key=lambda r: r.load)
-        async for output in replica.generate(request_id, prompt_token_ids, params):
+        async for output in _least_loaded(self.replicas).generate(request_id, prompt_token_ids, params):
             yield self.name, output
+
+
+def _least_loaded(replicas: Sequence[AsyncEngine]) -> AsyncEngine:
+    return min(replicas, key=lambda r: r.load)
+
+
+@dataclasses.dataclass
+class DisaggregatedDeployment(ModelDeployment):
+    """One model with prefill and decode on separate replicas: a prefill replica computes the prompt's cache and
+    first token, then hands the cache pages to a decode replica, which generates the rest.
+
+    Long prompts then never stall decoding, and each phase can run on the GPU kind that suits it (compute-bound
+    prefill on fast matmul units, bandwidth-bound decode on fast memory). `replicas` are the decode replicas.
+    """
+
+    prefill: Sequence[AsyncEngine] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.prefill:
+            raise ValueError(f"model {self.name!r} needs at least one prefill replica")
+
+    @property
+    def engines(self) -> list[AsyncEngine]:
+        return [*self.prefill, *self.replicas]
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[tuple[str, RequestOutput]]:
+        handoff = None
+        async for output in _least_loaded(self.prefill).generate(request_id, prompt_token_ids, params, hand_off=True):
+            if output.handoff is None:
+                yield self.name, output
+                continue
+            handoff = output.handoff
+            yield self.name, dataclasses.replace(output, finished=False, finish_reason=None, handoff=None)
+        if handoff is not None:
+            async for output in _least_loaded(self.replicas).resume(request_id, handoff, params):
+                yield self.name, output
 
 
 def mean_logprob(output: RequestOutput) -> float:

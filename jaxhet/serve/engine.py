@@ -8,6 +8,10 @@ batch whose prompt chunks share a fixed token budget, so a long prompt never sta
 come from each request's seed and token index, so a seeded request gives the same tokens whatever it is batched
 with, and greedy requests give what they would give alone.
 
+A request can also be split across two engines, prefill on one and decode on another (`hand_off=True`, then
+`add_handoff` with the output's `KVHandoff`): the decode engine imports the prompt's cache pages instead of
+recomputing them.
+
 The engine is single-threaded; `AsyncEngine` runs it on its own thread for the HTTP server.
 """
 
@@ -22,17 +26,37 @@ import numpy as np
 from jaxhet.models.llama import Llama
 from jaxhet.serve.config import EngineConfig, SamplingParams
 from jaxhet.serve.detokenize import TextStream
-from jaxhet.serve.paged_cache import PageAllocator
+from jaxhet.serve.paged_cache import LayerPool, PageAllocator
 from jaxhet.serve.runner import ModelRunner, StepInputs, StepOutputs
 from jaxhet.tokenizers import Tokenizer
 
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "handoff")
 _SEED_RANGE = 2**31
 
 
 @dataclasses.dataclass(frozen=True)
+class KVHandoff:
+    """A sequence leaving a prefill engine after its first token: tokens, sampling state and its cached keys and
+    values (`cached_tokens` of them, in pages exported from the prefill engine's pools)."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]]
+    seed: int
+    cached_tokens: int
+    pages: tuple[LayerPool, ...]
+    page_size: int
+    kv_format: str
+
+
+@dataclasses.dataclass(frozen=True)
 class RequestOutput:
-    """Everything one request has produced so far; `text` only ever grows between outputs of one request."""
+    """Everything one request has produced so far; `text` only ever grows between outputs of one request.
+
+    A request added with `hand_off=True` ends after its first token with `finish_reason="handoff"` and `handoff`
+    set, for a decode engine's `add_handoff` to continue it.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -42,6 +66,7 @@ class RequestOutput:
     top_logprobs: list[dict[int, float]] | None
     finished: bool
     finish_reason: str | None
+    handoff: KVHandoff | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +96,8 @@ class _Sequence:
     top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0
+    hand_off: bool = False
+    imported: KVHandoff | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -102,8 +129,51 @@ class Engine:
         """Compile every step shape, so that no request waits for a compilation."""
         self._runner.warmup()
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; ValueError (naming the problem) if it can never be served."""
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *, hand_off: bool = False
+    ) -> None:
+        """Queue a request; ValueError (naming the problem) if it can never be served.
+
+        With `hand_off`, the request stops after its first token and its output carries a `KVHandoff`.
+        """
+        self._check(request_id, prompt_token_ids, params)
+        seed = params.seed if params.seed is not None else int(self._seeds.integers(_SEED_RANGE))
+        self._enqueue(
+            _Sequence(
+                request_id=request_id,
+                prompt=list(prompt_token_ids),
+                params=params,
+                seed=seed % _SEED_RANGE,
+                admitted=-1,
+                text=TextStream(self.tokenizer, params.stop),
+                hand_off=hand_off,
+            )
+        )
+
+    def add_handoff(self, request_id: str, handoff: KVHandoff, params: SamplingParams) -> None:
+        """Continue a sequence prefilled by another engine (same model, page size and KV format) from its cache."""
+        if (handoff.page_size, handoff.kv_format) != (self.config.page_size, self.config.kv_format):
+            raise ValueError(
+                f"a handoff with page_size={handoff.page_size}, kv_format={handoff.kv_format!r} cannot enter an "
+                f"engine with page_size={self.config.page_size}, kv_format={self.config.kv_format!r}"
+            )
+        self._check(request_id, handoff.prompt_token_ids, params)
+        sequence = _Sequence(
+            request_id=request_id,
+            prompt=list(handoff.prompt_token_ids),
+            params=params,
+            seed=handoff.seed,
+            admitted=-1,
+            text=TextStream(self.tokenizer, params.stop),
+            generated=list(handoff.token_ids),
+            logprobs=list(handoff.logprobs),
+            top_logprobs=list(handoff.top_logprobs),
+            imported=handoff,
+        )
+        sequence.text.update(sequence.generated, final=False)
+        self._enqueue(sequence)
+
+    def _check(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -120,16 +190,9 @@ class Engine:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens, more than the KV cache can ever hold")
         if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
-        seed = params.seed if params.seed is not None else int(self._seeds.integers(_SEED_RANGE))
-        sequence = _Sequence(
-            request_id=request_id,
-            prompt=list(prompt_token_ids),
-            params=params,
-            seed=seed % _SEED_RANGE,
-            admitted=-1,
-            text=TextStream(self.tokenizer, params.stop),
-        )
-        self._requests[request_id] = sequence
+
+    def _enqueue(self, sequence: _Sequence) -> None:
+        self._requests[sequence.request_id] = sequence
         self._waiting.append(sequence)
 
     def abort_request(self, request_id: str) -> None:
@@ -188,7 +251,11 @@ class Engine:
             if self._allocator.num_free - needed < len(self._running):
                 return
             sequence.pages = self._allocator.allocate(needed)
-            if sequence.admitted < 0:
+            if sequence.imported is not None:
+                imported, sequence.imported = sequence.imported, None
+                self._runner.import_pages(sequence.pages, imported.pages, self._pages_for(imported.cached_tokens))
+                sequence.computed = imported.cached_tokens
+            elif sequence.admitted < 0:
                 self._totals["prompt_tokens"] += len(sequence.prompt)
             sequence.admitted = next(self._admissions)
             self._running.append(self._waiting.popleft())
@@ -270,6 +337,9 @@ class Engine:
             finish = "length"
         if sequence.text.update(sequence.generated, final=finish is not None):
             finish = "stop"
+        handoff = None
+        if finish is None and sequence.hand_off:
+            finish, handoff = "handoff", self._handoff(sequence)
         if finish is not None:
             self._running.remove(sequence)
             self._release(sequence)
@@ -283,4 +353,18 @@ class Engine:
             top_logprobs=list(sequence.top_logprobs) if params.logprobs is not None else None,
             finished=finish is not None,
             finish_reason=finish,
+            handoff=handoff,
+        )
+
+    def _handoff(self, sequence: _Sequence) -> KVHandoff:
+        return KVHandoff(
+            prompt_token_ids=sequence.prompt,
+            token_ids=list(sequence.generated),
+            logprobs=list(sequence.logprobs),
+            top_logprobs=list(sequence.top_logprobs),
+            seed=sequence.seed,
+            cached_tokens=sequence.computed,
+            pages=self._runner.export_pages(sequence.pages),
+            page_size=self.config.page_size,
+            kv_format=self.config.kv_format,
         )

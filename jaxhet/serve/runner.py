@@ -3,6 +3,7 @@
 Every call has one of a few static shapes: decode batches `[rows, 1]` and prefill batches `[rows, tokens]` with
 rows a power of two up to `max_running` and `rows * tokens` equal to the prefill budget. `warmup` compiles them
 all, so a new request never waits for a compilation. The KV pools are donated to each step and updated in place.
+Pages can be exported and imported, which is how a prefill engine hands a sequence's cache to a decode engine.
 """
 
 from __future__ import annotations
@@ -80,6 +81,16 @@ def _step(graphdef, state, pools: tuple[LayerPool, ...], inputs: StepInputs):
     return (tokens, chosen, top_ids, top_logprobs), cache.pools
 
 
+@jax.jit
+def _gather_pages(pools: tuple[LayerPool, ...], pages: jax.Array) -> tuple[LayerPool, ...]:
+    return jax.tree.map(lambda pool: pool[pages], pools)
+
+
+@partial(jax.jit, donate_argnames=("pools",))
+def _scatter_pages(pools: tuple[LayerPool, ...], pages: jax.Array, data: tuple[LayerPool, ...]):
+    return jax.tree.map(lambda pool, new: pool.at[pages].set(new, mode="drop"), pools, data)
+
+
 class ModelRunner:
     """Owns the model's weights and the KV pools on one device and runs steps on them."""
 
@@ -116,6 +127,18 @@ class ModelRunner:
         outputs, self._pools = _step(self._graphdef, self._state, self._pools, inputs)
         return StepOutputs(*(np.asarray(x) for x in outputs))
 
+    def export_pages(self, pages: list[int]) -> tuple[LayerPool, ...]:
+        """Copies of `pages` from every layer, padded to a sequence's full block table (one compiled shape)."""
+        table = np.zeros(self.config.pages_per_sequence, np.int32)
+        table[: len(pages)] = pages
+        return _gather_pages(self._pools, table)
+
+    def import_pages(self, pages: list[int], data: tuple[LayerPool, ...], count: int) -> None:
+        """Write the first `count` pages of `export_pages` output (from any device) into `pages` here."""
+        table = np.full(self.config.pages_per_sequence, self.config.num_pages, np.int32)
+        table[:count] = pages[:count]
+        self._pools = _scatter_pages(self._pools, table, jax.device_put(data, self.device))
+
     def warmup(self) -> None:
         """Compile every step shape now rather than on a user's request."""
         pages = self.config.pages_per_sequence
@@ -123,3 +146,4 @@ class ModelRunner:
             self.run(StepInputs.empty(rows, 1, pages))
         for rows, tokens in self.prefill_shapes():
             self.run(StepInputs.empty(rows, tokens, pages))
+        self.import_pages([], self.export_pages([]), 0)
