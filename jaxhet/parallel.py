@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from jaxhet.models.config import ConfigError, LlamaConfig
-from jaxhet.models.llama import DecoderLayer, Llama, add_output_head, output_logits, segment_positions, token_embedding
+from jaxhet.models.llama import DecoderLayer, Llama, add_output_head, output_logits, token_embedding, token_positions
 from meshes.staged import StageProgram, StageSpec
 
 Params = dict[str, Any]
@@ -38,8 +38,11 @@ def next_token_loss_sum(
     return jnp.sum(token_loss * weights)
 
 
-def shard_config(config: LlamaConfig, tp: int, axis: str) -> LlamaConfig:
-    """The config one of `tp` tensor-parallel shards sees; names the field that does not divide."""
+def shard_config(config: LlamaConfig, tp: int, axis: str, cp_axis: str | None = None) -> LlamaConfig:
+    """The config one of `tp` tensor-parallel shards sees (split over `cp_axis` too when given); names the field
+    that does not divide."""
+    if cp_axis is not None:
+        config = config.replace(context_parallel_axis=cp_axis)
     if tp == 1:
         return config
     for name in ("num_heads", "num_kv_heads", "intermediate_size"):
@@ -71,16 +74,15 @@ class LlamaStage(nnx.Module):
     def __call__(self, hidden: Float[Array, "batch seq hidden"] | None, batch: dict[str, Array]):
         """Stage output: activations for the next stage, or the micro-batch's loss sum on the last stage."""
         segment_ids = batch.get("segment_ids")
-        if segment_ids is None:
-            positions = jnp.broadcast_to(jnp.arange(batch["input_ids"].shape[1]), batch["input_ids"].shape)
-        else:
-            positions = segment_positions(segment_ids)
+        cp_axis = self.config.context_parallel_axis
+        positions = token_positions(batch["input_ids"], segment_ids, cp_axis)
         x = self.embed_tokens(batch["input_ids"]) if self.spec.first else hidden
         for layer in self.layers:
             x = layer(x, positions, segment_ids)
         if not self.spec.last:
             return x
-        return next_token_loss_sum(output_logits(self, x), batch["targets"], batch["weights"])
+        loss_sum = next_token_loss_sum(output_logits(self, x), batch["targets"], batch["weights"])
+        return loss_sum if cp_axis is None else jax.lax.psum(loss_sum, cp_axis)
 
 
 def megatron_specs(params: Params, tp: int, tp_axis: str) -> Any:
@@ -135,8 +137,8 @@ class StagedLlama:
                 total[name] = jax.tree.map(jnp.add, total[name], grads[name])
         return total
 
-    def stage_program(self, spec: StageSpec, tp: int, tp_axis: str) -> StageProgram:
-        local_config = shard_config(self.config, tp, tp_axis)
+    def stage_program(self, spec: StageSpec, tp: int, tp_axis: str, cp_axis: str | None = None) -> StageProgram:
+        local_config = shard_config(self.config, tp, tp_axis, cp_axis)
         stage = nnx.eval_shape(lambda: LlamaStage(local_config, spec, rngs=nnx.Rngs(0)))
         graphdef, abstract = nnx.split(stage)
 

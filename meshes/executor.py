@@ -1,7 +1,9 @@
 """Run one training step of a `planners.TrainPlan` across device groups (per-group programs, MPMD across groups).
 
-Each pipeline stage of each replica is its own program on its own mesh (its devices, axis `tp`): the stage's
-per-shard function runs under `shard_map` with Megatron parameter layouts, traced once per stage shape. Stages pass
+Each pipeline stage of each replica is its own program on its own mesh (its devices, axes `cp` x `tp`): the
+stage's per-shard function runs under `shard_map` with Megatron parameter layouts over `tp` and, with the
+replica's context-parallel degree `cp` > 1, every sequence split into `cp` consecutive slices (keys and values
+gathered across them for attention), traced once per stage shape. Stages pass
 activations forward and their gradients backward by transfers between meshes; JAX's asynchronous dispatch lets
 stages and replicas of different groups run at the same time. Each replica runs its own number of micro-batches
 of its own size under the plan's schedule (GPipe or 1F1B). Losses are summed per token and divided once by the
@@ -35,6 +37,7 @@ from meshes.staged import Params, StagedModel, StageSpec
 from planners.plan import Replica, TrainPlan
 
 TP_AXIS = "tp"
+CP_AXIS = "cp"
 Batch = Mapping[str, Any]
 
 
@@ -44,14 +47,21 @@ class _StageRuntime:
     group: DeviceGroup
     param_shardings: Any
     replicated: NamedSharding
+    sequence: NamedSharding  # activations and micro-batch arrays: [rows, seq, ...], seq split over the cp axis
     forward: Any  # (params, hidden, batch) -> (output, vjp_fn)
     backward: Any  # (vjp_fn, cotangent) -> (param_grads, hidden_grad)
 
 
-def _compile_stage(model: StagedModel, hetmesh: HetMesh, spec: StageSpec, devices, tp: int, name: str):
-    group = hetmesh.submesh(devices, ((TP_AXIS, tp),), name=name)
-    program = model.stage_program(spec, tp, TP_AXIS)
-    sharded = jax.shard_map(program.apply, mesh=group.mesh, in_specs=(program.param_specs, P(), P()), out_specs=P())
+def _compile_stage(model: StagedModel, hetmesh: HetMesh, spec: StageSpec, devices, tp: int, cp: int, name: str):
+    group = hetmesh.submesh(devices, ((CP_AXIS, cp), (TP_AXIS, tp)), name=name)
+    program = model.stage_program(spec, tp, TP_AXIS, CP_AXIS if cp > 1 else None)
+    sequence = P(None, CP_AXIS) if cp > 1 else P()
+    sharded = jax.shard_map(
+        program.apply,
+        mesh=group.mesh,
+        in_specs=(program.param_specs, P() if spec.first else sequence, sequence),
+        out_specs=P() if spec.last else sequence,
+    )
 
     @jax.jit
     def forward(params, hidden, batch):
@@ -62,7 +72,9 @@ def _compile_stage(model: StagedModel, hetmesh: HetMesh, spec: StageSpec, device
         return vjp_fn(cotangent)
 
     shardings = jax.tree.map(lambda s: NamedSharding(group.mesh, s), program.param_specs)
-    return _StageRuntime(spec, group, shardings, NamedSharding(group.mesh, P()), forward, backward)
+    return _StageRuntime(
+        spec, group, shardings, NamedSharding(group.mesh, P()), NamedSharding(group.mesh, sequence), forward, backward
+    )
 
 
 class PlanExecutor:
@@ -72,8 +84,8 @@ class PlanExecutor:
         if plan.num_layers != model.num_layers:
             raise ValueError(f"plan.num_layers ({plan.num_layers}) differs from the model's ({model.num_layers})")
         for r, replica in enumerate(plan.replicas):
-            if replica.cp != 1:
-                raise ValueError(f"replicas[{r}].cp is {replica.cp}; context parallelism is not supported yet")
+            if plan.seq_len % replica.cp:
+                raise ValueError(f"replicas[{r}].cp ({replica.cp}) must divide the plan's seq_len ({plan.seq_len})")
         self.plan = plan
         self.model = model
         self.home = hetmesh.devices[plan.replicas[0].stages[0].devices[0]]
@@ -85,6 +97,7 @@ class PlanExecutor:
                     StageSpec(stage.layers, first=s == 0, last=s == len(replica.stages) - 1),
                     stage.devices,
                     stage.tp,
+                    replica.cp,
                     f"replica{r}/stage{s}",
                 )
                 for s, stage in enumerate(replica.stages)
@@ -123,7 +136,7 @@ class PlanExecutor:
     def _run_replica(self, replica: Replica, runtimes: list[_StageRuntime], params: Params, microbatches, scale):
         """Run the replica's pipeline schedule; returns its loss sum and its per-stage gradient sums."""
         stage_params = [jax.device_put(self.model.stage_params(params, rt.spec), rt.param_shardings) for rt in runtimes]
-        stage_batches = [[jax.device_put(mb, rt.replicated) for mb in microbatches] for rt in runtimes]
+        stage_batches = [[jax.device_put(mb, rt.sequence) for mb in microbatches] for rt in runtimes]
         inputs: dict[tuple[int, int], Any] = {}
         vjps: dict[tuple[int, int], Any] = {}
         cotangents: dict[tuple[int, int], Any] = {}
@@ -139,12 +152,12 @@ class PlanExecutor:
                     loss_sum = loss_sum + jax.device_put(out, self.home)
                     cotangents[(s, m)] = jax.device_put(scale, rt.replicated)
                 else:
-                    inputs[(s + 1, m)] = jax.device_put(out, runtimes[s + 1].replicated)
+                    inputs[(s + 1, m)] = jax.device_put(out, runtimes[s + 1].sequence)
             else:
                 param_grads, hidden_grad = rt.backward(vjps.pop((s, m)), cotangents.pop((s, m)))
                 grads[s] = param_grads if grads[s] is None else jax.tree.map(jnp.add, grads[s], param_grads)
                 if s > 0:
-                    cotangents[(s - 1, m)] = jax.device_put(hidden_grad, runtimes[s - 1].replicated)
+                    cotangents[(s - 1, m)] = jax.device_put(hidden_grad, runtimes[s - 1].sequence)
         return loss_sum, grads
 
     def value_and_grad(self, params: Params, batch: Batch) -> tuple[jax.Array, Params]:

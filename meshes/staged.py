@@ -28,9 +28,10 @@ class StageSpec:
 class StageProgram:
     """One stage as a per-shard function plus the layout of its parameters across the stage's TP axis.
 
-    `apply(params, hidden, batch)` sees one TP shard's parameters (sliced per `param_specs`) and replicated
-    activations; it returns the activations for the next stage or, on the last stage, the micro-batch's loss *sum*
-    (so that micro-batches and replicas of different sizes combine exactly by token count).
+    `apply(params, hidden, batch)` sees one TP shard's parameters (sliced per `param_specs`) and the activations,
+    whole or, under context parallelism, this shard's slice of the sequence; it returns the activations for the
+    next stage or, on the last stage, the micro-batch's loss *sum* over the whole sequence (so that micro-batches
+    and replicas of different sizes combine exactly by token count).
     """
 
     apply: Callable[[Params, Any, dict], Any]
@@ -44,4 +45,6 @@ class StagedModel(Protocol):
 
     def add_stage_grads(self, total: Params, grads: Params, spec: StageSpec) -> Params: ...
 
-    def stage_program(self, spec: StageSpec, tp: int, tp_axis: str) -> StageProgram: ...
+    def stage_program(self, spec: StageSpec, tp: int, tp_axis: str, cp_axis: str | None = None) -> StageProgram:
+        """The stage for `tp` shards over `tp_axis`; with `cp_axis`, the sequence is also split over that axis."""
+        ...

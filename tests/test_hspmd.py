@@ -31,13 +31,13 @@ CLUSTER = ClusterSpec.from_dict(
 KINDS = tuple(d.kind for d in CLUSTER.devices)
 
 
-def stage(devices, layers, recompute=False):
-    return Stage(tuple(devices), KINDS[devices[0]], len(devices), tuple(layers), recompute)
+def stage(devices, layers, recompute=False, tp=None):
+    return Stage(tuple(devices), KINDS[devices[0]], tp or len(devices), tuple(layers), recompute)
 
 
-def plan_of(replicas, num_layers, schedule="1f1b"):
+def plan_of(replicas, num_layers, schedule="1f1b", seq=SEQ):
     global_batch = sum(r.batch_share for r in replicas)
-    return TrainPlan(tuple(replicas), num_layers, global_batch, SEQ, device_kinds=KINDS, schedule=schedule)
+    return TrainPlan(tuple(replicas), num_layers, global_batch, seq, device_kinds=KINDS, schedule=schedule)
 
 
 def config(num_layers=4, **overrides):
@@ -132,19 +132,36 @@ PLANS = {
             4,
         ),
     ),
+    # Context parallelism: sequences split over 2 or 3 devices, with TP inside, in a pipeline, beside plain DP.
+    "cp2_tp2_beside_cp2_pipeline_packed": (
+        config(),
+        plan_of(
+            [
+                Replica((stage([0, 1, 2, 3], (0, 4), tp=2),), 2, 1, cp=2),
+                Replica((stage([4, 5], (0, 2), tp=1), stage([6, 7], (2, 4), tp=1)), 1, 2, cp=2),
+            ],
+            4,
+            seq=10,
+        ),
+    ),
+    "cp3_beside_dp": (
+        config(),
+        plan_of([Replica((stage([0, 1, 2], (0, 4), tp=1),), 3, 1, cp=3), Replica((stage([4], (0, 4)),), 1, 2)], 4),
+    ),
 }
 
 
-def make_batch(seed: int, rows: int, vocab: int, packed: bool) -> dict[str, np.ndarray]:
+def make_batch(seed: int, rows: int, vocab: int, packed: bool, seq: int = SEQ) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, (rows, SEQ + 1))
+    ids = rng.integers(0, vocab, (rows, seq + 1))
     batch = {
         "input_ids": ids[:, :-1],
         "targets": ids[:, 1:],
-        "weights": (rng.random((rows, SEQ)) > 0.15).astype(np.float32),
+        "weights": (rng.random((rows, seq)) > 0.15).astype(np.float32),
     }
-    if packed:
-        batch["segment_ids"] = np.repeat(np.array([[1] * 4 + [2] * 3 + [3] * 2]), rows, axis=0)
+    if packed:  # three documents, the last two of them starting mid-row
+        positions = np.arange(seq)
+        batch["segment_ids"] = np.repeat((1 + (positions >= 4) + (positions >= 7))[None], rows, axis=0)
     return batch
 
 
@@ -188,7 +205,8 @@ def test_plan_step_equals_single_device(name, executors):
     cfg, plan = PLANS[name]
     model = Llama(cfg, rngs=nnx.Rngs(0))
     params = llama_params(model)
-    batch = make_batch(1, plan.global_batch, cfg.vocab_size, packed=name.startswith("gpipe"))
+    packed = name.startswith("gpipe") or name.endswith("packed")
+    batch = make_batch(1, plan.global_batch, cfg.vocab_size, packed=packed, seq=plan.seq_len)
     loss, grads = executors(name).value_and_grad(params, batch)
     expected_loss, expected_grads = single_device_step(model)(params, batch)
     np.testing.assert_allclose(loss, expected_loss, rtol=RTOL)
@@ -303,6 +321,12 @@ def test_plan_and_model_disagreeing_on_depth_is_named(hetmesh):
     _, plan = PLANS["dp_shares_5_2_1"]
     with pytest.raises(ValueError, match=r"plan.num_layers \(4\) differs from the model's \(6\)"):
         PlanExecutor(plan, hetmesh, StagedLlama(config(num_layers=6)))
+
+
+def test_cp_degree_that_does_not_divide_the_sequence_is_named(hetmesh):
+    plan = plan_of([Replica((stage([0, 1], (0, 4), tp=1),), 2, 1, cp=2)], 4)
+    with pytest.raises(ValueError, match=r"replicas\[0\]\.cp \(2\) must divide the plan's seq_len \(9\)"):
+        PlanExecutor(plan, hetmesh, StagedLlama(config()))
 
 
 def test_tp_degree_that_does_not_divide_heads_is_named(hetmesh):

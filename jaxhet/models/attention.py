@@ -26,15 +26,17 @@ def attention_mask(
     kv_len: int,
     *,
     causal: bool,
-    segment_ids: Int[Array, "batch seq"] | None = None,
+    segment_ids: Int[Array, "batch q_len"] | None = None,
     q_offsets: Int[Array, " batch"] | None = None,
     kv_lengths: Int[Array, " batch"] | None = None,
+    kv_segment_ids: Int[Array, "batch kv_len"] | None = None,
 ) -> Mask:
     """Which kv positions each query may see.
 
     Query t of row b sits at absolute position `q_offsets[b] + t` (default: the queries are the last q_len
     positions of the kv sequence); kv position s is visible when it is valid (`s < kv_lengths[b]`), not in the
-    future (if causal) and in the same document (if segment ids are given).
+    future (if causal) and in the same document (if segment ids are given: `segment_ids` of the queries and
+    `kv_segment_ids` of the keys, which default to the same when q_len == kv_len).
     """
     if q_offsets is None:
         q_offsets = jnp.full((batch,), kv_len - q_len, jnp.int32)
@@ -46,9 +48,11 @@ def attention_mask(
     if causal:
         mask &= kv_pos[None, None, :] <= q_pos[:, :, None]
     if segment_ids is not None:
-        if q_len != kv_len:
-            raise ValueError(f"segment_ids need q_len == kv_len, got {q_len} and {kv_len}")
-        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        if kv_segment_ids is None:
+            if q_len != kv_len:
+                raise ValueError(f"segment_ids without kv_segment_ids need q_len == kv_len, got {q_len} and {kv_len}")
+            kv_segment_ids = segment_ids
+        mask &= segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     return mask[:, None]
 
 
@@ -118,22 +122,30 @@ def attention(
     segment_ids: Int[Array, "batch seq"] | None = None,
     q_offsets: Int[Array, " batch"] | None = None,
     kv_lengths: Int[Array, " batch"] | None = None,
+    kv_segment_ids: Int[Array, "batch kv_len"] | None = None,
 ) -> Float[Array, "batch q_len heads head_dim"]:
     """Scaled dot-product attention through the backend named by `backend` (see `ATTENTION_BACKENDS`).
 
     The Pallas backends (`flash`, `block_sparse`) serve full-sequence attention (training, prefill); calls over a
-    KV cache (`q_offsets` / `kv_lengths` given) use the `xla` path for them.
+    KV cache or a context-parallel slice (`q_offsets`, `kv_lengths` or `kv_segment_ids` given) use the `xla` path.
     """
     if backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
     if backend in _KERNEL_BACKENDS:
-        if q_offsets is None and kv_lengths is None:
+        if q_offsets is None and kv_lengths is None and kv_segment_ids is None:
             return _KERNEL_BACKENDS[backend](q, k, v, causal=causal, segment_ids=segment_ids)
         backend = "xla"
     batch, q_len = q.shape[:2]
     kv_len = k.shape[1]
     causal_only = causal and segment_ids is None and q_offsets is None and kv_lengths is None and q_len == kv_len
     mask = attention_mask(
-        batch, q_len, kv_len, causal=causal, segment_ids=segment_ids, q_offsets=q_offsets, kv_lengths=kv_lengths
+        batch,
+        q_len,
+        kv_len,
+        causal=causal,
+        segment_ids=segment_ids,
+        q_offsets=q_offsets,
+        kv_lengths=kv_lengths,
+        kv_segment_ids=kv_segment_ids,
     )
     return _BACKENDS[backend](q, k, v, mask, causal_only=causal_only)

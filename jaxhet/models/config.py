@@ -39,6 +39,8 @@ class LlamaConfig:
     implementation behind the model's single attention dispatch point. `tensor_parallel_axis` is set only on the
     per-shard specialisation of a config (see `jaxhet.parallel`): head counts and `intermediate_size` are then the
     shard's own, and the row-parallel projections sum their partial outputs over that `shard_map` axis.
+    `context_parallel_axis` likewise marks a specialisation whose sequence is split over that axis: each shard
+    holds a contiguous slice of every row, and attention gathers keys and values from the others.
     """
 
     vocab_size: int
@@ -61,6 +63,7 @@ class LlamaConfig:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attention_backend: str = "xla"
     tensor_parallel_axis: str | None = None
+    context_parallel_axis: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):

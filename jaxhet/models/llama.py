@@ -178,7 +178,25 @@ class Attention(nnx.Module):
         segment_ids: Int[Array, "batch seq"] | None,
     ) -> Float[Array, "batch seq hidden"]:
         q, k, v = self._project(x, positions)
-        out = attention(q, k, v, backend=self.config.attention_backend, causal=True, segment_ids=segment_ids)
+        axis = self.config.context_parallel_axis
+        if axis is None:
+            out = attention(q, k, v, backend=self.config.attention_backend, causal=True, segment_ids=segment_ids)
+            return self._output(out)
+        # Context parallelism: this shard's queries attend over every shard's keys and values.
+        k, v = (jax.lax.all_gather(t, axis, axis=1, tiled=True) for t in (k, v))
+        kv_segment_ids = None
+        if segment_ids is not None:
+            kv_segment_ids = jax.lax.all_gather(segment_ids, axis, axis=1, tiled=True)
+        out = attention(
+            q,
+            k,
+            v,
+            backend=self.config.attention_backend,
+            causal=True,
+            segment_ids=segment_ids,
+            q_offsets=jnp.full((q.shape[0],), shard_start(q.shape[1], axis), jnp.int32),
+            kv_segment_ids=kv_segment_ids,
+        )
         return self._output(out)
 
     def extend(
@@ -239,6 +257,32 @@ def segment_positions(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
+def shard_start(local_len: int, axis: str) -> Int[Array, ""]:
+    """Position of this context-parallel shard's first token: shards hold consecutive equal slices."""
+    return jax.lax.axis_index(axis) * local_len
+
+
+def token_positions(
+    input_ids: Int[Array, "batch seq"],
+    segment_ids: Int[Array, "batch seq"] | None,
+    context_parallel_axis: str | None = None,
+) -> Int[Array, "batch seq"]:
+    """Each token's position: its index, or its index within its document when segment ids are given.
+
+    Under context parallelism `input_ids` is this shard's slice, and the positions are those in the whole row.
+    """
+    local = input_ids.shape[1]
+    if context_parallel_axis is None:
+        if segment_ids is None:
+            return jnp.broadcast_to(jnp.arange(local), input_ids.shape)
+        return segment_positions(segment_ids)
+    start = shard_start(local, context_parallel_axis)
+    if segment_ids is None:
+        return jnp.broadcast_to(start + jnp.arange(local), input_ids.shape)
+    whole = jax.lax.all_gather(segment_ids, context_parallel_axis, axis=1, tiled=True)
+    return jax.lax.dynamic_slice_in_dim(segment_positions(whole), start, local, axis=1)
+
+
 def token_embedding(config: LlamaConfig, rngs: nnx.Rngs) -> nnx.Embed:
     return nnx.Embed(
         config.vocab_size,
@@ -284,10 +328,7 @@ class Llama(nnx.Module):
         """Logits for every position. With `segment_ids`, packed documents never attend to one another and,
         unless `positions` is given, each document's positions start at 0."""
         if positions is None:
-            if segment_ids is None:
-                positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-            else:
-                positions = segment_positions(segment_ids)
+            positions = token_positions(input_ids, segment_ids)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, positions, segment_ids)
