@@ -17,7 +17,7 @@ Modules, one job each:
 - `synthetic`: structured (local + global) attention inputs for quality measurements.
 """
 
-from pallas_kernels import block_masks, kv_cache, reference, synthetic
+from pallas_kernels import block_masks, kv_cache, online_softmax, quantization, reference, synthetic
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import default_interpret, flash_attention
 from pallas_kernels.geometry import Geometry
@@ -39,6 +39,8 @@ __all__ = [
     "estimate_block_mask",
     "flash_attention",
     "kv_cache",
+    "online_softmax",
+    "quantization",
     "quantize_kv",
     "quantized_attention",
     "reference",
