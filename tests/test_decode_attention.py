@@ -59,7 +59,7 @@ CASES = [
 def test_kernel_matches_reference(kv_format, page_size, heads, kv_heads, splits):
     q, _, cache, lengths = _inputs(kv_format, page_size, heads, kv_heads)
     got = _run(q, cache, lengths, implementation="pallas", num_splits=splits, interpret=True)
-    want = pk.reference.decode_attention(q, cache["k_cache"], cache["v_cache"], lengths, **_scales(cache))
+    want = jax.jit(pk.reference.decode_attention)(q, cache["k_cache"], cache["v_cache"], lengths, **_scales(cache))
     assert got.shape == q.shape and got.dtype == q.dtype
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(got[0]) == 0)  # the empty sequence
@@ -70,7 +70,7 @@ def test_quantised_cache_is_close_to_full_precision(kv_format, min_cosine):
     q, (k, v), cache, lengths = _inputs(kv_format, 16, 4, 2, seed=1)
     got = _run(q, cache, lengths, implementation="pallas", interpret=True)
     mask = kv_cache.valid_token_mask(lengths, MAX_LEN)[:, None, None, :]
-    full = pk.reference.masked_attention(q[:, None], k, v, mask)[:, 0]
+    full = jax.jit(pk.reference.masked_attention)(q[:, None], k, v, mask)[:, 0]
     a, b = np.asarray(got[1:], np.float64).ravel(), np.asarray(full[1:], np.float64).ravel()
     assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= min_cosine
 

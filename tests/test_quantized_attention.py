@@ -6,6 +6,8 @@ tile before normalisation in the kernel: bf16 (8 significant bits) -> atol 1e-2;
 and a mean error under 1e-2. Against full precision: int8 keeps cosine >= 0.999, int4 >= 0.95 (with smoothing).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +56,7 @@ def test_matches_reference(implementation, q_len, kv_len, heads, kv_heads, causa
     q, k, v = _qkv(q_len, kv_len, heads, kv_heads, bias=3.0, batch=1)
     kwargs = dict(causal=causal, qk_bits=bits, pv_dtype=pv_dtype, block_q=BLOCK, block_k=BLOCK)
     got = pk.quantized_attention(q, k, v, implementation=implementation, interpret=True, **kwargs)
-    want = pk.reference.quantized_attention(q, k, v, **kwargs)
+    want = jax.jit(functools.partial(pk.reference.quantized_attention, **kwargs))(q, k, v)  # jit: one compile
     assert got.shape == q.shape and got.dtype == q.dtype
     _assert_close(got, want, pv_dtype)
     if causal and q_len > kv_len:  # the first q_len - kv_len rows see no key
@@ -64,14 +66,14 @@ def test_matches_reference(implementation, q_len, kv_len, heads, kv_heads, causa
 @pytest.mark.parametrize("smooth", [True, False])
 def test_int8_is_close_to_full_precision_even_with_channel_outliers(smooth):
     q, k, v = _qkv(64, 64, 2, 1, bias=8.0, seed=1)
-    full = pk.reference.flash_attention(q, k, v, causal=True)
+    full = jax.jit(functools.partial(pk.reference.flash_attention, causal=True))(q, k, v)
     got = pk.quantized_attention(q, k, v, causal=True, smooth_k=smooth, block_q=BLOCK, block_k=BLOCK)
     assert _cosine(got, full) >= 0.999
 
 
 def test_smoothing_rescues_int4_from_channel_outliers():
     q, k, v = _qkv(64, 64, 2, 1, bias=8.0, seed=2)
-    full = pk.reference.flash_attention(q, k, v)
+    full = jax.jit(pk.reference.flash_attention)(q, k, v)
     cos = {
         smooth: _cosine(pk.quantized_attention(q, k, v, qk_bits=4, smooth_k=smooth, block_q=BLOCK, block_k=BLOCK), full)
         for smooth in (True, False)
