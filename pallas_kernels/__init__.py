@@ -13,6 +13,7 @@ Modules, one job each:
 - `quantization`: SageAttention-style operand quantisation (smoothed K, per-block int8/int4 Q and K, bf16/fp8 V);
 - `quantized_attention`: prefill with integer q·kᵀ and bf16/fp8 P·V (Pallas kernel and XLA path);
 - `decode_attention`: one query token per sequence against a (quantised, paged) KV cache;
+- `decode_kernel`: its Pallas flash-decoding kernel (split-K, in-kernel dequantisation);
 - `reference`: plain-jnp float32 references used by the tests;
 - `synthetic`: structured (local + global) attention inputs for quality measurements.
 """

@@ -16,6 +16,10 @@ Dequantisation is arranged so that no in-kernel reshape or interleave is needed:
   of an output kept in that permuted order and put back in order outside the kernel.
 
 All dots have float32 operands at HIGHEST precision, so the result matches the XLA path to float32 rounding.
+
+The kernel is written for Pallas's Triton lowering (power-of-two tiles, dots of at least 16 in every dimension:
+int4 groups of at least 32 channels, pages of at least 16 tokens) and tested in interpret mode; it has not
+been compiled on a GPU yet, so its GPU lowering and speed are unverified.
 """
 
 from __future__ import annotations

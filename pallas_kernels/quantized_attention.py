@@ -25,6 +25,7 @@ What Pallas lowers for these dots, read from JAX's sources and docs; NOT verifie
   memory in K-major layout (transposes and register-resident A are only for 16-bit types). q·kᵀ fits (Q and K are
   both K-major along head_dim) but an fp8 P·V needs P staged in shared memory and V stored transposed
   ([head_dim, seq]), as FlashAttention-3 does. That would be a separate kernel; this module targets Triton.
+The kernel itself is tested in interpret mode only; its GPU compilation and speed are unverified.
 """
 
 from __future__ import annotations
