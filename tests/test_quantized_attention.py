@@ -124,3 +124,16 @@ def test_bad_arguments_are_named():
         pk.quantized_attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2))
     with pytest.raises(ValueError, match="bits"):
         pk.quantized_attention(q, k, v, qk_bits=9)
+
+
+def test_quantized_block_estimate_beats_per_token_lowbit_on_channel_outliers():
+    q, k, _ = _qkv(128, 128, 2, 1, bias=8.0, batch=1)
+    geometry = pk.Geometry(128, 128, 16, 16, causal=True)
+    exact = pk.ESTIMATORS["exact"](q, k, geometry, 32**-0.5)
+    error = {
+        method: float(jnp.sum(jnp.abs(pk.ESTIMATORS[method](q, k, geometry, 32**-0.5) - exact)) / jnp.sum(exact))
+        for method in ("quantized", "lowbit")
+    }
+    assert error["quantized"] < 0.02 and error["quantized"] < error["lowbit"] / 2
+    mask = pk.estimate_block_mask(q, k, block_q=16, block_k=16, causal=True, keep=0.9, method="quantized")
+    assert mask.shape == (1, 2, 8, 8) and not np.any(np.asarray(mask) & ~np.asarray(geometry.block_visibility()))
