@@ -37,7 +37,7 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels import online_softmax
 from pallas_kernels.flash_attention import MIN_BLOCK, _dot_nn, _dot_nt, _next_power_of_2, _pad_axis
-from pallas_kernels.kv_cache import kv_format_of
+from pallas_kernels.kv_cache import has_scale, kv_format_of
 
 CONTIGUOUS_PAGE = 64  # page size a contiguous cache is viewed with
 TARGET_PROGRAMS = 256  # default split count aims at about this many programs (2 per SM on an H100)
@@ -73,10 +73,10 @@ class _Layout:
     @classmethod
     def of(cls, cache: Array, scale: Array | None, head_dim: int) -> _Layout:
         kv_format = kv_format_of(cache)
+        if has_scale(kv_format) and scale is None:
+            raise ValueError(f"a {kv_format} cache needs its scales")
         if kv_format != "int4":
             return cls(kv_format, (_Part(0, head_dim),))
-        if scale is None:
-            raise ValueError("an int4 cache needs its scales")
         group = head_dim // scale.shape[-1]
         half = group // 2
         parts = tuple(

@@ -90,3 +90,5 @@ def test_default_implementation_is_xla_off_gpu_and_unknown_ones_are_named():
         np.testing.assert_array_equal(_run(q, cache, lengths), _run(q, cache, lengths, implementation="xla"))
     with pytest.raises(ValueError, match="implementation"):
         _run(q, cache, lengths, implementation="triton")
+    with pytest.raises(ValueError, match="needs its scales"):
+        pk.decode_attention(q, cache["k_cache"], cache["v_cache"], lengths, implementation="pallas", interpret=True)
