@@ -18,8 +18,9 @@ Dequantisation is arranged so that no in-kernel reshape or interleave is needed:
 All dots have float32 operands at HIGHEST precision, so the result matches the XLA path to float32 rounding.
 
 The kernel is written for Pallas's Triton lowering (power-of-two tiles, dots of at least 16 in every dimension:
-int4 groups of at least 32 channels, pages of at least 16 tokens) and tested in interpret mode; it has not
-been compiled on a GPU yet, so its GPU lowering and speed are unverified.
+int4 groups of at least 32 channels, pages of at least 16 tokens). Its numerics are tested in interpret mode and
+its lowering to the Triton dialect on CPU (lowered for CUDA); it has not been compiled to PTX or run on a GPU
+yet, so its speed is unmeasured.
 """
 
 from __future__ import annotations

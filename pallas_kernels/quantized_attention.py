@@ -13,7 +13,9 @@ GQA/MQA: K/V are never repeated, query head h reads kv head h // groups through 
 Implementations: "pallas" (the kernel; interpret mode off GPU) and "xla" (the same quantised operands, dense
 scores from an int32 einsum, for CPU and for checking); `implementation=None` picks pallas on a GPU, xla elsewhere.
 
-What Pallas lowers for these dots, read from JAX's sources and docs; NOT verified on a GPU in this session:
+What Pallas lowers for these dots, read from JAX's sources; the Triton-dialect part is checked on CPU by lowering
+for CUDA (tests/test_quantized_attention.py: i8 x i8 -> i32 and f8E4M3FN x f8E4M3FN -> f32 `tt.dot`), but nothing
+here was compiled to PTX or run on a GPU in this session:
 - Triton lowering (`jax/_src/pallas/triton/lowering.py`, used by this kernel): `lax.dot_general` becomes one
   `tt.dot`; both operands must share an element type and every dimension must be >= 16; the accumulator is the
   requested output type when that is int32 or float16 and float32 otherwise. So int8 x int8 with
@@ -25,7 +27,7 @@ What Pallas lowers for these dots, read from JAX's sources and docs; NOT verifie
   memory in K-major layout (transposes and register-resident A are only for 16-bit types). q·kᵀ fits (Q and K are
   both K-major along head_dim) but an fp8 P·V needs P staged in shared memory and V stored transposed
   ([head_dim, seq]), as FlashAttention-3 does. That would be a separate kernel; this module targets Triton.
-The kernel itself is tested in interpret mode only; its GPU compilation and speed are unverified.
+So the kernel's numerics are tested in interpret mode; its GPU compilation and speed are unverified.
 """
 
 from __future__ import annotations

@@ -92,3 +92,28 @@ def test_default_implementation_is_xla_off_gpu_and_unknown_ones_are_named():
         _run(q, cache, lengths, implementation="triton")
     with pytest.raises(ValueError, match="needs its scales"):
         pk.decode_attention(q, cache["k_cache"], cache["v_cache"], lengths, implementation="pallas", interpret=True)
+
+
+@pytest.mark.parametrize("kv_format", ["bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_kernel_lowers_to_triton(kv_format, page_size):
+    """Pallas -> Triton-dialect lowering for CUDA, on any machine (see test_flash_attention_lowering)."""
+    from test_flash_attention_lowering import _triton_modules
+
+    batch, max_len, heads, kv_heads, head_dim = 4, 1024, 32, 8, 128
+    pool = (batch, max_len) if page_size is None else (batch * max_len // page_size + 3, page_size)
+    stored = kv_cache.stored_head_dim(kv_format, head_dim)
+    data = jax.ShapeDtypeStruct((*pool, kv_heads, stored), jnp.uint8 if kv_format == "int4" else jnp.dtype(kv_format))
+    scale = None
+    if kv_cache.has_scale(kv_format):
+        scale = jax.ShapeDtypeStruct((*pool, kv_heads, *kv_cache.scale_shape(kv_format, head_dim)), jnp.float32)
+    tables = None if page_size is None else jax.ShapeDtypeStruct((batch, max_len // page_size), jnp.int32)
+
+    def run(q, k, v, lengths, k_scale, v_scale, tables):
+        options = dict(k_scale=k_scale, v_scale=v_scale, block_tables=tables, implementation="pallas", interpret=False)
+        return pk.decode_attention(q, k, v, lengths, **options)
+
+    q = jax.ShapeDtypeStruct((batch, heads, head_dim), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    (text,) = _triton_modules(run, q, data, data, lengths, scale, scale, tables).values()
+    assert "scf.while" not in text and "tt.dot" in text

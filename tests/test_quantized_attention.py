@@ -137,3 +137,18 @@ def test_quantized_block_estimate_beats_per_token_lowbit_on_channel_outliers():
     assert error["quantized"] < 0.02 and error["quantized"] < error["lowbit"] / 2
     mask = pk.estimate_block_mask(q, k, block_q=16, block_k=16, causal=True, keep=0.9, method="quantized")
     assert mask.shape == (1, 2, 8, 8) and not np.any(np.asarray(mask) & ~np.asarray(geometry.block_visibility()))
+
+
+@pytest.mark.parametrize(("bits", "pv_dtype", "pv_ir"), [(8, jnp.bfloat16, "bf16"), (4, FP8, "f8E4M3FN")])
+def test_kernel_lowers_to_integer_and_fp8_triton_dots(bits, pv_dtype, pv_ir):
+    """Pallas -> Triton-dialect lowering for CUDA, on any machine (see test_flash_attention_lowering)."""
+    from test_flash_attention_lowering import _triton_modules
+
+    q = jax.ShapeDtypeStruct((2, 300, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 300, 2, 128), jnp.bfloat16)
+    options = dict(causal=True, qk_bits=bits, pv_dtype=pv_dtype, implementation="pallas", interpret=False)
+    modules = _triton_modules(lambda q, k, v: pk.quantized_attention(q, k, v, **options), q, kv, kv)
+    (text,) = modules.values()
+    assert "scf.while" not in text
+    assert "tensor<64x128xi8> * tensor<128x64xi8> -> tensor<64x64xi32>" in text
+    assert f"tensor<64x64x{pv_ir}> * tensor<64x128x{pv_ir}> -> tensor<64x128xf32>" in text
