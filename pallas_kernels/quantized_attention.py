@@ -15,7 +15,7 @@ scores from an int32 einsum, for CPU and for checking); `implementation=None` pi
 
 What Pallas lowers for these dots, read from JAX's sources; the Triton-dialect part is checked on CPU by lowering
 for CUDA (tests/test_quantized_attention.py: i8 x i8 -> i32 and f8E4M3FN x f8E4M3FN -> f32 `tt.dot`), but nothing
-here was compiled to PTX or run on a GPU in this session:
+here has been compiled to PTX or run on a GPU yet:
 - Triton lowering (`jax/_src/pallas/triton/lowering.py`, used by this kernel): `lax.dot_general` becomes one
   `tt.dot`; both operands must share an element type and every dimension must be >= 16; the accumulator is the
   requested output type when that is int32 or float16 and float32 otherwise. So int8 x int8 with
