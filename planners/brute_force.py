@@ -6,6 +6,7 @@ scored with `planners.cost_model` directly, sharing nothing with the CP-SAT enco
 Serving: every vector of replica counts per configuration that fits the nodes and the budget; for `min_latency`
 the traffic of each count vector is routed fastest-replica-first, trying every split between colocated and
 disaggregated traffic at the kinks of the (convex, piecewise-linear) latency.
+Cascades: every threshold vector of the grid, each deployed by that enumeration.
 Exponential: meant for clusters of a handful of devices and models of a handful of blocks.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
+from planners.cascade import CascadePoint
+from planners.cascade_profile import CascadeProfile
 from planners.cluster import ClusterSpec
 from planners.cost_model import evaluate_train_plan, memory_excess
 from planners.model import ModelSpec
@@ -202,3 +205,30 @@ def _counts(
         for rest in _counts(cluster, configs, start + 1, trial):
             yield (n, *rest)
         n += 1
+
+
+def cascade_points(
+    cluster: ClusterSpec,
+    models: list[ModelSpec],
+    workload: ServeWorkload,
+    profile: CascadeProfile,
+    grid: int,
+    utilization: float,
+    disaggregate: bool = True,
+) -> list[CascadePoint]:
+    """Every deployable threshold vector of the grid with its quality and its least mean latency, each deployment
+    found by enumerating replica counts (`best_serving`)."""
+    out = []
+    total = len(profile.samples)
+    for thresholds in itertools.product(*(profile.candidates(i, grid) for i in range(len(models) - 1))):
+        stops = profile.stops(thresholds)
+        counts = profile.reach_counts(stops)
+        used = [(m, workload.arrival_rate * n / total) for m, n in zip(models, counts, strict=True) if n]
+        total_latency = best_serving(
+            cluster, [m for m, _ in used], workload, "min_latency", [r for _, r in used], disaggregate, utilization
+        )
+        if total_latency is not None:
+            reach = tuple(n / total for n in counts)
+            latency = total_latency / workload.arrival_rate
+            out.append(CascadePoint(thresholds, reach, profile.quality(stops), latency, 0.0))
+    return out
