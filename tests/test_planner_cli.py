@@ -1,5 +1,6 @@
-"""`jaxhet plan train` through the real command line."""
+"""`jaxhet plan train|serve|cascade` through the real command line."""
 
+import json
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -89,3 +90,18 @@ def test_plan_serve(tmp_path: Path) -> None:
     assert plan.price_per_hour <= 10 and plan.objective == "min_cost"
     result = RUNNER.invoke(app, ["plan", "serve", "--objective", "fastest"])
     assert result.exit_code == 2 and "objective must be one of" in result.output
+
+
+def test_plan_cascade_writes_json_and_png(tmp_path: Path) -> None:
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(planners.CascadeProfile.synthetic(2, count=300, seed=2).to_dict()))
+    out, png = tmp_path / "cascade.json", tmp_path / "front.png"
+    args = ["plan", "cascade", "--profile", str(profile), "--grid", "5", "--simulate", "200", "--min-quality", "0.8"]
+    result = RUNNER.invoke(app, [*args, "-o", str(out), "--png", str(png)])
+    assert result.exit_code == 0, result.output
+    assert "latency/quality front" in result.output and "simulated 200 requests" in result.output
+    plan = planners.CascadePlan.load(out)
+    assert plan.models == ("llama-3-8b", "llama-3-70b") and plan.quality >= 0.8 and len(plan.thresholds) == 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = RUNNER.invoke(app, [*args[:4], "--model", "tiny", "--model", "llama-2-7b", "--model", "llama-2-13b"])
+    assert result.exit_code == 2 and "profile describes 2 models, the cascade has 3" in result.output
