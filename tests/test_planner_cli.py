@@ -105,3 +105,19 @@ def test_plan_cascade_writes_json_and_png(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = RUNNER.invoke(app, [*args[:4], "--model", "tiny", "--model", "llama-2-7b", "--model", "llama-2-13b"])
     assert result.exit_code == 2 and "profile describes 2 models, the cascade has 3" in result.output
+
+
+def test_plan_serve_replans_after_a_failure(tmp_path: Path) -> None:
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    args = ["plan", "serve", "--model", "llama-2-7b", "--rate", "6", "--objective", "min_cost", "--colocate"]
+    assert RUNNER.invoke(app, [*args, "-o", str(before)]).exit_code == 0
+    running = planners.ServePlan.from_json(before.read_text())
+    lost = running.replicas[0].devices
+    failed = [x for d in lost for x in ("--failed", str(d))]
+    result = RUNNER.invoke(app, [*args, "--current", str(before), *failed, "-o", str(after)])
+    assert result.exit_code == 0, result.output
+    assert f"kept {len(running.replicas) - 1} running replica(s) in place" in result.output
+    plan = planners.ServePlan.from_json(after.read_text())
+    assert not set(lost) & {d for r in plan.replicas for d in r.devices}
+    result = RUNNER.invoke(app, [*args, "--failed", "0"])
+    assert result.exit_code == 2 and "--failed needs --current" in result.output

@@ -131,9 +131,16 @@ def serve(
     ] = None,
     objective: Annotated[str, typer.Option(help="max_throughput or min_cost.")] = "max_throughput",
     colocate: Annotated[bool, typer.Option("--colocate", help="No prefill/decode disaggregation.")] = False,
+    current: Annotated[
+        Path | None, typer.Option(help="Running deployment (serve plan JSON) to keep as much of as possible.")
+    ] = None,
+    failed: Annotated[
+        list[int] | None, typer.Option(help="A device of the cluster that failed (with --current); repeat.")
+    ] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
 ) -> None:
-    """Choose GPU composition, replicas and routing for serving under SLOs and a budget."""
+    """Choose GPU composition, replicas and routing for serving under SLOs and a budget; with --current, re-plan
+    after a failure or a workload shift, keeping the running replicas that the new optimum allows."""
     console = Console()
     with user_errors():
         spec = planners.ClusterSpec.load(cluster)
@@ -143,8 +150,19 @@ def serve(
             workload = planners.ServeWorkload.from_trace(trace, **goals)
         else:
             workload = planners.ServeWorkload(arrival_rate=rate, input_len=input_len, output_len=output_len, **goals)
-        plan = planners.plan_serving(spec, models, workload, objective=objective, disaggregate=not colocate)
+        options = {"objective": objective, "disaggregate": not colocate}
+        if current is not None:
+            if not current.is_file():
+                raise FileNotFoundError(f"current plan not found: {current}")
+            running = planners.ServePlan.from_json(current.read_text())
+            plan = planners.replan_serving(spec, failed or [], models, workload, running, **options)
+        elif failed:
+            raise planners.SpecError("--failed needs --current, the deployment the devices failed under")
+        else:
+            plan = planners.plan_serving(spec, models, workload, **options)
     console.print(_serve_table(plan))
+    if current is not None:
+        console.print(f"kept {plan.kept} running replica(s) in place", highlight=False)
     served = ", ".join(f"{name}: {r * plan.throughput_scale:.2f} req/s" for name, r in plan.rates.items())
     console.print(f"serves {served} at {plan.price_per_hour:.2f}/h (cost model, no queueing)", highlight=False)
     if output is not None:
