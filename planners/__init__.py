@@ -16,6 +16,7 @@ from planners.catalog import CATALOG, GPUSpec
 from planners.cluster import ClusterSpec, Device, Link, Node
 from planners.cost_model import TrainCosts, evaluate_train_plan, memory_excess
 from planners.errors import PlanningError, SpecError
+from planners.measured import MeasuredProfile
 from planners.model import PRESETS, ModelSpec
 from planners.plan import PlanError, PlanEstimate, Replica, Stage, TrainPlan
 from planners.profile import DeviceProfile
@@ -39,6 +40,7 @@ __all__ = [
     "DeviceProfile",
     "GPUSpec",
     "Link",
+    "MeasuredProfile",
     "ModelSpec",
     "Node",
     "PlanError",
