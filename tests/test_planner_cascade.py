@@ -1,7 +1,10 @@
 """The cascade planner: optimal against enumeration of thresholds x deployments, plan format, profile, simulation."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +134,18 @@ def test_profile_json_and_errors(tmp_path: Path) -> None:
         plan_cascade(cluster, models, workload, weight=2.0)
     with pytest.raises(planners.PlanningError, match="below min_quality 0.99"):
         plan_cascade(cluster, models, workload, min_quality=0.99)
+
+
+def test_cascade_benchmark_runs(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cascade.json"
+    result = subprocess.run(
+        [sys.executable, str(root / "bench" / "planner_cascade.py"), "--requests", "100", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 4 and all(r["cascade"]["quality"] >= r["llama-3-70b alone"]["quality"] - 0.01 for r in rows)
