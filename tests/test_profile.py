@@ -21,26 +21,53 @@ def test_profile_cli_writes_a_profile_the_cost_model_reads(tmp_path: Path) -> No
     out = tmp_path / "profile.json"
     result = CliRunner().invoke(
         app,
-        ["profile", "--scale", "tiny", "--dtype", "float32", "--dtype", "bfloat16", "--devices", "4", "-o", str(out)],
+        [
+            "profile",
+            "--scale",
+            "tiny",
+            "--dtype",
+            "float32",
+            "--dtype",
+            "bfloat16",
+            "--devices",
+            "4",
+            "--kind",
+            "H100",
+            "-o",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "matmul float32" in result.output and "all-reduce link" in result.output
     profile = planners.MeasuredProfile.load(out)
     assert json.loads(out.read_text())["format"] == "jaxhet.device_profile"
-    assert profile.kind == "CPU" and profile.num_devices == 4 and profile.dtype == "float32"
+    assert (
+        profile.kind == "H100"
+        and profile.device == "cpu (cpu)"
+        and profile.num_devices == 4
+        and profile.dtype == "float32"
+    )
     assert set(profile.matmul_tflops) == {"float32", "bfloat16"} and profile.link is not None
     assert len(profile.calibration) == 2 and profile.versions["jax"]
     local = profile.local_cluster()
     assert local.num_devices == 4 and local.nodes[0].intra_link == profile.link
-    achieved = local.profile("CPU").flops_per_s
+    achieved = local.profile("H100").flops_per_s
     assert achieved == pytest.approx(profile.matmul_tflops["float32"] * profile.compute_efficiency * 1e12)
     # Applied to a cluster file: the figures replace the catalog's for that kind only.
     cluster = planners.ClusterSpec.from_dict({"nodes": [{"gpu": "L4", "count": 2}, {"gpu": "H100", "count": 2}]})
-    as_l4 = dataclasses.replace(profile, kind="L4").apply(cluster)
-    assert as_l4.profile("L4").source.startswith("measured on") and as_l4.profile("H100") == cluster.profile("H100")
-    assert as_l4.nodes[0].intra_link == profile.link and as_l4.nodes[1].intra_link == cluster.nodes[1].intra_link
+    measured = profile.apply(cluster)
+    assert measured.profile("H100").source.startswith("measured on") and measured.profile("L4") == cluster.profile("L4")
+    assert measured.nodes[1].intra_link == profile.link and measured.nodes[0].intra_link == cluster.nodes[0].intra_link
     with pytest.raises(planners.SpecError, match="profile kind must be one of the cluster's GPU kinds"):
-        profile.apply(cluster)
+        dataclasses.replace(profile, kind="A10G").apply(cluster)
+    # The planners take it: CPU-speed "H100"s, used without the profile, are left out of the training plan.
+    plan_json = tmp_path / "plan.json"
+    result = CliRunner().invoke(
+        app, ["plan", "train", "--device-profile", str(out), "--time-limit", "2", "-o", str(plan_json)]
+    )
+    assert result.exit_code == 0, result.output
+    plan = planners.TrainPlan.from_json(plan_json.read_text())
+    assert "H100" not in {stage.kind for replica in plan.replicas for stage in replica.stages}
     result = CliRunner().invoke(app, ["profile", "--scale", "huge", "-o", str(out)])
     assert result.exit_code == 2 and "scale must be one of" in result.output
 

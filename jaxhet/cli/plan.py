@@ -24,9 +24,21 @@ def plan() -> None:
 ClusterOption = Annotated[
     str, typer.Option(help="Cluster YAML/JSON file, or a built-in name (emulated8, h100x4_l4x4).")
 ]
+DeviceProfileOption = Annotated[
+    list[Path] | None,
+    typer.Option(help="Measured device profile from `jaxhet profile` for one of the cluster's GPU kinds; repeat."),
+]
 ModelOption = Annotated[
     str, typer.Option(help=f"Model preset ({', '.join(sorted(planners.PRESETS))}) or a HF config.json path.")
 ]
+
+
+def _cluster(cluster: str, device_profiles: list[Path] | None) -> planners.ClusterSpec:
+    """The cluster, with measured device figures in place of the catalog's where profiles are given."""
+    spec = planners.ClusterSpec.load(cluster)
+    for path in device_profiles or []:
+        spec = planners.MeasuredProfile.load(path).apply(spec)
+    return spec
 
 
 def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Table:
@@ -56,6 +68,7 @@ def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Tab
 
 def train(
     cluster: ClusterOption = "emulated8",
+    device_profile: DeviceProfileOption = None,
     model: ModelOption = "tiny",
     global_batch: Annotated[int, typer.Option(min=1, help="Sequences per iteration.")] = 16,
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 256,
@@ -69,7 +82,7 @@ def train(
     """Find the fastest training plan (replicas, pipelines, TP degrees, layer split, batch shares)."""
     console = Console()
     with user_errors():
-        spec = planners.ClusterSpec.load(cluster)
+        spec = _cluster(cluster, device_profile)
         model_spec = planners.ModelSpec.resolve(model)
         workload = planners.TrainWorkload(global_batch, seq_len, recompute=not no_recompute)
         plan, info = planners.plan_training_with_info(
@@ -117,6 +130,7 @@ def _serve_table(plan: planners.ServePlan) -> Table:
 
 def serve(
     cluster: ClusterOption = "h100x4_l4x4",
+    device_profile: DeviceProfileOption = None,
     model: Annotated[
         list[str] | None, typer.Option(help="Model preset or HF config.json path; repeat for several.")
     ] = None,
@@ -143,7 +157,7 @@ def serve(
     after a failure or a workload shift, keeping the running replicas that the new optimum allows."""
     console = Console()
     with user_errors():
-        spec = planners.ClusterSpec.load(cluster)
+        spec = _cluster(cluster, device_profile)
         models = [planners.ModelSpec.resolve(m) for m in (model or ["llama-2-7b"])]
         goals = {"ttft_slo_s": ttft, "tpot_slo_s": tpot, "budget_per_hour": budget}
         if trace is not None:
@@ -191,6 +205,7 @@ def _front_table(plan: planners.CascadePlan) -> Table:
 
 def cascade(
     cluster: ClusterOption = "h100x4_l4x4",
+    device_profile: DeviceProfileOption = None,
     model: Annotated[
         list[str] | None,
         typer.Option(help="Cascade models, smallest first (preset or HF config.json path); repeat for each."),
@@ -217,7 +232,7 @@ def cascade(
     """Choose routing thresholds and a deployment for a cascade of models (small to large)."""
     console = Console()
     with user_errors():
-        spec = planners.ClusterSpec.load(cluster)
+        spec = _cluster(cluster, device_profile)
         models = [planners.ModelSpec.resolve(m) for m in (model or ["llama-3-8b", "llama-3-70b"])]
         quality = (
             planners.CascadeProfile.load(profile)
