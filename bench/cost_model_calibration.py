@@ -3,14 +3,18 @@
 The profile (from `--profile FILE`, written by `jaxhet profile`, or measured here first) fixes peak matmul
 throughput, memory bandwidth and the efficiency factors fitted on its own timed steps. This script then times
 *other* configurations (widths, depths, batches and sequence lengths the fit never saw): the forward and backward
-pass of a fresh Llama on one device, no optimizer step, as the cost model counts it. It prints predicted and
-measured times with the relative error (target: within 10%) and writes JSON to bench/results/.
+pass of a fresh Llama on one device, no optimizer step, as the cost model counts it. When it measures the profile
+itself, the profile's own steps are timed again in the same interleaved rounds as the others and the factors
+refitted on them, so that a machine whose load changes over time (a shared CPU) does not bias the comparison.
+It prints predicted and measured times with the relative error (target: within 10%) and writes JSON to
+bench/results/.
     python bench/cost_model_calibration.py [--profile profile.json] [--scale small|full|tiny] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 from pathlib import Path
@@ -37,18 +41,25 @@ def main() -> None:
     import jax
 
     from jaxhet import profiling
-    from planners.calibrate import predict_step
+    from planners.calibrate import fit_efficiency, predict_step
     from planners.measured import MeasuredProfile
 
     device = jax.devices()[0]
     scale = args.scale or profiling.default_scale(device)
     sizes = profiling.ProfileSizes.preset(scale)
     repeats = args.repeats or sizes.repeats
+    shapes = [profiling.StepShape(*shape) for shape in SHAPES[scale]]
     if args.profile is not None:
         profile = MeasuredProfile.load(args.profile)
+        samples = profiling.step_samples(shapes, profile.dtype, device, repeats)
     else:
         dtype = "float32" if device.platform == "cpu" else "bfloat16"
         profile = profiling.measure([device], sizes, [dtype], on_step=lambda label: print(f"profiling: {label}"))
+        timed = profiling.step_samples([*sizes.steps, *shapes], dtype, device, repeats)
+        fit, samples = timed[: len(sizes.steps)], timed[len(sizes.steps) :]
+        bare = dataclasses.replace(profile, compute_efficiency=1.0, layer_overhead_us=0.0)
+        efficiency, overhead = fit_efficiency(bare.local_cluster(1), fit)
+        profile = dataclasses.replace(profile, compute_efficiency=efficiency, layer_overhead_us=overhead)
     cluster = profile.local_cluster(1)
     print(
         f"device: {profile.device}; {profile.dtype}: matmul {profile.matmul_tflops[profile.dtype]:.3g} TFLOP/s, "
@@ -56,14 +67,13 @@ def main() -> None:
     )
     print(f"{'configuration':<26}{'params':>12}{'predicted ms':>14}{'measured ms':>13}{'error':>8}")
     rows = []
-    for hidden, layers, batch, seq_len in SHAPES[scale]:
-        shape = profiling.StepShape(hidden, layers, batch, seq_len)
-        measured, spec = profiling.step_seconds(shape, profile.dtype, device, repeats)
-        predicted = predict_step(cluster, spec, batch, seq_len)
+    for shape, sample in zip(shapes, samples, strict=True):
+        spec, measured = sample.model, sample.measured_s
+        predicted = predict_step(cluster, spec, shape.batch, shape.seq_len)
         error = (predicted - measured) / measured
         rows.append(
             {
-                "shape": {"hidden": hidden, "layers": layers, "batch": batch, "seq_len": seq_len},
+                "shape": dataclasses.asdict(shape),
                 "params": spec.num_params,
                 "predicted_s": predicted,
                 "measured_s": measured,

@@ -1,8 +1,9 @@
 """Measuring this machine's devices for the cost model: matmul and attention throughput per dtype, device memory
 bandwidth, host<->device copies, collective bandwidth across the local devices, and timed transformer steps.
 
-Every figure is the median of a few timed runs after a warm-up (compilation excluded). The timed steps (forward
-and backward of small Llama models) fit the cost model's compute efficiency and per-block overhead
+Every figure comes from the fastest of a few timed runs after a warm-up (compilation excluded): other processes
+on the machine can only add time, so the fastest run is the one closest to what the device does. The timed steps
+(forward and backward of small Llama models) fit the cost model's compute efficiency and per-block overhead
 (`planners.calibrate`), so `planners.MeasuredProfile` carries everything the cost model needs. Sizes come from a
 `ProfileSizes` preset: "full" for GPUs, "small" for CPUs, "tiny" for tests.
 """
@@ -13,7 +14,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -103,15 +103,15 @@ def kind_of(device: jax.Device) -> str:
     return max(matches, key=len) if matches else device.platform.upper()
 
 
-def median_seconds(run: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of `run()` (its outputs waited for) after one warm-up call."""
+def best_seconds(run: Callable[[], Any], repeats: int) -> float:
+    """Fastest wall time of `run()` (its outputs waited for) over `repeats` runs after one warm-up call."""
     jax.block_until_ready(run())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(run())
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def _random(shape: Sequence[int], dtype: str, device: jax.Device, seed: int = 0) -> jax.Array:
@@ -122,7 +122,7 @@ def _random(shape: Sequence[int], dtype: str, device: jax.Device, seed: int = 0)
 def matmul_tflops(n: int, dtype: str, device: jax.Device, repeats: int) -> float:
     a, b = _random((n, n), dtype, device, 0), _random((n, n), dtype, device, 1)
     f = jax.jit(jnp.matmul)
-    return 2 * n**3 / median_seconds(lambda: f(a, b), repeats) / 1e12
+    return 2 * n**3 / best_seconds(lambda: f(a, b), repeats) / 1e12
 
 
 def attention_tflops(shape: tuple[int, int, int, int], dtype: str, device: jax.Device, repeats: int) -> float:
@@ -130,22 +130,22 @@ def attention_tflops(shape: tuple[int, int, int, int], dtype: str, device: jax.D
     b, s, h, d = shape
     q, k, v = (_random((b, s, h, d), dtype, device, i) for i in range(3))
     f = jax.jit(jax.nn.dot_product_attention)
-    return 4 * b * h * s * s * d / median_seconds(lambda: f(q, k, v), repeats) / 1e12
+    return 4 * b * h * s * s * d / best_seconds(lambda: f(q, k, v), repeats) / 1e12
 
 
 def copy_gb_s(nbytes: int, device: jax.Device, repeats: int) -> float:
     """Device memory bandwidth: read and write `nbytes` (an elementwise scale)."""
     x = _random((nbytes // 4,), "float32", device)
     f = jax.jit(lambda x: x * 1.5)
-    return 2 * nbytes / median_seconds(lambda: f(x), repeats) / 1e9
+    return 2 * nbytes / best_seconds(lambda: f(x), repeats) / 1e9
 
 
 def host_device_gb_s(nbytes: int, device: jax.Device, repeats: int) -> tuple[float, float]:
     """Host-to-device and device-to-host copy bandwidth of `nbytes`."""
     host = np.ones(nbytes // 4, np.float32)
-    to_device = median_seconds(lambda: jax.device_put(host, device), repeats)
+    to_device = best_seconds(lambda: jax.device_put(host, device), repeats)
     on_device = jax.device_put(host, device)
-    to_host = median_seconds(lambda: np.array(on_device, copy=True), repeats)
+    to_host = best_seconds(lambda: np.array(on_device, copy=True), repeats)
     return nbytes / to_device / 1e9, nbytes / to_host / 1e9
 
 
@@ -160,7 +160,7 @@ def collective_link(devices: Sequence[jax.Device], nbytes: int, repeats: int) ->
 
     def seconds(per_device: int) -> float:
         x = jax.device_put(np.ones(n * (per_device // 4), np.float32), NamedSharding(mesh, P("d")))
-        return median_seconds(lambda: psum(x), repeats)
+        return best_seconds(lambda: psum(x), repeats)
 
     small, large = seconds(1024), seconds(nbytes)
     latency_s = max(small / (2 * (n - 1)), 0.0)
@@ -168,7 +168,7 @@ def collective_link(devices: Sequence[jax.Device], nbytes: int, repeats: int) ->
     return Link(gb_s, latency_s * 1e6)
 
 
-def step_seconds(shape: StepShape, dtype: str, device: jax.Device, repeats: int) -> tuple[float, ModelSpec]:
+def _training_step(shape: StepShape, dtype: str, device: jax.Device) -> tuple[Callable[[], Any], ModelSpec]:
     """Forward and backward (loss and gradients, no optimizer step) of a fresh Llama of `shape` on `device`."""
     config = shape.config(dtype)
     with jax.default_device(device):
@@ -178,8 +178,31 @@ def step_seconds(shape: StepShape, dtype: str, device: jax.Device, repeats: int)
     batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "weights": np.ones(ids[:, 1:].shape, np.float32)}
     params, batch = jax.device_put((params, batch), device)
     grad = jax.jit(jax.value_and_grad(llama_loss_sum(model)))
-    spec = ModelSpec.from_hf_config(config.to_hf_dict(), name=shape.label())
-    return median_seconds(lambda: grad(params, batch), repeats), spec
+    return lambda: grad(params, batch), ModelSpec.from_hf_config(config.to_hf_dict(), name=shape.label())
+
+
+def step_samples(
+    shapes: Sequence[StepShape],
+    dtype: str,
+    device: jax.Device,
+    repeats: int,
+    on_step: Callable[[str], None] = lambda label: None,
+) -> list[StepSample]:
+    """Timed training steps of every shape, in interleaved rounds (one run of each shape per round, fastest run
+    kept), so that a change in the machine's load affects all shapes alike."""
+    steps = []
+    for shape in shapes:
+        on_step(f"training step {shape.label()}")
+        run, spec = _training_step(shape, dtype, device)
+        jax.block_until_ready(run())
+        steps.append((run, spec, shape))
+    best = [float("inf")] * len(steps)
+    for _ in range(repeats):
+        for i, (run, _, _) in enumerate(steps):
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [StepSample(spec, shape.batch, shape.seq_len, t) for (_, spec, shape), t in zip(steps, best, strict=True)]
 
 
 def memory_gb(device: jax.Device) -> float:
@@ -217,11 +240,7 @@ def measure(
     h2d, d2h = host_device_gb_s(sizes.transfer_bytes, device, r)
     on_step(f"all-reduce {_size(sizes.collective_bytes)} over {len(devices)} device(s)")
     link = collective_link(devices, sizes.collective_bytes, r)
-    samples = []
-    for shape in sizes.steps:
-        on_step(f"training step {shape.label()}")
-        seconds, spec = step_seconds(shape, dtypes[0], device, r)
-        samples.append(StepSample(spec, shape.batch, shape.seq_len, seconds))
+    samples = step_samples(sizes.steps, dtypes[0], device, r, on_step)
     kind = kind or kind_of(device)
     memory = memory_gb(device)
     uncalibrated = MeasuredProfile(
