@@ -217,7 +217,7 @@ def plan_cascade(
         raise SpecError(f"weight must be in [0, 1], got {weight!r}")
     if min_quality is not None and not 0 <= min_quality <= 1:
         raise SpecError(f"min_quality must be in [0, 1], got {min_quality!r}")
-    fields.positive_int(grid - 1, "grid - 1")
+    fields.int_at_least(grid, 2, "grid")
     inner = _Inner(
         cluster,
         models,

@@ -149,3 +149,9 @@ def test_cascade_benchmark_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["results"]
     assert len(rows) == 4 and all(r["cascade"]["quality"] >= r["llama-3-70b alone"]["quality"] - 0.01 for r in rows)
+
+
+def test_grid_must_hold_two_thresholds() -> None:
+    cluster, models, workload = setting()
+    with pytest.raises(planners.SpecError, match="grid must be an integer >= 2, got 1"):
+        plan_cascade(cluster, models, workload, grid=1)
