@@ -120,7 +120,10 @@ class CascadePlan:
 
     @classmethod
     def load(cls, path: str | Path) -> CascadePlan:
-        return cls.from_json(Path(path).read_text())
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"cascade plan not found: {path}")
+        return cls.from_json(path.read_text())
 
 
 def pareto_front(points: Sequence[CascadePoint]) -> tuple[CascadePoint, ...]:
