@@ -35,7 +35,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels import online_softmax
-from pallas_kernels.geometry import Geometry, normalize_window, segment_mask
+from pallas_kernels.geometry import Geometry, attention_shapes, normalize_window, segment_mask
 from pallas_kernels.schedule import BlockSchedule, build_schedule
 
 DEFAULT_BLOCK = 64
@@ -474,14 +474,7 @@ def flash_attention(
 
     Rows that can see no key return 0 (and get 0 gradients).
     """
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q [b, t, h, d] and k, v [b, s, kh, d] alike, got {q.shape}, {k.shape}, {v.shape}")
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
-    if heads % kv_heads:
-        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    batch, q_len, heads, head_dim, kv_len, kv_heads = attention_shapes(q, k, v)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     geometry = Geometry(

@@ -27,6 +27,20 @@ from jax import lax
 from jaxtyping import Array, Bool, Int
 
 
+def attention_shapes(q: Array, k: Array, v: Array) -> tuple[int, int, int, int, int, int]:
+    """(batch, q_len, heads, head_dim, kv_len, kv_heads) of attention inputs in `jax.nn.dot_product_attention`
+    layout, or a ValueError naming what disagrees."""
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q [b, t, h, d] and k, v [b, s, kh, d] alike, got {q.shape}, {k.shape}, {v.shape}")
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    return batch, q_len, heads, head_dim, kv_len, kv_heads
+
+
 def normalize_window(local_window: int | tuple[int, int] | None) -> tuple[int, int] | None:
     """`w` -> `(w, w)`; checks that both sides are non-negative."""
     if local_window is None:

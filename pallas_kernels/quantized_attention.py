@@ -58,7 +58,7 @@ from pallas_kernels.flash_attention import (
     default_interpret,
     tile_mask,
 )
-from pallas_kernels.geometry import Geometry
+from pallas_kernels.geometry import Geometry, attention_shapes
 from pallas_kernels.quantization import (
     check_pv_dtype,
     output_scale,
@@ -192,14 +192,7 @@ def quantized_attention(
 
     Returns the output in q's dtype; rows that see no key (causal with q_len > kv_len) are 0.
     """
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q [b, t, h, d] and k, v [b, s, kh, d] alike, got {q.shape}, {k.shape}, {v.shape}")
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
-    if heads % kv_heads:
-        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    batch, q_len, heads, head_dim, kv_len, kv_heads = attention_shapes(q, k, v)
     implementation = implementation or ("xla" if default_interpret() else "pallas")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}")

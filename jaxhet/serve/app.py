@@ -247,27 +247,14 @@ def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = Ser
                 "logprobs": _completion_logprobs(deployment, out) if body.logprobs is not None else None,
                 "finish_reason": out.finish_reason,
             }
-            return {
-                "id": response_id,
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": generation.served_by,
-                "choices": [choice],
-                "usage": _usage(prompt_tokens, out),
-            }
+            return _envelope(response_id, "text_completion", generation, choice, usage=_usage(prompt_tokens, out))
 
         def render_chunk(generation: _Generation, delta: str, first: bool) -> dict[str, Any] | None:
             out = generation.output
             if not delta and not out.finished:
                 return None
             choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": out.finish_reason}
-            return {
-                "id": response_id,
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": generation.served_by,
-                "choices": [choice],
-            }
+            return _envelope(response_id, "text_completion", generation, choice)
 
         return await _complete(request, body, deployment, ids, params, render, render_chunk)
 
@@ -290,14 +277,7 @@ def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = Ser
                 "logprobs": _chat_logprobs(deployment, out) if body.logprobs else None,
                 "finish_reason": out.finish_reason,
             }
-            return {
-                "id": response_id,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": generation.served_by,
-                "choices": [choice],
-                "usage": _usage(prompt_tokens, out),
-            }
+            return _envelope(response_id, "chat.completion", generation, choice, usage=_usage(prompt_tokens, out))
 
         def render_chunk(generation: _Generation, delta: str, first: bool) -> dict[str, Any] | None:
             out = generation.output
@@ -305,17 +285,23 @@ def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = Ser
                 return None
             message = {"role": "assistant", "content": delta} if first else {"content": delta}
             choice = {"index": 0, "delta": message, "logprobs": None, "finish_reason": out.finish_reason}
-            return {
-                "id": response_id,
-                "object": "chat.completion.chunk",
-                "created": int(time.time()),
-                "model": generation.served_by,
-                "choices": [choice],
-            }
+            return _envelope(response_id, "chat.completion.chunk", generation, choice)
 
         return await _complete(request, body, deployment, ids, params, render, render_chunk)
 
     return app
+
+
+def _envelope(response_id: str, kind: str, generation: _Generation, choice: dict, **extra: Any) -> dict[str, Any]:
+    """An OpenAI response object (or stream chunk) of `kind` around one choice."""
+    created = int(time.time())
+    return {
+        "id": response_id,
+        "object": kind,
+        "created": created,
+        "model": generation.served_by,
+        "choices": [choice],
+    } | extra
 
 
 def _usage(prompt_tokens: int, output: RequestOutput) -> dict[str, int]:
