@@ -53,6 +53,19 @@ def test_auto_plan_gives_the_single_device_loss_at_every_step(tmp_path):
     assert (tmp_path / "auto" / "run" / "plan.png").is_file()
     # float32 on both paths; the plan only reorders sums (micro-batches, replicas, TP partial sums).
     np.testing.assert_allclose(auto.losses, single.losses, rtol=1e-5)
+    # Saved from the owner layout (optimizer step per owner group), restored onto one device.
+    auto_params = llama_params(load_trained(tmp_path / "auto" / "run").model)
+    single_params = llama_params(load_trained(tmp_path / "single" / "run").model)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), auto_params, single_params)
+
+
+def test_resuming_a_plan_restores_into_the_owner_layout_and_continues_identically(tmp_path):
+    config = small_config(tmp_path, steps="6", save_every="3", plan="auto")
+    full = train(config)
+    shutil.rmtree(tmp_path / "run" / "6")  # as if the run had died after step 3's checkpoint
+    resumed = train(config, resume=True)
+    assert (resumed.start_step, resumed.end_step) == (3, 6)
+    assert resumed.losses == full.losses[3:]
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):

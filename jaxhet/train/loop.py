@@ -1,9 +1,14 @@
 """The training loop: a model, its data, an optimizer, and a step that runs on one device or on an HSPMD plan.
 
-Parameters and optimizer state live on one home device between steps; with a plan, each step sends them to the
-plan's stages (`meshes.PlanExecutor`) and brings the summed gradients back, so `--plan single` and any plan give
-the same loss at every step. Everything a run needs to continue exactly is checkpointed: parameters, optimizer
-state (which holds the step count the learning-rate schedule reads) and the data iterator's position.
+Between steps every parameter and its optimizer moments live with their owner: with a plan, the stage that owns
+the parameter, in its tensor-parallel layout (`meshes.PlanExecutor.owner_shardings`); with `--plan single`, the
+one device. Each step computes gradients (summed back to the owners by the executor) and then runs the optimizer
+on each owner group's devices (`meshes.GroupedOptimizer`, which also clips by the global gradient norm), so the
+model and its optimizer state never gather on one device, and `--plan single` and any plan still give the same
+loss at every step. Everything a run needs to continue exactly is checkpointed: parameters, optimizer state (which
+holds the step count the learning-rate schedule reads) and the data iterator's position. Checkpoints do not
+depend on the layout: Orbax writes each array from wherever it lives and restores it into whatever layout the
+resuming run (or `load_trained`, on one device) asks for.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
 from jaxhet.tokenizers import Tokenizer, load_tokenizer
 from jaxhet.train.checkpoints import CheckpointStore
 from jaxhet.train.config import TrainConfig
+from meshes import GroupedOptimizer, HetMesh, PlanExecutor
 
 log = logging.getLogger(__name__)
 Params = Any
@@ -50,19 +56,23 @@ class TrainResult:
     checkpoint_dir: Path
 
 
-def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0, then cosine decay to `min_lr_ratio` of the peak at the last step."""
     o = config.optim
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=o.learning_rate,
         warmup_steps=min(o.warmup_steps, config.steps),
         decay_steps=max(config.steps, o.warmup_steps + 1),
         end_value=o.learning_rate * o.min_lr_ratio,
     )
-    return optax.chain(
-        optax.clip_by_global_norm(o.grad_clip),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
-    )
+
+
+def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW on the schedule. Gradient clipping is not part of it: it needs the norm over every parameter, which
+    `GroupedOptimizer` sums across owner groups before running this per-leaf update in each group."""
+    o = config.optim
+    return optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
 
 
 def build_model(config: TrainConfig, vocab_size: int, key: jax.Array) -> Llama:
@@ -116,25 +126,42 @@ def _resolve_plan(config: TrainConfig, cluster, model: Llama, directory: Path, r
     return plan
 
 
-def _step_function(config: TrainConfig, model: Llama, directory: Path, resume: bool) -> tuple[StepFn, Any]:
-    """The step computing loss and gradients of one batch, and the plan it runs (None for one device, where the
-    step is plain `jax.jit`; otherwise the plan's HSPMD executor)."""
+@dataclasses.dataclass(frozen=True)
+class _Execution:
+    """How a step runs: `value_and_grad(params, batch)` giving the mean loss and gradients in the owner layout,
+    `shardings` (each parameter's owner placement, a tree like the parameters) and the plan (None: one device)."""
+
+    value_and_grad: StepFn
+    shardings: Params
+    plan: Any
+
+
+def _execution(config: TrainConfig, model: Llama, directory: Path, resume: bool) -> _Execution:
+    """Plain `jax.jit` on the first device for `--plan single`; otherwise the plan's HSPMD executor."""
+    params = llama_params(model)
     if config.plan == "single":
         loss_sum = llama_loss_sum(model)
-        return jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"]))), None
-    import meshes
+        step = jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
+        return _Execution(step, _one_device(params), None)
     import planners
 
     cluster = planners.ClusterSpec.load(config.cluster)
     plan = _resolve_plan(config, cluster, model, directory, resume)
-    executor = meshes.PlanExecutor(plan, meshes.HetMesh.from_cluster(cluster), StagedLlama(model.config))
-    return executor.value_and_grad, plan
+    executor = PlanExecutor(plan, HetMesh.from_cluster(cluster), StagedLlama(model.config))
+    return _Execution(executor.value_and_grad, executor.owner_shardings(params), plan)
 
 
-def _fresh_state(model: Llama, optimizer: optax.GradientTransformation) -> dict:
-    """Parameters and optimizer state as checkpointed: the structure every restore reads into."""
+def _one_device(params: Params) -> Params:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda _: device, params)
+
+
+def _initial_state(config: TrainConfig, model: Llama, shardings: Params) -> tuple[GroupedOptimizer, dict]:
+    """The optimizer for parameters laid out as `shardings`, and the checkpointed state (parameters and optimizer
+    state in that layout): the structure every restore reads into."""
     params = llama_params(model)
-    return {"params": params, "opt_state": optimizer.init(params)}
+    optimizer = GroupedOptimizer(build_optimizer(config), config.optim.grad_clip, shardings)
+    return optimizer, {"params": jax.device_put(params, shardings), "opt_state": optimizer.init(params)}
 
 
 class _StopRequest:
@@ -168,12 +195,13 @@ def _trim_metrics(path: Path, last_step: int) -> None:
 def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict], None] | None = None) -> TrainResult:
     """Run (or continue, with `resume`) the training `config` describes; `progress` receives each step's metrics."""
     directory = Path(config.checkpoint_dir)
+    store = CheckpointStore(directory, keep=config.keep)
+    if not resume and store.steps():
+        raise ValueError(f"{directory} already holds checkpoints; pass --resume, or choose another checkpoint_dir")
     data = PackedBatches(config.data)
     model = build_model(config, data.vocab_size, jax.random.key(config.seed))
-    optimizer = build_optimizer(config)
-    home = jax.devices()[0]
-    state = jax.device_put(_fresh_state(model, optimizer), home)
-    store = CheckpointStore(directory, keep=config.keep)
+    execution = _execution(config, model, directory, resume)
+    optimizer, state = _initial_state(config, model, execution.shardings)
     start_step = 0
     metrics_path = directory / "metrics.jsonl"
     if resume:
@@ -184,12 +212,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
             start_step, state, meta = restored
             data.restore(meta["data"])
             _trim_metrics(metrics_path, start_step)
-    elif store.steps():
-        raise ValueError(f"{directory} already holds checkpoints; pass --resume, or choose another checkpoint_dir")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    step_fn, plan = _step_function(config, model, directory, resume)
-    update = jax.jit(optimizer.update)
+    plan = execution.plan
 
     losses: list[float] = []
     tokens = 0
@@ -198,10 +223,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
     with _StopRequest() as stop, metrics_path.open("a") as metrics:
         while step < config.steps and not stop.requested:
             batch = next(data)
-            loss, grads = step_fn(state["params"], batch)
-            grads = jax.device_put(grads, home)
-            updates, opt_state = update(grads, state["opt_state"], state["params"])
-            state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+            loss, grads = execution.value_and_grad(state["params"], batch)
+            params, opt_state, _ = optimizer.step(state["params"], grads, state["opt_state"])
+            state = {"params": params, "opt_state": opt_state}
             step += 1
             loss = float(loss)
             losses.append(loss)
@@ -258,7 +282,8 @@ def load_trained(directory: str | Path) -> TrainedRun:
     config = TrainConfig.load(directory / "config.yaml")
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = build_model(config, tokenizer.vocab_size, jax.random.key(config.seed))
-    abstract = jax.tree.map(_abstract, _fresh_state(model, build_optimizer(config)))
+    _, state = _initial_state(config, model, _one_device(llama_params(model)))
+    abstract = jax.tree.map(_abstract, state)
     restored = CheckpointStore(directory, keep=config.keep).restore_latest(abstract)
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
