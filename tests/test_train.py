@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -116,6 +117,36 @@ def test_sigterm_saves_then_exits(tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 130
     assert 1 <= load_trained(run_dir).meta["step"] < 10_000
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under `directory`, by tag (records: length, crc, event, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            length = struct.unpack("<Q", data[offset : offset + 8])[0]
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
+    result = train(small_config(tmp_path, steps="3", plan="single"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["tokens_per_s"] > 0 and r["model_tflops"] > 0 and r["grad_norm"] > 0 for r in records)
+    assert records[0]["lr"] == 0.0 < records[1]["lr"]  # warm-up from 0
+    assert records[0]["mfu"] is None and result.mfu is None  # CPU: no catalogued peak
+    scalars = tensorboard_scalars(result.tensorboard_dir)
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3]
+    np.testing.assert_allclose([v for _, v in scalars["train/loss"]], result.losses, rtol=1e-6)
+    assert {"train/learning_rate", "train/grad_norm", "perf/tokens_per_s", "perf/model_tflops"} <= set(scalars)
+    assert "perf/mfu" not in scalars
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):

@@ -14,7 +14,6 @@ resuming run (or `load_trained`, on one device) asks for.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import signal
 import time
@@ -35,6 +34,8 @@ from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
 from jaxhet.tokenizers import Tokenizer, load_tokenizer
 from jaxhet.train.checkpoints import CheckpointStore
 from jaxhet.train.config import TrainConfig
+from jaxhet.train.flops import model_flops_utilisation, peak_flops, training_flops_per_token
+from jaxhet.train.metrics import MetricsLog
 from meshes import GroupedOptimizer, HetMesh, PlanExecutor
 
 log = logging.getLogger(__name__)
@@ -44,16 +45,25 @@ StepFn = Callable[[Params, dict], tuple[jax.Array, Params]]
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    """What a run did: per-step losses from this process, where it started and stopped, and why it stopped."""
+    """What a run did: per-step losses from this process, where it started and stopped, why it stopped, and the
+    model FLOPs it did against its devices' peak FLOP/s (None on CPUs and emulated clusters)."""
 
     start_step: int
     end_step: int
     losses: tuple[float, ...]
     tokens: int
     seconds: float
+    model_flops: float
+    peak_flops: float | None
     interrupted: bool
     plan: str
     checkpoint_dir: Path
+    tensorboard_dir: Path
+
+    @property
+    def mfu(self) -> float | None:
+        """Model FLOPs utilisation over the whole run (compilation included); None without a known peak."""
+        return model_flops_utilisation(self.model_flops, self.seconds, self.peak_flops)
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -129,11 +139,13 @@ def _resolve_plan(config: TrainConfig, cluster, model: Llama, directory: Path, r
 @dataclasses.dataclass(frozen=True)
 class _Execution:
     """How a step runs: `value_and_grad(params, batch)` giving the mean loss and gradients in the owner layout,
-    `shardings` (each parameter's owner placement, a tree like the parameters) and the plan (None: one device)."""
+    `shardings` (each parameter's owner placement, a tree like the parameters), the plan (None: one device) and
+    the devices the step computes on."""
 
     value_and_grad: StepFn
     shardings: Params
     plan: Any
+    devices: tuple[jax.Device, ...]
 
 
 def _execution(config: TrainConfig, model: Llama, directory: Path, resume: bool) -> _Execution:
@@ -142,13 +154,15 @@ def _execution(config: TrainConfig, model: Llama, directory: Path, resume: bool)
     if config.plan == "single":
         loss_sum = llama_loss_sum(model)
         step = jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
-        return _Execution(step, _one_device(params), None)
+        return _Execution(step, _one_device(params), None, (jax.devices()[0],))
     import planners
 
     cluster = planners.ClusterSpec.load(config.cluster)
     plan = _resolve_plan(config, cluster, model, directory, resume)
-    executor = PlanExecutor(plan, HetMesh.from_cluster(cluster), StagedLlama(model.config))
-    return _Execution(executor.value_and_grad, executor.owner_shardings(params), plan)
+    hetmesh = HetMesh.from_cluster(cluster)
+    executor = PlanExecutor(plan, hetmesh, StagedLlama(model.config))
+    devices = tuple(hetmesh.devices[d] for d in plan.devices)
+    return _Execution(executor.value_and_grad, executor.owner_shardings(params), plan, devices)
 
 
 def _one_device(params: Params) -> Params:
@@ -184,14 +198,6 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines past `last_step` (written before a crash, recomputed after resuming)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict], None] | None = None) -> TrainResult:
     """Run (or continue, with `resume`) the training `config` describes; `progress` receives each step's metrics."""
     directory = Path(config.checkpoint_dir)
@@ -203,7 +209,6 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
     execution = _execution(config, model, directory, resume)
     optimizer, state = _initial_state(config, model, execution.shardings)
     start_step = 0
-    metrics_path = directory / "metrics.jsonl"
     if resume:
         restored = store.restore_latest(jax.tree.map(_abstract, state))
         if restored is None:
@@ -211,27 +216,46 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
         else:
             start_step, state, meta = restored
             data.restore(meta["data"])
-            _trim_metrics(metrics_path, start_step)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     plan = execution.plan
+    schedule = learning_rate_schedule(config)
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(state["params"]))
+    peak = peak_flops(execution.devices)
 
     losses: list[float] = []
     tokens = 0
-    started = time.perf_counter()
+    model_flops = 0.0
+    started = last = time.perf_counter()
     step = start_step
-    with _StopRequest() as stop, metrics_path.open("a") as metrics:
+    with _StopRequest() as stop, MetricsLog(directory, start_step) as metrics:
         while step < config.steps and not stop.requested:
             batch = next(data)
             loss, grads = execution.value_and_grad(state["params"], batch)
-            params, opt_state, _ = optimizer.step(state["params"], grads, state["opt_state"])
+            params, opt_state, grad_norm = optimizer.step(state["params"], grads, state["opt_state"])
             state = {"params": params, "opt_state": opt_state}
             step += 1
             loss = float(loss)
             losses.append(loss)
-            tokens += int(np.sum(batch["weights"]))
-            record = {"step": step, "loss": loss, "tokens": tokens, "seconds": time.perf_counter() - started}
-            metrics.write(json.dumps(record) + "\n")
+            step_tokens = int(np.sum(batch["weights"]))
+            tokens += step_tokens
+            rows, seq_len = batch["input_ids"].shape
+            step_flops = training_flops_per_token(model.config, num_params, seq_len) * rows * seq_len
+            model_flops += step_flops
+            now = time.perf_counter()
+            step_seconds, last = now - last, now
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": float(schedule(step - 1)),
+                "grad_norm": float(grad_norm),
+                "tokens": tokens,
+                "seconds": now - started,
+                "tokens_per_s": step_tokens / step_seconds,
+                "model_tflops": step_flops / step_seconds / 1e12,
+                "mfu": model_flops_utilisation(step_flops, step_seconds, peak),
+            }
+            metrics.write(record)
             if progress is not None:
                 progress(record)
             if step % config.save_every == 0 or step == config.steps or stop.requested:
@@ -245,9 +269,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
         losses=tuple(losses),
         tokens=tokens,
         seconds=time.perf_counter() - started,
+        model_flops=model_flops,
+        peak_flops=peak,
         interrupted=step < config.steps,
         plan="single device" if plan is None else _describe(plan),
         checkpoint_dir=directory,
+        tensorboard_dir=metrics.tensorboard_dir,
     )
 
 
