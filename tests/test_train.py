@@ -182,17 +182,33 @@ def test_config_mistakes_get_one_line_and_exit_2(args, message, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_bfloat16_compute_keeps_float32_master_weights_and_the_float32_loss(tmp_path):
+    float32 = train(small_config(tmp_path / "f32", steps="5", plan="single"))
+    bf16 = train(small_config(tmp_path / "bf16", steps="5", plan="single", dtype="bfloat16"))
+    bf16_plan = train(small_config(tmp_path / "bf16_auto", steps="5", plan="auto", dtype="bfloat16"))
+    assert bf16.losses != float32.losses  # the matmuls really ran in bfloat16
+    np.testing.assert_allclose(bf16.losses, float32.losses, rtol=2e-2)
+    np.testing.assert_allclose(bf16_plan.losses, bf16.losses, rtol=2e-2)
+    for run in ("bf16", "bf16_auto"):
+        trained = load_trained(tmp_path / run / "run")
+        assert trained.model.config.dtype == "bfloat16"
+        assert {leaf.dtype for leaf in jax.tree.leaves(llama_params(trained.model))} == {np.dtype("float32")}
+
+
 def test_fine_tunes_a_local_hugging_face_checkpoint(tmp_path):
     from flax import nnx
 
     from jaxhet import Llama, LlamaConfig
 
     source = tmp_path / "hf"
-    Llama(
-        LlamaConfig.tiny(vocab_size=300, num_layers=2, hidden_size=64, intermediate_size=160), rngs=nnx.Rngs(1)
-    ).save_pretrained(source)
-    result = train(small_config(tmp_path, model=str(source), steps="4", plan="single"))
+    hf_config = LlamaConfig.tiny(
+        vocab_size=300, num_layers=2, hidden_size=64, intermediate_size=160, dtype="bfloat16", param_dtype="bfloat16"
+    )
+    Llama(hf_config, rngs=nnx.Rngs(1)).save_pretrained(source)  # stored in bfloat16
+    result = train(small_config(tmp_path, model=str(source), steps="4", plan="single", dtype="bfloat16"))
     assert result.end_step == 4 and all(np.isfinite(result.losses))
     run = load_trained(tmp_path / "run")
     assert run.model.config.vocab_size == 300
     assert run.model.config.num_layers == 2
+    # bfloat16 compute, float32 master weights, whatever the checkpoint's storage dtype.
+    assert (run.model.config.dtype, run.model.config.param_dtype) == ("bfloat16", "float32")

@@ -41,6 +41,7 @@ from meshes import GroupedOptimizer, HetMesh, PlanExecutor
 log = logging.getLogger(__name__)
 Params = Any
 StepFn = Callable[[Params, dict], tuple[jax.Array, Params]]
+MASTER_DTYPE = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,8 @@ def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def build_model(config: TrainConfig, vocab_size: int, key: jax.Array) -> Llama:
+    """The model to train: computing in `config.dtype` over float32 master parameters (gradients and optimizer
+    state are float32 too, whatever dtype a fine-tuned checkpoint was stored in)."""
     if config.model == "tiny":
         model_config = LlamaConfig.tiny(
             vocab_size=vocab_size,
@@ -96,10 +99,13 @@ def build_model(config: TrainConfig, vocab_size: int, key: jax.Array) -> Llama:
             intermediate_size=config.intermediate_size,
             max_position_embeddings=max(1024, config.data.seq_len),
             dtype=config.dtype,
+            param_dtype=MASTER_DTYPE,
             attention_backend=config.attention_backend,
         )
         return Llama(model_config, rngs=nnx.Rngs(params=key))
-    model = Llama.from_pretrained(config.model, attention_backend=config.attention_backend)
+    model = Llama.from_pretrained(
+        config.model, dtype=config.dtype, param_dtype=MASTER_DTYPE, attention_backend=config.attention_backend
+    )
     if model.config.vocab_size < vocab_size:
         raise ValueError(
             f"the tokenizer has {vocab_size} tokens but the model {config.model} only {model.config.vocab_size}"
