@@ -1,14 +1,11 @@
-"""The training loop: a model, its data, an optimizer, and a step that runs on one device or on an HSPMD plan.
+"""The training loop: a model, its data, and steps (`jaxhet.train.step`) on one device or on an HSPMD plan, with
+checkpoints and metrics.
 
-Between steps every parameter and its optimizer moments live with their owner: with a plan, the stage that owns
-the parameter, in its tensor-parallel layout (`meshes.PlanExecutor.owner_shardings`); with `--plan single`, the
-one device. Each step computes gradients (summed back to the owners by the executor) and then runs the optimizer
-on each owner group's devices (`meshes.GroupedOptimizer`, which also clips by the global gradient norm), so the
-model and its optimizer state never gather on one device, and `--plan single` and any plan still give the same
-loss at every step. Everything a run needs to continue exactly is checkpointed: parameters, optimizer state (which
-holds the step count the learning-rate schedule reads) and the data iterator's position. Checkpoints do not
-depend on the layout: Orbax writes each array from wherever it lives and restores it into whatever layout the
-resuming run (or `load_trained`, on one device) asks for.
+Everything a run needs to continue exactly is checkpointed: parameters, optimizer state (which holds the step
+count the learning-rate schedule reads) and the data iterator's position. Parameters and optimizer state stay in
+their owners' layout throughout (see `jaxhet.train.step`); checkpoints do not depend on it: Orbax writes each
+array from wherever it lives and restores it into whatever layout the resuming run (or `load_trained`, on one
+device) asks for.
 """
 
 from __future__ import annotations
@@ -19,28 +16,30 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import yaml
 from flax import nnx
 
 from jaxhet.data import PackedBatches
 from jaxhet.models import Llama, LlamaConfig
-from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
 from jaxhet.tokenizers import Tokenizer, load_tokenizer
 from jaxhet.train.checkpoints import CheckpointStore
 from jaxhet.train.config import TrainConfig
 from jaxhet.train.flops import model_flops_utilisation, peak_flops, training_flops_per_token
 from jaxhet.train.metrics import MetricsLog
-from meshes import GroupedOptimizer, HetMesh, PlanExecutor
+from jaxhet.train.step import (
+    Execution,
+    initial_state,
+    learning_rate_schedule,
+    plan_execution,
+    single_device_execution,
+    train_step,
+)
+from meshes import HetMesh
 
 log = logging.getLogger(__name__)
-Params = Any
-StepFn = Callable[[Params, dict], tuple[jax.Array, Params]]
 MASTER_DTYPE = "float32"
 
 
@@ -65,25 +64,6 @@ class TrainResult:
     def mfu(self) -> float | None:
         """Model FLOPs utilisation over the whole run (compilation included); None without a known peak."""
         return model_flops_utilisation(self.model_flops, self.seconds, self.peak_flops)
-
-
-def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
-    """Linear warm-up from 0, then cosine decay to `min_lr_ratio` of the peak at the last step."""
-    o = config.optim
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=o.learning_rate,
-        warmup_steps=min(o.warmup_steps, config.steps),
-        decay_steps=max(config.steps, o.warmup_steps + 1),
-        end_value=o.learning_rate * o.min_lr_ratio,
-    )
-
-
-def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """AdamW on the schedule. Gradient clipping is not part of it: it needs the norm over every parameter, which
-    `GroupedOptimizer` sums across owner groups before running this per-leaf update in each group."""
-    o = config.optim
-    return optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
 
 
 def build_model(config: TrainConfig, vocab_size: int, key: jax.Array) -> Llama:
@@ -142,46 +122,15 @@ def _resolve_plan(config: TrainConfig, cluster, model: Llama, directory: Path, r
     return plan
 
 
-@dataclasses.dataclass(frozen=True)
-class _Execution:
-    """How a step runs: `value_and_grad(params, batch)` giving the mean loss and gradients in the owner layout,
-    `shardings` (each parameter's owner placement, a tree like the parameters), the plan (None: one device) and
-    the devices the step computes on."""
-
-    value_and_grad: StepFn
-    shardings: Params
-    plan: Any
-    devices: tuple[jax.Device, ...]
-
-
-def _execution(config: TrainConfig, model: Llama, directory: Path, resume: bool) -> _Execution:
-    """Plain `jax.jit` on the first device for `--plan single`; otherwise the plan's HSPMD executor."""
-    params = llama_params(model)
+def _execution(config: TrainConfig, model: Llama, directory: Path, resume: bool) -> Execution:
+    """One device for `--plan single`; otherwise the HSPMD executor of the plan `config` asks for."""
     if config.plan == "single":
-        loss_sum = llama_loss_sum(model)
-        step = jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
-        return _Execution(step, _one_device(params), None, (jax.devices()[0],))
+        return single_device_execution(model)
     import planners
 
     cluster = planners.ClusterSpec.load(config.cluster)
     plan = _resolve_plan(config, cluster, model, directory, resume)
-    hetmesh = HetMesh.from_cluster(cluster)
-    executor = PlanExecutor(plan, hetmesh, StagedLlama(model.config))
-    devices = tuple(hetmesh.devices[d] for d in plan.devices)
-    return _Execution(executor.value_and_grad, executor.owner_shardings(params), plan, devices)
-
-
-def _one_device(params: Params) -> Params:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda _: device, params)
-
-
-def _initial_state(config: TrainConfig, model: Llama, shardings: Params) -> tuple[GroupedOptimizer, dict]:
-    """The optimizer for parameters laid out as `shardings`, and the checkpointed state (parameters and optimizer
-    state in that layout): the structure every restore reads into."""
-    params = llama_params(model)
-    optimizer = GroupedOptimizer(build_optimizer(config), config.optim.grad_clip, shardings)
-    return optimizer, {"params": jax.device_put(params, shardings), "opt_state": optimizer.init(params)}
+    return plan_execution(model, plan, HetMesh.from_cluster(cluster))
 
 
 class _StopRequest:
@@ -213,7 +162,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
     data = PackedBatches(config.data)
     model = build_model(config, data.vocab_size, jax.random.key(config.seed))
     execution = _execution(config, model, directory, resume)
-    optimizer, state = _initial_state(config, model, execution.shardings)
+    optimizer, state = initial_state(config, model, execution.shardings)
     start_step = 0
     if resume:
         restored = store.restore_latest(jax.tree.map(_abstract, state))
@@ -237,9 +186,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
     with _StopRequest() as stop, MetricsLog(directory, start_step) as metrics:
         while step < config.steps and not stop.requested:
             batch = next(data)
-            loss, grads = execution.value_and_grad(state["params"], batch)
-            params, opt_state, grad_norm = optimizer.step(state["params"], grads, state["opt_state"])
-            state = {"params": params, "opt_state": opt_state}
+            state, loss, grad_norm = train_step(execution, optimizer, state, batch)
             step += 1
             loss = float(loss)
             losses.append(loss)
@@ -315,7 +262,7 @@ def load_trained(directory: str | Path) -> TrainedRun:
     config = TrainConfig.load(directory / "config.yaml")
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = build_model(config, tokenizer.vocab_size, jax.random.key(config.seed))
-    _, state = _initial_state(config, model, _one_device(llama_params(model)))
+    _, state = initial_state(config, model, single_device_execution(model).shardings)
     abstract = jax.tree.map(_abstract, state)
     restored = CheckpointStore(directory, keep=config.keep).restore_latest(abstract)
     if restored is None:
