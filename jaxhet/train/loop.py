@@ -13,12 +13,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import numpy as np
 import yaml
 from flax import nnx
 
@@ -27,7 +25,8 @@ from jaxhet.models import Llama, LlamaConfig
 from jaxhet.tokenizers import Tokenizer, load_tokenizer
 from jaxhet.train.checkpoints import CheckpointStore
 from jaxhet.train.config import TrainConfig
-from jaxhet.train.flops import model_flops_utilisation, peak_flops, training_flops_per_token
+from jaxhet.train.flops import peak_flops
+from jaxhet.train.meter import ThroughputMeter
 from jaxhet.train.metrics import MetricsLog
 from jaxhet.train.step import (
     Execution,
@@ -45,8 +44,9 @@ MASTER_DTYPE = "float32"
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    """What a run did: per-step losses from this process, where it started and stopped, why it stopped, and the
-    model FLOPs it did against its devices' peak FLOP/s (None on CPUs and emulated clusters)."""
+    """What a run did: per-step losses from this process, where it started and stopped, why it stopped, the model
+    FLOPs it did, and their utilisation of its devices' peak over the whole run, compilation included (None on
+    CPUs and emulated clusters)."""
 
     start_step: int
     end_step: int
@@ -54,16 +54,11 @@ class TrainResult:
     tokens: int
     seconds: float
     model_flops: float
-    peak_flops: float | None
+    mfu: float | None
     interrupted: bool
     plan: str
     checkpoint_dir: Path
     tensorboard_dir: Path
-
-    @property
-    def mfu(self) -> float | None:
-        """Model FLOPs utilisation over the whole run (compilation included); None without a known peak."""
-        return model_flops_utilisation(self.model_flops, self.seconds, self.peak_flops)
 
 
 def build_model(config: TrainConfig, vocab_size: int, key: jax.Array) -> Llama:
@@ -176,37 +171,22 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
     plan = execution.plan
     schedule = learning_rate_schedule(config)
     num_params = sum(leaf.size for leaf in jax.tree.leaves(state["params"]))
-    peak = peak_flops(execution.devices)
+    meter = ThroughputMeter(model.config, num_params, peak_flops(execution.devices))
 
     losses: list[float] = []
-    tokens = 0
-    model_flops = 0.0
-    started = last = time.perf_counter()
     step = start_step
     with _StopRequest() as stop, MetricsLog(directory, start_step) as metrics:
         while step < config.steps and not stop.requested:
             batch = next(data)
             state, loss, grad_norm = train_step(execution, optimizer, state, batch)
             step += 1
-            loss = float(loss)
-            losses.append(loss)
-            step_tokens = int(np.sum(batch["weights"]))
-            tokens += step_tokens
-            rows, seq_len = batch["input_ids"].shape
-            step_flops = training_flops_per_token(model.config, num_params, seq_len) * rows * seq_len
-            model_flops += step_flops
-            now = time.perf_counter()
-            step_seconds, last = now - last, now
+            losses.append(float(loss))
             record = {
                 "step": step,
-                "loss": loss,
+                "loss": losses[-1],
                 "lr": float(schedule(step - 1)),
                 "grad_norm": float(grad_norm),
-                "tokens": tokens,
-                "seconds": now - started,
-                "tokens_per_s": step_tokens / step_seconds,
-                "model_tflops": step_flops / step_seconds / 1e12,
-                "mfu": model_flops_utilisation(step_flops, step_seconds, peak),
+                **meter.step(batch),
             }
             metrics.write(record)
             if progress is not None:
@@ -220,10 +200,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
         start_step=start_step,
         end_step=step,
         losses=tuple(losses),
-        tokens=tokens,
-        seconds=time.perf_counter() - started,
-        model_flops=model_flops,
-        peak_flops=peak,
+        tokens=meter.tokens,
+        seconds=meter.seconds,
+        model_flops=meter.model_flops,
+        mfu=meter.mfu,
         interrupted=step < config.steps,
         plan="single device" if plan is None else _describe(plan),
         checkpoint_dir=directory,
