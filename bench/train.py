@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import importlib.metadata
 import json
 import pathlib
 import platform
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +42,7 @@ from jaxhet.train import OptimConfig, TrainConfig
 from jaxhet.train.flops import model_flops_utilisation, peak_flops, training_flops_per_token
 from jaxhet.train.step import build_optimizer, initial_state, single_device_execution, train_step
 
-Step = Callable[[], jax.Array]  # runs one step on the prepared state and batch, returns the loss
+Step = Callable[[], tuple[jax.Array, Any]]  # one step on the prepared state and batch: (loss, the new state)
 
 
 def plain_jit_step(model: Llama, train_config: TrainConfig, batch: dict) -> Step:
@@ -57,9 +59,9 @@ def plain_jit_step(model: Llama, train_config: TrainConfig, batch: dict) -> Step
     params = llama_params(model)
     carried = [params, optimizer.init(params)]
 
-    def run() -> jax.Array:
+    def run() -> tuple[jax.Array, Any]:
         carried[0], carried[1], loss = step(carried[0], carried[1], batch)
-        return loss
+        return loss, carried
 
     return run
 
@@ -70,23 +72,27 @@ def jaxhet_step(model: Llama, train_config: TrainConfig, batch: dict) -> Step:
     optimizer, state = initial_state(train_config, model, execution.shardings)
     carried = [state]
 
-    def run() -> jax.Array:
+    def run() -> tuple[jax.Array, Any]:
         carried[0], loss, _ = train_step(execution, optimizer, carried[0], batch)
-        return loss
+        return loss, carried
 
     return run
 
 
 def measure(build: Callable[[], Step], *, warmup: int, steps: int) -> tuple[float, float]:
-    """(seconds per step over `steps` timed steps after `warmup` untimed ones, the last loss)."""
+    """(seconds per step over `steps` timed steps after `warmup` untimed ones, the last loss). Timing ends when
+    the last step's state is ready, not just its loss (the optimizer update comes after the loss)."""
     run = build()
     for _ in range(warmup):
         jax.block_until_ready(run())
     start = time.perf_counter()
     for _ in range(steps):
-        loss = run()
-    jax.block_until_ready(loss)
-    return (time.perf_counter() - start) / steps, float(loss)
+        loss, state = run()
+    jax.block_until_ready((loss, state))
+    seconds = (time.perf_counter() - start) / steps
+    del run, state
+    gc.collect()  # free this variant's parameters and optimizer state (device memory) before the next one
+    return seconds, float(loss)
 
 
 def _print_table(rows: list[dict]) -> None:
