@@ -14,9 +14,9 @@ Between steps each parameter lives with its *owner*: the stage of the first repl
 Megatron layout (`owner_shardings`). A step sends owners' parameters to every other replica's stages, and every
 stage's gradient (already reduced inside its group by `shard_map`'s transpose) back to the owner, where they are
 summed: a reduction inside groups, then transfers and sums between groups. Gradients come back in the owner
-layout. Switching to another compiled strategy (another executor) is a reshard into its owner layout (`place`),
-never a reload. (optax jits its updates over whole trees, which must sit on one device set, so for now the caller
-gathers parameters and gradients to one device for the optimizer step.)
+layout, where `GroupedOptimizer` runs the optimizer step on each owner group's devices, so parameters, gradients
+and optimizer state never gather on one device. Switching to another compiled strategy (another executor) is a
+reshard into its owner layout (`place`, and `GroupedOptimizer.place_state` for the optimizer state), never a reload.
 """
 
 from __future__ import annotations

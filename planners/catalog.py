@@ -180,3 +180,23 @@ def lookup(kind: str, extra: Mapping[str, GPUSpec] | None = None, field: str = "
         known = sorted(CATALOG) + sorted(extra or {})
         raise SpecError(f"{field}: unknown GPU kind {kind!r}; known: {known} (or define it under 'gpus:')")
     return CATALOG[canonical[key]]
+
+
+def _alphanumeric(text: str) -> str:
+    return "".join(c for c in text.upper() if c.isalnum())
+
+
+def for_device_kind(device_kind: str) -> GPUSpec | None:
+    """The catalog GPU a JAX `device.device_kind` names ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB", "NVIDIA
+    GeForce RTX 4090", ...), or None for anything else (CPUs, unknown GPUs). Longer model names are tried first
+    (L40S before L4); A100 picks its memory variant from the name, 80 GB when it does not say."""
+    reported = _alphanumeric(device_kind)
+    models: dict[str, list[GPUSpec]] = {}
+    for spec in CATALOG.values():
+        models.setdefault(_alphanumeric(spec.name.split("-")[0]), []).append(spec)
+    for model in sorted(models, key=len, reverse=True):
+        if model in reported:
+            variants = models[model]
+            sized = [v for v in variants if f"{v.memory_gb:.0f}GB" in reported]
+            return (sized or sorted(variants, key=lambda v: -v.memory_gb))[0]
+    return None

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,3 +66,16 @@ def test_quantized_accuracy_benchmark_runs(tmp_path):
     record = json.loads(path.read_text())
     assert len(record["rows"]) == 16 and record["int8_target_met"]
     assert "cosine" in result.stdout
+
+
+def test_train_benchmark_runs(tmp_path):
+    result = _run_bench("train.py", "--smoke", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (path,) = tmp_path.glob("train_*_smoke_*.json")
+    record = json.loads(path.read_text())
+    assert [(r["step"], r["attention"]) for r in record["rows"]][1:] == [("jaxhet", "cudnn"), ("jaxhet", "flash")]
+    assert record["rows"][0]["step"] == "plain jax.jit" and record["rows"][0]["vs_plain"] == 1.0
+    assert all(r["tokens_per_s"] > 0 and r["model_tflops"] > 0 for r in record["rows"])
+    # Same initial parameters and batch: every variant trains the same model to (nearly) the same loss.
+    np.testing.assert_allclose([r["last_loss"] for r in record["rows"]], record["rows"][0]["last_loss"], rtol=1e-4)
+    assert record["versions"]["jax"] and record["shapes"]["seq_len"] == 32

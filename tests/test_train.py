@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -53,6 +54,19 @@ def test_auto_plan_gives_the_single_device_loss_at_every_step(tmp_path):
     assert (tmp_path / "auto" / "run" / "plan.png").is_file()
     # float32 on both paths; the plan only reorders sums (micro-batches, replicas, TP partial sums).
     np.testing.assert_allclose(auto.losses, single.losses, rtol=1e-5)
+    # Saved from the owner layout (optimizer step per owner group), restored onto one device.
+    auto_params = llama_params(load_trained(tmp_path / "auto" / "run").model)
+    single_params = llama_params(load_trained(tmp_path / "single" / "run").model)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), auto_params, single_params)
+
+
+def test_resuming_a_plan_restores_into_the_owner_layout_and_continues_identically(tmp_path):
+    config = small_config(tmp_path, steps="6", save_every="3", plan="auto")
+    full = train(config)
+    shutil.rmtree(tmp_path / "run" / "6")  # as if the run had died after step 3's checkpoint
+    resumed = train(config, resume=True)
+    assert (resumed.start_step, resumed.end_step) == (3, 6)
+    assert resumed.losses == full.losses[3:]
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -105,6 +119,36 @@ def test_sigterm_saves_then_exits(tmp_path):
     assert 1 <= load_trained(run_dir).meta["step"] < 10_000
 
 
+def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under `directory`, by tag (records: length, crc, event, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            length = struct.unpack("<Q", data[offset : offset + 8])[0]
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
+    result = train(small_config(tmp_path, steps="3", plan="single"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["tokens_per_s"] > 0 and r["model_tflops"] > 0 and r["grad_norm"] > 0 for r in records)
+    assert records[0]["lr"] == 0.0 < records[1]["lr"]  # warm-up from 0
+    assert records[0]["mfu"] is None and result.mfu is None  # CPU: no catalogued peak
+    scalars = tensorboard_scalars(result.tensorboard_dir)
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3]
+    np.testing.assert_allclose([v for _, v in scalars["train/loss"]], result.losses, rtol=1e-6)
+    assert {"train/learning_rate", "train/grad_norm", "perf/tokens_per_s", "perf/model_tflops"} <= set(scalars)
+    assert "perf/mfu" not in scalars
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     config = small_config(tmp_path, steps="6", save_every="3", plan="single")
     train(config)
@@ -138,17 +182,33 @@ def test_config_mistakes_get_one_line_and_exit_2(args, message, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_bfloat16_compute_keeps_float32_master_weights_and_the_float32_loss(tmp_path):
+    float32 = train(small_config(tmp_path / "f32", steps="5", plan="single"))
+    bf16 = train(small_config(tmp_path / "bf16", steps="5", plan="single", dtype="bfloat16"))
+    bf16_plan = train(small_config(tmp_path / "bf16_auto", steps="5", plan="auto", dtype="bfloat16"))
+    assert bf16.losses != float32.losses  # the matmuls really ran in bfloat16
+    np.testing.assert_allclose(bf16.losses, float32.losses, rtol=2e-2)
+    np.testing.assert_allclose(bf16_plan.losses, bf16.losses, rtol=2e-2)
+    for run in ("bf16", "bf16_auto"):
+        trained = load_trained(tmp_path / run / "run")
+        assert trained.model.config.dtype == "bfloat16"
+        assert {leaf.dtype for leaf in jax.tree.leaves(llama_params(trained.model))} == {np.dtype("float32")}
+
+
 def test_fine_tunes_a_local_hugging_face_checkpoint(tmp_path):
     from flax import nnx
 
     from jaxhet import Llama, LlamaConfig
 
     source = tmp_path / "hf"
-    Llama(
-        LlamaConfig.tiny(vocab_size=300, num_layers=2, hidden_size=64, intermediate_size=160), rngs=nnx.Rngs(1)
-    ).save_pretrained(source)
-    result = train(small_config(tmp_path, model=str(source), steps="4", plan="single"))
+    hf_config = LlamaConfig.tiny(
+        vocab_size=300, num_layers=2, hidden_size=64, intermediate_size=160, dtype="bfloat16", param_dtype="bfloat16"
+    )
+    Llama(hf_config, rngs=nnx.Rngs(1)).save_pretrained(source)  # stored in bfloat16
+    result = train(small_config(tmp_path, model=str(source), steps="4", plan="single", dtype="bfloat16"))
     assert result.end_step == 4 and all(np.isfinite(result.losses))
     run = load_trained(tmp_path / "run")
     assert run.model.config.vocab_size == 300
     assert run.model.config.num_layers == 2
+    # bfloat16 compute, float32 master weights, whatever the checkpoint's storage dtype.
+    assert (run.model.config.dtype, run.model.config.param_dtype) == ("bfloat16", "float32")

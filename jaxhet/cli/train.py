@@ -23,6 +23,11 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _percent(mfu: float | None) -> str:
+    """MFU for display; "n/a" where the devices have no catalogued peak (CPUs, emulated clusters)."""
+    return "n/a (no GPU peak)" if mfu is None else f"{100 * mfu:.1f}%"
+
+
 def save_loss_curve(metrics_path: Path, png_path: Path) -> Path:
     """Plot the loss of every step recorded in a run's metrics file."""
     import json
@@ -75,17 +80,19 @@ def train(
         columns = (
             TextColumn("[bold]step {task.completed}/{task.total}"),
             BarColumn(),
-            TextColumn("loss {task.fields[loss]:.3f}  {task.fields[rate]:,.0f} tok/s"),
+            TextColumn("loss {task.fields[loss]:.3f}  {task.fields[rate]:,.0f} tok/s  MFU {task.fields[mfu]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
         )
         with Progress(*columns, console=console, transient=False) as progress_bar:
-            task = progress_bar.add_task("train", total=cfg.steps, loss=float("nan"), rate=0.0)
+            task = progress_bar.add_task("train", total=cfg.steps, loss=float("nan"), rate=0.0, mfu=_percent(None))
 
             def on_step(record: dict) -> None:
                 rate = record["tokens"] / max(record["seconds"], 1e-9)
-                progress_bar.update(task, completed=record["step"], loss=record["loss"], rate=rate)
+                progress_bar.update(
+                    task, completed=record["step"], loss=record["loss"], rate=rate, mfu=_percent(record["mfu"])
+                )
 
             result = run_training(cfg, resume=resume, progress=on_step)
     curve = save_loss_curve(result.checkpoint_dir / "metrics.jsonl", result.checkpoint_dir / "loss.png")
@@ -100,9 +107,14 @@ def train(
             "throughput",
             f"{result.tokens:,} tokens in {result.seconds:.1f}s = {result.tokens / result.seconds:,.0f} tok/s",
         )
+        table.add_row(
+            "model FLOPs",
+            f"{result.model_flops / result.seconds / 1e12:.3g} TFLOP/s, MFU {_percent(result.mfu)}",
+        )
     table.add_row("plan", result.plan)
     table.add_row("checkpoints", str(result.checkpoint_dir))
     table.add_row("loss curve", str(curve))
+    table.add_row("TensorBoard", f"tensorboard --logdir {result.tensorboard_dir}")
     console.print(table)
     if result.interrupted:
         raise typer.Exit(code=130)

@@ -84,15 +84,22 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 
 def load_pretrained(
-    path: str | os.PathLike, *, dtype: str | None = None, attention_backend: str | None = None
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    attention_backend: str | None = None,
 ) -> Llama:
-    """Build a `Llama` from a local HF directory; `dtype` overrides both compute and parameter dtypes."""
+    """Build a `Llama` from a local HF directory. `dtype` overrides the compute dtype and, unless `param_dtype` is
+    given, the parameter dtype too (training asks for bfloat16 compute over float32 master weights this way)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     overrides = {}
     if dtype is not None:
         overrides.update(dtype=dtype, param_dtype=dtype)
+    if param_dtype is not None:
+        overrides["param_dtype"] = param_dtype
     if attention_backend is not None:
         overrides["attention_backend"] = attention_backend
     config = LlamaConfig.from_hf_dict(read_config(path), **overrides)

@@ -365,12 +365,17 @@ class Llama(nnx.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, dtype: str | None = None, attention_backend: str | None = None
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: str | None = None,
+        param_dtype: str | None = None,
+        attention_backend: str | None = None,
     ) -> Llama:
         """Load a local Hugging Face Llama directory (config.json + safetensors, single file or sharded)."""
         from jaxhet.models.hf import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, attention_backend=attention_backend)
+        return load_pretrained(path, dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write config.json and model.safetensors that `transformers.LlamaForCausalLM` loads."""

@@ -48,7 +48,9 @@ class TrainConfig:
     Hugging Face Llama directory to fine-tune. `plan` is "auto" (ask the planner for `cluster`), "single" (one
     device: the reference every plan must match) or a plan JSON file. `use_all_devices` makes the planner keep
     every device of `cluster` busy, so that an emulated cluster runs a truly heterogeneous plan; turn it off to let
-    the planner leave devices idle where its cost model says that is faster.
+    the planner leave devices idle where its cost model says that is faster. `dtype` is the compute dtype:
+    "bfloat16" runs matmuls and activations in bfloat16 while parameters, gradients and optimizer state stay float32
+    master copies (mixed precision); the loss is always computed in float32.
     """
 
     model: str = "tiny"

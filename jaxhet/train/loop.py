@@ -1,71 +1,69 @@
-"""The training loop: a model, its data, an optimizer, and a step that runs on one device or on an HSPMD plan.
+"""The training loop: a model, its data, and steps (`jaxhet.train.step`) on one device or on an HSPMD plan, with
+checkpoints and metrics.
 
-Parameters and optimizer state live on one home device between steps; with a plan, each step sends them to the
-plan's stages (`meshes.PlanExecutor`) and brings the summed gradients back, so `--plan single` and any plan give
-the same loss at every step. Everything a run needs to continue exactly is checkpointed: parameters, optimizer
-state (which holds the step count the learning-rate schedule reads) and the data iterator's position.
+Everything a run needs to continue exactly is checkpointed: parameters, optimizer state (which holds the step
+count the learning-rate schedule reads) and the data iterator's position. Parameters and optimizer state stay in
+their owners' layout throughout (see `jaxhet.train.step`); checkpoints do not depend on it: Orbax writes each
+array from wherever it lives and restores it into whatever layout the resuming run (or `load_trained`, on one
+device) asks for.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 import yaml
 from flax import nnx
 
 from jaxhet.data import PackedBatches
 from jaxhet.models import Llama, LlamaConfig
-from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
 from jaxhet.tokenizers import Tokenizer, load_tokenizer
 from jaxhet.train.checkpoints import CheckpointStore
 from jaxhet.train.config import TrainConfig
+from jaxhet.train.flops import peak_flops
+from jaxhet.train.meter import ThroughputMeter
+from jaxhet.train.metrics import MetricsLog
+from jaxhet.train.step import (
+    Execution,
+    initial_state,
+    learning_rate_schedule,
+    plan_execution,
+    single_device_execution,
+    train_step,
+)
+from meshes import HetMesh
 
 log = logging.getLogger(__name__)
-Params = Any
-StepFn = Callable[[Params, dict], tuple[jax.Array, Params]]
+MASTER_DTYPE = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    """What a run did: per-step losses from this process, where it started and stopped, and why it stopped."""
+    """What a run did: per-step losses from this process, where it started and stopped, why it stopped, the model
+    FLOPs it did, and their utilisation of its devices' peak over the whole run, compilation included (None on
+    CPUs and emulated clusters)."""
 
     start_step: int
     end_step: int
     losses: tuple[float, ...]
     tokens: int
     seconds: float
+    model_flops: float
+    mfu: float | None
     interrupted: bool
     plan: str
     checkpoint_dir: Path
-
-
-def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    o = config.optim
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=o.learning_rate,
-        warmup_steps=min(o.warmup_steps, config.steps),
-        decay_steps=max(config.steps, o.warmup_steps + 1),
-        end_value=o.learning_rate * o.min_lr_ratio,
-    )
-    return optax.chain(
-        optax.clip_by_global_norm(o.grad_clip),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
-    )
+    tensorboard_dir: Path
 
 
 def build_model(config: TrainConfig, vocab_size: int, key: jax.Array) -> Llama:
+    """The model to train: computing in `config.dtype` over float32 master parameters (gradients and optimizer
+    state are float32 too, whatever dtype a fine-tuned checkpoint was stored in)."""
     if config.model == "tiny":
         model_config = LlamaConfig.tiny(
             vocab_size=vocab_size,
@@ -76,10 +74,13 @@ def build_model(config: TrainConfig, vocab_size: int, key: jax.Array) -> Llama:
             intermediate_size=config.intermediate_size,
             max_position_embeddings=max(1024, config.data.seq_len),
             dtype=config.dtype,
+            param_dtype=MASTER_DTYPE,
             attention_backend=config.attention_backend,
         )
         return Llama(model_config, rngs=nnx.Rngs(params=key))
-    model = Llama.from_pretrained(config.model, attention_backend=config.attention_backend)
+    model = Llama.from_pretrained(
+        config.model, dtype=config.dtype, param_dtype=MASTER_DTYPE, attention_backend=config.attention_backend
+    )
     if model.config.vocab_size < vocab_size:
         raise ValueError(
             f"the tokenizer has {vocab_size} tokens but the model {config.model} only {model.config.vocab_size}"
@@ -116,25 +117,15 @@ def _resolve_plan(config: TrainConfig, cluster, model: Llama, directory: Path, r
     return plan
 
 
-def _step_function(config: TrainConfig, model: Llama, directory: Path, resume: bool) -> tuple[StepFn, Any]:
-    """The step computing loss and gradients of one batch, and the plan it runs (None for one device, where the
-    step is plain `jax.jit`; otherwise the plan's HSPMD executor)."""
+def _execution(config: TrainConfig, model: Llama, directory: Path, resume: bool) -> Execution:
+    """One device for `--plan single`; otherwise the HSPMD executor of the plan `config` asks for."""
     if config.plan == "single":
-        loss_sum = llama_loss_sum(model)
-        return jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"]))), None
-    import meshes
+        return single_device_execution(model)
     import planners
 
     cluster = planners.ClusterSpec.load(config.cluster)
     plan = _resolve_plan(config, cluster, model, directory, resume)
-    executor = meshes.PlanExecutor(plan, meshes.HetMesh.from_cluster(cluster), StagedLlama(model.config))
-    return executor.value_and_grad, plan
-
-
-def _fresh_state(model: Llama, optimizer: optax.GradientTransformation) -> dict:
-    """Parameters and optimizer state as checkpointed: the structure every restore reads into."""
-    params = llama_params(model)
-    return {"params": params, "opt_state": optimizer.init(params)}
+    return plan_execution(model, plan, HetMesh.from_cluster(cluster))
 
 
 class _StopRequest:
@@ -157,25 +148,17 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines past `last_step` (written before a crash, recomputed after resuming)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict], None] | None = None) -> TrainResult:
     """Run (or continue, with `resume`) the training `config` describes; `progress` receives each step's metrics."""
     directory = Path(config.checkpoint_dir)
+    store = CheckpointStore(directory, keep=config.keep)
+    if not resume and store.steps():
+        raise ValueError(f"{directory} already holds checkpoints; pass --resume, or choose another checkpoint_dir")
     data = PackedBatches(config.data)
     model = build_model(config, data.vocab_size, jax.random.key(config.seed))
-    optimizer = build_optimizer(config)
-    home = jax.devices()[0]
-    state = jax.device_put(_fresh_state(model, optimizer), home)
-    store = CheckpointStore(directory, keep=config.keep)
+    execution = _execution(config, model, directory, resume)
+    optimizer, state = initial_state(config, model, execution.shardings)
     start_step = 0
-    metrics_path = directory / "metrics.jsonl"
     if resume:
         restored = store.restore_latest(jax.tree.map(_abstract, state))
         if restored is None:
@@ -183,31 +166,29 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
         else:
             start_step, state, meta = restored
             data.restore(meta["data"])
-            _trim_metrics(metrics_path, start_step)
-    elif store.steps():
-        raise ValueError(f"{directory} already holds checkpoints; pass --resume, or choose another checkpoint_dir")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    step_fn, plan = _step_function(config, model, directory, resume)
-    update = jax.jit(optimizer.update)
+    plan = execution.plan
+    schedule = learning_rate_schedule(config)
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(state["params"]))
+    meter = ThroughputMeter(model.config, num_params, peak_flops(execution.devices))
 
     losses: list[float] = []
-    tokens = 0
-    started = time.perf_counter()
     step = start_step
-    with _StopRequest() as stop, metrics_path.open("a") as metrics:
+    with _StopRequest() as stop, MetricsLog(directory, start_step) as metrics:
         while step < config.steps and not stop.requested:
             batch = next(data)
-            loss, grads = step_fn(state["params"], batch)
-            grads = jax.device_put(grads, home)
-            updates, opt_state = update(grads, state["opt_state"], state["params"])
-            state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+            state, loss, grad_norm = train_step(execution, optimizer, state, batch)
             step += 1
-            loss = float(loss)
-            losses.append(loss)
-            tokens += int(np.sum(batch["weights"]))
-            record = {"step": step, "loss": loss, "tokens": tokens, "seconds": time.perf_counter() - started}
-            metrics.write(json.dumps(record) + "\n")
+            losses.append(float(loss))
+            record = {
+                "step": step,
+                "loss": losses[-1],
+                "lr": float(schedule(step - 1)),
+                "grad_norm": float(grad_norm),
+                **meter.step(batch),
+            }
+            metrics.write(record)
             if progress is not None:
                 progress(record)
             if step % config.save_every == 0 or step == config.steps or stop.requested:
@@ -219,11 +200,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
         start_step=start_step,
         end_step=step,
         losses=tuple(losses),
-        tokens=tokens,
-        seconds=time.perf_counter() - started,
+        tokens=meter.tokens,
+        seconds=meter.seconds,
+        model_flops=meter.model_flops,
+        mfu=meter.mfu,
         interrupted=step < config.steps,
         plan="single device" if plan is None else _describe(plan),
         checkpoint_dir=directory,
+        tensorboard_dir=metrics.tensorboard_dir,
     )
 
 
@@ -258,7 +242,8 @@ def load_trained(directory: str | Path) -> TrainedRun:
     config = TrainConfig.load(directory / "config.yaml")
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = build_model(config, tokenizer.vocab_size, jax.random.key(config.seed))
-    abstract = jax.tree.map(_abstract, _fresh_state(model, build_optimizer(config)))
+    _, state = initial_state(config, model, single_device_execution(model).shardings)
+    abstract = jax.tree.map(_abstract, state)
     restored = CheckpointStore(directory, keep=config.keep).restore_latest(abstract)
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")

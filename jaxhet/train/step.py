@@ -1,0 +1,92 @@
+"""One training step: loss and gradients where an execution computes them, then the optimizer where each parameter
+lives.
+
+Between steps every parameter and its optimizer moments live with their owner: with a plan, the stage that owns
+the parameter, in its tensor-parallel layout (`meshes.PlanExecutor.owner_shardings`); on one device, that device.
+A step computes gradients (summed back to the owners by the executor) and runs the optimizer on each owner group's
+devices (`meshes.GroupedOptimizer`, which also clips by the global gradient norm), so the model and its optimizer
+state never gather on one device, and one device and any plan give the same loss at every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxhet.models import Llama
+from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
+from jaxhet.train.config import TrainConfig
+from meshes import GroupedOptimizer, HetMesh, PlanExecutor
+
+Params = Any
+State = dict[str, Any]
+StepFn = Callable[[Params, dict], tuple[jax.Array, Params]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How a step computes: `value_and_grad(params, batch)` giving the mean loss and gradients in the owner layout,
+    `shardings` (each parameter's owner placement, a tree like the parameters), the plan (None: one device) and
+    the devices the step computes on."""
+
+    value_and_grad: StepFn
+    shardings: Params
+    plan: Any
+    devices: tuple[jax.Device, ...]
+
+
+def single_device_execution(model: Llama) -> Execution:
+    """Plain `jax.jit` of the whole model's loss and gradients on the first device: the reference of every plan."""
+    loss_sum = llama_loss_sum(model)
+    value_and_grad = jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
+    device = jax.devices()[0]
+    placement = jax.sharding.SingleDeviceSharding(device)
+    return Execution(value_and_grad, jax.tree.map(lambda _: placement, llama_params(model)), None, (device,))
+
+
+def plan_execution(model: Llama, plan: Any, hetmesh: HetMesh) -> Execution:
+    """The HSPMD executor of `plan` (a `planners.TrainPlan`) on `hetmesh`'s devices."""
+    executor = PlanExecutor(plan, hetmesh, StagedLlama(model.config))
+    devices = tuple(hetmesh.devices[d] for d in plan.devices)
+    return Execution(executor.value_and_grad, executor.owner_shardings(llama_params(model)), plan, devices)
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0, then cosine decay to `min_lr_ratio` of the peak at the last step."""
+    o = config.optim
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=o.learning_rate,
+        warmup_steps=min(o.warmup_steps, config.steps),
+        decay_steps=max(config.steps, o.warmup_steps + 1),
+        end_value=o.learning_rate * o.min_lr_ratio,
+    )
+
+
+def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW on the schedule. Gradient clipping is not part of it: it needs the norm over every parameter, which
+    `GroupedOptimizer` sums across owner groups before running this per-leaf update in each group."""
+    o = config.optim
+    return optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+
+
+def initial_state(config: TrainConfig, model: Llama, shardings: Params) -> tuple[GroupedOptimizer, State]:
+    """The optimizer for parameters laid out as `shardings`, and the state a run carries and checkpoints
+    (`params` and `opt_state`, in that layout): the structure every restore reads into."""
+    params = llama_params(model)
+    optimizer = GroupedOptimizer(build_optimizer(config), config.optim.grad_clip, shardings)
+    return optimizer, {"params": jax.device_put(params, shardings), "opt_state": optimizer.init(params)}
+
+
+def train_step(
+    execution: Execution, optimizer: GroupedOptimizer, state: State, batch: dict
+) -> tuple[State, jax.Array, jax.Array]:
+    """One optimisation step on `batch`: (new state, the batch's mean loss, the gradient norm before clipping)."""
+    loss, grads = execution.value_and_grad(state["params"], batch)
+    params, opt_state, grad_norm = optimizer.step(state["params"], grads, state["opt_state"])
+    return {"params": params, "opt_state": opt_state}, loss, grad_norm
