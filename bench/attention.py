@@ -18,16 +18,14 @@ TFLOP/s count the useful matmul work: forward 4·B·H·S²·D (halved when causa
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from record import provenance, save
 
 import pallas_kernels as pk
 
@@ -168,25 +166,14 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     )
     _print_table(rows)
 
-    device = jax.devices()[0]
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     report = dict(
-        benchmark="attention",
-        date=date,
-        device=device.device_kind,
-        platform=device.platform,
-        host=platform.node(),
-        jax_version=jax.__version__,
+        **provenance("attention"),
         interpret=pk.default_interpret(),
         smoke=args.smoke,
         shape=dict(batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, block=args.block),
         rows=rows,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"attention_{device.platform}{'_smoke' if args.smoke else ''}_{date.replace(':', '')}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
-    return path
+    return save(report, args.out, smoke=args.smoke)
 
 
 if __name__ == "__main__":

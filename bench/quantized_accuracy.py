@@ -14,14 +14,12 @@ path there (same quantisation as the kernel); `--implementation pallas` measures
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
-import platform
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from record import provenance, save
 
 import pallas_kernels as pk
 
@@ -94,16 +92,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     rows = measure(data, causal=args.causal, block=args.block, implementation=args.implementation)
     print_table(rows)
     int8 = [r["cosine"] for r in rows if r["qk_bits"] == 8 and r["smooth_k"]]
-    device = jax.devices()[0]
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     report = dict(
-        benchmark="quantized_accuracy",
-        date=date,
-        device=device.device_kind,
-        platform=device.platform,
-        host=platform.node(),
-        jax_version=jax.__version__,
-        numpy_version=np.__version__,
+        **provenance("quantized_accuracy"),
         implementation=args.implementation or ("xla" if pk.default_interpret() else "pallas"),
         shape=shape,
         block=args.block,
@@ -113,11 +103,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         int8_target_met=min(int8) >= INT8_TARGET,
         rows=rows,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"quantized_accuracy_{device.platform}_{date.replace(':', '')}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"int8 (smoothed) min cosine {min(int8):.6f} (target {INT8_TARGET}); wrote {path}")
-    return path
+    print(f"int8 (smoothed) min cosine {min(int8):.6f} (target {INT8_TARGET})")
+    return save(report, args.out)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,12 @@ It prints both tables and writes JSON (device, versions, shapes, date, rows) int
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
-import platform
 
 import jax
 import jax.numpy as jnp
 from attention import _time
+from record import provenance, save
 
 import pallas_kernels as pk
 from pallas_kernels import kv_cache
@@ -185,15 +183,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     decode = bench_decode(decode_shape, args.page_sizes, copy_bps, args.repeats)
     print_tables(prefill, decode, copy_bps)
 
-    device = jax.devices()[0]
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     report = dict(
-        benchmark="quantized_attention",
-        date=date,
-        device=device.device_kind,
-        platform=device.platform,
-        host=platform.node(),
-        jax_version=jax.__version__,
+        **provenance("quantized_attention"),
         interpret=pk.default_interpret(),
         smoke=args.smoke,
         prefill_shape=dict(prefill_shape, dtype="bfloat16", block=args.block),
@@ -201,13 +192,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         copy_tb_per_s=copy_bps / 1e12,
         rows=prefill + decode,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = (
-        args.out / f"quantized_attention_{device.platform}{'_smoke' if args.smoke else ''}_{date.replace(':', '')}.json"
-    )
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
-    return path
+    return save(report, args.out, smoke=args.smoke)
 
 
 if __name__ == "__main__":

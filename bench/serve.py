@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
-import json
 import pathlib
-import platform
 import statistics
 import time
 
@@ -29,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from record import provenance, save
 
 from jaxhet.generate import SamplingConfig, generate
 from jaxhet.models import Llama, LlamaConfig
@@ -188,25 +186,15 @@ def main() -> None:
         f"decode at batch {args.batch}, context {args.prompt_len}: {decode['step_ms']:.2f} ms/step, "
         f"{decode['fraction_of_copy']:.0%} of a measured copy ({copy_bw / 1e9:.0f} GB/s)"
     )
-    device = jax.devices()[0]
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%S%z")
     report = {
-        "benchmark": "serve",
-        "device": device.device_kind,
-        "platform": device.platform,
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "date": date,
+        **provenance("serve"),
         "model": dataclasses.asdict(config),
         "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"engine": dataclasses.asdict(engine_config)},
         "copy_bytes_per_s": copy_bw,
         "decode": decode,
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serve_{device.platform}{'_smoke' if args.smoke else ''}_{date}.json"
-    path.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {path}")
+    save(report, args.out, smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,11 @@ Runs on any backend (the attention kernels run in interpret mode off GPU).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
-import platform
 
 import jax
 import jax.numpy as jnp
+from record import provenance, save
 
 import pallas_kernels as pk
 from pallas_kernels.synthetic import local_global_qkv
@@ -68,23 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'method':9} {'causal':6} {'tau':>5} {'density':>8} {'rel L1':>9}")
     for r in rows:
         print(f"{r['method']:9} {str(r['causal']):6} {r['tau']:5.2f} {r['density']:8.3f} {r['rel_l1']:9.4f}")
-    device = jax.devices()[0]
     report = dict(
-        benchmark="sparsity_quality",
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=device.device_kind,
-        platform=device.platform,
-        host=platform.node(),
-        jax_version=jax.__version__,
+        **provenance("sparsity_quality"),
         shape=dict(batch=1, length=args.length, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim),
         block=args.block,
         inputs="pallas_kernels.synthetic.local_global_qkv",
         rows=rows,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"sparsity_quality_{device.platform}_{report['date'].replace(':', '')}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    save(report, args.out)
 
 
 if __name__ == "__main__":

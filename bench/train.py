@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
-import importlib.metadata
-import json
 import pathlib
-import platform
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from record import provenance, save
 
 from jaxhet import Llama, LlamaConfig
 from jaxhet.parallel import llama_loss_sum, llama_params
@@ -104,10 +101,6 @@ def _print_table(rows: list[dict]) -> None:
             f"{r['step']:14} {r['attention']:20} {r['step_ms']:9.2f} {r['tokens_per_s']:10,.0f} "
             f"{r['model_tflops']:8.3g} {mfu:>6} {r['vs_plain']:8.3f} {r['last_loss']:7.3f}"
         )
-
-
-def _versions() -> dict[str, str]:
-    return {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")}
 
 
 def main(argv: list[str] | None = None) -> pathlib.Path:
@@ -182,14 +175,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     print(f"batch {args.batch} x {args.seq} tokens, {args.dtype} compute, float32 master weights")
     _print_table(rows)
 
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     report = dict(
-        benchmark="train",
-        date=date,
-        device=device.device_kind,
-        platform=device.platform,
-        host=platform.node(),
-        versions=_versions(),
+        **provenance("train"),
         smoke=args.smoke,
         shapes=dict(batch=args.batch, seq_len=args.seq, model=config.to_hf_dict()),
         num_params=num_params,
@@ -199,11 +186,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         timed_steps=args.steps,
         rows=rows,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"train_{device.platform}{'_smoke' if args.smoke else ''}_{date.replace(':', '')}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
-    return path
+    return save(report, args.out, smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ import pytest
 from flax import nnx
 
 from jaxhet.generate import SamplingConfig, generate
+from jaxhet.loading import load_model
 from jaxhet.models import Llama, LlamaConfig
 from jaxhet.serve import Engine, EngineConfig, SamplingParams
 from jaxhet.serve import runner as runner_module
 from jaxhet.tokenizers import ByteTokenizer
+from jaxhet.train import TrainConfig, train
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0)
 LENGTHS = (5, 37, 1, 70, 12, 3, 100, 9, 44, 17)
@@ -200,3 +202,17 @@ def test_a_handoff_into_an_engine_with_another_cache_format_is_refused(model, pr
     (output,) = prefill.step()
     with pytest.raises(ValueError, match="kv_format='int8'"):
         _engine(model, kv_format="bfloat16").add_handoff("r", output.handoff, GREEDY)
+
+
+def test_a_trained_run_is_served_as_the_generator_continues_it(tmp_path):
+    overrides = {"num_layers": "2", "hidden_size": "64", "intermediate_size": "160", "data.seq_len": "32"}
+    overrides |= {"data.batch_size": "4", "data.max_documents": "20", "steps": "2", "plan": "single"}
+    train(TrainConfig.load(None, {**overrides, "checkpoint_dir": str(tmp_path / "run")}))
+    loaded = load_model(run=tmp_path / "run")
+    prompt = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode("import os")]
+    config = EngineConfig(max_running=2, num_pages=8, kv_format="float32", max_model_len=64, prefill_chunk=32)
+    engine = Engine(loaded.model, loaded.tokenizer, config)
+    (served,) = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0))
+    (expected,) = generate(loaded.model, [prompt], SamplingConfig(max_new_tokens=8), jax.random.key(0))
+    assert served.token_ids == expected[: len(served.token_ids)]
+    assert len(served.token_ids) == 8 or served.token_ids[-1] == loaded.tokenizer.eos_id
