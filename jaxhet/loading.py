@@ -42,3 +42,13 @@ def load_model(
     config = LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, **({"dtype": dtype} if dtype else {}))
     model = Llama(config, rngs=nnx.Rngs(params=jax.random.key(0) if key is None else key))
     return LoadedModel(model, tokenizer, "a fresh tiny model (random weights: expect noise until it is trained)")
+
+
+def load_model_dir(path: Path, *, dtype: str | None = None) -> LoadedModel:
+    """A `jaxhet train` run (it holds config.yaml) or a Hugging Face directory (config.json), told apart by content."""
+    path = Path(path)
+    if (path / "config.yaml").is_file():
+        return load_model(run=path)
+    if (path / "config.json").is_file():
+        return load_model(hf_dir=path, dtype=dtype)
+    raise FileNotFoundError(f"{path} is neither a jaxhet train run (config.yaml) nor a Hugging Face model directory")

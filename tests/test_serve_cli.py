@@ -13,6 +13,11 @@ from pathlib import Path
 
 import httpx
 import openai
+from flax import nnx
+
+import planners
+from jaxhet.models import Llama, LlamaConfig
+from jaxhet.tokenizers import ByteTokenizer
 
 
 def _free_port() -> int:
@@ -35,31 +40,89 @@ def _jaxhet(*args: str, cwd) -> subprocess.Popen:
     )
 
 
-def test_serve_with_no_model_serves_a_fresh_tiny_model_and_drains_on_sigterm(tmp_path):
+def _serve(*args: str, cwd) -> tuple[subprocess.Popen, str]:
+    """Start `jaxhet serve ARGS` on a free port and wait until it answers /health."""
     port = _free_port()
-    process = _jaxhet("serve", "--port", str(port), "--max-model-len", "128", "--num-pages", "32", cwd=tmp_path)
+    process = _jaxhet("serve", "--port", str(port), "--max-model-len", "128", "--num-pages", "32", *args, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("the server did not come up")
+        time.sleep(0.5)
+
+
+def _stop(process: subprocess.Popen) -> str:
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    return output
+
+
+def test_serve_with_no_model_serves_a_fresh_tiny_model_and_drains_on_sigterm(tmp_path):
+    process, url = _serve(cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.5)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         (model,) = client.models.list()
         assert model.id == "jaxhet-tiny"
         response = client.completions.create(model=model.id, prompt="print(", max_tokens=5, temperature=0)
         assert response.usage.completion_tokens == 5
     finally:
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
-    assert process.returncode == 0, output
+        output = _stop(process)
     assert "serving jaxhet-tiny" in output
+
+
+def test_serve_a_cascade_plan_over_two_hugging_face_checkpoints(tmp_path):
+    for name, layers in (("small", 1), ("large", 2)):
+        config = LlamaConfig.tiny(vocab_size=ByteTokenizer.vocab_size, num_layers=layers, dtype="float32")
+        Llama(config, rngs=nnx.Rngs(layers)).save_pretrained(tmp_path / name)
+    replica = dict(kind="H100", tp=1, max_batch=8, capacity_rps=1.0, routed_rps=1.0)
+    deployment = planners.ServePlan(
+        replicas=(
+            planners.ServeReplica(model="small", devices=(0,), **replica),
+            planners.ServeReplica(model="large", devices=(1,), **replica),
+        ),
+        objective="min_latency",
+        throughput_scale=1.0,
+        price_per_hour=0.0,
+        rates={"small": 1.0, "large": 0.5},
+    )
+    plan = planners.CascadePlan(
+        models=("small", "large"),
+        thresholds=(-1e9,),  # the small model's answer is always kept
+        deployment=deployment,
+        latency_s=1.0,
+        quality=0.9,
+        reach=(1.0, 0.0),
+        arrival_rate=1.0,
+        weight=0.5,
+        min_quality=None,
+        front=(),
+        single=(),
+    )
+    (tmp_path / "cascade.json").write_text(plan.to_json())
+    args = ["--plan", "cascade.json", "--model", "small=small", "--model", "large=large", "--name", "fast"]
+    process, url = _serve(*args, "--kv-format", "int8", cwd=tmp_path)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert sorted(m.id for m in client.models.list()) == ["fast", "large", "small"]
+        response = client.completions.create(model="fast", prompt="x", max_tokens=4, temperature=0)
+        assert response.model == "small"
+    finally:
+        _stop(process)
+
+
+def test_serve_names_a_cascade_model_without_weights(tmp_path):
+    process = _jaxhet("serve", "--plan", "missing.json", cwd=tmp_path)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2 and "missing.json" in output and "Traceback" not in output
 
 
 def test_serve_refuses_a_bad_option_in_one_line(tmp_path):

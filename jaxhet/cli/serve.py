@@ -1,7 +1,9 @@
-"""`jaxhet serve`: an OpenAI-compatible HTTP server over a trained run, a Hugging Face checkpoint or a tiny model."""
+"""`jaxhet serve`: an OpenAI-compatible HTTP server over trained runs, Hugging Face checkpoints or a tiny model,
+one model or several as a serving or cascade plan lays them out."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,23 +13,54 @@ from rich.console import Console
 from jaxhet.cli.errors import user_errors
 
 DEFAULT_RUN = Path("runs/latest")
+PLAN_FORMATS = ("jaxhet.serve_plan", "jaxhet.cascade_plan")
 
 
-def _source(checkpoint: Path | None, model: Path | None) -> tuple[Path | None, Path | None]:
-    """(run, hf_dir) to load: what was asked for, else the default `jaxhet train` run when it exists."""
-    if checkpoint is None and model is None and (DEFAULT_RUN / "config.yaml").is_file():
-        return DEFAULT_RUN, None
-    return checkpoint, model
+def _named_sources(checkpoint: Path | None, models: list[str], name: str | None) -> dict[str, Path | None]:
+    """Served name -> directory to load (None: a fresh tiny model), from `--checkpoint` and `--model` entries."""
+    sources: dict[str, Path | None] = {}
+    for entry in models:
+        served, sep, directory = entry.partition("=")
+        if not sep:
+            served, directory = name or Path(entry).resolve().name, entry
+        if served in sources:
+            raise ValueError(f"--model names {served!r} twice")
+        sources[served] = Path(directory)
+    if checkpoint is not None:
+        sources[name or checkpoint.resolve().name] = checkpoint
+    if not sources:
+        default = DEFAULT_RUN if (DEFAULT_RUN / "config.yaml").is_file() else None
+        sources[name or (DEFAULT_RUN.name if default else "jaxhet-tiny")] = default
+    return sources
+
+
+def _read_plan(path: Path):
+    import planners
+
+    text = path.read_text()
+    kind = json.loads(text).get("format")
+    if kind not in PLAN_FORMATS:
+        raise ValueError(f"{path}: format must be one of {list(PLAN_FORMATS)}, got {kind!r}")
+    return (planners.CascadePlan if kind == "jaxhet.cascade_plan" else planners.ServePlan).from_json(text)
 
 
 def serve(
     checkpoint: Annotated[
         Path | None, typer.Option(help=f"A `jaxhet train` run directory (default: {DEFAULT_RUN} when it exists).")
     ] = None,
-    model: Annotated[Path | None, typer.Option(help="A local Hugging Face Llama directory instead.")] = None,
-    name: Annotated[str | None, typer.Option(help="Model name clients ask for (default: the directory name).")] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A model directory (Hugging Face or `jaxhet train` run), or NAME=DIR; repeat to serve several "
+            "(a plan's models are matched by NAME)."
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Name clients ask for: of the model (default: its directory) or the cascade.")
+    ] = None,
     plan: Annotated[
-        Path | None, typer.Option(help="A serving plan JSON (`jaxhet plan serve -o`): replicas on its devices.")
+        Path | None,
+        typer.Option(help="A serving plan (`jaxhet plan serve -o`) or cascade plan (`jaxhet plan cascade -o`) JSON."),
     ] = None,
     replicas: Annotated[int, typer.Option(min=1, help="Engines on distinct local devices, without a plan.")] = 1,
     host: Annotated[
@@ -47,12 +80,12 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body accepted.")] = 1 << 20,
     dtype: Annotated[str | None, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")] = None,
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics)."""
+    """Serve models over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics)."""
     console = Console()
     with user_errors():
         import planners
-        from jaxhet.loading import load_model
-        from jaxhet.serve import EngineConfig, ServerConfig, build_deployments, create_app
+        from jaxhet.loading import load_model, load_model_dir
+        from jaxhet.serve import EngineConfig, ServerConfig, build_cascade, build_deployments, create_app
 
         engine_config = EngineConfig(
             max_running=max_running,
@@ -62,19 +95,25 @@ def serve(
             max_model_len=max_model_len,
         )
         server_config = ServerConfig(api_key=api_key, max_body_bytes=max_body_bytes)
-        run, hf_dir = _source(checkpoint, model)
-        loaded = load_model(run=run, hf_dir=hf_dir, dtype=dtype)
-        served_name = name or (Path(run or hf_dir).resolve().name if (run or hf_dir) else "jaxhet-tiny")
-        serve_plan = planners.ServePlan.from_json(plan.read_text()) if plan is not None else None
-        if serve_plan is not None:
-            planned = sorted({replica.model for replica in serve_plan.replicas})
-            if len(planned) != 1:
-                raise ValueError(f"the plan serves {len(planned)} models ({planned}); jaxhet serve loads one model")
-            served_name = planned[0]
-        console.print(f"[dim]model: {loaded.source}; compiling the engines' shape buckets...[/]")
-        deployments = build_deployments({served_name: loaded}, engine_config, replicas=replicas, plan=serve_plan)
+        loaded_plan = _read_plan(plan) if plan is not None else None
+        cascade = isinstance(loaded_plan, planners.CascadePlan)
+        sources = _named_sources(checkpoint, model or [], None if cascade else name)
+        if isinstance(loaded_plan, planners.ServePlan):
+            planned = sorted({replica.model for replica in loaded_plan.replicas})
+            if len(planned) == 1 and len(sources) == 1:
+                sources = {planned[0]: next(iter(sources.values()))}
+        loaded = {
+            served: load_model_dir(directory, dtype=dtype) if directory else load_model(dtype=dtype)
+            for served, directory in sources.items()
+        }
+        for served, model_loaded in loaded.items():
+            console.print(f"[dim]{served}: {model_loaded.source}[/]")
+        console.print("[dim]compiling the engines' shape buckets...[/]")
+        if cascade:
+            deployments = build_cascade(loaded, engine_config, loaded_plan, name=name or "cascade")
+        else:
+            deployments = build_deployments(loaded, engine_config, replicas=replicas, plan=loaded_plan)
     from jaxhet.serve.server import serve_forever
 
-    names = ", ".join(f"{n} ({len(d.replicas)} replica{'s' * (len(d.replicas) > 1)})" for n, d in deployments.items())
-    console.print(f"serving {names} on http://{host}:{port}/v1 (Ctrl-C drains and stops)")
+    console.print(f"serving {', '.join(deployments)} on http://{host}:{port}/v1 (Ctrl-C drains and stops)")
     serve_forever(create_app(deployments, server_config), host=host, port=port)

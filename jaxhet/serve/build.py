@@ -15,7 +15,7 @@ import planners
 from jaxhet.loading import LoadedModel
 from jaxhet.serve.async_engine import AsyncEngine
 from jaxhet.serve.config import EngineConfig
-from jaxhet.serve.deployment import DisaggregatedDeployment, ModelDeployment
+from jaxhet.serve.deployment import CascadeDeployment, DisaggregatedDeployment, ModelDeployment
 from jaxhet.serve.engine import Engine
 
 
@@ -75,3 +75,28 @@ def _deployment(
         return [_engine(f"{name}-{role}-{i}", loaded, config, d) for i, d in enumerate(roles[role])]
 
     return DisaggregatedDeployment(name, engines("decode"), prefill=engines("prefill"))
+
+
+def build_cascade(
+    models: Mapping[str, LoadedModel],
+    config: EngineConfig,
+    plan: planners.CascadePlan,
+    *,
+    name: str = "cascade",
+    devices: Sequence[jax.Device] | None = None,
+) -> dict[str, ModelDeployment | CascadeDeployment]:
+    """The deployments of a cascade plan: every model on the replicas the plan gives it, each servable by its own
+    name, and the cascade itself under `name` (its models in plan order, escalating below the plan's thresholds)."""
+    missing = [m for m in plan.models if m not in models]
+    if missing:
+        raise ValueError(f"the cascade plan needs weights for {missing}; given: {sorted(models)}")
+    deployments: dict[str, ModelDeployment | CascadeDeployment] = dict(
+        build_deployments(models, config, plan=plan.deployment, devices=devices)
+    )
+    unplaced = [m for m in plan.models if m not in deployments]
+    if unplaced:
+        raise ValueError(f"the cascade plan gives no replica to {unplaced}")
+    if name in deployments:
+        raise ValueError(f"the cascade's name {name!r} is also a model's name; choose another")
+    deployments[name] = CascadeDeployment(name, [deployments[m] for m in plan.models], list(plan.thresholds))
+    return deployments
