@@ -6,18 +6,23 @@ model = planners.ModelSpec.preset("llama-2-7b")                             # or
 plan = planners.plan_training(cluster, model, planners.TrainWorkload(global_batch=32, seq_len=2048))
 planners.TrainPlan.from_json(plan.to_json()) == plan
 splan = planners.plan_serving(cluster, [model], planners.ServeWorkload(arrival_rate=5.0, budget_per_hour=10.0))
+cascade = planners.plan_cascade(cluster, [small, large], workload, planners.CascadeProfile.load("profile.json"))
 ```
 """
 
+from planners.cascade import CascadePlan, CascadePoint, plan_cascade
+from planners.cascade_profile import CascadeProfile, CascadeSample
 from planners.catalog import CATALOG, GPUSpec
 from planners.cluster import ClusterSpec, Device, Link, Node
 from planners.cost_model import TrainCosts, evaluate_train_plan, memory_excess
 from planners.errors import PlanningError, SpecError
+from planners.measured import MeasuredProfile
 from planners.model import PRESETS, ModelSpec
 from planners.plan import PlanError, PlanEstimate, Replica, Stage, TrainPlan
 from planners.profile import DeviceProfile
 from planners.serve import ServePlan, ServeReplica, plan_serving, replan_serving
 from planners.simulate import simulate_pipeline, simulate_replica
+from planners.simulate_cascade import CascadeStats, simulate_cascade
 from planners.simulate_serving import ServeStats, poisson_trace, simulate_serving
 from planners.train import SolveInfo, plan_training, plan_training_with_info, replan_training
 from planners.workload import Request, ServeWorkload, TrainWorkload, load_trace
@@ -25,11 +30,17 @@ from planners.workload import Request, ServeWorkload, TrainWorkload, load_trace
 __all__ = [
     "CATALOG",
     "PRESETS",
+    "CascadePlan",
+    "CascadePoint",
+    "CascadeProfile",
+    "CascadeSample",
+    "CascadeStats",
     "ClusterSpec",
     "Device",
     "DeviceProfile",
     "GPUSpec",
     "Link",
+    "MeasuredProfile",
     "ModelSpec",
     "Node",
     "PlanError",
@@ -50,12 +61,14 @@ __all__ = [
     "evaluate_train_plan",
     "load_trace",
     "memory_excess",
+    "plan_cascade",
     "plan_serving",
     "poisson_trace",
     "plan_training",
     "plan_training_with_info",
     "replan_serving",
     "replan_training",
+    "simulate_cascade",
     "simulate_pipeline",
     "simulate_replica",
     "simulate_serving",

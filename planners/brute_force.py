@@ -3,7 +3,10 @@
 Training: every plan of the space described in `planners.train` (node layouts, partitions of groups into
 replicas, layer splits, recomputation flags, micro-batch counts, micro-batch sizes) is built as a `TrainPlan` and
 scored with `planners.cost_model` directly, sharing nothing with the CP-SAT encoding but the cost model itself.
-Serving: every vector of replica counts per configuration that fits the nodes and the budget.
+Serving: every vector of replica counts per configuration that fits the nodes and the budget; for `min_latency`
+the traffic of each count vector is routed fastest-replica-first, trying every split between colocated and
+disaggregated traffic at the kinks of the (convex, piecewise-linear) latency.
+Cascades: every threshold vector of the grid, each deployed by that enumeration.
 Exponential: meant for clusters of a handful of devices and models of a handful of blocks.
 """
 
@@ -12,11 +15,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
+from planners.cascade import CascadePoint
+from planners.cascade_profile import CascadeProfile
 from planners.cluster import ClusterSpec
 from planners.cost_model import evaluate_train_plan, memory_excess
 from planners.model import ModelSpec
 from planners.plan import Replica, Stage, TrainPlan
 from planners.serve import Config, candidate_configs, packing_fits, served_rate
+from planners.serving_cost import ROLES
 from planners.workload import ServeWorkload, TrainWorkload
 
 
@@ -113,8 +119,10 @@ def best_serving(
     objective: str,
     rates: list[float],
     disaggregate: bool = True,
+    utilization: float = 1.0,
 ) -> float | None:
-    """The best objective value (throughput scale, or hourly price) over all replica counts, None if none serves."""
+    """The best objective value (throughput scale, hourly price, or latency summed over the requests of a second)
+    over all replica counts, None if none serves."""
     configs = candidate_configs(cluster, models, workload, disaggregate)
     best: float | None = None
     for x in _counts(cluster, configs, 0, {}):
@@ -126,9 +134,24 @@ def best_serving(
             capacity: dict[str, float] = {}
             for c, n in zip(configs, x, strict=True):
                 if c.perf.model == m.name:
-                    capacity[c.perf.role] = capacity.get(c.perf.role, 0.0) + n * c.perf.requests_per_s
+                    capacity[c.perf.role] = capacity.get(c.perf.role, 0.0) + n * utilization * c.perf.requests_per_s
             served.append(served_rate(capacity))
-        if objective == "max_throughput":
+        if objective == "min_latency":
+            if all(s >= rate * (1 - 1e-9) for s, rate in zip(served, rates, strict=True)):
+                total = sum(
+                    _routed_latency(
+                        [
+                            (n * utilization * c.perf.requests_per_s, c)
+                            for c, n in zip(configs, x, strict=True)
+                            if n and c.perf.model == m.name
+                        ],
+                        rate,
+                    )
+                    for m, rate in zip(models, rates, strict=True)
+                )
+                if best is None or total < best:
+                    best = total
+        elif objective == "max_throughput":
             value = min(s / rate for s, rate in zip(served, rates, strict=True))
             if value > 0 and (best is None or value > best):
                 best = value
@@ -137,6 +160,32 @@ def best_serving(
         ):
             best = price
     return best
+
+
+def _fill(offers: list[tuple[float, float]], amount: float) -> float:
+    """Least latency-weighted traffic for `amount` requests/s over (capacity, latency) offers, fastest first."""
+    total = 0.0
+    for capacity, latency in sorted(offers, key=lambda o: o[1]):
+        take = min(capacity, amount)
+        total, amount = total + take * latency, amount - take
+    return total if amount <= 1e-9 else float("inf")
+
+
+def _routed_latency(offers: list[tuple[float, Config]], rate: float) -> float:
+    """Least `sum y * latency` serving `rate` of one model: colocated share `b`, the rest through prefill and decode
+    replicas; the cost is convex and piecewise linear in `b`, so its minimum lies at a kink or an end."""
+    by_role = {role: [(cap, c.perf.latency_s) for cap, c in offers if c.perf.role == role] for role in ROLES}
+    kinks = {0.0, rate}
+    for role, sign in (("both", 1), ("prefill", -1), ("decode", -1)):
+        at = 0.0
+        for cap, _ in sorted(by_role[role], key=lambda o: o[1]):
+            at += cap
+            kinks.add(at if sign > 0 else rate - at)
+    return min(
+        _fill(by_role["both"], b) + _fill(by_role["prefill"], rate - b) + _fill(by_role["decode"], rate - b)
+        for b in kinks
+        if 0.0 <= b <= rate
+    )
 
 
 def _counts(
@@ -156,3 +205,30 @@ def _counts(
         for rest in _counts(cluster, configs, start + 1, trial):
             yield (n, *rest)
         n += 1
+
+
+def cascade_points(
+    cluster: ClusterSpec,
+    models: list[ModelSpec],
+    workload: ServeWorkload,
+    profile: CascadeProfile,
+    grid: int,
+    utilization: float,
+    disaggregate: bool = True,
+) -> list[CascadePoint]:
+    """Every deployable threshold vector of the grid with its quality and its least mean latency, each deployment
+    found by enumerating replica counts (`best_serving`)."""
+    out = []
+    total = len(profile.samples)
+    for thresholds in itertools.product(*(profile.candidates(i, grid) for i in range(len(models) - 1))):
+        stops = profile.stops(thresholds)
+        counts = profile.reach_counts(stops)
+        used = [(m, workload.arrival_rate * n / total) for m, n in zip(models, counts, strict=True) if n]
+        total_latency = best_serving(
+            cluster, [m for m, _ in used], workload, "min_latency", [r for _, r in used], disaggregate, utilization
+        )
+        if total_latency is not None:
+            reach = tuple(n / total for n in counts)
+            latency = total_latency / workload.arrival_rate
+            out.append(CascadePoint(thresholds, reach, profile.quality(stops), latency, 0.0))
+    return out

@@ -1,4 +1,5 @@
-"""A PNG of a training plan's placement: one row per node, one box per device, coloured by replica and stage.
+"""PNGs of plans: a training plan's placement (one row per node, one box per device, coloured by replica and
+stage) and a cascade plan's latency/quality trade-off.
 
 matplotlib is imported when a picture is drawn, so the rest of the planners work without it.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from planners.cascade import CascadePlan
 from planners.cluster import ClusterSpec
 from planners.plan import TrainPlan
 
@@ -56,6 +58,43 @@ def save_placement_png(plan: TrainPlan, cluster: ClusterSpec, path: str | Path) 
         for r, rep in enumerate(plan.replicas[:10])
     ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save_cascade_png(plan: CascadePlan, path: str | Path) -> Path:
+    """Draw the cascade's (latency, quality) Pareto front, the single-model baselines and the chosen point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(
+        [p.latency_s for p in plan.front],
+        [p.quality for p in plan.front],
+        "o-",
+        color="tab:blue",
+        label="cascade: Pareto front over thresholds",
+    )
+    for s in plan.single:
+        ax.plot(s.latency_s, s.quality, "s", color="tab:grey")
+        ax.annotate(
+            f"{s.model} alone", (s.latency_s, s.quality), textcoords="offset points", xytext=(6, -10), fontsize=7
+        )
+    thresholds = ", ".join(f"{t:.2f}" for t in plan.thresholds)
+    ax.plot(plan.latency_s, plan.quality, "*", color="tab:red", markersize=16, label=f"chosen: thresholds {thresholds}")
+    ax.set_xlabel("predicted mean latency per request (s)")
+    ax.set_ylabel("quality (fraction answered right)")
+    bound = f", quality >= {plan.min_quality}" if plan.min_quality is not None else ""
+    ax.set_title(
+        f"{' -> '.join(plan.models)} at {plan.arrival_rate:g} req/s (latency weight {plan.weight}{bound})", fontsize=9
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

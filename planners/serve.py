@@ -10,7 +10,9 @@ of size >= t fit in the nodes' `t`-aligned slots), so the replicas are then plac
 
 Objectives: `max_throughput` maximises the factor `alpha` by which every model's arrival rate can be scaled and
 still be served (`sum_c y[c] = alpha * rate[m]`), within the budget if one is given; `min_cost` minimises the
-hourly price of serving the rates as given.
+hourly price of serving the rates as given; `min_latency` serves the rates as given with the least mean time per
+request (`sum_c y[c] * latency[c]`, queueing aside; ties go to the cheaper deployment), within the budget. Every
+objective may keep headroom for queueing: `utilization` caps each replica's load at that fraction of its capacity.
 """
 
 from __future__ import annotations
@@ -22,18 +24,21 @@ from typing import Any
 
 from ortools.linear_solver import pywraplp
 
+from planners import fields
 from planners.cluster import ClusterSpec
 from planners.errors import PlanningError, SpecError
 from planners.model import ModelSpec
 from planners.serving_cost import ROLES, ReplicaPerf, ServingCosts
 from planners.workload import ServeWorkload
 
-OBJECTIVES = ("max_throughput", "min_cost")
+OBJECTIVES = ("max_throughput", "min_cost", "min_latency")
+TIE_BREAK_PER_PRICE = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
 class ServeReplica:
-    """One serving replica: a TP group of `devices` (indices into the cluster's device list) running `model`."""
+    """One serving replica: a TP group of `devices` (indices into the cluster's device list) running `model`;
+    `latency_s` is the time a request spends in it at its planned batch, queueing aside."""
 
     model: str
     kind: str
@@ -43,6 +48,7 @@ class ServeReplica:
     capacity_rps: float
     routed_rps: float
     role: str = "both"
+    latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", tuple(self.devices))
@@ -181,16 +187,19 @@ def plan_serving(
     rates: Sequence[float] | None = None,
     disaggregate: bool = True,
     current: ServePlan | None = None,
+    utilization: float = 1.0,
     time_limit_s: float = 20.0,
 ) -> ServePlan:
     """The best deployment of `models` on `cluster` (arrival rate per model: `rates`, default the workload's).
 
     With `disaggregate`, replicas may specialise in prefill or decode where that pays. With `current` (a running
     deployment on this cluster), among the optimal deployments the one keeping most of its GPUs' replicas in
-    place is chosen (a second, lexicographic solve), and kept replicas stay on their devices.
+    place is chosen (a second, lexicographic solve), and kept replicas stay on their devices. Replicas are loaded
+    to at most `utilization` (in (0, 1]) of their capacity.
     """
     if objective not in OBJECTIVES:
         raise SpecError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+    fields.fraction(utilization, "utilization")
     if not models:
         raise SpecError("models must list at least one model")
     rates = list(rates) if rates is not None else [workload.arrival_rate] * len(models)
@@ -210,7 +219,7 @@ def plan_serving(
     y = [solver.NumVar(0, solver.infinity(), f"y{i}") for i in range(len(configs))]
     alpha = solver.NumVar(0, solver.infinity(), "alpha")
     for i, c in enumerate(configs):
-        solver.Add(y[i] <= c.perf.requests_per_s * x[i])
+        solver.Add(y[i] <= utilization * c.perf.requests_per_s * x[i])
     for model, rate in zip(models, rates, strict=True):
         demand = (alpha if objective == "max_throughput" else 1.0) * rate
         both = sum(y[i] for i, c in enumerate(configs) if c.perf.model == model.name and c.perf.role == "both")
@@ -223,10 +232,12 @@ def plan_serving(
     price = sum(x[i] * c.perf.price_per_hour for i, c in enumerate(configs))
     if workload.budget_per_hour is not None:
         solver.Add(price <= workload.budget_per_hour)
+    latency = sum(y[i] * c.perf.latency_s for i, c in enumerate(configs))
+    goal = {"max_throughput": alpha, "min_cost": price, "min_latency": latency + TIE_BREAK_PER_PRICE * price}[objective]
     if objective == "max_throughput":
-        solver.Maximize(alpha)
+        solver.Maximize(goal)
     else:
-        solver.Minimize(price)
+        solver.Minimize(goal)
     status = solver.Solve()
     if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE) or (
         objective == "max_throughput" and alpha.solution_value() <= 0
@@ -238,7 +249,7 @@ def plan_serving(
         if key is not None:
             running.setdefault(key, []).append(replica.devices)
     if running:
-        _keep_most(solver, configs, x, running, alpha if objective == "max_throughput" else price, objective)
+        _keep_most(solver, configs, x, running, goal, objective)
     groups, replicas_of, fixed = [], [], {}
     for i, c in enumerate(configs):
         reuse = running.get((c.node_class, c.perf.model, c.perf.tp, c.perf.role), [])
@@ -262,6 +273,7 @@ def plan_serving(
                 c.perf.requests_per_s,
                 y[i].solution_value() / n,
                 c.perf.role,
+                c.perf.latency_s,
             )
         )
     return ServePlan(
@@ -336,7 +348,7 @@ def _explain(
             f"budget: {workload.budget_per_hour:.2f}/h is below the cheapest replica that meets the SLOs "
             f"({cheapest:.2f}/h)"
         )
-    if objective == "min_cost":
+    if objective != "max_throughput":
         return (
             f"capacity: the cluster ({cluster.kinds_summary()}) cannot serve {list(rates)} requests/s within the SLOs"
             + (f" and a budget of {workload.budget_per_hour:.2f}/h" if workload.budget_per_hour is not None else "")

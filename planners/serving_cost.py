@@ -37,7 +37,8 @@ class ReplicaPerf:
 
     `role` "both" serves whole requests; "prefill" only prompts (its KV cache then crosses the inter-node link to a
     "decode" replica, which only generates). `requests_per_s` is the rate of requests the replica completes its
-    part of.
+    part of; `latency_s` is the time one request spends in that part at the planned batch, queueing aside (prefill
+    plus the KV cache's transfer for "prefill", `output_len` decode steps for "decode", both for "both").
     """
 
     model: str
@@ -49,6 +50,7 @@ class ReplicaPerf:
     step_s: float
     requests_per_s: float
     price_per_hour: float
+    latency_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,12 +116,15 @@ class ServingCosts:
         if role == "prefill":
             if self.kv_capacity_tokens(kind, tp) < w.input_len or prefill + self.kv_transfer_seconds() > w.ttft_slo_s:
                 return None
-            return ReplicaPerf(self.model.name, kind, tp, role, 1, prefill, 0.0, 1.0 / prefill, price)
+            latency = prefill + self.kv_transfer_seconds()
+            return ReplicaPerf(self.model.name, kind, tp, role, 1, prefill, 0.0, 1.0 / prefill, price, latency)
         if role == "both" and prefill > w.ttft_slo_s:
             return None
         batch = self._decode_batch(kind, tp, link, w.input_len + w.output_len)
         if batch == 0:
             return None
         step = self.step_seconds(kind, tp, batch, link)
-        busy = w.output_len * step / batch + (prefill if role == "both" else 0.0)
-        return ReplicaPerf(self.model.name, kind, tp, role, batch, prefill, step, 1.0 / busy, price)
+        own_prefill = prefill if role == "both" else 0.0
+        busy = w.output_len * step / batch + own_prefill
+        latency = own_prefill + w.output_len * step
+        return ReplicaPerf(self.model.name, kind, tp, role, batch, prefill, step, 1.0 / busy, price, latency)

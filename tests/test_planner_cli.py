@@ -1,5 +1,6 @@
-"""`jaxhet plan train` through the real command line."""
+"""`jaxhet plan train|serve|cascade` through the real command line."""
 
+import json
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -89,3 +90,34 @@ def test_plan_serve(tmp_path: Path) -> None:
     assert plan.price_per_hour <= 10 and plan.objective == "min_cost"
     result = RUNNER.invoke(app, ["plan", "serve", "--objective", "fastest"])
     assert result.exit_code == 2 and "objective must be one of" in result.output
+
+
+def test_plan_cascade_writes_json_and_png(tmp_path: Path) -> None:
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(planners.CascadeProfile.synthetic(2, count=300, seed=2).to_dict()))
+    out, png = tmp_path / "cascade.json", tmp_path / "front.png"
+    args = ["plan", "cascade", "--profile", str(profile), "--grid", "5", "--simulate", "200", "--min-quality", "0.8"]
+    result = RUNNER.invoke(app, [*args, "-o", str(out), "--png", str(png)])
+    assert result.exit_code == 0, result.output
+    assert "latency/quality front" in result.output and "simulated 200 requests" in result.output
+    plan = planners.CascadePlan.load(out)
+    assert plan.models == ("llama-3-8b", "llama-3-70b") and plan.quality >= 0.8 and len(plan.thresholds) == 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = RUNNER.invoke(app, [*args[:4], "--model", "tiny", "--model", "llama-2-7b", "--model", "llama-2-13b"])
+    assert result.exit_code == 2 and "profile describes 2 models, the cascade has 3" in result.output
+
+
+def test_plan_serve_replans_after_a_failure(tmp_path: Path) -> None:
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    args = ["plan", "serve", "--model", "llama-2-7b", "--rate", "6", "--objective", "min_cost", "--colocate"]
+    assert RUNNER.invoke(app, [*args, "-o", str(before)]).exit_code == 0
+    running = planners.ServePlan.from_json(before.read_text())
+    lost = running.replicas[0].devices
+    failed = [x for d in lost for x in ("--failed", str(d))]
+    result = RUNNER.invoke(app, [*args, "--current", str(before), *failed, "-o", str(after)])
+    assert result.exit_code == 0, result.output
+    assert f"kept {len(running.replicas) - 1} running replica(s) in place" in result.output
+    plan = planners.ServePlan.from_json(after.read_text())
+    assert not set(lost) & {d for r in plan.replicas for d in r.devices}
+    result = RUNNER.invoke(app, [*args, "--failed", "0"])
+    assert result.exit_code == 2 and "--failed needs --current" in result.output

@@ -54,6 +54,23 @@ def test_serving_matches_enumeration() -> None:
     assert solved >= 20
 
 
+def test_min_latency_matches_enumeration() -> None:
+    solved = 0
+    for seed in range(30):
+        cluster, models, workload, _, rates = random_instance(seed)
+        utilization = random.Random(seed).choice([0.6, 1.0])
+        expected = best_serving(cluster, models, workload, "min_latency", rates, utilization=utilization)
+        if expected is None:
+            with pytest.raises(planners.PlanningError):
+                plan_serving(cluster, models, workload, objective="min_latency", rates=rates, utilization=utilization)
+            continue
+        plan = plan_serving(cluster, models, workload, objective="min_latency", rates=rates, utilization=utilization)
+        assert sum(r.routed_rps * r.latency_s for r in plan.replicas) == pytest.approx(expected, rel=1e-3), seed
+        assert all(r.routed_rps <= utilization * r.capacity_rps * (1 + 1e-6) for r in plan.replicas)
+        solved += 1
+    assert solved >= 20
+
+
 def test_cheap_gpus_win_min_cost_at_low_rate_and_json_round_trip() -> None:
     cluster = planners.ClusterSpec.load("h100x4_l4x4")
     model = planners.ModelSpec.preset("llama-2-7b")

@@ -13,7 +13,7 @@ from typing import Annotated  # noqa: E402
 
 import typer  # noqa: E402
 
-from jaxhet.cli import generate, plan, serve, train  # noqa: E402
+from jaxhet.cli import generate, plan, profile, serve, train  # noqa: E402
 
 
 def _print_version(value: bool) -> None:
@@ -43,5 +43,6 @@ def main(
 
 app.command("generate")(generate.generate)
 app.add_typer(plan.app, name="plan")
+app.command("profile")(profile.profile)
 app.command("train")(train.train)
 app.command("serve")(serve.serve)

@@ -1,4 +1,5 @@
-"""`jaxhet plan train|serve`: plan training (table, JSON, PNG of the placement) or serving (table, JSON)."""
+"""`jaxhet plan train|serve|cascade`: plan training (table, JSON, PNG of the placement), serving (table, JSON), or a
+model cascade (thresholds, deployment and simulated latency; JSON, PNG of the latency/quality front)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,27 @@ app = typer.Typer(no_args_is_help=True)
 
 @app.callback()
 def plan() -> None:
-    """Plan training or serving on a heterogeneous cluster."""
+    """Plan training, serving or a model cascade on a heterogeneous cluster."""
 
 
 ClusterOption = Annotated[
     str, typer.Option(help="Cluster YAML/JSON file, or a built-in name (emulated8, h100x4_l4x4).")
 ]
+DeviceProfileOption = Annotated[
+    list[Path] | None,
+    typer.Option(help="Measured device profile from `jaxhet profile` for one of the cluster's GPU kinds; repeat."),
+]
 ModelOption = Annotated[
     str, typer.Option(help=f"Model preset ({', '.join(sorted(planners.PRESETS))}) or a HF config.json path.")
 ]
+
+
+def _cluster(cluster: str, device_profiles: list[Path] | None) -> planners.ClusterSpec:
+    """The cluster, with measured device figures in place of the catalog's where profiles are given."""
+    spec = planners.ClusterSpec.load(cluster)
+    for path in device_profiles or []:
+        spec = planners.MeasuredProfile.load(path).apply(spec)
+    return spec
 
 
 def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Table:
@@ -55,6 +68,7 @@ def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Tab
 
 def train(
     cluster: ClusterOption = "emulated8",
+    device_profile: DeviceProfileOption = None,
     model: ModelOption = "tiny",
     global_batch: Annotated[int, typer.Option(min=1, help="Sequences per iteration.")] = 16,
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 256,
@@ -68,7 +82,7 @@ def train(
     """Find the fastest training plan (replicas, pipelines, TP degrees, layer split, batch shares)."""
     console = Console()
     with user_errors():
-        spec = planners.ClusterSpec.load(cluster)
+        spec = _cluster(cluster, device_profile)
         model_spec = planners.ModelSpec.resolve(model)
         workload = planners.TrainWorkload(global_batch, seq_len, recompute=not no_recompute)
         plan, info = planners.plan_training_with_info(
@@ -116,6 +130,7 @@ def _serve_table(plan: planners.ServePlan) -> Table:
 
 def serve(
     cluster: ClusterOption = "h100x4_l4x4",
+    device_profile: DeviceProfileOption = None,
     model: Annotated[
         list[str] | None, typer.Option(help="Model preset or HF config.json path; repeat for several.")
     ] = None,
@@ -130,20 +145,38 @@ def serve(
     ] = None,
     objective: Annotated[str, typer.Option(help="max_throughput or min_cost.")] = "max_throughput",
     colocate: Annotated[bool, typer.Option("--colocate", help="No prefill/decode disaggregation.")] = False,
+    current: Annotated[
+        Path | None, typer.Option(help="Running deployment (serve plan JSON) to keep as much of as possible.")
+    ] = None,
+    failed: Annotated[
+        list[int] | None, typer.Option(help="A device of the cluster that failed (with --current); repeat.")
+    ] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
 ) -> None:
-    """Choose GPU composition, replicas and routing for serving under SLOs and a budget."""
+    """Choose GPU composition, replicas and routing for serving under SLOs and a budget; with --current, re-plan
+    after a failure or a workload shift, keeping the running replicas that the new optimum allows."""
     console = Console()
     with user_errors():
-        spec = planners.ClusterSpec.load(cluster)
+        spec = _cluster(cluster, device_profile)
         models = [planners.ModelSpec.resolve(m) for m in (model or ["llama-2-7b"])]
         goals = {"ttft_slo_s": ttft, "tpot_slo_s": tpot, "budget_per_hour": budget}
         if trace is not None:
             workload = planners.ServeWorkload.from_trace(trace, **goals)
         else:
             workload = planners.ServeWorkload(arrival_rate=rate, input_len=input_len, output_len=output_len, **goals)
-        plan = planners.plan_serving(spec, models, workload, objective=objective, disaggregate=not colocate)
+        options = {"objective": objective, "disaggregate": not colocate}
+        if current is not None:
+            if not current.is_file():
+                raise FileNotFoundError(f"current plan not found: {current}")
+            running = planners.ServePlan.from_json(current.read_text())
+            plan = planners.replan_serving(spec, failed or [], models, workload, running, **options)
+        elif failed:
+            raise planners.SpecError("--failed needs --current, the deployment the devices failed under")
+        else:
+            plan = planners.plan_serving(spec, models, workload, **options)
     console.print(_serve_table(plan))
+    if current is not None:
+        console.print(f"kept {plan.kept} running replica(s) in place", highlight=False)
     served = ", ".join(f"{name}: {r * plan.throughput_scale:.2f} req/s" for name, r in plan.rates.items())
     console.print(f"serves {served} at {plan.price_per_hour:.2f}/h (cost model, no queueing)", highlight=False)
     if output is not None:
@@ -151,5 +184,111 @@ def serve(
         console.print(f"plan written to {output}", highlight=False)
 
 
+def _front_table(plan: planners.CascadePlan) -> Table:
+    table = Table(
+        title=f"cascade {' -> '.join(plan.models)}: latency/quality front",
+        caption="escalate while confidence < threshold; reach: share of requests each model sees",
+    )
+    for column in ("", "thresholds", "reach", "quality", "latency s", "price/h"):
+        table.add_column(column, justify="left" if column in ("", "thresholds", "reach") else "right")
+    for p in plan.front:
+        table.add_row(
+            "*" if p.thresholds == plan.thresholds else "",
+            ", ".join(f"{t:.3f}" for t in p.thresholds),
+            " / ".join(f"{r:.0%}" for r in p.reach),
+            f"{p.quality:.3f}",
+            f"{p.latency_s:.2f}",
+            f"{p.price_per_hour:.2f}",
+        )
+    return table
+
+
+def cascade(
+    cluster: ClusterOption = "h100x4_l4x4",
+    device_profile: DeviceProfileOption = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(help="Cascade models, smallest first (preset or HF config.json path); repeat for each."),
+    ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="Cascade profile JSON (per-request confidences and correctness); default: synthetic."),
+    ] = None,
+    rate: Annotated[float, typer.Option(min=1e-9, help="Arrival rate, requests/s.")] = 4.0,
+    input_len: Annotated[int, typer.Option(min=1, help="Prompt tokens per request.")] = 512,
+    output_len: Annotated[int, typer.Option(min=1, help="Generated tokens per request.")] = 128,
+    ttft: Annotated[float, typer.Option(min=1e-9, help="Time-to-first-token SLO per model, seconds.")] = 2.0,
+    tpot: Annotated[float, typer.Option(min=1e-9, help="Time-per-output-token SLO, seconds.")] = 0.1,
+    budget: Annotated[float | None, typer.Option(help="Price cap per hour for the GPUs used.")] = None,
+    weight: Annotated[float, typer.Option(min=0.0, max=1.0, help="Latency weight (1) against quality (0).")] = 0.5,
+    min_quality: Annotated[float | None, typer.Option(help="Least acceptable quality (fraction right).")] = None,
+    grid: Annotated[int, typer.Option(min=2, help="Thresholds tried per non-final model.")] = 11,
+    utilization: Annotated[float, typer.Option(help="Load cap per replica, as a fraction of its capacity.")] = 0.8,
+    colocate: Annotated[bool, typer.Option("--colocate", help="No prefill/decode disaggregation.")] = False,
+    simulate: Annotated[int, typer.Option(min=0, help="Requests to simulate on the chosen plan (0: none).")] = 1000,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
+    png: Annotated[Path | None, typer.Option(help="Write the latency/quality front as a PNG here.")] = None,
+) -> None:
+    """Choose routing thresholds and a deployment for a cascade of models (small to large)."""
+    console = Console()
+    with user_errors():
+        spec = _cluster(cluster, device_profile)
+        models = [planners.ModelSpec.resolve(m) for m in (model or ["llama-3-8b", "llama-3-70b"])]
+        quality = (
+            planners.CascadeProfile.load(profile)
+            if profile is not None
+            else planners.CascadeProfile.synthetic(len(models))
+        )
+        workload = planners.ServeWorkload(
+            arrival_rate=rate,
+            input_len=input_len,
+            output_len=output_len,
+            ttft_slo_s=ttft,
+            tpot_slo_s=tpot,
+            budget_per_hour=budget,
+        )
+        plan = planners.plan_cascade(
+            spec,
+            models,
+            workload,
+            quality,
+            weight=weight,
+            min_quality=min_quality,
+            grid=grid,
+            utilization=utilization,
+            disaggregate=not colocate,
+        )
+    console.print(_front_table(plan))
+    console.print(_serve_table(plan.deployment))
+    console.print(
+        f"chosen: quality {plan.quality:.3f}, predicted mean latency {plan.latency_s:.2f} s "
+        f"(service times at the planned batch, queueing aside), {plan.deployment.price_per_hour:.2f}/h",
+        highlight=False,
+    )
+    for single in plan.single:
+        console.print(
+            f"{single.model} alone: quality {single.quality:.3f}, latency {single.latency_s:.2f} s, "
+            f"{single.price_per_hour:.2f}/h",
+            highlight=False,
+        )
+    if simulate:
+        trace = planners.poisson_trace(rate, simulate, input_len, output_len)
+        stats = planners.simulate_cascade(plan, spec, models, workload, quality, trace)
+        console.print(
+            f"simulated {simulate} requests: mean latency {stats.mean_latency_s:.2f} s, "
+            f"p90 {stats.percentile(90):.2f} s, quality {stats.quality:.3f}",
+            highlight=False,
+        )
+    if output is not None:
+        plan.save(output)
+        console.print(f"plan written to {output}", highlight=False)
+    if png is not None:
+        from planners.picture import save_cascade_png
+
+        save_cascade_png(plan, png)
+        console.print(f"latency/quality front written to {png}", highlight=False)
+
+
 app.command("train")(train)
 app.command("serve")(serve)
+app.command("cascade")(cascade)
