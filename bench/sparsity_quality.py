@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for causal in (True, False):
         rows += measure(args.length, args.block, args.heads, args.kv_heads, args.head_dim, causal, args.seed)
-    print(f"{'method':8} {'causal':6} {'tau':>5} {'density':>8} {'rel L1':>9}")
+    print(f"{'method':9} {'causal':6} {'tau':>5} {'density':>8} {'rel L1':>9}")
     for r in rows:
-        print(f"{r['method']:8} {str(r['causal']):6} {r['tau']:5.2f} {r['density']:8.3f} {r['rel_l1']:9.4f}")
+        print(f"{r['method']:9} {str(r['causal']):6} {r['tau']:5.2f} {r['density']:8.3f} {r['rel_l1']:9.4f}")
     device = jax.devices()[0]
     report = dict(
         benchmark="sparsity_quality",

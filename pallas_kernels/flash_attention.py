@@ -29,18 +29,17 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Bool, Float, Int
 
+from pallas_kernels import online_softmax
 from pallas_kernels.geometry import Geometry, normalize_window, segment_mask
 from pallas_kernels.schedule import BlockSchedule, build_schedule
 
 DEFAULT_BLOCK = 64
 MIN_BLOCK = 16  # the smallest tile Triton's matrix-multiply instruction accepts
-_MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so a fully masked tile never gives inf - inf
 _LOG2_E = math.log2(math.e)
 
 SegmentIds = Int[Array, "batch seq"] | tuple[Int[Array, "batch q_len"], Int[Array, "batch kv_len"]]
@@ -73,19 +72,19 @@ class _Extras:
     schedule: BlockSchedule | None
 
 
-def _dot(a, b, contract: tuple[int, int]):
-    """2-D matmul contracting a's axis `contract[0]` with b's `contract[1]`, float32 result.
+def _dot(a, b, contract: tuple[int, int], out_dtype=jnp.float32):
+    """2-D matmul contracting a's axis `contract[0]` with b's `contract[1]`, accumulated in `out_dtype`.
 
     HIGHEST precision makes float32 operands multiply in full float32 on GPU (Triton's default is TF32); it
-    changes nothing for 16-bit operands.
+    changes nothing for 16-bit, 8-bit float or integer operands (int8 operands accumulate in int32).
     """
     dims = (((contract[0],), (contract[1],)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=out_dtype)
 
 
-def _dot_nt(a, b):
+def _dot_nt(a, b, out_dtype=jnp.float32):
     """a @ b.T"""
-    return _dot(a, b, (1, 1))
+    return _dot(a, b, (1, 1), out_dtype)
 
 
 def _dot_nn(a, b):
@@ -103,20 +102,21 @@ def _block_slice(block, size: int):
     return pl.ds(pl.multiple_of(block * size, size), size)
 
 
-def _scores(st: _Static, q, k, q_block, kv_block, q_segments, kv_segments, masked: bool):
-    """Base-2 scores of one (query block, kv block) tile and its mask (None for tiles known to need none).
-
-    The mask combines positions (causal, window, ragged tails, via `Geometry.element_mask`) and segments.
-    """
-    scores = _dot_nt(q, k) * st.scale_log2
-    if not masked:
-        return scores, None
+def tile_mask(st: _Static, q_block, kv_block, q_segments=None, kv_segments=None):
+    """Mask of one (query block, kv block) tile: positions (causal, window, ragged tails, via
+    `Geometry.element_mask`) and segments; None when nothing is masked."""
     g = st.geometry
     mask = g.element_mask(q_block * g.block_q, kv_block * g.block_k, g.block_q, g.block_k)
     if q_segments is not None:
         same = segment_mask(q_segments, kv_segments)
         mask = same if mask is None else mask & same
-    return scores, mask
+    return mask
+
+
+def _scores(st: _Static, q, k, q_block, kv_block, q_segments, kv_segments, masked: bool):
+    """Base-2 scores of one tile and its mask (None for tiles known to need none)."""
+    scores = _dot_nt(q, k) * st.scale_log2
+    return scores, tile_mask(st, q_block, kv_block, q_segments, kv_segments) if masked else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,31 +178,17 @@ def _forward_kernel(*refs, st: _Static, names: tuple[str, ...]):
     q_segments = r["q_segments"][...] if st.has_segments else None
 
     def body(kv_block, masked, carry):
-        acc, row_max, row_sum = carry
         kv_slice = _block_slice(kv_block, g.block_k)
         k, v = r["k"][kv_slice, :], r["v"][kv_slice, :]
         kv_segments = r["kv_segments"][kv_slice] if st.has_segments else None
         scores, mask = _scores(st, q, k, q_block, kv_block, q_segments, kv_segments, masked)
-        if mask is not None:
-            scores = jnp.where(mask, scores, _MASKED)
-        new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
-        correction = jnp.exp2(row_max - new_max)
-        p = jnp.exp2(scores - new_max[:, None])
-        if mask is not None:
-            p = jnp.where(mask, p, 0.0)
-        row_sum = correction * row_sum + jnp.sum(p, axis=1)
-        acc = correction[:, None] * acc + _dot_nn(p.astype(v.dtype), v)
-        return acc, new_max, row_sum
+        return online_softmax.update(carry, scores, mask, lambda p: _dot_nn(p.astype(v.dtype), v))
 
-    init = (
-        jnp.zeros(q.shape, jnp.float32),
-        jnp.full((g.block_q,), _MASKED, jnp.float32),
-        jnp.zeros((g.block_q,), jnp.float32),
-    )
-    acc, row_max, row_sum = _loop(_loop_schedule(r, st, q_block, transposed=False), body, init)
-    seen = row_sum > 0
-    r["o"][...] = (acc / jnp.where(seen, row_sum, 1.0)[:, None]).astype(r["o"].dtype)
-    r["lse"][...] = jnp.where(seen, row_max + jnp.log2(jnp.where(seen, row_sum, 1.0)), jnp.inf)
+    init = online_softmax.init(jnp.zeros(q.shape, jnp.float32), g.block_q)
+    carry = _loop(_loop_schedule(r, st, q_block, transposed=False), body, init)
+    out, lse = online_softmax.finish(carry, empty_lse=jnp.inf)
+    r["o"][...] = out.astype(r["o"].dtype)
+    r["lse"][...] = lse
 
 
 def _dq_kernel(*refs, st: _Static, names: tuple[str, ...]):

@@ -109,6 +109,25 @@ def dequantize_kv(
     return (grouped * scale[..., None]).reshape(levels.shape).astype(dtype)
 
 
+def scatter_pages(
+    cache: Array, page_size: int, *, key: jax.Array | None = None, spare_pages: int = 0
+) -> tuple[Array, Int[Array, "batch pages"]]:
+    """A contiguous cache (or its scales) `[batch, max_len, ...]` as a page pool and its block tables.
+
+    The sequence is zero-padded to whole pages; with `key` the pages are placed in a random order in the pool,
+    which gets `spare_pages` unused pages too (as a serving engine's pool would), so block tables matter.
+    """
+    batch, max_len = cache.shape[:2]
+    pages = -(-max_len // page_size)
+    num_pages = batch * pages + spare_pages
+    order = jnp.arange(num_pages) if key is None else jax.random.permutation(key, num_pages)
+    tables = order[: batch * pages].reshape(batch, pages).astype(jnp.int32)
+    padded = jnp.pad(cache, [(0, 0), (0, pages * page_size - max_len)] + [(0, 0)] * (cache.ndim - 2))
+    pool = jnp.zeros((num_pages, page_size, *cache.shape[2:]), cache.dtype)
+    pool = pool.at[tables.reshape(-1)].set(padded.reshape(batch * pages, page_size, *cache.shape[2:]))
+    return pool, tables
+
+
 def gather_pages(pool: Array, block_tables: Int[Array, "batch pages"]) -> Array:
     """A paged pool `[num_pages, page_size, ...]` as contiguous rows `[batch, pages * page_size, ...]`."""
     rows = pool[block_tables]

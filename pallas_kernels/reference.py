@@ -14,6 +14,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels.geometry import normalize_window
 from pallas_kernels.kv_cache import contiguous_kv, valid_token_mask
+from pallas_kernels.quantization import quantize_blocks, quantize_values, row_scales, smooth_keys
 
 
 def block_to_element_mask(
@@ -101,6 +102,41 @@ def flash_attention(
         block_k=block_k,
     )
     return masked_attention(q, k, v, mask, sm_scale=sm_scale)
+
+
+def _dequantized_blocks(
+    x: Float[Array, "batch seq heads dim"], bits: int, block: int
+) -> Float[Array, "batch seq heads dim"]:
+    """x after block quantisation and back, in float32."""
+    values, scales = quantize_blocks(x, bits, block)
+    length = x.shape[1]
+    return values[:, :length].astype(jnp.float32) * jnp.moveaxis(row_scales(scales, block, length), 1, 2)[..., None]
+
+
+def quantized_attention(
+    q: Float[Array, "batch q_len heads head_dim"],
+    k: Float[Array, "batch kv_len kv_heads head_dim"],
+    v: Float[Array, "batch kv_len kv_heads head_dim"],
+    *,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    qk_bits: int = 8,
+    pv_dtype=jnp.bfloat16,
+    smooth_k: bool = True,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> Float[Array, "batch q_len heads head_dim"]:
+    """Reference of `pallas_kernels.quantized_attention`: float32 attention over the dequantised operands.
+
+    Q, (smoothed) K and V go through exactly the kernel's quantisation and back; what remains between the two is
+    the kernel's rounding of the probabilities to `pv_dtype` (blockwise, before normalisation).
+    """
+    qd = _dequantized_blocks(q, qk_bits, block_q)
+    kd = _dequantized_blocks(smooth_keys(k) if smooth_k else k, qk_bits, block_k)
+    v_op, v_scale = quantize_values(v, pv_dtype)
+    vd = v_op.astype(jnp.float32) * (1.0 if v_scale is None else v_scale[:, None])
+    mask = attention_mask(q.shape[1], k.shape[1], causal=causal)
+    return masked_attention(qd, kd, vd, mask, sm_scale=sm_scale).astype(q.dtype)
 
 
 def decode_attention(

@@ -13,6 +13,9 @@ Estimators (`ESTIMATORS`; a new one is a function with the `BlockMass` signature
   with an integer matmul, and take each block's share of every row's softmax mass, averaged over the block's rows.
   More faithful than pooling when blocks are not internally similar, at the cost of a full low-precision
   score matrix (done here in jnp, so meant for moderate lengths).
+- "quantized": the q·kᵀ of `quantized_attention` at 4 bits: K smoothed (mean over the sequence removed), Q and K
+  quantised per block with one scale per tile, integer matmul; per-block scales cost less to compute than
+  per-token ones and smoothing keeps channel outliers in K from eating the 4-bit range.
 - "exact": the same block shares from float32 scores; an oracle for measuring the others, not a saving.
 """
 
@@ -23,11 +26,12 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float
 
 from pallas_kernels import block_masks
 from pallas_kernels.flash_attention import DEFAULT_BLOCK, flash_attention
 from pallas_kernels.geometry import Geometry, normalize_window
+from pallas_kernels.quantization import quantized_scores
 
 BlockMass = Callable[..., Float[Array, "batch heads num_q_blocks num_kv_blocks"]]
 
@@ -42,7 +46,7 @@ def _block_sums(x: Float[Array, "batch seq heads dim"], block: int) -> tuple[Arr
     return sums, counts
 
 
-def _visible_softmax(scores: Array, visible: Bool[Array, "... nq nk"]) -> Array:
+def masked_softmax(scores: Array, visible: Bool[Array, "... nq nk"]) -> Array:
     """Softmax over the last axis restricted to visible entries; all-hidden rows give zeros."""
     scores = jnp.where(visible, scores, -jnp.inf)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
@@ -64,17 +68,7 @@ def pooled_block_mass(
     q_mean = q_sums / q_counts[None, :, None, None]
     k_mean = jnp.repeat(k_sums / k_counts[None, :, None, None], groups, axis=2)
     scores = jnp.einsum("bihd,bjhd->bhij", q_mean, k_mean) * sm_scale + jnp.log(k_counts)
-    return _visible_softmax(scores, geometry.block_visibility())
-
-
-def _quantize(x: Float[Array, "... dim"], bits: int) -> tuple[Int[Array, "... dim"], Float[Array, "... 1"]]:
-    """Symmetric per-vector integer quantisation: x ≈ values * scale with |values| <= 2^(bits-1) - 1."""
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must be between 2 and 8, got {bits}")
-    top = 2 ** (bits - 1) - 1
-    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / top
-    scale = jnp.where(scale > 0, scale, 1.0)
-    return jnp.clip(jnp.round(x / scale), -top, top).astype(jnp.int8), scale
+    return masked_softmax(scores, geometry.block_visibility())
 
 
 def _row_mass_per_block(
@@ -83,7 +77,7 @@ def _row_mass_per_block(
     """Each kv block's share of every row's softmax (over visible keys), averaged over a query block's rows."""
     g = geometry
     visible = g.element_mask(0, 0, g.q_len, g.kv_len)
-    probs = _visible_softmax(scores, jnp.ones(scores.shape[-2:], bool) if visible is None else visible)
+    probs = masked_softmax(scores, jnp.ones(scores.shape[-2:], bool) if visible is None else visible)
     nq, nk = g.num_q_blocks, g.num_kv_blocks
     padded = jnp.pad(probs, ((0, 0), (0, 0), (0, nq * g.block_q - g.q_len), (0, nk * g.block_k - g.kv_len)))
     blocks = padded.reshape(*probs.shape[:2], nq, g.block_q, nk, g.block_k).sum(axis=(3, 5))
@@ -99,14 +93,23 @@ def lowbit_block_mass(
     *,
     bits: int = 4,
 ) -> Float[Array, "batch heads num_q_blocks num_kv_blocks"]:
-    """Block distribution from `bits`-bit q·kᵀ: each block's share of the row softmax, averaged over block rows."""
-    groups = q.shape[2] // k.shape[2]
-    q_int, q_scale = _quantize(q.astype(jnp.float32), bits)
-    k_int, k_scale = _quantize(k.astype(jnp.float32), bits)
-    k_int, k_scale = jnp.repeat(k_int, groups, axis=2), jnp.repeat(k_scale, groups, axis=2)
-    dots = jnp.einsum("bthd,bshd->bhts", q_int, k_int, preferred_element_type=jnp.int32)
-    scores = dots.astype(jnp.float32) * (jnp.moveaxis(q_scale, 1, 2) * jnp.moveaxis(k_scale, 1, 3)) * sm_scale
-    return _row_mass_per_block(scores, geometry)
+    """Block distribution from per-token `bits`-bit q·kᵀ: each block's share of the row softmax, averaged over rows."""
+    scores = quantized_scores(q, k, bits=bits, block_q=1, block_k=1, smooth=False)
+    return _row_mass_per_block(scores * sm_scale, geometry)
+
+
+def quantized_block_mass(
+    q: Float[Array, "batch q_len heads dim"],
+    k: Float[Array, "batch kv_len kv_heads dim"],
+    geometry: Geometry,
+    sm_scale: float,
+    *,
+    bits: int = 4,
+) -> Float[Array, "batch heads num_q_blocks num_kv_blocks"]:
+    """Block distribution from the q·kᵀ of `quantized_attention` at `bits` bits: K smoothed, Q and K quantised
+    per block (the estimate's own tiles), integer matmul; then as "lowbit"."""
+    scores = quantized_scores(q, k, bits=bits, block_q=geometry.block_q, block_k=geometry.block_k, smooth=True)
+    return _row_mass_per_block(scores * sm_scale, geometry)
 
 
 def exact_block_mass(
@@ -123,7 +126,12 @@ def exact_block_mass(
 
 
 ESTIMATORS: Mapping[str, BlockMass] = types.MappingProxyType(
-    {"pooled": pooled_block_mass, "lowbit": lowbit_block_mass, "exact": exact_block_mass}
+    {
+        "pooled": pooled_block_mass,
+        "lowbit": lowbit_block_mass,
+        "quantized": quantized_block_mass,
+        "exact": exact_block_mass,
+    }
 )
 
 

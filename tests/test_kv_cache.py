@@ -44,19 +44,6 @@ def test_bad_format_and_group_are_named():
         pk.quantize_kv(jnp.zeros((2, 48)), "int4", group_size=32)
 
 
-def _paged(cache, lengths, page_size, key):
-    """Scatter contiguous rows into a shuffled page pool (with spare pages) and return pool and block tables."""
-    batch, max_len = cache.shape[:2]
-    pages_per_seq = -(-max_len // page_size)
-    num_pages = batch * pages_per_seq + 3
-    order = np.asarray(jax.random.permutation(key, num_pages))[: batch * pages_per_seq]
-    tables = order.reshape(batch, pages_per_seq)
-    padded = jnp.pad(cache, [(0, 0), (0, pages_per_seq * page_size - max_len)] + [(0, 0)] * (cache.ndim - 2))
-    pool = jnp.zeros((num_pages, page_size, *cache.shape[2:]), cache.dtype)
-    pool = pool.at[tables.reshape(-1)].set(padded.reshape(batch * pages_per_seq, page_size, *cache.shape[2:]))
-    return pool, jnp.asarray(tables, jnp.int32)
-
-
 @pytest.mark.parametrize("kv_format", ["float32", "int8", "int4"])
 @pytest.mark.parametrize("page_size", [None, 16])
 def test_xla_decode_matches_reference(kv_format, page_size):
@@ -68,11 +55,10 @@ def test_xla_decode_matches_reference(kv_format, page_size):
     lengths = jnp.array([0, 1, 20, 37], jnp.int32)
     tables = None
     if page_size:
-        k, tables = _paged(k, lengths, page_size, kp)
-        v, _ = _paged(v, lengths, page_size, kp)
+        paged = lambda x: kv_cache.scatter_pages(x, page_size, key=kp, spare_pages=3)  # noqa: E731
+        (k, tables), (v, _) = paged(k), paged(v)
         if k_scale is not None:
-            k_scale, _ = _paged(k_scale, lengths, page_size, kp)
-            v_scale, _ = _paged(v_scale, lengths, page_size, kp)
+            (k_scale, _), (v_scale, _) = paged(k_scale), paged(v_scale)
     args = dict(k_scale=k_scale, v_scale=v_scale, block_tables=tables)
     got = pk.decode_attention(q, k, v, lengths, implementation="xla", **args)
     want = pk.reference.decode_attention(q, k, v, lengths, **args)

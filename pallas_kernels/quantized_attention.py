@@ -1,0 +1,224 @@
+"""Quantized prefill attention in the spirit of SageAttention: int8/int4 q·kᵀ, float32 online softmax, bf16/fp8 P·V.
+
+Steps (the quantisation itself is `pallas_kernels.quantization`, shared with block-mask estimation):
+1. K is smoothed (its mean over the sequence subtracted per batch, kv head and channel; softmax-invariant);
+2. Q is quantised per block of `block_q` rows, K per block of `block_k` rows, to int8 (`qk_bits=8`) or to the
+   4-bit range [-7, 7] (`qk_bits=4`, still stored in int8), with one float32 scale per block and head;
+3. each program of the kernel owns one query block of one head and walks the kv blocks causality leaves, like
+   `flash_attention`'s forward kernel (same schedules, tile masks and online softmax): an integer q·kᵀ tile
+   accumulated in int32, rescaled by the two block scales (and sm_scale, log2 e), the running softmax in float32,
+   and P·V with P cast to `pv_dtype`: bfloat16 (or float16), or float8 e4m3 with V scaled per channel.
+GQA/MQA: K/V are never repeated, query head h reads kv head h // groups through its BlockSpec.
+
+Implementations: "pallas" (the kernel; interpret mode off GPU) and "xla" (the same quantised operands, dense
+scores from an int32 einsum, for CPU and for checking); `implementation=None` picks pallas on a GPU, xla elsewhere.
+
+What Pallas lowers for these dots, read from JAX's sources; the Triton-dialect part is checked on CPU by lowering
+for CUDA (tests/test_quantized_attention.py: i8 x i8 -> i32 and f8E4M3FN x f8E4M3FN -> f32 `tt.dot`), but nothing
+here has been compiled to PTX or run on a GPU yet:
+- Triton lowering (`jax/_src/pallas/triton/lowering.py`, used by this kernel): `lax.dot_general` becomes one
+  `tt.dot`; both operands must share an element type and every dimension must be >= 16; the accumulator is the
+  requested output type when that is int32 or float16 and float32 otherwise. So int8 x int8 with
+  `preferred_element_type=int32` is an integer tensor-core dot (s8 `mma` / Hopper `wgmma`), and float8_e4m3fn
+  operands (MLIR `f8E4M3FN`) give an fp8 dot with a float32 accumulator, which Triton supports from sm_89/sm_90.
+  The precision argument only matters for float32 operands (IEEE for HIGHEST, TF32 otherwise).
+- Mosaic GPU (`jax/experimental/mosaic/gpu/wgmma.py`, the `plgpu` Hopper backend): `wgmma` takes s8 x s8 -> s32
+  and e4m3/e5m2 -> f32 or f16 accumulators besides f16/bf16/tf32; 8-bit operands must both come from shared
+  memory in K-major layout (transposes and register-resident A are only for 16-bit types). q·kᵀ fits (Q and K are
+  both K-major along head_dim) but an fp8 P·V needs P staged in shared memory and V stored transposed
+  ([head_dim, seq]), as FlashAttention-3 does. That would be a separate kernel; this module targets Triton.
+So the kernel's numerics are tested in interpret mode; its GPU compilation and speed are unverified.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float
+
+from pallas_kernels import online_softmax
+from pallas_kernels.flash_attention import (
+    MIN_BLOCK,
+    _block_size,
+    _block_slice,
+    _call,
+    _dot_nn,
+    _dot_nt,
+    _loop,
+    _loop_schedule,
+    _next_power_of_2,
+    _pad_axis,
+    _q_tile_spec,
+    _shared_kv_spec,
+    _Static,
+    default_interpret,
+    tile_mask,
+)
+from pallas_kernels.geometry import Geometry
+from pallas_kernels.quantization import (
+    check_pv_dtype,
+    output_scale,
+    probabilities_operand,
+    quantize_blocks,
+    quantize_values,
+    quantized_scores,
+    smooth_keys,
+)
+from pallas_kernels.sparsity import masked_softmax
+
+IMPLEMENTATIONS = ("pallas", "xla")
+
+
+def _kernel(*refs, st: _Static, fp8: bool, names: tuple[str, ...]):
+    """One query block of one head: integer scores tile by tile, online softmax, P·V in the V operand's dtype."""
+    r = dict(zip(names, refs, strict=False))
+    g = st.geometry
+    q_block = pl.program_id(2)
+    q = r["q"][...]
+    q_scale = r["q_scale"][q_block] * st.scale_log2
+
+    def body(kv_block, masked, carry):
+        kv_slice = _block_slice(kv_block, g.block_k)
+        k, v = r["k"][kv_slice, :], r["v"][kv_slice, :]
+        scores = _dot_nt(q, k, jnp.int32).astype(jnp.float32) * (q_scale * r["k_scale"][kv_block])
+        mask = tile_mask(st, q_block, kv_block) if masked else None
+        return online_softmax.update(carry, scores, mask, lambda p: _dot_nn(probabilities_operand(p, v.dtype), v))
+
+    init = online_softmax.init(jnp.zeros(q.shape, jnp.float32), g.block_q)
+    out, _ = online_softmax.finish(_loop(_loop_schedule(r, st, q_block, transposed=False), body, init), 0.0)
+    if fp8:
+        out = out * output_scale(r["v_scale"][...])[None, :]
+    r["o"][...] = out.astype(r["o"].dtype)
+
+
+def _pallas(q, k, v, st: _Static, bits: int, pv_dtype, smooth: bool):
+    g = st.geometry
+    batch, q_len, heads, head_dim = q.shape
+    dim_pad = max(MIN_BLOCK, _next_power_of_2(head_dim))
+    q_int, q_scale = quantize_blocks(q, bits, g.block_q)
+    k_int, k_scale = quantize_blocks(smooth_keys(k) if smooth else k, bits, g.block_k)
+    v_op, v_scale = quantize_values(v, pv_dtype)
+    kv_pad = k_int.shape[1]
+    q_int, k_int = _pad_axis(q_int, 3, dim_pad), _pad_axis(k_int, 3, dim_pad)
+    v_op = _pad_axis(_pad_axis(v_op, 1, kv_pad), 3, dim_pad)
+    groups = st.groups
+    kv_spec = _shared_kv_spec(kv_pad, dim_pad, groups)
+    inputs = [
+        ("q", q_int, _q_tile_spec(g, dim_pad)),
+        ("k", k_int, kv_spec),
+        ("v", v_op, kv_spec),
+        ("q_scale", q_scale, pl.BlockSpec((None, None, g.num_q_blocks), lambda b, h, i: (b, h, 0))),
+        ("k_scale", k_scale, pl.BlockSpec((None, None, g.num_kv_blocks), lambda b, h, i: (b, lax.div(h, groups), 0))),
+    ]
+    if v_scale is not None:
+        v_scale = _pad_axis(v_scale, 2, dim_pad)
+        inputs.append(
+            ("v_scale", v_scale, pl.BlockSpec((None, None, dim_pad), lambda b, h, i: (b, lax.div(h, groups), 0)))
+        )
+    out_shape = jax.ShapeDtypeStruct((batch, q_int.shape[1], heads, dim_pad), q.dtype)
+    kernel = functools.partial(_kernel, fp8=v_scale is not None)
+    (out,) = _call(
+        kernel,
+        st,
+        (batch, heads, g.num_q_blocks),
+        inputs,
+        [("o", out_shape, _q_tile_spec(g, dim_pad))],
+        "quantized_attention",
+    )
+    return out[:, :q_len, :, :head_dim]
+
+
+def _xla(q, k, v, st: _Static, bits: int, pv_dtype, smooth: bool):
+    g = st.geometry
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    scores = quantized_scores(q, k, bits=bits, block_q=g.block_q, block_k=g.block_k, smooth=smooth) * st.sm_scale
+    mask = g.element_mask(0, 0, g.q_len, g.kv_len)
+    probs = masked_softmax(scores, jnp.ones(scores.shape[-2:], bool) if mask is None else mask)
+    v_op, v_scale = quantize_values(v, pv_dtype)
+    p = probabilities_operand(probs, v_op.dtype).reshape(batch, kv_heads, st.groups, q_len, g.kv_len)
+    out = jnp.einsum("bkgts,bskd->btkgd", p, v_op, preferred_element_type=jnp.float32)
+    scale = output_scale(v_scale)
+    if v_scale is not None:
+        scale = scale[:, None, :, None, :]
+    return (out * scale).reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "causal",
+        "sm_scale",
+        "qk_bits",
+        "pv_dtype",
+        "smooth_k",
+        "block_q",
+        "block_k",
+        "interpret",
+        "implementation",
+    ),
+)
+def quantized_attention(
+    q: Float[Array, "batch q_len heads head_dim"],
+    k: Float[Array, "batch kv_len kv_heads head_dim"],
+    v: Float[Array, "batch kv_len kv_heads head_dim"],
+    *,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    qk_bits: int = 8,
+    pv_dtype=jnp.bfloat16,
+    smooth_k: bool = True,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool | None = None,
+    implementation: str | None = None,
+) -> Float[Array, "batch q_len heads head_dim"]:
+    """Softmax(q·kᵀ·sm_scale)·v with q·kᵀ from `qk_bits`-bit block-quantised Q and (smoothed) K, P·V in `pv_dtype`.
+
+    Args:
+      q, k, v: the layout of `jax.nn.dot_product_attention`; `heads` a multiple of `kv_heads` (GQA, MQA).
+      causal: as in `flash_attention` (queries aligned to the end of the key sequence).
+      sm_scale: defaults to head_dim ** -0.5.
+      qk_bits: 8 (int8) or 4 (values in [-7, 7]); any width from 2 to 8 works.
+      pv_dtype: bfloat16 or float16 (V cast), or float8_e4m3fn (V scaled per channel, P stretched to [0, 448]).
+      smooth_k: subtract K's mean over the sequence before quantising (recommended; softmax-invariant).
+      block_q, block_k: quantisation blocks, which are also the kernel's tiles (powers of two).
+      interpret: None picks compiled kernels on a GPU and interpret mode elsewhere.
+      implementation: "pallas", "xla", or None (pallas on a GPU, xla elsewhere).
+
+    Returns the output in q's dtype; rows that see no key (causal with q_len > kv_len) are 0.
+    """
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q [b, t, h, d] and k, v [b, s, kh, d] alike, got {q.shape}, {k.shape}, {v.shape}")
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    implementation = implementation or ("xla" if default_interpret() else "pallas")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}")
+    check_pv_dtype(pv_dtype)
+    geometry = Geometry(
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=_block_size(block_q, q_len, False),
+        block_k=_block_size(block_k, kv_len, False),
+        causal=causal,
+    )
+    st = _Static(
+        geometry=geometry,
+        sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale),
+        groups=heads // kv_heads,
+        has_segments=False,
+        sparse=False,
+        mask_per_head=False,
+        interpret=default_interpret() if interpret is None else bool(interpret),
+    )
+    run = _pallas if implementation == "pallas" else _xla
+    return run(q, k, v, st, qk_bits, pv_dtype, smooth_k)
