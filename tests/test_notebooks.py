@@ -21,7 +21,5 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(not cell.outputs and cell.execution_count is None for cell in code), "commit notebooks without outputs"
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the kernel imports this checkout's packages
-    client = NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
-    )
+    client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
     client.execute()
