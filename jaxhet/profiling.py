@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import os
 import platform
 import sys
@@ -103,15 +104,23 @@ def kind_of(device: jax.Device) -> str:
     return max(matches, key=len) if matches else device.platform.upper()
 
 
-def best_seconds(run: Callable[[], Any], repeats: int) -> float:
-    """Fastest wall time of `run()` (its outputs waited for) over `repeats` runs after one warm-up call."""
-    jax.block_until_ready(run())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def fastest_interleaved(runs: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+    """Fastest wall time of each `run()` (its outputs waited for), after one warm-up call each, over `repeats`
+    rounds of one run of each: a change in the machine's load affects all of them alike."""
+    for run in runs:
         jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best = [float("inf")] * len(runs)
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def best_seconds(run: Callable[[], Any], repeats: int) -> float:
+    """Fastest wall time of `run()` over `repeats` runs after a warm-up."""
+    return fastest_interleaved([run], repeats)[0]
 
 
 def _random(shape: Sequence[int], dtype: str, device: jax.Device, seed: int = 0) -> jax.Array:
@@ -119,10 +128,12 @@ def _random(shape: Sequence[int], dtype: str, device: jax.Device, seed: int = 0)
     return jax.device_put(jnp.asarray(x, dtype=dtype), device)
 
 
-def matmul_tflops(n: int, dtype: str, device: jax.Device, repeats: int) -> float:
-    a, b = _random((n, n), dtype, device, 0), _random((n, n), dtype, device, 1)
+def matmul_tflops(sizes: Sequence[int], dtype: str, device: jax.Device, repeats: int) -> list[float]:
+    """TFLOP/s of square `n`-sized matmuls, one per size, timed in interleaved rounds."""
     f = jax.jit(jnp.matmul)
-    return 2 * n**3 / best_seconds(lambda: f(a, b), repeats) / 1e12
+    operands = [(_random((n, n), dtype, device, 0), _random((n, n), dtype, device, 1)) for n in sizes]
+    seconds = fastest_interleaved([lambda a=a, b=b: f(a, b) for a, b in operands], repeats)
+    return [2 * n**3 / t / 1e12 for n, t in zip(sizes, seconds, strict=True)]
 
 
 def attention_tflops(shape: tuple[int, int, int, int], dtype: str, device: jax.Device, repeats: int) -> float:
@@ -189,20 +200,16 @@ def step_samples(
     on_step: Callable[[str], None] = lambda label: None,
 ) -> list[StepSample]:
     """Timed training steps of every shape, in interleaved rounds (one run of each shape per round, fastest run
-    kept), so that a change in the machine's load affects all shapes alike."""
+    kept)."""
     steps = []
     for shape in shapes:
         on_step(f"training step {shape.label()}")
-        run, spec = _training_step(shape, dtype, device)
-        jax.block_until_ready(run())
-        steps.append((run, spec, shape))
-    best = [float("inf")] * len(steps)
-    for _ in range(repeats):
-        for i, (run, _, _) in enumerate(steps):
-            start = time.perf_counter()
-            jax.block_until_ready(run())
-            best[i] = min(best[i], time.perf_counter() - start)
-    return [StepSample(spec, shape.batch, shape.seq_len, t) for (_, spec, shape), t in zip(steps, best, strict=True)]
+        steps.append(_training_step(shape, dtype, device))
+    seconds = fastest_interleaved([run for run, _ in steps], repeats)
+    return [
+        StepSample(spec, shape.batch, shape.seq_len, t)
+        for (_, spec), shape, t in zip(steps, shapes, seconds, strict=True)
+    ]
 
 
 def memory_gb(device: jax.Device) -> float:
@@ -229,9 +236,17 @@ def measure(
         raise SpecError("dtypes must list at least one dtype")
     device, r = devices[0], sizes.repeats
     matmul, attention = {}, {}
+    curve_sizes = (*scaling_sizes(sizes.matmul), sizes.matmul)
+    on_step(f"matmul {', '.join(map(str, curve_sizes))} {dtypes[0]}")
+    curve = matmul_tflops(curve_sizes, dtypes[0], device, r)
+    matmul[dtypes[0]] = curve[-1]
+    # Throughput does not fall as matmuls grow: a size timed slower than a smaller one was disturbed.
+    fractions = itertools.accumulate((min(1.0, t / curve[-1]) for t in curve), max)
+    scaling = tuple(zip(curve_sizes, fractions, strict=True))
     for dtype in dtypes:
-        on_step(f"matmul {sizes.matmul}^3 {dtype}")
-        matmul[dtype] = matmul_tflops(sizes.matmul, dtype, device, r)
+        if dtype != dtypes[0]:
+            on_step(f"matmul {sizes.matmul}^3 {dtype}")
+            matmul[dtype] = matmul_tflops([sizes.matmul], dtype, device, r)[0]
         on_step(f"attention {'x'.join(map(str, sizes.attention))} {dtype}")
         attention[dtype] = attention_tflops(sizes.attention, dtype, device, r)
     on_step(f"device copy {_size(sizes.copy_bytes)}")
@@ -257,6 +272,7 @@ def measure(
         link,
         1.0,
         0.0,
+        scaling,
     )
     on_step("fitting the cost model")
     efficiency, overhead = fit_efficiency(uncalibrated.local_cluster(1), samples)
@@ -288,6 +304,11 @@ def versions() -> dict[str, str]:
         "machine": platform.machine(),
         "cpus": str(os.cpu_count()),
     }
+
+
+def scaling_sizes(largest: int) -> tuple[int, ...]:
+    """The smaller matmul sizes timed to see how throughput falls with size: halving down to 1/16 (at least 16)."""
+    return tuple(n for n in (largest // 16, largest // 8, largest // 4, largest // 2) if n >= 16)
 
 
 def step_count(sizes: ProfileSizes, dtypes: Sequence[str]) -> int:

@@ -120,7 +120,10 @@ class CascadePlan:
 
     @classmethod
     def load(cls, path: str | Path) -> CascadePlan:
-        return cls.from_json(Path(path).read_text())
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"cascade plan not found: {path}")
+        return cls.from_json(path.read_text())
 
 
 def pareto_front(points: Sequence[CascadePoint]) -> tuple[CascadePoint, ...]:
@@ -196,14 +199,16 @@ def plan_cascade(
     grid: int = 11,
     utilization: float = 0.8,
     disaggregate: bool = True,
+    current: CascadePlan | None = None,
     time_limit_s: float = 10.0,
 ) -> CascadePlan:
     """Thresholds and deployment for the cascade `models` (small to large) serving `workload.arrival_rate`.
 
     `profile` gives confidences and correctness per request (default: `CascadeProfile.synthetic`); `weight` in
     [0, 1] trades latency (1: latency only) against quality (0: quality only); `min_quality` rules out points below
-    it; `grid` thresholds per non-final model are tried. Raises `PlanningError` when no threshold vector can be
-    deployed, or none reaches `min_quality`.
+    it; `grid` thresholds per non-final model are tried. With `current` (the cascade running now, e.g. before a
+    workload shift), every deployment keeps as many of its replicas in place as its optimum allows. Raises
+    `PlanningError` when no threshold vector can be deployed, or none reaches `min_quality`.
     """
     if len(models) < 2:
         raise SpecError(f"models must list at least 2 models (small to large), got {len(models)}")
@@ -217,13 +222,9 @@ def plan_cascade(
         raise SpecError(f"weight must be in [0, 1], got {weight!r}")
     if min_quality is not None and not 0 <= min_quality <= 1:
         raise SpecError(f"min_quality must be in [0, 1], got {min_quality!r}")
-    fields.positive_int(grid - 1, "grid - 1")
-    inner = _Inner(
-        cluster,
-        models,
-        workload,
-        {"utilization": utilization, "disaggregate": disaggregate, "time_limit_s": time_limit_s},
-    )
+    fields.int_at_least(grid, 2, "grid")
+    options = {"utilization": utilization, "disaggregate": disaggregate, "time_limit_s": time_limit_s}
+    inner = _Inner(cluster, models, workload, {**options, "current": current.deployment if current else None})
     total = len(profile.samples)
     points, plans, seen = [], {}, set()
     for thresholds in itertools.product(*(profile.candidates(i, grid) for i in range(len(models) - 1))):
@@ -275,7 +276,7 @@ def _single_models(inner: _Inner, profile: CascadeProfile, total: int) -> tuple[
     """Each model alone on its best deployment (models that cannot serve all traffic are left out)."""
     out = []
     for i, model in enumerate(inner.models):
-        alone = dataclasses.replace(inner, models=[model], solved={})
+        alone = dataclasses.replace(inner, models=[model], options={**inner.options, "current": None}, solved={})
         deployed = alone.deploy((total,), total)
         if isinstance(deployed, ServePlan):
             quality = sum(s.correct[i] for s in profile.samples) / total

@@ -99,7 +99,7 @@ class CascadeProfile:
     def candidates(self, stage: int, grid: int) -> tuple[float, ...]:
         """`grid` thresholds for model `stage` escalating 0%, ..., 100% of the samples (quantiles of its
         confidences; the last lies just above the highest confidence)."""
-        fields.positive_int(grid - 1, "grid - 1")
+        fields.int_at_least(grid, 2, "grid")
         values = sorted(s.confidence[stage] for s in self.samples)
         n = len(values)
         out = []
@@ -152,7 +152,7 @@ class CascadeProfile:
         """A made-up profile: each request has a difficulty in [0, 1); model `i` answers it right when the
         difficulty (plus noise) is below its skill (0.55 for the smallest up to 0.9 for the largest), and its
         confidence falls with the difficulty and drops further when its answer is wrong."""
-        fields.positive_int(num_models - 1, "num_models - 1")
+        fields.int_at_least(num_models, 2, "num_models")
         fields.positive_int(count, "count")
         rng = random.Random(seed)
         samples = []

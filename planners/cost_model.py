@@ -1,7 +1,9 @@
 """An analytical cost model of training a decoder on heterogeneous devices.
 
 Compute: a roofline per transformer block, `max(FLOPs / achievable FLOP/s, bytes / achievable bandwidth)`, with the
-device's efficiency factors (`DeviceProfile`), plus a fixed per-block overhead (kernel launches). FLOPs per token
+device's efficiency factors (`DeviceProfile`; FLOP/s at the size of the block's matmuls on one device, `hidden / tp`,
+where the profile measured how throughput falls for small matmuls), plus a fixed per-block overhead (kernel
+launches). FLOPs per token
 and block are `2 * matmul params + 2 * seq * hidden` (causal attention) forward, twice that backward, once more
 with recomputation.
 
@@ -79,7 +81,8 @@ class TrainCosts:
         weight_bytes = ACT_BYTES * self._matmul_params / tp
         act_bytes = ACT_BYTES * self._act_elems_per_token(tp) * tokens
         moved = passes * weight_bytes + (passes + 1) * act_bytes
-        compute = max(flops / prof.flops_per_s, moved / prof.bytes_per_s) + prof.layer_overhead_us * 1e-6
+        achievable = prof.flops_per_s_at(self.model.hidden_size // tp)
+        compute = max(flops / achievable, moved / prof.bytes_per_s) + prof.layer_overhead_us * 1e-6
         allreduces = 6 if recompute else 4
         comm = allreduces * ring_allreduce_seconds(ACT_BYTES * tokens * self.model.hidden_size, tp, link)
         return compute + comm
@@ -90,7 +93,7 @@ class TrainCosts:
         tokens = microbatch * self.seq_len
         flops = 3 * 2 * tokens * self.model.vocab_size * self.model.hidden_size / tp
         moved = 3 * ACT_BYTES * self.model.head_params / tp + LOGIT_BYTES * tokens * self.model.vocab_size / tp
-        return max(flops / prof.flops_per_s, moved / prof.bytes_per_s)
+        return max(flops / prof.flops_per_s_at(self.model.hidden_size), moved / prof.bytes_per_s)
 
     def p2p_seconds(self, link: Link, microbatch: int) -> float:
         """Activations forward plus their gradients backward across one stage boundary, one micro-batch."""

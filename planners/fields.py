@@ -14,6 +14,12 @@ def positive_int(value: Any, field: str, *, error: type[ValueError] = SpecError)
     return value
 
 
+def int_at_least(value: Any, least: int, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise SpecError(f"{field} must be an integer >= {least}, got {value!r}")
+    return value
+
+
 def positive_float(value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise SpecError(f"{field} must be a positive number, got {value!r}")

@@ -11,8 +11,9 @@
 The cost model reads it through `overrides()`: peak FLOP/s becomes the measured matmul throughput in `dtype` (the
 dtype models run in), scaled by `compute_efficiency` (what transformer blocks reach relative to that matmul, fitted
 on timed steps by `planners.calibrate`; above 1 when fused blocks beat the lone matmul, and then the peak is
-raised instead), `layer_overhead_us` the fitted per-block overhead, and memory bandwidth the measured device copy
-bandwidth (efficiency 1). `apply(cluster)`
+raised instead), `layer_overhead_us` the fitted per-block overhead, `matmul_scaling` how matmul throughput falls
+at smaller sizes (fractions of the largest size's), and memory bandwidth the measured device copy bandwidth
+(efficiency 1). `apply(cluster)`
 puts these figures on the cluster's devices of `kind` and the measured collective link on their nodes;
 `local_cluster()` describes the measured machine itself as a one-node cluster.
 """
@@ -51,6 +52,7 @@ class MeasuredProfile:
     link: Link | None
     compute_efficiency: float
     layer_overhead_us: float
+    matmul_scaling: tuple[tuple[int, float], ...] = ()
     calibration: tuple[Mapping[str, Any], ...] = ()
     versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
     date: str = ""
@@ -59,6 +61,7 @@ class MeasuredProfile:
         object.__setattr__(self, "matmul_tflops", dict(self.matmul_tflops))
         object.__setattr__(self, "attention_tflops", dict(self.attention_tflops))
         object.__setattr__(self, "calibration", tuple(dict(c) for c in self.calibration))
+        object.__setattr__(self, "matmul_scaling", tuple(tuple(p) for p in self.matmul_scaling))
         object.__setattr__(self, "versions", dict(self.versions))
         if not isinstance(self.kind, str) or not self.kind:
             raise SpecError(f"kind must be a non-empty GPU kind name, got {self.kind!r}")
@@ -82,6 +85,7 @@ class MeasuredProfile:
             "memory_bw_gb_s": self.memory_bw_gb_s,
             "memory_efficiency": 1.0,
             "layer_overhead_us": self.layer_overhead_us,
+            "matmul_scaling": self.matmul_scaling,
             "source": f"measured on {self.device} ({self.date})",
         }
 

@@ -7,10 +7,13 @@ overrides any figure, so measured throughput and bandwidth replace the datasheet
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from typing import Any
 
 from planners import fields
 from planners.catalog import GPUSpec
+from planners.errors import SpecError
 
 DEFAULT_COMPUTE_EFFICIENCY = 0.5
 DEFAULT_MEMORY_EFFICIENCY = 0.8
@@ -26,6 +29,9 @@ class DeviceProfile:
     `memory_efficiency` scales peak memory bandwidth; `usable_memory` is the fraction of memory left to the model
     after the runtime, allocator fragmentation and communication buffers; `layer_overhead_us` is the fixed cost
     of one block's forward and backward pass on one micro-batch (kernel launches, synchronisation).
+    `matmul_scaling` lists `(n, fraction)` pairs: the fraction of `tflops` a matmul whose smallest dimension is `n`
+    reaches (measured; small matmuls keep fewer units busy), interpolated log-linearly and held flat beyond the
+    ends; empty means every size reaches `tflops`.
     """
 
     kind: str
@@ -37,10 +43,26 @@ class DeviceProfile:
     memory_efficiency: float = DEFAULT_MEMORY_EFFICIENCY
     usable_memory: float = DEFAULT_USABLE_MEMORY
     layer_overhead_us: float = DEFAULT_LAYER_OVERHEAD_US
+    matmul_scaling: tuple[tuple[int, float], ...] = ()
     source: str = "catalog"
 
     def __post_init__(self) -> None:
         where = f"profiles.{self.kind}"
+        if not isinstance(self.matmul_scaling, (list, tuple)):
+            raise SpecError(f"{where}.matmul_scaling must be a list of [n, fraction] pairs")
+        pairs = []
+        for i, pair in enumerate(self.matmul_scaling):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise SpecError(f"{where}.matmul_scaling[{i}] must be a pair [n, fraction], got {pair!r}")
+            pairs.append(
+                (
+                    fields.positive_int(pair[0], f"{where}.matmul_scaling[{i}][0]"),
+                    fields.fraction(pair[1], f"{where}.matmul_scaling[{i}][1]"),
+                )
+            )
+        if len({n for n, _ in pairs}) != len(pairs):
+            raise SpecError(f"{where}.matmul_scaling repeats a size: {sorted(n for n, _ in pairs)}")
+        object.__setattr__(self, "matmul_scaling", tuple(sorted(pairs)))
         for name in ("tflops", "memory_gb", "memory_bw_gb_s"):
             fields.positive_float(getattr(self, name), f"{where}.{name}")
         fields.non_negative_float(self.price_per_hour, f"{where}.price_per_hour")
@@ -62,6 +84,17 @@ class DeviceProfile:
     def flops_per_s(self) -> float:
         """Achievable dense FLOP/s."""
         return self.tflops * 1e12 * self.compute_efficiency
+
+    def flops_per_s_at(self, n: int) -> float:
+        """Achievable dense FLOP/s of matmuls whose smallest dimension is `n` (see `matmul_scaling`)."""
+        points = self.matmul_scaling
+        if not points or n >= points[-1][0]:
+            return self.flops_per_s * (points[-1][1] if points else 1.0)
+        if n <= points[0][0]:
+            return self.flops_per_s * points[0][1]
+        (n0, f0), (n1, f1) = next((a, b) for a, b in itertools.pairwise(points) if a[0] <= n <= b[0])
+        w = math.log(n / n0) / math.log(n1 / n0)
+        return self.flops_per_s * (f0 + w * (f1 - f0))
 
     @property
     def bytes_per_s(self) -> float:

@@ -80,7 +80,7 @@ class ServingCosts:
     def prefill_seconds(self, kind: str, tp: int, link: Link) -> float:
         prof, m, n = self.cluster.profile(kind), self.model, self.workload.input_len
         flops = (2 * self._matmul_params * n + 2 * n * n * m.hidden_size * m.num_layers) / tp
-        compute = max(flops / prof.flops_per_s, self.weight_bytes(tp) / prof.bytes_per_s)
+        compute = max(flops / prof.flops_per_s_at(m.hidden_size // tp), self.weight_bytes(tp) / prof.bytes_per_s)
         comm = 2 * m.num_layers * ring_allreduce_seconds(WEIGHT_BYTES * n * m.hidden_size, tp, link)
         return compute + comm + m.num_layers * prof.layer_overhead_us * 1e-6
 
@@ -89,7 +89,7 @@ class ServingCosts:
         context = w.input_len + w.output_len / 2
         flops = 2 * self._matmul_params * batch / tp
         moved = self.weight_bytes(tp) + batch * context * self.kv_bytes_per_token(tp)
-        compute = max(flops / prof.flops_per_s, moved / prof.bytes_per_s)
+        compute = max(flops / prof.flops_per_s_at(m.hidden_size // tp), moved / prof.bytes_per_s)
         comm = 2 * m.num_layers * ring_allreduce_seconds(WEIGHT_BYTES * batch * m.hidden_size, tp, link)
         return compute + comm + m.num_layers * prof.layer_overhead_us * 1e-6
 

@@ -149,3 +149,25 @@ def test_cascade_benchmark_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["results"]
     assert len(rows) == 4 and all(r["cascade"]["quality"] >= r["llama-3-70b alone"]["quality"] - 0.01 for r in rows)
+
+
+def test_grid_must_hold_two_thresholds() -> None:
+    cluster, models, workload = setting()
+    with pytest.raises(planners.SpecError, match="grid must be an integer >= 2, got 1"):
+        plan_cascade(cluster, models, workload, grid=1)
+
+
+def test_replanning_after_a_workload_shift_keeps_running_replicas() -> None:
+    cluster = planners.ClusterSpec.load("examples/clusters/h100x16_l4x16.yaml")
+    models = [planners.ModelSpec.preset("llama-3-8b"), planners.ModelSpec.preset("llama-3-70b")]
+
+    def workload(rate: float) -> planners.ServeWorkload:
+        return planners.ServeWorkload(arrival_rate=rate, input_len=512, output_len=128, ttft_slo_s=2.0, tpot_slo_s=0.1)
+
+    before = plan_cascade(cluster, models, workload(8.0), min_quality=0.85, grid=6)
+    fresh = plan_cascade(cluster, models, workload(12.0), min_quality=0.85, grid=6)
+    after = plan_cascade(cluster, models, workload(12.0), min_quality=0.85, grid=6, current=before)
+    assert after.latency_s == pytest.approx(fresh.latency_s, rel=1e-6) and after.quality == fresh.quality
+    running = {r.devices for r in before.deployment.replicas}
+    kept = running & {r.devices for r in after.deployment.replicas}
+    assert len(kept) == after.deployment.kept > len(running & {r.devices for r in fresh.deployment.replicas})

@@ -103,6 +103,10 @@ def test_plan_cascade_writes_json_and_png(tmp_path: Path) -> None:
     plan = planners.CascadePlan.load(out)
     assert plan.models == ("llama-3-8b", "llama-3-70b") and plan.quality >= 0.8 and len(plan.thresholds) == 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = RUNNER.invoke(app, [*args, "--rate", "6", "--current", str(out), "-o", str(tmp_path / "after.json")])
+    assert result.exit_code == 0, result.output
+    assert "running replica(s) in place" in result.output
+    assert planners.CascadePlan.load(tmp_path / "after.json").arrival_rate == 6
     result = RUNNER.invoke(app, [*args[:4], "--model", "tiny", "--model", "llama-2-7b", "--model", "llama-2-13b"])
     assert result.exit_code == 2 and "profile describes 2 models, the cascade has 3" in result.output
 

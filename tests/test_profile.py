@@ -97,3 +97,27 @@ def test_calibration_benchmark_runs(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "cost_model_calibration_cpu.json").read_text())
     assert record["device"] and record["versions"]["jax"] and len(record["results"]) == 2
     assert all(r["predicted_s"] > 0 and r["measured_s"] > 0 for r in record["results"])
+
+
+def test_matmul_scaling_slows_small_matmuls() -> None:
+    cluster = planners.ClusterSpec.from_dict(
+        {"nodes": [{"gpu": "H100", "count": 8}], "profiles": {"H100": {"matmul_scaling": [[4096, 1.0], [1024, 0.5]]}}}
+    )
+    prof = cluster.profile("H100")
+    assert prof.matmul_scaling == ((1024, 0.5), (4096, 1.0))
+    assert prof.flops_per_s_at(8192) == prof.flops_per_s and prof.flops_per_s_at(512) == 0.5 * prof.flops_per_s
+    assert prof.flops_per_s_at(2048) == pytest.approx(0.75 * prof.flops_per_s)
+    # TP 8 splits a 4096-wide block into 512-wide matmuls: slower per FLOP than the flat profile says.
+    model = planners.ModelSpec.preset("llama-2-7b")
+    flat = planners.ClusterSpec.from_dict({"nodes": [{"gpu": "H100", "count": 8}]})
+    link = cluster.nodes[0].intra_link
+    scaled = planners.TrainCosts(cluster, model, 2048).layer_seconds("H100", 8, 1, False, link)
+    assert scaled > planners.TrainCosts(flat, model, 2048).layer_seconds("H100", 8, 1, False, link)
+    for bad, message in (
+        ([[1024, 1.5]], r"matmul_scaling\[0\]\[1\] must be a number in \(0, 1\]"),
+        ([[1024, 0.5], [1024, 0.6]], "repeats a size"),
+    ):
+        with pytest.raises(planners.SpecError, match=message):
+            planners.ClusterSpec.from_dict(
+                {"nodes": [{"gpu": "H100", "count": 1}], "profiles": {"H100": {"matmul_scaling": bad}}}
+            )

@@ -226,6 +226,10 @@ def cascade(
     utilization: Annotated[float, typer.Option(help="Load cap per replica, as a fraction of its capacity.")] = 0.8,
     colocate: Annotated[bool, typer.Option("--colocate", help="No prefill/decode disaggregation.")] = False,
     simulate: Annotated[int, typer.Option(min=0, help="Requests to simulate on the chosen plan (0: none).")] = 1000,
+    current: Annotated[
+        Path | None,
+        typer.Option(help="Running cascade plan JSON: re-plan keeping as many of its replicas as possible."),
+    ] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
     png: Annotated[Path | None, typer.Option(help="Write the latency/quality front as a PNG here.")] = None,
 ) -> None:
@@ -257,9 +261,12 @@ def cascade(
             grid=grid,
             utilization=utilization,
             disaggregate=not colocate,
+            current=planners.CascadePlan.load(current) if current is not None else None,
         )
     console.print(_front_table(plan))
     console.print(_serve_table(plan.deployment))
+    if current is not None:
+        console.print(f"kept {plan.deployment.kept} running replica(s) in place", highlight=False)
     console.print(
         f"chosen: quality {plan.quality:.3f}, predicted mean latency {plan.latency_s:.2f} s "
         f"(service times at the planned batch, queueing aside), {plan.deployment.price_per_hour:.2f}/h",

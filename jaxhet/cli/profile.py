@@ -50,8 +50,8 @@ def profile(
     ] = None,
 ) -> None:
     """Measure this machine's devices (matmul and attention throughput, memory, host and collective bandwidth,
-    timed training steps) and write a profile that calibrates the cost model (`ClusterSpec` via
-    `planners.MeasuredProfile.load(path).apply(cluster)`)."""
+    timed training steps) and write a profile that calibrates the cost model: `jaxhet plan ... --device-profile
+    FILE`, or `planners.MeasuredProfile.load(FILE).apply(cluster)`."""
     import jax
 
     from jaxhet import profiling
