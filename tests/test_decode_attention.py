@@ -6,6 +6,8 @@ The batch holds an empty sequence, one of a single token, one that ends exactly 
 filled last pages, and one using the whole cache.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ MAX_LEN, HEAD_DIM = 100, 64
 LENGTHS = (0, 1, 16, 37, 70, MAX_LEN)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _inputs(kv_format, page_size, heads, kv_heads, seed=0):
     """Query, float K/V, the cache built from them (paged into a shuffled pool when page_size is given)."""
     kq, kk, kv, kp = jax.random.split(jax.random.key(seed), 4)
