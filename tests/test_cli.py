@@ -52,3 +52,13 @@ def test_user_mistakes_get_one_line_and_exit_2(args, message):
     assert result.returncode == 2
     assert message in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
+
+
+def test_python_dash_m_jaxhet_is_the_command_line():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxhet", "--version"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("jaxhet ")

@@ -10,6 +10,7 @@ import httpx
 import jax
 import openai
 import pytest
+from fastapi import FastAPI
 from flax import nnx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -247,3 +248,13 @@ def test_a_plan_with_prefill_and_decode_replicas_hands_the_cache_over(served):
     (expected,) = generate(small.model, [ids], SamplingConfig(max_new_tokens=12), jax.random.key(0))
     assert whole.choices[0].text == small.tokenizer.decode(expected)
     assert whole.choices[0].finish_reason == "length" and prefill_pages == 0
+
+
+def test_background_server_starts_and_stops_without_a_with_block():
+    app = FastAPI()
+    app.get("/ping")(lambda: {"pong": True})
+    server = BackgroundServer(app).start()
+    assert httpx.get(f"{server.url}/ping").json() == {"pong": True}
+    server.stop()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/ping")

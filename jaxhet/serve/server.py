@@ -50,7 +50,11 @@ def serve_forever(app: FastAPI, *, host: str, port: int, drain_timeout_s: float 
 
 
 class BackgroundServer:
-    """`with BackgroundServer(app) as server: ... server.url ...`: a real server on a free port of `host`."""
+    """`with BackgroundServer(app) as server: ... server.url ...`: a real server on a free port of `host`.
+
+    Where a `with` block cannot span the work (notebook cells), `server = BackgroundServer(app).start()` and later
+    `server.stop()` do the same.
+    """
 
     def __init__(self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 120.0):
         self._socket = _bind(host, port)
@@ -66,7 +70,8 @@ class BackgroundServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> BackgroundServer:
+    def start(self) -> BackgroundServer:
+        """Start serving and return once the server accepts connections."""
         self._thread.start()
         deadline = time.monotonic() + self._startup_timeout_s
         while not self._server.started:
@@ -75,7 +80,14 @@ class BackgroundServer:
             time.sleep(0.02)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
+        """Stop accepting requests, finish the ones in flight, close the app's engines and the socket."""
         self._server.should_exit = True
         self._thread.join()
         self._socket.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
