@@ -1,24 +1,34 @@
-"""PNGs of plans: a training plan's placement (one row per node, one box per device, coloured by replica and
+"""Pictures of plans: a training plan's placement (one row per node, one box per device, coloured by replica and
 stage) and a cascade plan's latency/quality trade-off.
 
+Each picture is a matplotlib `Figure` built without pyplot, so drawing one never changes the caller's backend (a
+notebook keeps showing its own plots, and shows these with `display(fig)`); the `save_*_png` functions write them.
 matplotlib is imported when a picture is drawn, so the rest of the planners work without it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 from planners.cascade import CascadePlan
 from planners.cluster import ClusterSpec
 from planners.plan import TrainPlan
 
 
-def save_placement_png(plan: TrainPlan, cluster: ClusterSpec, path: str | Path) -> Path:
-    """Draw `plan` on `cluster` into `path` (PNG) and return the path."""
-    import matplotlib
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def placement_figure(plan: TrainPlan, cluster: ClusterSpec) -> Figure:
+    """`plan` drawn on `cluster`: which replica, stage, layers and TP degree each device holds."""
+    import matplotlib
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
 
     owner: dict[int, tuple[int, int]] = {}
@@ -27,8 +37,9 @@ def save_placement_png(plan: TrainPlan, cluster: ClusterSpec, path: str | Path) 
             for d in stage.devices:
                 owner[d] = (r, s)
     width = max(n.count for n in cluster.nodes)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.25 * width, 0.9 + 0.9 * len(cluster.nodes)))
-    cmap = plt.get_cmap("tab10")
+    fig = Figure(figsize=(1.6 + 1.25 * width, 0.9 + 0.9 * len(cluster.nodes)))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["tab10"]
     for d in cluster.devices:
         x, y = d.local, len(cluster.nodes) - 1 - d.node
         if d.index in owner:
@@ -59,20 +70,20 @@ def save_placement_png(plan: TrainPlan, cluster: ClusterSpec, path: str | Path) 
     ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def save_cascade_png(plan: CascadePlan, path: str | Path) -> Path:
-    """Draw the cascade's (latency, quality) Pareto front, the single-model baselines and the chosen point."""
-    import matplotlib
+def save_placement_png(plan: TrainPlan, cluster: ClusterSpec, path: str | Path) -> Path:
+    """Draw `plan` on `cluster` into `path` (PNG) and return the path."""
+    return _save(placement_figure(plan, cluster), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+def cascade_figure(plan: CascadePlan) -> Figure:
+    """The cascade's (latency, quality) Pareto front, the single-model baselines and the chosen point."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     ax.plot(
         [p.latency_s for p in plan.front],
         [p.quality for p in plan.front],
@@ -96,7 +107,9 @@ def save_cascade_png(plan: CascadePlan, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def save_cascade_png(plan: CascadePlan, path: str | Path) -> Path:
+    """Draw the cascade plan (see `cascade_figure`) into `path` (PNG) and return the path."""
+    return _save(cascade_figure(plan), path)

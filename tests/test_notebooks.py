@@ -23,3 +23,5 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the kernel imports this checkout's packages
     client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
     client.execute()
+    if any("figure(" in cell.source for cell in code):  # a notebook that draws shows its pictures inline
+        assert any("image/png" in output.get("data", {}) for cell in code for output in cell.outputs)
