@@ -79,3 +79,18 @@ def test_train_benchmark_runs(tmp_path):
     # Same initial parameters and batch: every variant trains the same model to (nearly) the same loss.
     np.testing.assert_allclose([r["last_loss"] for r in record["rows"]], record["rows"][0]["last_loss"], rtol=1e-4)
     assert record["versions"]["jax"] and record["shapes"]["seq_len"] == 32
+
+
+def test_attention_benchmark_runs(tmp_path):
+    result = _run_bench("attention.py", "--smoke", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (path,) = tmp_path.glob("attention_*_smoke_*.json")
+    report = json.loads(path.read_text())
+    assert report["smoke"] and report["versions"]["jax"] and report["device"]
+    dense = [r for r in report["rows"] if r["kind"] == "dense"]
+    sparse = [r for r in report["rows"] if r["kind"] == "block_sparse"]
+    assert {(r["impl"].split("[")[0], r["causal"]) for r in dense} == {("pallas flash", False), ("jax.nn", False)}
+    assert [r["target_density"] for r in sparse] == [0.5]
+    assert sparse[0]["fwd_vs_dense"] > 0 and sparse[0]["fwd_vs_ideal"] > 0
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in report["rows"])
+    assert "pallas flash" in result.stdout

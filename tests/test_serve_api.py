@@ -153,10 +153,29 @@ MALFORMED = [
     ("empty prompt", json.dumps({"model": "small", "prompt": ""}).encode(), 400, "empty"),
     ("token outside vocab", json.dumps({"model": "small", "prompt": [1, 99999]}).encode(), 400, "token ids"),
     ("unknown model", json.dumps({"model": "gpt-9", "prompt": "a"}).encode(), 404, "gpt-9"),
-    ("n > 1", json.dumps({"model": "small", "prompt": "a", "n": 2}).encode(), 400, "n"),
+    ("n above 16", json.dumps({"model": "small", "prompt": "a", "n": 17}).encode(), 400, "n"),
     ("too many stops", json.dumps({"model": "small", "prompt": "a", "stop": list("abcde")}).encode(), 400, "stop"),
     ("oversized body", json.dumps({"model": "small", "prompt": "a" * 5000}).encode(), 413, "larger than"),
 ]
+
+
+def test_n_choices_are_the_seeded_single_requests(client):
+    request = dict(model="small", prompt="for i in", max_tokens=6, temperature=1.0, seed=5)
+    several = client.completions.create(n=3, **request)
+    singles = [client.completions.create(**{**request, "seed": 5 + i}).choices[0].text for i in range(3)]
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    assert [c.text for c in several.choices] == singles
+    assert several.usage.completion_tokens == 18
+
+
+def test_streamed_chat_with_two_choices_reassembles_each(client):
+    request = dict(model="small", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, seed=3, n=2)
+    whole = client.chat.completions.create(**request)
+    texts = ["", ""]
+    for chunk in client.chat.completions.create(stream=True, **request):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert [t.strip() for t in texts] == [c.message.content for c in whole.choices]
 
 
 @pytest.mark.parametrize(("case", "raw", "status", "needle"), MALFORMED, ids=[m[0] for m in MALFORMED])

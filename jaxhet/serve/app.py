@@ -8,6 +8,7 @@ pydantic models of `jaxhet.serve.protocol`) so each failure gets its own message
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -53,10 +54,24 @@ class ServerConfig:
             raise ValueError(f"default_max_tokens must be at least 1, got {self.default_max_tokens}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Endpoint:
+    """What an endpoint's responses are called: the object kinds of whole answers and stream chunks, the id prefix."""
+
+    kind: str
+    chunk_kind: str
+    id_prefix: str
+
+
+COMPLETION = _Endpoint("text_completion", "text_completion", "cmpl")
+CHAT = _Endpoint("chat.completion", "chat.completion.chunk", "chatcmpl")
+
+
 @dataclasses.dataclass
 class _Generation:
     """One request on its way through a deployment, with the timestamps the latency metrics need."""
 
+    index: int
     served_by: str
     output: RequestOutput
     arrival: float
@@ -169,9 +184,9 @@ def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = Ser
             raise APIError(400, str(err)) from None
 
     async def _start(
-        deployment: Deployment, ids: list[int], params: SamplingParams
+        deployment: Deployment, ids: list[int], params: SamplingParams, index: int
     ) -> tuple[_Generation, AsyncIterator[tuple[str, RequestOutput]]]:
-        """Submit the request and wait for its first output, so that a refusal is still a plain 4xx."""
+        """Submit one choice and wait for its first output, so that a refusal is still a plain 4xx."""
         arrival = time.monotonic()
         stream = deployment.generate(uuid.uuid4().hex, ids, params)
         try:
@@ -180,9 +195,24 @@ def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = Ser
             raise APIError(400, str(err)) from None
         except EngineFailure as err:
             raise APIError(500, str(err), kind="server_error") from None
-        generation = _Generation(served_by, output, arrival)
+        generation = _Generation(index, served_by, output, arrival)
         _note_progress(generation)
         return generation, stream
+
+    async def _start_all(deployment: Deployment, ids: list[int], params: SamplingParams, n: int):
+        """Submit `n` choices together (seeded ones get seeds seed, seed + 1, ...); all start or none does."""
+        seeds = [None if params.seed is None else params.seed + i for i in range(n)]
+        started = await asyncio.gather(
+            *(_start(deployment, ids, dataclasses.replace(params, seed=seed), i) for i, seed in enumerate(seeds)),
+            return_exceptions=True,
+        )
+        failures = [s for s in started if isinstance(s, BaseException)]
+        if failures:
+            for result in started:
+                if not isinstance(result, BaseException):
+                    await result[1].aclose()
+            raise failures[0]
+        return started
 
     def _note_progress(generation: _Generation) -> None:
         now = time.monotonic()
@@ -203,25 +233,36 @@ def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = Ser
                 _note_progress(generation)
                 yield generation
 
-    async def _complete(http: Request, request, deployment: Deployment, ids, params, render, render_chunk):
-        generation, stream = await _start(deployment, ids, params)
+    async def _complete(
+        http: Request, request, deployment: Deployment, ids, params, endpoint: _Endpoint, render, render_chunk
+    ):
+        """Answer with `request.n` choices, whole (`render` each) or streamed as SSE chunks (`render_chunk`)."""
+        started = await _start_all(deployment, ids, params, request.n)
+        followers = [_follow(generation, stream) for generation, stream in started]
+        generations = [generation for generation, _ in started]
+        response_id = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"
         if not request.stream:
             try:
-                async for _ in _follow(generation, stream):
+                async for _ in _merged(followers):
                     pass
             except EngineFailure as err:
                 raise APIError(500, str(err), kind="server_error") from None
             metrics.requests.labels(http.url.path, "200").inc()
-            return render(generation, len(ids))
+            completion = sum(len(g.output.token_ids) for g in generations)
+            usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
+            choices = [render(g) for g in generations]
+            return _envelope(response_id, endpoint.kind, generations[0].served_by, choices, usage=usage)
 
         async def events() -> AsyncIterator[str]:
-            sent, first = 0, True
+            sent, fresh = [0] * len(generations), [True] * len(generations)
             try:
-                async for current in _follow(generation, stream):
-                    chunk = render_chunk(current, current.output.text[sent:], first=first)
-                    sent = len(current.output.text)
-                    if chunk is not None:
-                        first = False
+                async for current in _merged(followers):
+                    i = current.index
+                    choice = render_chunk(current, current.output.text[sent[i] :], first=fresh[i])
+                    sent[i] = len(current.output.text)
+                    if choice is not None:
+                        fresh[i] = False
+                        chunk = _envelope(response_id, endpoint.chunk_kind, current.served_by, [choice])
                         yield f"data: {json.dumps(chunk)}\n\n"
             except EngineFailure as err:
                 yield f"data: {json.dumps(APIError(500, str(err), kind='server_error').body())}\n\n"
@@ -237,26 +278,23 @@ def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = Ser
         ids = _prompt_ids(deployment, body.prompt)
         max_tokens = body.max_tokens or config.default_max_tokens
         params = _sampling(body, max_tokens, stop=body.stop_strings(), logprobs=body.logprobs)
-        response_id = f"cmpl-{uuid.uuid4().hex}"
 
-        def render(generation: _Generation, prompt_tokens: int) -> dict[str, Any]:
+        def render(generation: _Generation) -> dict[str, Any]:
             out = generation.output
-            choice = {
-                "index": 0,
+            return {
+                "index": generation.index,
                 "text": out.text,
                 "logprobs": _completion_logprobs(deployment, out) if body.logprobs is not None else None,
                 "finish_reason": out.finish_reason,
             }
-            return _envelope(response_id, "text_completion", generation, choice, usage=_usage(prompt_tokens, out))
 
         def render_chunk(generation: _Generation, delta: str, first: bool) -> dict[str, Any] | None:
             out = generation.output
             if not delta and not out.finished:
                 return None
-            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": out.finish_reason}
-            return _envelope(response_id, "text_completion", generation, choice)
+            return {"index": generation.index, "text": delta, "logprobs": None, "finish_reason": out.finish_reason}
 
-        return await _complete(request, body, deployment, ids, params, render, render_chunk)
+        return await _complete(request, body, deployment, ids, params, COMPLETION, render, render_chunk)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -267,46 +305,62 @@ def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = Ser
         params = _sampling(
             body, max_tokens, stop=(*body.stop_strings(), *CHAT_STOP), logprobs=body.requested_logprobs()
         )
-        response_id = f"chatcmpl-{uuid.uuid4().hex}"
 
-        def render(generation: _Generation, prompt_tokens: int) -> dict[str, Any]:
+        def render(generation: _Generation) -> dict[str, Any]:
             out = generation.output
-            choice = {
-                "index": 0,
+            return {
+                "index": generation.index,
                 "message": {"role": "assistant", "content": out.text.strip()},
                 "logprobs": _chat_logprobs(deployment, out) if body.logprobs else None,
                 "finish_reason": out.finish_reason,
             }
-            return _envelope(response_id, "chat.completion", generation, choice, usage=_usage(prompt_tokens, out))
 
         def render_chunk(generation: _Generation, delta: str, first: bool) -> dict[str, Any] | None:
             out = generation.output
             if not delta and not out.finished and not first:
                 return None
             message = {"role": "assistant", "content": delta} if first else {"content": delta}
-            choice = {"index": 0, "delta": message, "logprobs": None, "finish_reason": out.finish_reason}
-            return _envelope(response_id, "chat.completion.chunk", generation, choice)
+            return {"index": generation.index, "delta": message, "logprobs": None, "finish_reason": out.finish_reason}
 
-        return await _complete(request, body, deployment, ids, params, render, render_chunk)
+        return await _complete(request, body, deployment, ids, params, CHAT, render, render_chunk)
 
     return app
 
 
-def _envelope(response_id: str, kind: str, generation: _Generation, choice: dict, **extra: Any) -> dict[str, Any]:
-    """An OpenAI response object (or stream chunk) of `kind` around one choice."""
-    created = int(time.time())
-    return {
-        "id": response_id,
-        "object": kind,
-        "created": created,
-        "model": generation.served_by,
-        "choices": [choice],
-    } | extra
+def _envelope(response_id: str, kind: str, model: str, choices: list[dict], **extra: Any) -> dict[str, Any]:
+    """An OpenAI response object (or stream chunk) of `kind` around its choices."""
+    envelope = {"id": response_id, "object": kind, "created": int(time.time()), "model": model}
+    return envelope | {"choices": choices} | extra
 
 
-def _usage(prompt_tokens: int, output: RequestOutput) -> dict[str, int]:
-    completion = len(output.token_ids)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+async def _merged(followers: list[AsyncIterator[_Generation]]) -> AsyncIterator[_Generation]:
+    """The updates of several choices' streams as they come; leaving early (or a failure) closes them all."""
+    updates: asyncio.Queue[_Generation | BaseException | None] = asyncio.Queue()
+
+    async def pump(follower: AsyncIterator[_Generation]) -> None:
+        try:
+            async for generation in follower:
+                await updates.put(generation)
+        except Exception as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            await updates.put(err)
+        finally:
+            await updates.put(None)
+
+    tasks = [asyncio.create_task(pump(f)) for f in followers]
+    try:
+        running = len(tasks)
+        while running:
+            item = await updates.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _token_text(deployment: Deployment, token: int) -> str:
