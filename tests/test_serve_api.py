@@ -242,13 +242,13 @@ def test_api_key_is_required_when_set():
             openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
 
 
-def test_a_plan_with_prefill_and_decode_replicas_hands_the_cache_over(served):
+def test_a_plan_with_tensor_parallel_prefill_and_decode_replicas_hands_the_cache_over(served):
     _, small = served
-    replica = dict(model="small", kind="cpu", tp=1, max_batch=8, capacity_rps=1.0, routed_rps=1.0)
+    replica = dict(model="small", kind="cpu", max_batch=8, capacity_rps=1.0, routed_rps=1.0)
     plan = planners.ServePlan(
-        replicas=(
-            planners.ServeReplica(devices=(2,), role="prefill", **replica),
-            planners.ServeReplica(devices=(3,), role="decode", **replica),
+        replicas=(  # prefill tensor-parallel over two devices, decode on a third
+            planners.ServeReplica(tp=2, devices=(2, 3), role="prefill", **replica),
+            planners.ServeReplica(tp=1, devices=(4,), role="decode", **replica),
         ),
         objective="max_throughput",
         throughput_scale=1.0,

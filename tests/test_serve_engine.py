@@ -178,8 +178,8 @@ def test_prefill_on_one_device_and_decode_on_another_equals_one_engine(model, pr
     cpu = jax.devices()
     whole = _engine(model, kv_format=kv_format).generate(prompts[:5], GREEDY)
     config = _engine(model, kv_format=kv_format).config
-    prefill = Engine(model, ByteTokenizer(), config, device=cpu[0])
-    decode = Engine(model, ByteTokenizer(), config, device=cpu[1])
+    prefill = Engine(model, ByteTokenizer(), config, devices=cpu[:1])
+    decode = Engine(model, ByteTokenizer(), config, devices=cpu[1:2])
     for i, prompt in enumerate(prompts[:5]):
         prefill.add_request(f"r{i}", prompt, GREEDY, hand_off=True)
     handoffs = {}
@@ -216,3 +216,20 @@ def test_a_trained_run_is_served_as_the_generator_continues_it(tmp_path):
     (expected,) = generate(loaded.model, [prompt], SamplingConfig(max_new_tokens=8), jax.random.key(0))
     assert served.token_ids == expected[: len(served.token_ids)]
     assert len(served.token_ids) == 8 or served.token_ids[-1] == loaded.tokenizer.eos_id
+
+
+def test_a_tensor_parallel_engine_equals_solo_runs_and_hands_off_to_one_device(model, prompts, solo):
+    cpu = jax.devices()
+    config = _engine(model).config
+    split = Engine(model, ByteTokenizer(), config, devices=cpu[2:4])
+    assert [o.token_ids for o in split.generate(prompts[:4], GREEDY)] == solo[:4]
+    split.add_request("r", prompts[1], GREEDY, hand_off=True)
+    handed = None
+    while handed is None:  # a 37-token prompt takes two 32-token prefill chunks
+        handed = next(iter(split.step()), None)
+    single = Engine(model, ByteTokenizer(), config, devices=cpu[4:5])
+    single.add_handoff("r", handed.handoff, GREEDY)
+    final = None
+    while single.has_unfinished():
+        final = next((o for o in single.step() if o.finished), final)
+    assert final.token_ids == solo[1]

@@ -1,8 +1,9 @@
 """Turn loaded models and (optionally) a serving plan into the deployments the HTTP app serves.
 
 Without a plan, each model gets `replicas` engines on distinct local devices. With a `planners.ServePlan`, each
-replica of the plan becomes an engine (prefill, decode or both) on the local device its device indices name (on
-a machine without GPUs, the emulated cluster's devices are the CPU devices in order).
+replica of the plan becomes an engine (prefill, decode or both) on the local devices its device indices name,
+tensor-parallel over them when it has several (on a machine without GPUs, the emulated cluster's devices are the
+CPU devices in order).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from jaxhet.serve.deployment import CascadeDeployment, DisaggregatedDeployment, 
 from jaxhet.serve.engine import Engine
 
 
-def _engine(name: str, loaded: LoadedModel, config: EngineConfig, device: jax.Device) -> AsyncEngine:
-    """A warmed-up (compiled) engine for `loaded` on `device`, stepping on its own thread."""
-    engine = Engine(loaded.model, loaded.tokenizer, config, device=device)
+def _engine(name: str, loaded: LoadedModel, config: EngineConfig, devices: Sequence[jax.Device]) -> AsyncEngine:
+    """A warmed-up (compiled) engine for `loaded` on `devices` (tensor-parallel over several), on its own thread."""
+    engine = Engine(loaded.model, loaded.tokenizer, config, devices=devices)
     engine.warmup()
     return AsyncEngine(engine, name=name)
 
@@ -44,24 +45,26 @@ def build_deployments(
         if not 1 <= replicas <= len(devices):
             raise ValueError(f"replicas must be between 1 and the {len(devices)} local devices, got {replicas}")
         return {
-            name: ModelDeployment(name, [_engine(f"{name}-{i}", loaded, config, devices[i]) for i in range(replicas)])
+            name: ModelDeployment(name, [_engine(f"{name}-{i}", loaded, config, [devices[i]]) for i in range(replicas)])
             for name, loaded in models.items()
         }
-    placed: dict[str, dict[str, list[jax.Device]]] = {}
+    placed: dict[str, dict[str, list[list[jax.Device]]]] = {}
     for index, replica in enumerate(plan.replicas):
         where = f"plan replica {index}"
         if replica.model not in models:
             raise ValueError(f"{where} serves {replica.model!r}, which has no weights; known: {sorted(models)}")
-        if replica.tp != 1:
-            raise ValueError(f"{where}: tp={replica.tp}, but the serving engine runs replicas on one device")
-        if replica.devices[0] >= len(devices):
-            raise ValueError(f"{where} uses device {replica.devices[0]}, but {len(devices)} devices are here")
-        placed.setdefault(replica.model, {}).setdefault(replica.role, []).append(devices[replica.devices[0]])
+        if max(replica.devices) >= len(devices):
+            raise ValueError(f"{where} uses device {max(replica.devices)}, but {len(devices)} devices are here")
+        kv_heads = models[replica.model].model.config.num_kv_heads
+        if kv_heads % replica.tp:
+            raise ValueError(f"{where}: tp={replica.tp} does not divide {replica.model!r}'s {kv_heads} kv heads")
+        group = [devices[d] for d in replica.devices]
+        placed.setdefault(replica.model, {}).setdefault(replica.role, []).append(group)
     return {name: _deployment(name, models[name], config, roles) for name, roles in placed.items()}
 
 
 def _deployment(
-    name: str, loaded: LoadedModel, config: EngineConfig, roles: Mapping[str, list[jax.Device]]
+    name: str, loaded: LoadedModel, config: EngineConfig, roles: Mapping[str, list[list[jax.Device]]]
 ) -> ModelDeployment:
     if set(roles) == {"both"}:
         return ModelDeployment(name, [_engine(f"{name}-{i}", loaded, config, d) for i, d in enumerate(roles["both"])])

@@ -20,7 +20,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from jaxhet.models.llama import Llama
@@ -110,13 +112,21 @@ class _Sequence:
 
 
 class Engine:
-    """Serve one model on one device: add requests, call `step` until `has_unfinished` is False."""
+    """Serve one model on `devices` (default: the first device; several split the model tensor-parallel): add
+    requests, call `step` until `has_unfinished` is False."""
 
-    def __init__(self, model: Llama, tokenizer: Tokenizer, config: EngineConfig | None = None, *, device=None):
+    def __init__(
+        self,
+        model: Llama,
+        tokenizer: Tokenizer,
+        config: EngineConfig | None = None,
+        *,
+        devices: Sequence[jax.Device] | None = None,
+    ):
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.vocab_size = model.config.vocab_size
-        self._runner = ModelRunner(model, self.config, device=device)
+        self._runner = ModelRunner(model, self.config, devices=devices)
         self._allocator = PageAllocator(self.config.num_pages)
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []

@@ -8,7 +8,6 @@ through the `LayerCache` interface (`append`, `attend`), exactly as it sees a co
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Int
@@ -110,12 +109,9 @@ class PagedKVCache:
         return PagedKVCache(tuple(c.pool for c in layers), self.block_tables, lengths)
 
 
-def create_pools(
-    config: LlamaConfig, num_pages: int, page_size: int, kv_format: str, device: jax.Device | None = None
-) -> tuple[LayerPool, ...]:
-    """Zeroed pools for every layer, on `device` when given."""
-    pools = tuple(LayerPool.create(config, num_pages, page_size, kv_format) for _ in range(config.num_layers))
-    return pools if device is None else jax.device_put(pools, device)
+def create_pools(config: LlamaConfig, num_pages: int, page_size: int, kv_format: str) -> tuple[LayerPool, ...]:
+    """Zeroed pools for every layer (jit it with `out_shardings` to create them where they will live)."""
+    return tuple(LayerPool.create(config, num_pages, page_size, kv_format) for _ in range(config.num_layers))
 
 
 class PageAllocator:

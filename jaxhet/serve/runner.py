@@ -9,19 +9,24 @@ Pages can be exported and imported, which is how a prefill engine hands a sequen
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxhet.models.llama import Llama
+from jaxhet.parallel import llama_params, megatron_specs, module_from_params, shard_config
 from jaxhet.sampling import sample_rows
 from jaxhet.serve.config import MAX_TOP_LOGPROBS, EngineConfig
 from jaxhet.serve.paged_cache import LayerPool, PagedKVCache, create_pools
 
 MIN_PREFILL_TOKENS = 8
+TP_AXIS = "tp"
 
 
 @jax.tree_util.register_dataclass
@@ -67,9 +72,7 @@ class StepOutputs:
     top_logprobs: np.ndarray
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pools",))
-def _step(graphdef, state, pools: tuple[LayerPool, ...], inputs: StepInputs):
-    model = nnx.merge(graphdef, state)
+def _forward_and_sample(model: Llama, pools: tuple[LayerPool, ...], inputs: StepInputs):
     cache = PagedKVCache(pools, inputs.block_tables, inputs.lengths)
     logits, cache = model.extend(inputs.tokens, cache, inputs.input_lengths, last_only=True)
     logits = logits[:, 0].astype(jnp.float32)
@@ -79,6 +82,30 @@ def _step(graphdef, state, pools: tuple[LayerPool, ...], inputs: StepInputs):
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_TOP_LOGPROBS, logprobs.shape[-1]))
     return (tokens, chosen, top_ids, top_logprobs), cache.pools
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pools",))
+def _step(graphdef, state, pools: tuple[LayerPool, ...], inputs: StepInputs):
+    return _forward_and_sample(nnx.merge(graphdef, state), pools, inputs)
+
+
+def _tensor_parallel_program(model: Llama, mesh: Mesh, pools: tuple[LayerPool, ...]):
+    """The step of a replica split over `mesh`'s tp axis (Megatron layout, KV pools split by kv head), and the
+    weights laid out for it. Every shard samples the same tokens from the same (all-reduced) logits."""
+    tp = mesh.shape[TP_AXIS]
+    graphdef, abstract = nnx.split(
+        nnx.eval_shape(lambda: Llama(shard_config(model.config, tp, TP_AXIS), rngs=nnx.Rngs(0)))
+    )
+    params = llama_params(model)
+    specs = megatron_specs(params, tp, TP_AXIS)
+    params = jax.device_put(params, jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs))
+    pool_specs = jax.tree.map(lambda _: P(None, None, TP_AXIS), pools)
+
+    def body(params, pools, inputs):
+        return _forward_and_sample(module_from_params(graphdef, abstract, params), pools, inputs)
+
+    sharded = jax.shard_map(body, mesh=mesh, in_specs=(specs, pool_specs, P()), out_specs=(P(), pool_specs))
+    return jax.jit(sharded, donate_argnums=(1,)), params, jax.tree.map(lambda s: NamedSharding(mesh, s), pool_specs)
 
 
 @jax.jit
@@ -92,15 +119,23 @@ def _scatter_pages(pools: tuple[LayerPool, ...], pages: jax.Array, data: tuple[L
 
 
 class ModelRunner:
-    """Owns the model's weights and the KV pools on one device and runs steps on them."""
+    """Owns the model's weights and the KV pools on its devices and runs steps on them: one device, or several
+    that split every layer tensor-parallel (heads and FFN columns; the kv-head count must divide by their number)."""
 
-    def __init__(self, model: Llama, config: EngineConfig, *, device: jax.Device | None = None):
+    def __init__(self, model: Llama, config: EngineConfig, *, devices: Sequence[jax.Device] | None = None):
         self.config = config
-        self.device = device or jax.devices()[0]
-        graphdef, state = nnx.split(model)
-        self._graphdef = graphdef
-        self._state = jax.device_put(state, self.device)
-        self._pools = create_pools(model.config, config.num_pages, config.page_size, config.kv_format, self.device)
+        self.devices = tuple(devices or jax.devices()[:1])
+        make_pools = partial(create_pools, model.config, config.num_pages, config.page_size, config.kv_format)
+        pools = jax.eval_shape(make_pools)
+        if len(self.devices) == 1:
+            graphdef, state = nnx.split(model)
+            self._pool_shardings = jax.tree.map(lambda _: SingleDeviceSharding(self.devices[0]), pools)
+            self._state = jax.device_put(state, self.devices[0])
+            self._program = partial(_step, graphdef)
+        else:
+            mesh = Mesh(np.array(self.devices), (TP_AXIS,))
+            self._program, self._state, self._pool_shardings = _tensor_parallel_program(model, mesh, pools)
+        self._pools = jax.jit(make_pools, out_shardings=self._pool_shardings)()
 
     def row_buckets(self) -> list[int]:
         """Batch sizes a decode step is padded to: powers of two up to `max_running` (and `max_running`)."""
@@ -124,7 +159,7 @@ class ModelRunner:
         return next((shape for shape in shapes if shape[0] >= count), shapes[-1])
 
     def run(self, inputs: StepInputs) -> StepOutputs:
-        outputs, self._pools = _step(self._graphdef, self._state, self._pools, inputs)
+        outputs, self._pools = self._program(self._state, self._pools, inputs)
         return StepOutputs(*(np.asarray(x) for x in outputs))
 
     def export_pages(self, pages: list[int]) -> tuple[LayerPool, ...]:
@@ -137,7 +172,7 @@ class ModelRunner:
         """Write the first `count` pages of `export_pages` output (from any device) into `pages` here."""
         table = np.full(self.config.pages_per_sequence, self.config.num_pages, np.int32)
         table[:count] = pages[:count]
-        self._pools = _scatter_pages(self._pools, table, jax.device_put(data, self.device))
+        self._pools = _scatter_pages(self._pools, table, jax.device_put(data, self._pool_shardings))
 
     def warmup(self) -> None:
         """Compile every step shape now rather than on a user's request."""
