@@ -32,7 +32,6 @@ from jaxhet.serve.paged_cache import LayerPool, PageAllocator
 from jaxhet.serve.runner import ModelRunner, StepInputs, StepOutputs
 from jaxhet.tokenizers import Tokenizer
 
-FINISH_REASONS = ("stop", "length", "abort", "handoff")
 _SEED_RANGE = 2**31
 
 
