@@ -179,14 +179,12 @@ class Attention(nnx.Module):
     ) -> Float[Array, "batch seq hidden"]:
         q, k, v = self._project(x, positions)
         axis = self.config.context_parallel_axis
-        if axis is None:
-            out = attention(q, k, v, backend=self.config.attention_backend, causal=True, segment_ids=segment_ids)
-            return self._output(out)
-        # Context parallelism: this shard's queries attend over every shard's keys and values.
-        k, v = (jax.lax.all_gather(t, axis, axis=1, tiled=True) for t in (k, v))
-        kv_segment_ids = None
-        if segment_ids is not None:
-            kv_segment_ids = jax.lax.all_gather(segment_ids, axis, axis=1, tiled=True)
+        q_offsets = kv_segment_ids = None
+        if axis is not None:  # context parallelism: this shard's queries attend over every shard's keys and values
+            k, v = (jax.lax.all_gather(t, axis, axis=1, tiled=True) for t in (k, v))
+            if segment_ids is not None:
+                kv_segment_ids = jax.lax.all_gather(segment_ids, axis, axis=1, tiled=True)
+            q_offsets = jnp.full((q.shape[0],), shard_start(q.shape[1], axis), jnp.int32)
         out = attention(
             q,
             k,
@@ -194,7 +192,7 @@ class Attention(nnx.Module):
             backend=self.config.attention_backend,
             causal=True,
             segment_ids=segment_ids,
-            q_offsets=jnp.full((q.shape[0],), shard_start(q.shape[1], axis), jnp.int32),
+            q_offsets=q_offsets,
             kv_segment_ids=kv_segment_ids,
         )
         return self._output(out)

@@ -271,7 +271,6 @@ class Engine:
 
     def _reserve_decode_pages(self, decoding: list[_Sequence]) -> list[_Sequence]:
         """Give each decoding sequence room for its next token, preempting the newest sequences when needed."""
-        ready = []
         for sequence in decoding:
             while sequence in self._running and self._pages_for(sequence.computed + 1) > len(sequence.pages):
                 page = self._allocator.allocate(1)
@@ -279,9 +278,8 @@ class Engine:
                     sequence.pages += page
                 else:
                     self._preempt(max(self._running, key=lambda s: s.admitted))
-            if sequence in self._running:
-                ready.append(sequence)
-        return [s for s in ready if s in self._running]
+        # A later sequence's preemption may have taken an earlier one's place in the batch.
+        return [s for s in decoding if s in self._running]
 
     def _preempt(self, sequence: _Sequence) -> None:
         self._running.remove(sequence)
