@@ -116,16 +116,20 @@ def set_host_device_count(count: int, environ: dict | None = None) -> None:
     environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={count}".strip()
 
 
-def start(cluster: ClusterSpec, launch: Launch, environ: Mapping[str, str] | None = None) -> Runtime:
-    """Join the run `launch` describes for `cluster` (or detect a launcher; or stay one process)."""
+def start(cluster: ClusterSpec | None, launch: Launch, environ: Mapping[str, str] | None = None) -> Runtime:
+    """Join the run `launch` describes for `cluster` (or detect a launcher; or stay one process). Without a
+    cluster (`jaxhet profile`) each process keeps the local devices it has."""
     environ = os.environ if environ is None else environ
     detected = None if launch.explicit else detect_launcher(environ)
+    nodes = 0 if cluster is None else len(cluster.nodes)
     if not launch.explicit and detected is None:
-        return Runtime(0, 1, (0,) * len(cluster.nodes))
+        return Runtime(0, 1, (0,) * nodes)
     num, pid = (launch.num_processes, launch.process_id) if launch.explicit else detected[1:]
-    process_of_node = node_processes(cluster, num)
-    expected = process_device_indices(cluster, process_of_node, pid)
-    set_host_device_count(len(expected))
+    process_of_node, expected = (), ()
+    if cluster is not None:
+        process_of_node = node_processes(cluster, num)
+        expected = process_device_indices(cluster, process_of_node, pid)
+        set_host_device_count(len(expected))
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -136,7 +140,8 @@ def start(cluster: ClusterSpec, launch: Launch, environ: Mapping[str, str] | Non
         heartbeat_timeout_seconds=launch.heartbeat_timeout_s,
         initialization_timeout=launch.initialization_timeout_s,
     )
-    check_local_devices(cluster, expected, jax.local_devices(), pid)
+    if cluster is not None:
+        check_local_devices(cluster, expected, jax.local_devices(), pid)
     return Runtime(jax.process_index(), jax.process_count(), process_of_node)
 
 
@@ -155,3 +160,28 @@ def check_local_devices(cluster: ClusterSpec, expected: Sequence[int], local: Se
 
 def _normalise(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower().split("-")[0])
+
+
+def broadcast_text(text: str | None, runtime: Runtime) -> str:
+    """`text` from process 0 on every process (the plan is made once, by process 0, and run by all)."""
+    if not runtime.multi_process:
+        assert text is not None
+        return text
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer((text or "").encode(), np.uint8) if runtime.is_main else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    buffer = np.zeros(size, np.uint8)
+    buffer[: data.size] = data
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode()
+
+
+def any_process(flag: bool, runtime: Runtime) -> bool:
+    """True on every process when `flag` is true on any (a stop request that reached one process)."""
+    if not runtime.multi_process:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))

@@ -96,7 +96,7 @@ class PlanExecutor:
         self.plan = plan
         self.model = model
         self.transfers = Transfers()
-        self.scalars = everywhere()
+        self.scalars = everywhere([hetmesh.devices[d] for d in plan.devices])
         self.stages = [
             [
                 _compile_stage(

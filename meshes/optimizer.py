@@ -23,7 +23,7 @@ import optax
 from jax.sharding import NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
-from meshes.transfer import Transfers, assemble, everywhere, restrict
+from meshes.transfer import Transfers, assemble, everywhere, replicated_over, restrict
 
 Params = Any
 
@@ -77,8 +77,8 @@ class GroupedOptimizer:
             homes.setdefault(_device_set(sharding), _replicated(sharding))
         self.groups = list(homes)
         self._homes = list(homes.values())
-        self.scalars = everywhere()
-        self._state_scalars = everywhere(sorted(set().union(*self.groups), key=lambda d: d.id))
+        self.scalars = everywhere(list(set().union(*self.groups)))
+        self._state_scalars = replicated_over(list(set().union(*self.groups)))
         self._update = jax.jit(self._group_update)
         self._square_sum = jax.jit(lambda tree: sum((jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)), 0.0))
 
@@ -95,8 +95,9 @@ class GroupedOptimizer:
         )
 
     def init(self, params: Params) -> Any:
-        """Optimizer state for `params`, its moments placed with their parameters."""
-        return self.place_state(self.optimizer.init(params))
+        """Optimizer state for `params` (host values, alike on every process), its moments placed with their
+        parameters."""
+        return self.place_state(jax.device_get(self.optimizer.init(params)))
 
     def place_state(self, state: Any) -> Any:
         """`state` (optax structure; host values or arrays anywhere) moved into this layout: moments with their

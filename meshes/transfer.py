@@ -262,8 +262,17 @@ def _lane_on(copied: dict, head: jax.Device, device: jax.Device) -> jax.Array | 
     return copied[head] if device == head else jax.device_put(copied[head], device)
 
 
-def everywhere(devices: Sequence[jax.Device] | None = None) -> NamedSharding:
-    """Replicated over `devices` (default: every device of every process), as a 1-D mesh: where scalars that
-    every process reads (loss, gradient norm) are reduced."""
-    devices = jax.devices() if devices is None else devices
-    return NamedSharding(Mesh(np.array(devices, dtype=object), ("all",)), P())
+def replicated_over(devices: Sequence[jax.Device]) -> NamedSharding:
+    """Replicated over `devices`, as a 1-D mesh in id order."""
+    ordered = sorted(set(devices), key=lambda d: d.id)
+    return NamedSharding(Mesh(np.array(ordered, dtype=object), ("all",)), P())
+
+
+def everywhere(devices: Sequence[jax.Device] = ()) -> NamedSharding:
+    """Replicated over `devices` and one device of every process: where scalars that every process reads (loss,
+    gradient norm) are reduced, at the cost of one small all-reduce over those devices."""
+    firsts = {}
+    for device in jax.devices():
+        firsts.setdefault(device.process_index, device)
+    covered = {d.process_index for d in devices}
+    return replicated_over([*devices, *(d for p, d in firsts.items() if p not in covered)])
