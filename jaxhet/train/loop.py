@@ -30,6 +30,7 @@ from jaxhet.data import PackedBatches
 from jaxhet.models import Llama, LlamaConfig
 from jaxhet.tokenizers import Tokenizer, load_tokenizer
 from jaxhet.train.checkpoints import CheckpointStore
+from jaxhet.train.process_checkpoints import ProcessCheckpoints, gather_state, is_process_checkpointed
 from jaxhet.train.config import TrainConfig
 from jaxhet.train.flops import peak_flops
 from jaxhet.train.meter import ThroughputMeter
@@ -178,7 +179,11 @@ def train(
     """Run (or continue, with `resume`) the training `config` describes; `progress` receives each step's metrics.
     With a multi-process `runtime` every process calls this alike (see the module docstring)."""
     directory = Path(config.checkpoint_dir)
-    store = CheckpointStore(directory, keep=config.keep)
+    store = (
+        ProcessCheckpoints(directory, keep=config.keep, runtime=runtime)
+        if runtime.multi_process
+        else CheckpointStore(directory, keep=config.keep)
+    )
     if not resume and store.steps():
         raise ValueError(f"{directory} already holds checkpoints; pass --resume, or choose another checkpoint_dir")
     data = PackedBatches(config.data)
@@ -274,7 +279,10 @@ def load_trained(directory: str | Path) -> TrainedRun:
     model = build_model(config, tokenizer.vocab_size, jax.random.key(config.seed))
     _, state = initial_state(config, model, single_device_execution(model))
     abstract = jax.tree.map(_abstract, state)
-    restored = CheckpointStore(directory, keep=config.keep).restore_latest(abstract)
+    if is_process_checkpointed(directory):
+        restored = gather_state(directory, abstract)
+    else:
+        restored = CheckpointStore(directory, keep=config.keep).restore_latest(abstract)
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
     _, state, meta = restored
