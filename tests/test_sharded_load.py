@@ -7,6 +7,8 @@ the shape of each block read and offers no whole-tensor read (`get_tensor`), so 
 
 from __future__ import annotations
 
+import asyncio
+
 import jax
 import numpy as np
 import pytest
@@ -14,10 +16,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import planners
 from jaxhet import Llama, LlamaConfig, load_sharded_params
+from jaxhet.generate import SamplingConfig, generate
+from jaxhet.loading import load_model_dir
 from jaxhet.models import hf
 from jaxhet.parallel import llama_params, megatron_specs, module_from_params, shard_config
-from jaxhet.serve import EngineConfig
+from jaxhet.serve import EngineConfig, SamplingParams, build_deployments
 from jaxhet.serve.runner import ModelRunner, StepInputs
 
 TP = 4
@@ -147,3 +152,31 @@ def test_tp4_serving_runner_reads_its_blocks_and_samples_as_one_device(checkpoin
     got, want = split.run(inputs), single.run(inputs)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.top_logprobs, want.top_logprobs, rtol=RTOL, atol=ATOL)
+
+
+def test_a_planned_tp4_replica_of_a_lazily_loaded_checkpoint_reads_its_blocks_and_generates_as_one_device(
+    checkpoint, reads
+):
+    loaded = load_model_dir(checkpoint, lazy=True)  # what `jaxhet serve --model DIR` does: no weights read here
+    assert not reads
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(loaded.model)))
+    replica = planners.ServeReplica(
+        model="m", kind="cpu", tp=TP, devices=tuple(range(TP)), max_batch=1, capacity_rps=1.0, routed_rps=1.0
+    )
+    plan = planners.ServePlan((replica,), "min_latency", throughput_scale=1.0, price_per_hour=0.0, rates={"m": 1.0})
+    config = EngineConfig(
+        max_running=1, page_size=16, num_pages=4, kv_format="float32", max_model_len=32, prefill_chunk=16
+    )
+    (deployment,) = build_deployments({"m": loaded}, config, plan=plan).values()
+    assert_only_device_blocks_read(reads, tp_shardings(Mesh(np.array(jax.devices()[:TP]), ("tp",)))[1])
+    prompt = [3, 14, 15, 92, 65, 35]
+
+    async def served() -> list[int]:
+        greedy = SamplingParams(max_tokens=6, temperature=0)
+        outputs = [out async for _, out in deployment.generate("r", prompt, greedy)]
+        await asyncio.gather(*(r.close() for r in deployment.replicas))
+        return outputs[-1].token_ids
+
+    whole = Llama.from_pretrained(checkpoint)
+    (want,) = generate(whole, [prompt], SamplingConfig(max_new_tokens=6), jax.random.key(0))
+    assert asyncio.run(served()) == want
