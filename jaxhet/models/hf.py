@@ -128,7 +128,7 @@ def pretrained_config(
     return LlamaConfig.from_hf_dict(read_config(path), **overrides)
 
 
-def checkpoint_files(path: str | os.PathLike, config: LlamaConfig) -> dict[str, Path]:
+def _checkpoint_files(path: str | os.PathLike, config: LlamaConfig) -> dict[str, Path]:
     """Each tensor `config`'s model needs, mapped to its safetensors file; names missing or unexpected tensors."""
     path = Path(path)
     files = _weight_files(path)
@@ -146,7 +146,7 @@ def checkpoint_files(path: str | os.PathLike, config: LlamaConfig) -> dict[str, 
     return files
 
 
-def check_shape(name: str, stored: tuple[int, ...], target: tuple[int, ...], transposed: bool) -> None:
+def _check_shape(name: str, stored: tuple[int, ...], target: tuple[int, ...], transposed: bool) -> None:
     """Raise naming `name` unless a stored tensor of shape `stored` fills a parameter of shape `target`."""
     expected = target[::-1] if transposed else target
     if tuple(stored) != tuple(expected):
@@ -174,19 +174,20 @@ def load_sharded_params(
     `shardings` is one `jax.sharding.Sharding` for every parameter, or a tree of them shaped like the parameters
     (e.g. `megatron_specs` over a TP mesh); default: the first device. Every device's block of every tensor is
     read on its own (`safe_open(...).get_slice`, `jax.make_array_from_callback`), transposed and cast there, so a
-    tensor the layout splits is never whole on a device, nor in host memory.
+    tensor the layout splits is never whole on a device, nor in host memory; a process reads only the blocks of its
+    own devices.
     """
     abstract = nnx.state(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))).to_pure_dict()
     if shardings is None:
         shardings = SingleDeviceSharding(jax.devices()[0])
-    files = checkpoint_files(path, config)
+    files = _checkpoint_files(path, config)
     arrays = {}
     with ExitStack() as stack:
         handles = {file: stack.enter_context(safe_open(file, framework="numpy")) for file in set(files.values())}
         for name, param_path, transposed in parameter_paths(config):
             target = _leaf_at(abstract, param_path)
             tensor = handles[files[name]].get_slice(name)
-            check_shape(name, tuple(tensor.get_shape()), target.shape, transposed)
+            _check_shape(name, tuple(tensor.get_shape()), target.shape, transposed)
             sharding = shardings if isinstance(shardings, Sharding) else _leaf_at(shardings, param_path)
             read = partial(_read_block, tensor, transposed, target.dtype)
             arrays[param_path] = jax.make_array_from_callback(target.shape, sharding, read)

@@ -155,9 +155,7 @@ class ModelRunner:
             self._program = partial(_step, graphdef)
         else:
             mesh = Mesh(np.array(self.devices), (TP_AXIS,))
-            self._program, self._state, self._pool_shardings = _tensor_parallel_program(
-                model, mesh, pools, weights_dir
-            )
+            self._program, self._state, self._pool_shardings = _tensor_parallel_program(model, mesh, pools, weights_dir)
         self._pools = jax.jit(make_pools, out_shardings=self._pool_shardings)()
 
     def row_buckets(self) -> list[int]:
