@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 from meshes.hetmesh import DeviceGroup, HetMesh
 from meshes.schedules import pipeline_steps
 from meshes.staged import Params, StagedModel, StageSpec
-from meshes.transfer import Transfers, empty_array, everywhere, put_host
+from meshes.transfer import Transfers, add_where_held, empty_array, everywhere, put_host
 from planners.plan import Replica, Stage, TrainPlan
 
 TP_AXIS = "tp"
@@ -201,7 +201,8 @@ class PlanExecutor:
             losses += replica_losses
             for rt, stage_grads in zip(runtimes, grads, strict=True):
                 stage_owners = self.model.stage_params(owners, rt.spec)
-                self.model.add_stage_grads(total_grads, self.transfers.tree(stage_grads, stage_owners), rt.spec)
+                moved = self.transfers.tree(stage_grads, stage_owners)
+                self.model.add_stage_grads(total_grads, moved, rt.spec, add_where_held)
         return self.transfers.sum_scalars(losses, self.scalars) / total_weight, total_grads
 
 

@@ -23,7 +23,7 @@ import optax
 from jax.sharding import NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
-from meshes.transfer import Transfers, assemble, everywhere, replicated_over, restrict
+from meshes.transfer import Transfers, assemble, empty_array, everywhere, is_local, replicated_over, restrict
 
 Params = Any
 
@@ -112,7 +112,10 @@ class GroupedOptimizer:
 
     def global_norm(self, grads: Params) -> jax.Array:
         """The gradient norm over every group: per-group sums of squares, all-reduced onto every device."""
-        partial = [self._square_sum(self._mask(grads, g)) for g in range(len(self.groups))]
+        partial = [
+            self._square_sum(self._mask(grads, g)) if is_local(home) else empty_array((), jnp.float32, home)
+            for g, home in enumerate(self._homes)
+        ]
         return jnp.sqrt(self.transfers.sum_scalars(partial, self.scalars))
 
     def step(self, params: Params, grads: Params, state: Any) -> tuple[Params, Any, jax.Array]:
@@ -127,7 +130,10 @@ class GroupedOptimizer:
                 lambda leaf, home=home: restrict(leaf, home),
             )
             grads_g, params_g = self._mask(grads, g), self._mask(params, g)
-            results.append(self._update(grads_g, state_g, params_g, restrict(factor, home)))
+            if is_local(home):
+                results.append(self._update(grads_g, state_g, params_g, restrict(factor, home)))
+            else:  # another process's group: its handles stand for the result, which this process never reads
+                results.append((params_g, state_g))
         # Each parameter and moment comes from the one group holding it; scalars (step counts, equal in every
         # group) are put together from every group's copy of them.
         params = jax.tree.map(_first_present, *(p for p, _ in results), is_leaf=_is_none)

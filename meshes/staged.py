@@ -43,7 +43,9 @@ class StagedModel(Protocol):
 
     def stage_params(self, params: Params, spec: StageSpec) -> Params: ...
 
-    def add_stage_grads(self, total: Params, grads: Params, spec: StageSpec) -> Params: ...
+    def add_stage_grads(self, total: Params, grads: Params, spec: StageSpec, add: Callable[[Any, Any], Any]) -> Params:
+        """`total` (whole-model structure) with the stage's `grads` added into it, leaf by leaf with `add`."""
+        ...
 
     def stage_program(
         self, spec: StageSpec, tp: int, tp_axis: str, cp_axis: str | None = None, *, recompute: bool = False

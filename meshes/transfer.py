@@ -58,6 +58,17 @@ def flat_devices(sharding: Sharding) -> tuple[jax.Device, ...]:
     return tuple(sorted(sharding.device_set, key=lambda d: d.id))
 
 
+def is_local(sharding: Sharding) -> bool:
+    """Whether this process holds any device of `sharding` (elsewhere nothing is computed on it, not even
+    compiled: processes stay in step, which gloo's 30 s rendezvous for a new device set needs)."""
+    return any(d.process_index == jax.process_index() for d in sharding.device_set)
+
+
+def add_where_held(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a + b` on the process(es) holding them; elsewhere `a`'s global handle, with nothing dispatched."""
+    return a + b if is_local(a.sharding) else a
+
+
 def processes_of(devices: Sequence[jax.Device]) -> frozenset[int]:
     return frozenset(d.process_index for d in devices)
 
@@ -116,8 +127,25 @@ class Transfers:
         self._programs: dict[Any, Any] = {}
 
     def tree(self, tree: Any, shardings: Any) -> Any:
-        """`move` for every leaf of `tree` to the sharding at the same place in `shardings`."""
-        return jax.tree.map(self.move, tree, shardings)
+        """`move` for every leaf of `tree` to the sharding at the same place in `shardings`. Leaves that cross
+        processes between the same two device sets travel together: one wire buffer per (source devices,
+        destination devices, dtype), so a stage's parameters cost three small programs, not three per leaf."""
+        leaves, treedef = jax.tree.flatten(tree)
+        targets = treedef.flatten_up_to(shardings)
+        out: list[Any] = [None] * len(leaves)
+        bundles: dict[Any, list[int]] = {}
+        for i, (x, dst) in enumerate(zip(leaves, targets, strict=True)):
+            if self._needs_wire(x, dst):
+                bundles.setdefault((flat_devices(x.sharding), flat_devices(dst), x.dtype), []).append(i)
+            else:
+                out[i] = self.move(x, dst)
+        for (src, dst_devices, _), members in bundles.items():
+            xs = [leaves[i] for i in members]
+            for x in xs:
+                self._count(x, src, dst_devices)
+            for i, moved in zip(members, self._wire_copy(xs, src, [targets[i] for i in members], dst_devices), strict=True):
+                out[i] = moved
+        return jax.tree.unflatten(treedef, out)
 
     def move(self, x: Any, dst: Sharding) -> jax.Array:
         """`x` (a global `jax.Array`, or a host value every process holds alike) placed on `dst`."""
@@ -128,12 +156,22 @@ class Transfers:
         src_devices, dst_devices = flat_devices(x.sharding), flat_devices(dst)
         if set(src_devices) != set(dst_devices):
             self._count(x, src_devices, dst_devices)
-        me = jax.process_index()
-        if me not in processes_of(src_devices) | processes_of(dst_devices):
-            return empty_array(x.shape, x.dtype, dst)
-        if set(src_devices) == set(dst_devices) or processes_of(src_devices + dst_devices) == {me}:
+        if not self._needs_wire(x, dst):
+            if jax.process_index() not in processes_of(src_devices) | processes_of(dst_devices):
+                return empty_array(x.shape, x.dtype, dst)
             return jax.device_put(x, dst)
-        return self._wire_copy(x, src_devices, dst, dst_devices)
+        return self._wire_copy([x], src_devices, [dst], dst_devices)[0]
+
+    @staticmethod
+    def _needs_wire(x: Any, dst: Sharding) -> bool:
+        """Whether moving `x` to `dst` crosses processes between different device sets with this process at
+        one end (every other move is a `device_put`, or nothing at all)."""
+        if not isinstance(x, jax.Array) or x.sharding == dst:
+            return False
+        src, target = flat_devices(x.sharding), flat_devices(dst)
+        me = jax.process_index()
+        involved = processes_of(src) | processes_of(target)
+        return set(src) != set(target) and me in involved and involved != {me}
 
     def _count(self, x: jax.Array, src: Sequence[jax.Device], dst: Sequence[jax.Device]) -> None:
         nbytes = x.size * x.dtype.itemsize
@@ -142,14 +180,17 @@ class Transfers:
         if processes_of(src) != processes_of(dst) or len(processes_of(src)) > 1:
             self.log.between_processes += nbytes
 
-    def _wire_copy(self, x: jax.Array, src: tuple, dst: Sharding, dst_devices: tuple) -> jax.Array:
+    def _wire_copy(self, xs: list[jax.Array], src: tuple, dsts: list[Sharding], dst_devices: tuple) -> list[jax.Array]:
+        """Arrays of one dtype from `src` devices to `dsts` (all over `dst_devices`) through one wire buffer."""
+        dtype = xs[0].dtype
         lanes = math.gcd(len(src), len(dst_devices))
-        chunk = -(-max(x.size, 1) // lanes)
+        chunk = -(-max(sum(x.size for x in xs), 1) // lanes)
         src_wire = NamedSharding(Mesh(np.array(src, dtype=object).reshape(lanes, -1), (LANE, ROW)), P(LANE))
         if jax.process_index() in processes_of(src):
-            wire = self._program(("flatten", x.shape, x.dtype, x.sharding, src_wire), _flatten(lanes, chunk), src_wire)(x)
+            key = ("flatten", tuple((x.shape, x.sharding) for x in xs), dtype, src_wire)
+            wire = self._program(key, _flatten(lanes, chunk), src_wire)(*xs)
         else:
-            wire = empty_array((lanes, chunk), x.dtype, src_wire)
+            wire = empty_array((lanes, chunk), dtype, src_wire)
         src_heads = src[:: len(src) // lanes]
         dst_heads = dst_devices[:: len(dst_devices) // lanes]
         copied = {s.device: s.data for s in wire.addressable_shards if s.device in dst_heads}
@@ -159,10 +200,11 @@ class Transfers:
         arrays = [_lane_on(copied, dst_heads[i // (len(dst_devices) // lanes)], d) for i, d in enumerate(dst_devices)]
         mine = [a for a, d in zip(arrays, dst_devices, strict=True) if d.process_index == jax.process_index()]
         if not mine:
-            return empty_array(x.shape, x.dtype, dst)
-        received = jax.make_array_from_single_device_arrays((lanes, chunk), dst_wire, mine, dtype=x.dtype)
-        unflatten = self._program(("unflatten", x.shape, x.dtype, dst_wire, dst), _unflatten(x.shape), dst)
-        return unflatten(received)
+            return [empty_array(x.shape, dtype, dst) for x, dst in zip(xs, dsts, strict=True)]
+        received = jax.make_array_from_single_device_arrays((lanes, chunk), dst_wire, mine, dtype=dtype)
+        shapes = tuple(x.shape for x in xs)
+        unflatten = self._program(("unflatten", shapes, dtype, dst_wire, tuple(dsts)), _unflatten(shapes), tuple(dsts))
+        return list(unflatten(received))
 
     def _copy_lanes(self, wire: jax.Array, pairs: list[tuple[jax.Device, jax.Device]], chunk: int) -> dict:
         """Send each pair's lane from its source device to its destination device; {destination: lane data}."""
@@ -205,7 +247,9 @@ class Transfers:
         return self._program(("sum", first.dtype, out), jnp.sum, out)(stacked)
 
     def zeros(self, shape: tuple[int, ...], dtype: Any, sharding: Sharding) -> jax.Array:
-        """Zeros made on `sharding`'s devices (a no-op on processes that hold none of them)."""
+        """Zeros made on `sharding`'s devices (only a global handle on processes that hold none of them)."""
+        if not is_local(sharding):
+            return empty_array(tuple(shape), dtype, sharding)
         key = ("zeros", tuple(shape), jnp.dtype(dtype), sharding)
         return self._program(key, lambda: jnp.zeros(shape, dtype), sharding)()
 
@@ -216,18 +260,21 @@ class Transfers:
 
 
 def _flatten(lanes: int, chunk: int):
-    def flatten(x):
-        flat = x.reshape(-1)
+    def flatten(*xs):
+        flat = jnp.concatenate([x.reshape(-1) for x in xs])
         return jnp.pad(flat, (0, lanes * chunk - flat.size)).reshape(lanes, chunk)
 
     return flatten
 
 
-def _unflatten(shape: tuple[int, ...]):
-    size = math.prod(shape)
-
+def _unflatten(shapes: tuple[tuple[int, ...], ...]):
     def unflatten(wire):
-        return wire.reshape(-1)[:size].reshape(shape)
+        flat, out, offset = wire.reshape(-1), [], 0
+        for shape in shapes:
+            size = math.prod(shape)
+            out.append(flat[offset : offset + size].reshape(shape))
+            offset += size
+        return tuple(out)
 
     return unflatten
 

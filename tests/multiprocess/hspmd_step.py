@@ -79,7 +79,8 @@ def main(process_id: int, num_processes: int, port: int, cases: list[str], out: 
 
     cluster = ClusterSpec.from_dict(CLUSTERS[num_processes])
     start(cluster, Launch(f"127.0.0.1:{port}", num_processes, process_id))
-    results = {name: check(cluster, name) for name in cases}
+    checks = {"switch": check_switching, "asymmetric_dp": check_asymmetric_dp}
+    results = {name: checks.get(name, check)(cluster, name) for name in cases}
     with open(out, "w") as f:
         json.dump(results, f)
     import jax
@@ -87,53 +88,138 @@ def main(process_id: int, num_processes: int, port: int, cases: list[str], out: 
     jax.distributed.shutdown()
 
 
-def check(cluster: ClusterSpec, name: str) -> dict:
+def model_and_batch(overrides: dict, rows: int, seed: int = 1):
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from jaxhet import Llama, LlamaConfig
-    from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
+    from jaxhet.parallel import llama_params
+
+    fields = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2)
+    model = Llama(LlamaConfig(**{**fields, **overrides}), rngs=nnx.Rngs(0))
+    return model, jax.device_get(llama_params(model)), make_batch(rows, model.config.vocab_size, seed)
+
+
+def make_batch(rows: int, vocab: int, seed: int) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (rows, SEQ + 1))
+    weights = (rng.random((rows, SEQ)) > 0.15).astype(np.float32)
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "weights": weights}
+
+
+def one_device(model):
+    """The reference: jitted loss and gradients of the whole model on this process's first device."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxhet.parallel import llama_loss_sum
+
+    loss_sum = llama_loss_sum(model)
+    step = jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
+    return lambda params, batch: jax.device_get(step(*jax.device_put((params, batch), jax.local_devices()[0])))
+
+
+def compare_shards(tree, expected) -> tuple[float, list]:
+    """Worst relative error of every shard of `tree` this process holds against the host tree `expected`."""
+    import jax
+    import numpy as np
+
+    worst, shards = 0.0, []
+    for (path, leaf), want in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(expected), strict=True):
+        scale = max(float(np.max(np.abs(want))), 1e-12)
+        for shard in leaf.addressable_shards:
+            error = float(np.max(np.abs(np.asarray(shard.data) - want[shard.index]))) / scale
+            worst = max(worst, error)
+            shards.append([jax.tree_util.keystr(path), shard.device.id])
+    return worst, shards
+
+
+def relative(a, b) -> float:
+    return abs(float(a) - float(b)) / abs(float(b))
+
+
+def check(cluster: ClusterSpec, name: str) -> dict:
+    import jax
+
+    from jaxhet.parallel import StagedLlama
     from meshes import HetMesh, PlanExecutor
     from meshes.transfer import host_value
 
     overrides, plan = plans(tuple(d.kind for d in cluster.devices))[name]
-    fields = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2)
-    cfg = LlamaConfig(**{**fields, **overrides})
-    model = Llama(cfg, rngs=nnx.Rngs(0))
-    params = jax.device_get(llama_params(model))
-    rng = np.random.default_rng(1)
-    ids = rng.integers(0, cfg.vocab_size, (plan.global_batch, SEQ + 1))
-    batch = {
-        "input_ids": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "weights": (rng.random((plan.global_batch, SEQ)) > 0.15).astype(np.float32),
-    }
-    loss_sum = llama_loss_sum(model)
-    local = jax.local_devices()[0]
-    reference = jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
-    expected_loss, expected_grads = jax.device_get(reference(*jax.device_put((params, batch), local)))
-
-    executor = PlanExecutor(plan, HetMesh.from_cluster(cluster), StagedLlama(cfg))
+    model, params, batch = model_and_batch(overrides, plan.global_batch)
+    expected_loss, expected_grads = one_device(model)(params, batch)
+    executor = PlanExecutor(plan, HetMesh.from_cluster(cluster), StagedLlama(model.config))
     loss, grads = executor.value_and_grad(executor.place(params), batch)
-    loss_error = abs(float(host_value(loss)) - float(expected_loss)) / abs(float(expected_loss))
-    worst, shards = 0.0, []
-    for (path, grad), want in zip(
-        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected_grads), strict=True
-    ):
-        scale = max(float(np.max(np.abs(want))), 1e-12)
-        for shard in grad.addressable_shards:
-            error = float(np.max(np.abs(np.asarray(shard.data) - want[shard.index]))) / scale
-            worst = max(worst, error)
-            shards.append([jax.tree_util.keystr(path), shard.device.id])
+    worst, shards = compare_shards(grads, expected_grads)
     return {
-        "loss_error": loss_error,
+        "loss_error": relative(host_value(loss), expected_loss),
         "grad_error": worst,
         "shards": shards,
         "leaves": len(jax.tree.leaves(grads)),
         "bytes_between_processes": executor.transfers.log.between_processes,
     }
+
+
+def check_switching(cluster: ClusterSpec, name: str) -> dict:
+    """AdamW steps alternating between two plans (parameters and optimizer state resharded between their owner
+    layouts, across processes) against the same steps on one device: losses and final parameters."""
+    import jax
+    import optax
+
+    from jaxhet.parallel import StagedLlama
+    from meshes import GroupedOptimizer, HetMesh, PlanExecutor
+    from meshes.transfer import host_value
+
+    named = plans(tuple(d.kind for d in cluster.devices))
+    chosen = [named["tp4_feeds_tp2_beside_dp"][1], named["cp2_beside_pipelines_across_processes"][1]]
+    model, params, _ = model_and_batch({"num_kv_heads": 4}, chosen[0].global_batch)
+    hetmesh = HetMesh.from_cluster(cluster)
+    executors = [PlanExecutor(p, hetmesh, StagedLlama(model.config)) for p in chosen]
+    optimizer = optax.adamw(3e-3)
+    grouped = [GroupedOptimizer(optimizer, 1.0, ex.owner_shardings(params), ex.transfers) for ex in executors]
+    reference = one_device(model)
+    update = jax.jit(optimizer.update)
+    host_params, host_state = params, jax.device_get(optimizer.init(params))
+    placed, state = executors[0].place(params), grouped[0].init(params)
+    loss_errors = []
+    for step in range(4):
+        batch = make_batch(chosen[0].global_batch, model.config.vocab_size, 10 + step)
+        executor, opt = executors[step % 2], grouped[step % 2]
+        placed, state = executor.place(placed), opt.place_state(state)
+        loss, grads = executor.value_and_grad(placed, batch)
+        placed, state, _ = opt.step(placed, grads, state)
+        expected_loss, expected_grads = reference(host_params, batch)
+        norm = optax.global_norm(expected_grads)
+        clipped = jax.tree.map(lambda g: g * min(1.0, 1.0 / float(norm)), expected_grads)
+        updates, host_state = jax.device_get(update(clipped, host_state, host_params))
+        host_params = jax.device_get(optax.apply_updates(host_params, updates))
+        loss_errors.append(relative(host_value(loss), expected_loss))
+    worst, shards = compare_shards(placed, host_params)
+    return {"loss_error": max(loss_errors), "grad_error": worst, "shards": shards, "leaves": len(jax.tree.leaves(placed)),
+            "bytes_between_processes": sum(ex.transfers.log.between_processes for ex in executors)}
+
+
+def check_asymmetric_dp(cluster: ClusterSpec, name: str) -> dict:
+    """One SPMD program with per-device trip counts over devices of both processes."""
+    import jax
+
+    from jaxhet.parallel import llama_loss_sum
+    from meshes import AsymmetricDataParallel, HetMesh
+
+    hetmesh = HetMesh.from_cluster(cluster)
+    counts = (2, 1, 3)
+    model, params, batch = model_and_batch({}, 2 * sum(counts))
+    devices = [hetmesh.devices[i] for i in (0, 4, 6)]
+    dp = AsymmetricDataParallel(llama_loss_sum(model), devices, counts, microbatch_size=2)
+    loss, grads = dp.value_and_grad(params, batch)
+    expected_loss, expected_grads = one_device(model)(params, batch)
+    worst, shards = compare_shards(grads, expected_grads)
+    local = [s for s in loss.addressable_shards]
+    return {"loss_error": relative(local[0].data, expected_loss), "grad_error": worst, "shards": shards,
+            "leaves": len(jax.tree.leaves(grads)), "bytes_between_processes": 1}
 
 
 if __name__ == "__main__":
