@@ -10,7 +10,9 @@ from rich.console import Console
 
 from jaxhet.models import CheckpointError, ConfigError
 
-USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, ValueError)
+# OSError covers what the machine refuses: a busy port, a missing or unwritable path, a full disk. Each names what
+# it concerns, which is all a user needs to fix it.
+USER_ERRORS = (CheckpointError, ConfigError, OSError, ValueError)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Plain-data settings of the serving engine (`EngineConfig`) and of one request (`SamplingParams`).
 
-Both validate on construction and raise `FieldError` (a `ValueError`) naming the field and what it accepts, so the CLI and the HTTP
-layer can hand the message to the user as it is.
+Both validate on construction and raise `FieldError` (a `ValueError`) naming the field and what it accepts, so the
+CLI and the HTTP layer can hand the message to the user as it is.
 """
 
 from __future__ import annotations

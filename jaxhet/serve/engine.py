@@ -207,8 +207,8 @@ class Engine:
         if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
         if params.top_k > self.vocab_size:
-            message = f"top_k must be at most the vocabulary size {self.vocab_size} (0 turns it off), got {params.top_k}"
-            raise FieldError("top_k", message)
+            vocab = self.vocab_size
+            raise FieldError("top_k", f"top_k must be at most the vocabulary size {vocab} (0: off), got {params.top_k}")
 
     def _enqueue(self, sequence: _Sequence) -> None:
         self._requests[sequence.request_id] = sequence
