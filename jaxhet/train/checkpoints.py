@@ -3,18 +3,27 @@
 A checkpoint holds the parameters, the optimizer state and a JSON record of everything else a run needs to
 continue exactly (step, data-iterator position, PRNG key data, the config it was written with). Orbax finalises a
 step directory atomically, so a save interrupted by kill -9 never appears as a checkpoint; one damaged afterwards
-fails to restore and the previous one is used, with a warning.
+fails to restore and the previous one is used, with a warning, and the damaged one is renamed `<step>.corrupt`
+(kept for inspection, out of Orbax's sight): left in place it would stay "newest", and Orbax would skip every later
+save up to its step. A save Orbax declines, or a write that fails (a full disk), raises `CheckpointError` naming
+the directory; the checkpoints already finalised stay as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 
+from jaxhet.models import CheckpointError
+
 log = logging.getLogger(__name__)
+CORRUPT_SUFFIX = ".corrupt"
 
 
 class CheckpointStore:
@@ -27,15 +36,36 @@ class CheckpointStore:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True),
             item_names=("state", "meta"),
         )
+        self._last_save: int | None = None
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Start writing `state` (a pytree of arrays) and `meta` (JSON) for `step`; returns before the write ends."""
-        self._manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        )
+        """Start writing `state` (a pytree of arrays) and `meta` (JSON) for `step`; returns before the write ends.
+
+        CheckpointError if Orbax declines (a checkpoint at this step or a later one exists) or a write fails."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        with self._failures_named(f"saving step {step}"):
+            saved = self._manager.save(step, args=args)
+        self._last_save = step
+        if not saved:
+            newest = max(self.steps(), default=None)
+            raise CheckpointError(
+                f"Orbax did not save step {step} in {self.directory}: it already holds a checkpoint at step {newest}"
+            )
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until the last save is on disk; CheckpointError if its write failed."""
+        with self._failures_named(f"saving step {self._last_save}"):
+            self._manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _failures_named(self, doing: str) -> Iterator[None]:
+        """Any failure of Orbax's (its writes fail as OSError or as TensorStore's ValueError, which names the file
+        and the OS error) as one CheckpointError naming the run directory."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - every way a write fails is the same failure to the caller
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{doing} in {self.directory} failed: {first_line}") from err
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -51,16 +81,32 @@ class CheckpointStore:
                     ),
                 )
             except Exception as err:  # noqa: BLE001 - any failure to read a checkpoint means: try the previous one
-                log.warning(
-                    "checkpoint at step %d in %s cannot be restored (%s); trying the previous one",
-                    step,
-                    self.directory,
-                    err,
-                )
+                self._move_aside(step, err)
                 continue
             return step, restored["state"], restored["meta"]
         return None
 
+    def _move_aside(self, step: int, err: Exception) -> None:
+        """Rename a checkpoint that fails to restore to `<step>.corrupt` (or `.corrupt-2`, ...), with a warning."""
+        damaged = self.directory / str(step)
+        target = damaged.with_name(damaged.name + CORRUPT_SUFFIX)
+        for attempt in itertools.count(2):
+            if not target.exists():
+                break
+            target = damaged.with_name(f"{damaged.name}{CORRUPT_SUFFIX}-{attempt}")
+        damaged.rename(target)
+        self._manager.reload()
+        log.warning(
+            "checkpoint at step %d in %s cannot be restored (%s); moved it to %s and trying the previous one",
+            step,
+            self.directory,
+            err,
+            target.name,
+        )
+
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Finish the last save (CheckpointError if it failed) and release Orbax's resources."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
