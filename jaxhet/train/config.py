@@ -87,6 +87,7 @@ class TrainConfig:
             raise ConfigError(
                 f"plan must be one of {', '.join(PLAN_CHOICES)} or an existing plan file, got {self.plan!r}"
             )
+        _check_directory_path("checkpoint_dir", Path(self.checkpoint_dir))
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: Mapping[str, str] | None = None) -> TrainConfig:
@@ -96,17 +97,49 @@ class TrainConfig:
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file {path} not found")
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _yaml(path.read_text(), str(path)) or {}
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {path} must hold a mapping of fields")
             values = loaded
         for key, raw in (overrides or {}).items():
-            target = values
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                target = target.setdefault(parent, {})
-            target[leaf] = yaml.safe_load(raw)
+            _override(values, key, _yaml(raw, f"--set {key}"))
         return _build(cls, values, "")
+
+
+def _yaml(text: str, source: str) -> Any:
+    """Parsed YAML; ConfigError naming `source` and, where YAML knows it, the line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+
+
+def _override(values: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted `key` in nested `values`; ConfigError if a part of it is already set to a plain value."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {key}: every part of a dotted key must be non-empty")
+    target = values
+    for depth, parent in enumerate(parts[:-1]):
+        target = target.setdefault(parent, {})
+        if not isinstance(target, dict):
+            prefix = ".".join(parts[: depth + 1])
+            raise ConfigError(f"--set {key} conflicts with {prefix}={target!r}: {prefix} is not a group of fields")
+    if isinstance(target.get(parts[-1]), dict) and not isinstance(value, dict):
+        raise ConfigError(f"--set {key}={value!r} conflicts with the fields already set under {key}")
+    target[parts[-1]] = value
+
+
+def _check_directory_path(name: str, directory: Path) -> None:
+    """ConfigError if `directory` can never be a directory: it, or the nearest part of it that exists, is a file."""
+    existing = directory
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"{name}: {existing} is a file, so {directory} cannot be a directory")
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
