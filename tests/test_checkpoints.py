@@ -5,6 +5,7 @@ directory with the last good checkpoint kept."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -131,3 +132,26 @@ def test_resuming_past_a_damaged_newest_checkpoint_saves_again_at_its_step(tmp_p
     assert steps[-2:] == [4, 6] and (tmp_path / "run" / "4.corrupt").is_dir()
     assert load_trained(tmp_path / "run").meta["step"] == 6
     assert np.isfinite(resumed.losses).all()
+
+
+def test_a_second_trainer_on_a_run_directory_is_refused_naming_the_first(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import fcntl, os, time\n"
+         f"fd = os.open({str(tmp_path / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, f'{os.getpid()}\\n'.encode()); print('held', flush=True)\n"
+         "time.sleep(120)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(CheckpointError, match=f"in use by another trainer \\(process {holder.pid}\\)"):
+            CheckpointStore(tmp_path, keep=2).lock()
+    finally:
+        holder.kill()
+        holder.wait()
+    store = CheckpointStore(tmp_path, keep=2)
+    store.lock()  # the lock died with its holder, even killed
+    assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    store.close()
+    CheckpointStore(tmp_path, keep=2).lock()

@@ -15,6 +15,7 @@ import pytest
 
 from jaxhet.models import ConfigError
 from jaxhet.train import TrainConfig
+from jaxhet.train.config import check_resume
 
 JAXHET = shutil.which("jaxhet") or str(Path(sys.executable).parent / "jaxhet")
 
@@ -82,3 +83,23 @@ def test_serve_refuses_a_kv_cache_smaller_than_one_sequence(tmp_path):
     result, _ = _run("serve", "--num-pages", "8", "--page-size", "16", "--max-model-len", "256", cwd=tmp_path)
     line = _one_line_error(result)
     assert "num_pages=8" in line and "max_model_len=256" in line
+
+
+@pytest.mark.parametrize(
+    ("changed", "needle"),
+    [
+        ({"data.seq_len": "64"}, "--resume cannot change data.seq_len (the run was saved with 32, now 64)"),
+        ({"hidden_size": "96"}, "--resume cannot change hidden_size"),
+    ],
+)
+def test_resuming_with_a_changed_shape_is_refused_naming_the_field(changed, needle):
+    saved = TrainConfig.load(None, {"data.seq_len": "32", "hidden_size": "64"})
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        check_resume(saved, TrainConfig.load(None, {"data.seq_len": "32", "hidden_size": "64", **changed}))
+
+
+def test_resuming_with_more_steps_says_how_the_schedule_changes():
+    saved = TrainConfig.load(None, {"steps": "100"})
+    assert check_resume(saved, TrainConfig.load(None, {"steps": "100", "log_every": "5"})) is None
+    note = check_resume(saved, TrainConfig.load(None, {"steps": "300"}))
+    assert "steps changed from 100 to 300" in note and "learning-rate decay now spans 300 steps" in note

@@ -7,13 +7,19 @@ fails to restore and the previous one is used, with a warning, and the damaged o
 (kept for inspection, out of Orbax's sight): left in place it would stay "newest", and Orbax would skip every later
 save up to its step. A save Orbax declines, or a write that fails (a full disk), raises `CheckpointError` naming
 the directory; the checkpoints already finalised stay as they were.
+
+A trainer takes the run directory's lock (`lock()`, an advisory `flock` on `.lock` holding its PID, released when
+the process ends however it ends), so a second trainer on the same directory is refused naming the first; readers
+(serving, generating) take no lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ from jaxhet.models import CheckpointError
 
 log = logging.getLogger(__name__)
 CORRUPT_SUFFIX = ".corrupt"
+LOCK_FILE = ".lock"
 
 
 class CheckpointStore:
@@ -37,6 +44,23 @@ class CheckpointStore:
             item_names=("state", "meta"),
         )
         self._last_save: int | None = None
+        self._lock: int | None = None
+
+    def lock(self) -> None:
+        """Claim the run directory for this process; CheckpointError naming the PID that holds it already."""
+        descriptor = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+            os.close(descriptor)
+            raise CheckpointError(
+                f"{self.directory} is in use by another trainer (process {holder}); wait for it or choose another "
+                f"checkpoint_dir"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        self._lock = descriptor
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Start writing `state` (a pytree of arrays) and `meta` (JSON) for `step`; returns before the write ends.
@@ -110,3 +134,6 @@ class CheckpointStore:
             self.wait()
         finally:
             self._manager.close()
+            if self._lock is not None:
+                os.close(self._lock)  # closing the descriptor releases the flock
+                self._lock = None

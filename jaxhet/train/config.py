@@ -142,6 +142,50 @@ def _check_directory_path(name: str, directory: Path) -> None:
         raise ConfigError(f"{name}: {existing} is a file, so {directory} cannot be a directory")
 
 
+# What a checkpoint's arrays and data position are shaped by: a resumed run must keep each as it was saved.
+RESUME_FIXED = (
+    "model",
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "seed",
+    "data.source",
+    "data.tokenizer",
+    "data.seq_len",
+    "data.batch_size",
+    "data.seed",
+    "data.max_documents",
+    "data.validation_fraction",
+)
+
+
+def check_resume(saved: TrainConfig, requested: TrainConfig) -> str | None:
+    """Refuse to resume `saved` (the run directory's config.yaml) as `requested` when a field the checkpoint's
+    shapes or data position depend on changed, naming it (ConfigError); otherwise a note on how a changed `steps`
+    reshapes the learning-rate schedule (None when it does not change)."""
+    for name in RESUME_FIXED:
+        before, after = _dotted(saved, name), _dotted(requested, name)
+        if before != after:
+            raise ConfigError(
+                f"--resume cannot change {name} (the run was saved with {before!r}, now {after!r}); "
+                f"start a new checkpoint_dir instead"
+            )
+    if saved.steps == requested.steps:
+        return None
+    return (
+        f"steps changed from {saved.steps} to {requested.steps}: the cosine learning-rate decay now spans "
+        f"{requested.steps} steps, so from the resumed step on the rate differs from the original schedule"
+    )
+
+
+def _dotted(config: Any, name: str) -> Any:
+    for part in name.split("."):
+        config = getattr(config, part)
+    return config
+
+
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     """Instantiate a frozen dataclass from a mapping, converting types and naming unknown or mistyped fields."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
