@@ -136,10 +136,14 @@ def test_resuming_past_a_damaged_newest_checkpoint_saves_again_at_its_step(tmp_p
 
 def test_a_second_trainer_on_a_run_directory_is_refused_naming_the_first(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import fcntl, os, time\n"
-         f"fd = os.open({str(tmp_path / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, f'{os.getpid()}\\n'.encode()); print('held', flush=True)\n"
-         "time.sleep(120)"],
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl, os, time\n"
+            f"fd = os.open({str(tmp_path / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, f'{os.getpid()}\\n'.encode()); print('held', flush=True)\n"
+            "time.sleep(120)",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -379,8 +379,11 @@ def _hostile_bodies() -> list[tuple[str, str, bytes]]:
     deep = 1500  # past Python's recursion limit, inside the test server's 4096-byte body limit
     cases += [
         ("/v1/completions", "lone surrogate in a prompt", b'{"model": "small", "prompt": "a\\ud800b"}'),
-        ("/v1/chat/completions", "lone surrogate in chat", b'{"model": "small", "messages": '
-         b'[{"role": "user", "content": "\\udfff"}]}'),
+        (
+            "/v1/chat/completions",
+            "lone surrogate in chat",
+            b'{"model": "small", "messages": [{"role": "user", "content": "\\udfff"}]}',
+        ),
         ("/v1/completions", "lone surrogate in a key", b'{"model": "small", "prompt": "a", "\\ud800": 1}'),
         ("/v1/completions", "nested 1500 deep", b'{"model": "small", "prompt": ' + b"[" * deep + b"]" * deep + b"}"),
         ("/v1/completions", "nested 40 deep", b'{"model": "small", "prompt": ' + b"[" * 40 + b"]" * 40 + b"}"),

@@ -9,15 +9,14 @@ time limit is the app's (`ServerConfig.read_timeout_s`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
-
-import asyncio
-import functools
 
 import uvicorn
 from fastapi import FastAPI
