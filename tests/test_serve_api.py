@@ -16,6 +16,7 @@ import openai
 import pytest
 from fastapi import FastAPI
 from flax import nnx
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 import planners
@@ -30,6 +31,7 @@ from jaxhet.serve import (
     build_deployments,
     create_app,
 )
+from jaxhet.serve.middleware import RequestGuard
 from jaxhet.tokenizers import ByteTokenizer
 
 ENGINE = EngineConfig(max_running=8, page_size=16, num_pages=96, kv_format="float32", max_model_len=192)
@@ -465,3 +467,20 @@ def test_a_client_leaving_a_non_streamed_request_aborts_it(served):
     assert _metric(server.url, "jaxhet_kv_pages_used", model="large") == 0
     assert _metric(server.url, "jaxhet_generation_tokens_total", model="large") - generated < 170
     assert _metric(server.url, "jaxhet_requests_total", endpoint="/v1/completions", status="499") == left + 1
+
+
+def test_an_exception_a_route_lets_escape_is_a_json_500_counted_under_its_route():
+    counter = Counter("requests", "", ["endpoint", "status"], registry=CollectorRegistry())
+    app = FastAPI()
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    app.add_middleware(RequestGuard, api_key=None, requests=counter, routes=lambda: [r.path for r in app.routes])
+    with BackgroundServer(app) as server:
+        response = httpx.get(f"{server.url}/boom")
+        assert httpx.get(f"{server.url}/health-or-not").status_code == 404
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    assert counter.labels("/boom", "500")._value.get() == 1
+    assert counter.labels("unmatched", "404")._value.get() == 1
