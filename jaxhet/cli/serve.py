@@ -68,7 +68,8 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     api_key: Annotated[
-        str | None, typer.Option(envvar="JAXHET_API_KEY", help="Require `Authorization: Bearer KEY` on every path but /health.")
+        str | None,
+        typer.Option(envvar="JAXHET_API_KEY", help="Require `Authorization: Bearer KEY` on every path but /health."),
     ] = None,
     kv_format: Annotated[
         str, typer.Option(help="KV cache format: float32, bfloat16, float16, int8, int4.")
