@@ -185,9 +185,20 @@ def test_engine_config_names_the_bad_field(fields, needle):
         EngineConfig(**fields)
 
 
-@pytest.mark.parametrize(("fields", "needle"), [({"top_p": 0}, "top_p"), ({"logprobs": 21}, "logprobs")])
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"top_p": 0}, "top_p"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"top_k": float("nan")}, "top_k must be an integer"),
+        ({"temperature": float("nan")}, "temperature must be a number in [0, 100]"),
+        ({"top_p": float("inf")}, "top_p must be a number in (0, 1]"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"max_tokens": True}, "max_tokens must be an integer"),
+    ],
+)
 def test_sampling_params_name_the_bad_field(fields, needle):
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
         SamplingParams(**fields)
 
 

@@ -7,6 +7,7 @@ CLI and the HTTP layer can hand the message to the user as it is.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import pallas_kernels as pk
 
@@ -22,9 +23,23 @@ class FieldError(ValueError):
         self.field = field
 
 
+def _integer(name: str, value: object) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise FieldError(name, f"{name} must be an integer, got {value!r}")
+
+
 def _at_least(name: str, value: int, low: int) -> None:
+    _integer(name, value)
     if value < low:
         raise FieldError(name, f"{name} must be at least {low}, got {value}")
+
+
+def _between(name: str, value: float, low: float, high: float, *, open_low: bool = False) -> None:
+    """`value` a real number in [low, high] (or (low, high] with `open_low`); NaN and infinities fail."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not real or not (low < value if open_low else low <= value) or not value <= high:
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+        raise FieldError(name, f"{name} must be a number in {interval}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +104,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         _at_least("max_tokens", self.max_tokens, 1)
-        if not 0 <= self.temperature <= 100:
-            raise FieldError("temperature", f"temperature must be between 0 and 100, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise FieldError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        _between("temperature", self.temperature, 0, 100)
+        _between("top_p", self.top_p, 0, 1, open_low=True)
         _at_least("top_k", self.top_k, 0)
+        if self.seed is not None:
+            _integer("seed", self.seed)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise FieldError("stop", f"stop must hold non-empty strings, got {list(self.stop)!r}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise FieldError("logprobs", f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
+        if self.logprobs is not None:
+            _between("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
+            _integer("logprobs", self.logprobs)
