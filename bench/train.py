@@ -66,7 +66,7 @@ def plain_jit_step(model: Llama, train_config: TrainConfig, batch: dict) -> Step
 def jaxhet_step(model: Llama, train_config: TrainConfig, batch: dict) -> Step:
     """The step of `jaxhet train --plan single`."""
     execution = single_device_execution(model)
-    optimizer, state = initial_state(train_config, model, execution.shardings)
+    optimizer, state = initial_state(train_config, model, execution)
     carried = [state]
 
     def run() -> tuple[jax.Array, Any]:

@@ -13,6 +13,8 @@ _EXPORTS = {
     "KVCache": "jaxhet.models",
     "Llama": "jaxhet.models",
     "LlamaConfig": "jaxhet.models",
+    "load_sharded_params": "jaxhet.models",
+    "pretrained_config": "jaxhet.models",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

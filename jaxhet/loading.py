@@ -9,24 +9,35 @@ import jax
 from flax import nnx
 from jaxtyping import PRNGKeyArray
 
-from jaxhet.models import Llama, LlamaConfig
+from jaxhet.models import Llama, LlamaConfig, pretrained_config
 from jaxhet.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
-    """A model, its tokenizer, and a one-line description of where it came from."""
+    """A model, its tokenizer, and a one-line description of where it came from.
+
+    `weights_dir` is the Hugging Face directory the weights are in when they were left there (`lazy`): `model` is
+    then abstract, and each serving engine reads its own blocks of the weights from it.
+    """
 
     model: Llama
     tokenizer: Tokenizer
     source: str
+    weights_dir: Path | None = None
 
 
 def load_model(
-    *, run: Path | None = None, hf_dir: Path | None = None, dtype: str | None = None, key: PRNGKeyArray | None = None
+    *,
+    run: Path | None = None,
+    hf_dir: Path | None = None,
+    dtype: str | None = None,
+    key: PRNGKeyArray | None = None,
+    lazy: bool = False,
 ) -> LoadedModel:
     """The newest checkpoint of `run`, or the Hugging Face checkpoint in `hf_dir`, or (neither given) a fresh tiny
-    Llama with the byte tokenizer initialised from `key`."""
+    Llama with the byte tokenizer initialised from `key`. With `lazy`, a Hugging Face model's weights are not read
+    here but by whoever places them (`LoadedModel.weights_dir`)."""
     if run is not None and hf_dir is not None:
         raise ValueError("give a train run or a Hugging Face directory, not both")
     if run is not None:
@@ -35,20 +46,24 @@ def load_model(
         trained = load_trained(run)
         return LoadedModel(trained.model, trained.tokenizer, f"{run} (step {trained.meta['step']})")
     if hf_dir is not None:
-        model = Llama.from_pretrained(hf_dir, dtype=dtype)
         tokenizer = load_tokenizer(hf_dir) if (Path(hf_dir) / "tokenizer.json").is_file() else ByteTokenizer()
-        return LoadedModel(model, tokenizer, str(hf_dir))
+        if lazy:
+            config = pretrained_config(hf_dir, dtype=dtype)
+            model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+            return LoadedModel(model, tokenizer, str(hf_dir), weights_dir=Path(hf_dir))
+        return LoadedModel(Llama.from_pretrained(hf_dir, dtype=dtype), tokenizer, str(hf_dir))
     tokenizer = ByteTokenizer()
     config = LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, **({"dtype": dtype} if dtype else {}))
     model = Llama(config, rngs=nnx.Rngs(params=jax.random.key(0) if key is None else key))
     return LoadedModel(model, tokenizer, "a fresh tiny model (random weights: expect noise until it is trained)")
 
 
-def load_model_dir(path: Path, *, dtype: str | None = None) -> LoadedModel:
-    """A `jaxhet train` run (it holds config.yaml) or a Hugging Face directory (config.json), told apart by content."""
+def load_model_dir(path: Path, *, dtype: str | None = None, lazy: bool = False) -> LoadedModel:
+    """A `jaxhet train` run (it holds config.yaml) or a Hugging Face directory (config.json, its weights left
+    unread with `lazy`), told apart by content."""
     path = Path(path)
     if (path / "config.yaml").is_file():
         return load_model(run=path)
     if (path / "config.json").is_file():
-        return load_model(hf_dir=path, dtype=dtype)
+        return load_model(hf_dir=path, dtype=dtype, lazy=lazy)
     raise FileNotFoundError(f"{path} is neither a jaxhet train run (config.yaml) nor a Hugging Face model directory")

@@ -59,12 +59,29 @@ def shard_config(config: LlamaConfig, tp: int, axis: str, cp_axis: str | None = 
     )
 
 
-class LlamaStage(nnx.Module):
-    """Blocks `layers[0]..layers[1]-1` of a Llama, with the embedding if first and the norm + head if last."""
+def _block(layer: DecoderLayer, x, positions, segment_ids):
+    return layer(x, positions, segment_ids)
 
-    def __init__(self, config: LlamaConfig, spec: StageSpec, *, rngs: nnx.Rngs):
+
+# What the cost model assumes of a recomputed block (`planners.cost_model.TrainCosts.layer_act_bytes` and
+# `stage_memory_bytes` with `recompute`): it keeps only its input hidden states between forward and backward, and the
+# backward pass re-runs the whole block, its TP all-reduces included (`layer_seconds`: 4 passes, 6 all-reduces), in
+# one block's worth of working space. `nothing_saveable` saves no intermediate: the checkpoint's residuals are its
+# inputs (hidden states, positions, segment ids) and the parameters, which are held anyway.
+_recomputed_block = nnx.remat(_block, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+class LlamaStage(nnx.Module):
+    """Blocks `layers[0]..layers[1]-1` of a Llama, with the embedding if first and the norm + head if last.
+
+    With `recompute`, each block is rematerialised in the backward pass (see `_recomputed_block`): its
+    intermediate activations are recomputed from its input rather than kept.
+    """
+
+    def __init__(self, config: LlamaConfig, spec: StageSpec, *, recompute: bool = False, rngs: nnx.Rngs):
         self.config = config
         self.spec = spec
+        self.recompute = recompute
         if spec.first or (spec.last and config.tie_word_embeddings):
             self.embed_tokens = token_embedding(config, rngs)
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(spec.layers[1] - spec.layers[0])])
@@ -77,8 +94,9 @@ class LlamaStage(nnx.Module):
         cp_axis = self.config.context_parallel_axis
         positions = token_positions(batch["input_ids"], segment_ids, cp_axis)
         x = self.embed_tokens(batch["input_ids"]) if self.spec.first else hidden
+        block = _recomputed_block if self.recompute else _block
         for layer in self.layers:
-            x = layer(x, positions, segment_ids)
+            x = block(layer, x, positions, segment_ids)
         if not self.spec.last:
             return x
         loss_sum = next_token_loss_sum(output_logits(self, x), batch["targets"], batch["weights"])
@@ -137,9 +155,13 @@ class StagedLlama:
                 total[name] = jax.tree.map(jnp.add, total[name], grads[name])
         return total
 
-    def stage_program(self, spec: StageSpec, tp: int, tp_axis: str, cp_axis: str | None = None) -> StageProgram:
+    def stage_program(
+        self, spec: StageSpec, tp: int, tp_axis: str, cp_axis: str | None = None, *, recompute: bool = False
+    ) -> StageProgram:
+        """`spec`'s blocks as one TP shard's program; with `recompute`, every block is rematerialised in the
+        backward pass, keeping only its input (what the planner's cost model charges a recomputed stage)."""
         local_config = shard_config(self.config, tp, tp_axis, cp_axis)
-        stage = nnx.eval_shape(lambda: LlamaStage(local_config, spec, rngs=nnx.Rngs(0)))
+        stage = nnx.eval_shape(lambda: LlamaStage(local_config, spec, recompute=recompute, rngs=nnx.Rngs(0)))
         graphdef, abstract = nnx.split(stage)
 
         def apply(params: Params, hidden, batch):

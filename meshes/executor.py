@@ -17,6 +17,12 @@ summed: a reduction inside groups, then transfers and sums between groups. Gradi
 layout, where `GroupedOptimizer` runs the optimizer step on each owner group's devices, so parameters, gradients
 and optimizer state never gather on one device. Switching to another compiled strategy (another executor) is a
 reshard into its owner layout (`place`, and `GroupedOptimizer.place_state` for the optimizer state), never a reload.
+
+Every move between groups goes through `meshes.transfer`, so the same schedule runs in one process or as one
+process per node: every process walks the whole schedule and calls every program (a no-op where it holds none of
+the program's devices), micro-batches are placed from the host batch every process builds alike, and the loss is
+an all-reduce of the replicas' loss sums onto every device, readable by every process. `transfers.log` counts the
+bytes that crossed between groups and between processes.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from meshes.hetmesh import DeviceGroup, HetMesh
 from meshes.schedules import pipeline_steps
 from meshes.staged import Params, StagedModel, StageSpec
+from meshes.transfer import Transfers, everywhere, put_host
 from planners.plan import Replica, TrainPlan
 
 TP_AXIS = "tp"
@@ -88,7 +95,8 @@ class PlanExecutor:
                 raise ValueError(f"replicas[{r}].cp ({replica.cp}) must divide the plan's seq_len ({plan.seq_len})")
         self.plan = plan
         self.model = model
-        self.home = hetmesh.devices[plan.replicas[0].stages[0].devices[0]]
+        self.transfers = Transfers()
+        self.scalars = everywhere([hetmesh.devices[d] for d in plan.devices])
         self.stages = [
             [
                 _compile_stage(
@@ -130,55 +138,60 @@ class PlanExecutor:
         return jax.tree_util.tree_map_with_path(lambda path, _: owner[path], params)
 
     def place(self, tree: Params) -> Params:
-        """`tree` (parameters, or anything shaped like them) resharded into this plan's owner layout."""
-        return jax.device_put(tree, self.owner_shardings(tree))
+        """`tree` (parameters, or anything shaped like them; host values or arrays anywhere) resharded into this
+        plan's owner layout."""
+        return self.transfers.tree(tree, self.owner_shardings(tree))
 
     def _run_replica(self, replica: Replica, runtimes: list[_StageRuntime], params: Params, microbatches, scale):
-        """Run the replica's pipeline schedule; returns its loss sum and its per-stage gradient sums."""
-        stage_params = [jax.device_put(self.model.stage_params(params, rt.spec), rt.param_shardings) for rt in runtimes]
-        stage_batches = [[jax.device_put(mb, rt.sequence) for mb in microbatches] for rt in runtimes]
+        """Run the replica's pipeline schedule; returns its last stage's loss sums and its per-stage gradient sums."""
+        move = self.transfers.move
+        stage_params = [self.transfers.tree(self.model.stage_params(params, rt.spec), rt.param_shardings) for rt in runtimes]
+        stage_batches = [[{k: put_host(v, rt.sequence) for k, v in mb.items()} for mb in microbatches] for rt in runtimes]
         inputs: dict[tuple[int, int], Any] = {}
         vjps: dict[tuple[int, int], Any] = {}
         cotangents: dict[tuple[int, int], Any] = {}
         grads: list[Any] = [None] * len(runtimes)
-        loss_sum = jnp.zeros((), jnp.float32, device=self.home)
+        losses = []
         last = len(runtimes) - 1
         for step in pipeline_steps(len(runtimes), replica.num_microbatches, self.plan.schedule):
             s, m, rt = step.stage, step.microbatch, runtimes[step.stage]
             if step.kind == "F":
-                hidden = inputs.pop((s, m), jnp.zeros((), jnp.float32, device=rt.replicated))
+                hidden = inputs.pop((s, m), None)
+                if hidden is None:
+                    hidden = put_host(np.zeros((), np.float32), rt.replicated)
                 out, vjps[(s, m)] = rt.forward(stage_params[s], hidden, stage_batches[s][m])
                 if s == last:
-                    loss_sum = loss_sum + jax.device_put(out, self.home)
-                    cotangents[(s, m)] = jax.device_put(scale, rt.replicated)
+                    losses.append(out)
+                    cotangents[(s, m)] = put_host(scale, rt.replicated)
                 else:
-                    inputs[(s + 1, m)] = jax.device_put(out, runtimes[s + 1].sequence)
+                    inputs[(s + 1, m)] = move(out, runtimes[s + 1].sequence)
             else:
                 param_grads, hidden_grad = rt.backward(vjps.pop((s, m)), cotangents.pop((s, m)))
                 grads[s] = param_grads if grads[s] is None else jax.tree.map(jnp.add, grads[s], param_grads)
                 if s > 0:
-                    cotangents[(s - 1, m)] = jax.device_put(hidden_grad, runtimes[s - 1].sequence)
-        return loss_sum, grads
+                    cotangents[(s - 1, m)] = move(hidden_grad, runtimes[s - 1].sequence)
+        return losses, grads
 
     def value_and_grad(self, params: Params, batch: Batch) -> tuple[jax.Array, Params]:
         """Mean token loss over `batch` and its gradient with respect to the whole-model `params`.
 
         `batch` holds `input_ids`, `targets` and `weights` (0 for padding) of shape [global_batch, seq], and
-        optionally `segment_ids`; rows are dealt to replicas in plan order. Gradients are in the owner layout.
+        optionally `segment_ids`; rows are dealt to replicas in plan order. Every process passes the same batch.
+        Gradients are in the owner layout; the loss is replicated on every device (`self.scalars`).
         """
         total_weight = float(np.sum(batch["weights"]))
         if total_weight <= 0:
             raise ValueError("batch['weights'] sums to 0: there is no token to train on")
-        scale = jnp.asarray(1.0 / total_weight, jnp.float32)
+        scale = np.float32(1.0 / total_weight)
         owners = self.owner_shardings(params)
-        total_grads = jax.tree.map(lambda x, sharding: jnp.zeros(x.shape, x.dtype, device=sharding), params, owners)
-        loss = jnp.zeros((), jnp.float32, device=self.home)
+        total_grads = jax.tree.map(lambda x, sharding: self.transfers.zeros(x.shape, x.dtype, sharding), params, owners)
+        losses = []
         for replica, runtimes, microbatches in zip(
             self.plan.replicas, self.stages, self._microbatches(batch), strict=True
         ):
-            loss_sum, grads = self._run_replica(replica, runtimes, params, microbatches, scale)
-            loss = loss + loss_sum
+            replica_losses, grads = self._run_replica(replica, runtimes, params, microbatches, scale)
+            losses += replica_losses
             for rt, stage_grads in zip(runtimes, grads, strict=True):
                 stage_owners = self.model.stage_params(owners, rt.spec)
-                self.model.add_stage_grads(total_grads, jax.device_put(stage_grads, stage_owners), rt.spec)
-        return loss / total_weight, total_grads
+                self.model.add_stage_grads(total_grads, self.transfers.tree(stage_grads, stage_owners), rt.spec)
+        return self.transfers.sum_scalars(losses, self.scalars) / total_weight, total_grads

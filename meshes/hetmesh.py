@@ -5,9 +5,10 @@ On a machine with the cluster's GPUs the mapping is the identity; on a CPU machi
 (`XLA_FLAGS=--xla_force_host_platform_device_count=N`) each CPU device stands in for one GPU and carries its kind
 as a label, which proves correctness and shapes but says nothing about speed.
 
-Multi-host: with `jax.distributed` each process sees every device in `jax.devices()` (in process order), so the
-same index mapping holds; a group's program is then dispatched by the processes owning its devices, and transfers
-between groups on different hosts go through the same `jax.device_put` between shardings used here.
+Multi-process (`meshes.distributed`): every process sees every device in `jax.devices()`; node `i` takes its
+devices from its own process (`meshes.distributed.node_processes`), so each process's nodes are bound to that
+process's local devices whatever order the cluster file lists them in. Groups on different processes exchange
+arrays through `meshes.transfer`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from meshes.distributed import node_processes
 from planners.cluster import ClusterSpec
 
 
@@ -55,21 +57,27 @@ class HetMesh:
 
     @classmethod
     def from_cluster(cls, cluster: ClusterSpec, devices: Sequence[jax.Device] | None = None) -> HetMesh:
-        """Bind `cluster` to `devices` (default: `jax.devices()`); emulated unless they are GPUs."""
+        """Bind `cluster` to `devices` (default: `jax.devices()`), each node to devices of its own process;
+        emulated unless they are GPUs."""
         devices = tuple(jax.devices() if devices is None else devices)
         if len(devices) < cluster.num_devices:
             raise ValueError(
                 f"cluster {cluster.name!r} has {cluster.num_devices} devices but only {len(devices)} are available "
                 "(on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count before importing jax)"
             )
-        devices = devices[: cluster.num_devices]
-        groups, offset = [], 0
-        for node in cluster.nodes:
-            members = devices[offset : offset + node.count]
+        processes = sorted({d.process_index for d in devices})
+        owners = node_processes(cluster, len(processes)) if len(processes) > 1 else (processes[0],) * len(cluster.nodes)
+        pools = {p: [d for d in devices if d.process_index == p] for p in processes}
+        groups = []
+        for i, node in enumerate(cluster.nodes):
+            pool = pools[owners[i]]
+            if len(pool) < node.count:
+                raise ValueError(f"nodes[{i}] ({node.name!r}) needs {node.count} devices of process {owners[i]}")
+            members, pools[owners[i]] = tuple(pool[: node.count]), pool[node.count :]
             groups.append(DeviceGroup(node.name, node.kind, members, (("devices", node.count),)))
-            offset += node.count
+        flat = tuple(d for g in groups for d in g.devices)
         kinds = tuple(d.kind for d in cluster.devices)
-        return cls(devices, kinds, tuple(groups), emulated=devices[0].platform != "gpu")
+        return cls(flat, kinds, tuple(groups), emulated=flat[0].platform != "gpu")
 
     def submesh(self, indices: Sequence[int], axis_sizes: Sequence[tuple[str, int]], name: str = "") -> DeviceGroup:
         """A group over the devices at `indices` of the flat list; they must share one kind."""

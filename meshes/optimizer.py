@@ -7,7 +7,9 @@ gathering everything to one device would put the whole model and its optimizer s
 transformations are per-leaf apart from the global gradient norm, which is summed from per-group partial sums
 (a cross-group reduction of scalars) and applied as a clipping factor before the per-group update. The optimizer
 state keeps optax's structure (so checkpoints do not depend on the plan); its moment leaves sit with their
-parameters and its scalars (step counts) are replicated per group and kept on the first group's devices.
+parameters and its scalars (step counts) are replicated over every group's devices, each group updating its own
+view of them. Scalars cross groups only as collectives and views of replicated arrays (`meshes.transfer`), so the
+same optimizer runs in one process or across processes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
+
+from meshes.transfer import Transfers, assemble, everywhere, replicated_over, restrict
 
 Params = Any
 
@@ -57,15 +61,24 @@ class GroupedOptimizer:
     device set form one group, updated by one jitted program on those devices.
     """
 
-    def __init__(self, optimizer: optax.GradientTransformation, max_grad_norm: float | None, shardings: Params):
+    def __init__(
+        self,
+        optimizer: optax.GradientTransformation,
+        max_grad_norm: float | None,
+        shardings: Params,
+        transfers: Transfers | None = None,
+    ):
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.shardings = shardings
+        self.transfers = Transfers() if transfers is None else transfers
         homes: dict[frozenset, Sharding] = {}
         for sharding in jax.tree.leaves(shardings):
             homes.setdefault(_device_set(sharding), _replicated(sharding))
         self.groups = list(homes)
         self._homes = list(homes.values())
+        self.scalars = everywhere(list(set().union(*self.groups)))
+        self._state_scalars = replicated_over(list(set().union(*self.groups)))
         self._update = jax.jit(self._group_update)
         self._square_sum = jax.jit(lambda tree: sum((jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)), 0.0))
 
@@ -82,12 +95,15 @@ class GroupedOptimizer:
         )
 
     def init(self, params: Params) -> Any:
-        """Optimizer state for `params`, its moments placed with their parameters."""
-        return self.place_state(self.optimizer.init(params))
+        """Optimizer state for `params` (host values, alike on every process), its moments placed with their
+        parameters."""
+        return self.place_state(jax.device_get(self.optimizer.init(params)))
 
     def place_state(self, state: Any) -> Any:
-        """`state` (optax structure, anywhere) moved into this layout: moments with their parameters."""
-        return self._map_state(state, jax.device_put, lambda leaf: jax.device_put(leaf, self._homes[0]))
+        """`state` (optax structure; host values or arrays anywhere) moved into this layout: moments with their
+        parameters, scalars over every group's devices."""
+        move = self.transfers.move
+        return self._map_state(state, move, lambda leaf: move(leaf, self._state_scalars))
 
     def _group_update(self, grads, state, params, factor):
         grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
@@ -95,25 +111,34 @@ class GroupedOptimizer:
         return optax.apply_updates(params, updates), state
 
     def global_norm(self, grads: Params) -> jax.Array:
-        """The gradient norm over every group: per-group sums of squares, added on the first group's devices."""
+        """The gradient norm over every group: per-group sums of squares, all-reduced onto every device."""
         partial = [self._square_sum(self._mask(grads, g)) for g in range(len(self.groups))]
-        return jnp.sqrt(sum(jax.device_put(p, self._homes[0]) for p in partial))
+        return jnp.sqrt(self.transfers.sum_scalars(partial, self.scalars))
 
     def step(self, params: Params, grads: Params, state: Any) -> tuple[Params, Any, jax.Array]:
         """One optimizer step: (new params, new state, the gradient norm before clipping)."""
         norm = self.global_norm(grads)
-        factor = jnp.ones(()) if self.max_grad_norm is None else clip_factor(norm, self.max_grad_norm)
+        factor = jnp.ones_like(norm) if self.max_grad_norm is None else clip_factor(norm, self.max_grad_norm)
         results = []
         for g, home in enumerate(self._homes):
             state_g = self._map_state(
                 state,
                 lambda leaf, sharding, g=g: leaf if self._in_group(sharding, g) else None,
-                lambda leaf, home=home: jax.device_put(leaf, home),
+                lambda leaf, home=home: restrict(leaf, home),
             )
             grads_g, params_g = self._mask(grads, g), self._mask(params, g)
-            results.append(self._update(grads_g, state_g, params_g, jax.device_put(factor, home)))
+            results.append(self._update(grads_g, state_g, params_g, restrict(factor, home)))
         # Each parameter and moment comes from the one group holding it; scalars (step counts, equal in every
-        # group) from the first group.
+        # group) are put together from every group's copy of them.
         params = jax.tree.map(_first_present, *(p for p, _ in results), is_leaf=_is_none)
-        state = jax.tree.map(_first_present, *(s for _, s in results), is_leaf=_is_none)
-        return params, state, norm
+        return params, self._join_states([s for _, s in results]), norm
+
+    def _join_states(self, per_group: list[Any]) -> Any:
+        """One state from the groups' partial ones: each moment from its group, scalars over every group."""
+        columns = list(zip(*(jax.tree.leaves(s, is_leaf=_is_none) for s in per_group), strict=True))
+        firsts = [_first_present(*column) for column in columns]
+        copies = {id(first): column for first, column in zip(firsts, columns, strict=True)}
+        state = jax.tree.unflatten(jax.tree.structure(per_group[0], is_leaf=_is_none), firsts)
+        return self._map_state(
+            state, lambda leaf, _: leaf, lambda leaf: assemble(copies[id(leaf)], self._state_scalars)
+        )

@@ -45,6 +45,12 @@ class StagedModel(Protocol):
 
     def add_stage_grads(self, total: Params, grads: Params, spec: StageSpec) -> Params: ...
 
-    def stage_program(self, spec: StageSpec, tp: int, tp_axis: str, cp_axis: str | None = None) -> StageProgram:
-        """The stage for `tp` shards over `tp_axis`; with `cp_axis`, the sequence is also split over that axis."""
+    def stage_program(
+        self, spec: StageSpec, tp: int, tp_axis: str, cp_axis: str | None = None, *, recompute: bool = False
+    ) -> StageProgram:
+        """The stage for `tp` shards over `tp_axis`; with `cp_axis`, the sequence is also split over that axis.
+
+        With `recompute` (a plan's `Stage.recompute`), the program rematerialises its blocks in the backward pass
+        instead of keeping their activations; its values and gradients are those without.
+        """
         ...

@@ -61,12 +61,14 @@ class Link:
 
 @dataclasses.dataclass(frozen=True)
 class Node:
-    """One machine: `count` GPUs of one kind joined by `intra_link`."""
+    """One machine: `count` GPUs of one kind joined by `intra_link`; `process` is the multi-controller process
+    that runs it (None: the node's position in the file)."""
 
     name: str
     kind: str
     count: int
     intra_link: Link
+    process: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +184,9 @@ class ClusterSpec:
         gpus: dict[str, catalog.GPUSpec] = {}
         for i, entry in enumerate(d["nodes"]):
             where = f"nodes[{i}]"
-            e = fields.mapping(entry, where, ("name", "gpu", "count", "repeat", "intra_node_link"), ("gpu", "count"))
+            e = fields.mapping(
+                entry, where, ("name", "gpu", "count", "repeat", "intra_node_link", "process"), ("gpu", "count")
+            )
             gpu = catalog.lookup(e["gpu"], custom, f"{where}.gpu")
             gpus[gpu.name] = gpu
             count = fields.positive_int(e["count"], f"{where}.count")
@@ -192,8 +196,9 @@ class ClusterSpec:
             else:
                 link = Link(gpu.nvlink_gb_s, DEFAULT_INTRA_LATENCY_US)
             base_name = str(e.get("name", f"{gpu.name.lower()}{i}"))
+            process = None if e.get("process") is None else fields.int_at_least(e["process"], 0, f"{where}.process")
             for r in range(repeat):
-                nodes.append(Node(base_name if repeat == 1 else f"{base_name}-{r}", gpu.name, count, link))
+                nodes.append(Node(base_name if repeat == 1 else f"{base_name}-{r}", gpu.name, count, link, process))
         inter = Link.from_dict(d.get("inter_node_link", DEFAULT_INTER_NODE), "inter_node_link")
         overrides = fields.mapping(d.get("profiles", {}), "profiles", list(gpus))
         profiles = {

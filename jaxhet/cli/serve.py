@@ -106,7 +106,7 @@ def serve(
             if len(planned) == 1 and len(sources) == 1:
                 sources = {planned[0]: next(iter(sources.values()))}
         loaded = {
-            served: load_model_dir(directory, dtype=dtype) if directory else load_model(dtype=dtype)
+            served: load_model_dir(directory, dtype=dtype, lazy=True) if directory else load_model(dtype=dtype)
             for served, directory in sources.items()
         }
         for served, model_loaded in loaded.items():

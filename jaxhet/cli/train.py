@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from jaxhet.cli.errors import user_errors
+from jaxhet.cli.launch import Coordinator, NumProcesses, ProcessId, join
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:
@@ -57,18 +58,44 @@ def train(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config field, e.g. --set data.seq_len=64.")
     ] = None,
+    coordinator: Coordinator = None,
+    num_processes: NumProcesses = None,
+    process_id: ProcessId = None,
 ) -> None:
-    """Train on the embedded corpus (or your data) over an emulated heterogeneous cluster, with checkpoints."""
-    console = Console()
+    """Train on the embedded corpus (or your data) over an emulated heterogeneous cluster, with checkpoints.
+
+    On several machines, run the same command on each with --coordinator, --num-processes and --process-id (or
+    under SLURM / Open MPI, which are detected): node i of the cluster file runs on process i."""
     with user_errors():
         from jaxhet.train import TrainConfig
-        from jaxhet.train import train as run_training
 
         overrides = _overrides(set_ or [])
         for key, value in (("plan", plan), ("steps", steps), ("checkpoint_dir", checkpoint_dir)):
             if value is not None:
                 overrides[key] = str(value)
         cfg = TrainConfig.load(config, overrides)
+        runtime = _join(cfg, coordinator, num_processes, process_id)
+    result = _run(cfg, resume, runtime)
+    if runtime.is_main:
+        _summary(result)
+    if result.interrupted:
+        raise typer.Exit(code=130)
+
+
+def _join(cfg, coordinator: str | None, num_processes: int | None, process_id: int | None):
+    """Join the run; a plan's cluster decides which devices each process emulates or must have."""
+    from planners import ClusterSpec
+
+    cluster = None if cfg.plan == "single" else ClusterSpec.load(cfg.cluster)
+    return join(cluster, coordinator, num_processes, process_id)
+
+
+def _run(cfg, resume: bool, runtime):
+    """Train, with a progress bar on process 0 (the others train silently)."""
+    from jaxhet.train import train as run_training
+
+    console = Console(quiet=not runtime.is_main)
+    with user_errors():
         where = cfg.cluster if cfg.plan == "auto" else cfg.plan
         console.print(
             f"[dim]training {cfg.model} for {cfg.steps} steps, batch {cfg.data.batch_size}x{cfg.data.seq_len} tokens, "
@@ -91,7 +118,12 @@ def train(
                     task, completed=record["step"], loss=record["loss"], rate=rate, mfu=_percent(record["mfu"])
                 )
 
-            result = run_training(cfg, resume=resume, progress=on_step)
+            result = run_training(cfg, resume=resume, progress=on_step, runtime=runtime)
+    return result
+
+
+def _summary(result) -> None:
+    console = Console()
     curve = save_loss_curve(result.checkpoint_dir / "metrics.jsonl", result.checkpoint_dir / "loss.png")
     table = Table(title="jaxhet train", show_header=False)
     table.add_row(
@@ -113,5 +145,3 @@ def train(
     table.add_row("loss curve", str(curve))
     table.add_row("TensorBoard", f"tensorboard --logdir {result.tensorboard_dir}")
     console.print(table)
-    if result.interrupted:
-        raise typer.Exit(code=130)

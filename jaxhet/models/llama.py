@@ -10,7 +10,7 @@ checkpoint mapping in `jaxhet.models.hf` is a table, not a translation. Two entr
 from __future__ import annotations
 
 import os
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -369,11 +369,18 @@ class Llama(nnx.Module):
         dtype: str | None = None,
         param_dtype: str | None = None,
         attention_backend: str | None = None,
+        shardings: jax.sharding.Sharding | Any | None = None,
     ) -> Llama:
-        """Load a local Hugging Face Llama directory (config.json + safetensors, single file or sharded)."""
+        """Load a local Hugging Face Llama directory (config.json + safetensors, single file or sharded).
+
+        `shardings` (one `jax.sharding.Sharding`, or a tree of them shaped like the parameters) lays the
+        parameters out as they are read, each device reading only its own block; default: the first device.
+        """
         from jaxhet.models.hf import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend)
+        return load_pretrained(
+            path, dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend, shardings=shardings
+        )
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write config.json and model.safetensors that `transformers.LlamaForCausalLM` loads."""

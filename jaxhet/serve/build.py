@@ -21,8 +21,9 @@ from jaxhet.serve.engine import Engine
 
 
 def _engine(name: str, loaded: LoadedModel, config: EngineConfig, devices: Sequence[jax.Device]) -> AsyncEngine:
-    """A warmed-up (compiled) engine for `loaded` on `devices` (tensor-parallel over several), on its own thread."""
-    engine = Engine(loaded.model, loaded.tokenizer, config, devices=devices)
+    """A warmed-up (compiled) engine for `loaded` on `devices` (tensor-parallel over several), on its own thread;
+    each device reads its block of the weights from `loaded.weights_dir` when they were left there."""
+    engine = Engine(loaded.model, loaded.tokenizer, config, devices=devices, weights_dir=loaded.weights_dir)
     engine.warmup()
     return AsyncEngine(engine, name=name)
 

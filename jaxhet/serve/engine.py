@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
@@ -120,7 +121,8 @@ class _Sequence:
 
 class Engine:
     """Serve one model on `devices` (default: the first device; several split the model tensor-parallel): add
-    requests, call `step` until `has_unfinished` is False."""
+    requests, call `step` until `has_unfinished` is False. With `weights_dir`, the weights are read from that
+    Hugging Face directory straight into the devices' layout (see `ModelRunner`)."""
 
     def __init__(
         self,
@@ -129,11 +131,12 @@ class Engine:
         config: EngineConfig | None = None,
         *,
         devices: Sequence[jax.Device] | None = None,
+        weights_dir: Path | None = None,
     ):
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.vocab_size = model.config.vocab_size
-        self._runner = ModelRunner(model, self.config, devices=devices)
+        self._runner = ModelRunner(model, self.config, devices=devices, weights_dir=weights_dir)
         self._allocator = PageAllocator(self.config.num_pages)
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []

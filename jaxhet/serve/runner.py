@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxhet.models.hf import load_sharded_params
 from jaxhet.models.llama import Llama
 from jaxhet.parallel import llama_params, megatron_specs, module_from_params, shard_config
 from jaxhet.sampling import sample_rows
@@ -89,16 +91,22 @@ def _step(graphdef, state, pools: tuple[LayerPool, ...], inputs: StepInputs):
     return _forward_and_sample(nnx.merge(graphdef, state), pools, inputs)
 
 
-def _tensor_parallel_program(model: Llama, mesh: Mesh, pools: tuple[LayerPool, ...]):
+def _place_params(model: Llama, shardings, weights_dir: Path | None):
+    """`model`'s parameters laid out by `shardings`: read block by block from `weights_dir` when given, else copied."""
+    if weights_dir is not None:
+        return load_sharded_params(weights_dir, model.config, shardings)
+    return jax.device_put(llama_params(model), shardings)
+
+
+def _tensor_parallel_program(model: Llama, mesh: Mesh, pools: tuple[LayerPool, ...], weights_dir: Path | None):
     """The step of a replica split over `mesh`'s tp axis (Megatron layout, KV pools split by kv head), and the
     weights laid out for it. Every shard samples the same tokens from the same (all-reduced) logits."""
     tp = mesh.shape[TP_AXIS]
     graphdef, abstract = nnx.split(
         nnx.eval_shape(lambda: Llama(shard_config(model.config, tp, TP_AXIS), rngs=nnx.Rngs(0)))
     )
-    params = llama_params(model)
-    specs = megatron_specs(params, tp, TP_AXIS)
-    params = jax.device_put(params, jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs))
+    specs = megatron_specs(llama_params(model), tp, TP_AXIS)
+    params = _place_params(model, jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs), weights_dir)
     pool_specs = jax.tree.map(lambda _: P(None, None, TP_AXIS), pools)
 
     def body(params, pools, inputs):
@@ -120,9 +128,21 @@ def _scatter_pages(pools: tuple[LayerPool, ...], pages: jax.Array, data: tuple[L
 
 class ModelRunner:
     """Owns the model's weights and the KV pools on its devices and runs steps on them: one device, or several
-    that split every layer tensor-parallel (heads and FFN columns; the kv-head count must divide by their number)."""
+    that split every layer tensor-parallel (heads and FFN columns; the kv-head count must divide by their number).
 
-    def __init__(self, model: Llama, config: EngineConfig, *, devices: Sequence[jax.Device] | None = None):
+    With `weights_dir` (the Hugging Face directory `model` comes from), each device reads only its own block of the
+    weights from there (`load_sharded_params`), and `model` may be abstract (`nnx.eval_shape`): a model larger
+    than one device is never whole anywhere.
+    """
+
+    def __init__(
+        self,
+        model: Llama,
+        config: EngineConfig,
+        *,
+        devices: Sequence[jax.Device] | None = None,
+        weights_dir: Path | None = None,
+    ):
         self.config = config
         self.devices = tuple(devices or jax.devices()[:1])
         make_pools = partial(create_pools, model.config, config.num_pages, config.page_size, config.kv_format)
@@ -130,11 +150,12 @@ class ModelRunner:
         if len(self.devices) == 1:
             graphdef, state = nnx.split(model)
             self._pool_shardings = jax.tree.map(lambda _: SingleDeviceSharding(self.devices[0]), pools)
-            self._state = jax.device_put(state, self.devices[0])
+            state.replace_by_pure_dict(_place_params(model, SingleDeviceSharding(self.devices[0]), weights_dir))
+            self._state = state
             self._program = partial(_step, graphdef)
         else:
             mesh = Mesh(np.array(self.devices), (TP_AXIS,))
-            self._program, self._state, self._pool_shardings = _tensor_parallel_program(model, mesh, pools)
+            self._program, self._state, self._pool_shardings = _tensor_parallel_program(model, mesh, pools, weights_dir)
         self._pools = jax.jit(make_pools, out_shardings=self._pool_shardings)()
 
     def row_buckets(self) -> list[int]:

@@ -36,13 +36,21 @@ LOCK_FILE = ".lock"
 class CheckpointStore:
     """The checkpoints of one run directory."""
 
-    def __init__(self, directory: str | Path, *, keep: int):
+    def __init__(self, directory: str | Path, *, keep: int, process: int | None = None):
+        """With `process`, the store belongs to that process alone (one of a multi-process run's per-process
+        stores, `jaxhet.train.process_checkpoints`); otherwise every process takes part in every call."""
         self.directory = Path(directory).absolute()
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True),
-            item_names=("state", "meta"),
+        # A per-process store writes synchronously: Orbax's asynchronous directory creation is signalled under
+        # keys that the stores of different processes share, and a store could write into a directory not yet made.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=process is None, create=process is None
         )
+        if process is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            options.multiprocessing_options = ocp.options.MultiprocessingOptions(
+                primary_host=process, active_processes={process}, barrier_sync_key_prefix=f"process{process}"
+            )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         self._last_save: int | None = None
         self._lock: int | None = None
 
@@ -95,23 +103,35 @@ class CheckpointStore:
         return sorted(self._manager.all_steps())
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """The newest checkpoint that restores, as (step, state, meta); None when there is none."""
+        """The newest checkpoint that restores, as (step, state, meta); None when there is none. Each newer one
+        that fails is moved aside, so that saves of its step and below land again."""
         for step in reversed(self.steps()):
-            try:
-                restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-                    ),
-                )
-            except Exception as err:  # noqa: BLE001 - any failure to read a checkpoint means: try the previous one
-                self._move_aside(step, err)
-                continue
-            return step, restored["state"], restored["meta"]
+            restored = self.restore_step(step, abstract_state)
+            if restored is not None:
+                return step, *restored
+            self._move_aside(step)
         return None
 
-    def _move_aside(self, step: int, err: Exception) -> None:
-        """Rename a checkpoint that fails to restore to `<step>.corrupt` (or `.corrupt-2`, ...), with a warning."""
+    def restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict] | None:
+        """(state, meta) of `step` in `abstract_state`'s layout (None: as saved), or None, with a warning, when
+        it cannot be read."""
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+            )
+        except Exception as err:  # noqa: BLE001 - any failure to read a checkpoint means: try the previous one
+            log.warning(
+                "checkpoint at step %d in %s cannot be restored (%s); trying the previous one",
+                step,
+                self.directory,
+                err,
+            )
+            return None
+        return restored["state"], restored["meta"]
+
+    def _move_aside(self, step: int) -> None:
+        """Rename a checkpoint that failed to restore to `<step>.corrupt` (or `.corrupt-2`, ...), with a warning."""
         damaged = self.directory / str(step)
         target = damaged.with_name(damaged.name + CORRUPT_SUFFIX)
         for attempt in itertools.count(2):
@@ -120,13 +140,7 @@ class CheckpointStore:
             target = damaged.with_name(f"{damaged.name}{CORRUPT_SUFFIX}-{attempt}")
         damaged.rename(target)
         self._manager.reload()
-        log.warning(
-            "checkpoint at step %d in %s cannot be restored (%s); moved it to %s and trying the previous one",
-            step,
-            self.directory,
-            err,
-            target.name,
-        )
+        log.warning("moved the damaged checkpoint at step %d in %s to %s", step, self.directory, target.name)
 
     def close(self) -> None:
         """Finish the last save (CheckpointError if it failed) and release Orbax's resources."""

@@ -6,6 +6,12 @@ count the learning-rate schedule reads) and the data iterator's position. Parame
 their owners' layout throughout (see `jaxhet.train.step`); checkpoints do not depend on it: Orbax writes each
 array from wherever it lives and restores it into whatever layout the resuming run (or `load_trained`, on one
 device) asks for.
+
+Several processes (one per node, `meshes.distributed`) run the same loop in lockstep: process 0 makes the plan
+and every process runs that plan; each builds the same batches from its own copy of the data; losses and norms
+are read from each process's own shard of arrays replicated on every device; a stop request on any process stops
+all of them at the same step, after a save; Orbax saves and restores with every process taking part, on one
+shared directory; only process 0 writes metrics, TensorBoard events, `plan.json`, `plan.png` and `config.yaml`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from jaxhet.data import PackedBatches
 from jaxhet.models import Llama, LlamaConfig
 from jaxhet.tokenizers import Tokenizer, load_tokenizer
 from jaxhet.train.checkpoints import CheckpointStore
+from jaxhet.train.process_checkpoints import ProcessCheckpoints, gather_state, is_process_checkpointed
 from jaxhet.train.config import TrainConfig
 from jaxhet.train.flops import peak_flops
 from jaxhet.train.meter import ThroughputMeter
@@ -37,9 +44,12 @@ from jaxhet.train.step import (
     train_step,
 )
 from meshes import HetMesh
+from meshes.distributed import Runtime, any_process, broadcast_text
+from meshes.transfer import host_value
 
 log = logging.getLogger(__name__)
 MASTER_DTYPE = "float32"
+ONE_PROCESS = Runtime(process_id=0, num_processes=1, process_of_node=())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,16 +98,25 @@ def build_model(config: TrainConfig, vocab_size: int, key: jax.Array) -> Llama:
     return model
 
 
-def _resolve_plan(config: TrainConfig, cluster, model: Llama, directory: Path, resume: bool):
-    """The plan to run on `cluster`, reusing a resumed run's saved plan so it continues identically."""
+def _resolve_plan(config: TrainConfig, cluster, model: Llama, directory: Path, resume: bool, runtime: Runtime):
+    """The plan to run on `cluster`, made by process 0 and sent to the others."""
+    import planners
+
+    text = _main_plan(config, cluster, model, directory, resume) if runtime.is_main else None
+    return planners.TrainPlan.from_json(broadcast_text(text, runtime))
+
+
+def _main_plan(config: TrainConfig, cluster, model: Llama, directory: Path, resume: bool) -> str:
+    """The plan as JSON, reusing a resumed run's saved plan so it continues identically; a new one is saved and
+    drawn in the run directory."""
     import planners
     from planners.picture import save_placement_png
 
     saved = directory / "plan.json"
     if resume and saved.is_file():
-        return planners.TrainPlan.from_json(saved.read_text())
+        return saved.read_text()
     if config.plan != "auto":
-        return planners.TrainPlan.from_json(Path(config.plan).read_text())
+        return Path(config.plan).read_text()
     mc = model.config
     spec = planners.ModelSpec(
         name="jaxhet-train",
@@ -114,17 +133,19 @@ def _resolve_plan(config: TrainConfig, cluster, model: Llama, directory: Path, r
     directory.mkdir(parents=True, exist_ok=True)
     saved.write_text(plan.to_json())
     save_placement_png(plan, cluster, directory / "plan.png")
-    return plan
+    return saved.read_text()
 
 
-def _execution(config: TrainConfig, model: Llama, directory: Path, resume: bool) -> Execution:
+def _execution(config: TrainConfig, model: Llama, directory: Path, resume: bool, runtime: Runtime) -> Execution:
     """One device for `--plan single`; otherwise the HSPMD executor of the plan `config` asks for."""
     if config.plan == "single":
+        if runtime.multi_process:
+            raise ValueError("--plan single trains on one device of one process; with several processes use a plan")
         return single_device_execution(model)
     import planners
 
     cluster = planners.ClusterSpec.load(config.cluster)
-    plan = _resolve_plan(config, cluster, model, directory, resume)
+    plan = _resolve_plan(config, cluster, model, directory, resume, runtime)
     return plan_execution(model, plan, HetMesh.from_cluster(cluster))
 
 
@@ -148,16 +169,27 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict], None] | None = None) -> TrainResult:
-    """Run (or continue, with `resume`) the training `config` describes; `progress` receives each step's metrics."""
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: Callable[[dict], None] | None = None,
+    runtime: Runtime = ONE_PROCESS,
+) -> TrainResult:
+    """Run (or continue, with `resume`) the training `config` describes; `progress` receives each step's metrics.
+    With a multi-process `runtime` every process calls this alike (see the module docstring)."""
     directory = Path(config.checkpoint_dir)
-    store = CheckpointStore(directory, keep=config.keep)
+    store = (
+        ProcessCheckpoints(directory, keep=config.keep, runtime=runtime)
+        if runtime.multi_process
+        else CheckpointStore(directory, keep=config.keep)
+    )
     if not resume and store.steps():
         raise ValueError(f"{directory} already holds checkpoints; pass --resume, or choose another checkpoint_dir")
     data = PackedBatches(config.data)
     model = build_model(config, data.vocab_size, jax.random.key(config.seed))
-    execution = _execution(config, model, directory, resume)
-    optimizer, state = initial_state(config, model, execution.shardings)
+    execution = _execution(config, model, directory, resume, runtime)
+    optimizer, state = initial_state(config, model, execution)
     start_step = 0
     if resume:
         restored = store.restore_latest(jax.tree.map(_abstract, state))
@@ -166,8 +198,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
         else:
             start_step, state, meta = restored
             data.restore(meta["data"])
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    if runtime.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     plan = execution.plan
     schedule = learning_rate_schedule(config)
     num_params = sum(leaf.size for leaf in jax.tree.leaves(state["params"]))
@@ -175,23 +208,25 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[dict
 
     losses: list[float] = []
     step = start_step
-    with _StopRequest() as stop, MetricsLog(directory, start_step) as metrics:
-        while step < config.steps and not stop.requested:
+    stopping = False
+    with _StopRequest() as stop, MetricsLog(directory, start_step, writer=runtime.is_main) as metrics:
+        while step < config.steps and not stopping:
             batch = next(data)
             state, loss, grad_norm = train_step(execution, optimizer, state, batch)
             step += 1
-            losses.append(float(loss))
+            losses.append(float(host_value(loss)))
             record = {
                 "step": step,
                 "loss": losses[-1],
                 "lr": float(schedule(step - 1)),
-                "grad_norm": float(grad_norm),
+                "grad_norm": float(host_value(grad_norm)),
                 **meter.step(batch),
             }
             metrics.write(record)
             if progress is not None:
                 progress(record)
-            if step % config.save_every == 0 or step == config.steps or stop.requested:
+            stopping = any_process(stop.requested, runtime)
+            if step % config.save_every == 0 or step == config.steps or stopping:
                 metrics.flush()
                 meta = {"step": step, "data": data.state(), "plan": "single" if plan is None else plan.to_dict()}
                 store.save(step, state, meta)
@@ -242,9 +277,12 @@ def load_trained(directory: str | Path) -> TrainedRun:
     config = TrainConfig.load(directory / "config.yaml")
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = build_model(config, tokenizer.vocab_size, jax.random.key(config.seed))
-    _, state = initial_state(config, model, single_device_execution(model).shardings)
+    _, state = initial_state(config, model, single_device_execution(model))
     abstract = jax.tree.map(_abstract, state)
-    restored = CheckpointStore(directory, keep=config.keep).restore_latest(abstract)
+    if is_process_checkpointed(directory):
+        restored = gather_state(directory, abstract)
+    else:
+        restored = CheckpointStore(directory, keep=config.keep).restore_latest(abstract)
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
     _, state, meta = restored

@@ -28,26 +28,33 @@ SCALARS = {
 class MetricsLog:
     """Appends step records to `directory/metrics.jsonl` and `directory/tensorboard/`, continuing after `start_step`."""
 
-    def __init__(self, directory: Path, start_step: int):
+    def __init__(self, directory: Path, start_step: int, *, writer: bool = True):
+        """With `writer` false (every process of a multi-process run but the first) nothing is written."""
         self.jsonl_path = directory / "metrics.jsonl"
         self.tensorboard_dir = directory / "tensorboard"
-        _trim(self.jsonl_path, start_step)
-        self._jsonl = self.jsonl_path.open("a")
-        self._writer = SummaryWriter(str(self.tensorboard_dir), purge_step=start_step + 1, flush_secs=10)
+        self._jsonl = self._writer = None
+        if writer:
+            _trim(self.jsonl_path, start_step)
+            self._jsonl = self.jsonl_path.open("a")
+            self._writer = SummaryWriter(str(self.tensorboard_dir), purge_step=start_step + 1, flush_secs=10)
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._writer is None:
+            return
         self._jsonl.write(json.dumps(record) + "\n")
         for field, tag in SCALARS.items():
             if record.get(field) is not None:
                 self._writer.add_scalar(tag, record[field], record["step"])
 
     def flush(self) -> None:
-        self._jsonl.flush()
-        self._writer.flush()
+        if self._writer is not None:
+            self._jsonl.flush()
+            self._writer.flush()
 
     def close(self) -> None:
-        self._jsonl.close()
-        self._writer.close()
+        if self._writer is not None:
+            self._jsonl.close()
+            self._writer.close()
 
     def __enter__(self) -> MetricsLog:
         return self

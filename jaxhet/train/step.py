@@ -22,6 +22,7 @@ from jaxhet.models import Llama
 from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
 from jaxhet.train.config import TrainConfig
 from meshes import GroupedOptimizer, HetMesh, PlanExecutor
+from meshes.transfer import Transfers
 
 Params = Any
 State = dict[str, Any]
@@ -31,13 +32,14 @@ StepFn = Callable[[Params, dict], tuple[jax.Array, Params]]
 @dataclasses.dataclass(frozen=True)
 class Execution:
     """How a step computes: `value_and_grad(params, batch)` giving the mean loss and gradients in the owner layout,
-    `shardings` (each parameter's owner placement, a tree like the parameters), the plan (None: one device) and
-    the devices the step computes on."""
+    `shardings` (each parameter's owner placement, a tree like the parameters), the plan (None: one device), the
+    devices the step computes on, and the transfer layer every move between device groups goes through."""
 
     value_and_grad: StepFn
     shardings: Params
     plan: Any
     devices: tuple[jax.Device, ...]
+    transfers: Transfers
 
 
 def single_device_execution(model: Llama) -> Execution:
@@ -46,14 +48,16 @@ def single_device_execution(model: Llama) -> Execution:
     value_and_grad = jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
     device = jax.devices()[0]
     placement = jax.sharding.SingleDeviceSharding(device)
-    return Execution(value_and_grad, jax.tree.map(lambda _: placement, llama_params(model)), None, (device,))
+    shardings = jax.tree.map(lambda _: placement, llama_params(model))
+    return Execution(value_and_grad, shardings, None, (device,), Transfers())
 
 
 def plan_execution(model: Llama, plan: Any, hetmesh: HetMesh) -> Execution:
     """The HSPMD executor of `plan` (a `planners.TrainPlan`) on `hetmesh`'s devices."""
     executor = PlanExecutor(plan, hetmesh, StagedLlama(model.config))
     devices = tuple(hetmesh.devices[d] for d in plan.devices)
-    return Execution(executor.value_and_grad, executor.owner_shardings(llama_params(model)), plan, devices)
+    shardings = executor.owner_shardings(llama_params(model))
+    return Execution(executor.value_and_grad, shardings, plan, devices, executor.transfers)
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -75,12 +79,16 @@ def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
 
 
-def initial_state(config: TrainConfig, model: Llama, shardings: Params) -> tuple[GroupedOptimizer, State]:
-    """The optimizer for parameters laid out as `shardings`, and the state a run carries and checkpoints
-    (`params` and `opt_state`, in that layout): the structure every restore reads into."""
-    params = llama_params(model)
-    optimizer = GroupedOptimizer(build_optimizer(config), config.optim.grad_clip, shardings)
-    return optimizer, {"params": jax.device_put(params, shardings), "opt_state": optimizer.init(params)}
+def initial_state(config: TrainConfig, model: Llama, execution: Execution) -> tuple[GroupedOptimizer, State]:
+    """The optimizer for parameters laid out as `execution.shardings`, and the state a run carries and
+    checkpoints (`params` and `opt_state`, in that layout): the structure every restore reads into. The model's
+    initial parameters (alike on every process) go through the host, so each process places its own shards."""
+    params = jax.device_get(llama_params(model))
+    optimizer = GroupedOptimizer(
+        build_optimizer(config), config.optim.grad_clip, execution.shardings, execution.transfers
+    )
+    placed = execution.transfers.tree(params, execution.shardings)
+    return optimizer, {"params": placed, "opt_state": optimizer.init(params)}
 
 
 def train_step(

@@ -1,0 +1,278 @@
+"""Moving arrays between device groups, inside one process or across the processes of a multi-controller run.
+
+Every edge between groups (stage to stage, owner to replica, one plan's layout to another's) goes through
+`Transfers.move`. JAX's cross-process `device_put` only copies like for like (same device count, same shard shapes)
+and needs a transfer server that not every backend has, while collectives already cross processes on every
+backend (gloo on CPU, NCCL on GPU). So a move between groups on different processes takes three steps:
+
+1. inside the source group, reshard the array into its *wire layout*: flattened, padded and split into `L` lanes,
+   `L = gcd(source devices, destination devices)`, lane `i` replicated over the `i`-th row of the source devices;
+2. one like-for-like copy: a `ppermute` inside a small jitted `shard_map` over a (lane, side) mesh pairing lane
+   `i`'s first source device with the `i`-th row's first destination device;
+3. inside the destination group, the lanes are copied along their row and unflattened into the destination
+   sharding.
+
+Inside one process (or between two layouts over the same devices) a move is a plain `jax.device_put`. Every
+process calls `move` for every edge in the same order (they run the same schedule); a process holding neither end
+only builds the array's global handle, with no data, so the next program call is a no-op there. Run on CPU
+(gloo) with 1, 2 and 4 processes; the `ppermute` is what NCCL carries on GPUs, not yet run on one here.
+
+`Transfers.log` counts what crossed between device groups and between processes, for the benchmarks and for
+checking that what the runtime moves is what the cost model charges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+LANE, ROW, SIDE = "lane", "row", "side"
+
+
+@dataclasses.dataclass
+class TransferLog:
+    """Bytes moved by `Transfers.move` between different device sets, and the part that crossed processes."""
+
+    between_groups: int = 0
+    between_processes: int = 0
+    moves: int = 0
+
+    def reset(self) -> None:
+        self.between_groups = self.between_processes = self.moves = 0
+
+
+def flat_devices(sharding: Sharding) -> tuple[jax.Device, ...]:
+    """The devices of `sharding` in its own order (a mesh's flat order), which jit's device assignment follows."""
+    if isinstance(sharding, NamedSharding):
+        return tuple(sharding.mesh.devices.flat)
+    if isinstance(sharding, SingleDeviceSharding):
+        return tuple(sharding.device_set)
+    return tuple(sorted(sharding.device_set, key=lambda d: d.id))
+
+
+def processes_of(devices: Sequence[jax.Device]) -> frozenset[int]:
+    return frozenset(d.process_index for d in devices)
+
+
+def empty_array(shape: tuple[int, ...], dtype: Any, sharding: Sharding) -> jax.Array:
+    """The global handle of an array none of whose shards live on this process."""
+    return jax.make_array_from_single_device_arrays(shape, sharding, [], dtype=dtype)
+
+
+def put_host(value: Any, sharding: Sharding) -> jax.Array:
+    """A host value that every process holds alike (a batch, an initial parameter) placed on `sharding`: each
+    process writes only the shards on its own devices."""
+    value = np.asarray(value)
+    value = value.astype(jax.dtypes.canonicalize_dtype(value.dtype), copy=False)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index], dtype=value.dtype)
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+    """The value of a replicated array, read from this process's first shard of it (never a remote one)."""
+    shards = x.addressable_shards
+    if not shards:
+        raise ValueError("this process holds no shard of the array; read it where it lives")
+    return np.asarray(shards[0].data)
+
+
+def restrict(x: jax.Array, sharding: Sharding) -> jax.Array:
+    """A replicated array seen on a subset of its devices (`sharding`, replicated over them), without a copy."""
+    wanted = {d for d in sharding.device_set if d.process_index == jax.process_index()}
+    arrays = [s.data for s in x.addressable_shards if s.device in wanted]
+    missing = wanted - {a.devices().pop() for a in arrays}
+    if missing:
+        raise ValueError(f"array is not on devices {sorted(d.id for d in missing)} that {sharding} needs")
+    return jax.make_array_from_single_device_arrays(x.shape, sharding, arrays, dtype=x.dtype)
+
+
+def assemble(parts: Sequence[jax.Array], sharding: Sharding) -> jax.Array:
+    """One replicated array on `sharding` from replicated `parts` that hold the same value on disjoint device
+    sets covering it (e.g. a scalar every group computed alike), without a copy."""
+    local = {}
+    for part in parts:
+        for shard in part.addressable_shards:
+            local[shard.device] = shard.data
+    mine = [d for d in sharding.device_set if d.process_index == jax.process_index()]
+    missing = [d.id for d in mine if d not in local]
+    if missing:
+        raise ValueError(f"no part covers devices {sorted(missing)} of {sharding}")
+    first = parts[0]
+    return jax.make_array_from_single_device_arrays(first.shape, sharding, [local[d] for d in mine], dtype=first.dtype)
+
+
+class Transfers:
+    """Moves between shardings, with the small programs each kind of move needs compiled once and reused."""
+
+    def __init__(self):
+        self.log = TransferLog()
+        self._programs: dict[Any, Any] = {}
+
+    def tree(self, tree: Any, shardings: Any) -> Any:
+        """`move` for every leaf of `tree` to the sharding at the same place in `shardings`."""
+        return jax.tree.map(self.move, tree, shardings)
+
+    def move(self, x: Any, dst: Sharding) -> jax.Array:
+        """`x` (a global `jax.Array`, or a host value every process holds alike) placed on `dst`."""
+        if not isinstance(x, jax.Array):
+            return put_host(x, dst)
+        if x.sharding == dst:
+            return x
+        src_devices, dst_devices = flat_devices(x.sharding), flat_devices(dst)
+        if set(src_devices) != set(dst_devices):
+            self._count(x, src_devices, dst_devices)
+        me = jax.process_index()
+        if me not in processes_of(src_devices) | processes_of(dst_devices):
+            return empty_array(x.shape, x.dtype, dst)
+        if set(src_devices) == set(dst_devices) or processes_of(src_devices + dst_devices) == {me}:
+            return jax.device_put(x, dst)
+        return self._wire_copy(x, src_devices, dst, dst_devices)
+
+    def _count(self, x: jax.Array, src: Sequence[jax.Device], dst: Sequence[jax.Device]) -> None:
+        nbytes = x.size * x.dtype.itemsize
+        self.log.moves += 1
+        self.log.between_groups += nbytes
+        if processes_of(src) != processes_of(dst) or len(processes_of(src)) > 1:
+            self.log.between_processes += nbytes
+
+    def _wire_copy(self, x: jax.Array, src: tuple, dst: Sharding, dst_devices: tuple) -> jax.Array:
+        lanes = math.gcd(len(src), len(dst_devices))
+        chunk = -(-max(x.size, 1) // lanes)
+        src_wire = NamedSharding(Mesh(np.array(src, dtype=object).reshape(lanes, -1), (LANE, ROW)), P(LANE))
+        wire = self._program(("flatten", x.shape, x.dtype, x.sharding, src_wire), _flatten(lanes, chunk), src_wire)(x)
+        src_heads = src[:: len(src) // lanes]
+        dst_heads = dst_devices[:: len(dst_devices) // lanes]
+        copied = {s.device: s.data for s in wire.addressable_shards if s.device in dst_heads}
+        for pairs in _rounds(list(zip(src_heads, dst_heads, strict=True))):
+            copied.update(self._copy_lanes(wire, pairs, chunk))
+        dst_wire = NamedSharding(Mesh(np.array(dst_devices, dtype=object).reshape(lanes, -1), (LANE, ROW)), P(LANE))
+        arrays = [_lane_on(copied, dst_heads[i // (len(dst_devices) // lanes)], d) for i, d in enumerate(dst_devices)]
+        mine = [a for a, d in zip(arrays, dst_devices, strict=True) if d.process_index == jax.process_index()]
+        received = jax.make_array_from_single_device_arrays((lanes, chunk), dst_wire, mine, dtype=x.dtype)
+        unflatten = self._program(("unflatten", x.shape, x.dtype, dst_wire, dst), _unflatten(x.shape), dst)
+        return unflatten(received)
+
+    def _copy_lanes(self, wire: jax.Array, pairs: list[tuple[jax.Device, jax.Device]], chunk: int) -> dict:
+        """Send each pair's lane from its source device to its destination device; {destination: lane data}."""
+        by_device = {s.device: s.data for s in wire.addressable_shards}
+        mesh = Mesh(np.array(pairs, dtype=object), (LANE, SIDE))
+        sharding = NamedSharding(mesh, P(LANE, SIDE))
+        me = jax.process_index()
+        arrays = []
+        for source, target in pairs:
+            if source.process_index == me:
+                arrays.append(by_device[source].reshape(1, 1, chunk))
+            if target.process_index == me:
+                arrays.append(jnp.zeros((1, 1, chunk), wire.dtype, device=target))
+        pair = jax.make_array_from_single_device_arrays((len(pairs), 2, chunk), sharding, arrays, dtype=wire.dtype)
+        send = self._program(("send", len(pairs), chunk, wire.dtype, mesh), _send_over(mesh, sharding), sharding)
+        moved = send(pair)
+        return {s.device: s.data.reshape(1, chunk) for s in moved.addressable_shards if s.index[1].start == 1}
+
+    def sum_scalars(self, values: Sequence[jax.Array], out: NamedSharding) -> jax.Array:
+        """The sum of scalars living on different device sets, replicated on `out` (from `everywhere`).
+
+        Each scalar enters once, from the first device of its sharding (which must be one of `out`'s); the sum is
+        one all-reduce over `out`'s devices, which crosses processes like any collective. Every process calls it."""
+        devices = flat_devices(out)
+        me = jax.process_index()
+        first = values[0]
+        local: dict[jax.Device, jax.Array] = {}
+        for value in values:
+            head = flat_devices(value.sharding)[0]
+            if head.process_index == me:
+                data = next(s.data for s in value.addressable_shards if s.device == head)
+                local[head] = data if head not in local else local[head] + data
+        arrays = [
+            (local[d] if d in local else jnp.zeros(first.shape, first.dtype, device=d)).reshape(1)
+            for d in devices
+            if d.process_index == me
+        ]
+        stacked_sharding = NamedSharding(out.mesh, P(out.mesh.axis_names[0]))
+        stacked = jax.make_array_from_single_device_arrays((len(devices),), stacked_sharding, arrays, dtype=first.dtype)
+        return self._program(("sum", first.dtype, out), jnp.sum, out)(stacked)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any, sharding: Sharding) -> jax.Array:
+        """Zeros made on `sharding`'s devices (a no-op on processes that hold none of them)."""
+        key = ("zeros", tuple(shape), jnp.dtype(dtype), sharding)
+        return self._program(key, lambda: jnp.zeros(shape, dtype), sharding)()
+
+    def _program(self, key: Any, fn: Any, out: Sharding) -> Any:
+        if key not in self._programs:
+            self._programs[key] = jax.jit(fn, out_shardings=out)
+        return self._programs[key]
+
+
+def _flatten(lanes: int, chunk: int):
+    def flatten(x):
+        flat = x.reshape(-1)
+        return jnp.pad(flat, (0, lanes * chunk - flat.size)).reshape(lanes, chunk)
+
+    return flatten
+
+
+def _unflatten(shape: tuple[int, ...]):
+    size = math.prod(shape)
+
+    def unflatten(wire):
+        return wire.reshape(-1)[:size].reshape(shape)
+
+    return unflatten
+
+
+def _send_over(mesh: Mesh, sharding: NamedSharding):
+    def send(block):
+        return jax.lax.ppermute(block, SIDE, perm=[(0, 1)])
+
+    return jax.shard_map(send, mesh=mesh, in_specs=P(LANE, SIDE), out_specs=P(LANE, SIDE))
+
+
+def _rounds(pairs: list[tuple[jax.Device, jax.Device]]) -> list[list[tuple[jax.Device, jax.Device]]]:
+    """Pairs grouped so that no device appears twice in a round (a mesh holds each device once); lanes already
+    on their destination need no copy and are left out."""
+    rounds: list[list[tuple[jax.Device, jax.Device]]] = []
+    for source, target in pairs:
+        if source == target:
+            continue
+        for group in rounds:
+            if not {source, target} & {d for pair in group for d in pair}:
+                group.append((source, target))
+                break
+        else:
+            rounds.append([(source, target)])
+    return rounds
+
+
+def _lane_on(copied: dict, head: jax.Device, device: jax.Device) -> jax.Array | None:
+    """Lane data for `device` of the destination row headed by `head` (copied along the row inside a process)."""
+    if device.process_index != jax.process_index():
+        return None
+    if head not in copied:
+        raise ValueError(
+            f"device {device.id} shares a wire lane with device {head.id} of another process; a destination group's "
+            "devices that share a lane must live in one process"
+        )
+    return copied[head] if device == head else jax.device_put(copied[head], device)
+
+
+def replicated_over(devices: Sequence[jax.Device]) -> NamedSharding:
+    """Replicated over `devices`, as a 1-D mesh in id order."""
+    ordered = sorted(set(devices), key=lambda d: d.id)
+    return NamedSharding(Mesh(np.array(ordered, dtype=object), ("all",)), P())
+
+
+def everywhere(devices: Sequence[jax.Device] = ()) -> NamedSharding:
+    """Replicated over `devices` and one device of every process: where scalars that every process reads (loss,
+    gradient norm) are reduced, at the cost of one small all-reduce over those devices."""
+    firsts = {}
+    for device in jax.devices():
+        firsts.setdefault(device.process_index, device)
+    covered = {d.process_index for d in devices}
+    return replicated_over([*devices, *(d for p, d in firsts.items() if p not in covered)])

@@ -1,0 +1,76 @@
+"""Start real JAX processes on 127.0.0.1 for multi-process tests: a free port, a timeout on every wait, and every
+process killed by its PID at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment() -> dict[str, str]:
+    """The test environment without the parent's 8-device flag (each process sets its own device count)."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = ""
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).strip(os.pathsep)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+@contextlib.contextmanager
+def processes(commands: Sequence[Sequence[str]], logs: Path) -> Iterator[list[subprocess.Popen]]:
+    """Start one process per command (stdout and stderr to `logs/process<i>.log`); kill all on exit."""
+    logs.mkdir(parents=True, exist_ok=True)
+    started = []
+    try:
+        for i, command in enumerate(commands):
+            log = (logs / f"process{i}.log").open("w")
+            started.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment(), cwd=ROOT))
+        yield started
+    finally:
+        for p in started:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
+
+
+def wait_all(started: Sequence[subprocess.Popen], timeout: float) -> list[int]:
+    """Exit codes of every process, waiting at most `timeout` seconds in all."""
+    deadline = time.monotonic() + timeout
+    return [p.wait(timeout=max(deadline - time.monotonic(), 0.1)) for p in started]
+
+
+def log_text(logs: Path, i: int) -> str:
+    return (logs / f"process{i}.log").read_text()
+
+
+def run(commands: Sequence[Sequence[str]], logs: Path, timeout: float) -> list[int]:
+    """Run the processes to the end; a failure's message carries every process's log tail."""
+    with processes(commands, logs) as started:
+        try:
+            codes = wait_all(started, timeout)
+        except subprocess.TimeoutExpired:
+            tails = "\n".join(f"--- process {i}\n{log_text(logs, i)[-3000:]}" for i in range(len(commands)))
+            raise AssertionError(f"processes still running after {timeout} s\n{tails}") from None
+    if any(codes):
+        tails = "\n".join(f"--- process {i} (exit {c})\n{log_text(logs, i)[-3000:]}" for i, c in enumerate(codes))
+        raise AssertionError(f"a process failed\n{tails}")
+    return codes
+
+
+def python(module_path: Path, *args: str) -> list[str]:
+    return [sys.executable, str(module_path), *args]
