@@ -80,10 +80,24 @@ def test_with_every_checkpoint_damaged_all_are_moved_aside_and_saving_starts_ove
     assert CheckpointStore(tmp_path, keep=5).restore_latest(ABSTRACT)[0] == 1
 
 
-def test_a_save_orbax_declines_is_an_error(tmp_path):
-    _store_with(tmp_path, (5,))
+def test_a_save_at_or_before_the_newest_step_supersedes_the_later_ones(tmp_path, caplog):
+    # What a resumed run meets when checkpoints newer than the one it resumed from exist (in a multi-process run:
+    # steps some processes finalised and others did not): Orbax would skip the save.
+    _store_with(tmp_path, (5, 10, 15))
     store = CheckpointStore(tmp_path, keep=5)
-    with pytest.raises(CheckpointError, match=f"did not save step 5 in {tmp_path}: .* at step 5"):
+    with caplog.at_level(logging.WARNING, logger="jaxhet.train.checkpoints"):
+        store.save(10, _state(11), {"step": 10})
+    store.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "10.superseded", "15.superseded", "5"]
+    assert "a save at step 10 supersedes it" in caplog.text
+    step, state, _ = CheckpointStore(tmp_path, keep=5).restore_latest(ABSTRACT)
+    assert step == 10 and float(state["w"][0]) == 11
+
+
+def test_a_save_orbax_declines_is_an_error(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path, keep=5)
+    monkeypatch.setattr(store._manager, "save", lambda *args, **kwargs: False)  # as Orbax answers a skipped save
+    with pytest.raises(CheckpointError, match=f"did not save step 5 in {tmp_path}"):
         store.save(5, _state(5), {"step": 5})
     store.close()
 

@@ -5,8 +5,11 @@ continue exactly (step, data-iterator position, PRNG key data, the config it was
 step directory atomically, so a save interrupted by kill -9 never appears as a checkpoint; one damaged afterwards
 fails to restore and the previous one is used, with a warning, and the damaged one is renamed `<step>.corrupt`
 (kept for inspection, out of Orbax's sight): left in place it would stay "newest", and Orbax would skip every later
-save up to its step. A save Orbax declines, or a write that fails (a full disk), raises `CheckpointError` naming
-the directory; the checkpoints already finalised stay as they were.
+save up to its step. For the same reason a save at step s first renames any checkpoint at step s or later to
+`<step>.superseded`, with a warning: they belong to a run that went further before it was resumed from an earlier
+step (in a multi-process run, steps some processes finalised and others did not). A save Orbax still declines, or
+a write that fails (a full disk), raises `CheckpointError` naming the directory; the checkpoints already finalised
+stay as they were.
 
 A trainer takes the run directory's lock (`lock()`, an advisory `flock` on `.lock` holding its PID, released when
 the process ends however it ends), so a second trainer on the same directory is refused naming the first; readers
@@ -30,6 +33,7 @@ from jaxhet.models import CheckpointError
 
 log = logging.getLogger(__name__)
 CORRUPT_SUFFIX = ".corrupt"
+SUPERSEDED_SUFFIX = ".superseded"
 LOCK_FILE = ".lock"
 
 
@@ -73,16 +77,16 @@ class CheckpointStore:
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Start writing `state` (a pytree of arrays) and `meta` (JSON) for `step`; returns before the write ends.
 
-        CheckpointError if Orbax declines (a checkpoint at this step or a later one exists) or a write fails."""
+        Checkpoints at this step or later are moved aside first; CheckpointError if Orbax declines all the same or a
+        write fails."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         with self._failures_named(f"saving step {step}"):
+            for later in [s for s in self.steps() if s >= step]:
+                self._move_aside(later, SUPERSEDED_SUFFIX, f"a save at step {step} supersedes it")
             saved = self._manager.save(step, args=args)
         self._last_save = step
         if not saved:
-            newest = max(self.steps(), default=None)
-            raise CheckpointError(
-                f"Orbax did not save step {step} in {self.directory}: it already holds a checkpoint at step {newest}"
-            )
+            raise CheckpointError(f"Orbax did not save step {step} in {self.directory} (it holds {self.steps()})")
 
     def wait(self) -> None:
         """Block until the last save is on disk; CheckpointError if its write failed."""
@@ -109,7 +113,7 @@ class CheckpointStore:
             restored = self.restore_step(step, abstract_state)
             if restored is not None:
                 return step, *restored
-            self._move_aside(step)
+            self._move_aside(step, CORRUPT_SUFFIX, "it cannot be restored")
         return None
 
     def restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict] | None:
@@ -130,17 +134,18 @@ class CheckpointStore:
             return None
         return restored["state"], restored["meta"]
 
-    def _move_aside(self, step: int) -> None:
-        """Rename a checkpoint that failed to restore to `<step>.corrupt` (or `.corrupt-2`, ...), with a warning."""
-        damaged = self.directory / str(step)
-        target = damaged.with_name(damaged.name + CORRUPT_SUFFIX)
+    def _move_aside(self, step: int, suffix: str, why: str) -> None:
+        """Rename the checkpoint of `step` to `<step><suffix>` (or `<suffix>-2`, ...) out of Orbax's sight, with a
+        warning saying `why`."""
+        source = self.directory / str(step)
+        target = source.with_name(source.name + suffix)
         for attempt in itertools.count(2):
             if not target.exists():
                 break
-            target = damaged.with_name(f"{damaged.name}{CORRUPT_SUFFIX}-{attempt}")
-        damaged.rename(target)
+            target = source.with_name(f"{source.name}{suffix}-{attempt}")
+        source.rename(target)
         self._manager.reload()
-        log.warning("moved the damaged checkpoint at step %d in %s to %s", step, self.directory, target.name)
+        log.warning("moved the checkpoint at step %d in %s to %s: %s", step, self.directory, target.name, why)
 
     def close(self) -> None:
         """Finish the last save (CheckpointError if it failed) and release Orbax's resources."""
