@@ -283,11 +283,10 @@ class Engine:
             elif first_admission:
                 self._totals["prompt_tokens"] += len(sequence.prompt)
 
-    def _import(self, sequence: _Sequence) -> bool:
+    def _import(self, sequence: _Sequence) -> None:
         imported, sequence.imported = sequence.imported, None
         self._runner.import_pages(sequence.pages, imported.pages, self._pages_for(imported.cached_tokens))
         sequence.computed = imported.cached_tokens
-        return True
 
     def _guarded(self, sequence: _Sequence, work: Callable[..., _T], *args: Any) -> _T | None:
         """`work(*args)` for one sequence; if it raises, that sequence alone fails (its pages freed, an error
