@@ -4,7 +4,8 @@ Each pipeline stage of each replica is its own program on its own mesh (its devi
 stage's per-shard function runs under `shard_map` with Megatron parameter layouts over `tp` and, with the
 replica's context-parallel degree `cp` > 1, every sequence split into `cp` consecutive slices (keys and values
 gathered across them for attention), traced once per stage shape. Stages pass
-activations forward and their gradients backward by transfers between meshes; JAX's asynchronous dispatch lets
+activations forward and their gradients backward by transfers between meshes; a stage with `recompute`
+rematerialises its blocks in the backward pass; JAX's asynchronous dispatch lets
 stages and replicas of different groups run at the same time. Each replica runs its own number of micro-batches
 of its own size under the plan's schedule (GPipe or 1F1B). Losses are summed per token and divided once by the
 global token weight, so the loss and every gradient equal the single-device mean over the whole batch whatever
@@ -40,8 +41,8 @@ from jax.sharding import PartitionSpec as P
 from meshes.hetmesh import DeviceGroup, HetMesh
 from meshes.schedules import pipeline_steps
 from meshes.staged import Params, StagedModel, StageSpec
-from meshes.transfer import Transfers, everywhere, put_host
-from planners.plan import Replica, TrainPlan
+from meshes.transfer import Transfers, empty_array, everywhere, put_host
+from planners.plan import Replica, Stage, TrainPlan
 
 TP_AXIS = "tp"
 CP_AXIS = "cp"
@@ -58,10 +59,15 @@ class _StageRuntime:
     forward: Any  # (params, hidden, batch) -> (output, vjp_fn)
     backward: Any  # (vjp_fn, cotangent) -> (param_grads, hidden_grad)
 
+    @property
+    def local(self) -> bool:
+        """Whether this process holds any of the stage's devices (elsewhere its programs are not even called)."""
+        return any(d.process_index == jax.process_index() for d in self.group.devices)
 
-def _compile_stage(model: StagedModel, hetmesh: HetMesh, spec: StageSpec, devices, tp: int, cp: int, name: str):
-    group = hetmesh.submesh(devices, ((CP_AXIS, cp), (TP_AXIS, tp)), name=name)
-    program = model.stage_program(spec, tp, TP_AXIS, CP_AXIS if cp > 1 else None)
+
+def _compile_stage(model: StagedModel, hetmesh: HetMesh, spec: StageSpec, stage: Stage, cp: int, name: str):
+    group = hetmesh.submesh(stage.devices, ((CP_AXIS, cp), (TP_AXIS, stage.tp)), name=name)
+    program = model.stage_program(spec, stage.tp, TP_AXIS, CP_AXIS if cp > 1 else None, recompute=stage.recompute)
     sequence = P(None, CP_AXIS) if cp > 1 else P()
     sharded = jax.shard_map(
         program.apply,
@@ -103,8 +109,7 @@ class PlanExecutor:
                     model,
                     hetmesh,
                     StageSpec(stage.layers, first=s == 0, last=s == len(replica.stages) - 1),
-                    stage.devices,
-                    stage.tp,
+                    stage,
                     replica.cp,
                     f"replica{r}/stage{s}",
                 )
@@ -159,15 +164,18 @@ class PlanExecutor:
                 hidden = inputs.pop((s, m), None)
                 if hidden is None:
                     hidden = put_host(np.zeros((), np.float32), rt.replicated)
-                out, vjps[(s, m)] = rt.forward(stage_params[s], hidden, stage_batches[s][m])
+                out, vjps[(s, m)] = _forward(rt, stage_params[s], hidden, stage_batches[s][m])
                 if s == last:
                     losses.append(out)
                     cotangents[(s, m)] = put_host(scale, rt.replicated)
                 else:
                     inputs[(s + 1, m)] = move(out, runtimes[s + 1].sequence)
             else:
-                param_grads, hidden_grad = rt.backward(vjps.pop((s, m)), cotangents.pop((s, m)))
-                grads[s] = param_grads if grads[s] is None else jax.tree.map(jnp.add, grads[s], param_grads)
+                param_grads, hidden_grad = _backward(rt, vjps.pop((s, m)), cotangents.pop((s, m)))
+                if grads[s] is None or not rt.local:
+                    grads[s] = param_grads
+                else:
+                    grads[s] = jax.tree.map(jnp.add, grads[s], param_grads)
                 if s > 0:
                     cotangents[(s - 1, m)] = move(hidden_grad, runtimes[s - 1].sequence)
         return losses, grads
@@ -195,3 +203,22 @@ class PlanExecutor:
                 stage_owners = self.model.stage_params(owners, rt.spec)
                 self.model.add_stage_grads(total_grads, self.transfers.tree(stage_grads, stage_owners), rt.spec)
         return self.transfers.sum_scalars(losses, self.scalars) / total_weight, total_grads
+
+
+def _forward(rt: _StageRuntime, params, hidden, batch):
+    """The stage's forward where this process holds its devices; elsewhere only the output's global handle (and
+    what the backward placeholder needs), so a process never compiles programs it does not run."""
+    if rt.local:
+        return rt.forward(params, hidden, batch)
+    out = jax.eval_shape(rt.forward, params, hidden, batch)[0]
+    sharding = rt.replicated if rt.spec.last else rt.sequence
+    return empty_array(out.shape, out.dtype, sharding), (params, hidden)
+
+
+def _backward(rt: _StageRuntime, vjp_fn, cotangent):
+    """The stage's backward, or (elsewhere) global handles of its gradients, shaped like its inputs."""
+    if rt.local:
+        return rt.backward(vjp_fn, cotangent)
+    params, hidden = vjp_fn
+    grads = jax.tree.map(lambda p, sh: empty_array(p.shape, p.dtype, sh), params, rt.param_shardings)
+    return grads, empty_array(hidden.shape, hidden.dtype, rt.sequence if not rt.spec.first else rt.replicated)

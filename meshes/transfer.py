@@ -87,7 +87,7 @@ def restrict(x: jax.Array, sharding: Sharding) -> jax.Array:
     """A replicated array seen on a subset of its devices (`sharding`, replicated over them), without a copy."""
     wanted = {d for d in sharding.device_set if d.process_index == jax.process_index()}
     arrays = [s.data for s in x.addressable_shards if s.device in wanted]
-    missing = wanted - {a.devices().pop() for a in arrays}
+    missing = wanted - {next(iter(a.devices())) for a in arrays}
     if missing:
         raise ValueError(f"array is not on devices {sorted(d.id for d in missing)} that {sharding} needs")
     return jax.make_array_from_single_device_arrays(x.shape, sharding, arrays, dtype=x.dtype)
@@ -146,7 +146,10 @@ class Transfers:
         lanes = math.gcd(len(src), len(dst_devices))
         chunk = -(-max(x.size, 1) // lanes)
         src_wire = NamedSharding(Mesh(np.array(src, dtype=object).reshape(lanes, -1), (LANE, ROW)), P(LANE))
-        wire = self._program(("flatten", x.shape, x.dtype, x.sharding, src_wire), _flatten(lanes, chunk), src_wire)(x)
+        if jax.process_index() in processes_of(src):
+            wire = self._program(("flatten", x.shape, x.dtype, x.sharding, src_wire), _flatten(lanes, chunk), src_wire)(x)
+        else:
+            wire = empty_array((lanes, chunk), x.dtype, src_wire)
         src_heads = src[:: len(src) // lanes]
         dst_heads = dst_devices[:: len(dst_devices) // lanes]
         copied = {s.device: s.data for s in wire.addressable_shards if s.device in dst_heads}
@@ -155,6 +158,8 @@ class Transfers:
         dst_wire = NamedSharding(Mesh(np.array(dst_devices, dtype=object).reshape(lanes, -1), (LANE, ROW)), P(LANE))
         arrays = [_lane_on(copied, dst_heads[i // (len(dst_devices) // lanes)], d) for i, d in enumerate(dst_devices)]
         mine = [a for a, d in zip(arrays, dst_devices, strict=True) if d.process_index == jax.process_index()]
+        if not mine:
+            return empty_array(x.shape, x.dtype, dst)
         received = jax.make_array_from_single_device_arrays((lanes, chunk), dst_wire, mine, dtype=x.dtype)
         unflatten = self._program(("unflatten", x.shape, x.dtype, dst_wire, dst), _unflatten(x.shape), dst)
         return unflatten(received)

@@ -6,13 +6,14 @@ A cluster file (YAML or JSON):
 name: h100x4_l4x4
 nodes:
   - {name: h100, gpu: H100, count: 4}                 # intra-node link defaults to the GPU's NVLink/PCIe
-  - {name: l4, gpu: L4, count: 4, repeat: 1, intra_node_link: {gb_s: 25, latency_us: 8}}
+  - {name: l4, gpu: L4, count: 4, repeat: 1, intra_node_link: {gb_s: 25, latency_us: 8}, process: 1}
 inter_node_link: {gb_s: 12.5, latency_us: 15}          # per GPU, per direction (100 Gb/s Ethernet here)
 gpus: {MyGPU: {tflops: 100, memory_gb: 32, memory_bw_gb_s: 900, price_per_hour: 1, nvlink_gb_s: 25}}
 profiles: {L4: {compute_efficiency: 0.45}}              # calibrated figures override the catalog
 ```
 
-`repeat: N` expands one entry into N identical nodes (named `name-0 .. name-N-1`). `devices` is the flat device
+`process: K` names the multi-controller process that runs a node (default: its position, so node i runs on process
+i; several nodes may share one). `repeat: N` expands one entry into N identical nodes (named `name-0 .. name-N-1`). `devices` is the flat device
 list plans refer to: node by node in file order, GPUs in order inside each node.
 """
 

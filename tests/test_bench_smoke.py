@@ -94,3 +94,13 @@ def test_attention_benchmark_runs(tmp_path):
     assert sparse[0]["fwd_vs_dense"] > 0 and sparse[0]["fwd_vs_ideal"] > 0
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in report["rows"])
     assert "pallas flash" in result.stdout
+
+
+def test_hspmd_multiprocess_benchmark_runs(tmp_path):
+    """The same plan as 1 and as 2 real processes; bytes across processes are counted and compared."""
+    result = _run_bench("hspmd_multiprocess.py", "--smoke", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (path,) = tmp_path.glob("hspmd_multiprocess_*_smoke_*.json")
+    record = json.loads(path.read_text())
+    assert record["one_process_step_s"] > 0 and record["two_process_step_s"] > 0
+    assert record["bytes_between_processes_per_step"] > 0 and record["cost_model_bytes_per_step"] > 0

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from jaxhet.cli.errors import user_errors
+from jaxhet.cli.launch import Coordinator, NumProcesses, ProcessId, join
 from planners.measured import MeasuredProfile
 
 
@@ -48,17 +49,27 @@ def profile(
     kind: Annotated[
         str | None, typer.Option(help="GPU kind the figures are for (default: from the device's name).")
     ] = None,
+    coordinator: Coordinator = None,
+    num_processes: NumProcesses = None,
+    process_id: ProcessId = None,
 ) -> None:
     """Measure this machine's devices (matmul and attention throughput, memory, host and collective bandwidth,
     timed training steps) and write a profile that calibrates the cost model: `jaxhet plan ... --device-profile
-    FILE`, or `planners.MeasuredProfile.load(FILE).apply(cluster)`."""
+    FILE`, or `planners.MeasuredProfile.load(FILE).apply(cluster)`.
+
+    Run on every node of a cluster at once (--coordinator/--num-processes/--process-id, or SLURM / Open MPI):
+    each process measures its own machine's devices and process I > 0 writes OUTPUT with `.processI` before its
+    suffix."""
     import jax
 
     from jaxhet import profiling
 
     console = Console()
     with user_errors():
-        local = jax.devices()[:devices] if devices else jax.devices()
+        runtime = join(None, coordinator, num_processes, process_id)
+        if runtime.process_id:
+            output = output.with_name(f"{output.stem}.process{runtime.process_id}{output.suffix}")
+        local = jax.local_devices()[:devices] if devices else jax.local_devices()
         sizes = profiling.ProfileSizes.preset(scale or profiling.default_scale(local[0]))
         dtypes = dtype or (["float32"] if local[0].platform == "cpu" else ["bfloat16", "float16", "float32"])
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

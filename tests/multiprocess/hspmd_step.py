@@ -82,6 +82,9 @@ def main(process_id: int, num_processes: int, port: int, cases: list[str], out: 
     results = {name: check(cluster, name) for name in cases}
     with open(out, "w") as f:
         json.dump(results, f)
+    import jax
+
+    jax.distributed.shutdown()
 
 
 def check(cluster: ClusterSpec, name: str) -> dict:
@@ -109,8 +112,8 @@ def check(cluster: ClusterSpec, name: str) -> dict:
     }
     loss_sum = llama_loss_sum(model)
     local = jax.local_devices()[0]
-    reference = jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])), device=local)
-    expected_loss, expected_grads = jax.device_get(reference(params, batch))
+    reference = jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
+    expected_loss, expected_grads = jax.device_get(reference(*jax.device_put((params, batch), local)))
 
     executor = PlanExecutor(plan, HetMesh.from_cluster(cluster), StagedLlama(cfg))
     loss, grads = executor.value_and_grad(executor.place(params), batch)

@@ -1,0 +1,112 @@
+"""`jaxhet train` as two real processes on 127.0.0.1 over a plan whose stage edge and replicas cross processes:
+it follows the one-device trajectory, resumes exactly, and a killed process takes the run down with it.
+
+The learning rate is constant (no warm-up, no decay) so that runs of different lengths share one trajectory.
+Tolerance 1e-4 relative: a few optimizer steps amplify the ~1e-7 differences of reordered float32 sums.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.multiprocess.launch import ROOT, environment, free_port, log_text, processes, run, wait_all
+
+CLUSTER = """name: two_nodes
+nodes:
+  - {name: h100, gpu: H100, count: 2}
+  - {name: l4, gpu: L4, count: 2}
+"""
+PLAN = {
+    "num_layers": 2,
+    "global_batch": 4,
+    "seq_len": 32,
+    "device_kinds": ["H100", "H100", "L4", "L4"],
+    "replicas": [
+        {
+            "stages": [
+                {"devices": [0, 1], "kind": "H100", "tp": 2, "layers": [0, 1]},
+                {"devices": [2], "kind": "L4", "tp": 1, "layers": [1, 2]},
+            ],
+            "num_microbatches": 1,
+            "microbatch_size": 2,
+        },
+        {"stages": [{"devices": [3], "kind": "L4", "tp": 1, "layers": [0, 2]}], "num_microbatches": 2, "microbatch_size": 1},
+    ],
+}
+SETTINGS = {
+    "num_layers": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "data.seq_len": 32,
+    "data.batch_size": 4,
+    "data.max_documents": 40,
+    "save_every": 1,
+    "optim.warmup_steps": 0,
+    "optim.min_lr_ratio": 1.0,
+}
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp_train")
+    (root / "cluster.yaml").write_text(CLUSTER)
+    (root / "plan.json").write_text(json.dumps(PLAN))
+    return root
+
+
+def command(files, run_dir, steps: int, *extra: str) -> list[str]:
+    sets = [arg for key, value in {**SETTINGS, "cluster": files / "cluster.yaml"}.items() for arg in ("--set", f"{key}={value}")]
+    return [sys.executable, "-m", "jaxhet", "train", "--steps", str(steps), "--checkpoint-dir", str(run_dir), *sets, *extra]
+
+
+def two_processes(files, run_dir, steps: int, *extra: str) -> list[list[str]]:
+    port = free_port()
+    launch = ["--plan", str(files / "plan.json"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    return [command(files, run_dir, steps, *launch, "--process-id", str(i), *extra) for i in range(2)]
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(files):
+    """The reference: one process, one device, 6 steps."""
+    run_dir = files / "single"
+    subprocess.run(command(files, run_dir, 6, "--plan", "single"), check=True, env=environment(), cwd=ROOT, timeout=480)
+    return losses(run_dir)
+
+
+@pytest.mark.slow
+def test_two_processes_follow_one_device_and_resume_exactly(files, single, tmp_path):
+    run_dir = tmp_path / "run"
+    run(two_processes(files, run_dir, 2), tmp_path / "first", timeout=480)
+    run(two_processes(files, run_dir, 4, "--resume"), tmp_path / "resumed", timeout=480)
+    assert sorted(p.name for p in run_dir.glob("process-*")) == ["process-0", "process-1"]
+    assert not (run_dir / "process-1" / "metrics.jsonl").exists()
+    np.testing.assert_allclose(losses(run_dir), single[:4], rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_and_a_resume_continues_the_trajectory(files, single, tmp_path):
+    run_dir = tmp_path / "run"
+    with processes(two_processes(files, run_dir, 200), tmp_path / "killed") as started:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "metrics.jsonl").is_file() or len(losses(run_dir)) < 2:
+            assert time.monotonic() < deadline, log_text(tmp_path / "killed", 0)[-3000:]
+            assert all(p.poll() is None for p in started), log_text(tmp_path / "killed", 0)[-3000:]
+            time.sleep(0.2)
+        os.kill(started[1].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        survivor = wait_all(started[:1], timeout=60)[0]
+        assert survivor != 0
+        assert time.monotonic() - killed_at < 60
+    run(two_processes(files, run_dir, 6, "--resume"), tmp_path / "resumed", timeout=480)
+    np.testing.assert_allclose(losses(run_dir)[:6], single, rtol=RTOL)
