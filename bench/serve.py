@@ -11,6 +11,7 @@ bytes it must read (weights + KV cache) per second, against a copy measured in t
 
     python bench/serve.py                      # GPU: ~1B Llama-style model, bf16, rates 2/8/32 req/s
     python bench/serve.py --smoke              # any machine: tiny model, a handful of requests
+    python bench/serve.py --soak 600           # any machine: HTTP soak, valid and hostile traffic (serve_soak.py)
 """
 
 from __future__ import annotations
@@ -145,7 +146,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="decode batch of both the engine and the naive loop")
     parser.add_argument("--kv-format", default="bfloat16")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    parser.add_argument("--soak", type=float, metavar="SECONDS", help="instead: the HTTP soak of serve_soak.py")
     args = parser.parse_args()
+    if args.soak is not None:
+        from serve_soak import soak
+
+        soak(args.soak, args.out)
+        return
     if args.smoke:
         args.rates, args.requests, args.prompt_len, args.output_len, args.batch = [20.0], 6, 24, 8, 4
         config = LlamaConfig.tiny(vocab_size=ByteTokenizer.vocab_size, dtype="float32")

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import socket
+import string
+import time
 
 import httpx
 import jax
@@ -12,6 +16,7 @@ import openai
 import pytest
 from fastapi import FastAPI
 from flax import nnx
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 import planners
@@ -26,6 +31,7 @@ from jaxhet.serve import (
     build_deployments,
     create_app,
 )
+from jaxhet.serve.middleware import RequestGuard
 from jaxhet.tokenizers import ByteTokenizer
 
 ENGINE = EngineConfig(max_running=8, page_size=16, num_pages=96, kv_format="float32", max_model_len=192)
@@ -93,7 +99,7 @@ def test_streamed_chat_equals_the_unstreamed_answer(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert streamed.strip() == whole.choices[0].message.content
+    assert streamed == whole.choices[0].message.content
     assert whole.usage.completion_tokens <= 10
 
 
@@ -175,7 +181,7 @@ def test_streamed_chat_with_two_choices_reassembles_each(client):
     for chunk in client.chat.completions.create(stream=True, **request):
         for choice in chunk.choices:
             texts[choice.index] += choice.delta.content or ""
-    assert [t.strip() for t in texts] == [c.message.content for c in whole.choices]
+    assert texts == [c.message.content for c in whole.choices]
 
 
 @pytest.mark.parametrize(("case", "raw", "status", "needle"), MALFORMED, ids=[m[0] for m in MALFORMED])
@@ -232,14 +238,67 @@ def test_metrics_report_latency_histograms_and_request_counts(served, client):
     assert _metric(server.url, "jaxhet_kv_pages_total", model="small") == ENGINE.num_pages
 
 
-def test_api_key_is_required_when_set():
+@pytest.fixture(scope="module")
+def keyed():
+    """A server with an API key and short time limits for request headers (1 s) and bodies (1 s)."""
     deployments = build_deployments({"small": _tiny(1)}, ENGINE)
-    with BackgroundServer(create_app(deployments, ServerConfig(api_key="s3cret"))) as server:
-        assert httpx.get(f"{server.url}/v1/models").status_code == 401
-        ok = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
-        assert [m.id for m in ok.models.list()] == ["small"]
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    app = create_app(deployments, ServerConfig(api_key="s3cret", read_timeout_s=1.0))
+    with BackgroundServer(app, header_timeout_s=1.0) as server:
+        yield server
+
+
+def test_api_key_is_required_when_set(keyed):
+    server = keyed
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    ok = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
+    assert [m.id for m in ok.models.list()] == ["small"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_every_path_but_health_needs_the_key(keyed):
+    server = keyed
+    for path in ("/metrics", "/docs", "/openapi.json", "/v1/models", "/no/such/path"):
+        refused = httpx.get(f"{server.url}{path}", headers={"authorization": "Bearer s3cre"})
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error", path
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        assert httpx.get(f"{server.url}/metrics", headers={"authorization": f"{scheme} s3cret"}).status_code == 200
+    assert httpx.get(f"{server.url}/openapi.json", headers={"authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_a_half_sent_body_gets_a_408_and_half_sent_headers_are_dropped(keyed):
+    server = keyed
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    )
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(head.encode() + b'{"model": "small", ')
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408") and b"within 1 s" in answer
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        assert _read_all(sock) == b""  # closed without an answer
+        assert time.monotonic() - started < 5
+
+
+def test_a_body_nested_100000_deep_gets_a_json_400(keyed):
+    server = keyed
+    body = b'{"model": "small", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    headers = {"authorization": "Bearer s3cret", "content-type": "application/json"}
+    response = httpx.post(f"{server.url}/v1/completions", content=body, headers=headers, timeout=30)
+    assert response.status_code == 400 and "nested more than 32 levels" in response.json()["error"]["message"]
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+        if b"\r\n\r\n" in data and b'"error"' in data:
+            break
+    return data
 
 
 def test_a_plan_with_tensor_parallel_prefill_and_decode_replicas_hands_the_cache_over(served):
@@ -277,3 +336,151 @@ def test_background_server_starts_and_stops_without_a_with_block():
     server.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/ping")
+
+
+def test_a_victim_stream_is_unchanged_while_another_request_sends_a_huge_top_k(served, client):
+    server, _ = served
+    victim = {"model": "large", "prompt": "class Stack:\n", "max_tokens": 40, "temperature": 0}
+    expected = client.completions.create(**victim).choices[0].text
+    poisoned = {"model": "large", "prompt": "x", "max_tokens": 40, "top_k": 2**31, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        with http.stream("POST", "/v1/completions", json={**victim, "stream": True}) as stream:
+            lines = (line for line in stream.iter_lines() if line.startswith("data: "))
+            parts = [json.loads(next(lines)[6:])["choices"][0]["text"]]
+            refused = http.post("/v1/completions", json=poisoned)
+            parts += [json.loads(line[6:])["choices"][0]["text"] for line in lines if line != "data: [DONE]"]
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_k"
+    assert "at most the vocabulary size 259" in refused.json()["error"]["message"]
+    assert "".join(parts) == expected
+
+
+def _hostile_bodies() -> list[tuple[str, str, bytes]]:
+    """(path, label, raw body) of requests a careless or hostile client sends, each to be refused with a 4xx."""
+    base = {"model": "small", "prompt": "a", "max_tokens": 2}
+    chat = {"model": "small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    values = [2**31, 2**63, -(2**63), -1, 0, 2.5, 1e308, -1e308, "7", "", None, [], {}, True, 0.5, 10**30]
+    fields = ["max_tokens", "temperature", "top_p", "top_k", "n", "logprobs", "seed", "stop", "presence_penalty"]
+    cases = [
+        ("/v1/completions", f"{field}={value!r}", json.dumps({**base, field: value}).encode())
+        for field in fields
+        for value in values
+    ]
+    cases += [
+        ("/v1/chat/completions", f"chat {field}={value!r}", json.dumps({**chat, field: value}).encode())
+        for field in ("top_logprobs", "max_completion_tokens", "top_k")
+        for value in values
+    ]
+    unsupported = {
+        "logit_bias": {"50": 100},
+        "stream_options": {"include_usage": True},
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "response_format": {"type": "json_object"},
+        "tool_choice": "auto",
+    }
+    cases += [("/v1/chat/completions", f"{k} set", json.dumps({**chat, k: v}).encode()) for k, v in unsupported.items()]
+    deep = 1500  # past Python's recursion limit, inside the test server's 4096-byte body limit
+    cases += [
+        ("/v1/completions", "lone surrogate in a prompt", b'{"model": "small", "prompt": "a\\ud800b"}'),
+        (
+            "/v1/chat/completions",
+            "lone surrogate in chat",
+            b'{"model": "small", "messages": [{"role": "user", "content": "\\udfff"}]}',
+        ),
+        ("/v1/completions", "lone surrogate in a key", b'{"model": "small", "prompt": "a", "\\ud800": 1}'),
+        ("/v1/completions", "nested 1500 deep", b'{"model": "small", "prompt": ' + b"[" * deep + b"]" * deep + b"}"),
+        ("/v1/completions", "nested 40 deep", b'{"model": "small", "prompt": ' + b"[" * 40 + b"]" * 40 + b"}"),
+        ("/v1/completions", "NaN temperature", b'{"model": "small", "prompt": "a", "temperature": NaN}'),
+        ("/v1/completions", "Infinity top_p", b'{"model": "small", "prompt": "a", "top_p": Infinity}'),
+        ("/v1/completions", "5000-digit seed", b'{"model": "small", "prompt": "a", "seed": ' + b"9" * 5000 + b"}"),
+        ("/v1/completions", "long stop string", json.dumps({**base, "stop": "x" * 300}).encode()),
+        ("/v1/completions", "a list body", b"[1, 2, 3]"),
+        ("/v1/completions", "a null body", b"null"),
+        ("/v1/completions", "an empty body", b""),
+        ("/v1/completions", "prompt of nested lists", json.dumps({**base, "prompt": [[1]]}).encode()),
+        ("/v1/chat/completions", "messages not a list", json.dumps({**chat, "messages": "hi"}).encode()),
+        ("/v1/chat/completions", "content not text", json.dumps({**chat, "messages": [{"role": "user"}]}).encode()),
+        ("/v1/models", "POST to a GET route", b"{}"),
+        ("/v1/../../etc/passwd", "path traversal", b"{}"),
+        ("/v1/completions%00", "NUL in the path", b"{}"),
+    ]
+    return cases
+
+
+def test_hostile_requests_get_json_4xx_and_leave_greedy_output_unchanged(served, client):
+    server, _ = served
+    reference = dict(model="small", prompt="def f(x):\n", max_tokens=12, temperature=0)
+    before = client.completions.create(**reference).choices[0].text
+    statuses: dict[int, int] = {}
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for path, label, raw in _hostile_bodies():
+            response = http.post(path, content=raw, headers={"content-type": "application/json"})
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            assert response.status_code < 500, (label, response.text)
+            if response.status_code >= 400:
+                assert response.json()["error"]["message"], label
+    assert sum(statuses.values()) >= 200 and statuses.get(400, 0) >= 150, statuses
+    assert client.completions.create(**reference).choices[0].text == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("logit_bias", {"50": 100}),
+        ("stream_options", {"include_usage": True}),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("response_format", {"type": "json_object"}),
+    ],
+)
+def test_unimplemented_fields_are_refused_by_name(served, field, value):
+    server, _ = served
+    body = {"model": "small", "messages": [{"role": "user", "content": "hi"}], field: value}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == field
+    assert "not supported" in response.json()["error"]["message"]
+
+
+def test_500_requests_to_random_paths_leave_the_request_series_bounded(served):
+    server, _ = served
+    rng = random.Random(0)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for _ in range(500):
+            path = "/" + "/".join("".join(rng.choices(string.ascii_letters, k=8)) for _ in range(rng.randint(1, 3)))
+            assert http.get(path).status_code == 404
+    series = [key for key in _metrics(server.url) if key[0] == "jaxhet_requests_total"]
+    assert len(series) < 30, series
+    assert _metric(server.url, "jaxhet_requests_total", endpoint="unmatched", status="404") >= 500
+
+
+def test_a_client_leaving_a_non_streamed_request_aborts_it(served):
+    server, _ = served
+    body = json.dumps({"model": "large", "prompt": "while True:\n", "max_tokens": 170, "temperature": 0}).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    generated = _metric(server.url, "jaxhet_generation_tokens_total", model="large")
+    left = _metric(server.url, "jaxhet_requests_total", endpoint="/v1/completions", status="499")
+    with socket.create_connection((server.host, server.port)) as sock:
+        sock.sendall(head.encode() + b"\r\n\r\n" + body)
+        while _metric(server.url, "jaxhet_kv_pages_used", model="large") == 0:
+            time.sleep(0.01)
+    deadline = time.monotonic() + 30
+    while _metric(server.url, "jaxhet_kv_pages_used", model="large") > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _metric(server.url, "jaxhet_kv_pages_used", model="large") == 0
+    assert _metric(server.url, "jaxhet_generation_tokens_total", model="large") - generated < 170
+    assert _metric(server.url, "jaxhet_requests_total", endpoint="/v1/completions", status="499") == left + 1
+
+
+def test_an_exception_a_route_lets_escape_is_a_json_500_counted_under_its_route():
+    counter = Counter("requests", "", ["endpoint", "status"], registry=CollectorRegistry())
+    app = FastAPI()
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    app.add_middleware(RequestGuard, api_key=None, requests=counter, routes=lambda: [r.path for r in app.routes])
+    with BackgroundServer(app) as server:
+        response = httpx.get(f"{server.url}/boom")
+        assert httpx.get(f"{server.url}/health-or-not").status_code == 404
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    assert counter.labels("/boom", "500")._value.get() == 1
+    assert counter.labels("unmatched", "404")._value.get() == 1

@@ -4,6 +4,7 @@ after warm-up."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -61,7 +62,7 @@ def test_preempted_sequences_are_recomputed_without_changing_their_tokens(model,
     # Each sequence grows from one page to four; seven pages cannot hold three of them, so the newest are preempted.
     growing = [p[:15] for p in prompts if len(p) >= 15][:4]
     expected = generate(model, growing, SamplingConfig(max_new_tokens=40), jax.random.key(0))
-    engine = _engine(model, num_pages=7)
+    engine = _engine(model, num_pages=7, max_model_len=112)
     outputs = engine.generate(growing, SamplingParams(max_tokens=40, temperature=0))
     assert [o.token_ids for o in outputs] == expected
     assert engine.stats().preemptions > 0 and engine.stats().kv_pages_used == 0
@@ -135,11 +136,32 @@ def test_abort_frees_pages_and_unknown_ids_are_ignored(model, prompts):
         ([1] * 160, GREEDY, "at most 159"),
         ([1] * 155, GREEDY, "max_tokens"),
         ([300], GREEDY, "[0, 259)"),
+        ([1], SamplingParams(max_tokens=4, top_k=2**31), "top_k must be at most the vocabulary size 259"),
     ],
 )
 def test_requests_that_can_never_be_served_are_refused(model, prompt, params, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         _engine(model).add_request("r", prompt, params)
+
+
+@pytest.mark.parametrize(
+    ("field", "poison", "error"), [("top_k", 2**31, "OverflowError"), ("logprobs", "3", "TypeError")]
+)
+def test_a_request_failing_inside_the_step_fails_alone(model, prompts, solo, field, poison, error):
+    # A value forced in after admission breaks filling the step's inputs (top_k) or taking the sampled token
+    # (logprobs); only the request holding it may fail.
+    poisoned = dataclasses.replace(GREEDY)
+    engine = _engine(model)
+    for i in range(3):
+        engine.add_request(f"victim-{i}", prompts[i], GREEDY)
+    engine.add_request("poisoned", prompts[3], poisoned)
+    object.__setattr__(poisoned, field, poison)
+    final = {}
+    while engine.has_unfinished():
+        final.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert final["poisoned"].finish_reason == "error" and final["poisoned"].error.startswith(error)
+    assert [final[f"victim-{i}"].token_ids for i in range(3)] == solo[:3]
+    assert engine.stats().kv_pages_used == 0 and engine.stats().running == 0
 
 
 def test_duplicate_request_ids_are_refused(model):
@@ -151,16 +173,32 @@ def test_duplicate_request_ids_are_refused(model):
 
 @pytest.mark.parametrize(
     ("fields", "needle"),
-    [({"page_size": 8}, "page_size"), ({"kv_format": "fp8"}, "kv_format"), ({"max_model_len": 100}, "multiple")],
+    [
+        ({"page_size": 8}, "page_size"),
+        ({"kv_format": "fp8"}, "kv_format"),
+        ({"max_model_len": 100}, "multiple"),
+        ({"num_pages": 8, "page_size": 16, "max_model_len": 256}, "num_pages=8 .* max_model_len=256"),
+    ],
 )
 def test_engine_config_names_the_bad_field(fields, needle):
     with pytest.raises(ValueError, match=needle):
         EngineConfig(**fields)
 
 
-@pytest.mark.parametrize(("fields", "needle"), [({"top_p": 0}, "top_p"), ({"logprobs": 21}, "logprobs")])
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"top_p": 0}, "top_p"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"top_k": float("nan")}, "top_k must be an integer"),
+        ({"temperature": float("nan")}, "temperature must be a number in [0, 100]"),
+        ({"top_p": float("inf")}, "top_p must be a number in (0, 1]"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"max_tokens": True}, "max_tokens must be an integer"),
+    ],
+)
 def test_sampling_params_name_the_bad_field(fields, needle):
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
         SamplingParams(**fields)
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 import planners
-from jaxhet.cli.errors import user_errors
+from jaxhet.cli.errors import check_output, user_errors
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -82,6 +82,8 @@ def train(
     """Find the fastest training plan (replicas, pipelines, TP degrees, layer split, batch shares)."""
     console = Console()
     with user_errors():
+        check_output(output, "--output")
+        check_output(png, "--png")
         spec = _cluster(cluster, device_profile)
         model_spec = planners.ModelSpec.resolve(model)
         workload = planners.TrainWorkload(global_batch, seq_len, recompute=not no_recompute)
@@ -157,6 +159,7 @@ def serve(
     after a failure or a workload shift, keeping the running replicas that the new optimum allows."""
     console = Console()
     with user_errors():
+        check_output(output, "--output")
         spec = _cluster(cluster, device_profile)
         models = [planners.ModelSpec.resolve(m) for m in (model or ["llama-2-7b"])]
         goals = {"ttft_slo_s": ttft, "tpot_slo_s": tpot, "budget_per_hour": budget}
@@ -236,6 +239,8 @@ def cascade(
     """Choose routing thresholds and a deployment for a cascade of models (small to large)."""
     console = Console()
     with user_errors():
+        check_output(output, "--output")
+        check_output(png, "--png")
         spec = _cluster(cluster, device_profile)
         models = [planners.ModelSpec.resolve(m) for m in (model or ["llama-3-8b", "llama-3-70b"])]
         quality = (

@@ -68,7 +68,8 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     api_key: Annotated[
-        str | None, typer.Option(envvar="JAXHET_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/.")
+        str | None,
+        typer.Option(envvar="JAXHET_API_KEY", help="Require `Authorization: Bearer KEY` on every path but /health."),
     ] = None,
     kv_format: Annotated[
         str, typer.Option(help="KV cache format: float32, bfloat16, float16, int8, int4.")
@@ -86,6 +87,7 @@ def serve(
         import planners
         from jaxhet.loading import load_model, load_model_dir
         from jaxhet.serve import EngineConfig, ServerConfig, build_cascade, build_deployments, create_app
+        from jaxhet.serve.server import bind, serve_forever
 
         engine_config = EngineConfig(
             max_running=max_running,
@@ -96,6 +98,7 @@ def serve(
         )
         server_config = ServerConfig(api_key=api_key, max_body_bytes=max_body_bytes)
         loaded_plan = _read_plan(plan) if plan is not None else None
+        sock = bind(host, port)  # a busy port or a foreign address is found before the models load
         cascade = isinstance(loaded_plan, planners.CascadePlan)
         sources = _named_sources(checkpoint, model or [], None if cascade else name)
         if isinstance(loaded_plan, planners.ServePlan):
@@ -113,7 +116,6 @@ def serve(
             deployments = build_cascade(loaded, engine_config, loaded_plan, name=name or "cascade")
         else:
             deployments = build_deployments(loaded, engine_config, replicas=replicas, plan=loaded_plan)
-    from jaxhet.serve.server import serve_forever
-
-    console.print(f"serving {', '.join(deployments)} on http://{host}:{port}/v1 (Ctrl-C drains and stops)")
-    serve_forever(create_app(deployments, server_config), host=host, port=port)
+    where = f"http://{host}:{sock.getsockname()[1]}/v1"
+    console.print(f"serving {', '.join(deployments)} on {where} (Ctrl-C drains and stops)")
+    serve_forever(create_app(deployments, server_config), sock)

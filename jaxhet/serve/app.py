@@ -2,8 +2,10 @@
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both streaming over SSE or not), `GET /v1/models`,
 `GET /health`, `GET /metrics` (Prometheus). Every refused request gets a 4xx with an OpenAI-style error body that
-names the problem; request bodies are read with a size limit and parsed here (strict UTF-8, JSON, then the
-pydantic models of `jaxhet.serve.protocol`) so each failure gets its own message.
+names the problem (bodies are read by `jaxhet.serve.body`, so each way one can be wrong gets its own message), and
+a failure inside the server a JSON 500 (`jaxhet.serve.middleware`, which also checks the API key and counts
+responses). A client that leaves before its answer is ready has its generation aborted, streamed or not, so its
+KV pages are freed at once.
 """
 
 from __future__ import annotations
@@ -14,42 +16,43 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jaxhet.serve.async_engine import EngineFailure
+from jaxhet.serve.async_engine import AsyncEngine, EngineFailure
+from jaxhet.serve.body import read_body
 from jaxhet.serve.config import SamplingParams
 from jaxhet.serve.deployment import CascadeDeployment, ModelDeployment
 from jaxhet.serve.engine import RequestOutput
 from jaxhet.serve.metrics import CONTENT_TYPE, ServerMetrics
-from jaxhet.serve.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    chat_prompt,
-    validation_error,
-)
+from jaxhet.serve.middleware import RequestGuard
+from jaxhet.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, chat_prompt
 
 Deployment = ModelDeployment | CascadeDeployment
 CHAT_STOP = ("\n\nUser:", "\n\nSystem:")
+CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection first
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
-    """HTTP-level settings: an optional bearer key, the largest accepted body, the default completion length."""
+    """HTTP-level settings: an optional bearer key, the largest accepted body, how long a body may take to arrive,
+    the default completion length."""
 
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    read_timeout_s: float = 30.0
     default_max_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if not self.read_timeout_s > 0:
+            raise ValueError(f"read_timeout_s must be > 0, got {self.read_timeout_s}")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be at least 1, got {self.default_max_tokens}")
 
@@ -78,8 +81,8 @@ class _Generation:
     first_token: float | None = None
 
 
-def _engines_of(deployments: Mapping[str, Deployment]) -> dict[str, list]:
-    engines: dict[str, list] = {}
+def _engines_of(deployments: Mapping[str, Deployment]) -> dict[str, list[AsyncEngine]]:
+    engines: dict[str, list[AsyncEngine]] = {}
     for deployment in deployments.values():
         for model in deployment.stages if isinstance(deployment, CascadeDeployment) else [deployment]:
             engines[model.name] = model.engines
@@ -90,7 +93,6 @@ def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = Ser
     """The app serving `deployments` (served name -> deployment); closes their engines on shutdown."""
     engines = _engines_of(deployments)
     metrics = ServerMetrics(engines, [d for d in deployments.values() if isinstance(d, CascadeDeployment)])
-    created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -100,91 +102,109 @@ def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = Ser
                 await engine.close()
 
     app = FastAPI(title="jaxhet", lifespan=lifespan)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    routes = lambda: [route.path for route in app.routes]
+    app.add_middleware(RequestGuard, api_key=config.api_key, requests=metrics.requests, routes=routes)
+    api = _Api(deployments, config, metrics)
+    app.get("/health")(_health)
+    app.get("/metrics")(lambda: Response(metrics.render(), media_type=CONTENT_TYPE))
+    app.get("/v1/models")(api.models)
+    app.post("/v1/completions")(api.completions)
+    app.post("/v1/chat/completions")(api.chat_completions)
+    return app
 
-    def _refuse(request: Request, err: APIError) -> JSONResponse:
-        metrics.requests.labels(request.url.path, str(err.status)).inc()
-        return JSONResponse(err.body(), status_code=err.status)
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, err: APIError) -> JSONResponse:
-        return _refuse(request, err)
+async def _health() -> dict[str, str]:
+    return {"status": "ok"}
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _refuse(request, APIError(err.status_code, str(err.detail)))
 
-    @app.middleware("http")
-    async def _authorise(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {config.api_key}":
-                err = APIError(
-                    401, "missing or invalid API key (Authorization: Bearer ...)", kind="authentication_error"
-                )
-                return _refuse(request, err)
-        return await call_next(request)
+async def _api_error(_: Request, err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "jaxhet"} for name in deployments]
+
+class _Api:
+    """The model endpoints over `deployments`."""
+
+    def __init__(self, deployments: Mapping[str, Deployment], config: ServerConfig, metrics: ServerMetrics):
+        self.deployments = deployments
+        self.config = config
+        self.metrics = metrics
+        self.created = int(time.time())
+
+    async def models(self) -> dict[str, Any]:
+        data = [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "jaxhet"} for name in self.deployments
+        ]
         return {"object": "list", "data": data}
 
-    async def _body(request: Request, model: type[BaseModel]) -> Any:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
-            raise APIError(413, f"the request body is larger than {config.max_body_bytes} bytes")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > config.max_body_bytes:
-                raise APIError(413, f"the request body is larger than {config.max_body_bytes} bytes")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise APIError(400, f"the request body is not valid UTF-8 (byte {err.start})") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise APIError(400, f"the request body is not valid JSON: {err.msg} (line {err.lineno})") from None
-        try:
-            return model.model_validate(data)
-        except ValidationError as err:
-            raise validation_error(err) from None
+    async def completions(self, request: Request):
+        body = await self._body(request, CompletionRequest)
+        deployment = self._deployment(body.model)
+        ids = _prompt_ids(deployment, body.prompt)
+        max_tokens = body.max_tokens or self.config.default_max_tokens
+        params = _sampling(body, max_tokens, stop=body.stop_strings(), logprobs=body.logprobs)
 
-    def _deployment(name: str) -> Deployment:
-        if name not in deployments:
-            raise APIError(404, f"model {name!r} does not exist; served models: {sorted(deployments)}", param="model")
-        return deployments[name]
+        def render(generation: _Generation) -> dict[str, Any]:
+            out = generation.output
+            return {
+                "index": generation.index,
+                "text": out.text,
+                "logprobs": _completion_logprobs(deployment, out) if body.logprobs is not None else None,
+                "finish_reason": out.finish_reason,
+            }
 
-    def _prompt_ids(deployment: Deployment, prompt: str | list[int]) -> list[int]:
-        ids = deployment.encode(prompt)
-        vocab = deployment.tokenizer.vocab_size
-        if any(not 0 <= i < vocab for i in ids):
-            raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
-        return ids
+        def render_chunk(generation: _Generation, delta: str, first: bool) -> dict[str, Any] | None:
+            out = generation.output
+            if not delta and not out.finished:
+                return None
+            return {"index": generation.index, "text": delta, "logprobs": None, "finish_reason": out.finish_reason}
 
-    def _sampling(request, max_tokens: int, **extra) -> SamplingParams:
-        try:
-            return SamplingParams(
-                max_tokens=max_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                top_k=request.top_k,
-                seed=request.seed,
-                **extra,
-            )
-        except ValueError as err:
-            raise APIError(400, str(err)) from None
+        return await self._complete(request, body, deployment, ids, params, COMPLETION, render, render_chunk)
+
+    async def chat_completions(self, request: Request):
+        body = await self._body(request, ChatCompletionRequest)
+        deployment = self._deployment(body.model)
+        ids = _prompt_ids(deployment, chat_prompt(body.messages))
+        max_tokens = body.requested_max_tokens() or max(1, deployment.max_model_len - len(ids))
+        params = _sampling(
+            body, max_tokens, stop=(*body.stop_strings(), *CHAT_STOP), logprobs=body.requested_logprobs()
+        )
+
+        def render(generation: _Generation) -> dict[str, Any]:
+            out = generation.output
+            return {
+                "index": generation.index,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": _chat_logprobs(deployment, out) if body.logprobs else None,
+                "finish_reason": out.finish_reason,
+            }
+
+        def render_chunk(generation: _Generation, delta: str, first: bool) -> dict[str, Any] | None:
+            out = generation.output
+            if not delta and not out.finished and not first:
+                return None
+            message = {"role": "assistant", "content": delta} if first else {"content": delta}
+            return {"index": generation.index, "delta": message, "logprobs": None, "finish_reason": out.finish_reason}
+
+        return await self._complete(request, body, deployment, ids, params, CHAT, render, render_chunk)
+
+    async def _body(self, request: Request, model):
+        config = self.config
+        return await read_body(request, model, max_bytes=config.max_body_bytes, timeout_s=config.read_timeout_s)
+
+    def _deployment(self, name: str) -> Deployment:
+        if name not in self.deployments:
+            served = sorted(self.deployments)
+            raise APIError(404, f"model {name!r} does not exist; served models: {served}", param="model")
+        return self.deployments[name]
 
     async def _start(
-        deployment: Deployment, ids: list[int], params: SamplingParams, index: int
+        self, deployment: Deployment, ids: list[int], params: SamplingParams, index: int
     ) -> tuple[_Generation, AsyncIterator[tuple[str, RequestOutput]]]:
         """Submit one choice and wait for its first output, so that a refusal is still a plain 4xx."""
         arrival = time.monotonic()
@@ -192,19 +212,19 @@ def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = Ser
         try:
             served_by, output = await anext(stream)
         except ValueError as err:
-            raise APIError(400, str(err)) from None
+            raise APIError(400, str(err), param=getattr(err, "field", None)) from None
         except EngineFailure as err:
             raise APIError(500, str(err), kind="server_error") from None
         generation = _Generation(index, served_by, output, arrival)
-        _note_progress(generation)
+        self._note_progress(generation)
         return generation, stream
 
-    async def _start_all(deployment: Deployment, ids: list[int], params: SamplingParams, n: int):
+    async def _start_all(self, deployment: Deployment, ids: list[int], params: SamplingParams, n: int):
         """Submit `n` choices together (seeded ones get seeds seed, seed + 1, ...); all start or none does."""
         seeds = [None if params.seed is None else params.seed + i for i in range(n)]
+        choices = [dataclasses.replace(params, seed=seed) for seed in seeds]
         started = await asyncio.gather(
-            *(_start(deployment, ids, dataclasses.replace(params, seed=seed), i) for i, seed in enumerate(seeds)),
-            return_exceptions=True,
+            *(self._start(deployment, ids, choice, i) for i, choice in enumerate(choices)), return_exceptions=True
         )
         failures = [s for s in started if isinstance(s, BaseException)]
         if failures:
@@ -214,40 +234,34 @@ def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = Ser
             raise failures[0]
         return started
 
-    def _note_progress(generation: _Generation) -> None:
+    def _note_progress(self, generation: _Generation) -> None:
         now = time.monotonic()
         if generation.first_token is None and generation.output.token_ids:
             generation.first_token = now
         if generation.output.finished:
             tokens = len(generation.output.token_ids)
-            metrics.observe_request(
-                generation.served_by, generation.arrival, generation.first_token or now, now, tokens
-            )
+            first_token = generation.first_token or now
+            self.metrics.observe_request(generation.served_by, generation.arrival, first_token, now, tokens)
 
-    async def _follow(generation: _Generation, stream) -> AsyncIterator[_Generation]:
+    async def _follow(self, generation: _Generation, stream) -> AsyncIterator[_Generation]:
         """Yield the generation after each new output, finishing the stream (or aborting it if left early)."""
         async with contextlib.aclosing(stream):
             yield generation
             async for served_by, output in stream:
                 generation.served_by, generation.output = served_by, output
-                _note_progress(generation)
+                self._note_progress(generation)
                 yield generation
 
     async def _complete(
-        http: Request, request, deployment: Deployment, ids, params, endpoint: _Endpoint, render, render_chunk
+        self, http: Request, request, deployment: Deployment, ids, params, endpoint: _Endpoint, render, render_chunk
     ):
         """Answer with `request.n` choices, whole (`render` each) or streamed as SSE chunks (`render_chunk`)."""
-        started = await _start_all(deployment, ids, params, request.n)
-        followers = [_follow(generation, stream) for generation, stream in started]
+        started = await _unless_client_leaves(http, self._start_all(deployment, ids, params, request.n))
+        followers = [self._follow(generation, stream) for generation, stream in started]
         generations = [generation for generation, _ in started]
         response_id = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"
         if not request.stream:
-            try:
-                async for _ in _merged(followers):
-                    pass
-            except EngineFailure as err:
-                raise APIError(500, str(err), kind="server_error") from None
-            metrics.requests.labels(http.url.path, "200").inc()
+            await _unless_client_leaves(http, _finish(followers))
             completion = sum(len(g.output.token_ids) for g in generations)
             usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
             choices = [render(g) for g in generations]
@@ -268,63 +282,61 @@ def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = Ser
                 yield f"data: {json.dumps(APIError(500, str(err), kind='server_error').body())}\n\n"
             yield "data: [DONE]\n\n"
 
-        metrics.requests.labels(http.url.path, "200").inc()
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await _body(request, CompletionRequest)
-        deployment = _deployment(body.model)
-        ids = _prompt_ids(deployment, body.prompt)
-        max_tokens = body.max_tokens or config.default_max_tokens
-        params = _sampling(body, max_tokens, stop=body.stop_strings(), logprobs=body.logprobs)
 
-        def render(generation: _Generation) -> dict[str, Any]:
-            out = generation.output
-            return {
-                "index": generation.index,
-                "text": out.text,
-                "logprobs": _completion_logprobs(deployment, out) if body.logprobs is not None else None,
-                "finish_reason": out.finish_reason,
-            }
+def _prompt_ids(deployment: Deployment, prompt: str | list[int]) -> list[int]:
+    ids = deployment.encode(prompt)
+    vocab = deployment.tokenizer.vocab_size
+    if any(not 0 <= i < vocab for i in ids):
+        raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
+    return ids
 
-        def render_chunk(generation: _Generation, delta: str, first: bool) -> dict[str, Any] | None:
-            out = generation.output
-            if not delta and not out.finished:
-                return None
-            return {"index": generation.index, "text": delta, "logprobs": None, "finish_reason": out.finish_reason}
 
-        return await _complete(request, body, deployment, ids, params, COMPLETION, render, render_chunk)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await _body(request, ChatCompletionRequest)
-        deployment = _deployment(body.model)
-        ids = _prompt_ids(deployment, chat_prompt(body.messages))
-        max_tokens = body.requested_max_tokens() or max(1, deployment.max_model_len - len(ids))
-        params = _sampling(
-            body, max_tokens, stop=(*body.stop_strings(), *CHAT_STOP), logprobs=body.requested_logprobs()
+def _sampling(request, max_tokens: int, **extra) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            **extra,
         )
+    except ValueError as err:
+        raise APIError(400, str(err), param=getattr(err, "field", None)) from None
 
-        def render(generation: _Generation) -> dict[str, Any]:
-            out = generation.output
-            return {
-                "index": generation.index,
-                "message": {"role": "assistant", "content": out.text.strip()},
-                "logprobs": _chat_logprobs(deployment, out) if body.logprobs else None,
-                "finish_reason": out.finish_reason,
-            }
 
-        def render_chunk(generation: _Generation, delta: str, first: bool) -> dict[str, Any] | None:
-            out = generation.output
-            if not delta and not out.finished and not first:
-                return None
-            message = {"role": "assistant", "content": delta} if first else {"content": delta}
-            return {"index": generation.index, "delta": message, "logprobs": None, "finish_reason": out.finish_reason}
+async def _finish(followers: list[AsyncIterator[_Generation]]) -> None:
+    """Run every choice to its end; a failure inside the engine is this request's 500."""
+    try:
+        async for _ in _merged(followers):
+            pass
+    except EngineFailure as err:
+        raise APIError(500, str(err), kind="server_error") from None
 
-        return await _complete(request, body, deployment, ids, params, CHAT, render, render_chunk)
 
-    return app
+async def _unless_client_leaves(http: Request, work: Awaitable[_T]) -> _T:
+    """The result of `work`, unless the client disconnects first: then `work` is cancelled (which aborts the
+    generations it holds and frees their pages) and the request ends with status 499."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(http.receive))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise APIError(CLIENT_GONE, "the client closed the connection before the answer was ready")
+    return task.result()
+
+
+async def _disconnected(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    """Return once the client has disconnected (the body has already been read, so nothing else arrives)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _envelope(response_id: str, kind: str, model: str, choices: list[dict], **extra: Any) -> dict[str, Any]:

@@ -37,7 +37,8 @@ class EngineSnapshot:
 
 
 class EngineFailure(RuntimeError):
-    """The engine failed while stepping; the requests it held are aborted and the engine goes on serving."""
+    """A request failed inside the engine: on its own (its neighbours step on), or with its whole batch when the
+    step itself failed (the requests it held are aborted); either way the engine goes on serving."""
 
 
 class _Sink:
@@ -172,7 +173,7 @@ class AsyncEngine:
             return
         if output.finished:
             del self._sinks[output.request_id]
-        sink.put(output)
+        sink.put(EngineFailure(f"{self.name}: request failed: {output.error}") if output.error else output)
 
     def _publish(self, new_tokens: int) -> None:
         second = int(time.monotonic())

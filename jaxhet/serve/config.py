@@ -1,12 +1,13 @@
 """Plain-data settings of the serving engine (`EngineConfig`) and of one request (`SamplingParams`).
 
-Both validate on construction and raise `ValueError` naming the field and what it accepts, so the CLI and the HTTP
-layer can hand the message to the user as it is.
+Both validate on construction and raise `FieldError` (a `ValueError`) naming the field and what it accepts, so the
+CLI and the HTTP layer can hand the message to the user as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import pallas_kernels as pk
 
@@ -14,9 +15,31 @@ PAGE_SIZES = (16, 32, 64)
 MAX_TOP_LOGPROBS = 20
 
 
+class FieldError(ValueError):
+    """A refused value; `field` names the setting or request field it concerns, for an HTTP error's `param`."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _integer(name: str, value: object) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise FieldError(name, f"{name} must be an integer, got {value!r}")
+
+
 def _at_least(name: str, value: int, low: int) -> None:
+    _integer(name, value)
     if value < low:
-        raise ValueError(f"{name} must be at least {low}, got {value}")
+        raise FieldError(name, f"{name} must be at least {low}, got {value}")
+
+
+def _between(name: str, value: float, low: float, high: float, *, open_low: bool = False) -> None:
+    """`value` a real number in [low, high] (or (low, high] with `open_low`); NaN and infinities fail."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not real or not (low < value if open_low else low <= value) or not value <= high:
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+        raise FieldError(name, f"{name} must be a number in {interval}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,15 +63,22 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _at_least("max_running", self.max_running, 1)
         if self.page_size not in PAGE_SIZES:
-            raise ValueError(f"page_size must be one of {list(PAGE_SIZES)}, got {self.page_size}")
+            raise FieldError("page_size", f"page_size must be one of {list(PAGE_SIZES)}, got {self.page_size}")
         _at_least("num_pages", self.num_pages, 1)
         if self.kv_format not in pk.KV_FORMATS:
-            raise ValueError(f"kv_format must be one of {list(pk.KV_FORMATS)}, got {self.kv_format!r}")
+            raise FieldError("kv_format", f"kv_format must be one of {list(pk.KV_FORMATS)}, got {self.kv_format!r}")
         _at_least("max_model_len", self.max_model_len, 2)
         if self.max_model_len % self.page_size:
-            size = self.page_size
-            raise ValueError(f"max_model_len must be a multiple of page_size={size}, got {self.max_model_len}")
+            message = f"max_model_len must be a multiple of page_size={self.page_size}, got {self.max_model_len}"
+            raise FieldError("max_model_len", message)
         _at_least("prefill_chunk", self.prefill_chunk, 8)
+        if self.num_pages * self.page_size < self.max_model_len:
+            raise FieldError(
+                "num_pages",
+                f"num_pages={self.num_pages} pages of page_size={self.page_size} tokens hold "
+                f"{self.num_pages * self.page_size} tokens, fewer than one sequence of max_model_len="
+                f"{self.max_model_len}; raise num_pages to at least {self.pages_per_sequence} or lower max_model_len",
+            )
 
     @property
     def pages_per_sequence(self) -> int:
@@ -74,12 +104,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         _at_least("max_tokens", self.max_tokens, 1)
-        if not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature must be between 0 and 100, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _between("temperature", self.temperature, 0, 100)
+        _between("top_p", self.top_p, 0, 1, open_low=True)
         _at_least("top_k", self.top_k, 0)
+        if self.seed is not None:
+            _integer("seed", self.seed)
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must hold non-empty strings, got {list(self.stop)!r}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
+            raise FieldError("stop", f"stop must hold non-empty strings, got {list(self.stop)!r}")
+        if self.logprobs is not None:
+            _between("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
+            _integer("logprobs", self.logprobs)

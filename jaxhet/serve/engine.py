@@ -12,6 +12,10 @@ A request can also be split across two engines, prefill on one and decode on ano
 `add_handoff` with the output's `KVHandoff`): the decode engine imports the prompt's cache pages instead of
 recomputing them.
 
+A failure that concerns one request (filling its row of the step's inputs, importing its pages, decoding its
+token) fails that request alone: it ends with `finish_reason="error"` and `error` set, and the rest of the batch
+steps on unchanged. Only a failure of the batched device program itself escapes `step`.
+
 The engine is single-threaded; `AsyncEngine` runs it on its own thread for the HTTP server.
 """
 
@@ -20,20 +24,22 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 
 from jaxhet.models.llama import Llama
-from jaxhet.serve.config import EngineConfig, SamplingParams
+from jaxhet.serve.config import EngineConfig, FieldError, SamplingParams
 from jaxhet.serve.detokenize import TextStream
 from jaxhet.serve.paged_cache import LayerPool, PageAllocator
 from jaxhet.serve.runner import ModelRunner, StepInputs, StepOutputs
 from jaxhet.tokenizers import Tokenizer
 
 _SEED_RANGE = 2**31
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +63,8 @@ class RequestOutput:
     """Everything one request has produced so far; `text` only ever grows between outputs of one request.
 
     A request added with `hand_off=True` ends after its first token with `finish_reason="handoff"` and `handoff`
-    set, for a decode engine's `add_handoff` to continue it.
+    set, for a decode engine's `add_handoff` to continue it. A request that failed on its own ends with
+    `finish_reason="error"` and `error` saying why.
     """
 
     request_id: str
@@ -69,6 +76,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     handoff: KVHandoff | None = None
+    error: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +144,7 @@ class Engine:
         self._seeds = np.random.default_rng(self.config.seed)
         self._admissions = itertools.count()
         self._totals = collections.Counter()
+        self._failed: list[RequestOutput] = []
 
     def warmup(self) -> None:
         """Compile every step shape, so that no request waits for a compilation."""
@@ -198,10 +207,11 @@ class Engine:
                 f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds this model's "
                 f"context of {limit} tokens"
             )
-        if self._pages_for(len(prompt_token_ids) + 1) > self.config.num_pages:
-            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens, more than the KV cache can ever hold")
         if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if params.top_k > self.vocab_size:
+            vocab = self.vocab_size
+            raise FieldError("top_k", f"top_k must be at most the vocabulary size {vocab} (0: off), got {params.top_k}")
 
     def _enqueue(self, sequence: _Sequence) -> None:
         self._requests[sequence.request_id] = sequence
@@ -231,7 +241,8 @@ class Engine:
         )
 
     def step(self) -> list[RequestOutput]:
-        """Advance every running sequence by one decode token or one prompt chunk; outputs of those that sampled."""
+        """Advance every running sequence by one decode token or one prompt chunk; outputs of those that sampled
+        and of those that failed."""
         self._admit()
         decoding = self._reserve_decode_pages([s for s in self._running if s.pending == 1])
         prefilling = [s for s in self._running if s.pending > 1]
@@ -241,7 +252,8 @@ class Engine:
         if prefilling:
             outputs += self._run_prefill(prefilling)
         self._totals["steps"] += 1
-        return outputs
+        failed, self._failed = self._failed, []
+        return failed + outputs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
         """Run `prompts` to completion together and return their final outputs in order."""
@@ -262,15 +274,41 @@ class Engine:
             needed = self._pages_for(len(sequence.tokens))
             if self._allocator.num_free - needed < len(self._running):
                 return
+            first_admission = sequence.admitted < 0
             sequence.pages = self._allocator.allocate(needed)
-            if sequence.imported is not None:
-                imported, sequence.imported = sequence.imported, None
-                self._runner.import_pages(sequence.pages, imported.pages, self._pages_for(imported.cached_tokens))
-                sequence.computed = imported.cached_tokens
-            elif sequence.admitted < 0:
-                self._totals["prompt_tokens"] += len(sequence.prompt)
             sequence.admitted = next(self._admissions)
             self._running.append(self._waiting.popleft())
+            if sequence.imported is not None:
+                self._guarded(sequence, self._import, sequence)
+            elif first_admission:
+                self._totals["prompt_tokens"] += len(sequence.prompt)
+
+    def _import(self, sequence: _Sequence) -> None:
+        imported, sequence.imported = sequence.imported, None
+        self._runner.import_pages(sequence.pages, imported.pages, self._pages_for(imported.cached_tokens))
+        sequence.computed = imported.cached_tokens
+
+    def _guarded(self, sequence: _Sequence, work: Callable[..., _T], *args: Any) -> _T | None:
+        """`work(*args)` for one sequence; if it raises, that sequence alone fails (its pages freed, an error
+        output queued for this step) and None is returned."""
+        try:
+            return work(*args)
+        except Exception as err:  # noqa: BLE001 - whatever went wrong concerns this request, not its neighbours
+            self.abort_request(sequence.request_id)
+            self._failed.append(
+                RequestOutput(
+                    request_id=sequence.request_id,
+                    prompt_token_ids=sequence.prompt,
+                    token_ids=list(sequence.generated),
+                    text=sequence.text.text,
+                    logprobs=list(sequence.logprobs),
+                    top_logprobs=None,
+                    finished=True,
+                    finish_reason="error",
+                    error=f"{type(err).__name__}: {err}",
+                )
+            )
+            return None
 
     def _reserve_decode_pages(self, decoding: list[_Sequence]) -> list[_Sequence]:
         """Give each decoding sequence room for its next token, preempting the newest sequences when needed."""
@@ -295,31 +333,31 @@ class Engine:
         self._allocator.free(sequence.pages)
         sequence.pages = []
 
-    def _inputs(self, rows: int, width: int, chunks: list[tuple[_Sequence, int]]) -> StepInputs:
+    def _inputs(
+        self, rows: int, width: int, chunks: list[tuple[_Sequence, int]]
+    ) -> tuple[StepInputs, list[tuple[_Sequence, int]]]:
+        """The step's inputs, one row per chunk in order, and the chunks they hold: a chunk whose row cannot be
+        filled fails its request and leaves the row blank for the next one."""
         inputs = StepInputs.empty(rows, width, self.config.pages_per_sequence)
-        for row, (sequence, size) in enumerate(chunks):
-            params = sequence.params
-            inputs.tokens[row, :size] = sequence.tokens[sequence.computed : sequence.computed + size]
-            inputs.block_tables[row, : len(sequence.pages)] = sequence.pages
-            inputs.lengths[row] = sequence.computed
-            inputs.input_lengths[row] = size
-            inputs.seeds[row] = sequence.seed
-            inputs.counts[row] = len(sequence.generated)
-            inputs.temperature[row] = params.temperature
-            inputs.top_k[row] = params.top_k
-            inputs.top_p[row] = params.top_p
-        return inputs
+        kept: list[tuple[_Sequence, int]] = []
+        for sequence, size in chunks:
+            if self._guarded(sequence, _fill_row, inputs, len(kept), sequence, size):
+                kept.append((sequence, size))
+            else:
+                blank = StepInputs.empty(1, width, self.config.pages_per_sequence)
+                for field in dataclasses.fields(StepInputs):
+                    getattr(inputs, field.name)[len(kept)] = getattr(blank, field.name)[0]
+        return inputs, kept
 
     def _run_decode(self, decoding: list[_Sequence]) -> list[RequestOutput]:
-        chunks = [(sequence, 1) for sequence in decoding]
-        results = self._runner.run(self._inputs(self._runner.decode_rows(len(chunks)), 1, chunks))
-        return self._advance(chunks, results)
+        inputs, chunks = self._inputs(self._runner.decode_rows(len(decoding)), 1, [(s, 1) for s in decoding])
+        return self._advance(chunks, self._runner.run(inputs)) if chunks else []
 
     def _run_prefill(self, prefilling: list[_Sequence]) -> list[RequestOutput]:
         rows, width = self._runner.prefill_shape(len(prefilling))
         chunks = [(sequence, min(sequence.pending, width)) for sequence in prefilling[:rows]]
-        results = self._runner.run(self._inputs(rows, width, chunks))
-        return self._advance(chunks, results)
+        inputs, chunks = self._inputs(rows, width, chunks)
+        return self._advance(chunks, self._runner.run(inputs)) if chunks else []
 
     def _advance(self, chunks: list[tuple[_Sequence, int]], results: StepOutputs) -> list[RequestOutput]:
         """Account for the tokens just cached; rows that reached their last token take the sampled one."""
@@ -327,7 +365,8 @@ class Engine:
         for row, (sequence, size) in enumerate(chunks):
             sequence.computed += size
             if sequence.pending == 0:
-                outputs.append(self._accept(sequence, results, row))
+                output = self._guarded(sequence, self._accept, sequence, results, row)
+                outputs += [output] if output is not None else []
         return outputs
 
     def _accept(self, sequence: _Sequence, results: StepOutputs, row: int) -> RequestOutput:
@@ -378,3 +417,18 @@ class Engine:
             page_size=self.config.page_size,
             kv_format=self.config.kv_format,
         )
+
+
+def _fill_row(inputs: StepInputs, row: int, sequence: _Sequence, size: int) -> bool:
+    """Write `size` of the sequence's pending tokens and its sampling settings into row `row`; True once done."""
+    params = sequence.params
+    inputs.tokens[row, :size] = sequence.tokens[sequence.computed : sequence.computed + size]
+    inputs.block_tables[row, : len(sequence.pages)] = sequence.pages
+    inputs.lengths[row] = sequence.computed
+    inputs.input_lengths[row] = size
+    inputs.seeds[row] = sequence.seed
+    inputs.counts[row] = len(sequence.generated)
+    inputs.temperature[row] = params.temperature
+    inputs.top_k[row] = params.top_k
+    inputs.top_p[row] = params.top_p
+    return True

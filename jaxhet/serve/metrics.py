@@ -76,7 +76,7 @@ class ServerMetrics:
         self.registry.register(_EngineCollector(replicas, cascades))
         self.requests = Counter(
             "jaxhet_requests",
-            "Requests answered, by endpoint and HTTP status.",
+            'Requests answered, by route ("unmatched" for paths no route serves) and HTTP status.',
             ["endpoint", "status"],
             registry=self.registry,
         )

@@ -9,11 +9,23 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_LENGTH = 256
 MAX_LOGPROBS = 20
 MAX_CHOICES = 16
+
+# Fields not implemented here, each with the values that ask for nothing (accepted, like leaving the field out).
+NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "logit_bias": ({},),
+    "stream_options": ({}, {"include_usage": False}),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+}
 
 
 class APIError(Exception):
@@ -28,6 +40,12 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+def _neutral_only(value: Any, info: ValidationInfo) -> Any:
+    if value is not None and value not in NEUTRAL_VALUES[info.field_name]:
+        raise ValueError(f"{info.field_name} is not supported by this server; leave it unset")
+    return value
 
 
 def validation_error(err: ValidationError) -> APIError:
@@ -52,14 +70,22 @@ class _Request(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
     user: str | None = None
+    logit_bias: Any = None
+    stream_options: Any = None
 
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-            raise ValueError(f"at most {MAX_STOP_STRINGS} non-empty stop strings")
+        if len(stops) > MAX_STOP_STRINGS or any(not 0 < len(s) <= MAX_STOP_LENGTH for s in stops):
+            limits = f"at most {MAX_STOP_STRINGS} non-empty stop strings of at most {MAX_STOP_LENGTH} characters"
+            raise ValueError(limits)
         return value
+
+    @field_validator("logit_bias", "stream_options")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(value, info)
 
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -96,6 +122,16 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+
+    @field_validator("tools", "tool_choice", "functions", "function_call", "response_format")
+    @classmethod
+    def _unsupported_in_chat(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(value, info)
 
     def requested_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

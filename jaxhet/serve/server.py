@@ -2,12 +2,16 @@
 and tests, always a uvicorn server listening on a socket.
 
 In the foreground, SIGINT/SIGTERM stop accepting connections, let in-flight requests finish (up to
-`drain_timeout_s`), then close the engines.
+`drain_timeout_s`), then close the engines. A connection must deliver a request's headers within
+`header_timeout_s` of opening (or of its previous response), so half-sent requests cannot pile up; the body's own
+time limit is the app's (`ServerConfig.read_timeout_s`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import signal
 import socket
 import threading
@@ -16,14 +20,63 @@ from collections.abc import Iterator
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+HEADER_TIMEOUT_S = 10.0
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to `host:port`; OSError (a busy port, an address not of this machine) names both."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
     return sock
+
+
+class _HeaderDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose next request's headers do not arrive in time."""
+
+    def __init__(self, *args, header_timeout_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._header_timeout_s = header_timeout_s
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(self._header_timeout_s, self._expire)
+
+    def _expire(self) -> None:
+        waiting_for_headers = self.cycle is None or self.cycle.response_complete
+        if waiting_for_headers and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _config(app: FastAPI, header_timeout_s: float, **options) -> uvicorn.Config:
+    protocol = functools.partial(_HeaderDeadline, header_timeout_s=header_timeout_s)
+    return uvicorn.Config(app, http=protocol, **options)  # type: ignore[arg-type]
 
 
 class _DrainingServer(uvicorn.Server):
@@ -43,10 +96,18 @@ class _DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def serve_forever(app: FastAPI, *, host: str, port: int, drain_timeout_s: float = 60.0, log_level: str = "info"):
-    """Serve until interrupted, draining in-flight requests on the way out."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout_s)
-    _DrainingServer(config).run()
+def serve_forever(
+    app: FastAPI,
+    sock: socket.socket,
+    *,
+    drain_timeout_s: float = 60.0,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    log_level: str = "info",
+) -> None:
+    """Serve on `sock` (from `bind`, so that a busy port is found before any work) until interrupted, draining
+    in-flight requests on the way out."""
+    config = _config(app, header_timeout_s, log_level=log_level, timeout_graceful_shutdown=drain_timeout_s)
+    _DrainingServer(config).run(sockets=[sock])
 
 
 class BackgroundServer:
@@ -56,10 +117,18 @@ class BackgroundServer:
     `server.stop()` do the same.
     """
 
-    def __init__(self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 120.0):
-        self._socket = _bind(host, port)
+    def __init__(
+        self,
+        app: FastAPI,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        startup_timeout_s: float = 120.0,
+        header_timeout_s: float = HEADER_TIMEOUT_S,
+    ):
+        self._socket = bind(host, port)
         self.host, self.port = self._socket.getsockname()[:2]
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30)
+        config = _config(app, header_timeout_s, log_level="warning", timeout_graceful_shutdown=30)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, name="jaxhet-server", daemon=True

@@ -3,18 +3,38 @@
 A checkpoint holds the parameters, the optimizer state and a JSON record of everything else a run needs to
 continue exactly (step, data-iterator position, PRNG key data, the config it was written with). Orbax finalises a
 step directory atomically, so a save interrupted by kill -9 never appears as a checkpoint; one damaged afterwards
-fails to restore and the previous one is used, with a warning.
+fails to restore and the previous one is used, with a warning, and the damaged one is renamed `<step>.corrupt`
+(kept for inspection, out of Orbax's sight): left in place it would stay "newest", and Orbax would skip every later
+save up to its step. For the same reason a save at step s first renames any checkpoint at step s or later to
+`<step>.superseded`, with a warning: they belong to a run that went further before it was resumed from an earlier
+step (in a multi-process run, steps some processes finalised and others did not). A save Orbax still declines, or
+a write that fails (a full disk), raises `CheckpointError` naming the directory; the checkpoints already finalised
+stay as they were.
+
+A trainer takes the run directory's lock (`lock()`, an advisory `flock` on `.lock` holding its PID, released when
+the process ends however it ends), so a second trainer on the same directory is refused naming the first; readers
+(serving, generating) take no lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import itertools
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 
+from jaxhet.models import CheckpointError
+
 log = logging.getLogger(__name__)
+CORRUPT_SUFFIX = ".corrupt"
+SUPERSEDED_SUFFIX = ".superseded"
+LOCK_FILE = ".lock"
 
 
 class CheckpointStore:
@@ -35,25 +55,65 @@ class CheckpointStore:
                 primary_host=process, active_processes={process}, barrier_sync_key_prefix=f"process{process}"
             )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._last_save: int | None = None
+        self._lock: int | None = None
+
+    def lock(self) -> None:
+        """Claim the run directory for this process; CheckpointError naming the PID that holds it already."""
+        descriptor = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+            os.close(descriptor)
+            raise CheckpointError(
+                f"{self.directory} is in use by another trainer (process {holder}); wait for it or choose another "
+                f"checkpoint_dir"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        self._lock = descriptor
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Start writing `state` (a pytree of arrays) and `meta` (JSON) for `step`; returns before the write ends."""
-        self._manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        )
+        """Start writing `state` (a pytree of arrays) and `meta` (JSON) for `step`; returns before the write ends.
+
+        Checkpoints at this step or later are moved aside first; CheckpointError if Orbax declines all the same or a
+        write fails."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        with self._failures_named(f"saving step {step}"):
+            for later in [s for s in self.steps() if s >= step]:
+                self._move_aside(later, SUPERSEDED_SUFFIX, f"a save at step {step} supersedes it")
+            saved = self._manager.save(step, args=args)
+        self._last_save = step
+        if not saved:
+            raise CheckpointError(f"Orbax did not save step {step} in {self.directory} (it holds {self.steps()})")
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until the last save is on disk; CheckpointError if its write failed."""
+        with self._failures_named(f"saving step {self._last_save}"):
+            self._manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _failures_named(self, doing: str) -> Iterator[None]:
+        """Any failure of Orbax's (its writes fail as OSError or as TensorStore's ValueError, which names the file
+        and the OS error) as one CheckpointError naming the run directory."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - every way a write fails is the same failure to the caller
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{doing} in {self.directory} failed: {first_line}") from err
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """The newest checkpoint that restores, as (step, state, meta); None when there is none."""
+        """The newest checkpoint that restores, as (step, state, meta); None when there is none. Each newer one
+        that fails is moved aside, so that saves of its step and below land again."""
         for step in reversed(self.steps()):
             restored = self.restore_step(step, abstract_state)
             if restored is not None:
                 return step, *restored
+            self._move_aside(step, CORRUPT_SUFFIX, "it cannot be restored")
         return None
 
     def restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict] | None:
@@ -66,11 +126,33 @@ class CheckpointStore:
             )
         except Exception as err:  # noqa: BLE001 - any failure to read a checkpoint means: try the previous one
             log.warning(
-                "checkpoint at step %d in %s cannot be restored (%s); trying the previous one", step, self.directory, err
+                "checkpoint at step %d in %s cannot be restored (%s); trying the previous one",
+                step,
+                self.directory,
+                err,
             )
             return None
         return restored["state"], restored["meta"]
 
+    def _move_aside(self, step: int, suffix: str, why: str) -> None:
+        """Rename the checkpoint of `step` to `<step><suffix>` (or `<suffix>-2`, ...) out of Orbax's sight, with a
+        warning saying `why`."""
+        source = self.directory / str(step)
+        target = source.with_name(source.name + suffix)
+        for attempt in itertools.count(2):
+            if not target.exists():
+                break
+            target = source.with_name(f"{source.name}{suffix}-{attempt}")
+        source.rename(target)
+        self._manager.reload()
+        log.warning("moved the checkpoint at step %d in %s to %s: %s", step, self.directory, target.name, why)
+
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Finish the last save (CheckpointError if it failed) and release Orbax's resources."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+            if self._lock is not None:
+                os.close(self._lock)  # closing the descriptor releases the flock
+                self._lock = None

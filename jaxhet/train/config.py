@@ -87,6 +87,7 @@ class TrainConfig:
             raise ConfigError(
                 f"plan must be one of {', '.join(PLAN_CHOICES)} or an existing plan file, got {self.plan!r}"
             )
+        _check_directory_path("checkpoint_dir", Path(self.checkpoint_dir))
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: Mapping[str, str] | None = None) -> TrainConfig:
@@ -96,17 +97,93 @@ class TrainConfig:
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file {path} not found")
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _yaml(path.read_text(), str(path)) or {}
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {path} must hold a mapping of fields")
             values = loaded
         for key, raw in (overrides or {}).items():
-            target = values
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                target = target.setdefault(parent, {})
-            target[leaf] = yaml.safe_load(raw)
+            _override(values, key, _yaml(raw, f"--set {key}"))
         return _build(cls, values, "")
+
+
+def _yaml(text: str, source: str) -> Any:
+    """Parsed YAML; ConfigError naming `source` and, where YAML knows it, the line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+
+
+def _override(values: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted `key` in nested `values`; ConfigError if a part of it is already set to a plain value."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {key}: every part of a dotted key must be non-empty")
+    target = values
+    for depth, parent in enumerate(parts[:-1]):
+        target = target.setdefault(parent, {})
+        if not isinstance(target, dict):
+            prefix = ".".join(parts[: depth + 1])
+            raise ConfigError(f"--set {key} conflicts with {prefix}={target!r}: {prefix} is not a group of fields")
+    if isinstance(target.get(parts[-1]), dict) and not isinstance(value, dict):
+        raise ConfigError(f"--set {key}={value!r} conflicts with the fields already set under {key}")
+    target[parts[-1]] = value
+
+
+def _check_directory_path(name: str, directory: Path) -> None:
+    """ConfigError if `directory` can never be a directory: it, or the nearest part of it that exists, is a file."""
+    existing = directory
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"{name}: {existing} is a file, so {directory} cannot be a directory")
+
+
+# What a checkpoint's arrays and data position are shaped by: a resumed run must keep each as it was saved.
+RESUME_FIXED = (
+    "model",
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "seed",
+    "data.source",
+    "data.tokenizer",
+    "data.seq_len",
+    "data.batch_size",
+    "data.seed",
+    "data.max_documents",
+    "data.validation_fraction",
+)
+
+
+def check_resume(saved: TrainConfig, requested: TrainConfig) -> str | None:
+    """Refuse to resume `saved` (the run directory's config.yaml) as `requested` when a field the checkpoint's
+    shapes or data position depend on changed, naming it (ConfigError); otherwise a note on how a changed `steps`
+    reshapes the learning-rate schedule (None when it does not change)."""
+    for name in RESUME_FIXED:
+        before, after = _dotted(saved, name), _dotted(requested, name)
+        if before != after:
+            raise ConfigError(
+                f"--resume cannot change {name} (the run was saved with {before!r}, now {after!r}); "
+                f"start a new checkpoint_dir instead"
+            )
+    if saved.steps == requested.steps:
+        return None
+    return (
+        f"steps changed from {saved.steps} to {requested.steps}: the cosine learning-rate decay now spans "
+        f"{requested.steps} steps, so from the resumed step on the rate differs from the original schedule"
+    )
+
+
+def _dotted(config: Any, name: str) -> Any:
+    for part in name.split("."):
+        config = getattr(config, part)
+    return config
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:

@@ -1,0 +1,105 @@
+"""User mistakes on the command line: each is one line on stderr and exit status 2, found before any slow work."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jaxhet.models import ConfigError
+from jaxhet.train import TrainConfig
+from jaxhet.train.config import check_resume
+
+JAXHET = shutil.which("jaxhet") or str(Path(sys.executable).parent / "jaxhet")
+
+
+def _run(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    env = {**os.environ, "XLA_FLAGS": ""}
+    result = subprocess.run([JAXHET, *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    return result, time.monotonic() - started
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "needle"),
+    [
+        (None, {"steps": "[1"}, "--set steps:1:3: not valid YAML"),
+        ("bad.yaml", {}, "bad.yaml:2:5: not valid YAML"),
+        (None, {"steps": "5", "steps.x": "1"}, "--set steps.x conflicts with steps=5"),
+        (None, {"data.seq_len": "8", "data": "3"}, "--set data=3 conflicts with the fields already set under data"),
+        (None, {"checkpoint_dir": "a_file/run"}, "checkpoint_dir: a_file is a file"),
+        (None, {"data..seq_len": "3"}, "every part of a dotted key must be non-empty"),
+    ],
+)
+def test_train_config_mistakes_name_the_place(tmp_path, monkeypatch, config, overrides, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("steps: [1\nseed: 2\n")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        TrainConfig.load(config, overrides)
+
+
+def test_train_with_malformed_yaml_is_one_line_and_exit_2(tmp_path):
+    result, _ = _run("train", "--set", "steps=5", "--set", "steps.x=1", cwd=tmp_path)
+    assert "--set steps.x conflicts with steps=5" in _one_line_error(result)
+    (tmp_path / "bad.yaml").write_text("steps: [1\n")
+    result, _ = _run("train", "--config", "bad.yaml", cwd=tmp_path)
+    assert "bad.yaml:2:1: not valid YAML" in _one_line_error(result)
+
+
+def test_plan_output_into_a_missing_folder_is_refused_before_the_solve(tmp_path):
+    result, seconds = _run("plan", "train", "--time-limit", "60", "-o", "nowhere/plan.json", cwd=tmp_path)
+    assert "--output nowhere/plan.json: the folder nowhere does not exist" in _one_line_error(result)
+    assert seconds < 60
+
+
+def test_serve_on_a_busy_port_or_a_foreign_host_is_refused_before_loading(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result, _ = _run("serve", "--port", str(port), cwd=tmp_path)
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in _one_line_error(result)
+    assert "compiling" not in result.stdout
+    result, _ = _run("serve", "--host", "no-such-host.invalid", cwd=tmp_path)
+    assert "cannot listen on no-such-host.invalid:8000" in _one_line_error(result)
+
+
+def test_serve_refuses_a_kv_cache_smaller_than_one_sequence(tmp_path):
+    result, _ = _run("serve", "--num-pages", "8", "--page-size", "16", "--max-model-len", "256", cwd=tmp_path)
+    line = _one_line_error(result)
+    assert "num_pages=8" in line and "max_model_len=256" in line
+
+
+@pytest.mark.parametrize(
+    ("changed", "needle"),
+    [
+        ({"data.seq_len": "64"}, "--resume cannot change data.seq_len (the run was saved with 32, now 64)"),
+        ({"hidden_size": "96"}, "--resume cannot change hidden_size"),
+    ],
+)
+def test_resuming_with_a_changed_shape_is_refused_naming_the_field(changed, needle):
+    saved = TrainConfig.load(None, {"data.seq_len": "32", "hidden_size": "64"})
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        check_resume(saved, TrainConfig.load(None, {"data.seq_len": "32", "hidden_size": "64", **changed}))
+
+
+def test_resuming_with_more_steps_says_how_the_schedule_changes():
+    saved = TrainConfig.load(None, {"steps": "100"})
+    assert check_resume(saved, TrainConfig.load(None, {"steps": "100", "log_every": "5"})) is None
+    note = check_resume(saved, TrainConfig.load(None, {"steps": "300"}))
+    assert "steps changed from 100 to 300" in note and "learning-rate decay now spans 300 steps" in note
