@@ -25,8 +25,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = {"name": "two_nodes", "nodes": [{"name": "n0", "gpu": "H100", "count": 4}, {"name": "n1", "gpu": "L4", "count": 4}]}
-SHAPES = {"full": dict(hidden=256, layers=4, seq=128, microbatch=2), "smoke": dict(hidden=32, layers=2, seq=16, microbatch=1)}
+CLUSTER = {
+    "name": "two_nodes",
+    "nodes": [{"name": "n0", "gpu": "H100", "count": 4}, {"name": "n1", "gpu": "L4", "count": 4}],
+}
+SHAPES = {
+    "full": dict(hidden=256, layers=4, seq=128, microbatch=2),
+    "smoke": dict(hidden=32, layers=2, seq=16, microbatch=1),
+}
 FLOAT32_BYTES = 4
 
 
@@ -49,7 +55,11 @@ def build(shape: dict):
     kinds = tuple(d.kind for d in cluster.devices)
     half = shape["layers"] // 2
     replicas = (
-        Replica((Stage((0, 1, 2, 3), "H100", 4, (0, half)), Stage((4, 5), "L4", 2, (half, shape["layers"]))), 2, shape["microbatch"]),
+        Replica(
+            (Stage((0, 1, 2, 3), "H100", 4, (0, half)), Stage((4, 5), "L4", 2, (half, shape["layers"]))),
+            2,
+            shape["microbatch"],
+        ),
         Replica((Stage((6,), "L4", 1, (0, shape["layers"])),), 1, shape["microbatch"]),
         Replica((Stage((7,), "L4", 1, (0, shape["layers"])),), 1, shape["microbatch"]),
     )
@@ -69,14 +79,20 @@ def cost_model_bytes(config, cluster, plan) -> float:
     from planners.cost_model import GRAD_BYTES_PER_PARAM, TrainCosts
 
     spec = planners.ModelSpec(
-        "bench", config.vocab_size, config.hidden_size, config.intermediate_size, config.num_layers,
-        config.num_heads, config.num_kv_heads, tied_embeddings=config.tie_word_embeddings,
+        "bench",
+        config.vocab_size,
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_layers,
+        config.num_heads,
+        config.num_kv_heads,
+        tied_embeddings=config.tie_word_embeddings,
     )
     costs = TrainCosts(cluster, spec, plan.seq_len)
     node_of = [d.node for d in cluster.devices]
     edges = 0.0
     for replica in plan.replicas:
-        for a, b in zip(replica.stages, replica.stages[1:]):
+        for a, b in zip(replica.stages, replica.stages[1:], strict=False):
             if node_of[a.devices[0]] != node_of[b.devices[0]]:
                 activation = FLOAT32_BYTES * replica.microbatch_size * plan.seq_len * config.hidden_size
                 edges += 2 * activation * replica.num_microbatches
@@ -104,7 +120,11 @@ def worker(process_id: int, num_processes: int, port: int, out: Path, shape: dic
     params = executor.place(jax.device_get(llama_params(Llama(config, rngs=nnx.Rngs(0)))))
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, (plan.global_batch, plan.seq_len + 1))
-    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "weights": np.ones((plan.global_batch, plan.seq_len), np.float32)}
+    batch = {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "weights": np.ones((plan.global_batch, plan.seq_len), np.float32),
+    }
     times = []
     for step in range(2 + steps):
         if step == 2:
@@ -139,7 +159,18 @@ def launch(num_processes: int, shape_name: str, steps: int, scratch: Path) -> li
     args = ["--smoke"] if shape_name == "smoke" else []
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, *args, "--steps", str(steps), "--worker", str(i), str(num_processes), str(port), str(outs[i])],
+            [
+                sys.executable,
+                __file__,
+                *args,
+                "--steps",
+                str(steps),
+                "--worker",
+                str(i),
+                str(num_processes),
+                str(port),
+                str(outs[i]),
+            ],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -188,8 +219,10 @@ def main() -> None:
     print(f"{'variant':<28}{'step (s)':>12}")
     print(f"{'1 process, 8 devices':<28}{one['step_s']:>12.4f}")
     print(f"{'2 processes, 4 devices each':<28}{two[0]['step_s']:>12.4f}   ratio {report['ratio_two_over_one']:.2f}")
-    print(f"bytes across processes per step: {moved:,.0f} moved, {report['cost_model_bytes_per_step']:,.0f} charged "
-          f"by the cost model ({report['moved_over_charged']:.2f}x)")
+    print(
+        f"bytes across processes per step: {moved:,.0f} moved, {report['cost_model_bytes_per_step']:,.0f} charged "
+        f"by the cost model ({report['moved_over_charged']:.2f}x)"
+    )
     record.save(report, args.out, smoke=args.smoke)
 
 

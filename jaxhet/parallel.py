@@ -150,7 +150,9 @@ class StagedLlama:
         """Add one stage's gradients into a whole-model gradient dict (tied embeddings collect from both ends),
         leaf by leaf with `add`."""
         for local, layer_grads in grads["layers"].items():
-            total["layers"][spec.layers[0] + local] = jax.tree.map(add, total["layers"][spec.layers[0] + local], layer_grads)
+            total["layers"][spec.layers[0] + local] = jax.tree.map(
+                add, total["layers"][spec.layers[0] + local], layer_grads
+            )
         for name in ("embed_tokens", "norm", "lm_head"):
             if name in grads:
                 total[name] = jax.tree.map(add, total[name], grads[name])

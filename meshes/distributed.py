@@ -50,7 +50,9 @@ class Launch:
         }
         if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
             missing = [k for k, v in given.items() if v is None]
-            raise LaunchError(f"a multi-process launch needs --coordinator, --num-processes and --process-id; missing {missing}")
+            raise LaunchError(
+                f"a multi-process launch needs --coordinator, --num-processes and --process-id; missing {missing}"
+            )
         if self.coordinator is not None and not re.fullmatch(r"[^:\s]+:\d+", self.coordinator):
             raise LaunchError(f"--coordinator must be HOST:PORT, got {self.coordinator!r}")
         if self.num_processes is not None and self.num_processes < 1:
@@ -96,7 +98,9 @@ def node_processes(cluster: ClusterSpec, num_processes: int) -> tuple[int, ...]:
         process = i if node.process is None else node.process
         if not 0 <= process < num_processes:
             where = f"nodes[{i}].process" if node.process is not None else f"nodes[{i}] (node i runs on process i)"
-            raise LaunchError(f"{where} is {process}, but the run has {num_processes} processes (0..{num_processes - 1})")
+            raise LaunchError(
+                f"{where} is {process}, but the run has {num_processes} processes (0..{num_processes - 1})"
+            )
         out.append(process)
     idle = sorted(set(range(num_processes)) - set(out))
     if idle:
@@ -155,7 +159,9 @@ def check_local_devices(cluster: ClusterSpec, expected: Sequence[int], local: Se
     kinds = [cluster.devices[i].kind for i in expected]
     for device, kind in zip(local, kinds, strict=True):
         if device.platform == "gpu" and _normalise(kind) not in _normalise(device.device_kind):
-            raise LaunchError(f"process {process}: device {device.id} is a {device.device_kind!r}, the cluster says {kind}")
+            raise LaunchError(
+                f"process {process}: device {device.id} is a {device.device_kind!r}, the cluster says {kind}"
+            )
 
 
 def _normalise(name: str) -> str:

@@ -150,8 +150,12 @@ class PlanExecutor:
     def _run_replica(self, replica: Replica, runtimes: list[_StageRuntime], params: Params, microbatches, scale):
         """Run the replica's pipeline schedule; returns its last stage's loss sums and its per-stage gradient sums."""
         move = self.transfers.move
-        stage_params = [self.transfers.tree(self.model.stage_params(params, rt.spec), rt.param_shardings) for rt in runtimes]
-        stage_batches = [[{k: put_host(v, rt.sequence) for k, v in mb.items()} for mb in microbatches] for rt in runtimes]
+        stage_params = [
+            self.transfers.tree(self.model.stage_params(params, rt.spec), rt.param_shardings) for rt in runtimes
+        ]
+        stage_batches = [
+            [{k: put_host(v, rt.sequence) for k, v in mb.items()} for mb in microbatches] for rt in runtimes
+        ]
         inputs: dict[tuple[int, int], Any] = {}
         vjps: dict[tuple[int, int], Any] = {}
         cotangents: dict[tuple[int, int], Any] = {}

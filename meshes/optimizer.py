@@ -102,8 +102,25 @@ class GroupedOptimizer:
     def place_state(self, state: Any) -> Any:
         """`state` (optax structure; host values or arrays anywhere) moved into this layout: moments with their
         parameters, scalars over every group's devices."""
-        move = self.transfers.move
-        return self._map_state(state, move, lambda leaf: move(leaf, self._state_scalars))
+        leaves, shardings = [], []
+
+        def collect(leaf, sharding):
+            leaves.append(leaf)
+            shardings.append(sharding)
+            return leaf
+
+        self._map_state(state, collect, lambda leaf: leaf)
+        moved = iter(self.transfers.tree(leaves, shardings))
+        return self._map_state(state, lambda leaf, _: next(moved), self._place_scalar)
+
+    def _place_scalar(self, leaf: Any) -> jax.Array:
+        """A replicated scalar (a step count) onto every group's devices: from the host, or all-reduced from the
+        first device holding it, which needs no layout both ends share."""
+        if not isinstance(leaf, jax.Array):
+            return self.transfers.move(leaf, self._state_scalars)
+        if leaf.sharding == self._state_scalars:
+            return leaf
+        return restrict(self.transfers.sum_scalars([leaf], everywhere(jax.devices())), self._state_scalars)
 
     def _group_update(self, grads, state, params, factor):
         grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)

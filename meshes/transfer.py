@@ -143,7 +143,9 @@ class Transfers:
             xs = [leaves[i] for i in members]
             for x in xs:
                 self._count(x, src, dst_devices)
-            for i, moved in zip(members, self._wire_copy(xs, src, [targets[i] for i in members], dst_devices), strict=True):
+            for i, moved in zip(
+                members, self._wire_copy(xs, src, [targets[i] for i in members], dst_devices), strict=True
+            ):
                 out[i] = moved
         return jax.tree.unflatten(treedef, out)
 

@@ -16,7 +16,8 @@ def run_cases(tmp_path, num_processes: int, cases: list[str]) -> list[dict]:
     port = free_port()
     outs = [tmp_path / f"result{i}.json" for i in range(num_processes)]
     commands = [
-        python(WORKER, str(i), str(num_processes), str(port), ",".join(cases), str(outs[i])) for i in range(num_processes)
+        python(WORKER, str(i), str(num_processes), str(port), ",".join(cases), str(outs[i]))
+        for i in range(num_processes)
     ]
     run(commands, tmp_path / "logs", timeout=480)
     return [json.loads(out.read_text()) for out in outs]

@@ -36,7 +36,11 @@ PLAN = {
             "num_microbatches": 1,
             "microbatch_size": 2,
         },
-        {"stages": [{"devices": [3], "kind": "L4", "tp": 1, "layers": [0, 2]}], "num_microbatches": 2, "microbatch_size": 1},
+        {
+            "stages": [{"devices": [3], "kind": "L4", "tp": 1, "layers": [0, 2]}],
+            "num_microbatches": 2,
+            "microbatch_size": 1,
+        },
     ],
 }
 SETTINGS = {
@@ -62,8 +66,23 @@ def files(tmp_path_factory):
 
 
 def command(files, run_dir, steps: int, *extra: str) -> list[str]:
-    sets = [arg for key, value in {**SETTINGS, "cluster": files / "cluster.yaml"}.items() for arg in ("--set", f"{key}={value}")]
-    return [sys.executable, "-m", "jaxhet", "train", "--steps", str(steps), "--checkpoint-dir", str(run_dir), *sets, *extra]
+    sets = [
+        arg
+        for key, value in {**SETTINGS, "cluster": files / "cluster.yaml"}.items()
+        for arg in ("--set", f"{key}={value}")
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "jaxhet",
+        "train",
+        "--steps",
+        str(steps),
+        "--checkpoint-dir",
+        str(run_dir),
+        *sets,
+        *extra,
+    ]
 
 
 def two_processes(files, run_dir, steps: int, *extra: str) -> list[list[str]]:

@@ -30,11 +30,11 @@ from jaxhet.data import PackedBatches
 from jaxhet.models import Llama, LlamaConfig
 from jaxhet.tokenizers import Tokenizer, load_tokenizer
 from jaxhet.train.checkpoints import CheckpointStore
-from jaxhet.train.process_checkpoints import ProcessCheckpoints, gather_state, is_process_checkpointed
-from jaxhet.train.config import TrainConfig
+from jaxhet.train.config import TrainConfig, check_resume
 from jaxhet.train.flops import peak_flops
 from jaxhet.train.meter import ThroughputMeter
 from jaxhet.train.metrics import MetricsLog
+from jaxhet.train.process_checkpoints import ProcessCheckpoints, gather_state, is_process_checkpointed
 from jaxhet.train.step import (
     Execution,
     initial_state,
@@ -169,6 +169,24 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def _open_store(config: TrainConfig, directory: Path, resume: bool, runtime: Runtime):
+    """The run directory's checkpoints, locked for this trainer; a resumed run must keep what its checkpoints'
+    shapes and data position depend on."""
+    if runtime.multi_process:
+        store = ProcessCheckpoints(directory, keep=config.keep, runtime=runtime)
+    else:
+        store = CheckpointStore(directory, keep=config.keep)
+    store.lock()
+    if not resume and store.steps():
+        raise ValueError(f"{directory} already holds checkpoints; pass --resume, or choose another checkpoint_dir")
+    saved = directory / "config.yaml"
+    if resume and saved.is_file():
+        note = check_resume(TrainConfig.load(saved), config)
+        if note and runtime.is_main:
+            log.warning("%s", note)
+    return store
+
+
 def train(
     config: TrainConfig,
     *,
@@ -179,13 +197,7 @@ def train(
     """Run (or continue, with `resume`) the training `config` describes; `progress` receives each step's metrics.
     With a multi-process `runtime` every process calls this alike (see the module docstring)."""
     directory = Path(config.checkpoint_dir)
-    store = (
-        ProcessCheckpoints(directory, keep=config.keep, runtime=runtime)
-        if runtime.multi_process
-        else CheckpointStore(directory, keep=config.keep)
-    )
-    if not resume and store.steps():
-        raise ValueError(f"{directory} already holds checkpoints; pass --resume, or choose another checkpoint_dir")
+    store = _open_store(config, directory, resume, runtime)
     data = PackedBatches(config.data)
     model = build_model(config, data.vocab_size, jax.random.key(config.seed))
     execution = _execution(config, model, directory, resume, runtime)

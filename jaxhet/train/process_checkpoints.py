@@ -11,7 +11,6 @@ together from every process's files, for one-process readers (`load_trained`, se
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,13 @@ class ProcessCheckpoints:
     def __init__(self, directory: str | Path, *, keep: int, runtime: Runtime):
         self.directory = Path(directory).absolute()
         self.runtime = runtime
-        self._own = CheckpointStore(_process_dir(self.directory, runtime.process_id), keep=keep, process=runtime.process_id)
+        self._own = CheckpointStore(
+            _process_dir(self.directory, runtime.process_id), keep=keep, process=runtime.process_id
+        )
+
+    def lock(self) -> None:
+        """Claim this process's store (`CheckpointStore.lock`)."""
+        self._own.lock()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         arrays, record = _local_shards(state)
@@ -100,7 +105,10 @@ def _place(abstract_state: Any, arrays: dict[str, np.ndarray], record: list[dict
         saved = by_leaf.get(n, {})
         placed.append(
             jax.make_array_from_callback(
-                leaf.shape, leaf.sharding, lambda index, s=saved, shape=leaf.shape: s[str(_bounds(index, shape))], dtype=leaf.dtype
+                leaf.shape,
+                leaf.sharding,
+                lambda index, s=saved, shape=leaf.shape: s[str(_bounds(index, shape))],
+                dtype=leaf.dtype,
             )
         )
     return jax.tree.unflatten(treedef, placed)

@@ -14,7 +14,10 @@ from planners.cluster import ClusterSpec
 
 SEQ = 10
 CLUSTERS = {
-    2: {"name": "two_nodes", "nodes": [{"name": "h100", "gpu": "H100", "count": 4}, {"name": "l4", "gpu": "L4", "count": 4}]},
+    2: {
+        "name": "two_nodes",
+        "nodes": [{"name": "h100", "gpu": "H100", "count": 4}, {"name": "l4", "gpu": "L4", "count": 4}],
+    },
     4: {
         "name": "four_nodes",
         "nodes": [
@@ -90,7 +93,6 @@ def main(process_id: int, num_processes: int, port: int, cases: list[str], out: 
 
 def model_and_batch(overrides: dict, rows: int, seed: int = 1):
     import jax
-    import numpy as np
     from flax import nnx
 
     from jaxhet import Llama, LlamaConfig
@@ -193,13 +195,19 @@ def check_switching(cluster: ClusterSpec, name: str) -> dict:
         placed, state, _ = opt.step(placed, grads, state)
         expected_loss, expected_grads = reference(host_params, batch)
         norm = optax.global_norm(expected_grads)
-        clipped = jax.tree.map(lambda g: g * min(1.0, 1.0 / float(norm)), expected_grads)
+        factor = min(1.0, 1.0 / float(norm))
+        clipped = jax.tree.map(lambda g, f=factor: g * f, expected_grads)
         updates, host_state = jax.device_get(update(clipped, host_state, host_params))
         host_params = jax.device_get(optax.apply_updates(host_params, updates))
         loss_errors.append(relative(host_value(loss), expected_loss))
     worst, shards = compare_shards(placed, host_params)
-    return {"loss_error": max(loss_errors), "grad_error": worst, "shards": shards, "leaves": len(jax.tree.leaves(placed)),
-            "bytes_between_processes": sum(ex.transfers.log.between_processes for ex in executors)}
+    return {
+        "loss_error": max(loss_errors),
+        "grad_error": worst,
+        "shards": shards,
+        "leaves": len(jax.tree.leaves(placed)),
+        "bytes_between_processes": sum(ex.transfers.log.between_processes for ex in executors),
+    }
 
 
 def check_asymmetric_dp(cluster: ClusterSpec, name: str) -> dict:
@@ -218,8 +226,13 @@ def check_asymmetric_dp(cluster: ClusterSpec, name: str) -> dict:
     expected_loss, expected_grads = one_device(model)(params, batch)
     worst, shards = compare_shards(grads, expected_grads)
     local = [s for s in loss.addressable_shards]
-    return {"loss_error": relative(local[0].data, expected_loss), "grad_error": worst, "shards": shards,
-            "leaves": len(jax.tree.leaves(grads)), "bytes_between_processes": 1}
+    return {
+        "loss_error": relative(local[0].data, expected_loss),
+        "grad_error": worst,
+        "shards": shards,
+        "leaves": len(jax.tree.leaves(grads)),
+        "bytes_between_processes": 1,
+    }
 
 
 if __name__ == "__main__":
