@@ -25,6 +25,7 @@ in interpret mode; speed has not been measured.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -34,21 +35,22 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from pallas_kernels import online_softmax
+from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.flash_attention import (
-    MIN_BLOCK,
-    _block_size,
+    DEFAULT_BLOCK,
     _block_slice,
     _call,
     _dot_nn,
     _dot_nt,
     _loop,
     _loop_schedule,
-    _next_power_of_2,
     _pad_axis,
     _q_tile_spec,
     _shared_kv_spec,
     _Static,
     default_interpret,
+    padded_head_dim,
+    resolve_block_sizes,
     tile_mask,
 )
 from pallas_kernels.geometry import Geometry, attention_shapes
@@ -101,7 +103,7 @@ def _kernel(*refs, st: _Static, fp8: bool, names: tuple[str, ...]):
 def _pallas(q, k, v, st: _Static, bits: int, pv_dtype, smooth: bool):
     g = st.geometry
     batch, q_len, heads, head_dim = q.shape
-    dim_pad = max(MIN_BLOCK, _next_power_of_2(head_dim))
+    dim_pad = padded_head_dim(head_dim)
     q_int, q_scale = quantize_blocks(q, bits, g.block_q)
     k_int, k_scale = quantize_blocks(smooth_keys(k) if smooth else k, bits, g.block_k)
     v_op, v_scale = quantize_values(v, pv_dtype)
@@ -205,13 +207,11 @@ def quantized_attention(
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}")
     check_pv_dtype(pv_dtype)
-    geometry = Geometry(
-        q_len=q_len,
-        kv_len=kv_len,
-        block_q=_block_size(block_q, q_len, False),
-        block_k=_block_size(block_k, kv_len, False),
-        causal=causal,
-    )
+    # Tiles are the quantisation blocks: DEFAULT_BLOCK unless given; warps and stages per head_dim.
+    tiles = BlockSizes.for_head_dim(padded_head_dim(head_dim))
+    tiles = dataclasses.replace(tiles, block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK)
+    sizes = resolve_block_sizes(tiles, head_dim, block_q, block_k, q_len, kv_len, False)
+    geometry = Geometry(q_len=q_len, kv_len=kv_len, block_q=sizes.block_q, block_k=sizes.block_k, causal=causal)
     st = _Static(
         geometry=geometry,
         sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale),
@@ -220,6 +220,8 @@ def quantized_attention(
         sparse=False,
         mask_per_head=False,
         interpret=default_interpret() if interpret is None else bool(interpret),
+        num_warps=sizes.num_warps,
+        num_stages=sizes.num_stages,
     )
     run = _pallas if implementation == "pallas" else _xla
     return run(q, k, v, st, qk_bits, pv_dtype, smooth_k)

@@ -34,9 +34,11 @@ class Case:
     shapes: dict
 
 
-def _flash(name: str, kv_heads: int = 16, segments: bool = False, block_sparse: bool = False, **options) -> Case:
-    """Forward and backward of `flash_attention` at the prefill shape."""
-    b, s, h, d = PREFILL["batch"], PREFILL["seq"], PREFILL["heads"], PREFILL["head_dim"]
+def _flash(
+    name: str, kv_heads: int = 16, head_dim: int = 128, segments: bool = False, block_sparse: bool = False, **options
+) -> Case:
+    """Forward and backward of `flash_attention` at the prefill shape (and `head_dim`)."""
+    b, s, h, d = PREFILL["batch"], PREFILL["seq"], PREFILL["heads"], head_dim
 
     def build():
         q = on_h100((b, s, h, d), jnp.bfloat16)
@@ -58,7 +60,7 @@ def _flash(name: str, kv_heads: int = 16, segments: bool = False, block_sparse: 
 
         return run, (q, kv, kv, *extra)
 
-    shapes = dict(PREFILL, kv_heads=kv_heads, segments=segments, block_sparse=block_sparse, **options)
+    shapes = dict(PREFILL, kv_heads=kv_heads, head_dim=head_dim, segments=segments, block_sparse=block_sparse, **options)
     return Case(name, build, shapes)
 
 
@@ -105,6 +107,8 @@ def cases() -> list[Case]:
     listed = [
         _flash("flash_dense"),
         _flash("flash_causal", causal=True),
+        _flash("flash_causal_d64", head_dim=64, causal=True),
+        _flash("flash_causal_d256", head_dim=256, causal=True),
         _flash("flash_causal_gqa4", kv_heads=4, causal=True),
         _flash("flash_causal_segments", causal=True, segments=True),
         _flash("flash_block_sparse", block_sparse=True),

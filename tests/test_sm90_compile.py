@@ -61,9 +61,10 @@ def test_every_kernel_uses_tensor_cores(compiled):
 
 
 def test_prefill_products_use_hopper_wgmma(compiled):
-    """q·kᵀ and P·V of flash and quantized prefill are Hopper `wgmma`, including the 8-bit ones."""
+    """q·kᵀ and P·V of flash and quantized prefill are Hopper `wgmma`, including the 8-bit ones; head_dim 256
+    takes 32-row tiles to avoid spills (`BlockSizes`), below wgmma's 64 rows, so it runs `mma.sync`."""
     for case, kernel in _kernels(compiled):
-        if case.startswith("decode"):
+        if case.startswith("decode") or case.endswith("_d256"):
             continue
         kinds = set(kernel.mma)
         assert kinds and all(kind.startswith("wgmma") for kind in kinds), (case, kernel.name, kinds)
