@@ -214,7 +214,12 @@ def compile_kernels(fn: Callable, *args: jax.ShapeDtypeStruct) -> dict[str, Kern
             grid, threads, shared = launches[name]
             mma, fma = _instructions(entries[name], name)
             report[name] = KernelResources(
-                name=name, grid=grid, threads=threads, shared_memory=shared, mma=mma, fma_f32=fma,
+                name=name,
+                grid=grid,
+                threads=threads,
+                shared_memory=shared,
+                mma=mma,
+                fma_f32=fma,
                 **figures[entries[name]][name],
             )
     return report

@@ -60,8 +60,8 @@ def _flash(
 
         return run, (q, kv, kv, *extra)
 
-    shapes = dict(PREFILL, kv_heads=kv_heads, head_dim=head_dim, segments=segments, block_sparse=block_sparse, **options)
-    return Case(name, build, shapes)
+    shapes = dict(PREFILL, kv_heads=kv_heads, head_dim=head_dim, segments=segments, block_sparse=block_sparse)
+    return Case(name, build, dict(shapes, **options))
 
 
 def _quantized(name: str, qk_bits: int, pv_dtype: str) -> Case:
@@ -127,6 +127,7 @@ def cases() -> list[Case]:
 
 
 def compile_case(case: Case) -> dict[str, KernelResources]:
+    """The resources of every Pallas kernel in one case's sm_90a compile."""
     fn, args = case.build()
     return compile_kernels(fn, *args)
 
@@ -134,10 +135,8 @@ def compile_case(case: Case) -> dict[str, KernelResources]:
 def report(selected: list[Case] | None = None) -> dict:
     """Compile every case once; the JSON-ready report with its provenance."""
     rows = {}
-    for case in selected or cases():
-        rows[case.name] = dict(
-            shapes=case.shapes, kernels={n: r.to_json() for n, r in compile_case(case).items()}
-        )
+    for case in cases() if selected is None else selected:
+        rows[case.name] = dict(shapes=case.shapes, kernels={n: r.to_json() for n, r in compile_case(case).items()})
     return dict(
         provenance=dict(
             target="sm_90a (NVIDIA H100 80GB HBM3 target config), deviceless compile on CPU",
