@@ -60,13 +60,14 @@ def test_every_kernel_uses_tensor_cores(compiled):
     assert not scalar, f"no wgmma/mma (scalar fma.f32 count): {scalar}"
 
 
-def test_prefill_products_use_hopper_wgmma(compiled):
-    """q·kᵀ and P·V of flash and quantized prefill are Hopper `wgmma`, including the 8-bit ones; head_dim 256
-    takes 32-row tiles to avoid spills (`BlockSizes`), below wgmma's 64 rows, so it runs `mma.sync`."""
+def test_products_use_hopper_wgmma(compiled):
+    """q·kᵀ and P·V of every kernel are Hopper `wgmma`, including the 8-bit ones of quantized prefill; flash at
+    head_dim 256 takes 32-row tiles to avoid spills (`BlockSizes`), below wgmma's 64 rows, so it runs `mma.sync`."""
     for case, kernel in _kernels(compiled):
-        if case.startswith("decode") or case.endswith("_d256"):
-            continue
         kinds = set(kernel.mma)
+        if case.endswith("_d256"):
+            assert kinds, (case, kernel.name)
+            continue
         assert kinds and all(kind.startswith("wgmma") for kind in kinds), (case, kernel.name, kinds)
         if case.startswith("quantized"):
             assert any(".s32.s8.s8" in kind for kind in kinds), (case, kinds)
