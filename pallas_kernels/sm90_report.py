@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 from collections.abc import Callable
 
 import jax
@@ -140,6 +141,7 @@ def report(selected: list[Case] | None = None) -> dict:
     return dict(
         provenance=dict(
             target="sm_90a (NVIDIA H100 80GB HBM3 target config), deviceless compile on CPU",
+            compiled_on=f"{os.cpu_count()}-core CPU, no GPU",
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             versions=toolchain_versions(),
         ),
