@@ -1,6 +1,7 @@
 """Pallas GPU kernels for attention: dense, block-sparse and quantized attention, dynamic sparsity estimation, decode.
 
 Modules, one job each:
+- `block_sizes`: `BlockSizes`, the flash/quantized kernels' tiles, warps and stages per head_dim;
 - `flash_attention`: forward, dQ and dK/dV kernels (Triton lowering on GPU, interpret mode elsewhere) and the
   differentiable `flash_attention` entry point;
 - `geometry`: query/key positions, causal/window conventions and the block bounds every kernel loops over;
@@ -15,10 +16,12 @@ Modules, one job each:
 - `decode_attention`: one query token per sequence against a (quantised, paged) KV cache;
 - `decode_kernel`: its Pallas flash-decoding kernel (split-K, in-kernel dequantisation);
 - `reference`: plain-jnp float32 references used by the tests;
+- `deviceless`, `sm90_report`: every kernel compiled for sm_90a without a GPU, and what its machine code shows;
 - `synthetic`: structured (local + global) attention inputs for quality measurements.
 """
 
 from pallas_kernels import block_masks, kv_cache, online_softmax, quantization, reference, synthetic
+from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import default_interpret, flash_attention
 from pallas_kernels.geometry import Geometry
@@ -29,6 +32,7 @@ from pallas_kernels.sparsity import ESTIMATORS, estimate_block_mask, sparse_atte
 
 __all__ = [
     "BlockSchedule",
+    "BlockSizes",
     "ESTIMATORS",
     "KV_FORMATS",
     "Geometry",

@@ -65,8 +65,9 @@ def decode_attention(
     `heads % kv_heads == 0`.
 
     `implementation`: "pallas", "xla" or None (pallas on a GPU, xla elsewhere). `num_splits` (pallas): how many
-    ranges the context is split into (flash-decoding); None picks enough for about 256 programs. `interpret`
-    (pallas): None runs the compiled kernel on a GPU and interpret mode elsewhere.
+    ranges the context is split into (flash-decoding); None picks the fewest that launch 2 programs per SM
+    (`decode_kernel.default_splits`). `interpret` (pallas): None runs the compiled kernel on a GPU and interpret
+    mode elsewhere. The kernel's dots take a bfloat16/float16 query's dtype (tensor cores), float32 otherwise.
     """
     implementation = implementation or ("xla" if default_interpret() else "pallas")
     if implementation not in IMPLEMENTATIONS:

@@ -1,26 +1,30 @@
 """Pallas flash-decoding kernel: one query token per sequence against a float, int8 or int4 KV cache, paged or not.
 
 Grid (batch, kv head, split). A program holds the query heads of its kv head as the rows of one tile (padded to
-16 rows, the smallest Triton dot), walks the pages of its split of the context through the block table, and for
-each page loads the stored K and V, dequantises them in registers and folds the page into an online softmax
+16 rows, the smallest dot Pallas's Triton lowering accepts; the padding is done once on the small query outside
+the kernel and costs no cache traffic), walks the pages of its split of the context through the block table, and for each page loads
+the stored K and V, dequantises them in registers and folds the page into an online softmax
 (`pallas_kernels.online_softmax`). It writes its normalised partial output and base-2 logsumexp; the splits are
 merged outside the kernel (`online_softmax.combine`). A contiguous cache is viewed as a paged one with an
 identity block table (a free reshape when its length is a multiple of the page size, a padded copy otherwise).
+The default split count is the smallest that launches `PROGRAMS_PER_SM` programs per SM (`default_splits`).
 
-Dequantisation is arranged so that no in-kernel reshape or interleave is needed:
-- int8 (one scale per token and head): integer levels enter the dot as they are and the per-token scale
-  multiplies the score columns (K) or the probability columns (V);
-- int4 (two channels per byte, one scale per group of channels): each group is read as one slice of bytes whose
-  low nibbles are its even channels and high nibbles its odd ones. Each (group, nibble) "part" is its own dot:
-  for K against the matching slice of a query permuted to (even channels, odd channels), for V into its own slice
-  of an output kept in that permuted order and put back in order outside the kernel.
-
-All dots have float32 operands at HIGHEST precision, so the result matches the XLA path to float32 rounding.
+Dots run on the tensor cores in the query's dtype when it is a 16-bit float (bfloat16 or float16 operands,
+float32 accumulation); a float32 query keeps float32 operands at HIGHEST precision, so that path matches the XLA
+one to float32 rounding. Both products are formed transposed, scoresᵀ = K·qᵀ [page, rows] and outᵀ = Vᵀ·Pᵀ
+[channels, rows], so that the page or the channels are the MMA's rows: Hopper's `wgmma` takes 64 rows at least,
+and the 16 query rows become its narrow N side (on sm_90a: `wgmma` m64n16k16 instead of `mma.sync` m16n8k16). Dequantisation needs no in-kernel reshape or interleave:
+- int8 (one scale per token and head): integer levels (exact in any float dtype) enter the dot as they are and
+  the per-token scale multiplies the score columns (K) or the probability columns (V);
+- int4 (two channels per byte, one scale per group of channels): a page is read as its low nibbles (the even
+  channels) and its high nibbles (the odd ones), each multiplied by its byte's group scale; each half is one dot,
+  for K against the matching half of a query permuted to (even channels, odd channels), for V into its half of
+  an output kept in that permuted order and put back in order outside the kernel.
 
 The kernel is written for Pallas's Triton lowering (power-of-two tiles, dots of at least 16 in every dimension:
-int4 groups of at least 32 channels, pages of at least 16 tokens). Its numerics are tested in interpret mode and
-its lowering to the Triton dialect on CPU (lowered for CUDA); it has not been compiled to PTX or run on a GPU
-yet, so its speed is unmeasured.
+int4 head_dim of at least 32, pages of at least 16 tokens). Its numerics are tested in interpret mode; its sm_90a
+machine code (registers, spills, MMA instructions, grid) is checked by a deviceless compile
+(`pallas_kernels.sm90_report`); its speed has not been measured.
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import online_softmax
-from pallas_kernels.flash_attention import MIN_BLOCK, _dot_nn, _dot_nt, _next_power_of_2, _pad_axis
+from pallas_kernels.flash_attention import MIN_BLOCK, _dot_nn, _dot_nt, _dot_tn, _next_power_of_2, _pad_axis
 from pallas_kernels.kv_cache import has_scale, kv_format_of
 
 CONTIGUOUS_PAGE = 64  # page size a contiguous cache is viewed with
-TARGET_PROGRAMS = 256  # default split count aims at about this many programs (2 per SM on an H100)
+PROGRAMS_PER_SM = 2  # the default split count launches at least this many programs per SM
+H100_SM_COUNT = 132  # SMs assumed off GPU (the deviceless sm_90a compile targets an H100)
 _INT4_OFFSET = 8
 
 
@@ -49,23 +54,21 @@ _INT4_OFFSET = 8
 class _Part:
     """A slice of channels handled by one dot: `width` channels at `offset` of the (possibly permuted) head_dim.
 
-    For int4, `byte_offset` is where its bytes start in the packed row, `nibble` 0 (low, even channels) or 1
-    (high, odd channels), and `group` the scale column.
+    For int4, `nibble` is 0 (the low nibbles of the packed row: even channels) or 1 (high: odd channels).
     """
 
     offset: int
     width: int
-    byte_offset: int = 0
     nibble: int | None = None
-    group: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """How one cache (K or V) is stored: its format and the channel parts a page is read in."""
+    """How one cache (K or V) is stored: its format, the channel parts a page is read in, int4's scale groups."""
 
     kv_format: str
     parts: tuple[_Part, ...]
+    groups: int = 0
 
     @property
     def permuted(self) -> bool:
@@ -78,23 +81,32 @@ class _Layout:
             raise ValueError(f"a {kv_format} cache needs its scales")
         if kv_format != "int4":
             return cls(kv_format, (_Part(0, head_dim),))
-        group = head_dim // scale.shape[-1]
-        half = group // 2
-        parts = tuple(
-            _Part(nibble * head_dim // 2 + g * half, half, byte_offset=g * half, nibble=nibble, group=g)
-            for g in range(scale.shape[-1])
-            for nibble in (0, 1)
-        )
-        return cls(kv_format, parts)
+        half = head_dim // 2
+        return cls(kv_format, tuple(_Part(n * half, half, nibble=n) for n in (0, 1)), groups=scale.shape[-1])
 
 
-def _page_part(layout: _Layout, cache_ref, scale_ref, page, part: _Part):
-    """Float32 levels [page_size, width] of one part of one page, and the per-token scale [page_size] (or None)."""
+def _int4_scales(layout: _Layout, scale_ref, page, shape: tuple[int, int]):
+    """Each packed byte's group scale, [page_size, head_dim // 2]: byte b holds channels 2b, 2b + 1 of group
+    b // (bytes per group); built with one select per group, since the Triton lowering has no gather."""
+    group_of_byte = lax.broadcasted_iota(jnp.int32, shape, 1) // (shape[1] // layout.groups)
+    scales = jnp.zeros(shape, jnp.float32)
+    for g in range(layout.groups):
+        scales = jnp.where(group_of_byte == g, scale_ref[page, :, g][:, None], scales)
+    return scales
+
+
+def _page_part(layout: _Layout, cache_ref, scale_ref, page, part: _Part, dtype):
+    """One part of one page in the dot dtype, [page_size, width], and the per-token scale still to apply (or None).
+
+    int4 pages are dequantised here (levels times their group scale); int8 levels enter the dot as they are
+    (exact in any float dtype) and their per-token scale is returned to multiply score or probability columns.
+    """
     if layout.kv_format == "int4":
-        packed = cache_ref[page, :, pl.ds(part.byte_offset, part.width)].astype(jnp.int32)
+        packed = cache_ref[page].astype(jnp.int32)
         nibble = packed & 0xF if part.nibble == 0 else packed >> 4
-        return (nibble - _INT4_OFFSET).astype(jnp.float32), scale_ref[page, :, part.group]
-    levels = cache_ref[page].astype(jnp.float32)
+        values = (nibble - _INT4_OFFSET).astype(jnp.float32) * _int4_scales(layout, scale_ref, page, packed.shape)
+        return values.astype(dtype), None
+    levels = cache_ref[page].astype(dtype)
     return levels, scale_ref[page] if layout.kv_format == "int8" else None
 
 
@@ -108,6 +120,7 @@ class _Static:
     v: _Layout
     page_size: int
     pages_per_split: int
+    dtype: str
     names: tuple[str, ...]
 
 
@@ -124,16 +137,16 @@ def _kernel(*refs, st: _Static):
         page = r["tables"][j]
         scores = 0.0
         for part in st.k.parts:
-            levels, scale = _page_part(st.k, r["k"], r.get("k_scale"), page, part)
+            levels, scale = _page_part(st.k, r["k"], r.get("k_scale"), page, part, st.dtype)
             q = r["q"][:, pl.ds(part.offset, part.width)]
-            scores = scores + _scaled_columns(_dot_nt(q, levels), scale)
+            scores = scores + _scaled_columns(_dot_nt(levels, q).T, scale)
         mask = j * st.page_size + positions < length
 
         def values(p):
             out = []
             for part in st.v.parts:
-                levels, scale = _page_part(st.v, r["v"], r.get("v_scale"), page, part)
-                out.append(_dot_nn(_scaled_columns(p, scale), levels))
+                levels, scale = _page_part(st.v, r["v"], r.get("v_scale"), page, part, st.dtype)
+                out.append(_dot_tn(levels, _scaled_columns(p, scale).astype(st.dtype).T).T)
             return out
 
         return online_softmax.update(carry, scores, mask, values)
@@ -144,6 +157,18 @@ def _kernel(*refs, st: _Static):
     for part, o in zip(st.v.parts, out, strict=True):
         r["o"][:, pl.ds(part.offset, part.width)] = o
     r["lse"][...] = lse
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the default GPU; an H100's 132 on other backends."""
+    if jax.default_backend() == "gpu":
+        return getattr(jax.devices()[0], "core_count", H100_SM_COUNT)
+    return H100_SM_COUNT
+
+
+def default_splits(batch: int, kv_heads: int) -> int:
+    """Fewest context splits that give every SM `PROGRAMS_PER_SM` programs: the grid is (batch, kv_heads, splits)."""
+    return max(1, math.ceil(PROGRAMS_PER_SM * sm_count() / (batch * kv_heads)))
 
 
 def _as_pages(cache: Array, scale: Array | None, page_size: int):
@@ -197,12 +222,12 @@ def pallas_decode(
         k_cache, k_scale, block_tables = _as_pages(k_cache, k_scale, page_size)
         v_cache, v_scale, _ = _as_pages(v_cache, v_scale, page_size)
     page_size, pages = k_cache.shape[1], block_tables.shape[1]
-    splits = num_splits or min(pages, max(1, math.ceil(TARGET_PROGRAMS / (batch * kv_heads))))
-    splits = max(1, min(splits, pages))
+    splits = max(1, min(num_splits or default_splits(batch, kv_heads), pages))
     k_layout, v_layout = _Layout.of(k_cache, k_scale, head_dim), _Layout.of(v_cache, v_scale, head_dim)
 
     rows = max(MIN_BLOCK, _next_power_of_2(groups))
-    q = q.astype(jnp.float32) * (sm_scale * math.log2(math.e))
+    dot_dtype = dtype if jnp.dtype(dtype).itemsize == 2 else jnp.float32
+    q = (q.astype(jnp.float32) * (sm_scale * math.log2(math.e))).astype(dot_dtype)
     q = _permute_channels(q) if k_layout.permuted else q
     q = _pad_axis(q.reshape(batch, kv_heads, groups, head_dim), 2, rows)
 
@@ -231,6 +256,7 @@ def pallas_decode(
         v=v_layout,
         page_size=page_size,
         pages_per_split=-(-pages // splits),
+        dtype=jnp.dtype(dot_dtype).name,
         names=tuple(n for n, _, _ in inputs) + tuple(n for n, _, _ in outputs),
     )
     out, lse = pl.pallas_call(

@@ -35,6 +35,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels import online_softmax
+from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.geometry import Geometry, attention_shapes, normalize_window, segment_mask
 from pallas_kernels.schedule import BlockSchedule, build_schedule
 
@@ -56,6 +57,8 @@ class _Static:
     sparse: bool
     mask_per_head: bool
     interpret: bool
+    num_warps: int = 8
+    num_stages: int = 2
 
     @property
     def scale_log2(self) -> float:
@@ -283,14 +286,13 @@ def _side_inputs(st: _Static, extras: _Extras, transposed: bool) -> list[tuple[s
 def _call(kernel, st: _Static, grid, inputs, outputs, name: str):
     """`pl.pallas_call` over named inputs/outputs; the kernel receives them by name."""
     names = tuple(n for n, _, _ in inputs) + tuple(n for n, _, _ in outputs)
-    head_dim = inputs[0][1].shape[-1]
     return pl.pallas_call(
         functools.partial(kernel, st=st, names=names),
         grid=grid,
         in_specs=[spec for _, _, spec in inputs],
         out_specs=[spec for _, _, spec in outputs],
         out_shape=[shape for _, shape, _ in outputs],
-        compiler_params=plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages),
         interpret=st.interpret,
         name=name,
     )(*[array for _, array, _ in inputs])
@@ -396,15 +398,44 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _block_size(requested: int | None, length: int, fixed: bool) -> int:
-    """The requested block size; by default 64, shrunk for short sequences unless a block mask fixes it."""
+def padded_head_dim(head_dim: int) -> int:
+    """head_dim as the kernels see it: the next power of two, at least MIN_BLOCK (zero channels added)."""
+    return max(MIN_BLOCK, _next_power_of_2(head_dim))
+
+
+def _block_size(requested: int | None, default: int, length: int, fixed: bool) -> int:
+    """The requested block size; else `default`, shrunk for short sequences unless a block mask fixes it."""
     if requested is not None:
         if requested < 1 or requested & (requested - 1):
             raise ValueError(f"block sizes must be powers of two, got {requested}")
         return requested
     if fixed:
-        return DEFAULT_BLOCK
-    return min(DEFAULT_BLOCK, max(MIN_BLOCK, _next_power_of_2(length)))
+        return default
+    return min(default, max(MIN_BLOCK, _next_power_of_2(length)))
+
+
+def resolve_block_sizes(
+    block_sizes: BlockSizes | None,
+    head_dim: int,
+    block_q: int | None,
+    block_k: int | None,
+    q_len: int,
+    kv_len: int,
+    fixed: bool,
+) -> BlockSizes:
+    """The sizes a call runs with: `block_sizes` or the head_dim's compile-checked defaults (`BlockSizes`), tiles
+    overridden by explicit `block_q`/`block_k` and shrunk for short sequences; with a block mask (`fixed`) and no
+    `block_sizes`, tiles of DEFAULT_BLOCK, the size masks are estimated at."""
+    sizes = block_sizes or BlockSizes.for_head_dim(padded_head_dim(head_dim))
+    if fixed and block_sizes is None:
+        default_q = default_k = DEFAULT_BLOCK
+    else:
+        default_q, default_k = sizes.block_q, sizes.block_k
+    return dataclasses.replace(
+        sizes,
+        block_q=_block_size(block_q, default_q, q_len, fixed),
+        block_k=_block_size(block_k, default_k, kv_len, fixed),
+    )
 
 
 def _pad_axis(x: Array, axis: int, size: int) -> Array:
@@ -441,7 +472,9 @@ def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "local_window", "interpret", "block_q", "block_k"))
+@functools.partial(
+    jax.jit, static_argnames=("causal", "sm_scale", "local_window", "interpret", "block_q", "block_k", "block_sizes")
+)
 def flash_attention(
     q: Float[Array, "batch q_len heads head_dim"],
     k: Float[Array, "batch kv_len kv_heads head_dim"],
@@ -455,6 +488,7 @@ def flash_attention(
     interpret: bool | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
+    block_sizes: BlockSizes | None = None,
 ) -> Float[Array, "batch q_len heads head_dim"]:
     """Softmax(q·kᵀ·sm_scale + mask)·v, differentiable, in the layout of `jax.nn.dot_product_attention`.
 
@@ -470,18 +504,20 @@ def flash_attention(
         Combined (AND) with every other mask. Block sizes then default to 64 and must match its shape.
       local_window: int w or (left, right): a query at position p sees keys in [p - left, p + right].
       interpret: None picks compiled kernels on a GPU and interpret mode elsewhere.
-      block_q, block_k: tile sizes (powers of two; at least 16 for compiled kernels).
+      block_q, block_k: tile sizes (powers of two; at least 16 for compiled kernels); override `block_sizes`.
+      block_sizes: tiles, warps and pipeline stages (`BlockSizes`); None: `BlockSizes.for_head_dim`.
 
     Rows that can see no key return 0 (and get 0 gradients).
     """
     batch, q_len, heads, head_dim, kv_len, kv_heads = attention_shapes(q, k, v)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    sizes = resolve_block_sizes(block_sizes, head_dim, block_q, block_k, q_len, kv_len, block_mask is not None)
     geometry = Geometry(
         q_len=q_len,
         kv_len=kv_len,
-        block_q=_block_size(block_q, q_len, block_mask is not None),
-        block_k=_block_size(block_k, kv_len, block_mask is not None),
+        block_q=sizes.block_q,
+        block_k=sizes.block_k,
         causal=causal,
         window=normalize_window(local_window),
     )
@@ -498,10 +534,12 @@ def flash_attention(
         sparse=block_mask is not None,
         mask_per_head=block_mask is not None and block_mask.shape[1] > 1,
         interpret=default_interpret() if interpret is None else bool(interpret),
+        num_warps=sizes.num_warps,
+        num_stages=sizes.num_stages,
     )
     q_pad = geometry.num_q_blocks * geometry.block_q
     kv_pad = geometry.num_kv_blocks * geometry.block_k
-    dim_pad = max(MIN_BLOCK, _next_power_of_2(head_dim))
+    dim_pad = padded_head_dim(head_dim)
     extras = _Extras(
         q_segments=None if q_seg is None else _pad_axis(q_seg, 1, q_pad),
         kv_segments=None if kv_seg is None else _pad_axis(kv_seg, 1, kv_pad),

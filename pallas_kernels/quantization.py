@@ -8,16 +8,23 @@
   1 is per-token quantisation. q·kᵀ is then an integer matmul accumulated in int32 and rescaled by the product
   of the two blocks' scales.
 - V for the P·V product is either cast to bfloat16, or quantised to float8 e4m3 with one scale per channel (over
-  the sequence, per batch and kv head); P, whose entries lie in [0, 1], is multiplied by the e4m3 maximum before
-  its cast so that it uses the format's whole range.
+  the sequence, per batch and kv head) to the whole e4m3 range; P, whose entries lie in [0, 1], is multiplied by
+  `fp8_p_scale(block_k)` before its cast. The kernel's e4m3 P·V is a Hopper `wgmma` with a float16 accumulator per
+  tile (Pallas's Triton lowering gives fp8 dots with a float32 accumulator no `max_num_imprecise_acc`, and Triton
+  then falls back to float16 `mma.sync`), so that scale is the largest power of two that keeps a tile's sum of
+  `block_k` products finite in float16: 8 for 16-key tiles, 2 for 64, 1 for 128. Probabilities below about
+  2^-9 / scale round to 0 (e4m3's smallest subnormal).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int8
 
 FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
+FP16_MAX = float(jnp.finfo(jnp.float16).max)  # 65504
 PV_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float8_e4m3fn))
 
 
@@ -101,12 +108,18 @@ def quantize_values(
     return (v / scale[:, None]).astype(dtype), scale
 
 
-def probabilities_operand(p: Array, pv_dtype) -> Array:
-    """Softmax probabilities (in [0, 1]) as the left P·V operand; fp8 ones are stretched to the e4m3 range."""
+def fp8_p_scale(block_k: int) -> float:
+    """What probabilities are multiplied by before their e4m3 cast: the largest power of two (at most FP8_MAX) for
+    which `block_k` products of P (at most 1, times the scale) and V (at most FP8_MAX) stay finite in float16."""
+    return min(FP8_MAX, 2.0 ** math.floor(math.log2(FP16_MAX / (block_k * FP8_MAX))))
+
+
+def probabilities_operand(p: Array, pv_dtype, block_k: int) -> Array:
+    """Softmax probabilities (in [0, 1]) as the left P·V operand; fp8 ones are stretched by `fp8_p_scale`."""
     dtype = jnp.dtype(pv_dtype)
-    return (p * FP8_MAX).astype(dtype) if dtype == jnp.float8_e4m3fn else p.astype(dtype)
+    return (p * fp8_p_scale(block_k)).astype(dtype) if dtype == jnp.float8_e4m3fn else p.astype(dtype)
 
 
-def output_scale(v_scale: Float[Array, "... dim"] | None) -> Float[Array, "... dim"] | float:
+def output_scale(v_scale: Float[Array, "... dim"] | None, block_k: int) -> Float[Array, "... dim"] | float:
     """What P·V must be multiplied by to undo the V and P scalings of `quantize_values`/`probabilities_operand`."""
-    return 1.0 if v_scale is None else v_scale / FP8_MAX
+    return 1.0 if v_scale is None else v_scale / fp8_p_scale(block_k)

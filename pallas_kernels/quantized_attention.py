@@ -7,31 +7,25 @@ Steps (the quantisation itself is `pallas_kernels.quantization`, shared with blo
 3. each program of the kernel owns one query block of one head and walks the kv blocks causality leaves, like
    `flash_attention`'s forward kernel (same schedules, tile masks and online softmax): an integer q·kᵀ tile
    accumulated in int32, rescaled by the two block scales (and sm_scale, log2 e), the running softmax in float32,
-   and P·V with P cast to `pv_dtype`: bfloat16 (or float16), or float8 e4m3 with V scaled per channel.
+   and P·V with P cast to `pv_dtype`: bfloat16 (or float16), or float8 e4m3 with V scaled per channel (below).
 GQA/MQA: K/V are never repeated, query head h reads kv head h // groups through its BlockSpec.
 
 Implementations: "pallas" (the kernel; interpret mode off GPU) and "xla" (the same quantised operands, dense
 scores from an int32 einsum, for CPU and for checking); `implementation=None` picks pallas on a GPU, xla elsewhere.
 
-What Pallas lowers for these dots, read from JAX's sources; the Triton-dialect part is checked on CPU by lowering
-for CUDA (tests/test_quantized_attention.py: i8 x i8 -> i32 and f8E4M3FN x f8E4M3FN -> f32 `tt.dot`), but nothing
-here has been compiled to PTX or run on a GPU yet:
-- Triton lowering (`jax/_src/pallas/triton/lowering.py`, used by this kernel): `lax.dot_general` becomes one
-  `tt.dot`; both operands must share an element type and every dimension must be >= 16; the accumulator is the
-  requested output type when that is int32 or float16 and float32 otherwise. So int8 x int8 with
-  `preferred_element_type=int32` is an integer tensor-core dot (s8 `mma` / Hopper `wgmma`), and float8_e4m3fn
-  operands (MLIR `f8E4M3FN`) give an fp8 dot with a float32 accumulator, which Triton supports from sm_89/sm_90.
-  The precision argument only matters for float32 operands (IEEE for HIGHEST, TF32 otherwise).
-- Mosaic GPU (`jax/experimental/mosaic/gpu/wgmma.py`, the `plgpu` Hopper backend): `wgmma` takes s8 x s8 -> s32
-  and e4m3/e5m2 -> f32 or f16 accumulators besides f16/bf16/tf32; 8-bit operands must both come from shared
-  memory in K-major layout (transposes and register-resident A are only for 16-bit types). q·kᵀ fits (Q and K are
-  both K-major along head_dim) but an fp8 P·V needs P staged in shared memory and V stored transposed
-  ([head_dim, seq]), as FlashAttention-3 does. That would be a separate kernel; this module targets Triton.
-So the kernel's numerics are tested in interpret mode; its GPU compilation and speed are unverified.
+What the sm_90a compile shows (`pallas_kernels.sm90_report`, deviceless, jax 0.10.2): q·kᵀ is a Hopper `wgmma`
+s8 x s8 -> s32 (Q and K both contract along head_dim, their contiguous axis). An e4m3 P·V reaches `wgmma` e4m3
+only when (a) V is stored transposed, [batch, kv_heads, head_dim, kv_len], so that both 8-bit operands contract
+along their contiguous axis, as FlashAttention-3 does, and (b) the dot accumulates in float16: Pallas's Triton
+lowering sets no `max_num_imprecise_acc`, and Triton compiles an fp8 dot with a float32 accumulator to float16
+`mma.sync` after converting both operands. So the fp8 path keeps V transposed, accumulates each tile in float16
+(P scaled so the sum stays finite, `quantization.fp8_p_scale`) and adds tiles in float32. The numerics are tested
+in interpret mode; speed has not been measured.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -41,21 +35,22 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from pallas_kernels import online_softmax
+from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.flash_attention import (
-    MIN_BLOCK,
-    _block_size,
+    DEFAULT_BLOCK,
     _block_slice,
     _call,
     _dot_nn,
     _dot_nt,
     _loop,
     _loop_schedule,
-    _next_power_of_2,
     _pad_axis,
     _q_tile_spec,
     _shared_kv_spec,
     _Static,
     default_interpret,
+    padded_head_dim,
+    resolve_block_sizes,
     tile_mask,
 )
 from pallas_kernels.geometry import Geometry, attention_shapes
@@ -73,6 +68,16 @@ from pallas_kernels.sparsity import masked_softmax
 IMPLEMENTATIONS = ("pallas", "xla")
 
 
+def _values(r: dict, kv_slice, fp8: bool, block_k: int, p):
+    """P·V of one tile in float32. fp8: V is stored transposed, so both e4m3 operands contract along their
+    contiguous axis (Hopper `wgmma` e4m3 needs that), into a float16 accumulator (see `quantization`)."""
+    if fp8:
+        vt = r["v"][:, kv_slice]
+        return _dot_nt(probabilities_operand(p, vt.dtype, block_k), vt, jnp.float16).astype(jnp.float32)
+    v = r["v"][kv_slice, :]
+    return _dot_nn(probabilities_operand(p, v.dtype, block_k), v)
+
+
 def _kernel(*refs, st: _Static, fp8: bool, names: tuple[str, ...]):
     """One query block of one head: integer scores tile by tile, online softmax, P·V in the V operand's dtype."""
     r = dict(zip(names, refs, strict=False))
@@ -83,22 +88,22 @@ def _kernel(*refs, st: _Static, fp8: bool, names: tuple[str, ...]):
 
     def body(kv_block, masked, carry):
         kv_slice = _block_slice(kv_block, g.block_k)
-        k, v = r["k"][kv_slice, :], r["v"][kv_slice, :]
+        k = r["k"][kv_slice, :]
         scores = _dot_nt(q, k, jnp.int32).astype(jnp.float32) * (q_scale * r["k_scale"][kv_block])
         mask = tile_mask(st, q_block, kv_block) if masked else None
-        return online_softmax.update(carry, scores, mask, lambda p: _dot_nn(probabilities_operand(p, v.dtype), v))
+        return online_softmax.update(carry, scores, mask, functools.partial(_values, r, kv_slice, fp8, g.block_k))
 
     init = online_softmax.init(jnp.zeros(q.shape, jnp.float32), g.block_q)
     out, _ = online_softmax.finish(_loop(_loop_schedule(r, st, q_block, transposed=False), body, init), 0.0)
     if fp8:
-        out = out * output_scale(r["v_scale"][...])[None, :]
+        out = out * output_scale(r["v_scale"][...], g.block_k)[None, :]
     r["o"][...] = out.astype(r["o"].dtype)
 
 
 def _pallas(q, k, v, st: _Static, bits: int, pv_dtype, smooth: bool):
     g = st.geometry
     batch, q_len, heads, head_dim = q.shape
-    dim_pad = max(MIN_BLOCK, _next_power_of_2(head_dim))
+    dim_pad = padded_head_dim(head_dim)
     q_int, q_scale = quantize_blocks(q, bits, g.block_q)
     k_int, k_scale = quantize_blocks(smooth_keys(k) if smooth else k, bits, g.block_k)
     v_op, v_scale = quantize_values(v, pv_dtype)
@@ -107,10 +112,15 @@ def _pallas(q, k, v, st: _Static, bits: int, pv_dtype, smooth: bool):
     v_op = _pad_axis(_pad_axis(v_op, 1, kv_pad), 3, dim_pad)
     groups = st.groups
     kv_spec = _shared_kv_spec(kv_pad, dim_pad, groups)
+    if v_scale is None:
+        v_input = ("v", v_op, kv_spec)
+    else:  # [batch, kv_heads, dim, kv_len]: K-major for the fp8 P·V (the transpose fuses into V's quantisation)
+        vt_spec = pl.BlockSpec((None, None, dim_pad, kv_pad), lambda b, h, i: (b, lax.div(h, groups), 0, 0))
+        v_input = ("v", jnp.transpose(v_op, (0, 2, 3, 1)), vt_spec)
     inputs = [
         ("q", q_int, _q_tile_spec(g, dim_pad)),
         ("k", k_int, kv_spec),
-        ("v", v_op, kv_spec),
+        v_input,
         ("q_scale", q_scale, pl.BlockSpec((None, None, g.num_q_blocks), lambda b, h, i: (b, h, 0))),
         ("k_scale", k_scale, pl.BlockSpec((None, None, g.num_kv_blocks), lambda b, h, i: (b, lax.div(h, groups), 0))),
     ]
@@ -140,9 +150,9 @@ def _xla(q, k, v, st: _Static, bits: int, pv_dtype, smooth: bool):
     mask = g.element_mask(0, 0, g.q_len, g.kv_len)
     probs = masked_softmax(scores, jnp.ones(scores.shape[-2:], bool) if mask is None else mask)
     v_op, v_scale = quantize_values(v, pv_dtype)
-    p = probabilities_operand(probs, v_op.dtype).reshape(batch, kv_heads, st.groups, q_len, g.kv_len)
+    p = probabilities_operand(probs, v_op.dtype, g.block_k).reshape(batch, kv_heads, st.groups, q_len, g.kv_len)
     out = jnp.einsum("bkgts,bskd->btkgd", p, v_op, preferred_element_type=jnp.float32)
-    scale = output_scale(v_scale)
+    scale = output_scale(v_scale, g.block_k)
     if v_scale is not None:
         scale = scale[:, None, :, None, :]
     return (out * scale).reshape(batch, q_len, heads, head_dim).astype(q.dtype)
@@ -197,13 +207,11 @@ def quantized_attention(
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}")
     check_pv_dtype(pv_dtype)
-    geometry = Geometry(
-        q_len=q_len,
-        kv_len=kv_len,
-        block_q=_block_size(block_q, q_len, False),
-        block_k=_block_size(block_k, kv_len, False),
-        causal=causal,
-    )
+    # Tiles are the quantisation blocks: DEFAULT_BLOCK unless given; warps and stages per head_dim.
+    tiles = BlockSizes.for_head_dim(padded_head_dim(head_dim))
+    tiles = dataclasses.replace(tiles, block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK)
+    sizes = resolve_block_sizes(tiles, head_dim, block_q, block_k, q_len, kv_len, False)
+    geometry = Geometry(q_len=q_len, kv_len=kv_len, block_q=sizes.block_q, block_k=sizes.block_k, causal=causal)
     st = _Static(
         geometry=geometry,
         sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale),
@@ -212,6 +220,8 @@ def quantized_attention(
         sparse=False,
         mask_per_head=False,
         interpret=default_interpret() if interpret is None else bool(interpret),
+        num_warps=sizes.num_warps,
+        num_stages=sizes.num_stages,
     )
     run = _pallas if implementation == "pallas" else _xla
     return run(q, k, v, st, qk_bits, pv_dtype, smooth_k)

@@ -1,10 +1,14 @@
-"""Test set-up: 8 emulated CPU devices (set before JAX is imported) and the `gpu` marker."""
+"""Test set-up: 8 emulated CPU devices (set before JAX is imported), the CPU platform where no GPU is present (so an
+installed CUDA plugin is not initialised; it still compiles deviceless for sm_90a), and the `gpu` marker."""
 
+import glob
 import os
 
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
 ).strip()
+if not glob.glob("/dev/nvidia[0-9]*"):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -68,6 +68,17 @@ def test_kernel_matches_reference(kv_format, page_size, heads, kv_heads, splits)
     assert np.all(np.asarray(got[0]) == 0)  # the empty sequence
 
 
+@pytest.mark.parametrize(("kv_format", "page_size"), [("bfloat16", None), ("int8", 16), ("int4", 32)])
+def test_bfloat16_query_runs_bfloat16_dots_close_to_reference(kv_format, page_size):
+    """A bfloat16 query makes the kernel's dots bfloat16 (tensor cores): P is rounded to bfloat16 before P·V."""
+    q, _, cache, lengths = _inputs(kv_format, page_size, 8, 2)
+    q = q.astype(jnp.bfloat16)
+    got = _run(q, cache, lengths, implementation="pallas", num_splits=2, interpret=True)
+    want = jax.jit(pk.reference.decode_attention)(q, cache["k_cache"], cache["v_cache"], lengths, **_scales(cache))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize(("kv_format", "min_cosine"), [("int8", 0.9999), ("int4", 0.99)])
 def test_quantised_cache_is_close_to_full_precision(kv_format, min_cosine):
     q, (k, v), cache, lengths = _inputs(kv_format, 16, 4, 2, seed=1)

@@ -171,7 +171,7 @@ def test_matches_reference_and_jax_nn(case: Case):
 
 @pytest.mark.parametrize("head_dim, block", [(128, 16), (256, None)])
 def test_float16_large_head_dims_forward(head_dim, block):
-    """Also covers the default block size (shrunk to the sequence: one 64-row block for 40 tokens)."""
+    """Also covers the default block sizes (head_dim 256: 32-row tiles, two blocks for 40 tokens)."""
     kq, kk, kv = jax.random.split(jax.random.key(head_dim), 3)
     shape = (1, 40, 2, head_dim)
     q, k, v = (jax.random.normal(key, shape, jnp.float16) for key in (kq, kk, kv))

@@ -135,8 +135,10 @@ def test_quantized_block_estimate_beats_per_token_lowbit_on_channel_outliers():
     assert mask.shape == (1, 2, 8, 8) and not np.any(np.asarray(mask) & ~np.asarray(geometry.block_visibility()))
 
 
-@pytest.mark.parametrize(("bits", "pv_dtype", "pv_ir"), [(8, jnp.bfloat16, "bf16"), (4, FP8, "f8E4M3FN")])
-def test_kernel_lowers_to_integer_and_fp8_triton_dots(bits, pv_dtype, pv_ir):
+@pytest.mark.parametrize(
+    ("bits", "pv_dtype", "pv_ir", "acc_ir"), [(8, jnp.bfloat16, "bf16", "f32"), (4, FP8, "f8E4M3FN", "f16")]
+)
+def test_kernel_lowers_to_integer_and_fp8_triton_dots(bits, pv_dtype, pv_ir, acc_ir):
     """Pallas -> Triton-dialect lowering for CUDA, on any machine (see test_flash_attention_lowering)."""
     from test_flash_attention_lowering import _triton_modules
 
@@ -147,4 +149,4 @@ def test_kernel_lowers_to_integer_and_fp8_triton_dots(bits, pv_dtype, pv_ir):
     (text,) = modules.values()
     assert "scf.while" not in text
     assert "tensor<64x128xi8> * tensor<128x64xi8> -> tensor<64x64xi32>" in text
-    assert f"tensor<64x64x{pv_ir}> * tensor<64x128x{pv_ir}> -> tensor<64x128xf32>" in text
+    assert f"tensor<64x64x{pv_ir}> * tensor<64x128x{pv_ir}> -> tensor<64x128x{acc_ir}>" in text
