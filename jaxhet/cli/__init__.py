@@ -2,12 +2,17 @@
 
 On a machine without GPUs, the CLI emulates an 8-device cluster on CPU devices (unless XLA_FLAGS already says how
 many), which must be set before JAX starts; the flag only concerns the host platform, so GPUs are unaffected.
+Where no NVIDIA device exists it also picks JAX's CPU platform, so an installed CUDA plugin (the dev extra's, for
+compiling kernels for sm_90a) does not print why it cannot start.
 """
 
+import glob
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+if not glob.glob("/dev/nvidia[0-9]*"):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from typing import Annotated  # noqa: E402
 
