@@ -243,6 +243,7 @@ class _CellModel:
             count = [sum(a[g][r] for g in slots[r] if groups[g].node == n) for n in nodes]
             for n in nodes:
                 m.add(count[n] <= G * nu[n])
+                m.add(nu[n] <= count[n])
                 m.add_implication(nu[n], node_used[n])
             p2p = sum((count[n] - nu[n]) * p2p_intra[n] for n in nodes) + (sum(nu) - used[r]) * p2p_inter
             steady = m.new_int_var(0, t_hi * microbatches, f"mM{r}")

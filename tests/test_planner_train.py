@@ -152,3 +152,22 @@ def test_use_all_devices_infeasibility_is_explained() -> None:
         planners.plan_training(
             cluster, planners.ModelSpec.preset("tiny"), workload, time_limit_s=5, use_all_devices=True
         )
+
+
+def test_node_use_is_exact_beside_a_fast_nic() -> None:
+    """Issue 17's instance: a PCIe-only T4 node beside an NVLink H100 node joined by a NIC faster than PCIe. A node
+    the replica does not use must not make its pipeline hops cheaper, so the reported optimum is the enumerated one."""
+    cluster = planners.ClusterSpec.from_dict(
+        {
+            "nodes": [{"gpu": "T4", "count": 2}, {"gpu": "H100", "count": 3}],
+            "inter_node_link": {"gb_s": 50, "latency_us": 5},
+        }
+    )
+    model = planners.ModelSpec("m4", 1000, 256, 1024, 4, 8, 8)
+    workload = planners.TrainWorkload(2, 512, microbatch_sizes=(1, 2))
+    expected = best_plan(cluster, model, workload)
+    assert expected is not None
+    plan, info = planners.plan_training_with_info(cluster, model, workload, time_limit_s=30, num_workers=1)
+    assert info.status == "OPTIMAL"
+    assert plan.estimate.iteration_s == pytest.approx(expected[0], rel=1e-3)
+    assert info.lower_bound_s <= expected[0] * (1 + 1e-3)
