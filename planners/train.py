@@ -33,7 +33,7 @@ from typing import Any
 from planners.cluster import ClusterSpec
 from planners.cost_model import TrainCosts, evaluate_train_plan, memory_excess
 from planners.errors import PlanningError
-from planners.groups import Slot, candidate_groups
+from planners.groups import Group, Slot, candidate_groups
 from planners.model import ModelSpec
 from planners.plan import Replica, SolveInfo, Stage, TrainPlan
 from planners.seeds import seed_slots
@@ -163,14 +163,43 @@ class _Outcome:
     bound_s: float
 
 
-def _solve(problem: CellProblem, cluster: ClusterSpec, batch: int, end: float, workers: int) -> _Outcome:
-    """Seed, then coarse, then full CP-SAT solve of one sub-problem, all before the wall-clock time `end`."""
+def _cell_slots(plan: TrainPlan | None, problem: CellProblem) -> list[Slot] | None:
+    """The replicas of `plan` (over the whole cluster) that lie in the first copy of `problem`'s cell, in cell
+    coordinates; None unless they make a plan of that cell (its micro-batch size and count). A plan of finer cells
+    is one of every coarser cell that contains them: the warm start of the coarser solve."""
+    if plan is None:
+        return None
+    cell = problem.cell
+    local = {d: i for i, d in enumerate(cell.device_maps[0])}
+    devices = cell.cluster.devices
+    slots: list[Slot] = []
+    for r in plan.replicas:
+        if r.microbatch_size != problem.microbatch or not all(d in local for d in r.devices):
+            continue
+        groups = [Group(devices[local[st.devices[0]]].node, tuple(local[d] for d in st.devices), st.kind) for st in r.stages]
+        stages = [(g, st.num_layers, st.recompute) for g, st in zip(groups, r.stages, strict=True)]
+        slots.append((stages, r.num_microbatches))
+    return slots if slots and sum(count for _, count in slots) == problem.microbatches else None
+
+
+def _solve(
+    problem: CellProblem, cluster: ClusterSpec, batch: int, end: float, workers: int, warm: TrainPlan | None
+) -> _Outcome:
+    """Coarse, then full CP-SAT solve of one sub-problem before the wall-clock time `end`, each starting from the
+    fastest plan known so far: the best seed or `warm` (a plan of finer cells with the same micro-batch size)."""
+
+    def plan_of(slots: list[Slot]) -> TrainPlan:
+        return _plan_from_slots(slots, problem.cell, problem, cluster, batch)
+
+    def fastest(options: list[list[Slot] | None]) -> list[Slot] | None:
+        found = [s for s in options if s is not None]
+        return min(found, key=lambda s: plan_of(s).estimate.iteration_s) if found else None  # type: ignore[union-attr]
+
     seeds = _seeds(problem)
-    seed = seeds[0] if seeds else None
-    coarse = CellModel(problem, coarse=True).solve(COARSE_SHARE * (end - time.perf_counter()), workers, hint=seed)
-    full = CellModel(problem).solve(end - time.perf_counter(), workers, hint=coarse.slots or seed)
-    found = [s for s in (seed, coarse.slots, full.slots) if s is not None]
-    plans = [_plan_from_slots(s, problem.cell, problem, cluster, batch) for s in found]
+    start = fastest([seeds[0] if seeds else None, _cell_slots(warm, problem)])
+    coarse = CellModel(problem, coarse=True).solve(COARSE_SHARE * (end - time.perf_counter()), workers, hint=start)
+    full = CellModel(problem).solve(end - time.perf_counter(), workers, hint=fastest([coarse.slots, start]))
+    plans = [plan_of(s) for s in (start, coarse.slots, full.slots) if s is not None]
     for plan in plans:
         assert plan.estimate is not None
         excess = memory_excess(plan, cluster, plan.estimate)
@@ -179,7 +208,9 @@ def _solve(problem: CellProblem, cluster: ClusterSpec, batch: int, end: float, w
     return _Outcome(problem, plans, full.status, full.bound_s)
 
 
-def _problems(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, ks: list[int], use_all: bool) -> Iterator[CellProblem]:
+def _problems(
+    cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, ks: list[int], use_all: bool
+) -> Iterator[CellProblem]:
     """The sub-problems of the splits `ks`: one per split and micro-batch size that divides the batch evenly."""
     for k in ks:
         cell = _cell(cluster, k)
@@ -190,29 +221,44 @@ def _problems(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, k
                 )
 
 
+def _fastest(outcomes: list[_Outcome], microbatch: int | None = None) -> tuple[TrainPlan, _Outcome] | None:
+    """The fastest plan of `outcomes` (of one micro-batch size if given) and the outcome it came from."""
+    found = [(p, o) for o in outcomes for p in o.plans if microbatch in (None, o.problem.microbatch)]
+    return min(found, key=lambda x: x[0].estimate.iteration_s) if found else None  # type: ignore[union-attr]
+
+
 def _run(
-    problems: list[CellProblem], cluster: ClusterSpec, workload: TrainWorkload, deadline: float, workers: int
+    problems: list[CellProblem],
+    cluster: ClusterSpec,
+    workload: TrainWorkload,
+    deadline: float,
+    workers: int,
+    outcomes: list[_Outcome],
 ) -> list[_Outcome]:
-    """Solve `problems` in turn, each given an equal share of the time left before `deadline`."""
-    out = []
+    """`outcomes` followed by those of `problems`, solved in turn, each with a share of the time left before
+    `deadline` in proportion to its cell's devices, each warm-started from the fastest plan so far (same size)."""
+    outcomes = list(outcomes)
     for i, problem in enumerate(problems):
-        end = time.perf_counter() + max(deadline - time.perf_counter(), 0.0) / (len(problems) - i)
-        out.append(_solve(problem, cluster, workload.global_batch, end, workers))
-    return out
+        weight = problem.cell.cluster.num_devices / sum(p.cell.cluster.num_devices for p in problems[i:])
+        end = time.perf_counter() + max(deadline - time.perf_counter(), 0.0) * weight
+        warm = _fastest(outcomes, problem.microbatch)
+        outcomes.append(_solve(problem, cluster, workload.global_batch, end, workers, warm and warm[0]))
+    return outcomes
 
 
 def _summary(
-    outcomes: list[_Outcome], cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, elapsed: float,
+    outcomes: list[_Outcome],
+    cluster: ClusterSpec,
+    model: ModelSpec,
+    workload: TrainWorkload,
+    elapsed: float,
     time_limit_s: float,
 ) -> tuple[TrainPlan, SolveInfo]:
     """The fastest plan found, with its status, bound and gap."""
-    best, source = None, None
-    for outcome in outcomes:
-        for plan in outcome.plans:
-            assert plan.estimate is not None
-            if best is None or plan.estimate.iteration_s < best.estimate.iteration_s:  # type: ignore[union-attr]
-                best, source = plan, outcome
-    assert best is not None and best.estimate is not None and source is not None
+    fastest = _fastest(outcomes)
+    assert fastest is not None
+    best, source = fastest
+    assert best.estimate is not None
     whole = [o for o in outcomes if o.problem.cell.copies == 1]
     sizes = {o.problem.microbatch for o in whole}
     proven = sizes == set(workload.microbatch_sizes) and all(o.status in ("OPTIMAL", "INFEASIBLE") for o in whole)
@@ -234,7 +280,14 @@ def _summary(
     return dataclasses.replace(best, solve=info), info
 
 
-def _no_plan(outcomes: list[_Outcome], cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, time_limit_s: float, use_all: bool) -> PlanningError:
+def _no_plan(
+    outcomes: list[_Outcome],
+    cluster: ClusterSpec,
+    model: ModelSpec,
+    workload: TrainWorkload,
+    time_limit_s: float,
+    use_all: bool,
+) -> PlanningError:
     """Why no plan came out: memory (explained) when every sub-problem is infeasible, else the time limit."""
     statuses = [o.status for o in outcomes]
     if all(s == "INFEASIBLE" for s in statuses):
@@ -261,6 +314,9 @@ def plan_training_with_info(
     """`plan_training`, also returning how the plan was found (also in `plan.solve`)."""
     start = time.perf_counter()
     deadline = start + (1 - RESERVE_SHARE) * time_limit_s
+    usable = sum(n.count * cluster.profile(n.kind).capacity_bytes for n in cluster.nodes)
+    if _state_bytes(cluster, model, workload.seq_len) > usable:
+        raise PlanningError(explain_infeasible(cluster, model, workload))
     ks = cell_splits(cluster, model, workload, max_cell_devices)
     problems = list(_problems(cluster, model, workload, ks, use_all_devices))
     if not problems:
@@ -268,11 +324,11 @@ def plan_training_with_info(
             f"global_batch {workload.global_batch} cannot be split into equal micro-batches of the sizes "
             f"{list(workload.microbatch_sizes)} over {ks[-1]} identical cells"
         )
-    outcomes = _run(problems, cluster, workload, deadline, num_workers)
+    outcomes = _run(problems, cluster, workload, deadline, num_workers, [])
     fallback = coarser_splits(cluster, model, workload, ks)
     while fallback and not any(o.plans for o in outcomes) and time.perf_counter() < deadline:
         more = list(_problems(cluster, model, workload, [fallback.pop(0)], use_all_devices))
-        outcomes += _run(more, cluster, workload, deadline, num_workers)
+        outcomes = _run(more, cluster, workload, deadline, num_workers, outcomes)
     if not any(o.plans for o in outcomes):
         raise _no_plan(outcomes, cluster, model, workload, time_limit_s, use_all_devices)
     return _summary(outcomes, cluster, model, workload, time.perf_counter() - start, time_limit_s)

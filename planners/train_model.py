@@ -167,8 +167,9 @@ class CellModel:
     def _twins(self) -> list[tuple[int, int]]:
         """Pairs (g, next same-size group of the same node): interchangeable, so their block counts descend."""
         pairs = []
-        for g, grp in enumerate(self.groups):
-            later = [h for h in range(g + 1, len(self.groups)) if (self.groups[h].node, self.groups[h].tp) == (grp.node, grp.tp)]
+        key = [(grp.node, grp.tp) for grp in self.groups]
+        for g in self._range:
+            later = [h for h in range(g + 1, len(self.groups)) if key[h] == key[g]]
             if later:
                 pairs.append((g, later[0]))
         return pairs
@@ -312,6 +313,7 @@ class CellModel:
         solver.parameters.max_time_in_seconds = max(time_limit_s - (time.perf_counter() - start), 0.01)
         solver.parameters.num_workers = workers
         solver.parameters.linearization_level = 2  # the LP relaxation of the enforced constraints proves bounds
+        solver.parameters.cp_model_probing_level = 0  # probing the arc literals of large cells outlasts the limit
         status = solver.solve(self.m)
         name = solver.status_name(status)
         if status == cp_model.INFEASIBLE:
