@@ -11,15 +11,18 @@ Search space (the same one `planners.brute_force` enumerates):
 - each stage gets at least one block, and may recompute its activations.
 The model: `planners.cost_model`; its CP-SAT encoding: `planners.train_model`.
 
-Large clusters may be split into `K` identical cells (each with the same number of nodes of every node class, and
-together able to hold the model's state); one cell is planned and its plan repeated `K` times, with the gradient
-all-reduce counted over all `K` cells. Tried: every split into cells of at most `max_cell_devices` devices, and the
-whole cluster when it has at most `WHOLE_CLUSTER_DEVICES` devices or when no such split leaves a plan. Cell plans
-are whole-cluster plans too, so only the whole-cluster solves prove optimality and bound the iteration time;
-without them the bound is the throughput bound of `throughput_bound_s`. Each sub-problem is solved twice: over
+Large clusters may be split into `K` identical cells (each with `len(nodes) // K` nodes of every node class, the
+nodes left over idle, and each able to hold the model's state); one cell is planned and its plan repeated `K`
+times, with the gradient all-reduce counted over all `K` cells. Tried (`cell_splits`): the splits into cells of at
+most `max_cell_devices` devices that leave the fewest devices idle, and the whole cluster when it has at most
+`WHOLE_CLUSTER_DEVICES` devices; coarser splits when those leave no plan. Cell plans are whole-cluster plans too,
+so only the whole-cluster solves prove optimality and bound the iteration time; without them the bound is the
+throughput bound of `throughput_bound_s`. Each sub-problem is solved twice: over
 coarse groups only (TP of at least half a node, fast), then over all groups starting from that plan (a CP-SAT
-hint); both start from the best regular seed plan (`planners.seeds`) when there is one. The time limit holds for
-the whole call, model building included.
+hint); both start from the fastest plan known so far: the best regular seed plan (`planners.seeds`), or a plan of
+finer cells or of a subset of the nodes. Clusters of at least `SUBSET_MIN_DEVICES` devices first get quick solves
+of their subsets without one node of one class (for each class), renumbered onto the cluster: warm starts that
+keep the plan no worse than theirs. The time limit holds for the whole call, model building included.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ from planners.workload import TrainWorkload
 COARSE_SHARE = 0.25
 RESERVE_SHARE = 0.05  # of the time limit, kept for turning solutions into plans
 WHOLE_CLUSTER_DEVICES = 32
+MAX_MODEL_DEVICES = 64  # no CP-SAT model spans more devices: its arcs grow with the square of the groups
+SUBSET_MIN_DEVICES = 17  # smaller clusters are solved to optimality, which needs no warm start from subsets
+SUBSET_SHARE = 0.3  # of the time limit, for the subsets' quick solves
 
 
 def _state_bytes(cluster: ClusterSpec, model: ModelSpec, seq_len: int) -> float:
@@ -51,36 +57,61 @@ def _state_bytes(cluster: ClusterSpec, model: ModelSpec, seq_len: int) -> float:
     return model.num_layers * costs.layer_state_bytes(1) + costs.first_state_bytes(1) + costs.last_state_bytes(1)
 
 
-def _cell(cluster: ClusterSpec, k: int) -> Cell:
-    """`cluster` split into `k` identical cells (every node class divided evenly)."""
+def _cell(cluster: ClusterSpec, k: int) -> Cell | None:
+    """`cluster` split into `k` identical cells, each taking `len(nodes) // k` nodes of every node class (the nodes
+    left over stay idle); None if the cells would be empty."""
     classes, offsets = cluster.node_classes(), cluster.node_offsets()
+    per = [len(nodes) // k for nodes in classes]
+    if not any(per):
+        return None
     chosen = [
-        sorted(n for nodes in classes for n in nodes[c * len(nodes) // k : (c + 1) * len(nodes) // k])
-        for c in range(k)
+        sorted(n for nodes, q in zip(classes, per, strict=True) for n in nodes[c * q : (c + 1) * q]) for c in range(k)
     ]
     maps = tuple(tuple(offsets[n] + i for n in nodes for i in range(cluster.nodes[n].count)) for nodes in chosen)
     return Cell(dataclasses.replace(cluster, nodes=tuple(cluster.nodes[n] for n in chosen[0])), k, maps)
 
 
-def cell_splits(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, max_cell_devices: int) -> list[int]:
-    """Numbers of identical cells worth trying, finest first, the whole cluster (1) last when tried: the splits
-    into cells of at most `max_cell_devices` devices whose memory holds the model's state (or else the finest
-    split that does), and 1 if the cluster has at most `WHOLE_CLUSTER_DEVICES` devices."""
-    g = math.gcd(*(len(nodes) for nodes in cluster.node_classes()))
+def _splits(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> list[tuple[int, int, int]]:
+    """`(devices per cell, idle devices, k)` of every split into `k > 1` cells that hold the model's state and
+    divide the batch."""
     state = _state_bytes(cluster, model, workload.seq_len)
-    usable = sum(n.count * cluster.profile(n.kind).capacity_bytes for n in cluster.nodes)
-    fits = [k for k in range(g, 0, -1) if g % k == 0 and workload.global_batch % k == 0 and usable / k >= state]
-    small = [k for k in fits if cluster.num_devices // k <= max_cell_devices and k > 1]
-    ks = small or [k for k in fits[:1] if k > 1]
-    if cluster.num_devices <= WHOLE_CLUSTER_DEVICES or not ks:
+    out = []
+    for k in range(max(len(nodes) for nodes in cluster.node_classes()), 1, -1):
+        cell = _cell(cluster, k)
+        if cell is None or workload.global_batch % k or _usable_bytes(cell.cluster) < state:
+            continue
+        out.append((cell.cluster.num_devices, cluster.num_devices - k * cell.cluster.num_devices, k))
+    return out
+
+
+def cell_splits(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, max_cell_devices: int) -> list[int]:
+    """Numbers of identical cells worth trying, finest first, the whole cluster (1) last when tried: of the splits
+    (`_splits`) into cells of at most `max_cell_devices` devices, those leaving the fewest devices idle (or else the
+    split into the smallest cells, if those have at most `MAX_MODEL_DEVICES`); 1 if the cluster has at most
+    `WHOLE_CLUSTER_DEVICES` devices, or no split qualifies and it has at most `MAX_MODEL_DEVICES`."""
+    splits = _splits(cluster, model, workload)
+    small = [s for s in splits if s[0] <= max_cell_devices]
+    if small:
+        least = min(idle for _, idle, _ in small)
+        ks = [k for _, idle, k in small if idle == least]
+    else:
+        ks = [min(splits)[2]] if splits and min(splits)[0] <= MAX_MODEL_DEVICES else []
+    if cluster.num_devices <= WHOLE_CLUSTER_DEVICES or (not ks and cluster.num_devices <= MAX_MODEL_DEVICES):
         ks.append(1)
+    if not ks:
+        raise PlanningError(
+            f"no split of the cluster into identical cells of at most {MAX_MODEL_DEVICES} devices holds "
+            f"{model.name}'s weights, gradients and optimizer state and divides global_batch {workload.global_batch}"
+        )
     return ks
 
 
 def coarser_splits(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, tried: list[int]) -> list[int]:
-    """The splits into fewer cells than any tried, finest first: the fallback when the tried ones leave no plan."""
-    g = math.gcd(*(len(nodes) for nodes in cluster.node_classes()))
-    return [k for k in range(min(tried) - 1, 0, -1) if g % k == 0 and workload.global_batch % k == 0]
+    """The splits into fewer cells than any tried (cells of at most `MAX_MODEL_DEVICES`), finest first: the
+    fallback when the tried ones leave no plan."""
+    splits = _splits(cluster, model, workload)
+    coarser = [k for devices, _, k in splits if k < min(tried) and devices <= MAX_MODEL_DEVICES]
+    return coarser + ([1] if 1 not in tried and cluster.num_devices <= MAX_MODEL_DEVICES else [])
 
 
 def throughput_bound_s(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> float:
@@ -155,12 +186,16 @@ def _plan_from_slots(
 
 @dataclasses.dataclass(frozen=True)
 class _Outcome:
-    """One sub-problem's result: the plans it yielded, CP-SAT's status and bound (seconds) on its full model."""
+    """One sub-problem's result: the plans it yielded (cells, micro-batch size), CP-SAT's status and bound
+    (seconds) on its full model, and whether that bound holds for every plan of the micro-batch size (a solve of
+    the whole cluster, not of cells or of a subset of nodes)."""
 
-    problem: CellProblem
+    cells: int
+    microbatch: int
     plans: list[TrainPlan]
     status: str
     bound_s: float
+    proves: bool
 
 
 def _cell_slots(plan: TrainPlan | None, problem: CellProblem) -> list[Slot] | None:
@@ -176,7 +211,9 @@ def _cell_slots(plan: TrainPlan | None, problem: CellProblem) -> list[Slot] | No
     for r in plan.replicas:
         if r.microbatch_size != problem.microbatch or not all(d in local for d in r.devices):
             continue
-        groups = [Group(devices[local[st.devices[0]]].node, tuple(local[d] for d in st.devices), st.kind) for st in r.stages]
+        groups = [
+            Group(devices[local[st.devices[0]]].node, tuple(local[d] for d in st.devices), st.kind) for st in r.stages
+        ]
         stages = [(g, st.num_layers, st.recompute) for g, st in zip(groups, r.stages, strict=True)]
         slots.append((stages, r.num_microbatches))
     return slots if slots and sum(count for _, count in slots) == problem.microbatches else None
@@ -205,7 +242,8 @@ def _solve(
         excess = memory_excess(plan, cluster, plan.estimate)
         if excess:
             raise AssertionError(f"planner produced a plan over memory: {excess}")
-    return _Outcome(problem, plans, full.status, full.bound_s)
+    copies = problem.cell.copies
+    return _Outcome(copies, problem.microbatch, plans, full.status, full.bound_s, copies == 1)
 
 
 def _problems(
@@ -214,6 +252,7 @@ def _problems(
     """The sub-problems of the splits `ks`: one per split and micro-batch size that divides the batch evenly."""
     for k in ks:
         cell = _cell(cluster, k)
+        assert cell is not None
         for b in workload.microbatch_sizes:
             if workload.global_batch % (k * b) == 0:
                 yield CellProblem(
@@ -223,7 +262,7 @@ def _problems(
 
 def _fastest(outcomes: list[_Outcome], microbatch: int | None = None) -> tuple[TrainPlan, _Outcome] | None:
     """The fastest plan of `outcomes` (of one micro-batch size if given) and the outcome it came from."""
-    found = [(p, o) for o in outcomes for p in o.plans if microbatch in (None, o.problem.microbatch)]
+    found = [(p, o) for o in outcomes for p in o.plans if microbatch in (None, o.microbatch)]
     return min(found, key=lambda x: x[0].estimate.iteration_s) if found else None  # type: ignore[union-attr]
 
 
@@ -259,8 +298,8 @@ def _summary(
     assert fastest is not None
     best, source = fastest
     assert best.estimate is not None
-    whole = [o for o in outcomes if o.problem.cell.copies == 1]
-    sizes = {o.problem.microbatch for o in whole}
+    whole = [o for o in outcomes if o.proves]
+    sizes = {o.microbatch for o in whole}
     proven = sizes == set(workload.microbatch_sizes) and all(o.status in ("OPTIMAL", "INFEASIBLE") for o in whole)
     bound = throughput_bound_s(cluster, model, workload)
     if sizes == set(workload.microbatch_sizes):
@@ -273,8 +312,8 @@ def _summary(
         gap=(iteration - bound) / iteration,
         solve_s=elapsed,
         time_limit_s=time_limit_s,
-        cells=source.problem.cell.copies,
-        microbatch_size=source.problem.microbatch,
+        cells=source.cells,
+        microbatch_size=source.microbatch,
         solves=len(outcomes),
     )
     return dataclasses.replace(best, solve=info), info
@@ -301,6 +340,80 @@ def _no_plan(
     return PlanningError(f"no plan found within the time limit of {time_limit_s:.1f} s (CP-SAT: {statuses})")
 
 
+def _search(
+    cluster: ClusterSpec,
+    model: ModelSpec,
+    workload: TrainWorkload,
+    deadline: float,
+    options: _Options,
+    outcomes: list[_Outcome],
+) -> list[_Outcome]:
+    """`outcomes` (warm starts) followed by the solves of `cluster`'s cell splits, and of coarser splits while
+    none has yielded a plan and time is left."""
+    ks = cell_splits(cluster, model, workload, options.max_cell_devices)
+    problems = list(_problems(cluster, model, workload, ks, options.use_all_devices))
+    if not problems:
+        raise PlanningError(
+            f"global_batch {workload.global_batch} cannot be split into equal micro-batches of the sizes "
+            f"{list(workload.microbatch_sizes)} over {ks[-1]} identical cells"
+        )
+    start = len(outcomes)
+    outcomes = _run(problems, cluster, workload, deadline, options.workers, outcomes)
+    fallback = coarser_splits(cluster, model, workload, ks)
+    while fallback and not any(o.plans for o in outcomes[start:]) and time.perf_counter() < deadline:
+        more = list(_problems(cluster, model, workload, [fallback.pop(0)], options.use_all_devices))
+        outcomes = _run(more, cluster, workload, deadline, options.workers, outcomes)
+    return outcomes
+
+
+def _subsets(cluster: ClusterSpec) -> list[tuple[ClusterSpec, tuple[int, ...]]]:
+    """The cluster without one node of one class, for each class, with the original index of every device left."""
+    offsets = cluster.node_offsets()
+    return [
+        cluster.without_devices(range(offsets[members[-1]], offsets[members[-1]] + cluster.nodes[members[-1]].count))
+        for members in cluster.node_classes()
+        if len(cluster.nodes) > 1
+    ]
+
+
+def _subset_outcomes(
+    cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, deadline: float, options: _Options
+) -> list[_Outcome]:
+    """Quick solves of the subsets (`_subsets`) before `deadline`, their plans renumbered onto `cluster`: warm
+    starts that keep a cluster's plan no worse than its subsets' (adding a node never makes the plan worse)."""
+    out = []
+    kinds = [d.kind for d in cluster.devices]
+    subsets = _subsets(cluster)
+    for i, (sub, original) in enumerate(subsets):
+        end = time.perf_counter() + max(deadline - time.perf_counter(), 0.0) / (len(subsets) - i)
+        if _state_bytes(sub, model, workload.seq_len) > _usable_bytes(sub):
+            continue
+        try:
+            found = _search(sub, model, workload, end, options, [])
+        except PlanningError:
+            continue
+        for o in found:
+            if not o.plans:
+                continue
+            plans = [p.with_devices(original, kinds, cluster.name) for p in o.plans]
+            plans = [dataclasses.replace(p, estimate=evaluate_train_plan(p, cluster, model)) for p in plans]
+            out.append(_Outcome(o.cells, o.microbatch, plans, o.status, 0.0, False))
+    return out
+
+
+def _usable_bytes(cluster: ClusterSpec) -> float:
+    return sum(n.count * cluster.profile(n.kind).capacity_bytes for n in cluster.nodes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The caller's options that every sub-search shares."""
+
+    workers: int
+    max_cell_devices: int
+    use_all_devices: bool
+
+
 def plan_training_with_info(
     cluster: ClusterSpec,
     model: ModelSpec,
@@ -314,21 +427,13 @@ def plan_training_with_info(
     """`plan_training`, also returning how the plan was found (also in `plan.solve`)."""
     start = time.perf_counter()
     deadline = start + (1 - RESERVE_SHARE) * time_limit_s
-    usable = sum(n.count * cluster.profile(n.kind).capacity_bytes for n in cluster.nodes)
-    if _state_bytes(cluster, model, workload.seq_len) > usable:
+    if _state_bytes(cluster, model, workload.seq_len) > _usable_bytes(cluster):
         raise PlanningError(explain_infeasible(cluster, model, workload))
-    ks = cell_splits(cluster, model, workload, max_cell_devices)
-    problems = list(_problems(cluster, model, workload, ks, use_all_devices))
-    if not problems:
-        raise PlanningError(
-            f"global_batch {workload.global_batch} cannot be split into equal micro-batches of the sizes "
-            f"{list(workload.microbatch_sizes)} over {ks[-1]} identical cells"
-        )
-    outcomes = _run(problems, cluster, workload, deadline, num_workers, [])
-    fallback = coarser_splits(cluster, model, workload, ks)
-    while fallback and not any(o.plans for o in outcomes) and time.perf_counter() < deadline:
-        more = list(_problems(cluster, model, workload, [fallback.pop(0)], use_all_devices))
-        outcomes = _run(more, cluster, workload, deadline, num_workers, outcomes)
+    options = _Options(num_workers, max_cell_devices, use_all_devices)
+    outcomes = []
+    if cluster.num_devices >= SUBSET_MIN_DEVICES and not use_all_devices:
+        outcomes = _subset_outcomes(cluster, model, workload, start + SUBSET_SHARE * time_limit_s, options)
+    outcomes = _search(cluster, model, workload, deadline, options, outcomes)
     if not any(o.plans for o in outcomes):
         raise _no_plan(outcomes, cluster, model, workload, time_limit_s, use_all_devices)
     return _summary(outcomes, cluster, model, workload, time.perf_counter() - start, time_limit_s)
