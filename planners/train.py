@@ -21,8 +21,8 @@ throughput bound of `throughput_bound_s`. Each sub-problem is solved twice: over
 coarse groups only (TP of at least half a node, fast), then over all groups starting from that plan (a CP-SAT
 hint); both start from the fastest plan known so far: the best regular seed plan (`planners.seeds`), or a plan of
 finer cells or of a subset of the nodes. Clusters of at least `SUBSET_MIN_DEVICES` devices first get quick solves
-of their subsets without one node of one class (for each class), renumbered onto the cluster: warm starts that
-keep the plan no worse than theirs. The time limit holds for the whole call, model building included.
+of their subsets (without one node of a class, or without a whole class), renumbered onto the cluster: warm starts
+that keep the plan no worse than theirs. The time limit holds for the whole call, model building included.
 """
 
 from __future__ import annotations
@@ -71,25 +71,31 @@ def _cell(cluster: ClusterSpec, k: int) -> Cell | None:
     return Cell(dataclasses.replace(cluster, nodes=tuple(cluster.nodes[n] for n in chosen[0])), k, maps)
 
 
-def _splits(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> list[tuple[int, int, int]]:
+def _splits(
+    cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, use_all: bool
+) -> list[tuple[int, int, int]]:
     """`(devices per cell, idle devices, k)` of every split into `k > 1` cells that hold the model's state and
-    divide the batch."""
+    divide the batch (and leave no device idle, with `use_all`)."""
     state = _state_bytes(cluster, model, workload.seq_len)
     out = []
     for k in range(max(len(nodes) for nodes in cluster.node_classes()), 1, -1):
         cell = _cell(cluster, k)
         if cell is None or workload.global_batch % k or _usable_bytes(cell.cluster) < state:
             continue
-        out.append((cell.cluster.num_devices, cluster.num_devices - k * cell.cluster.num_devices, k))
+        idle = cluster.num_devices - k * cell.cluster.num_devices
+        if not (use_all and idle):
+            out.append((cell.cluster.num_devices, idle, k))
     return out
 
 
-def cell_splits(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, max_cell_devices: int) -> list[int]:
+def cell_splits(
+    cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, max_cell_devices: int, use_all: bool
+) -> list[int]:
     """Numbers of identical cells worth trying, finest first, the whole cluster (1) last when tried: of the splits
     (`_splits`) into cells of at most `max_cell_devices` devices, those leaving the fewest devices idle (or else the
     split into the smallest cells, if those have at most `MAX_MODEL_DEVICES`); 1 if the cluster has at most
     `WHOLE_CLUSTER_DEVICES` devices, or no split qualifies and it has at most `MAX_MODEL_DEVICES`."""
-    splits = _splits(cluster, model, workload)
+    splits = _splits(cluster, model, workload, use_all)
     small = [s for s in splits if s[0] <= max_cell_devices]
     if small:
         least = min(idle for _, idle, _ in small)
@@ -106,10 +112,12 @@ def cell_splits(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload,
     return ks
 
 
-def coarser_splits(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, tried: list[int]) -> list[int]:
+def coarser_splits(
+    cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, tried: list[int], use_all: bool
+) -> list[int]:
     """The splits into fewer cells than any tried (cells of at most `MAX_MODEL_DEVICES`), finest first: the
     fallback when the tried ones leave no plan."""
-    splits = _splits(cluster, model, workload)
+    splits = _splits(cluster, model, workload, use_all)
     coarser = [k for devices, _, k in splits if k < min(tried) and devices <= MAX_MODEL_DEVICES]
     return coarser + ([1] if 1 not in tried and cluster.num_devices <= MAX_MODEL_DEVICES else [])
 
@@ -350,7 +358,7 @@ def _search(
 ) -> list[_Outcome]:
     """`outcomes` (warm starts) followed by the solves of `cluster`'s cell splits, and of coarser splits while
     none has yielded a plan and time is left."""
-    ks = cell_splits(cluster, model, workload, options.max_cell_devices)
+    ks = cell_splits(cluster, model, workload, options.max_cell_devices, options.use_all_devices)
     problems = list(_problems(cluster, model, workload, ks, options.use_all_devices))
     if not problems:
         raise PlanningError(
@@ -359,7 +367,7 @@ def _search(
         )
     start = len(outcomes)
     outcomes = _run(problems, cluster, workload, deadline, options.workers, outcomes)
-    fallback = coarser_splits(cluster, model, workload, ks)
+    fallback = coarser_splits(cluster, model, workload, ks, options.use_all_devices)
     while fallback and not any(o.plans for o in outcomes[start:]) and time.perf_counter() < deadline:
         more = list(_problems(cluster, model, workload, [fallback.pop(0)], options.use_all_devices))
         outcomes = _run(more, cluster, workload, deadline, options.workers, outcomes)
@@ -367,12 +375,16 @@ def _search(
 
 
 def _subsets(cluster: ClusterSpec) -> list[tuple[ClusterSpec, tuple[int, ...]]]:
-    """The cluster without one node of one class, for each class, with the original index of every device left."""
-    offsets = cluster.node_offsets()
+    """For each node class, the cluster without one of its nodes and (with several classes) without the whole
+    class, each with the original index of every device left."""
+    offsets, classes = cluster.node_offsets(), cluster.node_classes()
+    drops = {(members[-1],) for members in classes}
+    if len(classes) > 1:
+        drops |= {tuple(members) for members in classes}
     return [
-        cluster.without_devices(range(offsets[members[-1]], offsets[members[-1]] + cluster.nodes[members[-1]].count))
-        for members in cluster.node_classes()
-        if len(cluster.nodes) > 1
+        cluster.without_devices([offsets[n] + i for n in nodes for i in range(cluster.nodes[n].count)])
+        for nodes in sorted(drops)
+        if len(nodes) < len(cluster.nodes)
     ]
 
 

@@ -55,12 +55,13 @@ def test_llama_70b_plans_on_4x8_h800_within_its_time_limit() -> None:
 
 
 @pytest.mark.slow
-def test_128_gpus_keep_the_wall_clock_limit() -> None:
-    cluster = fleet(H100=8, L4=8)
+def test_120_gpus_split_into_cells_and_keep_the_wall_clock_limit() -> None:
+    """7 H100 nodes and 8 L4 nodes share no divisor: 7 cells of one node of each kind, one L4 node left idle."""
+    cluster = fleet(H100=7, L4=8)
     model = planners.ModelSpec.preset("llama-2-7b")
-    plan, info, wall = timed(cluster, model, planners.TrainWorkload(256, 4096, microbatch_sizes=(1, 2)), 8.0)
+    plan, info, wall = timed(cluster, model, planners.TrainWorkload(224, 4096, microbatch_sizes=(1, 2)), 8.0)
     check_report(plan, info, cluster)
-    assert wall <= 8.8 and info.cells > 1 and len(plan.devices) > 64
+    assert wall <= 8.8 and info.cells == 7 and len(plan.devices) == 7 * 16
 
 
 @pytest.mark.slow
