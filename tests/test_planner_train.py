@@ -1,5 +1,6 @@
 """The CP-SAT training planner: optimal against exhaustive enumeration, valid plans, explained infeasibility."""
 
+import dataclasses
 import random
 
 import pytest
@@ -82,6 +83,10 @@ def test_llama_7b_on_h100_and_l4() -> None:
     workload = planners.TrainWorkload(32, 2048, microbatch_sizes=(1, 2))
     plan = planners.plan_training(cluster, model, workload, time_limit_s=8, num_workers=2)
     check_plan(plan, cluster, model)
+    # The L4 node listed first: the same optimum (stage order is searched, not taken from the node order).
+    reversed_nodes = dataclasses.replace(cluster, nodes=cluster.nodes[::-1])
+    flipped = planners.plan_training(reversed_nodes, model, workload, time_limit_s=8, num_workers=2)
+    assert flipped.estimate.iteration_s == pytest.approx(plan.estimate.iteration_s, rel=0.01)
     # Faster than the same model on the H100 node alone, and than splitting the layers evenly.
     h100_only = planners.ClusterSpec.from_dict({"nodes": [{"gpu": "H100", "count": 4}]})
     alone = planners.plan_training(h100_only, model, workload, time_limit_s=4, num_workers=2)
