@@ -245,7 +245,9 @@ def cascade(
         Path | None,
         typer.Option(help="Running cascade plan JSON: re-plan keeping as many of its replicas as possible."),
     ] = None,
-    time_limit: TimeLimitOption = 10.0,
+    time_limit: Annotated[
+        float, typer.Option(min=0.1, help="Time limit of each serving MILP the search solves, seconds.")
+    ] = 10.0,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
     png: Annotated[Path | None, typer.Option(help="Write the latency/quality front as a PNG here.")] = None,
 ) -> None:
