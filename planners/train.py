@@ -12,17 +12,17 @@ Search space (the same one `planners.brute_force` enumerates):
 The model: `planners.cost_model`; its CP-SAT encoding: `planners.train_model`.
 
 Large clusters may be split into `K` identical cells (each with `len(nodes) // K` nodes of every node class, the
-nodes left over idle, and each able to hold the model's state); one cell is planned and its plan repeated `K`
-times, with the gradient all-reduce counted over all `K` cells. Tried (`cell_splits`): the splits into cells of at
-most `max_cell_devices` devices that leave the fewest devices idle, and the whole cluster when it has at most
-`WHOLE_CLUSTER_DEVICES` devices; coarser splits when those leave no plan. Cell plans are whole-cluster plans too,
-so only the whole-cluster solves prove optimality and bound the iteration time; without them the bound is the
-throughput bound of `throughput_bound_s`. Each sub-problem is solved twice: over
-coarse groups only (TP of at least half a node, fast), then over all groups starting from that plan (a CP-SAT
-hint); both start from the fastest plan known so far: the best regular seed plan (`planners.seeds`), or a plan of
-finer cells or of a subset of the nodes. Clusters of at least `SUBSET_MIN_DEVICES` devices first get quick solves
-of their subsets (without one node of a class, or without a whole class), renumbered onto the cluster: warm starts
-that keep the plan no worse than theirs. The time limit holds for the whole call, model building included.
+nodes left over idle, and each able to hold the model's state; `planners.cells`); one cell is planned and its
+plan repeated `K` times, with the gradient all-reduce counted over all `K` cells. Tried (`cell_splits`): the
+splits into cells of at most `max_cell_devices` devices that leave the fewest devices idle, and the whole cluster
+when it has at most `WHOLE_CLUSTER_DEVICES` devices; coarser splits when those leave no plan. Cell plans are
+whole-cluster plans too, so only the whole-cluster solves prove optimality and bound the iteration time; without
+them the bound is the throughput bound of `throughput_bound_s`. Each sub-problem is solved twice: over coarse
+groups only (TP of at least half a node, fast), then over all groups starting from that plan (a CP-SAT hint); both
+start from the fastest plan known so far: the best regular seed plan (`planners.seeds`), or a plan of finer cells
+or of a subset of the nodes. Clusters of at least `SUBSET_MIN_DEVICES` devices first get quick solves of their
+subsets (without one node of a class, or without a whole class), renumbered onto the cluster: warm starts that
+keep the plan no worse than theirs. The time limit holds for the whole call, model building included.
 """
 
 from __future__ import annotations
@@ -40,86 +40,14 @@ from planners.groups import Group, Slot, candidate_groups
 from planners.model import ModelSpec
 from planners.plan import Replica, SolveInfo, Stage, TrainPlan
 from planners.seeds import seed_slots
+from planners.cells import cell_splits, coarser_splits, split_cell, state_bytes, subsets, usable_bytes
 from planners.train_model import Cell, CellModel, CellProblem
 from planners.workload import TrainWorkload
 
 COARSE_SHARE = 0.25
 RESERVE_SHARE = 0.05  # of the time limit, kept for turning solutions into plans
-WHOLE_CLUSTER_DEVICES = 32
-MAX_MODEL_DEVICES = 64  # no CP-SAT model spans more devices: its arcs grow with the square of the groups
 SUBSET_MIN_DEVICES = 17  # smaller clusters are solved to optimality, which needs no warm start from subsets
 SUBSET_SHARE = 0.3  # of the time limit, for the subsets' quick solves
-
-
-def _state_bytes(cluster: ClusterSpec, model: ModelSpec, seq_len: int) -> float:
-    """Weights, gradients and optimizer state of the whole model."""
-    costs = TrainCosts(cluster, model, seq_len)
-    return model.num_layers * costs.layer_state_bytes(1) + costs.first_state_bytes(1) + costs.last_state_bytes(1)
-
-
-def _cell(cluster: ClusterSpec, k: int) -> Cell | None:
-    """`cluster` split into `k` identical cells, each taking `len(nodes) // k` nodes of every node class (the nodes
-    left over stay idle); None if the cells would be empty."""
-    classes, offsets = cluster.node_classes(), cluster.node_offsets()
-    per = [len(nodes) // k for nodes in classes]
-    if not any(per):
-        return None
-    chosen = [
-        sorted(n for nodes, q in zip(classes, per, strict=True) for n in nodes[c * q : (c + 1) * q]) for c in range(k)
-    ]
-    maps = tuple(tuple(offsets[n] + i for n in nodes for i in range(cluster.nodes[n].count)) for nodes in chosen)
-    return Cell(dataclasses.replace(cluster, nodes=tuple(cluster.nodes[n] for n in chosen[0])), k, maps)
-
-
-def _splits(
-    cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, use_all: bool
-) -> list[tuple[int, int, int]]:
-    """`(devices per cell, idle devices, k)` of every split into `k > 1` cells that hold the model's state and
-    divide the batch (and leave no device idle, with `use_all`)."""
-    state = _state_bytes(cluster, model, workload.seq_len)
-    out = []
-    for k in range(max(len(nodes) for nodes in cluster.node_classes()), 1, -1):
-        cell = _cell(cluster, k)
-        if cell is None or workload.global_batch % k or _usable_bytes(cell.cluster) < state:
-            continue
-        idle = cluster.num_devices - k * cell.cluster.num_devices
-        if not (use_all and idle):
-            out.append((cell.cluster.num_devices, idle, k))
-    return out
-
-
-def cell_splits(
-    cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, max_cell_devices: int, use_all: bool
-) -> list[int]:
-    """Numbers of identical cells worth trying, finest first, the whole cluster (1) last when tried: of the splits
-    (`_splits`) into cells of at most `max_cell_devices` devices, those leaving the fewest devices idle (or else the
-    split into the smallest cells, if those have at most `MAX_MODEL_DEVICES`); 1 if the cluster has at most
-    `WHOLE_CLUSTER_DEVICES` devices, or no split qualifies and it has at most `MAX_MODEL_DEVICES`."""
-    splits = _splits(cluster, model, workload, use_all)
-    small = [s for s in splits if s[0] <= max_cell_devices]
-    if small:
-        least = min(idle for _, idle, _ in small)
-        ks = [k for _, idle, k in small if idle == least]
-    else:
-        ks = [min(splits)[2]] if splits and min(splits)[0] <= MAX_MODEL_DEVICES else []
-    if cluster.num_devices <= WHOLE_CLUSTER_DEVICES or (not ks and cluster.num_devices <= MAX_MODEL_DEVICES):
-        ks.append(1)
-    if not ks:
-        raise PlanningError(
-            f"no split of the cluster into identical cells of at most {MAX_MODEL_DEVICES} devices holds "
-            f"{model.name}'s weights, gradients and optimizer state and divides global_batch {workload.global_batch}"
-        )
-    return ks
-
-
-def coarser_splits(
-    cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, tried: list[int], use_all: bool
-) -> list[int]:
-    """The splits into fewer cells than any tried (cells of at most `MAX_MODEL_DEVICES`), finest first: the
-    fallback when the tried ones leave no plan."""
-    splits = _splits(cluster, model, workload, use_all)
-    coarser = [k for devices, _, k in splits if k < min(tried) and devices <= MAX_MODEL_DEVICES]
-    return coarser + ([1] if 1 not in tried and cluster.num_devices <= MAX_MODEL_DEVICES else [])
 
 
 def throughput_bound_s(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> float:
@@ -259,7 +187,7 @@ def _problems(
 ) -> Iterator[CellProblem]:
     """The sub-problems of the splits `ks`: one per split and micro-batch size that divides the batch evenly."""
     for k in ks:
-        cell = _cell(cluster, k)
+        cell = split_cell(cluster, k)
         assert cell is not None
         for b in workload.microbatch_sizes:
             if workload.global_batch % (k * b) == 0:
@@ -374,31 +302,17 @@ def _search(
     return outcomes
 
 
-def _subsets(cluster: ClusterSpec) -> list[tuple[ClusterSpec, tuple[int, ...]]]:
-    """For each node class, the cluster without one of its nodes and (with several classes) without the whole
-    class, each with the original index of every device left."""
-    offsets, classes = cluster.node_offsets(), cluster.node_classes()
-    drops = {(members[-1],) for members in classes}
-    if len(classes) > 1:
-        drops |= {tuple(members) for members in classes}
-    return [
-        cluster.without_devices([offsets[n] + i for n in nodes for i in range(cluster.nodes[n].count)])
-        for nodes in sorted(drops)
-        if len(nodes) < len(cluster.nodes)
-    ]
-
-
 def _subset_outcomes(
     cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, deadline: float, options: _Options
 ) -> list[_Outcome]:
-    """Quick solves of the subsets (`_subsets`) before `deadline`, their plans renumbered onto `cluster`: warm
-    starts that keep a cluster's plan no worse than its subsets' (adding a node never makes the plan worse)."""
+    """Quick solves of the subsets (`planners.cells.subsets`) before `deadline`, their plans renumbered onto
+    `cluster`: warm starts that keep its plan no worse than its subsets' (adding a node never makes it worse)."""
     out = []
     kinds = [d.kind for d in cluster.devices]
-    subsets = _subsets(cluster)
-    for i, (sub, original) in enumerate(subsets):
-        end = time.perf_counter() + max(deadline - time.perf_counter(), 0.0) / (len(subsets) - i)
-        if _state_bytes(sub, model, workload.seq_len) > _usable_bytes(sub):
+    parts = subsets(cluster)
+    for i, (sub, original) in enumerate(parts):
+        end = time.perf_counter() + max(deadline - time.perf_counter(), 0.0) / (len(parts) - i)
+        if state_bytes(sub, model, workload.seq_len) > usable_bytes(sub):
             continue
         try:
             found = _search(sub, model, workload, end, options, [])
@@ -411,10 +325,6 @@ def _subset_outcomes(
             plans = [dataclasses.replace(p, estimate=evaluate_train_plan(p, cluster, model)) for p in plans]
             out.append(_Outcome(o.cells, o.microbatch, plans, o.status, 0.0, False))
     return out
-
-
-def _usable_bytes(cluster: ClusterSpec) -> float:
-    return sum(n.count * cluster.profile(n.kind).capacity_bytes for n in cluster.nodes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,7 +349,7 @@ def plan_training_with_info(
     """`plan_training`, also returning how the plan was found (also in `plan.solve`)."""
     start = time.perf_counter()
     deadline = start + (1 - RESERVE_SHARE) * time_limit_s
-    if _state_bytes(cluster, model, workload.seq_len) > _usable_bytes(cluster):
+    if state_bytes(cluster, model, workload.seq_len) > usable_bytes(cluster):
         raise PlanningError(explain_infeasible(cluster, model, workload))
     options = _Options(num_workers, max_cell_devices, use_all_devices)
     outcomes = []
@@ -500,8 +410,7 @@ def explain_infeasible(cluster: ClusterSpec, model: ModelSpec, workload: TrainWo
     """Name the constraint that rules out every plan (memory, in the usual case)."""
     costs = TrainCosts(cluster, model, workload.seq_len)
     b = min(workload.microbatch_sizes)
-    state = costs.layer_state_bytes(1) * model.num_layers + costs.first_state_bytes(1) + costs.last_state_bytes(1)
-    usable = sum(n.count * cluster.profile(n.kind).capacity_bytes for n in cluster.nodes)
+    state, usable = state_bytes(cluster, model, workload.seq_len), usable_bytes(cluster)
     if state > usable:
         return (
             f"memory: {model.name} needs {state / 1e9:.1f} GB for weights, gradients and Adam state "

@@ -25,7 +25,8 @@ def instance(seed: int) -> tuple[planners.ClusterSpec, planners.ModelSpec, plann
     memory = rng.choice([0.25, 0.5, 1.0, 8.0])
     gpus = {n["gpu"]: {"memory_gb": memory * rng.choice([1, 2])} for n in nodes}
     link = {"gb_s": rng.choice([1.0, 12.5, 50.0, 200.0]), "latency_us": rng.choice([2, 10])}
-    cluster = planners.ClusterSpec.from_dict({"name": f"o{seed}", "nodes": nodes, "gpus": gpus, "inter_node_link": link})
+    spec = {"name": f"o{seed}", "nodes": nodes, "gpus": gpus, "inter_node_link": link}
+    cluster = planners.ClusterSpec.from_dict(spec)
     hidden = rng.choice([256, 512, 1024])
     model = planners.ModelSpec("m", rng.choice([1000, 32000]), hidden, 4 * hidden, rng.choice([3, 4]), 8, 2)
     batch = rng.choice([2, 3, 4])

@@ -7,7 +7,7 @@ import pytest
 
 import planners
 from planners.brute_force import best_plan
-from planners.train import cell_splits
+from planners.cells import cell_splits
 
 KINDS = ["H100", "A100-40GB", "L4", "T4", "RTX3090"]
 
