@@ -39,7 +39,7 @@ def test_llama_70b_plans_on_4x8_h800_within_its_time_limit() -> None:
     plan, info, wall = timed(cluster, model, planners.TrainWorkload(44, 4096), 20.0)
     check_report(plan, info, cluster)
     assert wall <= 22.0 and info.solve_s <= wall
-    stages = tuple(planners.Stage(tuple(range(8 * i, 8 * (i + 1))), "H800", 8, (20 * i, 20 * (i + 1))) for i in range(4))
+    stages = tuple(planners.Stage(tuple(range(8 * i, 8 * i + 8)), "H800", 8, (20 * i, 20 * i + 20)) for i in range(4))
     tp8pp4 = planners.TrainPlan((planners.Replica(stages, 44, 1),), 80, 44, 4096)
     assert plan.estimate.iteration_s <= planners.evaluate_train_plan(tp8pp4, cluster, model).iteration_s
 
