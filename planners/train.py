@@ -41,13 +41,14 @@ from planners.model import ModelSpec
 from planners.plan import Replica, SolveInfo, Stage, TrainPlan
 from planners.seeds import seed_slots
 from planners.cells import cell_splits, coarser_splits, split_cell, state_bytes, subsets, usable_bytes
-from planners.train_model import Cell, CellModel, CellProblem
+from planners.train_model import Cell, CellModel, CellProblem, CellResult
 from planners.workload import TrainWorkload
 
 COARSE_SHARE = 0.25
 RESERVE_SHARE = 0.05  # of the time limit, kept for turning solutions into plans
 SUBSET_MIN_DEVICES = 17  # smaller clusters are solved to optimality, which needs no warm start from subsets
 SUBSET_SHARE = 0.3  # of the time limit, for the subsets' quick solves
+MIN_SOLVE_S = 0.1  # a CP-SAT model is built only with at least this long left for its sub-problem
 
 
 def throughput_bound_s(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> float:
@@ -168,10 +169,16 @@ def _solve(
         found = [s for s in options if s is not None]
         return min(found, key=lambda s: plan_of(s).estimate.iteration_s) if found else None  # type: ignore[union-attr]
 
+    def cp_sat(coarse: bool, share: float, hint: list[Slot] | None) -> CellResult:
+        left = end - time.perf_counter()
+        if left < MIN_SOLVE_S:  # no time to build the model: its building would overrun the limit
+            return CellResult("UNKNOWN", None, 0.0)
+        return CellModel(problem, coarse=coarse).solve(share * left, workers, hint=hint)
+
     seeds = _seeds(problem)
     start = fastest([seeds[0] if seeds else None, _cell_slots(warm, problem)])
-    coarse = CellModel(problem, coarse=True).solve(COARSE_SHARE * (end - time.perf_counter()), workers, hint=start)
-    full = CellModel(problem).solve(end - time.perf_counter(), workers, hint=fastest([coarse.slots, start]))
+    coarse = cp_sat(True, COARSE_SHARE, start)
+    full = cp_sat(False, 1.0, fastest([coarse.slots, start]))
     plans = [plan_of(s) for s in (start, coarse.slots, full.slots) if s is not None]
     for plan in plans:
         assert plan.estimate is not None
