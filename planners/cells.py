@@ -67,16 +67,17 @@ def cell_splits(
     cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, max_cell_devices: int, use_all: bool
 ) -> list[int]:
     """Numbers of identical cells worth trying, finest first, the whole cluster (1) last when tried: of the splits
-    (`_splits`) into cells of at most `max_cell_devices` devices, those leaving the fewest devices idle (or else the
-    split into the smallest cells, if those have at most `MAX_MODEL_DEVICES`); 1 if the cluster has at most
-    `WHOLE_CLUSTER_DEVICES` devices, or no split qualifies and it has at most `MAX_MODEL_DEVICES`."""
+    (`_splits`) into cells of at most `max_cell_devices` devices, those leaving the fewest devices idle; or else
+    the two splits into the smallest cells of at most `MAX_MODEL_DEVICES` devices (where memory binds, a little more
+    room per cell pays); 1 if the cluster has at most `WHOLE_CLUSTER_DEVICES` devices, or no split qualifies and it
+    has at most `MAX_MODEL_DEVICES`."""
     splits = _splits(cluster, model, workload, use_all)
     small = [s for s in splits if s[0] <= max_cell_devices]
     if small:
         least = min(idle for _, idle, _ in small)
         ks = [k for _, idle, k in small if idle == least]
     else:
-        ks = [min(splits)[2]] if splits and min(splits)[0] <= MAX_MODEL_DEVICES else []
+        ks = [k for _, _, k in sorted(s for s in splits if s[0] <= MAX_MODEL_DEVICES)[:2]]
     if cluster.num_devices <= WHOLE_CLUSTER_DEVICES or (not ks and cluster.num_devices <= MAX_MODEL_DEVICES):
         ks.append(1)
     if not ks:
