@@ -1,6 +1,7 @@
-"""The training planner against an exhaustive enumerator of every plan the format expresses (any stage order),
-on small instances chosen to break it: NICs faster than PCIe, PCIe-only nodes, memory pressure, 2-3 GPU kinds;
-and metamorphic checks: the node order never changes the optimum, and adding a GPU never makes a plan worse."""
+"""The training planner against an exhaustive enumerator of its search space in every stage order (power-of-two
+TP groups inside a node, no context parallelism, one micro-batch size per plan), on small instances chosen to
+break it: NICs faster than PCIe, PCIe-only nodes, memory pressure, 2-3 GPU kinds; and metamorphic checks: the
+node order never changes the optimum, and adding a GPU never makes a plan worse."""
 
 import dataclasses
 import random
