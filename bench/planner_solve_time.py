@@ -1,26 +1,30 @@
 """Solve time of the training planner on clusters of two GPU kinds (default H100 + L4), 8 to 1024 GPUs.
 
 Half of each cluster is 8-GPU nodes of a fast kind, half 8-GPU nodes of a slower one (default H100 and L4; the
-8-GPU case: one node of 4 of each), with a 200 Gb/s inter-node network. For each size it plans llama-2-7b at 4096
-tokens per sequence and two sequences per GPU per iteration under a time limit, and prints wall time (model
-building included), whether CP-SAT proved the plan optimal, the predicted iteration time, its gap to CP-SAT's
-lower bound over the searched space, the throughput, and the iteration time on the fast half alone and for a
-uniform baseline (every replica a two-stage fast -> slow pipeline, layers split evenly).
+8-GPU case: one node of 4 of each), with a 200 Gb/s inter-node network. For each model (default llama-2-7b and
+llama-2-70b) and size it plans 4096 tokens per sequence and two sequences per GPU per iteration under a time
+limit, and prints the wall time of the whole call (model building included) against the limit, the solver status
+(OPTIMAL: proven over the planner's search space), the predicted iteration time, its gap to the proven lower bound,
+the throughput, and the iteration time on the fast half alone and for a uniform baseline (every replica a
+two-stage fast -> slow pipeline, layers split evenly). Figures are the cost model's, not measurements.
 
-    python bench/planner_solve_time.py [--sizes 8 32 128 512 1024] [--kinds H100 L4]
-                                       [--out bench/results/planner_solve_time.json]
+    python bench/planner_solve_time.py [--models llama-2-7b llama-2-70b] [--sizes 8 32 128 512 1024]
+                                       [--kinds H100 L4] [--out bench/results/planner_solve_time.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
 import planners
 
-MODEL = "llama-2-7b"
+MODELS = ["llama-2-7b", "llama-2-70b"]
 SEQ_LEN = 4096
 TIME_LIMITS = {8: 5.0, 32: 5.0, 128: 20.0, 512: 40.0, 1024: 60.0}
 
@@ -59,61 +63,88 @@ def uniform_baseline(cluster: planners.ClusterSpec, model: planners.ModelSpec, b
     return None if planners.memory_excess(plan, cluster, estimate) else estimate.iteration_s
 
 
+def measure(model: planners.ModelSpec, gpus: int, kinds: tuple[str, str], workers: int) -> dict | None:
+    """Plan `model` on the mixed cluster of `gpus` GPUs; None when no plan exists (printed with the reason)."""
+    cluster = mixed_cluster(gpus, kinds)
+    batch = 2 * gpus
+    workload = planners.TrainWorkload(batch, SEQ_LEN, microbatch_sizes=(1, 2))
+    limit = TIME_LIMITS.get(gpus, 60.0)
+    start = time.perf_counter()
+    try:
+        plan, info = planners.plan_training_with_info(cluster, model, workload, time_limit_s=limit, num_workers=workers)
+    except planners.PlanningError as err:
+        print(f"{model.name:>12} {gpus:>5} {limit:>8.0f}  no plan: {err}", flush=True)
+        return None
+    wall = time.perf_counter() - start
+    try:
+        fast = mixed_cluster(gpus, kinds, only_first=True)
+        homogeneous = planners.plan_training(fast, model, workload, time_limit_s=limit, num_workers=workers).estimate
+    except planners.PlanningError:
+        homogeneous = None
+    assert plan.estimate is not None
+    return {
+        "model": model.name,
+        "gpus": gpus,
+        "time_limit_s": limit,
+        "wall_s": wall,
+        "within_limit": wall <= 1.1 * limit,
+        "status": info.status,
+        "gap": info.gap,
+        "cells": info.cells,
+        "iteration_s": plan.estimate.iteration_s,
+        "lower_bound_s": info.lower_bound_s,
+        "tokens_per_s": workload.tokens / plan.estimate.iteration_s,
+        "first_kind_only_iteration_s": None if homogeneous is None else homogeneous.iteration_s,
+        "uniform_iteration_s": uniform_baseline(cluster, model, batch),
+        "replicas": len(plan.replicas),
+        "microbatch_size": info.microbatch_size,
+    }
+
+
+def _seconds(value: float | None) -> str:
+    return "no plan" if value is None else f"{value:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--sizes", type=int, nargs="+", default=sorted(TIME_LIMITS))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--kinds", nargs=2, default=["H100", "L4"], help="The two GPU kinds, fast one first.")
     parser.add_argument("--out", type=Path, default=Path("bench/results/planner_solve_time.json"))
     args = parser.parse_args()
-    model = planners.ModelSpec.preset(MODEL)
     rows = []
     kinds = tuple(args.kinds)
     only = f"{kinds[0]}-only iter s"
-    header = (
-        f"{'GPUs':>5} {'limit s':>8} {'wall s':>7} {'status':>9} {'cells':>5} {'iter s':>8} {'gap %':>6} {'Mtok/s':>7} "
-        f"{only:>16} {'uniform iter s':>14}"
+    print(
+        f"{'model':>12} {'GPUs':>5} {'limit s':>8} {'wall s':>7} {'status':>9} {'cells':>5} {'iter s':>8} "
+        f"{'gap %':>6} {'Mtok/s':>7} {only:>16} {'uniform iter s':>14}"
     )
-    print(header)
-    for gpus in args.sizes:
-        cluster = mixed_cluster(gpus, kinds)
-        batch = 2 * gpus
-        workload = planners.TrainWorkload(batch, SEQ_LEN, microbatch_sizes=(1, 2))
-        limit = TIME_LIMITS.get(gpus, 60.0)
-        start = time.perf_counter()
-        plan, info = planners.plan_training_with_info(
-            cluster, model, workload, time_limit_s=limit, num_workers=args.workers
-        )
-        wall = time.perf_counter() - start
-        homogeneous = planners.plan_training(
-            mixed_cluster(gpus, kinds, only_first=True), model, workload, time_limit_s=limit, num_workers=args.workers
-        )
-        uniform = uniform_baseline(cluster, model, batch)
-        assert plan.estimate is not None and homogeneous.estimate is not None
-        row = {
-            "gpus": gpus,
-            "time_limit_s": limit,
-            "wall_s": wall,
-            "status": info.status,
-            "cells": info.cells,
-            "iteration_s": plan.estimate.iteration_s,
-            "lower_bound_s": info.lower_bound_s,
-            "tokens_per_s": workload.tokens / plan.estimate.iteration_s,
-            "first_kind_only_iteration_s": homogeneous.estimate.iteration_s,
-            "uniform_iteration_s": uniform,
-            "replicas": len(plan.replicas),
-            "microbatch_size": info.microbatch_size,
-        }
-        rows.append(row)
-        print(
-            f"{gpus:>5} {limit:>8.0f} {wall:>7.1f} {info.status:>9} {info.cells:>5} {row['iteration_s']:>8.3f} "
-            f"{100 * (1 - info.lower_bound_s / row['iteration_s']):>6.1f} "
-            f"{row['tokens_per_s'] / 1e6:>7.2f} {row['first_kind_only_iteration_s']:>16.3f} "
-            f"{'over memory' if uniform is None else f'{uniform:.3f}':>14}",
-            flush=True,
-        )
+    for name in args.models:
+        model = planners.ModelSpec.preset(name)
+        for gpus in args.sizes:
+            row = measure(model, gpus, kinds, args.workers)
+            if row is None:
+                continue
+            rows.append(row)
+            print(
+                f"{name:>12} {gpus:>5} {row['time_limit_s']:>8.0f} {row['wall_s']:>7.1f} {row['status']:>9} "
+                f"{row['cells']:>5} {row['iteration_s']:>8.3f} {100 * row['gap']:>6.1f} "
+                f"{row['tokens_per_s'] / 1e6:>7.2f} {_seconds(row['first_kind_only_iteration_s']):>16} "
+                f"{'over memory' if row['uniform_iteration_s'] is None else _seconds(row['uniform_iteration_s']):>14}",
+                flush=True,
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": MODEL, "seq_len": SEQ_LEN, "kinds": kinds, "rows": rows}, indent=2) + "\n")
+    result = {
+        "benchmark": "planner_solve_time",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": f"{platform.node()} ({os.cpu_count()} CPU cores, {args.workers} CP-SAT workers)",
+        "models": args.models,
+        "seq_len": SEQ_LEN,
+        "kinds": kinds,
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

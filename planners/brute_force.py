@@ -1,7 +1,8 @@
 """Exhaustive enumeration of the planners' search spaces, for checking them on small instances.
 
 Training: every plan of the space described in `planners.train` (node layouts, partitions of groups into
-replicas, layer splits, recomputation flags, micro-batch counts, micro-batch sizes) is built as a `TrainPlan` and
+replicas, every stage order of each replica, layer splits, recomputation flags, micro-batch counts, micro-batch
+sizes) is built as a `TrainPlan` and
 scored with `planners.cost_model` directly, sharing nothing with the CP-SAT encoding but the cost model itself.
 Serving: every vector of replica counts per configuration that fits the nodes and the budget; for `min_latency`
 the traffic of each count vector is routed fastest-replica-first, trying every split between colocated and
@@ -77,11 +78,11 @@ def all_plans(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -
                 for counts in _compositions(total, len(partition)):
                     options = []
                     for members in partition:
-                        members = sorted(members)
                         flags = [False, True] if workload.recompute else [False]
                         options.append(
                             [
-                                (members, split, rc)
+                                (order, split, rc)
+                                for order in itertools.permutations(members)
                                 for split in _compositions(L, len(members))
                                 for rc in itertools.product(flags, repeat=len(members))
                             ]

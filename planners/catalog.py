@@ -73,6 +73,26 @@ CATALOG: Mapping[str, GPUSpec] = {
             "NVIDIA H200 SXM datasheet: 989 TF bf16 dense, 141 GB HBM3e 4.8 TB/s, NVLink4 900 GB/s bidirectional",
         ),
         GPUSpec(
+            "H800",
+            989.0,
+            80.0,
+            3350.0,
+            2.99,
+            200.0,
+            "NVIDIA H800 SXM5 (China-market H100): 989 TF bf16 dense, 80 GB HBM3 3.35 TB/s, NVLink 400 GB/s "
+            "bidirectional; no public on-demand price, H100's assumed",
+        ),
+        GPUSpec(
+            "H20",
+            148.0,
+            96.0,
+            4000.0,
+            1.29,
+            450.0,
+            "NVIDIA H20 (China-market Hopper): 148 TF bf16 dense, 96 GB HBM3 4.0 TB/s, NVLink 900 GB/s "
+            "bidirectional; no public on-demand price, A100-40GB's assumed",
+        ),
+        GPUSpec(
             "A100-80GB",
             312.0,
             80.0,

@@ -1,5 +1,5 @@
 """Pictures of plans: a training plan's placement (one row per node, one box per device, coloured by replica and
-stage) and a cascade plan's latency/quality trade-off.
+stage), a serving plan's replicas on the same grid, and a cascade plan's latency/quality trade-off.
 
 Each picture is a matplotlib `Figure` built without pyplot, so drawing one never changes the caller's backend (a
 notebook keeps showing its own plots, and shows these with `display(fig)`); the `save_*_png` functions write them.
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 from planners.cascade import CascadePlan
 from planners.cluster import ClusterSpec
 from planners.plan import TrainPlan
+from planners.serve import ServePlan
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -25,32 +26,21 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def placement_figure(plan: TrainPlan, cluster: ClusterSpec) -> Figure:
-    """`plan` drawn on `cluster`: which replica, stage, layers and TP degree each device holds."""
-    import matplotlib
+Box = tuple[object, float, str]
+"""How one device is drawn: colour, opacity, and the text under its index and kind."""
+
+
+def _device_grid(cluster: ClusterSpec, boxes: dict[int, Box], title: str, legend: list[tuple[object, str]]) -> Figure:
+    """One row per node, one box per device (`boxes[d]`, or grey "idle"), a title and a legend of colours."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
 
-    owner: dict[int, tuple[int, int]] = {}
-    for r, replica in enumerate(plan.replicas):
-        for s, stage in enumerate(replica.stages):
-            for d in stage.devices:
-                owner[d] = (r, s)
     width = max(n.count for n in cluster.nodes)
     fig = Figure(figsize=(1.6 + 1.25 * width, 0.9 + 0.9 * len(cluster.nodes)))
     ax = fig.subplots()
-    cmap = matplotlib.colormaps["tab10"]
     for d in cluster.devices:
         x, y = d.local, len(cluster.nodes) - 1 - d.node
-        if d.index in owner:
-            r, s = owner[d.index]
-            stage = plan.replicas[r].stages[s]
-            depth = len(plan.replicas[r].stages)
-            colour, alpha = cmap(r % 10), 1.0 - 0.55 * s / max(depth - 1, 1)
-            flags = " rc" if stage.recompute else ""
-            text = f"R{r} S{s}\nL{stage.layers[0]}-{stage.layers[1] - 1}\nTP{stage.tp}{flags}"
-        else:
-            colour, alpha, text = "lightgrey", 1.0, "idle"
+        colour, alpha, text = boxes.get(d.index, ("lightgrey", 1.0, "idle"))
         ax.add_patch(Rectangle((x + 0.05, y + 0.08), 0.9, 0.84, facecolor=colour, alpha=alpha, edgecolor="black"))
         ax.text(x + 0.5, y + 0.5, f"#{d.index} {d.kind}\n{text}", ha="center", va="center", fontsize=7)
     ax.set_xlim(0, width)
@@ -60,22 +50,62 @@ def placement_figure(plan: TrainPlan, cluster: ClusterSpec) -> Figure:
     ax.set_xticks([])
     for spine in ax.spines.values():
         spine.set_visible(False)
-    title = f"{plan.model or 'model'} on {plan.cluster or cluster.name}: {len(plan.replicas)} replica(s)"
-    if plan.estimate is not None:
-        title += f", predicted {plan.estimate.iteration_s * 1e3:.1f} ms/iteration"
     ax.set_title(title, fontsize=9)
-    handles = [
-        Patch(color=cmap(r % 10), label=f"R{r}: {rep.num_microbatches}x{rep.microbatch_size} seq")
-        for r, rep in enumerate(plan.replicas[:10])
-    ]
+    handles = [Patch(color=colour, label=label) for colour, label in legend[:10]]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
 
 
+def placement_figure(plan: TrainPlan, cluster: ClusterSpec) -> Figure:
+    """`plan` drawn on `cluster`: which replica, stage, layers and TP degree each device holds."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    boxes: dict[int, Box] = {}
+    for r, replica in enumerate(plan.replicas):
+        depth = len(replica.stages)
+        for s, stage in enumerate(replica.stages):
+            flags = " rc" if stage.recompute else ""
+            text = f"R{r} S{s}\nL{stage.layers[0]}-{stage.layers[1] - 1}\nTP{stage.tp}{flags}"
+            for d in stage.devices:
+                boxes[d] = (cmap(r % 10), 1.0 - 0.55 * s / max(depth - 1, 1), text)
+    title = f"{plan.model or 'model'} on {plan.cluster or cluster.name}: {len(plan.replicas)} replica(s)"
+    if plan.estimate is not None:
+        title += f", predicted {plan.estimate.iteration_s * 1e3:.1f} ms/iteration"
+    legend = [
+        (cmap(r % 10), f"R{r}: {rep.num_microbatches}x{rep.microbatch_size} seq") for r, rep in enumerate(plan.replicas)
+    ]
+    return _device_grid(cluster, boxes, title, legend)
+
+
 def save_placement_png(plan: TrainPlan, cluster: ClusterSpec, path: str | Path) -> Path:
     """Draw `plan` on `cluster` into `path` (PNG) and return the path."""
     return _save(placement_figure(plan, cluster), path)
+
+
+def serve_figure(plan: ServePlan, cluster: ClusterSpec) -> Figure:
+    """A serving plan drawn on `cluster`: each replica's model, role, TP degree and routed traffic, coloured by
+    model (prefill-only and decode-only replicas lighter)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    models = list(dict.fromkeys(r.model for r in plan.replicas))
+    boxes: dict[int, Box] = {}
+    for i, r in enumerate(plan.replicas):
+        text = f"#{i} {r.model}\n{r.role} TP{r.tp}\n{r.routed_rps:.2f}/s"
+        for d in r.devices:
+            boxes[d] = (cmap(models.index(r.model) % 10), 1.0 if r.role == "both" else 0.55, text)
+    title = (
+        f"serving on {plan.cluster or cluster.name}: {len(plan.replicas)} replica(s), "
+        f"{plan.price_per_hour:.2f}/h ({plan.objective.replace('_', ' ')})"
+    )
+    return _device_grid(cluster, boxes, title, [(cmap(k % 10), m) for k, m in enumerate(models)])
+
+
+def save_serve_png(plan: ServePlan, cluster: ClusterSpec, path: str | Path) -> Path:
+    """Draw the serving plan (see `serve_figure`) into `path` (PNG) and return the path."""
+    return _save(serve_figure(plan, cluster), path)
 
 
 def cascade_figure(plan: CascadePlan) -> Figure:

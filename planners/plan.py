@@ -20,12 +20,16 @@ A `TrainPlan` says, for one training iteration of `global_batch` sequences of `s
   global batch.
 - `Stage.recompute`: recompute the stage's block activations in the backward pass instead of storing them.
 - `estimate`: what the cost model predicted for this plan (optional; informative only, never needed to run it).
+- `solve`: how the planner found it (optional, informative): the solver status ("OPTIMAL": no plan of the
+  planner's search space is faster under the cost model; "FEASIBLE": the best found within the time limit), the
+  proven lower bound on the iteration time, the relative gap between the two, and the wall time.
 
 Compared with HSPMD's strategy format (DP count, per-replica stage layer counts, per-replica micro-batch counts,
 per-stage TP, per-replica CP, rank-to-device mapping, recompute layers), everything is here: the stage layer
 counts are `plan.layer_counts()`, the micro-batch counts `[r.num_microbatches for r in plan.replicas]`.
 
-`TrainPlan.to_json()` / `TrainPlan.from_json(text)` round-trip exactly; construction validates every invariant
+`TrainPlan.to_json()` / `TrainPlan.from_json(text)` round-trip exactly (version 2 adds `solve`; version 1 plans,
+which lack it, still load); construction validates every invariant
 above and raises `PlanError` naming the offending field (e.g. `replicas[1].stages[0].tp`). After losing devices,
 `planners.replan_training(cluster, failed, ...)` returns a plan over the survivors in the original numbering.
 """
@@ -40,7 +44,9 @@ from typing import Any
 from planners import fields as validators
 
 FORMAT = "jaxhet.train_plan"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+STATUSES = ("OPTIMAL", "FEASIBLE")
 SCHEDULES = ("1f1b", "gpipe")
 
 
@@ -225,6 +231,41 @@ class PlanEstimate:
 
 
 @dataclasses.dataclass(frozen=True)
+class SolveInfo:
+    """How the training planner found a plan: solver status, a proven lower bound on the iteration time (seconds,
+    over the searched space, to ~1e-4), the relative gap `(iteration - bound) / iteration`, the wall time of the
+    whole call and its limit, and the cells, micro-batch size and number of sub-problems of the search."""
+
+    status: str
+    lower_bound_s: float
+    gap: float
+    solve_s: float
+    time_limit_s: float
+    cells: int
+    microbatch_size: int
+    solves: int
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise PlanError(f"solve.status must be one of {list(STATUSES)}, got {self.status!r}")
+        for name in ("lower_bound_s", "gap", "solve_s", "time_limit_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
+                raise PlanError(f"solve.{name} must be a non-negative number, got {value!r}")
+        for name in ("cells", "microbatch_size", "solves"):
+            _positive_int(getattr(self, name), f"solve.{name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "solve") -> SolveInfo:
+        names = [f.name for f in dataclasses.fields(cls)]
+        d = _expect_keys(data, names, names, where)
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainPlan:
     """A complete training strategy for one cluster and model; see the module docstring for the semantics."""
 
@@ -237,6 +278,7 @@ class TrainPlan:
     model: str = ""
     cluster: str = ""
     estimate: PlanEstimate | None = None
+    solve: SolveInfo | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "replicas", tuple(self.replicas))
@@ -320,6 +362,7 @@ class TrainPlan:
             "device_kinds": list(self.device_kinds),
             "replicas": [r.to_dict() for r in self.replicas],
             "estimate": None if self.estimate is None else self.estimate.to_dict(),
+            "solve": None if self.solve is None else self.solve.to_dict(),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -339,19 +382,20 @@ class TrainPlan:
             "device_kinds",
             "replicas",
             "estimate",
+            "solve",
         )
         d = _expect_keys(data, fields, ("num_layers", "global_batch", "seq_len", "replicas"), "")
         if d.get("format", FORMAT) != FORMAT:
             raise PlanError(f"format must be {FORMAT!r}, got {d['format']!r}")
-        if d.get("version", VERSION) != VERSION:
-            raise PlanError(f"version must be {VERSION}, got {d['version']!r}")
+        if d.get("version", VERSION) not in READABLE_VERSIONS:
+            raise PlanError(f"version must be one of {list(READABLE_VERSIONS)}, got {d['version']!r}")
         if not isinstance(d["replicas"], list):
             raise PlanError(f"replicas must be a list, got {d['replicas']!r}")
         replicas = tuple(Replica.from_dict(r, f"replicas[{i}]") for i, r in enumerate(d["replicas"]))
         kinds = d.get("device_kinds", [])
         if not isinstance(kinds, list):
             raise PlanError(f"device_kinds must be a list of GPU kind names, got {kinds!r}")
-        estimate = d.get("estimate")
+        estimate, solve = d.get("estimate"), d.get("solve")
         return cls(
             replicas=replicas,
             num_layers=d["num_layers"],
@@ -362,6 +406,7 @@ class TrainPlan:
             model=d.get("model", ""),
             cluster=d.get("cluster", ""),
             estimate=None if estimate is None else PlanEstimate.from_dict(estimate),
+            solve=None if solve is None else SolveInfo.from_dict(solve),
         )
 
     @classmethod

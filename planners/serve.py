@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,7 +60,9 @@ class ServeReplica:
 @dataclasses.dataclass(frozen=True)
 class ServePlan:
     """A serving deployment: replicas, the traffic each one takes, and what the cost model predicts; `kept` counts
-    the replicas left in place from the deployment it replaced."""
+    the replicas left in place from the deployment it replaced. `status` is the MILP solver's ("OPTIMAL", or
+    "FEASIBLE": the best found within the time limit; empty in plans written before it was recorded) and
+    `objective_bound` its proven bound on the objective (throughput scale, price per hour, or latency)."""
 
     replicas: tuple[ServeReplica, ...]
     objective: str
@@ -68,6 +71,8 @@ class ServePlan:
     rates: dict[str, float]
     cluster: str = ""
     kept: int = 0
+    status: str = ""
+    objective_bound: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "replicas", tuple(self.replicas))
@@ -107,7 +112,7 @@ def candidate_configs(
         for k, members in enumerate(cluster.node_classes()):
             node = cluster.nodes[members[0]]
             tp = 1
-            while tp <= node.count:
+            while tp <= node.count and model.supports_tp(tp):
                 for role in roles:
                     perf = costs.replica(node.kind, tp, node.intra_link, role)
                     if perf is not None:
@@ -205,6 +210,7 @@ def plan_serving(
     rates = list(rates) if rates is not None else [workload.arrival_rate] * len(models)
     if len(rates) != len(models):
         raise SpecError(f"rates has {len(rates)} entries for {len(models)} models")
+    deadline = time.perf_counter() + time_limit_s
     configs = candidate_configs(cluster, models, workload, disaggregate)
     for model in models:
         if not served_rate({c.perf.role: 1.0 for c in configs if c.perf.model == model.name}):
@@ -214,7 +220,7 @@ def plan_serving(
                 f"({workload.input_len} + {workload.output_len} tokens)"
             )
     solver = pywraplp.Solver.CreateSolver("SCIP")
-    solver.SetTimeLimit(int(time_limit_s * 1000))
+    solver.SetTimeLimit(max(1, int((deadline - time.perf_counter()) * 1000)))
     x = [solver.IntVar(0, cluster.num_devices // c.perf.tp, f"x{i}") for i, c in enumerate(configs)]
     y = [solver.NumVar(0, solver.infinity(), f"y{i}") for i in range(len(configs))]
     alpha = solver.NumVar(0, solver.infinity(), "alpha")
@@ -243,12 +249,15 @@ def plan_serving(
         objective == "max_throughput" and alpha.solution_value() <= 0
     ):
         raise PlanningError(_explain(cluster, configs, workload, objective, rates))
+    status_name = "OPTIMAL" if status == pywraplp.Solver.OPTIMAL else "FEASIBLE"
+    bound = solver.Objective().BestBound()
     running: dict[tuple[int, str, int, str], list[tuple[int, ...]]] = {}
     for replica in current.replicas if current is not None else ():
         key = _config_key(cluster, replica)
         if key is not None:
             running.setdefault(key, []).append(replica.devices)
     if running:
+        solver.SetTimeLimit(max(1, int((deadline - time.perf_counter()) * 1000)))
         _keep_most(solver, configs, x, running, goal, objective)
     groups, replicas_of, fixed = [], [], {}
     for i, c in enumerate(configs):
@@ -284,6 +293,8 @@ def plan_serving(
         rates={m.name: r for m, r in zip(models, rates, strict=True)},
         cluster=cluster.name,
         kept=len({_identity(r) for r in replicas} & {_identity(r) for r in (current.replicas if current else ())}),
+        status=status_name,
+        objective_bound=bound,
     )
 
 

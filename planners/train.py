@@ -1,29 +1,28 @@
-"""The training planner: CP-SAT chooses device groups, replicas, layer splits, batch shares and recomputation.
+"""The training planner: CP-SAT chooses device groups, replicas, stage order, layer splits, batch shares and
+recomputation.
 
 Search space (the same one `planners.brute_force` enumerates):
-- a stage is a TP group of `t` devices inside one node, `t` a power of two; inside each node the groups in use
-  are laid out largest first from the node's first device (every multiset of power-of-two sizes that fits packs
-  this way, aligned), and the node's remaining devices stay idle;
-- a replica is a pipeline of such groups, ordered by device index: it visits each node once, and inside a node
-  goes from larger TP degree to smaller;
+- a stage is a TP group of `t` devices inside one node, `t` a power of two the model supports; inside each node
+  the groups in use are laid out largest first from the node's first device (every multiset of power-of-two sizes
+  that fits packs this way, aligned), and the node's remaining devices stay idle;
+- a replica is a pipeline of such groups in any order;
 - every replica gets at least one micro-batch; all micro-batches have one size `b`, chosen from the workload's
   candidates by solving once per candidate;
 - each stage gets at least one block, and may recompute its activations.
-The model: `planners.cost_model` (iteration time = slowest replica's 1F1B time + gradient all-reduce; every stage
-within its devices' usable memory).
+The model: `planners.cost_model`; its CP-SAT encoding: `planners.train_model`.
 
-Large clusters are split into `K` identical cells (each with the same number of nodes of every node class); one
-cell is planned and its plan repeated `K` times, with the gradient all-reduce counted over all `K` cells. Several
-`K` are tried (cells of at most `max_cell_devices` devices, and the whole cluster when it is that small) and the
-best plan is kept. Each cell is solved twice: first over coarse groups only (TP of at least half a node, fast),
-then over all groups starting from that plan (a CP-SAT hint), keeping the better one when the time limit is hit;
-both start from a simple feasible pipeline when there is one. The CP-SAT model per cell:
-- booleans `a[g, r]`: candidate group `g` is a stage of replica slot `r` (slot symmetry broken by first member);
-- integers `n0[g]`, `n1[g]`: blocks without / with recomputation (one of them zero), `m[r]`: micro-batches;
-- stage time `t[g]` linear in those; replica time `S[r] + P2P[r] + (m[r] - 1) * M[r]` with `M[r]` the slowest
-  stage (a product constraint); memory `n * (state + in_flight * activations)` with `in_flight` a product too.
-Times are integers in units of 1/10000 of the fastest block's time, so rounding costs at most ~1e-4 relative;
-memory is in units of 2^-20 of the smallest device's usable memory, rounded up (plans are never over memory).
+Large clusters may be split into `K` identical cells (each with `len(nodes) // K` nodes of every node class, the
+nodes left over idle, and each able to hold the model's state; `planners.cells`); one cell is planned and its
+plan repeated `K` times, with the gradient all-reduce counted over all `K` cells. Tried (`cell_splits`): the
+splits into cells of at most `max_cell_devices` devices that leave the fewest devices idle, and the whole cluster
+when it has at most `WHOLE_CLUSTER_DEVICES` devices; coarser splits when those leave no plan. Cell plans are
+whole-cluster plans too, so only the whole-cluster solves prove optimality and bound the iteration time; without
+them the bound is the throughput bound of `throughput_bound_s`. Each sub-problem is solved twice: over coarse
+groups only (TP of at least half a node, fast), then over all groups starting from that plan (a CP-SAT hint); both
+start from the fastest plan known so far: the best regular seed plan (`planners.seeds`), or a plan of finer cells
+or of a subset of the nodes. Clusters of at least `SUBSET_MIN_DEVICES` devices first get quick solves of their
+subsets (without one node of a class, or without a whole class), renumbered onto the cluster: warm starts that
+keep the plan no worse than theirs. The time limit holds for the whole call, model building included.
 """
 
 from __future__ import annotations
@@ -31,404 +30,76 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ortools.sat.python import cp_model
-
-from planners.cluster import ClusterSpec, Link
+from planners.cluster import ClusterSpec
 from planners.cost_model import TrainCosts, evaluate_train_plan, memory_excess
 from planners.errors import PlanningError
 from planners.groups import Group, Slot, candidate_groups
 from planners.model import ModelSpec
-from planners.plan import Replica, Stage, TrainPlan
+from planners.plan import Replica, SolveInfo, Stage, TrainPlan
 from planners.seeds import seed_slots
+from planners.cells import cell_splits, coarser_splits, split_cell, state_bytes, subsets, usable_bytes
+from planners.train_model import Cell, CellModel, CellProblem, CellResult
 from planners.workload import TrainWorkload
 
-RESOLUTION = 10_000
 COARSE_SHARE = 0.25
-HINT_SHARE = 0.1
-RESERVE_SHARE = 0.03  # of the time limit, kept for turning solutions into plans
-MEMORY_RESOLUTION = 1 << 20
+RESERVE_SHARE = 0.05  # of the time limit, kept for turning solutions into plans
+SUBSET_MIN_DEVICES = 17  # smaller clusters are solved to optimality, which needs no warm start from subsets
+SUBSET_SHARE = 0.3  # of the time limit, for the subsets' quick solves
+MIN_SOLVE_S = 0.1  # a CP-SAT model is built only with at least this long left for its sub-problem
 
 
-@dataclasses.dataclass(frozen=True)
-class SolveInfo:
-    """How the plan was found: cells, micro-batch size, CP-SAT status, wall time, and a proven lower bound."""
-
-    cells: int
-    microbatch_size: int
-    status: str
-    solve_s: float
-    solves: int  # (cell split, micro-batch size) sub-problems, each solved coarse then full
-    lower_bound_s: float  # no plan of the searched space is faster (CP-SAT's bound, to ~1e-4)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Cell:
-    """A sub-cluster of whole nodes, repeated `copies` times; `device_maps[c][i]` is cell device i in copy c."""
-
-    cluster: ClusterSpec
-    copies: int
-    device_maps: tuple[tuple[int, ...], ...]
-
-
-def _cells(cluster: ClusterSpec, max_cell_devices: int, batch: int) -> list[_Cell]:
-    """The ways to split `cluster` into identical cells worth trying, largest cell first: every split into cells
-    of at most `max_cell_devices` devices, or else the finest split; the number of cells must divide `batch`."""
-    classes = cluster.node_classes()
-    g = math.gcd(*(len(nodes) for nodes in classes))
-    splits = [k for k in range(1, g + 1) if g % k == 0 and batch % k == 0]
-    ks = [k for k in splits if cluster.num_devices // k <= max_cell_devices] or [splits[-1]]
-    offsets = cluster.node_offsets()
-    cells = []
-    for k in ks:
-        chosen = [
-            sorted(n for nodes in classes for n in nodes[c * len(nodes) // k : (c + 1) * len(nodes) // k])
-            for c in range(k)
-        ]
-        maps = tuple(tuple(offsets[n] + i for n in nodes for i in range(cluster.nodes[n].count)) for nodes in chosen)
-        sub = dataclasses.replace(cluster, nodes=tuple(cluster.nodes[n] for n in chosen[0]))
-        cells.append(_Cell(sub, k, maps))
-    return cells
-
-
-class _CellModel:
-    """The CP-SAT model of one cell for one micro-batch size."""
-
-    def __init__(
-        self,
-        cell: _Cell,
-        model: ModelSpec,
-        seq_len: int,
-        microbatch: int,
-        microbatches: int,
-        recompute: bool,
-        coarse: bool = False,
-        use_all_devices: bool = False,
-    ) -> None:
-        cluster = cell.cluster
-        costs = TrainCosts(cluster, model, seq_len)
-        groups = candidate_groups(cluster, model)
-        if coarse:
-            groups = [g for g in groups if 2 * g.tp >= cluster.nodes[g.node].count]
-        self.groups = groups
-        G, L = len(groups), model.num_layers
-        state = L * costs.layer_state_bytes(1) + costs.first_state_bytes(1) + costs.last_state_bytes(1)
-        min_devices = math.ceil(state / max(p.capacity_bytes for p in cluster.profiles.values()))
-        R = max(1, min(cluster.num_devices // max(min_devices, 1), microbatches))
-        intra = [cluster.nodes[g.node].intra_link for g in groups]
-        c0 = [costs.layer_seconds(g.kind, g.tp, microbatch, False, intra[i]) for i, g in enumerate(groups)]
-        c1 = [costs.layer_seconds(g.kind, g.tp, microbatch, True, intra[i]) for i, g in enumerate(groups)]
-        unit = self.unit = min(c0) / RESOLUTION
-
-        def ticks(seconds: float) -> int:
-            return round(seconds / unit)
-
-        m = self.m = cp_model.CpModel()
-        a = self.a = [[m.new_bool_var(f"a{g}_{r}") for r in range(min(g + 1, R))] for g in range(G)]
-        slots = [[g for g in range(G) if r < len(a[g])] for r in range(R)]
-        used = self.used = [m.new_bool_var(f"used{r}") for r in range(R)]
-        on = [m.new_bool_var(f"on{g}") for g in range(G)]
-        for g in range(G):
-            m.add(on[g] == sum(a[g]))
-        # Canonical layout inside a node: active groups pack from the node's first device, largest first.
-        cover = [sum(on[g] for g in range(G) if d in groups[g].devices) for d in range(cluster.num_devices)]
-        for d in range(cluster.num_devices):
-            m.add(cover[d] == 1 if use_all_devices else cover[d] <= 1)
-        for n, offset in enumerate(cluster.node_offsets()):
-            for d in range(offset + 1, offset + cluster.nodes[n].count):
-                m.add(cover[d] <= cover[d - 1])
-        for g, grp in enumerate(groups):
-            before = grp.devices[0] - 1
-            if before >= 0 and cluster.devices[before].node == grp.node:
-                bigger = [on[h] for h in range(G) if before in groups[h].devices and groups[h].tp >= grp.tp]
-                m.add(sum(bigger) >= on[g])
-        # Same-size groups of a node are interchangeable: their replica slots ascend with the address.
-        slot_of = [sum(r * a[g][r] for r in range(len(a[g]))) for g in range(G)]
-        for g in range(G):
-            twins = [k for k in range(g + 1, G) if groups[k].node == groups[g].node and groups[k].tp == groups[g].tp]
-            if twins:
-                m.add(slot_of[twins[0]] >= slot_of[g]).only_enforce_if([on[g], on[twins[0]]])
-        for r in range(R):
-            for g in slots[r]:
-                m.add_implication(a[g][r], used[r])
-                if r > 0:
-                    m.add(sum(a[h][r - 1] for h in slots[r - 1] if h < g) >= 1).only_enforce_if(a[g][r])
-            m.add(sum(a[g][r] for g in slots[r]) >= used[r])
-        for r in range(1, R):
-            m.add_implication(used[r], used[r - 1])
-
-        # Layers and recomputation.
-        self.n0 = n0 = [m.new_int_var(0, L, f"n0_{g}") for g in range(G)]
-        self.n1 = n1 = [m.new_int_var(0, L if recompute else 0, f"n1_{g}") for g in range(G)]
-        rc = [m.new_bool_var(f"rc{g}") for g in range(G)]
-        nl = [[m.new_int_var(0, L, f"nl{g}_{r}") for r in range(len(a[g]))] for g in range(G)]
-        for g in range(G):
-            m.add(n0[g] == 0).only_enforce_if(rc[g])
-            m.add(n1[g] == 0).only_enforce_if(rc[g].negated())
-            m.add(n0[g] + n1[g] == sum(nl[g]))
-            m.add(n0[g] + n1[g] >= on[g])
-            for r in range(len(a[g])):
-                m.add(nl[g][r] == 0).only_enforce_if(a[g][r].negated())
-        for r in range(R):
-            m.add(sum(nl[g][r] for g in slots[r]) == L * used[r])
-
-        # First and last stage of each replica (canonical order = candidate order).
-        def suffix(g: int, r: int) -> cp_model.LinearExpr:
-            return sum(a[h][r] for h in slots[r] if h >= g)
-
-        first = [[m.new_bool_var(f"first{g}_{r}") for r in range(len(a[g]))] for g in range(G)]
-        last = [[m.new_bool_var(f"last{g}_{r}") for r in range(len(a[g]))] for g in range(G)]
-        for r in range(R):
-            for g in slots[r]:
-                m.add_implication(first[g][r], a[g][r])
-                m.add_implication(last[g][r], a[g][r])
-                m.add(sum(a[h][r] for h in slots[r] if h < g) == 0).only_enforce_if(first[g][r])
-                m.add(suffix(g + 1, r) == 0).only_enforce_if(last[g][r])
-            m.add(sum(first[g][r] for g in slots[r]) == used[r])
-            m.add(sum(last[g][r] for g in slots[r]) == used[r])
-        is_first = [sum(first[g]) for g in range(G)]
-        is_last = [sum(last[g]) for g in range(G)]
-
-        mvars = self.mvars = [m.new_int_var(0, microbatches, f"m{r}") for r in range(R)]
-        m.add(sum(mvars) == microbatches)
-
-        # Memory: 1F1B keeps min(distance from the end of the pipeline, micro-batches) micro-batches in flight.
-        memory_unit = min(p.capacity_bytes for p in cluster.profiles.values()) / MEMORY_RESOLUTION
-
-        def mb(nbytes: float) -> int:
-            return math.ceil(nbytes / memory_unit)
-
-        q = [m.new_int_var(0, G, f"q{g}") for g in range(G)]
-        for g in range(G):
-            by_count = m.new_bool_var(f"short{g}")
-            for r in range(len(a[g])):
-                m.add(q[g] >= suffix(g, r)).only_enforce_if([a[g][r], by_count.negated()])
-                m.add(q[g] >= mvars[r]).only_enforce_if([a[g][r], by_count])
-            grp = groups[g]
-            p0, p1 = m.new_int_var(0, L * G, f"p0_{g}"), m.new_int_var(0, L * G, f"p1_{g}")
-            m.add_multiplication_equality(p0, [n0[g], q[g]])
-            m.add_multiplication_equality(p1, [n1[g], q[g]])
-            cap = math.floor(cluster.profile(grp.kind).capacity_bytes / memory_unit)
-            m.add(
-                mb(costs.layer_state_bytes(grp.tp)) * (n0[g] + n1[g])
-                + mb(costs.layer_act_bytes(grp.tp, microbatch, False)) * (p0 + rc[g])
-                + mb(costs.layer_act_bytes(grp.tp, microbatch, True)) * p1
-                + mb(costs.first_state_bytes(grp.tp)) * is_first[g]
-                + mb(costs.last_state_bytes(grp.tp) + costs.logits_bytes(grp.tp, microbatch)) * is_last[g]
-                <= cap
-            )
-
-        # Stage and replica times.
-        head = [ticks(costs.head_seconds(gr.kind, gr.tp, microbatch)) for gr in groups]
-        t_hi = L * max(ticks(c) for c in c1 + c0) + max(head)
-        stage_t = [n0[g] * ticks(c0[g]) + n1[g] * ticks(c1[g]) + head[g] * is_last[g] for g in range(G)]
-        nodes = range(len(cluster.nodes))
-        p2p_intra = [ticks(costs.p2p_seconds(cluster.nodes[n].intra_link, microbatch)) for n in nodes]
-        p2p_inter = ticks(costs.p2p_seconds(cluster.inter_link, microbatch))
-        z = m.new_int_var(0, t_hi * (microbatches + G) + p2p_inter * G + max(p2p_intra) * G, "z")
-        node_used = [m.new_bool_var(f"node{n}") for n in nodes]
-        for r in range(R):
-            m.add(mvars[r] >= used[r])
-            m.add(mvars[r] <= microbatches * used[r])
-            slow = m.new_int_var(0, t_hi, f"M{r}")
-            share = []
-            for g in slots[r]:
-                m.add(slow >= stage_t[g]).only_enforce_if(a[g][r])
-                s = m.new_int_var(0, t_hi, f"ts{g}_{r}")
-                m.add(s >= stage_t[g]).only_enforce_if(a[g][r])
-                share.append(s)
-            nu = [m.new_bool_var(f"nu{n}_{r}") for n in nodes]
-            count = [sum(a[g][r] for g in slots[r] if groups[g].node == n) for n in nodes]
-            for n in nodes:
-                m.add(count[n] <= G * nu[n])
-                m.add_implication(nu[n], node_used[n])
-            p2p = sum((count[n] - nu[n]) * p2p_intra[n] for n in nodes) + (sum(nu) - used[r]) * p2p_inter
-            steady = m.new_int_var(0, t_hi * microbatches, f"mM{r}")
-            m.add_multiplication_equality(steady, [mvars[r], slow])
-            m.add(z >= sum(share) + p2p + steady - slow)
-
-        # A relaxation that gives the LP a throughput bound: a group's busy time (its blocks times its replica's
-        # micro-batches, `work`) never exceeds the iteration, and the work of all groups adds up to L * micro-batches.
-        work = [m.new_int_var(0, L * microbatches, f"w{g}") for g in range(G)]
-        m.add(sum(work) == L * microbatches)
-        for g in range(G):
-            m.add(work[g] <= L * microbatches * on[g])
-            m.add(z >= ticks(c0[g]) * work[g])
-
-        # Gradient all-reduce across all replicas of all cells.
-        count_is = [m.new_bool_var(f"R{k}") for k in range(R + 1)]
-        m.add_exactly_one(count_is)
-        m.add(sum(k * count_is[k] for k in range(R + 1)) == sum(used))
-        multi = m.new_bool_var("multi")
-        if cell.copies > 1:
-            m.add(multi == 1)
-        else:
-            m.add(sum(node_used) <= 1 + len(cluster.nodes) * multi)
-        for g in range(G):
-            m.add(node_used[groups[g].node] >= on[g])
-
-        def sync_ticks(nbytes: float, total: int, link: Link) -> int:
-            return ticks(costs.grad_sync_seconds(total, nbytes, link) - costs.grad_sync_seconds(total, 0, link))
-
-        links = [cluster.inter_link, *intra]
-        widest = R * cell.copies
-        full = max(costs.stage_grad_bytes(gr.tp, L, True, True) for gr in groups)
-        slowest = min(links, key=lambda link: link.gb_s)
-        laggiest = max(links, key=lambda link: link.latency_us)
-        rounding = L + 3
-        sync_hi = sync_ticks(full, widest, slowest) + ticks(costs.grad_sync_seconds(widest, 0, laggiest)) + rounding
-        sync = m.new_int_var(0, sync_hi, "sync")
-        for k in range(1, R + 1):
-            total = k * cell.copies
-            if total == 1:
-                continue
-            for links, when in ((intra, multi.negated()), ([cluster.inter_link] * G, multi)):
-                for g, grp in enumerate(groups):
-                    link = links[g]
-                    m.add(
-                        sync
-                        >= sync_ticks(costs.stage_grad_bytes(grp.tp, 1, False, False), total, link) * (n0[g] + n1[g])
-                        + sync_ticks(costs.stage_grad_bytes(grp.tp, 0, True, False), total, link) * is_first[g]
-                        + sync_ticks(costs.stage_grad_bytes(grp.tp, 0, False, True), total, link) * is_last[g]
-                        + ticks(costs.grad_sync_seconds(total, 0, link))
-                    ).only_enforce_if([count_is[k], when])
-        # One tick per recomputed block breaks ties towards not recomputing where it does not pay.
-        m.minimize(z + sync + sum(n1))
-        self.rc = rc
-
-    def solve(
-        self, time_limit_s: float, workers: int, hint: list[Slot] | None = None
-    ) -> tuple[str, list[Slot] | None, float]:
-        """Solve within the time limit, starting from `hint` (a plan of the same space) when given; returns the
-        status, the solution, and CP-SAT's lower bound on the iteration time in seconds."""
-        start = time.perf_counter()
-        if hint and self._hint(hint):
-            self._complete_hint(min(HINT_SHARE * time_limit_s, 2.0))
-        solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = max(time_limit_s - (time.perf_counter() - start), 0.05)
-        solver.parameters.num_workers = workers
-        solver.parameters.linearization_level = 2  # the LP relaxation of the enforced constraints proves bounds
-        status = solver.solve(self.m)
-        name = solver.status_name(status)
-        bound = math.inf if status == cp_model.INFEASIBLE else solver.best_objective_bound * self.unit
-        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return name, None, bound
-        return name, self._extract(solver), bound
-
-    def _complete_hint(self, time_limit_s: float) -> None:
-        """Extend the hint on the decision variables to every variable, so the search starts from a solution."""
-        solver = cp_model.CpSolver()
-        solver.parameters.fix_variables_to_their_hinted_value = True
-        solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
-        solver.parameters.num_workers = 1
-        if solver.solve(self.m) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return
-        self.m.clear_hints()
-        for i in range(len(self.m.proto.variables)):
-            var = self.m.get_int_var_from_proto_index(i)
-            self.m.add_hint(var, solver.value(var))
-
-    def _hint(self, slots: list[Slot]) -> bool:
-        """Hint the decision variables with `slots`, relabelled to satisfy the symmetry breaking; False if the
-        slots do not fit this model."""
-        index = {g: i for i, g in enumerate(self.groups)}
-        if len(slots) > len(self.used) or any(g not in index for stages, _ in slots for g, _, _ in stages):
-            return False
-        slots = _canonical_slots(slots, index)
-        member = {index[g]: (r, n, rc) for r, (stages, _) in enumerate(slots) for g, n, rc in stages}
-        for g, row in enumerate(self.a):
-            r, layers, recompute = member.get(g, (-1, 0, False))
-            for k, var in enumerate(row):
-                self.m.add_hint(var, k == r)
-            self.m.add_hint(self.n0[g], 0 if recompute else layers)
-            self.m.add_hint(self.n1[g], layers if recompute else 0)
-            self.m.add_hint(self.rc[g], recompute)
-        for r, used in enumerate(self.used):
-            self.m.add_hint(used, r < len(slots))
-            self.m.add_hint(self.mvars[r], slots[r][1] if r < len(slots) else 0)
-        return True
-
-    def _extract(self, solver: cp_model.CpSolver) -> list[Slot]:
-        out = []
-        for r, used in enumerate(self.used):
-            if not solver.value(used):
-                continue
-            stages = []
-            for g, row in enumerate(self.a):
-                if r < len(row) and solver.value(row[r]):
-                    layers = solver.value(self.n0[g]) + solver.value(self.n1[g])
-                    stages.append((self.groups[g], layers, bool(solver.value(self.n1[g]))))
-            out.append((stages, solver.value(self.mvars[r])))
-        return out
-
-
-def _canonical_slots(slots: list[Slot], index: dict[Group, int]) -> list[Slot]:
-    """Relabel an equivalent solution into the form the symmetry breaking admits: slots ordered by first group,
-    and same-size groups of a node handed to slots in address order (their blocks and flags move with the slot)."""
-    slots = [(sorted(stages, key=lambda st: index[st[0]]), count) for stages, count in slots]
-    for _ in range(len(slots) + 1):
-        slots.sort(key=lambda slot: index[slot[0][0][0]])
-        classes: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for r, (stages, _) in enumerate(slots):
-            for k, (g, _, _) in enumerate(stages):
-                classes.setdefault((g.node, g.tp), []).append((r, k))
-        changed = False
-        for positions in classes.values():
-            groups = sorted((slots[r][0][k][0] for r, k in positions), key=index.__getitem__)
-            for (r, k), g in zip(
-                sorted(positions, key=lambda p: (p[0], index[slots[p[0]][0][p[1]][0]])), groups, strict=True
-            ):
-                old, n, rc = slots[r][0][k]
-                if old != g:
-                    slots[r][0][k] = (g, n, rc)
-                    changed = True
-        slots = [(sorted(stages, key=lambda st: index[st[0]]), count) for stages, count in slots]
-        if not changed:
-            break
-    return slots
-
-
-def _best_seed(
-    cell: _Cell, model: ModelSpec, workload: TrainWorkload, microbatch: int, use_all_devices: bool
-) -> list[Slot] | None:
-    """The fastest seed plan that fits, scored on one copy of the cell with the all-reduce over all copies."""
-    one = _Cell(cell.cluster, 1, (tuple(range(cell.cluster.num_devices)),))
-    share = dataclasses.replace(
-        workload, global_batch=workload.global_batch // cell.copies, microbatch_sizes=(microbatch,)
-    )
-    total = share.global_batch // microbatch
-    costs = TrainCosts(cell.cluster, model, workload.seq_len)
-    best, best_s = None, math.inf
-    for slots in seed_slots(cell.cluster, model, workload.seq_len, microbatch, total, workload.recompute):
-        plan = _plan_from_slots(slots, one, cell.cluster, model, share, microbatch)
-        estimate = plan.estimate
-        assert estimate is not None
-        if cell.copies > 1:
-            grad = max(
-                costs.stage_grad_bytes(st.tp, st.num_layers, i == 0, i == len(r.stages) - 1)
-                for r in plan.replicas
-                for i, st in enumerate(r.stages)
-            )
-            replicas = len(plan.replicas) * cell.copies
-            score = max(estimate.replica_s) + costs.grad_sync_seconds(replicas, grad, cell.cluster.inter_link)
-        else:
-            score = estimate.iteration_s
-        idle = use_all_devices and len(plan.devices) < cell.cluster.num_devices
-        if score < best_s and not idle and not memory_excess(plan, cell.cluster, estimate):
-            best, best_s = slots, score
+def throughput_bound_s(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> float:
+    """A lower bound on every plan's iteration time: all blocks of all micro-batches on every device at once, each
+    device at its best rate over the TP degrees (seconds per block and device: `tp * layer_seconds`)."""
+    costs = TrainCosts(cluster, model, workload.seq_len)
+    best = math.inf
+    for b in workload.microbatch_sizes:
+        rate = 0.0
+        for node in cluster.nodes:
+            tps = [g.tp for g in candidate_groups(dataclasses.replace(cluster, nodes=(node,)), model)]
+            seconds = min(t * costs.layer_seconds(node.kind, t, b, False, node.intra_link) for t in tps)
+            rate += node.count / seconds
+        best = min(best, model.num_layers * workload.global_batch / b / rate)
     return best
 
 
+def _seeds(problem: CellProblem) -> list[list[Slot]]:
+    """The regular seed plans of a cell that fit in memory, fastest first (scored on one copy, all-reduce over
+    all copies)."""
+    cell, model = problem.cell, problem.model
+    costs = TrainCosts(cell.cluster, model, problem.seq_len)
+    scored = []
+    for slots in seed_slots(
+        cell.cluster, model, problem.seq_len, problem.microbatch, problem.microbatches, problem.recompute
+    ):
+        plan = _plan_from_slots(slots, Cell(cell.cluster, 1, (tuple(range(cell.cluster.num_devices)),)), problem)
+        estimate = plan.estimate
+        assert estimate is not None
+        grad = max(
+            costs.stage_grad_bytes(st.tp, st.num_layers, i == 0, i == len(r.stages) - 1)
+            for r in plan.replicas
+            for i, st in enumerate(r.stages)
+        )
+        link = cell.cluster.inter_link if cell.copies > 1 else None
+        score = (
+            estimate.iteration_s
+            if link is None
+            else max(estimate.replica_s) + costs.grad_sync_seconds(len(plan.replicas) * cell.copies, grad, link)
+        )
+        idle = problem.use_all_devices and len(plan.devices) < cell.cluster.num_devices
+        if not idle and not memory_excess(plan, cell.cluster, estimate):
+            scored.append((score, slots))
+    return [slots for _, slots in sorted(scored, key=lambda x: x[0])]
+
+
 def _plan_from_slots(
-    slots: list[Slot],
-    cell: _Cell,
-    cluster: ClusterSpec,
-    model: ModelSpec,
-    workload: TrainWorkload,
-    microbatch: int,
+    slots: list[Slot], cell: Cell, problem: CellProblem, cluster: ClusterSpec | None = None, batch: int = 0
 ) -> TrainPlan:
+    """The plan that repeats `slots` on every copy of `cell`, over `cluster` (the cell's own by default)."""
+    cluster = cluster or cell.cluster
     replicas = []
     for device_map in cell.device_maps:
         for stages, count in slots:
@@ -437,17 +108,239 @@ def _plan_from_slots(
                 devices = tuple(device_map[d] for d in group.devices)
                 built.append(Stage(devices, group.kind, group.tp, (start, start + layers), recompute))
                 start += layers
-            replicas.append(Replica(tuple(built), count, microbatch))
+            replicas.append(Replica(tuple(built), count, problem.microbatch))
     plan = TrainPlan(
         replicas=tuple(replicas),
-        num_layers=model.num_layers,
-        global_batch=workload.global_batch,
-        seq_len=workload.seq_len,
+        num_layers=problem.model.num_layers,
+        global_batch=batch or problem.microbatch * problem.microbatches * cell.copies,
+        seq_len=problem.seq_len,
         device_kinds=tuple(d.kind for d in cluster.devices),
-        model=model.name,
+        model=problem.model.name,
         cluster=cluster.name,
     )
-    return dataclasses.replace(plan, estimate=evaluate_train_plan(plan, cluster, model))
+    return dataclasses.replace(plan, estimate=evaluate_train_plan(plan, cluster, problem.model))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+    """One sub-problem's result: the plans it yielded (cells, micro-batch size), CP-SAT's status and bound
+    (seconds) on its full model, and whether that bound holds for every plan of the micro-batch size (a solve of
+    the whole cluster, not of cells or of a subset of nodes)."""
+
+    cells: int
+    microbatch: int
+    plans: list[TrainPlan]
+    status: str
+    bound_s: float
+    proves: bool
+
+
+def _cell_slots(plan: TrainPlan | None, problem: CellProblem) -> list[Slot] | None:
+    """The replicas of `plan` (over the whole cluster) that lie in the first copy of `problem`'s cell, in cell
+    coordinates; None unless they make a plan of that cell (its micro-batch size and count). A plan of finer cells
+    is one of every coarser cell that contains them: the warm start of the coarser solve."""
+    if plan is None:
+        return None
+    cell = problem.cell
+    local = {d: i for i, d in enumerate(cell.device_maps[0])}
+    devices = cell.cluster.devices
+    slots: list[Slot] = []
+    for r in plan.replicas:
+        if r.microbatch_size != problem.microbatch or not all(d in local for d in r.devices):
+            continue
+        groups = [
+            Group(devices[local[st.devices[0]]].node, tuple(local[d] for d in st.devices), st.kind) for st in r.stages
+        ]
+        stages = [(g, st.num_layers, st.recompute) for g, st in zip(groups, r.stages, strict=True)]
+        slots.append((stages, r.num_microbatches))
+    return slots if slots and sum(count for _, count in slots) == problem.microbatches else None
+
+
+def _solve(
+    problem: CellProblem, cluster: ClusterSpec, batch: int, end: float, workers: int, warm: TrainPlan | None
+) -> _Outcome:
+    """Coarse, then full CP-SAT solve of one sub-problem before the wall-clock time `end`, each starting from the
+    fastest plan known so far: the best seed or `warm` (a plan of finer cells with the same micro-batch size)."""
+
+    def plan_of(slots: list[Slot]) -> TrainPlan:
+        return _plan_from_slots(slots, problem.cell, problem, cluster, batch)
+
+    def fastest(options: list[list[Slot] | None]) -> list[Slot] | None:
+        found = [s for s in options if s is not None]
+        return min(found, key=lambda s: plan_of(s).estimate.iteration_s) if found else None  # type: ignore[union-attr]
+
+    def cp_sat(coarse: bool, share: float, hint: list[Slot] | None) -> CellResult:
+        left = end - time.perf_counter()
+        if left < MIN_SOLVE_S:  # no time to build the model: its building would overrun the limit
+            return CellResult("UNKNOWN", None, 0.0)
+        return CellModel(problem, coarse=coarse).solve(share * left, workers, hint=hint)
+
+    seeds = _seeds(problem)
+    start = fastest([seeds[0] if seeds else None, _cell_slots(warm, problem)])
+    coarse = cp_sat(True, COARSE_SHARE, start)
+    full = cp_sat(False, 1.0, fastest([coarse.slots, start]))
+    plans = [plan_of(s) for s in (start, coarse.slots, full.slots) if s is not None]
+    for plan in plans:
+        assert plan.estimate is not None
+        excess = memory_excess(plan, cluster, plan.estimate)
+        if excess:
+            raise AssertionError(f"planner produced a plan over memory: {excess}")
+    copies = problem.cell.copies
+    return _Outcome(copies, problem.microbatch, plans, full.status, full.bound_s, copies == 1)
+
+
+def _problems(
+    cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, ks: list[int], use_all: bool
+) -> Iterator[CellProblem]:
+    """The sub-problems of the splits `ks`: one per split and micro-batch size that divides the batch evenly."""
+    for k in ks:
+        cell = split_cell(cluster, k)
+        assert cell is not None
+        for b in workload.microbatch_sizes:
+            if workload.global_batch % (k * b) == 0:
+                yield CellProblem(
+                    cell, model, workload.seq_len, b, workload.global_batch // (k * b), workload.recompute, use_all
+                )
+
+
+def _fastest(outcomes: list[_Outcome], microbatch: int | None = None) -> tuple[TrainPlan, _Outcome] | None:
+    """The fastest plan of `outcomes` (of one micro-batch size if given) and the outcome it came from."""
+    found = [(p, o) for o in outcomes for p in o.plans if microbatch in (None, o.microbatch)]
+    return min(found, key=lambda x: x[0].estimate.iteration_s) if found else None  # type: ignore[union-attr]
+
+
+def _run(
+    problems: list[CellProblem],
+    cluster: ClusterSpec,
+    workload: TrainWorkload,
+    deadline: float,
+    workers: int,
+    outcomes: list[_Outcome],
+) -> list[_Outcome]:
+    """`outcomes` followed by those of `problems`, solved in turn, each with a share of the time left before
+    `deadline` in proportion to its cell's devices, each warm-started from the fastest plan so far (same size)."""
+    outcomes = list(outcomes)
+    for i, problem in enumerate(problems):
+        weight = problem.cell.cluster.num_devices / sum(p.cell.cluster.num_devices for p in problems[i:])
+        end = time.perf_counter() + max(deadline - time.perf_counter(), 0.0) * weight
+        warm = _fastest(outcomes, problem.microbatch)
+        outcomes.append(_solve(problem, cluster, workload.global_batch, end, workers, warm and warm[0]))
+    return outcomes
+
+
+def _summary(
+    outcomes: list[_Outcome],
+    cluster: ClusterSpec,
+    model: ModelSpec,
+    workload: TrainWorkload,
+    elapsed: float,
+    time_limit_s: float,
+) -> tuple[TrainPlan, SolveInfo]:
+    """The fastest plan found, with its status, bound and gap."""
+    fastest = _fastest(outcomes)
+    assert fastest is not None
+    best, source = fastest
+    assert best.estimate is not None
+    whole = [o for o in outcomes if o.proves]
+    sizes = {o.microbatch for o in whole}
+    proven = sizes == set(workload.microbatch_sizes) and all(o.status in ("OPTIMAL", "INFEASIBLE") for o in whole)
+    bound = throughput_bound_s(cluster, model, workload)
+    if sizes == set(workload.microbatch_sizes):
+        bound = max(bound, min(o.bound_s for o in whole))
+    iteration = best.estimate.iteration_s
+    bound = min(bound, iteration)
+    info = SolveInfo(
+        status="OPTIMAL" if proven else "FEASIBLE",
+        lower_bound_s=bound,
+        gap=(iteration - bound) / iteration,
+        solve_s=elapsed,
+        time_limit_s=time_limit_s,
+        cells=source.cells,
+        microbatch_size=source.microbatch,
+        solves=len(outcomes),
+    )
+    return dataclasses.replace(best, solve=info), info
+
+
+def _no_plan(
+    outcomes: list[_Outcome],
+    cluster: ClusterSpec,
+    model: ModelSpec,
+    workload: TrainWorkload,
+    time_limit_s: float,
+    use_all: bool,
+) -> PlanningError:
+    """Why no plan came out: memory (explained) when every sub-problem is infeasible, else the time limit."""
+    statuses = [o.status for o in outcomes]
+    if all(s == "INFEASIBLE" for s in statuses):
+        reason = explain_infeasible(cluster, model, workload)
+        if use_all:
+            reason += (
+                "; or use_all_devices: every device must run a stage (each stage at least one block, each "
+                "replica at least one micro-batch)"
+            )
+        return PlanningError(reason)
+    return PlanningError(f"no plan found within the time limit of {time_limit_s:.1f} s (CP-SAT: {statuses})")
+
+
+def _search(
+    cluster: ClusterSpec,
+    model: ModelSpec,
+    workload: TrainWorkload,
+    deadline: float,
+    options: _Options,
+    outcomes: list[_Outcome],
+) -> list[_Outcome]:
+    """`outcomes` (warm starts) followed by the solves of `cluster`'s cell splits, and of coarser splits while
+    none has yielded a plan and time is left."""
+    ks = cell_splits(cluster, model, workload, options.max_cell_devices, options.use_all_devices)
+    problems = list(_problems(cluster, model, workload, ks, options.use_all_devices))
+    if not problems:
+        raise PlanningError(
+            f"global_batch {workload.global_batch} cannot be split into equal micro-batches of the sizes "
+            f"{list(workload.microbatch_sizes)} over {ks[-1]} identical cells"
+        )
+    start = len(outcomes)
+    outcomes = _run(problems, cluster, workload, deadline, options.workers, outcomes)
+    fallback = coarser_splits(cluster, model, workload, ks, options.use_all_devices)
+    while fallback and not any(o.plans for o in outcomes[start:]) and time.perf_counter() < deadline:
+        more = list(_problems(cluster, model, workload, [fallback.pop(0)], options.use_all_devices))
+        outcomes = _run(more, cluster, workload, deadline, options.workers, outcomes)
+    return outcomes
+
+
+def _subset_outcomes(
+    cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, deadline: float, options: _Options
+) -> list[_Outcome]:
+    """Quick solves of the subsets (`planners.cells.subsets`) before `deadline`, their plans renumbered onto
+    `cluster`: warm starts that keep its plan no worse than its subsets' (adding a node never makes it worse)."""
+    out = []
+    kinds = [d.kind for d in cluster.devices]
+    parts = subsets(cluster)
+    for i, (sub, original) in enumerate(parts):
+        end = time.perf_counter() + max(deadline - time.perf_counter(), 0.0) / (len(parts) - i)
+        if state_bytes(sub, model, workload.seq_len) > usable_bytes(sub):
+            continue
+        try:
+            found = _search(sub, model, workload, end, options, [])
+        except PlanningError:
+            continue
+        for o in found:
+            if not o.plans:
+                continue
+            plans = [p.with_devices(original, kinds, cluster.name) for p in o.plans]
+            plans = [dataclasses.replace(p, estimate=evaluate_train_plan(p, cluster, model)) for p in plans]
+            out.append(_Outcome(o.cells, o.microbatch, plans, o.status, 0.0, False))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The caller's options that every sub-search shares."""
+
+    workers: int
+    max_cell_devices: int
+    use_all_devices: bool
 
 
 def plan_training_with_info(
@@ -460,58 +353,19 @@ def plan_training_with_info(
     max_cell_devices: int = 16,
     use_all_devices: bool = False,
 ) -> tuple[TrainPlan, SolveInfo]:
-    """`plan_training`, also returning how the plan was found."""
-    cells = _cells(cluster, max_cell_devices, workload.global_batch)
-    jobs = [
-        (cell, b) for cell in cells for b in workload.microbatch_sizes if workload.global_batch % (cell.copies * b) == 0
-    ]
-    if not jobs:
-        raise PlanningError(
-            f"global_batch {workload.global_batch} cannot be split into equal micro-batches of the sizes "
-            f"{list(workload.microbatch_sizes)} over {cells[-1].copies} identical cells"
-        )
-    best: tuple[float, TrainPlan, SolveInfo] | None = None
-    statuses = []
-    lower_bound = math.inf
+    """`plan_training`, also returning how the plan was found (also in `plan.solve`)."""
     start = time.perf_counter()
     deadline = start + (1 - RESERVE_SHARE) * time_limit_s
-    for i, (cell, b) in enumerate(jobs):
-        job_end = time.perf_counter() + (deadline - time.perf_counter()) / (len(jobs) - i)
-        total = workload.global_batch // (cell.copies * b)
-        args = (cell, model, workload.seq_len, b, total, workload.recompute)
-        seed = _best_seed(cell, model, workload, b, use_all_devices)
-        coarse_model = _CellModel(*args, coarse=True, use_all_devices=use_all_devices)
-        _, coarse, _ = coarse_model.solve(COARSE_SHARE * (job_end - time.perf_counter()), num_workers, hint=seed)
-        fine_model = _CellModel(*args, use_all_devices=use_all_devices)
-        status, fine, bound = fine_model.solve(job_end - time.perf_counter(), num_workers, hint=coarse or seed)
-        lower_bound = min(lower_bound, bound)
-        statuses.append(status)
-        for slots in (seed, coarse, fine):
-            if slots is None:
-                continue
-            plan = _plan_from_slots(slots, cell, cluster, model, workload, b)
-            assert plan.estimate is not None
-            excess = memory_excess(plan, cluster, plan.estimate)
-            if excess:
-                raise AssertionError(f"planner produced a plan over memory: {excess}")
-            if best is None or plan.estimate.iteration_s < best[0]:
-                best = (plan.estimate.iteration_s, plan, SolveInfo(cell.copies, b, status, 0.0, len(jobs), 0.0))
-    elapsed = time.perf_counter() - start
-    if best is None:
-        if all(s == "INFEASIBLE" for s in statuses):
-            reason = explain_infeasible(cluster, model, workload)
-            if use_all_devices:
-                reason += (
-                    "; or use_all_devices: every device must run a stage (each stage at least one block, each "
-                    "replica at least one micro-batch)"
-                )
-            raise PlanningError(reason)
-        raise PlanningError(f"no plan found within the time limit of {time_limit_s:.1f} s (CP-SAT: {statuses})")
-    all_optimal = all(s in ("OPTIMAL", "INFEASIBLE") for s in statuses)
-    info = dataclasses.replace(
-        best[2], status="OPTIMAL" if all_optimal else "FEASIBLE", solve_s=elapsed, lower_bound_s=lower_bound
-    )
-    return best[1], info
+    if state_bytes(cluster, model, workload.seq_len) > usable_bytes(cluster):
+        raise PlanningError(explain_infeasible(cluster, model, workload))
+    options = _Options(num_workers, max_cell_devices, use_all_devices)
+    outcomes = []
+    if cluster.num_devices >= SUBSET_MIN_DEVICES and not use_all_devices:
+        outcomes = _subset_outcomes(cluster, model, workload, start + SUBSET_SHARE * time_limit_s, options)
+    outcomes = _search(cluster, model, workload, deadline, options, outcomes)
+    if not any(o.plans for o in outcomes):
+        raise _no_plan(outcomes, cluster, model, workload, time_limit_s, use_all_devices)
+    return _summary(outcomes, cluster, model, workload, time.perf_counter() - start, time_limit_s)
 
 
 def plan_training(
@@ -524,11 +378,12 @@ def plan_training(
     max_cell_devices: int = 16,
     use_all_devices: bool = False,
 ) -> TrainPlan:
-    """The fastest training plan under the cost model (best found within `time_limit_s` if not proven optimal).
+    """The fastest training plan under the cost model (best found within `time_limit_s` if not proven optimal;
+    `plan.solve` says which, with the bound and gap).
 
     `use_all_devices` forbids idle devices (e.g. to exercise every emulated device). Large clusters are planned
-    as `max_cell_devices`-sized identical cells (see the module docstring). Raises `PlanningError` naming the
-    binding constraint when no plan fits.
+    as identical cells of at most `max_cell_devices` devices (see the module docstring). Raises `PlanningError`
+    naming the binding constraint when no plan fits.
     """
     plan, _ = plan_training_with_info(
         cluster,
@@ -562,8 +417,7 @@ def explain_infeasible(cluster: ClusterSpec, model: ModelSpec, workload: TrainWo
     """Name the constraint that rules out every plan (memory, in the usual case)."""
     costs = TrainCosts(cluster, model, workload.seq_len)
     b = min(workload.microbatch_sizes)
-    state = costs.layer_state_bytes(1) * model.num_layers + costs.first_state_bytes(1) + costs.last_state_bytes(1)
-    usable = sum(n.count * cluster.profile(n.kind).capacity_bytes for n in cluster.nodes)
+    state, usable = state_bytes(cluster, model, workload.seq_len), usable_bytes(cluster)
     if state > usable:
         return (
             f"memory: {model.name} needs {state / 1e9:.1f} GB for weights, gradients and Adam state "

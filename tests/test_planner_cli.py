@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 import planners
@@ -38,6 +39,8 @@ def test_plan_train_writes_json_and_png(tmp_path: Path) -> None:
     assert "predicted iteration" in result.output and "H100" in result.output
     plan = planners.TrainPlan.from_json(out.read_text())
     assert plan.model == "llama-2-7b" and plan.global_batch == 8 and plan.cluster == "h100x4_l4x4"
+    assert plan.solve is not None and plan.solve.time_limit_s == 3
+    assert f"solver: {plan.solve.status}, lower bound" in result.output and "gap" in result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -66,7 +69,7 @@ def test_user_mistakes_are_one_line(tmp_path: Path) -> None:
 
 
 def test_plan_serve(tmp_path: Path) -> None:
-    out = tmp_path / "serve.json"
+    out, png = tmp_path / "serve.json", tmp_path / "serve.png"
     result = RUNNER.invoke(
         app,
         [
@@ -80,14 +83,20 @@ def test_plan_serve(tmp_path: Path) -> None:
             "10",
             "--objective",
             "min_cost",
+            "--time-limit",
+            "5",
             "-o",
             str(out),
+            "--png",
+            str(png),
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "L4" in result.output
+    assert "L4" in result.output and "solver: OPTIMAL, objective bound" in result.output
     plan = planners.ServePlan.from_json(out.read_text())
-    assert plan.price_per_hour <= 10 and plan.objective == "min_cost"
+    assert plan.price_per_hour <= 10 and plan.objective == "min_cost" and plan.status == "OPTIMAL"
+    assert plan.objective_bound == pytest.approx(plan.price_per_hour, rel=1e-6)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = RUNNER.invoke(app, ["plan", "serve", "--objective", "fastest"])
     assert result.exit_code == 2 and "objective must be one of" in result.output
 
@@ -97,6 +106,7 @@ def test_plan_cascade_writes_json_and_png(tmp_path: Path) -> None:
     profile.write_text(json.dumps(planners.CascadeProfile.synthetic(2, count=300, seed=2).to_dict()))
     out, png = tmp_path / "cascade.json", tmp_path / "front.png"
     args = ["plan", "cascade", "--profile", str(profile), "--grid", "5", "--simulate", "200", "--min-quality", "0.8"]
+    args += ["--time-limit", "20"]
     result = RUNNER.invoke(app, [*args, "-o", str(out), "--png", str(png)])
     assert result.exit_code == 0, result.output
     assert "latency/quality front" in result.output and "simulated 200 requests" in result.output

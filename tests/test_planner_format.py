@@ -1,10 +1,12 @@
 """The plan format: construction checks, JSON round trip, errors naming the field, HSPMD-shaped strategies."""
 
+import dataclasses
 import json
+import re
 
 import pytest
 
-from planners import PlanError, PlanEstimate, Replica, Stage, TrainPlan
+from planners import PlanError, PlanEstimate, Replica, SolveInfo, Stage, TrainPlan
 
 
 def hspmd_like() -> TrainPlan:
@@ -48,7 +50,7 @@ def test_hspmd_strategy_is_expressible_and_round_trips() -> None:
     assert [r.num_microbatches for r in plan.replicas] == [29, 18, 17]
     assert TrainPlan.from_json(plan.to_json()) == plan
     data = json.loads(plan.to_json())
-    assert data["format"] == "jaxhet.train_plan" and data["version"] == 1
+    assert data["format"] == "jaxhet.train_plan" and data["version"] == 2 and data["solve"] is None
     assert data["replicas"][0]["stages"][2] == {
         "devices": [2, 3],
         "kind": "H800",
@@ -99,7 +101,8 @@ def mutate(path: list, value: object) -> dict:
         (["replicas", 0, "stages", 0, "kind"], "", "replicas[0].stages[0].kind must be a non-empty GPU kind name"),
         (["replicas", 0, "stages", 0, "speed"], 3, "replicas[0].stages[0]: unknown field(s) ['speed']"),
         (["schedule"], "zigzag", "schedule must be one of ['1f1b', 'gpipe']"),
-        (["version"], 7, "version must be 1"),
+        (["version"], 7, "version must be one of [1, 2]"),
+        (["solve"], {"status": "PROVEN"}, "solve: missing required field(s) ['lower_bound_s'"),
         (["replicas"], [], "replicas must not be empty"),
         (["device_kinds"], "H100", "device_kinds must be a list of GPU kind names, got 'H100'"),
     ],
@@ -121,3 +124,30 @@ def test_device_kinds_are_checked() -> None:
         TrainPlan.from_dict(data)
     with pytest.raises(PlanError, match="not valid JSON"):
         TrainPlan.from_json("{")
+
+
+SOLVE = SolveInfo("FEASIBLE", 1.25, 0.2, 3.1, 5.0, 1, 2, 3)
+
+
+def test_solve_info_round_trips_and_version_1_plans_still_load() -> None:
+    plan = dataclasses.replace(hspmd_like(), solve=SOLVE)
+    assert TrainPlan.from_json(plan.to_json()) == plan
+    data = json.loads(plan.to_json())
+    data["version"] = 1
+    del data["solve"]
+    assert TrainPlan.from_dict(data) == hspmd_like()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("status", "PROVEN", "solve.status must be one of ['OPTIMAL', 'FEASIBLE']"),
+        ("gap", -0.1, "solve.gap must be a non-negative number"),
+        ("cells", 0, "solve.cells must be a positive integer"),
+    ],
+)
+def test_solve_info_errors_name_the_field(field: str, value: object, message: str) -> None:
+    data = json.loads(dataclasses.replace(hspmd_like(), solve=SOLVE).to_json())
+    data["solve"][field] = value
+    with pytest.raises(PlanError, match=re.escape(message)):
+        TrainPlan.from_dict(data)

@@ -1,5 +1,6 @@
 """The serving MILP: optimal against enumeration of replica counts, sensible choices, explained infeasibility."""
 
+import json
 import random
 
 import pytest
@@ -45,6 +46,7 @@ def test_serving_matches_enumeration() -> None:
         plan = plan_serving(cluster, models, workload, objective=objective, rates=rates)
         value = plan.throughput_scale if objective == "max_throughput" else plan.price_per_hour
         assert value == pytest.approx(expected, rel=1e-3), seed
+        assert plan.status == "OPTIMAL" and plan.objective_bound == pytest.approx(value, rel=1e-3), seed
         devices = [d for r in plan.replicas for d in r.devices]
         assert len(devices) == len(set(devices))
         kinds = [d.kind for d in cluster.devices]
@@ -129,3 +131,14 @@ def test_replanning_keeps_running_replicas() -> None:
     assert not set(lost) & {d for r in again.replicas for d in r.devices}
     assert again.kept == len(after.replicas) - 1 and again.cluster == cluster.name
     assert again.price_per_hour == pytest.approx(after.price_per_hour)
+
+
+def test_serve_plan_status_round_trips_and_older_plans_load() -> None:
+    cluster = planners.ClusterSpec.load("h100x4_l4x4")
+    workload = planners.ServeWorkload(arrival_rate=3.0, budget_per_hour=10.0)
+    plan = plan_serving(cluster, [planners.ModelSpec.preset("llama-2-7b")], workload, objective="min_cost")
+    assert ServePlan.from_json(plan.to_json()) == plan and plan.status == "OPTIMAL"
+    data = json.loads(plan.to_json())
+    del data["status"], data["objective_bound"]
+    older = ServePlan.from_json(json.dumps(data))
+    assert older.status == "" and older.objective_bound is None and older.replicas == plan.replicas

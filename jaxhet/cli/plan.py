@@ -28,6 +28,9 @@ DeviceProfileOption = Annotated[
     list[Path] | None,
     typer.Option(help="Measured device profile from `jaxhet profile` for one of the cluster's GPU kinds; repeat."),
 ]
+TimeLimitOption = Annotated[
+    float, typer.Option(min=0.1, help="Time limit of the whole planning call in seconds (wall clock).")
+]
 ModelOption = Annotated[
     str, typer.Option(help=f"Model preset ({', '.join(sorted(planners.PRESETS))}) or a HF config.json path.")
 ]
@@ -74,7 +77,7 @@ def train(
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 256,
     no_recompute: Annotated[bool, typer.Option("--no-recompute", help="Forbid activation recomputation.")] = False,
     use_all_devices: Annotated[bool, typer.Option("--use-all-devices", help="Leave no device idle.")] = False,
-    time_limit: Annotated[float, typer.Option(min=0.1, help="Solver time limit in seconds.")] = 10.0,
+    time_limit: TimeLimitOption = 10.0,
     workers: Annotated[int, typer.Option(min=1, help="CP-SAT worker threads.")] = 2,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
     png: Annotated[Path | None, typer.Option(help="Write a picture of the placement here.")] = None,
@@ -96,9 +99,13 @@ def train(
     proof = "optimal under the cost model" if info.status == "OPTIMAL" else "best found within the time limit"
     console.print(
         f"predicted iteration {plan.estimate.iteration_s * 1e3:.2f} ms ({tokens_s:,.0f} tokens/s), "
-        f"gradient all-reduce {plan.estimate.grad_sync_s * 1e3:.2f} ms; {proof} "
-        f"({info.solve_s:.1f} s over {info.solves} sub-problems; {info.cells} cell(s), "
-        f"micro-batch size {info.microbatch_size})",
+        f"gradient all-reduce {plan.estimate.grad_sync_s * 1e3:.2f} ms; {proof}",
+        highlight=False,
+    )
+    console.print(
+        f"solver: {info.status}, lower bound {info.lower_bound_s * 1e3:.2f} ms, gap {100 * info.gap:.1f}%, "
+        f"{info.solve_s:.1f} s of {info.time_limit_s:.1f} s over {info.solves} sub-problems; {info.cells} cell(s), "
+        f"micro-batch size {info.microbatch_size}",
         highlight=False,
     )
     if output is not None:
@@ -153,7 +160,9 @@ def serve(
     failed: Annotated[
         list[int] | None, typer.Option(help="A device of the cluster that failed (with --current); repeat.")
     ] = None,
+    time_limit: TimeLimitOption = 20.0,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
+    png: Annotated[Path | None, typer.Option(help="Write a picture of the replicas on the cluster here.")] = None,
 ) -> None:
     """Choose GPU composition, replicas and routing for serving under SLOs and a budget; with --current, re-plan
     after a failure or a workload shift, keeping the running replicas that the new optimum allows."""
@@ -167,7 +176,7 @@ def serve(
             workload = planners.ServeWorkload.from_trace(trace, **goals)
         else:
             workload = planners.ServeWorkload(arrival_rate=rate, input_len=input_len, output_len=output_len, **goals)
-        options = {"objective": objective, "disaggregate": not colocate}
+        options = {"objective": objective, "disaggregate": not colocate, "time_limit_s": time_limit}
         if current is not None:
             if not current.is_file():
                 raise FileNotFoundError(f"current plan not found: {current}")
@@ -182,9 +191,15 @@ def serve(
         console.print(f"kept {plan.kept} running replica(s) in place", highlight=False)
     served = ", ".join(f"{name}: {r * plan.throughput_scale:.2f} req/s" for name, r in plan.rates.items())
     console.print(f"serves {served} at {plan.price_per_hour:.2f}/h (cost model, no queueing)", highlight=False)
+    console.print(f"solver: {plan.status}, objective bound {plan.objective_bound:.4g}", highlight=False)
     if output is not None:
         output.write_text(plan.to_json() + "\n")
         console.print(f"plan written to {output}", highlight=False)
+    if png is not None:
+        from planners.picture import save_serve_png
+
+        save_serve_png(plan, spec, png)
+        console.print(f"placement picture written to {png}", highlight=False)
 
 
 def _front_table(plan: planners.CascadePlan) -> Table:
@@ -233,6 +248,9 @@ def cascade(
         Path | None,
         typer.Option(help="Running cascade plan JSON: re-plan keeping as many of its replicas as possible."),
     ] = None,
+    time_limit: Annotated[
+        float, typer.Option(min=0.1, help="Time limit of each serving MILP the search solves, seconds.")
+    ] = 10.0,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
     png: Annotated[Path | None, typer.Option(help="Write the latency/quality front as a PNG here.")] = None,
 ) -> None:
@@ -267,6 +285,7 @@ def cascade(
             utilization=utilization,
             disaggregate=not colocate,
             current=planners.CascadePlan.load(current) if current is not None else None,
+            time_limit_s=time_limit,
         )
     console.print(_front_table(plan))
     console.print(_serve_table(plan.deployment))
