@@ -3,7 +3,7 @@
 On a machine without GPUs, the CLI emulates an 8-device cluster on CPU devices (unless XLA_FLAGS already says how
 many), which must be set before JAX starts; the flag only concerns the host platform, so GPUs are unaffected.
 Where no NVIDIA device exists it also picks JAX's CPU platform, so an installed CUDA plugin (the dev extra's, for
-compiling kernels for sm_90a) does not print why it cannot start.
+compiling kernels for sm_90a) is not started (its import still logs one line saying it found no CUDA driver).
 """
 
 import glob
