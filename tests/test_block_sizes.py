@@ -1,7 +1,6 @@
 """`BlockSizes`: validated, chosen per head_dim, and honoured by `flash_attention` (interpret mode vs reference)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -27,9 +27,15 @@ def _run(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
     return result, time.monotonic() - started
 
 
+# What the dev extra's CUDA plugin logs when JAX imports it on a machine without a CUDA driver, before jaxhet runs.
+PLUGIN_IMPORT_LOG = ("WARNING: All log messages before absl::InitializeLog()", "Could not find cuda drivers")
+
+
 def _one_line_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [
+        line for line in result.stderr.splitlines() if line.strip() and not any(p in line for p in PLUGIN_IMPORT_LOG)
+    ]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
 
@@ -103,3 +109,50 @@ def test_resuming_with_more_steps_says_how_the_schedule_changes():
     assert check_resume(saved, TrainConfig.load(None, {"steps": "100", "log_every": "5"})) is None
     note = check_resume(saved, TrainConfig.load(None, {"steps": "300"}))
     assert "steps changed from 100 to 300" in note and "learning-rate decay now spans 300 steps" in note
+
+
+TINY = [
+    "--plan",
+    "single",
+    "--set",
+    "num_layers=1",
+    "--set",
+    "hidden_size=32",
+    "--set",
+    "intermediate_size=64",
+    "--set",
+    "data.seq_len=16",
+    "--set",
+    "data.batch_size=2",
+    "--set",
+    "data.max_documents=20",
+]
+
+
+def test_resuming_with_a_changed_data_shape_is_refused_and_a_second_trainer_is_locked_out(tmp_path):
+    run = str(tmp_path / "run")
+    first, _ = _run("train", "--steps", "1", "--checkpoint-dir", run, *TINY, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    changed, _ = _run(
+        "train", "--steps", "2", "--resume", "--checkpoint-dir", run, *TINY, "--set", "data.seq_len=32", cwd=tmp_path
+    )
+    assert "--resume cannot change data.seq_len" in _one_line_error(changed)
+    env = {**os.environ, "XLA_FLAGS": ""}
+    holder = subprocess.Popen(
+        [JAXHET, "train", "--steps", "100000", "--resume", "--checkpoint-dir", run, *TINY],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        lock = tmp_path / "run" / ".lock"
+        while not (lock.is_file() and lock.read_text().strip() == str(holder.pid)):
+            assert time.monotonic() < deadline and holder.poll() is None
+            time.sleep(0.2)
+        second, _ = _run("train", "--steps", "2", "--resume", "--checkpoint-dir", run, *TINY, cwd=tmp_path)
+        assert f"in use by another trainer (process {holder.pid})" in _one_line_error(second)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)

@@ -82,7 +82,7 @@ def main(process_id: int, num_processes: int, port: int, cases: list[str], out: 
 
     cluster = ClusterSpec.from_dict(CLUSTERS[num_processes])
     start(cluster, Launch(f"127.0.0.1:{port}", num_processes, process_id))
-    checks = {"switch": check_switching, "asymmetric_dp": check_asymmetric_dp}
+    checks = {"switch": check_switching}
     results = {name: checks.get(name, check)(cluster, name) for name in cases}
     with open(out, "w") as f:
         json.dump(results, f)
@@ -207,31 +207,6 @@ def check_switching(cluster: ClusterSpec, name: str) -> dict:
         "shards": shards,
         "leaves": len(jax.tree.leaves(placed)),
         "bytes_between_processes": sum(ex.transfers.log.between_processes for ex in executors),
-    }
-
-
-def check_asymmetric_dp(cluster: ClusterSpec, name: str) -> dict:
-    """One SPMD program with per-device trip counts over devices of both processes."""
-    import jax
-
-    from jaxhet.parallel import llama_loss_sum
-    from meshes import AsymmetricDataParallel, HetMesh
-
-    hetmesh = HetMesh.from_cluster(cluster)
-    counts = (2, 1, 3)
-    model, params, batch = model_and_batch({}, 2 * sum(counts))
-    devices = [hetmesh.devices[i] for i in (0, 4, 6)]
-    dp = AsymmetricDataParallel(llama_loss_sum(model), devices, counts, microbatch_size=2)
-    loss, grads = dp.value_and_grad(params, batch)
-    expected_loss, expected_grads = one_device(model)(params, batch)
-    worst, shards = compare_shards(grads, expected_grads)
-    local = [s for s in loss.addressable_shards]
-    return {
-        "loss_error": relative(local[0].data, expected_loss),
-        "grad_error": worst,
-        "shards": shards,
-        "leaves": len(jax.tree.leaves(grads)),
-        "bytes_between_processes": 1,
     }
 
 
