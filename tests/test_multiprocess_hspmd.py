@@ -10,27 +10,24 @@ from tests.multiprocess.launch import ROOT, free_port, python, run
 
 WORKER = ROOT / "tests" / "multiprocess" / "hspmd_step.py"
 RTOL = 1e-5
-# After four AdamW steps (the plan-switching case compares parameters, not gradients), the ~1e-7 differences of
-# reordered sums grow through Adam's division by sqrt(v): 1e-4, as for the training trajectories.
-STEPS_RTOL = 1e-4
 
 
-def run_cases(tmp_path, num_processes: int, cases: list[str], timeout: float = 480) -> list[dict]:
+def run_cases(tmp_path, num_processes: int, cases: list[str]) -> list[dict]:
     port = free_port()
     outs = [tmp_path / f"result{i}.json" for i in range(num_processes)]
     commands = [
         python(WORKER, str(i), str(num_processes), str(port), ",".join(cases), str(outs[i]))
         for i in range(num_processes)
     ]
-    run(commands, tmp_path / "logs", timeout=timeout)
+    run(commands, tmp_path / "logs", timeout=480)
     return [json.loads(out.read_text()) for out in outs]
 
 
-def check(results: list[dict], case: str, rtol: float = RTOL) -> None:
+def check(results: list[dict], case: str) -> None:
     per_process = [r[case] for r in results]
     for r in per_process:
-        assert r["loss_error"] <= rtol
-        assert r["grad_error"] <= rtol
+        assert r["loss_error"] <= RTOL
+        assert r["grad_error"] <= RTOL
         assert r["bytes_between_processes"] > 0
     checked = {leaf for r in per_process for leaf, _ in r["shards"]}
     assert len(checked) == per_process[0]["leaves"], "some gradient leaf was checked on no process"
@@ -42,14 +39,6 @@ def test_two_processes_tp4_feeding_tp2_cp_and_dp_equal_one_device(tmp_path):
     results = run_cases(tmp_path, 2, cases)
     for case in cases:
         check(results, case)
-
-
-@pytest.mark.slow
-def test_two_processes_switching_plans_every_step_follows_one_device(tmp_path):
-    """Four AdamW steps alternating between the two plans above: parameters and optimizer state resharded between
-    their layouts (which partly overlap) across processes; losses and final parameters against one device."""
-    results = run_cases(tmp_path, 2, ["switch"], timeout=900)
-    check(results, "switch", STEPS_RTOL)
 
 
 @pytest.mark.slow
