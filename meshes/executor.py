@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 from meshes.hetmesh import DeviceGroup, HetMesh
 from meshes.schedules import pipeline_steps
 from meshes.staged import Params, StagedModel, StageSpec
-from meshes.transfer import Transfers, add_where_held, empty_array, everywhere, put_host
+from meshes.transfer import Transfers, add_where_held, empty_array, everywhere, is_local, put_host
 from planners.plan import Replica, Stage, TrainPlan
 
 TP_AXIS = "tp"
@@ -62,7 +62,7 @@ class _StageRuntime:
     @property
     def local(self) -> bool:
         """Whether this process holds any of the stage's devices (elsewhere its programs are not even called)."""
-        return any(d.process_index == jax.process_index() for d in self.group.devices)
+        return is_local(self.replicated)
 
 
 def _compile_stage(model: StagedModel, hetmesh: HetMesh, spec: StageSpec, stage: Stage, cp: int, name: str):

@@ -96,12 +96,7 @@ def host_value(x: jax.Array) -> np.ndarray:
 
 def restrict(x: jax.Array, sharding: Sharding) -> jax.Array:
     """A replicated array seen on a subset of its devices (`sharding`, replicated over them), without a copy."""
-    wanted = {d for d in sharding.device_set if d.process_index == jax.process_index()}
-    arrays = [s.data for s in x.addressable_shards if s.device in wanted]
-    missing = wanted - {next(iter(a.devices())) for a in arrays}
-    if missing:
-        raise ValueError(f"array is not on devices {sorted(d.id for d in missing)} that {sharding} needs")
-    return jax.make_array_from_single_device_arrays(x.shape, sharding, arrays, dtype=x.dtype)
+    return assemble([x], sharding)
 
 
 def assemble(parts: Sequence[jax.Array], sharding: Sharding) -> jax.Array:
