@@ -63,9 +63,7 @@ def flash_rows(shape: dict) -> list[dict]:
             out, vjp = jax.vjp(attend, *inputs[:3])
             return (out, *vjp(inputs[3]))
 
-        got = jax.jit(functools.partial(value_and_grads, functools.partial(pk.flash_attention, **options)))(
-            q, k, v, do
-        )
+        got = jax.jit(functools.partial(value_and_grads, functools.partial(pk.flash_attention, **options)))(q, k, v, do)
         ref_options = dict(options, block_q=64, block_k=64) if "block_mask" in options else options
         reference = functools.partial(pk.reference.flash_attention, **ref_options)
         upcast = [x.astype(jnp.float32) for x in (q, k, v, do)]

@@ -168,26 +168,50 @@ def _normalise(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower().split("-")[0])
 
 
-def broadcast_text(text: str | None, runtime: Runtime) -> str:
+AGREE_TIMEOUT_S = 900  # how long a process waits for the others at an agreement (a plan being made, a compile)
+
+
+def _client():
+    from jax._src import distributed
+
+    if distributed.global_state.client is None:
+        raise LaunchError("this process has not joined a multi-process run (meshes.distributed.start)")
+    return distributed.global_state.client
+
+
+def all_texts(name: str, text: str, runtime: Runtime) -> list[str]:
+    """Every process's `text`, in process order. `name` must be used once per run, and alike on every process.
+
+    Agreements go through the coordination service's key-value store, not a collective: a collective's first use
+    on a device set has a fixed 30 s rendezvous (gloo), and a process may be busy for longer (making the plan,
+    compiling) while the others wait here."""
+    if not runtime.multi_process:
+        return [text]
+    client = _client()
+    client.key_value_set(f"jaxhet/{name}/{runtime.process_id}", text)
+    return [
+        client.blocking_key_value_get(f"jaxhet/{name}/{p}", AGREE_TIMEOUT_S * 1000)
+        for p in range(runtime.num_processes)
+    ]
+
+
+def broadcast_text(name: str, text: str | None, runtime: Runtime) -> str:
     """`text` from process 0 on every process (the plan is made once, by process 0, and run by all)."""
     if not runtime.multi_process:
         assert text is not None
         return text
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer((text or "").encode(), np.uint8) if runtime.is_main else np.zeros(0, np.uint8)
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
-    buffer = np.zeros(size, np.uint8)
-    buffer[: data.size] = data
-    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode()
+    key = f"jaxhet/{name}/0"
+    if runtime.is_main:
+        _client().key_value_set(key, text or "")
+        return text or ""
+    return _client().blocking_key_value_get(key, AGREE_TIMEOUT_S * 1000)
 
 
-def any_process(flag: bool, runtime: Runtime) -> bool:
+def any_process(name: str, flag: bool, runtime: Runtime) -> bool:
     """True on every process when `flag` is true on any (a stop request that reached one process)."""
-    if not runtime.multi_process:
-        return flag
-    import numpy as np
-    from jax.experimental import multihost_utils
+    return "1" in all_texts(name, "1" if flag else "0", runtime)
 
-    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+def meet(name: str, processes: Sequence[int]) -> None:
+    """Wait until every process of `processes` has reached `meet` with the same `name` (then all go on)."""
+    _client().wait_at_barrier(f"jaxhet/{name}", AGREE_TIMEOUT_S * 1000, sorted(processes))

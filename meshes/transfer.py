@@ -34,6 +34,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from meshes.distributed import meet
+
 LANE, ROW, SIDE = "lane", "row", "side"
 
 
@@ -252,8 +254,34 @@ class Transfers:
 
     def _program(self, key: Any, fn: Any, out: Sharding) -> Any:
         if key not in self._programs:
-            self._programs[key] = jax.jit(fn, out_shardings=out)
+            program = jax.jit(fn, out_shardings=out)
+            devices = {d for sharding in jax.tree.leaves(out) for d in flat_devices(sharding)}
+            if len(processes_of(devices)) > 1:
+                program = _MeetFirst(program, devices)
+            self._programs[key] = program
         return self._programs[key]
+
+
+class _MeetFirst:
+    """A program over devices of several processes whose first run waits for all of them, once compiled and once
+    its inputs are ready. Collectives on CPU (gloo) open a connection per device set, with a fixed 30 s rendezvous,
+    on first run; a process still compiling, or still computing the inputs, would make the others miss it. The
+    processes meet at the coordination service instead (`meshes.distributed.meet`), which waits as long as it must,
+    and later runs reuse the connection. Inputs and shardings are the same at every call (the program's key)."""
+
+    def __init__(self, program: Any, devices: set[jax.Device]):
+        self._program = program
+        self._devices = devices
+        self._compiled: Any = None
+
+    def __call__(self, *args: jax.Array) -> Any:
+        if self._compiled is None:
+            compiled = self._program.lower(*args).compile()
+            jax.block_until_ready(args)
+            ids = "-".join(str(d.id) for d in sorted(self._devices, key=lambda d: d.id))
+            meet(f"devices/{ids}", processes_of(self._devices))
+            self._compiled = compiled
+        return self._compiled(*args)
 
 
 def _flatten(lanes: int, chunk: int):

@@ -2,8 +2,8 @@
 
 Grid (batch, kv head, split). A program holds the query heads of its kv head as the rows of one tile (padded to
 16 rows, the smallest dot Pallas's Triton lowering accepts; the padding is done once on the small query outside
-the kernel and costs no cache traffic), walks the pages of its split of the context through the block table, and for each page loads
-the stored K and V, dequantises them in registers and folds the page into an online softmax
+the kernel and costs no cache traffic), walks the pages of its split of the context through the block table,
+and for each page loads the stored K and V, dequantises them in registers and folds the page into an online softmax
 (`pallas_kernels.online_softmax`). It writes its normalised partial output and base-2 logsumexp; the splits are
 merged outside the kernel (`online_softmax.combine`). A contiguous cache is viewed as a paged one with an
 identity block table (a free reshape when its length is a multiple of the page size, a padded copy otherwise).
@@ -13,7 +13,8 @@ Dots run on the tensor cores in the query's dtype when it is a 16-bit float (bfl
 float32 accumulation); a float32 query keeps float32 operands at HIGHEST precision, so that path matches the XLA
 one to float32 rounding. Both products are formed transposed, scoresᵀ = K·qᵀ [page, rows] and outᵀ = Vᵀ·Pᵀ
 [channels, rows], so that the page or the channels are the MMA's rows: Hopper's `wgmma` takes 64 rows at least,
-and the 16 query rows become its narrow N side (on sm_90a: `wgmma` m64n16k16 instead of `mma.sync` m16n8k16). Dequantisation needs no in-kernel reshape or interleave:
+and the 16 query rows become its narrow N side (on sm_90a: `wgmma` m64n16k16 instead of `mma.sync` m16n8k16).
+Dequantisation needs no in-kernel reshape or interleave:
 - int8 (one scale per token and head): integer levels (exact in any float dtype) enter the dot as they are and
   the per-token scale multiplies the score columns (K) or the probability columns (V);
 - int4 (two channels per byte, one scale per group of channels): a page is read as its low nibbles (the even
@@ -41,7 +42,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import online_softmax
-from pallas_kernels.flash_attention import MIN_BLOCK, _dot_nn, _dot_nt, _dot_tn, _next_power_of_2, _pad_axis
+from pallas_kernels.flash_attention import MIN_BLOCK, _dot_nt, _dot_tn, _next_power_of_2, _pad_axis
 from pallas_kernels.kv_cache import has_scale, kv_format_of
 
 CONTIGUOUS_PAGE = 64  # page size a contiguous cache is viewed with

@@ -13,8 +13,9 @@ profiles: {L4: {compute_efficiency: 0.45}}              # calibrated figures ove
 ```
 
 `process: K` names the multi-controller process that runs a node (default: its position, so node i runs on process
-i; several nodes may share one). `repeat: N` expands one entry into N identical nodes (named `name-0 .. name-N-1`). `devices` is the flat device
-list plans refer to: node by node in file order, GPUs in order inside each node.
+i; several nodes may share one). `repeat: N` expands one entry into N identical nodes (named
+`name-0 .. name-N-1`). `devices` is the flat device list plans refer to: node by node in file order, GPUs in order
+inside each node.
 """
 
 from __future__ import annotations

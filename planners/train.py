@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from planners.cells import cell_splits, coarser_splits, split_cell, state_bytes, subsets, usable_bytes
 from planners.cluster import ClusterSpec
 from planners.cost_model import TrainCosts, evaluate_train_plan, memory_excess
 from planners.errors import PlanningError
@@ -40,7 +41,6 @@ from planners.groups import Group, Slot, candidate_groups
 from planners.model import ModelSpec
 from planners.plan import Replica, SolveInfo, Stage, TrainPlan
 from planners.seeds import seed_slots
-from planners.cells import cell_splits, coarser_splits, split_cell, state_bytes, subsets, usable_bytes
 from planners.train_model import Cell, CellModel, CellProblem, CellResult
 from planners.workload import TrainWorkload
 

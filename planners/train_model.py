@@ -346,7 +346,7 @@ class CellModel:
         arcs, role = set(), {}
         for stages, count in slots:
             path = [index[g] for g, _, _ in stages]
-            arcs |= {("start", path[0]), ("end", path[-1])} | {(a, b) for a, b in zip(path, path[1:])}
+            arcs |= {("start", path[0]), ("end", path[-1])} | {(a, b) for a, b in zip(path, path[1:], strict=False)}
             role |= {index[g]: (n, rc, count) for g, n, rc in stages}
         for g in self._range:
             layers, recompute, count = role.get(g, (0, False, 0))

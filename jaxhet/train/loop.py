@@ -103,7 +103,7 @@ def _resolve_plan(config: TrainConfig, cluster, model: Llama, directory: Path, r
     import planners
 
     text = _main_plan(config, cluster, model, directory, resume) if runtime.is_main else None
-    return planners.TrainPlan.from_json(broadcast_text(text, runtime))
+    return planners.TrainPlan.from_json(broadcast_text("plan", text, runtime))
 
 
 def _main_plan(config: TrainConfig, cluster, model: Llama, directory: Path, resume: bool) -> str:
@@ -237,7 +237,7 @@ def train(
             metrics.write(record)
             if progress is not None:
                 progress(record)
-            stopping = any_process(stop.requested, runtime)
+            stopping = any_process(f"stop/{step}", stop.requested, runtime)
             if step % config.save_every == 0 or step == config.steps or stopping:
                 metrics.flush()
                 meta = {"step": step, "data": data.state(), "plan": "single" if plan is None else plan.to_dict()}

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from jaxhet.train.checkpoints import CheckpointStore
-from meshes.distributed import Runtime
+from meshes.distributed import Runtime, all_texts
 
 SHARDS_FILE = "shards.json"
 
@@ -77,12 +77,11 @@ class ProcessCheckpoints:
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
         """The newest step every process restores, into `abstract_state`'s layout; None when there is none."""
-        from jax.experimental import multihost_utils
-
         for step in reversed(self.steps()):
             restored = self._own.restore_step(step, None)
-            ok = multihost_utils.process_allgather(np.asarray([restored is not None], np.int32))
-            if np.all(ok):
+            if all(
+                ok == "1" for ok in all_texts(f"restore/{step}", "1" if restored is not None else "0", self.runtime)
+            ):
                 arrays, meta = restored
                 return step, _place(abstract_state, arrays, meta["shards"]), meta
         return None
