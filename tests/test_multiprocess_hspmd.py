@@ -10,6 +10,9 @@ from tests.multiprocess.launch import ROOT, free_port, python, run
 
 WORKER = ROOT / "tests" / "multiprocess" / "hspmd_step.py"
 RTOL = 1e-5
+# After four AdamW steps (the plan-switching case compares parameters, not gradients), the ~1e-7 differences of
+# reordered sums grow through Adam's division by sqrt(v): 1e-4, as for the training trajectories.
+STEPS_RTOL = 1e-4
 
 
 def run_cases(tmp_path, num_processes: int, cases: list[str]) -> list[dict]:
@@ -23,22 +26,28 @@ def run_cases(tmp_path, num_processes: int, cases: list[str]) -> list[dict]:
     return [json.loads(out.read_text()) for out in outs]
 
 
-def check(results: list[dict], case: str) -> None:
+def check(results: list[dict], case: str, rtol: float = RTOL) -> None:
     per_process = [r[case] for r in results]
     for r in per_process:
-        assert r["loss_error"] <= RTOL
-        assert r["grad_error"] <= RTOL
-        assert r["bytes_between_processes"] > 0
+        assert r["loss_error"] <= rtol
+        assert r["grad_error"] <= rtol
+        if "processes" in r:  # one SPMD program: its devices span the processes
+            assert r["processes"] == list(range(len(results)))
+        else:
+            assert r["bytes_between_processes"] > 0
     checked = {leaf for r in per_process for leaf, _ in r["shards"]}
     assert len(checked) == per_process[0]["leaves"], "some gradient leaf was checked on no process"
 
 
 @pytest.mark.slow
-def test_two_processes_tp4_feeding_tp2_cp_and_dp_equal_one_device(tmp_path):
-    cases = ["tp4_feeds_tp2_beside_dp", "cp2_beside_pipelines_across_processes"]
+def test_two_processes_tp4_feeding_tp2_cp_dp_switching_and_asymmetric_dp_equal_one_device(tmp_path):
+    """Besides single steps: four AdamW steps alternating between the two plans (state resharded between their
+    layouts across processes; losses and final parameters against one device), and one SPMD program with
+    per-device trip counts over devices of both processes."""
+    cases = ["tp4_feeds_tp2_beside_dp", "cp2_beside_pipelines_across_processes", "switch", "asymmetric_dp"]
     results = run_cases(tmp_path, 2, cases)
     for case in cases:
-        check(results, case)
+        check(results, case, STEPS_RTOL if case == "switch" else RTOL)
 
 
 @pytest.mark.slow

@@ -82,7 +82,8 @@ def main(process_id: int, num_processes: int, port: int, cases: list[str], out: 
 
     cluster = ClusterSpec.from_dict(CLUSTERS[num_processes])
     start(cluster, Launch(f"127.0.0.1:{port}", num_processes, process_id))
-    results = {name: check(cluster, name) for name in cases}
+    checks = {"switch": check_switching, "asymmetric_dp": check_asymmetric_dp}
+    results = {name: checks.get(name, check)(cluster, name) for name in cases}
     with open(out, "w") as f:
         json.dump(results, f)
     import jax
@@ -161,6 +162,75 @@ def check(cluster: ClusterSpec, name: str) -> dict:
         "shards": shards,
         "leaves": len(jax.tree.leaves(grads)),
         "bytes_between_processes": executor.transfers.log.between_processes,
+    }
+
+
+def check_switching(cluster: ClusterSpec, name: str) -> dict:
+    """AdamW steps alternating between two plans (parameters and optimizer state resharded between their owner
+    layouts, across processes) against the same steps on one device: losses and final parameters."""
+    import jax
+    import optax
+
+    from jaxhet.parallel import StagedLlama
+    from meshes import GroupedOptimizer, HetMesh, PlanExecutor
+    from meshes.transfer import host_value
+
+    named = plans(tuple(d.kind for d in cluster.devices))
+    chosen = [named["tp4_feeds_tp2_beside_dp"][1], named["cp2_beside_pipelines_across_processes"][1]]
+    model, params, _ = model_and_batch({"num_kv_heads": 4}, chosen[0].global_batch)
+    hetmesh = HetMesh.from_cluster(cluster)
+    executors = [PlanExecutor(p, hetmesh, StagedLlama(model.config)) for p in chosen]
+    optimizer = optax.adamw(3e-3)
+    grouped = [GroupedOptimizer(optimizer, 1.0, ex.owner_shardings(params), ex.transfers) for ex in executors]
+    reference = one_device(model)
+    update = jax.jit(optimizer.update)
+    host_params, host_state = params, jax.device_get(optimizer.init(params))
+    placed, state = executors[0].place(params), grouped[0].init(params)
+    loss_errors = []
+    for step in range(4):
+        batch = make_batch(chosen[0].global_batch, model.config.vocab_size, 10 + step)
+        executor, opt = executors[step % 2], grouped[step % 2]
+        placed, state = executor.place(placed), opt.place_state(state)
+        loss, grads = executor.value_and_grad(placed, batch)
+        placed, state, _ = opt.step(placed, grads, state)
+        expected_loss, expected_grads = reference(host_params, batch)
+        norm = optax.global_norm(expected_grads)
+        factor = min(1.0, 1.0 / float(norm))
+        clipped = jax.tree.map(lambda g, f=factor: g * f, expected_grads)
+        updates, host_state = jax.device_get(update(clipped, host_state, host_params))
+        host_params = jax.device_get(optax.apply_updates(host_params, updates))
+        loss_errors.append(relative(host_value(loss), expected_loss))
+    worst, shards = compare_shards(placed, host_params)
+    return {
+        "loss_error": max(loss_errors),
+        "grad_error": worst,
+        "shards": shards,
+        "leaves": len(jax.tree.leaves(placed)),
+        "bytes_between_processes": sum(ex.transfers.log.between_processes for ex in executors),
+    }
+
+
+def check_asymmetric_dp(cluster: ClusterSpec, name: str) -> dict:
+    """One SPMD program with per-device trip counts over devices of both processes."""
+    import jax
+
+    from jaxhet.parallel import llama_loss_sum
+    from meshes import AsymmetricDataParallel, HetMesh
+
+    hetmesh = HetMesh.from_cluster(cluster)
+    counts = (2, 1, 3)
+    model, params, batch = model_and_batch({}, 2 * sum(counts))
+    devices = [hetmesh.devices[i] for i in (0, 4, 6)]
+    dp = AsymmetricDataParallel(llama_loss_sum(model), devices, counts, microbatch_size=2)
+    loss, grads = dp.value_and_grad(params, batch)
+    expected_loss, expected_grads = one_device(model)(params, batch)
+    worst, shards = compare_shards(grads, expected_grads)
+    return {
+        "loss_error": relative(loss.addressable_shards[0].data, expected_loss),
+        "grad_error": worst,
+        "shards": shards,
+        "leaves": len(jax.tree.leaves(grads)),
+        "processes": sorted({d.process_index for d in loss.sharding.device_set}),
     }
 
 
