@@ -29,7 +29,7 @@ from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
 import pallas_kernels as pk
-from jaxhet.models.config import ATTENTION_BACKENDS, ConfigError
+from jaxhet.models.config import ATTENTION_BACKENDS, TRAINABLE_BACKENDS, ConfigError
 from pallas_kernels.kv_cache import contiguous_kv
 
 Mask = Bool[Array, "batch 1 q_len kv_len"]
@@ -121,7 +121,6 @@ def cudnn_attention(
 
 Backend = Callable[..., Float[Array, "batch q_len heads head_dim"]]
 SegmentPair = tuple[Int[Array, "batch q_len"], Int[Array, "batch kv_len"]]
-TRAINABLE_BACKENDS = ("xla", "cudnn", "flash", "block_sparse")
 # (backend, case) -> calls traced; cases: "full" (queries and keys alike), "offset" (queries at an offset into
 # longer keys, or keys with a valid length or their own segment ids), "decode" (one token over a stored cache).
 ROUTES: collections.Counter[tuple[str, str]] = collections.Counter()
