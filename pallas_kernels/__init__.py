@@ -16,6 +16,7 @@ Modules, one job each:
 - `decode_attention`: one query token per sequence against a (quantised, paged) KV cache;
 - `decode_kernel`: its Pallas flash-decoding kernel (split-K, in-kernel dequantisation);
 - `reference`: plain-jnp float32 references used by the tests;
+- `varying`: kernel outputs typed to vary over the `shard_map` axes their inputs vary over (kernels inside `shard_map`);
 - `deviceless`, `sm90_report`: every kernel compiled for sm_90a without a GPU, and what its machine code shows;
 - `synthetic`: structured (local + global) attention inputs for quality measurements.
 """

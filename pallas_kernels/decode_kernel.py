@@ -44,6 +44,7 @@ from jaxtyping import Array, Float, Int
 from pallas_kernels import online_softmax
 from pallas_kernels.flash_attention import MIN_BLOCK, _dot_nt, _dot_tn, _next_power_of_2, _pad_axis
 from pallas_kernels.kv_cache import has_scale, kv_format_of
+from pallas_kernels.varying import align_varying, output_struct
 
 CONTIGUOUS_PAGE = 64  # page size a contiguous cache is viewed with
 PROGRAMS_PER_SM = 2  # the default split count launches at least this many programs per SM
@@ -260,16 +261,17 @@ def pallas_decode(
         dtype=jnp.dtype(dot_dtype).name,
         names=tuple(n for n, _, _ in inputs) + tuple(n for n, _, _ in outputs),
     )
+    arrays = align_varying([array for _, array, _ in inputs])
     out, lse = pl.pallas_call(
         functools.partial(_kernel, st=st),
         grid=(batch, kv_heads, splits),
         in_specs=[spec for _, _, spec in inputs],
         out_specs=[spec for _, _, spec in outputs],
-        out_shape=[shape for _, shape, _ in outputs],
+        out_shape=[output_struct(shape.shape, shape.dtype, arrays) for _, shape, _ in outputs],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="decode_attention",
-    )(*[array for _, array, _ in inputs])
+    )(*arrays)
     out = online_softmax.combine(out, lse)[:, :, :groups]
     out = _unpermute_channels(out) if v_layout.permuted else out
     return out.reshape(batch, heads, head_dim).astype(dtype)

@@ -38,6 +38,7 @@ from pallas_kernels import online_softmax
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.geometry import Geometry, attention_shapes, normalize_window, segment_mask
 from pallas_kernels.schedule import BlockSchedule, build_schedule
+from pallas_kernels.varying import align_varying, output_struct
 
 DEFAULT_BLOCK = 64
 MIN_BLOCK = 16  # the smallest tile Triton's matrix-multiply instruction accepts
@@ -284,18 +285,20 @@ def _side_inputs(st: _Static, extras: _Extras, transposed: bool) -> list[tuple[s
 
 
 def _call(kernel, st: _Static, grid, inputs, outputs, name: str):
-    """`pl.pallas_call` over named inputs/outputs; the kernel receives them by name."""
+    """`pl.pallas_call` over named inputs/outputs; the kernel receives them by name. Outputs vary over the
+    `shard_map` axes their inputs vary over (`varying.output_struct`), so the kernels run inside `shard_map`."""
     names = tuple(n for n, _, _ in inputs) + tuple(n for n, _, _ in outputs)
+    arrays = align_varying([array for _, array, _ in inputs])
     return pl.pallas_call(
         functools.partial(kernel, st=st, names=names),
         grid=grid,
         in_specs=[spec for _, _, spec in inputs],
         out_specs=[spec for _, _, spec in outputs],
-        out_shape=[shape for _, shape, _ in outputs],
+        out_shape=[output_struct(shape.shape, shape.dtype, arrays) for _, shape, _ in outputs],
         compiler_params=plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages),
         interpret=st.interpret,
         name=name,
-    )(*[array for _, array, _ in inputs])
+    )(*arrays)
 
 
 def _q_tile_spec(g: Geometry, head_dim: int) -> pl.BlockSpec:

@@ -38,15 +38,19 @@ from pallas_kernels import online_softmax
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.flash_attention import (
     DEFAULT_BLOCK,
+    SegmentIds,
     _block_slice,
     _call,
     _dot_nn,
     _dot_nt,
+    _Extras,
     _loop,
     _loop_schedule,
     _pad_axis,
     _q_tile_spec,
+    _segments,
     _shared_kv_spec,
+    _side_inputs,
     _Static,
     default_interpret,
     padded_head_dim,
@@ -85,12 +89,14 @@ def _kernel(*refs, st: _Static, fp8: bool, names: tuple[str, ...]):
     q_block = pl.program_id(2)
     q = r["q"][...]
     q_scale = r["q_scale"][q_block] * st.scale_log2
+    q_segments = r["q_segments"][...] if st.has_segments else None
 
     def body(kv_block, masked, carry):
         kv_slice = _block_slice(kv_block, g.block_k)
         k = r["k"][kv_slice, :]
         scores = _dot_nt(q, k, jnp.int32).astype(jnp.float32) * (q_scale * r["k_scale"][kv_block])
-        mask = tile_mask(st, q_block, kv_block) if masked else None
+        kv_segments = r["kv_segments"][kv_slice] if st.has_segments else None
+        mask = tile_mask(st, q_block, kv_block, q_segments, kv_segments) if masked else None
         return online_softmax.update(carry, scores, mask, functools.partial(_values, r, kv_slice, fp8, g.block_k))
 
     init = online_softmax.init(jnp.zeros(q.shape, jnp.float32), g.block_q)
@@ -100,7 +106,7 @@ def _kernel(*refs, st: _Static, fp8: bool, names: tuple[str, ...]):
     r["o"][...] = out.astype(r["o"].dtype)
 
 
-def _pallas(q, k, v, st: _Static, bits: int, pv_dtype, smooth: bool):
+def _pallas(q, k, v, segments, st: _Static, bits: int, pv_dtype, smooth: bool):
     g = st.geometry
     batch, q_len, heads, head_dim = q.shape
     dim_pad = padded_head_dim(head_dim)
@@ -129,6 +135,10 @@ def _pallas(q, k, v, st: _Static, bits: int, pv_dtype, smooth: bool):
         inputs.append(
             ("v_scale", v_scale, pl.BlockSpec((None, None, dim_pad), lambda b, h, i: (b, lax.div(h, groups), 0)))
         )
+    if st.has_segments:
+        q_seg, kv_seg = segments
+        extras = _Extras(_pad_axis(q_seg, 1, q_int.shape[1]), _pad_axis(kv_seg, 1, kv_pad), None)
+        inputs += _side_inputs(st, extras, transposed=False)
     out_shape = jax.ShapeDtypeStruct((batch, q_int.shape[1], heads, dim_pad), q.dtype)
     kernel = functools.partial(_kernel, fp8=v_scale is not None)
     (out,) = _call(
@@ -142,13 +152,17 @@ def _pallas(q, k, v, st: _Static, bits: int, pv_dtype, smooth: bool):
     return out[:, :q_len, :, :head_dim]
 
 
-def _xla(q, k, v, st: _Static, bits: int, pv_dtype, smooth: bool):
+def _xla(q, k, v, segments, st: _Static, bits: int, pv_dtype, smooth: bool):
     g = st.geometry
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     scores = quantized_scores(q, k, bits=bits, block_q=g.block_q, block_k=g.block_k, smooth=smooth) * st.sm_scale
     mask = g.element_mask(0, 0, g.q_len, g.kv_len)
-    probs = masked_softmax(scores, jnp.ones(scores.shape[-2:], bool) if mask is None else mask)
+    mask = jnp.ones(scores.shape[-2:], bool) if mask is None else mask
+    if st.has_segments:  # against scores [batch, heads, q_len, kv_len]
+        q_seg, kv_seg = segments
+        mask = mask & (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
+    probs = masked_softmax(scores, mask)
     v_op, v_scale = quantize_values(v, pv_dtype)
     p = probabilities_operand(probs, v_op.dtype, g.block_k).reshape(batch, kv_heads, st.groups, q_len, g.kv_len)
     out = jnp.einsum("bkgts,bskd->btkgd", p, v_op, preferred_element_type=jnp.float32)
@@ -179,6 +193,7 @@ def quantized_attention(
     *,
     causal: bool = False,
     sm_scale: float | None = None,
+    segment_ids: SegmentIds | None = None,
     qk_bits: int = 8,
     pv_dtype=jnp.bfloat16,
     smooth_k: bool = True,
@@ -193,6 +208,8 @@ def quantized_attention(
       q, k, v: the layout of `jax.nn.dot_product_attention`; `heads` a multiple of `kv_heads` (GQA, MQA).
       causal: as in `flash_attention` (queries aligned to the end of the key sequence).
       sm_scale: defaults to head_dim ** -0.5.
+      segment_ids: as in `flash_attention` (one array when q_len == kv_len, else a (q ids, kv ids) pair); a
+        query sees only keys with the same id.
       qk_bits: 8 (int8) or 4 (values in [-7, 7]); any width from 2 to 8 works.
       pv_dtype: bfloat16 or float16 (V cast), or float8_e4m3fn (V scaled per channel, P stretched to [0, 448]).
       smooth_k: subtract K's mean over the sequence before quantising (recommended; softmax-invariant).
@@ -200,7 +217,8 @@ def quantized_attention(
       interpret: None picks compiled kernels on a GPU and interpret mode elsewhere.
       implementation: "pallas", "xla", or None (pallas on a GPU, xla elsewhere).
 
-    Returns the output in q's dtype; rows that see no key (causal with q_len > kv_len) are 0.
+    Returns the output in q's dtype; rows that see no key (causal with q_len > kv_len, or no key of their
+    segment) are 0.
     """
     batch, q_len, heads, head_dim, kv_len, kv_heads = attention_shapes(q, k, v)
     implementation = implementation or ("xla" if default_interpret() else "pallas")
@@ -216,7 +234,7 @@ def quantized_attention(
         geometry=geometry,
         sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale),
         groups=heads // kv_heads,
-        has_segments=False,
+        has_segments=segment_ids is not None,
         sparse=False,
         mask_per_head=False,
         interpret=default_interpret() if interpret is None else bool(interpret),
@@ -224,4 +242,4 @@ def quantized_attention(
         num_stages=sizes.num_stages,
     )
     run = _pallas if implementation == "pallas" else _xla
-    return run(q, k, v, st, qk_bits, pv_dtype, smooth_k)
+    return run(q, k, v, _segments(segment_ids, batch, q_len, kv_len), st, qk_bits, pv_dtype, smooth_k)

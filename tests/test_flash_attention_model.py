@@ -57,8 +57,8 @@ def test_block_sparse_backend_is_exact_within_one_block(batch):
 
 
 @pytest.mark.parametrize("backend", ["flash", "block_sparse"])
-def test_kv_cache_calls_route_to_xla(backend):
-    """Per-row cache offsets are outside the kernels' mask model: such calls must give the xla result."""
+def test_kv_cache_calls_run_the_kernel_and_equal_xla(backend):
+    """Per-row cache offsets reach the kernel as end-aligned keys and segment ids: the xla result."""
     kq, kk, kv = jax.random.split(jax.random.key(5), 3)
     q = jax.random.normal(kq, (2, 3, 4, 16))
     k, v = jax.random.normal(kk, (2, 10, 2, 16)), jax.random.normal(kv, (2, 10, 2, 16))

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-ATTENTION_BACKENDS = ("xla", "cudnn", "flash", "block_sparse")
+ATTENTION_BACKENDS = ("xla", "cudnn", "flash", "block_sparse", "sage")
+TRAINABLE_BACKENDS = ("xla", "cudnn", "flash", "block_sparse")  # `sage` is a quantised inference kernel
 DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")

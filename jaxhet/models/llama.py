@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxhet.models.attention import attention
+from jaxhet.models.attention import StoredKV, attention, cache_attention
 from jaxhet.models.config import LlamaConfig
 from jaxhet.models.rope import apply_rope, inverse_frequencies
 
@@ -84,8 +84,7 @@ class ContiguousLayerCache:
         )
 
     def attend(self, q, lengths, input_lengths, backend):
-        k, v = self.k.astype(q.dtype), self.v.astype(q.dtype)
-        return attention(q, k, v, backend=backend, causal=True, q_offsets=lengths, kv_lengths=lengths + input_lengths)
+        return cache_attention(q, StoredKV(self.k, self.v), lengths, input_lengths, backend=backend)
 
 
 @struct.dataclass

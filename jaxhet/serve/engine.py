@@ -146,6 +146,11 @@ class Engine:
         self._totals = collections.Counter()
         self._failed: list[RequestOutput] = []
 
+    @property
+    def attention_backend(self) -> str:
+        """The attention backend every step runs (`runner.serving_backend`: `sage` over an int8 cache)."""
+        return self._runner.attention_backend
+
     def warmup(self) -> None:
         """Compile every step shape, so that no request waits for a compilation."""
         self._runner.warmup()

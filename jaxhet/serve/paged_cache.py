@@ -13,10 +13,10 @@ from flax import struct
 from jaxtyping import Array, Int
 
 import pallas_kernels as pk
-from jaxhet.models.attention import attention
+from jaxhet.models.attention import StoredKV, cache_attention
 from jaxhet.models.config import LlamaConfig
 from jaxhet.models.llama import chunk_slots
-from pallas_kernels.kv_cache import contiguous_kv, has_scale, kv_format_of, scale_shape, stored_head_dim
+from pallas_kernels.kv_cache import has_scale, kv_format_of, scale_shape, stored_head_dim
 
 
 @struct.dataclass
@@ -77,21 +77,9 @@ class PagedLayerCache:
         return PagedLayerCache(pool, self.block_tables)
 
     def attend(self, q, lengths, input_lengths, backend):
-        pool, total = self.pool, lengths + input_lengths
-        if q.shape[1] == 1:
-            out = pk.decode_attention(
-                q[:, 0],
-                pool.k,
-                pool.v,
-                total,
-                k_scale=pool.k_scale,
-                v_scale=pool.v_scale,
-                block_tables=self.block_tables,
-            )
-            return out[:, None].astype(q.dtype)
-        k = contiguous_kv(pool.k, pool.k_scale, self.block_tables, q.dtype)
-        v = contiguous_kv(pool.v, pool.v_scale, self.block_tables, q.dtype)
-        return attention(q, k, v, backend=backend, causal=True, q_offsets=lengths, kv_lengths=total)
+        pool = self.pool
+        kv = StoredKV(pool.k, pool.v, pool.k_scale, pool.v_scale, self.block_tables)
+        return cache_attention(q, kv, lengths, input_lengths, backend=backend)
 
 
 @struct.dataclass

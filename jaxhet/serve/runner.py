@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxhet.models.config import LlamaConfig
 from jaxhet.models.hf import load_sharded_params
 from jaxhet.models.llama import Llama
 from jaxhet.parallel import llama_params, megatron_specs, module_from_params, shard_config
@@ -98,13 +99,25 @@ def _place_params(model: Llama, shardings, weights_dir: Path | None):
     return jax.device_put(llama_params(model), shardings)
 
 
-def _tensor_parallel_program(model: Llama, mesh: Mesh, pools: tuple[LayerPool, ...], weights_dir: Path | None):
-    """The step of a replica split over `mesh`'s tp axis (Megatron layout, KV pools split by kv head), and the
-    weights laid out for it. Every shard samples the same tokens from the same (all-reduced) logits."""
+def serving_backend(model_backend: str, kv_format: str) -> str:
+    """The attention backend an engine runs: `sage` (int8 q·kᵀ prefill) over an int8 KV cache, whose keys are
+    int8 already, else the model's own."""
+    return "sage" if kv_format == "int8" else model_backend
+
+
+def _abstract_model(config: LlamaConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph and abstract state of a `Llama` built from `config` (nothing allocated)."""
+    return nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+
+
+def _tensor_parallel_program(
+    model: Llama, config: LlamaConfig, mesh: Mesh, pools: tuple[LayerPool, ...], weights_dir: Path | None
+):
+    """The step of a replica of `model`, specialised to `config`, split over `mesh`'s tp axis (Megatron layout, KV
+    pools split by kv head), and the weights laid out for it. Every shard samples the same tokens from the same
+    (all-reduced) logits."""
     tp = mesh.shape[TP_AXIS]
-    graphdef, abstract = nnx.split(
-        nnx.eval_shape(lambda: Llama(shard_config(model.config, tp, TP_AXIS), rngs=nnx.Rngs(0)))
-    )
+    graphdef, abstract = _abstract_model(shard_config(config, tp, TP_AXIS))
     specs = megatron_specs(llama_params(model), tp, TP_AXIS)
     params = _place_params(model, jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs), weights_dir)
     pool_specs = jax.tree.map(lambda _: P(None, None, TP_AXIS), pools)
@@ -132,7 +145,7 @@ class ModelRunner:
 
     With `weights_dir` (the Hugging Face directory `model` comes from), each device reads only its own block of the
     weights from there (`load_sharded_params`), and `model` may be abstract (`nnx.eval_shape`): a model larger
-    than one device is never whole anywhere.
+    than one device is never whole anywhere. Steps attend with `attention_backend` (`serving_backend`).
     """
 
     def __init__(
@@ -145,17 +158,22 @@ class ModelRunner:
     ):
         self.config = config
         self.devices = tuple(devices or jax.devices()[:1])
+        self.attention_backend = serving_backend(model.config.attention_backend, config.kv_format)
+        serving = model.config.replace(attention_backend=self.attention_backend)
         make_pools = partial(create_pools, model.config, config.num_pages, config.page_size, config.kv_format)
         pools = jax.eval_shape(make_pools)
         if len(self.devices) == 1:
-            graphdef, state = nnx.split(model)
+            graphdef, _ = _abstract_model(serving)
+            state = nnx.state(model)
             self._pool_shardings = jax.tree.map(lambda _: SingleDeviceSharding(self.devices[0]), pools)
             state.replace_by_pure_dict(_place_params(model, SingleDeviceSharding(self.devices[0]), weights_dir))
             self._state = state
             self._program = partial(_step, graphdef)
         else:
             mesh = Mesh(np.array(self.devices), (TP_AXIS,))
-            self._program, self._state, self._pool_shardings = _tensor_parallel_program(model, mesh, pools, weights_dir)
+            self._program, self._state, self._pool_shardings = _tensor_parallel_program(
+                model, serving, mesh, pools, weights_dir
+            )
         self._pools = jax.jit(make_pools, out_shardings=self._pool_shardings)()
 
     def row_buckets(self) -> list[int]:

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from jaxhet.data import DataConfig
-from jaxhet.models.config import ATTENTION_BACKENDS, DTYPES, ConfigError
+from jaxhet.models.config import DTYPES, TRAINABLE_BACKENDS, ConfigError
 
 PLAN_CHOICES = ("auto", "single")
 
@@ -79,9 +79,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
+        if self.attention_backend not in TRAINABLE_BACKENDS:
             raise ConfigError(
-                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+                f"attention_backend must be one of {', '.join(TRAINABLE_BACKENDS)} for training, "
+                f"got {self.attention_backend!r}"
             )
         if self.plan not in PLAN_CHOICES and not Path(self.plan).is_file():
             raise ConfigError(

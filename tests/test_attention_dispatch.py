@@ -1,0 +1,168 @@
+"""The model's one attention path: the configured backend is what runs, in every case, or a named error.
+
+Tolerances: `flash` and `block_sparse` (exact within one 64-token block, which every sequence here fits) against
+`xla` differ only in summation order: 2e-5 in float32 (as tests/test_flash_attention_model.py). `sage` quantises
+q and k to int8, so it is compared as tests/test_quantized_attention.py compares int8 with full precision: cosine
+similarity of at least 0.999.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import pallas_kernels as pk
+from jaxhet.models import LlamaConfig
+from jaxhet.models.attention import ROUTES, attention
+from jaxhet.models.config import ConfigError
+from jaxhet.models.llama import KVCache, Llama
+from jaxhet.serve import Engine, EngineConfig, SamplingParams
+from jaxhet.tokenizers import ByteTokenizer
+
+TOL = 2e-5
+MIN_COSINE = 0.999
+KERNEL_BACKENDS = ["flash", "block_sparse", "sage"]
+
+
+def _cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _assert_matches(backend: str, got, want) -> None:
+    if backend == "sage":
+        assert _cosine(got, want) >= MIN_COSINE
+    else:
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+
+
+def _model(backend: str) -> Llama:
+    return Llama(LlamaConfig.tiny(num_layers=1, attention_backend=backend), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return jax.random.randint(jax.random.key(0), (2, 25), 0, 264)
+
+
+@pytest.fixture(scope="module")
+def reference(ids):
+    return _model("xla")(ids)
+
+
+@pytest.mark.parametrize("backend", ["cudnn", *KERNEL_BACKENDS])
+def test_full_forward_logits_equal_the_xla_backend(backend, ids, reference):
+    before = ROUTES[(backend, "full")]
+    logits = nnx.jit(lambda m, ids: m(ids))(_model(backend), ids)
+    assert ROUTES[(backend, "full")] > before
+    _assert_matches(backend, logits, reference)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cached_prefill_and_decode_run_the_backend_and_equal_the_full_forward(backend, ids, reference):
+    """Prefill 10 tokens, extend the cache by 14 (queries at an offset into the cache), decode the last token."""
+    model = _model(backend)
+    extend = nnx.jit(lambda m, ids, cache: m.extend(ids, cache))
+    routed = {case: ROUTES[(backend, case)] for case in ("offset", "decode")}
+    cache = KVCache.create(model.config, batch=2, max_len=32)
+    first, cache = extend(model, ids[:, :10], cache)
+    second, cache = extend(model, ids[:, 10:24], cache)
+    last, cache = extend(model, ids[:, 24:], cache)
+    assert all(ROUTES[(backend, case)] > count for case, count in routed.items())
+    _assert_matches(backend, jnp.concatenate([first, second, last], axis=1), reference)
+
+
+def test_context_parallel_flash_runs_inside_shard_map_and_equals_xla():
+    """A shard of queries against all-gathered keys, with packed documents, under `shard_map`'s varying check."""
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    q, k, v = (
+        jax.random.normal(kq, (2, 32, 4, 16)),
+        jax.random.normal(kk, (2, 32, 2, 16)),
+        jax.random.normal(kv, (2, 32, 2, 16)),
+    )
+    segments = jnp.broadcast_to((jnp.arange(32) >= 20).astype(jnp.int32), (2, 32))
+    mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
+
+    def shard(backend):
+        def body(q, k, v, segments):
+            gather = lambda x: jax.lax.all_gather(x, "cp", axis=1, tiled=True)  # noqa: E731
+            offsets = jnp.full((q.shape[0],), jax.lax.axis_index("cp") * q.shape[1], jnp.int32)
+            return attention(
+                q,
+                gather(k),
+                gather(v),
+                backend=backend,
+                segment_ids=segments,
+                q_offsets=offsets,
+                kv_segment_ids=gather(segments),
+            )
+
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(None, "cp"), out_specs=P(None, "cp")))
+
+    want = attention(q, k, v, backend="xla", segment_ids=segments)
+    np.testing.assert_allclose(shard("flash")(q, k, v, segments), want, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(shard("xla")(q, k, v, segments), want, atol=TOL, rtol=TOL)
+
+
+def test_tensor_parallel_flash_runs_inside_shard_map():
+    """Heads split over a mesh axis: the kernel's outputs vary over it like its inputs."""
+    kq, kk = jax.random.split(jax.random.key(2))
+    q, k = jax.random.normal(kq, (1, 16, 4, 16)), jax.random.normal(kk, (1, 16, 2, 16))
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    heads = P(None, None, "tp")
+    sharded = jax.shard_map(
+        lambda q, k: pk.flash_attention(q, k, k, causal=True), mesh=mesh, in_specs=heads, out_specs=heads
+    )
+    np.testing.assert_allclose(jax.jit(sharded)(q, k), pk.flash_attention(q, k, k, causal=True), atol=TOL, rtol=TOL)
+
+
+def test_quantized_attention_with_segment_ids_matches_across_implementations_and_full_precision():
+    kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+    q, k, v = (
+        jax.random.normal(kq, (2, 24, 4, 32)),
+        jax.random.normal(kk, (2, 40, 2, 32)),
+        jax.random.normal(kv, (2, 40, 2, 32)),
+    )
+    segments = (jnp.broadcast_to(jnp.arange(24) >= 10, (2, 24)), jnp.broadcast_to(jnp.arange(40) >= 26, (2, 40)))
+    segments = tuple(s.astype(jnp.int32) for s in segments)
+    run = {
+        impl: pk.quantized_attention(q, k, v, causal=True, segment_ids=segments, implementation=impl, interpret=True)
+        for impl in ("pallas", "xla")
+    }
+    np.testing.assert_allclose(run["pallas"], run["xla"], atol=1e-2, rtol=0)
+    full = pk.reference.flash_attention(q, k, v, causal=True, segment_ids=segments)
+    assert _cosine(run["xla"], full) >= MIN_COSINE
+
+
+def test_training_through_sage_raises_naming_the_backend_and_those_that_can(ids):
+    def loss(model):
+        return jnp.mean(model(ids))
+
+    with pytest.raises(ConfigError, match=r"attention_backend='sage' cannot do gradients.*xla, cudnn, flash"):
+        nnx.grad(loss)(_model("sage"))
+
+
+def test_an_unknown_backend_is_refused_naming_the_choices():
+    with pytest.raises(ConfigError, match="sage"):
+        LlamaConfig.tiny(attention_backend="sdpa")
+
+
+@pytest.mark.parametrize(("kv_format", "backend"), [("int8", "sage"), ("float32", "xla")])
+def test_the_server_prefills_an_int8_cache_with_sage(kv_format, backend):
+    config = LlamaConfig.tiny(vocab_size=ByteTokenizer.vocab_size, num_layers=1, hidden_size=64, num_heads=2)
+    model = Llama(config, rngs=nnx.Rngs(4))
+    settings = EngineConfig(
+        max_running=2, page_size=16, num_pages=8, kv_format=kv_format, max_model_len=64, prefill_chunk=16
+    )
+    routes_before = ROUTES.copy()
+    engine = Engine(model, ByteTokenizer(), settings)
+    (out,) = engine.generate([list(b"hello there")], SamplingParams(max_tokens=3, temperature=0.0))
+    routed = ROUTES - routes_before
+    assert engine.attention_backend == backend and len(out.token_ids) == 3
+    assert routed[(backend, "offset")] > 0 and routed[(backend, "decode")] > 0
+    assert {name for name, _ in routed} == {backend}
