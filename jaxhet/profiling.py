@@ -220,6 +220,15 @@ def memory_gb(device: jax.Device) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
+def usable_memory_gb(device: jax.Device) -> float | None:
+    """What a process could still allocate on the device (its allocator's limit less what it holds), or None
+    where the device reports no allocator figures (CPUs)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or not stats.get("bytes_limit"):
+        return None
+    return (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) / 1e9
+
+
 def measure(
     devices: Sequence[jax.Device],
     sizes: ProfileSizes,
@@ -235,6 +244,7 @@ def measure(
     if not dtypes:
         raise SpecError("dtypes must list at least one dtype")
     device, r = devices[0], sizes.repeats
+    usable = usable_memory_gb(device)  # before the measurements hold any buffers
     matmul, attention = {}, {}
     curve_sizes = (*scaling_sizes(sizes.matmul), sizes.matmul)
     on_step(f"matmul {', '.join(map(str, curve_sizes))} {dtypes[0]}")
@@ -273,6 +283,7 @@ def measure(
         1.0,
         0.0,
         scaling,
+        usable,
     )
     on_step("fitting the cost model")
     efficiency, overhead = fit_efficiency(uncalibrated.local_cluster(1), samples)

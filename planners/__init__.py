@@ -20,21 +20,24 @@ from planners.measured import MeasuredProfile
 from planners.model import PRESETS, ModelSpec
 from planners.plan import PlanError, PlanEstimate, Replica, Stage, TrainPlan
 from planners.profile import DeviceProfile
-from planners.serve import ServePlan, ServeReplica, plan_serving, replan_serving
+from planners.serve import OBJECTIVES as SERVE_OBJECTIVES
+from planners.serve import ClassShare, ServePlan, ServeReplica, plan_serving, replan_serving
 from planners.simulate import simulate_pipeline, simulate_replica
 from planners.simulate_cascade import CascadeStats, simulate_cascade
 from planners.simulate_serving import ServeStats, poisson_trace, simulate_serving
 from planners.train import SolveInfo, plan_training, plan_training_with_info, replan_training
-from planners.workload import Request, ServeWorkload, TrainWorkload, load_trace
+from planners.workload import Request, RequestClass, ServeWorkload, TrainWorkload, load_trace
 
 __all__ = [
     "CATALOG",
     "PRESETS",
+    "SERVE_OBJECTIVES",
     "CascadePlan",
     "CascadePoint",
     "CascadeProfile",
     "CascadeSample",
     "CascadeStats",
+    "ClassShare",
     "ClusterSpec",
     "Device",
     "DeviceProfile",
@@ -48,6 +51,7 @@ __all__ = [
     "PlanningError",
     "Replica",
     "Request",
+    "RequestClass",
     "ServeWorkload",
     "ServePlan",
     "ServeReplica",

@@ -6,7 +6,8 @@ sizes) is built as a `TrainPlan` and
 scored with `planners.cost_model` directly, sharing nothing with the CP-SAT encoding but the cost model itself.
 Serving: every vector of replica counts per configuration that fits the nodes and the budget; for `min_latency`
 the traffic of each count vector is routed fastest-replica-first, trying every split between colocated and
-disaggregated traffic at the kinks of the (convex, piecewise-linear) latency.
+disaggregated traffic at the kinks of the (convex, piecewise-linear) latency. With several request classes, every
+vector of replica counts per shape, each routed by a linear program (SciPy's HiGHS, not the planner's solver).
 Cascades: every threshold vector of the grid, each deployed by that enumeration.
 Exponential: meant for clusters of a handful of devices and models of a handful of blocks.
 """
@@ -14,7 +15,10 @@ Exponential: meant for clusters of a handful of devices and models of a handful 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from scipy.optimize import linprog
 
 from planners.cascade import CascadePoint
 from planners.cascade_profile import CascadeProfile
@@ -22,7 +26,7 @@ from planners.cluster import ClusterSpec
 from planners.cost_model import evaluate_train_plan, memory_excess
 from planners.model import ModelSpec
 from planners.plan import Replica, Stage, TrainPlan
-from planners.serve import Config, candidate_configs, packing_fits, served_rate
+from planners.serve import Config, Shape, candidate_configs, packing_fits, served_rate, shapes_of
 from planners.serving_cost import ROLES
 from planners.workload import ServeWorkload, TrainWorkload
 
@@ -125,8 +129,10 @@ def best_serving(
     """The best objective value (throughput scale, hourly price, or latency summed over the requests of a second)
     over all replica counts, None if none serves."""
     configs = candidate_configs(cluster, models, workload, disaggregate)
+    if len(workload.request_classes) > 1:
+        return _best_routed(cluster, models, workload, configs, objective, rates, utilization)
     best: float | None = None
-    for x in _counts(cluster, configs, 0, {}):
+    for x in _counts(cluster, [(c.node_class, c.perf.tp) for c in configs], 0, {}):
         price = sum(n * c.perf.price_per_hour for c, n in zip(configs, x, strict=True))
         if workload.budget_per_hour is not None and price > workload.budget_per_hour + 1e-9:
             continue
@@ -189,21 +195,91 @@ def _routed_latency(offers: list[tuple[float, Config]], rate: float) -> float:
     )
 
 
+def _best_routed(
+    cluster: ClusterSpec,
+    models: list[ModelSpec],
+    workload: ServeWorkload,
+    configs: list[Config],
+    objective: str,
+    rates: list[float],
+    utilization: float,
+) -> float | None:
+    """`best_serving` over several request classes: every count vector per shape, each routed by an LP."""
+    shapes = shapes_of(configs)
+    unit_price = {c.shape: c.perf.price_per_hour for c in configs}
+    best: float | None = None
+    for x in _counts(cluster, [(s[0], s[2]) for s in shapes], 0, {}):
+        price = sum(n * unit_price[s] for s, n in zip(shapes, x, strict=True))
+        if workload.budget_per_hour is not None and price > workload.budget_per_hour + 1e-9:
+            continue
+        value = _route(models, workload, configs, dict(zip(shapes, x, strict=True)), objective, rates, utilization)
+        if value is None:
+            continue
+        value = price if objective == "min_cost" else value
+        if best is None or (value > best if objective == "max_throughput" else value < best):
+            best = value
+    return best
+
+
+def _route(
+    models: Sequence[ModelSpec],
+    workload: ServeWorkload,
+    configs: list[Config],
+    counts: dict[Shape, int],
+    objective: str,
+    rates: Sequence[float],
+    utilization: float,
+) -> float | None:
+    """The routing LP over `counts` replicas per shape: variables `y` per configuration, then `alpha`; None if
+    infeasible. Returns the throughput scale, the latency sum, or 0 (feasible) for `min_cost`."""
+    n = len(configs) + 1
+    a_ub, b_ub, a_eq = [], [], []
+    for s, count in counts.items():
+        row = np.zeros(n)
+        for i, c in enumerate(configs):
+            if c.shape == s:
+                row[i] = 1 / c.perf.requests_per_s
+        a_ub.append(row)
+        b_ub.append(utilization * count)
+    scaled = objective == "max_throughput"
+    b_eq = []
+    for model, rate in zip(models, rates, strict=True):
+        for klass in workload.request_classes:
+            demand = rate * klass.rate / workload.arrival_rate
+            for role in ("prefill", "decode"):
+                row = np.zeros(n)
+                for i, c in enumerate(configs):
+                    if c.perf.model == model.name and c.request_class == klass.name and c.perf.role in ("both", role):
+                        row[i] = 1.0
+                row[-1] = -demand if scaled else 0.0
+                a_eq.append(row)
+                b_eq.append(0.0 if scaled else demand)
+    cost = np.zeros(n)
+    if scaled:
+        cost[-1] = -1.0
+    elif objective == "min_latency":
+        cost[:-1] = [c.perf.latency_s for c in configs]
+    result = linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=(0, None), method="highs")
+    if result.status != 0 or (scaled and result.x[-1] <= 0):
+        return None
+    return -result.fun if scaled else result.fun
+
+
 def _counts(
-    cluster: ClusterSpec, configs: list[Config], start: int, used: dict[tuple[int, int], int]
+    cluster: ClusterSpec, keys: list[tuple[int, int]], start: int, used: dict[tuple[int, int], int]
 ) -> Iterator[tuple[int, ...]]:
-    """Every vector of replica counts for `configs[start:]` that still packs into the nodes."""
-    if start == len(configs):
+    """Every vector of replica counts for the groups `keys[start:]` ((node class, tp) each) that still packs."""
+    if start == len(keys):
         yield ()
         return
-    key = (configs[start].node_class, configs[start].perf.tp)
+    key = keys[start]
     n = 0
     while True:
         trial = dict(used)
         trial[key] = trial.get(key, 0) + n
         if not packing_fits(cluster, trial):
             return
-        for rest in _counts(cluster, configs, start + 1, trial):
+        for rest in _counts(cluster, keys, start + 1, trial):
             yield (n, *rest)
         n += 1
 

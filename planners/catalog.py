@@ -3,7 +3,10 @@
 Figures are vendor peak numbers (dense, no structured sparsity) and are only a starting point: the cost model
 applies efficiency factors, and a measured `DeviceProfile` overrides them. Where a GPU has no bf16 tensor cores
 (T4, V100) the fp16 figure is given and the source says so. Prices are approximate on-demand cloud prices per GPU
-(2024-2025) and vary by provider and region; they matter only relative to each other.
+(2024-2025) and vary by provider and region; they matter only relative to each other. `usable_memory` is the
+fraction of memory a training or serving process may fill (the rest goes to the CUDA context, NCCL buffers and
+allocator fragmentation): 0.9 unless a measurement says otherwise (the source then names it); a cluster file's
+`profiles:` section or `jaxhet profile` replaces it.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from typing import Any
 from planners import fields
 from planners.errors import SpecError
 
+DEFAULT_USABLE_MEMORY = 0.9
+
 
 @dataclasses.dataclass(frozen=True)
 class GPUSpec:
-    """Peak figures of one GPU kind. `nvlink_gb_s` is the default intra-node link per direction (PCIe if none)."""
+    """Peak figures of one GPU kind. `nvlink_gb_s` is the default intra-node link per direction (PCIe if none);
+    `usable_memory` the fraction of `memory_gb` a process may fill."""
 
     name: str
     tflops: float
@@ -27,6 +33,7 @@ class GPUSpec:
     price_per_hour: float
     nvlink_gb_s: float
     source: str
+    usable_memory: float = DEFAULT_USABLE_MEMORY
 
     def __post_init__(self) -> None:
         where = f"gpus.{self.name}"
@@ -35,12 +42,13 @@ class GPUSpec:
         for name in ("tflops", "memory_gb", "memory_bw_gb_s", "nvlink_gb_s"):
             fields.positive_float(getattr(self, name), f"{where}.{name}")
         fields.non_negative_float(self.price_per_hour, f"{where}.price_per_hour")
+        fields.fraction(self.usable_memory, f"{where}.usable_memory")
 
     @classmethod
     def from_dict(cls, name: str, data: Any, base: GPUSpec | None = None) -> GPUSpec:
         """A GPU from a mapping; with `base`, only the given figures change (a calibrated or custom GPU)."""
         allowed = [f.name for f in dataclasses.fields(cls) if f.name != "name"]
-        required = [] if base is not None else [a for a in allowed if a != "source"]
+        required = [] if base is not None else [a for a in allowed if a not in ("source", "usable_memory")]
         d = fields.mapping(data, f"gpus.{name}", allowed, required)
         values = dataclasses.asdict(base) if base is not None else {"source": "user-provided"}
         values.update(d)
@@ -80,7 +88,9 @@ CATALOG: Mapping[str, GPUSpec] = {
             2.99,
             200.0,
             "NVIDIA H800 SXM5 (China-market H100): 989 TF bf16 dense, 80 GB HBM3 3.35 TB/s, NVLink 400 GB/s "
-            "bidirectional; no public on-demand price, H100's assumed",
+            "bidirectional; no public on-demand price, H100's assumed; usable memory 74 of 80 GiB, what FlagPerf's "
+            "llama-2-70b TP4PP8 run on 4 x 8 H800 used",
+            usable_memory=74 / 80,
         ),
         GPUSpec(
             "H20",

@@ -13,7 +13,10 @@ dtype models run in), scaled by `compute_efficiency` (what transformer blocks re
 on timed steps by `planners.calibrate`; above 1 when fused blocks beat the lone matmul, and then the peak is
 raised instead), `layer_overhead_us` the fitted per-block overhead, `matmul_scaling` how matmul throughput falls
 at smaller sizes (fractions of the largest size's), and memory bandwidth the measured device copy bandwidth
-(efficiency 1). `apply(cluster)`
+(efficiency 1). Where the device reports its allocator's figures, `usable_memory_gb` is what a process could still
+allocate once the runtime is up (the allocator's limit less what it already holds: run `jaxhet profile` with the
+allocator settings training will use, e.g. `XLA_PYTHON_CLIENT_MEM_FRACTION`), and the cost model takes the
+allocator's limit as the memory and that share of it as usable. `apply(cluster)`
 puts these figures on the cluster's devices of `kind` and the measured collective link on their nodes;
 `local_cluster()` describes the measured machine itself as a one-node cluster.
 """
@@ -53,6 +56,7 @@ class MeasuredProfile:
     compute_efficiency: float
     layer_overhead_us: float
     matmul_scaling: tuple[tuple[int, float], ...] = ()
+    usable_memory_gb: float | None = None
     calibration: tuple[Mapping[str, Any], ...] = ()
     versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
     date: str = ""
@@ -74,12 +78,20 @@ class MeasuredProfile:
             fields.positive_float(getattr(self, name), name)
         fields.positive_float(self.compute_efficiency, "compute_efficiency")
         fields.non_negative_float(self.layer_overhead_us, "layer_overhead_us")
+        if self.usable_memory_gb is not None:
+            fields.positive_float(self.usable_memory_gb, "usable_memory_gb")
+            if self.usable_memory_gb > self.memory_gb:
+                raise SpecError(f"usable_memory_gb ({self.usable_memory_gb}) exceeds memory_gb ({self.memory_gb})")
 
     def overrides(self) -> dict[str, Any]:
         """The `DeviceProfile` figures for `kind` (a cluster file's `profiles:` entry)."""
         peak = self.matmul_tflops[self.dtype]
         achieved = peak * self.compute_efficiency
+        memory = {}
+        if self.usable_memory_gb is not None:
+            memory = {"memory_gb": self.memory_gb, "usable_memory": self.usable_memory_gb / self.memory_gb}
         return {
+            **memory,
             "tflops": max(peak, achieved),
             "compute_efficiency": achieved / max(peak, achieved),
             "memory_bw_gb_s": self.memory_bw_gb_s,

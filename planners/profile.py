@@ -12,12 +12,11 @@ import math
 from typing import Any
 
 from planners import fields
-from planners.catalog import GPUSpec
+from planners.catalog import DEFAULT_USABLE_MEMORY, GPUSpec
 from planners.errors import SpecError
 
 DEFAULT_COMPUTE_EFFICIENCY = 0.5
 DEFAULT_MEMORY_EFFICIENCY = 0.8
-DEFAULT_USABLE_MEMORY = 0.9
 DEFAULT_LAYER_OVERHEAD_US = 20.0
 
 
@@ -27,8 +26,9 @@ class DeviceProfile:
 
     `compute_efficiency` scales peak TFLOP/s to what dense transformer layers reach (model-FLOPs utilisation);
     `memory_efficiency` scales peak memory bandwidth; `usable_memory` is the fraction of memory left to the model
-    after the runtime, allocator fragmentation and communication buffers; `layer_overhead_us` is the fixed cost
-    of one block's forward and backward pass on one micro-batch (kernel launches, synchronisation).
+    after the runtime, allocator fragmentation and communication buffers (the catalog's per kind, or measured);
+    `layer_overhead_us` is the fixed cost of one block's forward and backward pass on one micro-batch (kernel
+    launches, synchronisation).
     `matmul_scaling` lists `(n, fraction)` pairs: the fraction of `tflops` a matmul whose smallest dimension is `n`
     reaches (measured; small matmuls keep fewer units busy), interpolated log-linearly and held flat beyond the
     ends; empty means every size reaches `tflops`.
@@ -72,7 +72,15 @@ class DeviceProfile:
 
     @classmethod
     def from_gpu(cls, gpu: GPUSpec) -> DeviceProfile:
-        return cls(gpu.name, gpu.tflops, gpu.memory_gb, gpu.memory_bw_gb_s, gpu.price_per_hour, source=gpu.source)
+        return cls(
+            gpu.name,
+            gpu.tflops,
+            gpu.memory_gb,
+            gpu.memory_bw_gb_s,
+            gpu.price_per_hour,
+            usable_memory=gpu.usable_memory,
+            source=gpu.source,
+        )
 
     def with_overrides(self, data: Any) -> DeviceProfile:
         """A copy with the figures in mapping `data` replaced (validated, unknown keys named)."""

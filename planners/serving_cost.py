@@ -85,10 +85,15 @@ class ServingCosts:
         return compute + comm + m.num_layers * prof.layer_overhead_us * 1e-6
 
     def step_seconds(self, kind: str, tp: int, batch: int, link: Link) -> float:
-        prof, m, w = self.cluster.profile(kind), self.model, self.workload
-        context = w.input_len + w.output_len / 2
+        """One decode step of `batch` requests of the workload's lengths (each at its average context)."""
+        context = self.workload.input_len + self.workload.output_len / 2
+        return self.batch_step_seconds(kind, tp, batch, batch * context, link)
+
+    def batch_step_seconds(self, kind: str, tp: int, batch: int, context_tokens: float, link: Link) -> float:
+        """One decode step of `batch` requests whose KV caches hold `context_tokens` tokens together."""
+        prof, m = self.cluster.profile(kind), self.model
         flops = 2 * self._matmul_params * batch / tp
-        moved = self.weight_bytes(tp) + batch * context * self.kv_bytes_per_token(tp)
+        moved = self.weight_bytes(tp) + context_tokens * self.kv_bytes_per_token(tp)
         compute = max(flops / prof.flops_per_s_at(m.hidden_size // tp), moved / prof.bytes_per_s)
         comm = 2 * m.num_layers * ring_allreduce_seconds(WEIGHT_BYTES * batch * m.hidden_size, tp, link)
         return compute + comm + m.num_layers * prof.layer_overhead_us * 1e-6

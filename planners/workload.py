@@ -1,10 +1,29 @@
-"""Workloads: what a training iteration processes, and what traffic a deployment must serve."""
+"""Workloads: what a training iteration processes, and what traffic a deployment must serve.
+
+Serving traffic is one or several request classes, each with its rate, prompt and output lengths and SLOs, so a
+planner can send short requests to small GPUs and long ones to big GPUs. A workload file (YAML or JSON) gives them:
+
+```yaml
+budget_per_hour: 40        # optional; ttft_slo_s and tpot_slo_s here are the classes' defaults
+ttft_slo_s: 2.0
+tpot_slo_s: 0.1
+classes:
+  - {name: chat, rate: 8.0, input_len: 256, output_len: 128}
+  - {name: documents, rate: 1.0, input_len: 8192, output_len: 256, ttft_slo_s: 4.0}
+```
+"""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from planners import fields
 from planners.errors import SpecError
@@ -50,12 +69,40 @@ class Request:
 
 
 @dataclasses.dataclass(frozen=True)
+class RequestClass:
+    """Requests of similar lengths: `rate` requests/s of `input_len` prompt and `output_len` generated tokens, with
+    their time-to-first-token and time-per-output-token SLOs in seconds."""
+
+    name: str
+    rate: float
+    input_len: int
+    output_len: int
+    ttft_slo_s: float = 1.0
+    tpot_slo_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError(f"request class name must be a non-empty string, got {self.name!r}")
+        where = f"classes.{self.name}"
+        fields.positive_float(self.rate, f"{where}.rate")
+        fields.positive_int(self.input_len, f"{where}.input_len")
+        fields.positive_int(self.output_len, f"{where}.output_len")
+        fields.positive_float(self.ttft_slo_s, f"{where}.ttft_slo_s")
+        fields.positive_float(self.tpot_slo_s, f"{where}.tpot_slo_s")
+
+    def distance(self, request: Request) -> float:
+        """How far `request`'s lengths are from the class's, in log space."""
+        return abs(math.log(request.input_len / self.input_len)) + abs(math.log(request.output_len / self.output_len))
+
+
+@dataclasses.dataclass(frozen=True)
 class ServeWorkload:
     """Serving traffic and goals.
 
     Either `arrival_rate` (requests/s) with typical `input_len`/`output_len`, or a `trace` of requests (see
-    `load_trace`). SLOs: time to first token and time per output token, in seconds; `budget_per_hour` caps the
-    hourly price of the GPUs used (None: no cap).
+    `load_trace`), or several request `classes` (then `arrival_rate` is their total rate and the lengths and SLOs
+    above are ignored; see `of_classes`). SLOs: time to first token and time per output token, in seconds;
+    `budget_per_hour` caps the hourly price of the GPUs used (None: no cap).
     """
 
     arrival_rate: float = 1.0
@@ -65,8 +112,16 @@ class ServeWorkload:
     tpot_slo_s: float = 0.1
     budget_per_hour: float | None = None
     trace: tuple[Request, ...] = ()
+    classes: tuple[RequestClass, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(self.classes))
+        names = [c.name for c in self.classes]
+        if len(set(names)) != len(names):
+            raise SpecError(f"classes: names must be unique, got {names}")
+        total = sum(c.rate for c in self.classes)
+        if self.classes and not math.isclose(self.arrival_rate, total, rel_tol=1e-9):
+            raise SpecError(f"arrival_rate must be the classes' total rate {total}, got {self.arrival_rate}")
         fields.positive_float(self.arrival_rate, "arrival_rate")
         fields.positive_int(self.input_len, "input_len")
         fields.positive_int(self.output_len, "output_len")
@@ -77,14 +132,112 @@ class ServeWorkload:
         object.__setattr__(self, "trace", tuple(self.trace))
 
     @classmethod
-    def from_trace(cls, path: str | Path, **goals: float | None) -> ServeWorkload:
-        """Rate and mean lengths from a trace file; `goals` sets the SLOs and the budget."""
+    def of_classes(
+        cls, classes: Sequence[RequestClass], budget_per_hour: float | None = None, trace: Sequence[Request] = ()
+    ) -> ServeWorkload:
+        """A workload of several request classes (their rates add up to `arrival_rate`)."""
+        if not classes:
+            raise SpecError("classes must list at least one request class")
+        total = sum(c.rate for c in classes)
+        return cls(
+            arrival_rate=total,
+            input_len=round(sum(c.rate * c.input_len for c in classes) / total),
+            output_len=round(sum(c.rate * c.output_len for c in classes) / total),
+            ttft_slo_s=min(c.ttft_slo_s for c in classes),
+            tpot_slo_s=min(c.tpot_slo_s for c in classes),
+            budget_per_hour=budget_per_hour,
+            trace=tuple(trace),
+            classes=tuple(classes),
+        )
+
+    @property
+    def request_classes(self) -> tuple[RequestClass, ...]:
+        """The classes, or the one class of the workload's rate, lengths and SLOs."""
+        if self.classes:
+            return self.classes
+        return (
+            RequestClass("all", self.arrival_rate, self.input_len, self.output_len, self.ttft_slo_s, self.tpot_slo_s),
+        )
+
+    def for_class(self, request_class: RequestClass) -> ServeWorkload:
+        """The one-class workload of `request_class` (what the serving cost model prices), with this budget."""
+        c = request_class
+        return ServeWorkload(c.rate, c.input_len, c.output_len, c.ttft_slo_s, c.tpot_slo_s, self.budget_per_hour)
+
+    def class_of(self, request: Request) -> RequestClass:
+        """The class a request belongs to: the one nearest in (log) prompt and output lengths."""
+        return min(self.request_classes, key=lambda c: c.distance(request))
+
+    @classmethod
+    def from_trace(
+        cls, path: str | Path, input_edges: Sequence[int] = (), *, budget_per_hour: float | None = None, **slos: float
+    ) -> ServeWorkload:
+        """Rate and mean lengths from a trace file; `slos` sets `ttft_slo_s` and `tpot_slo_s`. With `input_edges`
+        (increasing prompt lengths), one request class per bucket `edges[i-1] <= input_len < edges[i]` that holds
+        requests, each with its share of the rate, its mean lengths and the SLOs; without, one class."""
         trace = load_trace(path)
         span = trace[-1].arrival_s - trace[0].arrival_s
         rate = (len(trace) - 1) / span if span > 0 else float(len(trace))
-        mean_in = round(sum(r.input_len for r in trace) / len(trace))
-        mean_out = round(sum(r.output_len for r in trace) / len(trace))
-        return cls(arrival_rate=rate, input_len=mean_in, output_len=mean_out, trace=trace, **goals)
+        edges = list(input_edges)
+        for i, edge in enumerate(edges):
+            fields.positive_int(edge, f"input_edges[{i}]")
+        if edges != sorted(set(edges)):
+            raise SpecError(f"input_edges must be strictly increasing, got {edges}")
+        bounds = [0, *edges, math.inf]
+        classes = []
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            bucket = [r for r in trace if lo <= r.input_len < hi]
+            if bucket:
+                name = f"prompt {lo}-{hi - 1}" if hi != math.inf else f"prompt >= {lo}"
+                classes.append(_class_of_requests(name, bucket, rate * len(bucket) / len(trace), slos))
+        if len(classes) == 1:
+            c = classes[0]
+            return cls(rate, c.input_len, c.output_len, c.ttft_slo_s, c.tpot_slo_s, budget_per_hour, trace)
+        return cls.of_classes(classes, budget_per_hour, trace)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ServeWorkload:
+        """A workload from a mapping (a workload file: `classes`, or `arrival_rate` with the lengths; SLOs and
+        `budget_per_hour`, the SLOs being the classes' defaults)."""
+        allowed = [f.name for f in dataclasses.fields(cls) if f.name != "trace"]
+        d = dict(fields.mapping(data, "workload", allowed))
+        if "classes" not in d:
+            return cls(**d)
+        if not isinstance(d["classes"], list):
+            raise SpecError(f"classes must be a list of request classes, got {type(d['classes']).__name__}")
+        extra = sorted(set(d) - {"classes", "budget_per_hour", "ttft_slo_s", "tpot_slo_s"})
+        if extra:
+            raise SpecError(f"workload: {extra} cannot be given with classes (each class has its own)")
+        slos = {k: d[k] for k in ("ttft_slo_s", "tpot_slo_s") if k in d}
+        allowed_class = [f.name for f in dataclasses.fields(RequestClass)]
+        classes = [
+            RequestClass(
+                **{
+                    **slos,
+                    **fields.mapping(c, f"classes[{i}]", allowed_class, ["name", "rate", "input_len", "output_len"]),
+                }
+            )
+            for i, c in enumerate(d["classes"])
+        ]
+        return cls.of_classes(classes, d.get("budget_per_hour"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ServeWorkload:
+        """Read a workload file (.yaml/.yml or .json)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"workload file not found: {path}")
+        try:
+            data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise SpecError(f"{path}: cannot parse the workload: {err}") from None
+        return cls.from_dict(data)
+
+
+def _class_of_requests(name: str, requests: list[Request], rate: float, slos: dict[str, float]) -> RequestClass:
+    mean_in = round(sum(r.input_len for r in requests) / len(requests))
+    mean_out = round(sum(r.output_len for r in requests) / len(requests))
+    return RequestClass(name, rate, mean_in, mean_out, **slos)
 
 
 def load_trace(path: str | Path) -> tuple[Request, ...]:

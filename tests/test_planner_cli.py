@@ -135,3 +135,22 @@ def test_plan_serve_replans_after_a_failure(tmp_path: Path) -> None:
     assert not set(lost) & {d for r in plan.replicas for d in r.devices}
     result = RUNNER.invoke(app, [*args, "--failed", "0"])
     assert result.exit_code == 2 and "--failed needs --current" in result.output
+
+
+def test_plan_serve_routes_request_classes_of_a_workload_file(tmp_path: Path) -> None:
+    workload = tmp_path / "workload.yaml"
+    workload.write_text(
+        "ttft_slo_s: 0.5\nclasses:\n  - {name: chat, rate: 40, input_len: 256, output_len: 128}\n"
+        "  - {name: docs, rate: 2, input_len: 7000, output_len: 256}\n"
+    )
+    out = tmp_path / "serve.json"
+    args = ["--workload", str(workload), "--objective", "min_cost", "--time-limit", "5", "-o", str(out)]
+    result = RUNNER.invoke(app, ["plan", "serve", *args])
+    assert result.exit_code == 0, result.output
+    assert "routing by request class" in result.output and "docs" in result.output
+    plan = planners.ServePlan.from_json(out.read_text())
+    assert [c.name for c in plan.classes] == ["chat", "docs"]
+    bad = RUNNER.invoke(app, ["plan", "serve", "--bucket-edge", "1024"])
+    assert bad.exit_code == 2 and "--bucket-edge needs --trace" in bad.output
+    wrong = RUNNER.invoke(app, ["plan", "serve", "--objective", "fastest"])
+    assert wrong.exit_code == 2 and "min_latency" in wrong.output

@@ -65,3 +65,43 @@ def test_adding_a_node_to_a_32_gpu_fleet_never_makes_the_plan_worse() -> None:
     after, info = planners.plan_training_with_info(grown, model, workload)
     check_report(after, info, grown)
     assert after.estimate.iteration_s <= before.estimate.iteration_s * (1 + 1e-9)
+
+
+def flagperf_tp4pp8() -> planners.TrainPlan:
+    """llama-2-70b as FlagPerf ran it on 4 x 8 H800: TP 4, 8 stages of 10 blocks, 44 micro-batches of 1."""
+    stages = tuple(planners.Stage(tuple(range(4 * i, 4 * i + 4)), "H800", 4, (10 * i, 10 * i + 10)) for i in range(8))
+    return planners.TrainPlan((planners.Replica(stages, 44, 1),), 80, 44, 4096)
+
+
+def test_h800_usable_memory_admits_flagperfs_tp4pp8() -> None:
+    """FlagPerf measured TP4PP8 at 74 of 80 GiB on H800; the catalog's H800 figure admits it, a 90% rule does not."""
+    cluster, model, plan = fleet(H800=4), planners.ModelSpec.preset("llama-2-70b"), flagperf_tp4pp8()
+    assert cluster.profile("H800").usable_memory == pytest.approx(74 / 80)
+    estimate = planners.evaluate_train_plan(plan, cluster, model)
+    assert 72.0 < max(estimate.peak_memory_gb[0]) <= 74.0
+    assert not planners.memory_excess(plan, cluster, estimate)
+    ninety = cluster.with_profiles({"H800": {"usable_memory": 0.9}})
+    assert planners.memory_excess(plan, ninety, estimate) == [
+        "replicas[0].stages[0] needs 73.86 GB per H800, usable 72.00 GB"
+    ]
+    assert planners.ClusterSpec.load("h100x4_l4x4").profile("H100").usable_memory == 0.9
+
+
+def test_measured_usable_memory_replaces_the_catalog_figure() -> None:
+    measured = planners.MeasuredProfile(
+        "H800", "NVIDIA H800", 8, "bfloat16", {"bfloat16": 700.0}, {"bfloat16": 400.0}, 2600.0, 84.0, 24.0, 22.0,
+        None, 0.7, 30.0, usable_memory_gb=79.0,
+    )  # fmt: skip
+    assert planners.MeasuredProfile.from_json(measured.to_json()) == measured
+    profile = measured.apply(fleet(H800=1)).profile("H800")
+    assert profile.capacity_bytes == pytest.approx(79.0e9) and profile.memory_gb == 84.0
+    unmeasured = dataclasses.replace(measured, usable_memory_gb=None).apply(fleet(H800=1)).profile("H800")
+    assert unmeasured.capacity_bytes == pytest.approx(80e9 * 74 / 80)
+    with pytest.raises(planners.SpecError, match=r"usable_memory_gb \(90.0\) exceeds memory_gb \(84.0\)"):
+        dataclasses.replace(measured, usable_memory_gb=90.0)
+    custom = planners.ClusterSpec.from_dict(
+        {"nodes": [{"gpu": "H800", "count": 1}], "gpus": {"H800": {"usable_memory": 0.95}}}
+    )
+    assert custom.profile("H800").usable_memory == 0.95
+    with pytest.raises(planners.SpecError, match=r"gpus.H800.usable_memory must be a number in \(0, 1\]"):
+        planners.ClusterSpec.from_dict({"nodes": [{"gpu": "H800", "count": 1}], "gpus": {"H800": {"usable_memory": 2}}})

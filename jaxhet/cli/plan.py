@@ -137,6 +137,30 @@ def _serve_table(plan: planners.ServePlan) -> Table:
     return table
 
 
+def _routing_table(plan: planners.ServePlan) -> Table:
+    """Per request class: the replicas its traffic goes to (prefill or colocated replicas first, then decode)."""
+    table = Table(title="routing by request class", caption="latency: time in the replica at its batch, no queueing")
+    for column in ("class", "req/s", "in+out tokens", "replica", "role", "GPU", "TP", "routed/s", "latency s"):
+        table.add_column(column, justify="left" if column in ("class", "role", "GPU") else "right")
+    for klass in plan.classes:
+        first = True
+        for i, r in enumerate(plan.replicas):
+            for share in (s for s in r.classes if s.name == klass.name and s.routed_rps > 1e-9):
+                table.add_row(
+                    klass.name if first else "",
+                    f"{klass.rate:.2f}" if first else "",
+                    f"{klass.input_len}+{klass.output_len}" if first else "",
+                    str(i),
+                    r.role,
+                    r.kind,
+                    str(r.tp),
+                    f"{share.routed_rps:.2f}",
+                    f"{share.latency_s:.2f}",
+                )
+                first = False
+    return table
+
+
 def serve(
     cluster: ClusterOption = "h100x4_l4x4",
     device_profile: DeviceProfileOption = None,
@@ -152,7 +176,15 @@ def serve(
     trace: Annotated[
         Path | None, typer.Option(help="CSV trace (arrival_s,input_len,output_len): sets rate and lengths.")
     ] = None,
-    objective: Annotated[str, typer.Option(help="max_throughput or min_cost.")] = "max_throughput",
+    bucket_edge: Annotated[
+        list[int] | None,
+        typer.Option(help="With --trace: a prompt length splitting the trace into request classes; repeat."),
+    ] = None,
+    workload: Annotated[
+        Path | None,
+        typer.Option(help="Workload YAML/JSON: request classes (rate, lengths, SLOs) and a budget; sets all above."),
+    ] = None,
+    objective: Annotated[str, typer.Option(help=f"One of {', '.join(planners.SERVE_OBJECTIVES)}.")] = "max_throughput",
     colocate: Annotated[bool, typer.Option("--colocate", help="No prefill/decode disaggregation.")] = False,
     current: Annotated[
         Path | None, typer.Option(help="Running deployment (serve plan JSON) to keep as much of as possible.")
@@ -171,22 +203,20 @@ def serve(
         check_output(output, "--output")
         spec = _cluster(cluster, device_profile)
         models = [planners.ModelSpec.resolve(m) for m in (model or ["llama-2-7b"])]
-        goals = {"ttft_slo_s": ttft, "tpot_slo_s": tpot, "budget_per_hour": budget}
-        if trace is not None:
-            workload = planners.ServeWorkload.from_trace(trace, **goals)
-        else:
-            workload = planners.ServeWorkload(arrival_rate=rate, input_len=input_len, output_len=output_len, **goals)
+        traffic = _serve_workload(rate, input_len, output_len, ttft, tpot, budget, trace, bucket_edge or [], workload)
         options = {"objective": objective, "disaggregate": not colocate, "time_limit_s": time_limit}
         if current is not None:
             if not current.is_file():
                 raise FileNotFoundError(f"current plan not found: {current}")
             running = planners.ServePlan.from_json(current.read_text())
-            plan = planners.replan_serving(spec, failed or [], models, workload, running, **options)
+            plan = planners.replan_serving(spec, failed or [], models, traffic, running, **options)
         elif failed:
             raise planners.SpecError("--failed needs --current, the deployment the devices failed under")
         else:
-            plan = planners.plan_serving(spec, models, workload, **options)
+            plan = planners.plan_serving(spec, models, traffic, **options)
     console.print(_serve_table(plan))
+    if len(plan.classes) > 1:
+        console.print(_routing_table(plan))
     if current is not None:
         console.print(f"kept {plan.kept} running replica(s) in place", highlight=False)
     served = ", ".join(f"{name}: {r * plan.throughput_scale:.2f} req/s" for name, r in plan.rates.items())
@@ -200,6 +230,31 @@ def serve(
 
         save_serve_png(plan, spec, png)
         console.print(f"placement picture written to {png}", highlight=False)
+
+
+def _serve_workload(
+    rate: float,
+    input_len: int,
+    output_len: int,
+    ttft: float,
+    tpot: float,
+    budget: float | None,
+    trace: Path | None,
+    bucket_edges: list[int],
+    workload: Path | None,
+) -> planners.ServeWorkload:
+    """The traffic `jaxhet plan serve` plans for: a workload file, a trace (bucketed by prompt length), or flags."""
+    if workload is not None:
+        if trace is not None:
+            raise planners.SpecError("--workload and --trace cannot both be given")
+        return planners.ServeWorkload.load(workload)
+    if trace is not None:
+        return planners.ServeWorkload.from_trace(
+            trace, bucket_edges, budget_per_hour=budget, ttft_slo_s=ttft, tpot_slo_s=tpot
+        )
+    if bucket_edges:
+        raise planners.SpecError("--bucket-edge needs --trace, the requests to split into classes")
+    return planners.ServeWorkload(rate, input_len, output_len, ttft, tpot, budget)
 
 
 def _front_table(plan: planners.CascadePlan) -> Table:

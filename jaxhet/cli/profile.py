@@ -24,6 +24,8 @@ def _table(profile: MeasuredProfile) -> Table:
     for dtype, value in profile.attention_tflops.items():
         table.add_row(f"attention {dtype}", f"{value:.3g} TFLOP/s")
     table.add_row("device memory bandwidth", f"{profile.memory_bw_gb_s:.3g} GB/s")
+    usable = "not reported" if profile.usable_memory_gb is None else f"{profile.usable_memory_gb:.1f} GB usable"
+    table.add_row("device memory", f"{profile.memory_gb:.1f} GB, {usable}")
     table.add_row("host -> device", f"{profile.host_to_device_gb_s:.3g} GB/s")
     table.add_row("device -> host", f"{profile.device_to_host_gb_s:.3g} GB/s")
     if profile.link is not None:
