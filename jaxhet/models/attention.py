@@ -30,13 +30,15 @@ def attention_mask(
     q_offsets: Int[Array, " batch"] | None = None,
     kv_lengths: Int[Array, " batch"] | None = None,
     kv_segment_ids: Int[Array, "batch kv_len"] | None = None,
+    window: int | None = None,
 ) -> Mask:
     """Which kv positions each query may see.
 
     Query t of row b sits at absolute position `q_offsets[b] + t` (default: the queries are the last q_len
     positions of the kv sequence); kv position s is visible when it is valid (`s < kv_lengths[b]`), not in the
-    future (if causal) and in the same document (if segment ids are given: `segment_ids` of the queries and
-    `kv_segment_ids` of the keys, which default to the same when q_len == kv_len).
+    future (if causal), among the last `window` positions up to the query's own (if a window is given) and in the
+    same document (if segment ids are given: `segment_ids` of the queries and `kv_segment_ids` of the keys, which
+    default to the same when q_len == kv_len).
     """
     if q_offsets is None:
         q_offsets = jnp.full((batch,), kv_len - q_len, jnp.int32)
@@ -47,6 +49,8 @@ def attention_mask(
         mask &= kv_pos[None, None, :] < kv_lengths[:, None, None]
     if causal:
         mask &= kv_pos[None, None, :] <= q_pos[:, :, None]
+    if window is not None:
+        mask &= kv_pos[None, None, :] > q_pos[:, :, None] - window
     if segment_ids is not None:
         if kv_segment_ids is None:
             if q_len != kv_len:
@@ -123,21 +127,28 @@ def attention(
     q_offsets: Int[Array, " batch"] | None = None,
     kv_lengths: Int[Array, " batch"] | None = None,
     kv_segment_ids: Int[Array, "batch kv_len"] | None = None,
+    window: int | None = None,
 ) -> Float[Array, "batch q_len heads head_dim"]:
     """Scaled dot-product attention through the backend named by `backend` (see `ATTENTION_BACKENDS`).
 
     The Pallas backends (`flash`, `block_sparse`) serve full-sequence attention (training, prefill); calls over a
     KV cache or a context-parallel slice (`q_offsets`, `kv_lengths` or `kv_segment_ids` given) use the `xla` path.
+    `window` (a sliding window: each query sees the last `window` positions, itself included) is a local window
+    of the `flash` kernel; `block_sparse` has none and refuses it.
     """
     if backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
     if backend in _KERNEL_BACKENDS:
+        if window is not None and backend == "block_sparse":
+            raise ConfigError("the block_sparse attention backend has no sliding window; use xla, cudnn or flash")
         if q_offsets is None and kv_lengths is None and kv_segment_ids is None:
-            return _KERNEL_BACKENDS[backend](q, k, v, causal=causal, segment_ids=segment_ids)
+            local = {} if window is None else {"local_window": (window - 1, 0)}
+            return _KERNEL_BACKENDS[backend](q, k, v, causal=causal, segment_ids=segment_ids, **local)
         backend = "xla"
     batch, q_len = q.shape[:2]
     kv_len = k.shape[1]
-    causal_only = causal and segment_ids is None and q_offsets is None and kv_lengths is None and q_len == kv_len
+    plain = segment_ids is None and q_offsets is None and kv_lengths is None and window is None
+    causal_only = causal and plain and q_len == kv_len
     mask = attention_mask(
         batch,
         q_len,
@@ -147,5 +158,6 @@ def attention(
         q_offsets=q_offsets,
         kv_lengths=kv_lengths,
         kv_segment_ids=kv_segment_ids,
+        window=window,
     )
     return _BACKENDS[backend](q, k, v, mask, causal_only=causal_only)
