@@ -11,8 +11,13 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from flax import nnx  # noqa: E402
+
 from jaxhet import ConfigError, Llama  # noqa: E402
 from jaxhet.generate import SamplingConfig, generate  # noqa: E402
+from jaxhet.models import LlamaConfig  # noqa: E402
+from jaxhet.serve import Engine, EngineConfig  # noqa: E402
+from jaxhet.tokenizers import ByteTokenizer  # noqa: E402
 
 ATOL = 1e-4
 SHAPE = dict(
@@ -93,3 +98,10 @@ def test_an_unsupported_architecture_is_refused_naming_the_supported_ones(tmp_pa
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="GemmaForCausalLM.*LlamaForCausalLM.*Qwen2ForCausalLM.*MistralForCausalLM"):
         Llama.from_pretrained(tmp_path)
+
+
+def test_serving_a_sliding_window_model_past_its_window_is_refused():
+    config = LlamaConfig.tiny(vocab_size=259, num_layers=1, architecture="mistral", sliding_window=16)
+    engine = Engine(Llama(config, rngs=nnx.Rngs(0)), ByteTokenizer(), EngineConfig(max_model_len=32, num_pages=4))
+    with pytest.raises(ConfigError, match="sliding_window=16.*max_model_len at most 16"):
+        engine.warmup()
