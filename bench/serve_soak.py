@@ -31,6 +31,7 @@ import jax
 from flax import nnx
 from record import provenance, save
 
+from jaxhet.chat_template import TRANSCRIPT, load_chat_template
 from jaxhet.loading import LoadedModel
 from jaxhet.models import Llama, LlamaConfig
 from jaxhet.serve import BackgroundServer, EngineConfig, ServerConfig, build_deployments, create_app
@@ -149,7 +150,8 @@ def soak(seconds: float, out: pathlib.Path, *, workers: int = 8) -> dict:
     """Serve a tiny model, run the traffic for `seconds`, print a summary and save the report under `out`."""
     tokenizer = ByteTokenizer()
     config = LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, num_layers=2, dtype="float32")
-    loaded = LoadedModel(Llama(config, rngs=nnx.Rngs(params=jax.random.key(0))), tokenizer, "tiny")
+    model = Llama(config, rngs=nnx.Rngs(params=jax.random.key(0)))
+    loaded = LoadedModel(model, tokenizer, "tiny", chat_template=load_chat_template(None, TRANSCRIPT))
     engine = EngineConfig(max_running=8, page_size=16, num_pages=64, kv_format="float32", max_model_len=256)
     app = create_app(build_deployments({"tiny": loaded}, engine), ServerConfig(api_key=KEY, read_timeout_s=2.0))
     with BackgroundServer(app, header_timeout_s=2.0) as server:

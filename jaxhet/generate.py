@@ -7,6 +7,7 @@ on the same `Llama.extend` path.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from functools import partial
 
 import jax
@@ -79,9 +80,10 @@ def generate(
     sampling: SamplingConfig,
     key: PRNGKeyArray,
     *,
-    eos_id: int | None = None,
+    stop_ids: Collection[int] = (),
 ) -> list[list[int]]:
-    """Continue each prompt (a list of token ids) by up to `sampling.max_new_tokens` tokens, stopping at EOS."""
+    """Continue each prompt (a list of token ids) by up to `sampling.max_new_tokens` tokens, each ending before the
+    first of `stop_ids` it produces (the tokenizer's EOS ids)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     prompt_len = max(len(p) for p in prompts)
@@ -93,6 +95,4 @@ def generate(
     cache_len = padded_len + sampling.max_new_tokens
     graphdef, state = nnx.split(model)
     out = np.asarray(_generate(graphdef, state, tokens, lengths, key, sampling=sampling, cache_len=cache_len)).tolist()
-    if eos_id is not None:
-        out = [row[: row.index(eos_id)] if eos_id in row else row for row in out]
-    return out
+    return [row[: next((i for i, t in enumerate(row) if t in stop_ids), len(row))] for row in out]

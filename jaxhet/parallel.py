@@ -48,8 +48,8 @@ def shard_config(config: LlamaConfig, tp: int, axis: str, cp_axis: str | None = 
     for name in ("num_heads", "num_kv_heads", "intermediate_size"):
         if getattr(config, name) % tp:
             raise ConfigError(f"{name} ({getattr(config, name)}) must be divisible by the stage's tp ({tp})")
-    if config.attention_bias or config.mlp_bias:
-        raise ConfigError("tensor parallelism needs attention_bias and mlp_bias off (row-parallel biases)")
+    if config.attention_bias or config.mlp_bias or config.qkv_bias:
+        raise ConfigError("tensor parallelism needs attention_bias, qkv_bias and mlp_bias off")
     return config.replace(
         num_heads=config.num_heads // tp,
         num_kv_heads=config.num_kv_heads // tp,

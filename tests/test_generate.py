@@ -52,7 +52,7 @@ def test_generation_stops_at_eos(model):
     prompts = [[1, 2, 3]]
     full = generate(model, prompts, SamplingConfig(max_new_tokens=8), jax.random.key(0))[0]
     eos = full[3]
-    stopped = generate(model, prompts, SamplingConfig(max_new_tokens=8), jax.random.key(0), eos_id=eos)[0]
+    stopped = generate(model, prompts, SamplingConfig(max_new_tokens=8), jax.random.key(0), stop_ids={eos})[0]
     assert stopped == full[: full.index(eos)]
 
 

@@ -155,9 +155,9 @@ def test_missing_config_is_named(tmp_path):
 def test_unsupported_architecture_is_named(tmp_path):
     make_hf_model(5, **CONFIGS["biases"]).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    config.update(architectures=["GemmaForCausalLM"], model_type="gemma")
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="MistralForCausalLM"):
+    with pytest.raises(ConfigError, match="GemmaForCausalLM"):
         Llama.from_pretrained(tmp_path)
 
 

@@ -42,8 +42,8 @@ def check(results: list[dict], case: str, rtol: float = RTOL) -> None:
 @pytest.mark.slow
 def test_two_processes_tp4_feeding_tp2_cp_dp_switching_and_asymmetric_dp_equal_one_device(tmp_path):
     """Besides single steps: four AdamW steps alternating between the two plans (state resharded between their
-    layouts across processes; losses and final parameters against one device), and one SPMD program with
-    per-device trip counts over devices of both processes."""
+    layouts across processes; losses and final parameters against one device), and one SPMD program with per-device
+    trip counts over devices of both processes."""
     cases = ["tp4_feeds_tp2_beside_dp", "cp2_beside_pipelines_across_processes", "switch", "asymmetric_dp"]
     results = run_cases(tmp_path, 2, cases)
     for case in cases:

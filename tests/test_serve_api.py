@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 import planners
+from jaxhet.chat_template import TRANSCRIPT, load_chat_template
 from jaxhet.generate import SamplingConfig, generate
 from jaxhet.loading import LoadedModel
 from jaxhet.models import Llama, LlamaConfig
@@ -40,7 +41,8 @@ ENGINE = EngineConfig(max_running=8, page_size=16, num_pages=96, kv_format="floa
 def _tiny(seed: int, layers: int = 2) -> LoadedModel:
     tokenizer = ByteTokenizer()
     config = LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, num_layers=layers, dtype="float32")
-    return LoadedModel(Llama(config, rngs=nnx.Rngs(params=jax.random.key(seed))), tokenizer, f"tiny-{seed}")
+    model = Llama(config, rngs=nnx.Rngs(params=jax.random.key(seed)))
+    return LoadedModel(model, tokenizer, f"tiny-{seed}", chat_template=load_chat_template(None, TRANSCRIPT))
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,7 @@ def test_eos_ends_a_request_with_reason_stop(model, prompts, solo):
 class _EosTokenizer(ByteTokenizer):
     def __init__(self, eos: int):
         self.eos_id = eos
+        self.stop_ids = frozenset({eos})
 
 
 def test_logprobs_report_the_chosen_token_and_its_alternatives(model, prompts):

@@ -47,7 +47,7 @@ def generate(
             f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})[/]"
         )
         start = time.perf_counter()
-        (out,) = generate_tokens(llama, [ids], sampling, sample_key, eos_id=tokenizer.eos_id)
+        (out,) = generate_tokens(llama, [ids], sampling, sample_key, stop_ids=tokenizer.stop_ids)
         elapsed = time.perf_counter() - start
     console.print(prompt, end="", style="bold", markup=False, highlight=False)
     console.print(tokenizer.decode(out), markup=False, highlight=False)

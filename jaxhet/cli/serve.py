@@ -80,6 +80,14 @@ def serve(
     max_model_len: Annotated[int, typer.Option(min=2, help="Prompt plus output tokens per request at most.")] = 1024,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body accepted.")] = 1 << 20,
     dtype: Annotated[str | None, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")] = None,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            help="A Jinja chat template file for every served model, replacing the checkpoint's own; 'transcript' "
+            "chats with a base model as a plain 'Role: content' transcript. Without one, a model whose checkpoint "
+            "ships no template refuses chat requests."
+        ),
+    ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics)."""
     console = Console()
@@ -106,7 +114,9 @@ def serve(
             if len(planned) == 1 and len(sources) == 1:
                 sources = {planned[0]: next(iter(sources.values()))}
         loaded = {
-            served: load_model_dir(directory, dtype=dtype, lazy=True) if directory else load_model(dtype=dtype)
+            served: load_model_dir(directory, dtype=dtype, lazy=True, chat_template=chat_template)
+            if directory
+            else load_model(dtype=dtype, chat_template=chat_template)
             for served, directory in sources.items()
         }
         for served, model_loaded in loaded.items():

@@ -45,13 +45,15 @@ def attention_mask(
     q_offsets: Int[Array, " batch"] | None = None,
     kv_lengths: Int[Array, " batch"] | None = None,
     kv_segment_ids: Int[Array, "batch kv_len"] | None = None,
+    window: int | None = None,
 ) -> Mask:
     """Which kv positions each query may see.
 
     Query t of row b sits at absolute position `q_offsets[b] + t` (default: the queries are the last q_len
     positions of the kv sequence); kv position s is visible when it is valid (`s < kv_lengths[b]`), not in the
-    future (if causal) and in the same document (if segment ids are given: `segment_ids` of the queries and
-    `kv_segment_ids` of the keys, which default to the same when q_len == kv_len).
+    future (if causal), among the last `window` positions up to the query's own (if a window is given) and in the
+    same document (if segment ids are given: `segment_ids` of the queries and `kv_segment_ids` of the keys, which
+    default to the same when q_len == kv_len).
     """
     if q_offsets is None:
         q_offsets = jnp.full((batch,), kv_len - q_len, jnp.int32)
@@ -62,6 +64,8 @@ def attention_mask(
         mask &= kv_pos[None, None, :] < kv_lengths[:, None, None]
     if causal:
         mask &= kv_pos[None, None, :] <= q_pos[:, :, None]
+    if window is not None:
+        mask &= kv_pos[None, None, :] > q_pos[:, :, None] - window
     if segment_ids is not None:
         if kv_segment_ids is None:
             if q_len != kv_len:
@@ -228,6 +232,20 @@ def end_aligned(
     return k, v, (2 * q_documents + 1, 2 * documents + valid.astype(jnp.int32))
 
 
+def check_window(backend: str, window: int | None, offset: bool) -> None:
+    """A sliding window is a local window of the `flash` kernel over a full sequence; nothing else on the Pallas
+    backends (ConfigError naming what can)."""
+    if window is None:
+        return
+    if backend == "block_sparse":
+        raise ConfigError("the block_sparse attention backend has no sliding window; use xla, cudnn or flash")
+    if offset:
+        raise ConfigError(
+            f"the {backend} attention backend runs a sliding window on full sequences only, not over a KV cache or "
+            "a context-parallel shard; use xla or cudnn there"
+        )
+
+
 def attention(
     q: Float[Array, "batch q_len heads head_dim"],
     k: Float[Array, "batch kv_len kv_heads head_dim"],
@@ -239,17 +257,22 @@ def attention(
     q_offsets: Int[Array, " batch"] | None = None,
     kv_lengths: Int[Array, " batch"] | None = None,
     kv_segment_ids: Int[Array, "batch kv_len"] | None = None,
+    window: int | None = None,
 ) -> Float[Array, "batch q_len heads head_dim"]:
     """Scaled dot-product attention through the backend named by `backend` (see `ATTENTION_BACKENDS`), with the
     visibility of `attention_mask`. Full-sequence calls reach the Pallas kernels as they are; calls with
-    `q_offsets`, `kv_lengths` or `kv_segment_ids` (a KV cache, a context-parallel shard) through `end_aligned`."""
+    `q_offsets`, `kv_lengths` or `kv_segment_ids` (a KV cache, a context-parallel shard) through `end_aligned`.
+    `window` (a sliding window: each query sees the last `window` positions, itself included) is a local window
+    of the `flash` kernel on full sequences; a combination a backend cannot do raises naming it."""
     check_backend(backend)
     offset = q_offsets is not None or kv_lengths is not None or kv_segment_ids is not None
     ROUTES[(backend, "offset" if offset else "full")] += 1
     if backend in _KERNEL_BACKENDS:
+        check_window(backend, window, offset)
         kernel = _KERNEL_BACKENDS[backend]
         if not offset:
-            return kernel(q, k, v, causal=causal, segment_ids=segment_ids)
+            local = {} if window is None else {"local_window": (window - 1, 0)}
+            return kernel(q, k, v, causal=causal, segment_ids=segment_ids, **local)
         k, v, segments = end_aligned(
             q,
             k,
@@ -263,7 +286,7 @@ def attention(
         return kernel(q, k, v, causal=causal, segment_ids=segments)
     batch, q_len = q.shape[:2]
     kv_len = k.shape[1]
-    causal_only = causal and segment_ids is None and not offset and q_len == kv_len
+    causal_only = causal and segment_ids is None and not offset and window is None and q_len == kv_len
     mask = attention_mask(
         batch,
         q_len,
@@ -273,6 +296,7 @@ def attention(
         q_offsets=q_offsets,
         kv_lengths=kv_lengths,
         kv_segment_ids=kv_segment_ids,
+        window=window,
     )
     return _BACKENDS[backend](q, k, v, mask, causal_only=causal_only)
 
@@ -303,16 +327,18 @@ def cache_attention(
     input_lengths: Int[Array, " batch"],
     *,
     backend: str,
+    window: int | None = None,
 ) -> Float[Array, "batch q_len heads head_dim"]:
     """Causal attention of a chunk appended after row b's `lengths[b]` cached tokens (its first
     `input_lengths[b]` queries real), over the cache that already holds the chunk's keys and values.
 
-    One-token chunks (decode) run the backend's decode kernel on the cache as stored; longer chunks (prefill)
-    attend over its dense view through `attention`.
+    One-token chunks (decode) run the backend's decode kernel on the cache as stored; longer chunks (prefill),
+    and every chunk of a sliding-window model (the decode kernel has no window), attend over its dense view
+    through `attention`.
     """
     check_backend(backend)
     total = lengths + input_lengths
-    if q.shape[1] == 1 and backend in _DECODE_IMPLEMENTATIONS:
+    if q.shape[1] == 1 and window is None and backend in _DECODE_IMPLEMENTATIONS:
         ROUTES[(backend, "decode")] += 1
         out = pk.decode_attention(
             q[:, 0],
@@ -326,4 +352,4 @@ def cache_attention(
         )
         return out[:, None].astype(q.dtype)
     k, v = kv.dense(q.dtype)
-    return attention(q, k, v, backend=backend, causal=True, q_offsets=lengths, kv_lengths=total)
+    return attention(q, k, v, backend=backend, causal=True, q_offsets=lengths, kv_lengths=total, window=window)

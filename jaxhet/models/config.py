@@ -2,6 +2,8 @@
 
 The fields mirror Hugging Face's `LlamaConfig` so that a checkpoint's `config.json` maps onto it one to one;
 `from_hf_dict` / `to_hf_dict` do that mapping and reject what this model cannot represent, naming the field.
+Qwen2 and Mistral are the same decoder configured differently (`ARCHITECTURES`): Qwen2 has biases on the query,
+key and value projections (`qkv_bias`), Mistral may attend over a sliding window (`sliding_window`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import jax.numpy as jnp
 ATTENTION_BACKENDS = ("xla", "cudnn", "flash", "block_sparse", "sage")
 TRAINABLE_BACKENDS = ("xla", "cudnn", "flash", "block_sparse")  # `sage` is a quantised inference kernel
 DTYPES = ("float32", "bfloat16", "float16")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# Hugging Face class name -> model_type of every architecture this decoder represents.
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
@@ -42,6 +46,9 @@ class LlamaConfig:
     shard's own, and the row-parallel projections sum their partial outputs over that `shard_map` axis.
     `context_parallel_axis` likewise marks a specialisation whose sequence is split over that axis: each shard
     holds a contiguous slice of every row, and attention gathers keys and values from the others.
+    `architecture` is the Hugging Face model_type the config is saved as; `qkv_bias` puts biases on the query, key
+    and value projections only (Qwen2; `attention_bias` puts them on all four, as Llama's config does);
+    `sliding_window` lets each query see only the last that many positions, itself included (Mistral).
     """
 
     vocab_size: int
@@ -65,8 +72,21 @@ class LlamaConfig:
     attention_backend: str = "xla"
     tensor_parallel_axis: str | None = None
     context_parallel_axis: str | None = None
+    architecture: Literal["llama", "qwen2", "mistral"] = "llama"
+    qkv_bias: bool = False
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
+        model_types = tuple(ARCHITECTURES.values())
+        if self.architecture not in model_types:
+            raise ConfigError(f"architecture must be one of {', '.join(model_types)}, got {self.architecture!r}")
+        if self.qkv_bias != (self.architecture == "qwen2"):
+            raise ConfigError("qkv_bias is what makes a qwen2 model: set it exactly when architecture is 'qwen2'")
+        if self.sliding_window is not None and (self.architecture != "mistral" or self.sliding_window < 1):
+            raise ConfigError(
+                f"sliding_window must be a positive integer on a mistral model, got {self.sliding_window!r} "
+                f"on {self.architecture!r}"
+            )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -123,12 +143,16 @@ class LlamaConfig:
     def from_hf_dict(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
         """Map a Hugging Face `config.json` (transformers 4.x or 5.x layout) onto a `LlamaConfig`."""
         architectures = hf.get("architectures") or ["LlamaForCausalLM"]
-        unsupported = [a for a in architectures if a not in SUPPORTED_ARCHITECTURES]
-        if unsupported or hf.get("model_type", "llama") != "llama":
+        model_types = {ARCHITECTURES.get(a) for a in architectures}
+        if len(model_types) != 1 or None in model_types or hf.get("model_type", "llama") not in model_types:
+            supported = ", ".join(f"{name} (model_type {kind!r})" for name, kind in ARCHITECTURES.items())
             raise ConfigError(
                 f"unsupported architecture {architectures} (model_type {hf.get('model_type')!r}); "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} with model_type 'llama'"
+                f"supported: {supported}"
             )
+        (architecture,) = model_types
+        if architecture == "qwen2" and hf.get("use_sliding_window"):
+            raise ConfigError("Qwen2's use_sliding_window is not supported; set it to false")
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act must be 'silu', got {hf['hidden_act']!r}")
         for required in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
@@ -152,6 +176,9 @@ class LlamaConfig:
             mlp_bias=hf.get("mlp_bias", False),
             bos_token_id=_first_token_id(hf.get("bos_token_id")),
             eos_token_id=_first_token_id(hf.get("eos_token_id")),
+            architecture=architecture,
+            qkv_bias=architecture == "qwen2",
+            sliding_window=hf.get("sliding_window") if architecture == "mistral" else None,
         )
         torch_dtype = hf.get("dtype") or hf.get("torch_dtype")
         if torch_dtype in DTYPES:
@@ -161,13 +188,20 @@ class LlamaConfig:
         return cls(**fields)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The `config.json` a Hugging Face `LlamaForCausalLM` loads (legacy rope keys, read by 4.x and 5.x)."""
+        """The `config.json` Hugging Face's class for `architecture` loads (legacy rope keys, read by 4.x and 5.x)."""
         rope_scaling = None
         if self.rope_scaling is not None:
             rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        by_architecture = {
+            "llama": {},
+            "qwen2": {"use_sliding_window": False},
+            "mistral": {"sliding_window": self.sliding_window},
+        }
+        (name,) = [name for name, kind in ARCHITECTURES.items() if kind == self.architecture]
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [name],
+            "model_type": self.architecture,
+            **by_architecture[self.architecture],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,

@@ -54,9 +54,8 @@ def parameter_paths(config: LlamaConfig) -> list[tuple[str, ParamPath, bool]]:
         for norm in ("input_layernorm", "post_attention_layernorm"):
             entries.append((f"{prefix}.{norm}.weight", (*path, norm, "weight"), False))
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            entries.extend(
-                _linear_entries(f"{prefix}.self_attn.{name}", (*path, "self_attn", name), config.attention_bias)
-            )
+            bias = config.attention_bias or (config.qkv_bias and name != "o_proj")
+            entries.extend(_linear_entries(f"{prefix}.self_attn.{name}", (*path, "self_attn", name), bias))
         for name in ("gate_proj", "up_proj", "down_proj"):
             entries.extend(_linear_entries(f"{prefix}.mlp.{name}", (*path, "mlp", name), config.mlp_bias))
     entries.append(("model.norm.weight", ("norm", "weight"), False))

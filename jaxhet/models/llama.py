@@ -45,6 +45,7 @@ class LayerCache(Protocol):
         lengths: Int[Array, " batch"],
         input_lengths: Int[Array, " batch"],
         backend: str,
+        window: int | None,
     ) -> Float[Array, "batch seq heads head_dim"]: ...
 
 
@@ -83,8 +84,9 @@ class ContiguousLayerCache:
             v=self.v.at[rows, slots].set(v.astype(self.v.dtype), mode="drop"),
         )
 
-    def attend(self, q, lengths, input_lengths, backend):
-        return cache_attention(q, StoredKV(self.k, self.v), lengths, input_lengths, backend=backend)
+    def attend(self, q, lengths, input_lengths, backend, window):
+        kv = StoredKV(self.k, self.v)
+        return cache_attention(q, kv, lengths, input_lengths, backend=backend, window=window)
 
 
 @struct.dataclass
@@ -153,9 +155,10 @@ class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
         hidden, heads, kv_heads, head_dim = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_proj = _linear(hidden, heads * head_dim, config, config.attention_bias, rngs)
-        self.k_proj = _linear(hidden, kv_heads * head_dim, config, config.attention_bias, rngs)
-        self.v_proj = _linear(hidden, kv_heads * head_dim, config, config.attention_bias, rngs)
+        qkv_bias = config.attention_bias or config.qkv_bias
+        self.q_proj = _linear(hidden, heads * head_dim, config, qkv_bias, rngs)
+        self.k_proj = _linear(hidden, kv_heads * head_dim, config, qkv_bias, rngs)
+        self.v_proj = _linear(hidden, kv_heads * head_dim, config, qkv_bias, rngs)
         self.o_proj = _linear(heads * head_dim, hidden, config, config.attention_bias, rngs)
 
     def _project(self, x: Float[Array, "batch seq hidden"], positions: Int[Array, "batch seq"]):
@@ -193,6 +196,7 @@ class Attention(nnx.Module):
             segment_ids=segment_ids,
             q_offsets=q_offsets,
             kv_segment_ids=kv_segment_ids,
+            window=self.config.sliding_window,
         )
         return self._output(out)
 
@@ -207,7 +211,8 @@ class Attention(nnx.Module):
         positions, _ = chunk_slots(lengths, input_lengths, x.shape[1])
         q, k, v = self._project(x, positions)
         cache = cache.append(k, v, lengths, input_lengths)
-        return self._output(cache.attend(q, lengths, input_lengths, self.config.attention_backend)), cache
+        out = cache.attend(q, lengths, input_lengths, self.config.attention_backend, self.config.sliding_window)
+        return self._output(out), cache
 
 
 class MLP(nnx.Module):

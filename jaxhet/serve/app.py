@@ -23,6 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jaxhet.chat_template import ChatTemplateError
+from jaxhet.generation_config import SamplingDefaults
 from jaxhet.serve.async_engine import AsyncEngine, EngineFailure
 from jaxhet.serve.body import read_body
 from jaxhet.serve.config import SamplingParams
@@ -30,10 +32,9 @@ from jaxhet.serve.deployment import CascadeDeployment, ModelDeployment
 from jaxhet.serve.engine import RequestOutput
 from jaxhet.serve.metrics import CONTENT_TYPE, ServerMetrics
 from jaxhet.serve.middleware import RequestGuard
-from jaxhet.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, chat_prompt
+from jaxhet.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 Deployment = ModelDeployment | CascadeDeployment
-CHAT_STOP = ("\n\nUser:", "\n\nSystem:")
 CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection first
 _T = TypeVar("_T")
 
@@ -147,7 +148,9 @@ class _Api:
         deployment = self._deployment(body.model)
         ids = _prompt_ids(deployment, body.prompt)
         max_tokens = body.max_tokens or self.config.default_max_tokens
-        params = _sampling(body, max_tokens, stop=body.stop_strings(), logprobs=body.logprobs)
+        params = _sampling(
+            body, deployment.sampling_defaults, max_tokens, stop=body.stop_strings(), logprobs=body.logprobs
+        )
 
         def render(generation: _Generation) -> dict[str, Any]:
             out = generation.output
@@ -169,10 +172,14 @@ class _Api:
     async def chat_completions(self, request: Request):
         body = await self._body(request, ChatCompletionRequest)
         deployment = self._deployment(body.model)
-        ids = _prompt_ids(deployment, chat_prompt(body.messages))
+        try:
+            ids = deployment.encode_chat([m.model_dump() for m in body.messages])
+        except ChatTemplateError as err:
+            raise APIError(400, str(err), param="messages") from None
         max_tokens = body.requested_max_tokens() or max(1, deployment.max_model_len - len(ids))
+        stop = (*body.stop_strings(), *deployment.chat_template.stop)
         params = _sampling(
-            body, max_tokens, stop=(*body.stop_strings(), *CHAT_STOP), logprobs=body.requested_logprobs()
+            body, deployment.sampling_defaults, max_tokens, stop=stop, logprobs=body.requested_logprobs()
         )
 
         def render(generation: _Generation) -> dict[str, Any]:
@@ -293,13 +300,18 @@ def _prompt_ids(deployment: Deployment, prompt: str | list[int]) -> list[int]:
     return ids
 
 
-def _sampling(request, max_tokens: int, **extra) -> SamplingParams:
+def _first_set(*values: _T | None) -> _T:
+    return next(v for v in values if v is not None)
+
+
+def _sampling(request, defaults: SamplingDefaults, max_tokens: int, **extra) -> SamplingParams:
+    """The request's sampling settings, each it leaves unset taken from the model's defaults, else the API's."""
     try:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
+            temperature=_first_set(request.temperature, defaults.temperature, 1.0),
+            top_p=_first_set(request.top_p, defaults.top_p, 1.0),
+            top_k=_first_set(request.top_k, defaults.top_k, 0),
             seed=request.seed,
             **extra,
         )

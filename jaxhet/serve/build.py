@@ -9,6 +9,7 @@ CPU devices in order).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 
@@ -26,6 +27,11 @@ def _engine(name: str, loaded: LoadedModel, config: EngineConfig, devices: Seque
     engine = Engine(loaded.model, loaded.tokenizer, config, devices=devices, weights_dir=loaded.weights_dir)
     engine.warmup()
     return AsyncEngine(engine, name=name)
+
+
+def _described(loaded: LoadedModel) -> dict[str, Any]:
+    """What a deployment takes from the checkpoint beside the model: how to prompt it and sample from it."""
+    return {"chat_template": loaded.chat_template, "sampling_defaults": loaded.sampling_defaults}
 
 
 def build_deployments(
@@ -46,7 +52,7 @@ def build_deployments(
         if not 1 <= replicas <= len(devices):
             raise ValueError(f"replicas must be between 1 and the {len(devices)} local devices, got {replicas}")
         return {
-            name: ModelDeployment(name, [_engine(f"{name}-{i}", loaded, config, [devices[i]]) for i in range(replicas)])
+            name: _deployment(name, loaded, config, {"both": [[devices[i]] for i in range(replicas)]})
             for name, loaded in models.items()
         }
     placed: dict[str, dict[str, list[list[jax.Device]]]] = {}
@@ -68,7 +74,8 @@ def _deployment(
     name: str, loaded: LoadedModel, config: EngineConfig, roles: Mapping[str, list[list[jax.Device]]]
 ) -> ModelDeployment:
     if set(roles) == {"both"}:
-        return ModelDeployment(name, [_engine(f"{name}-{i}", loaded, config, d) for i, d in enumerate(roles["both"])])
+        engines = [_engine(f"{name}-{i}", loaded, config, d) for i, d in enumerate(roles["both"])]
+        return ModelDeployment(name, engines, **_described(loaded))
     if set(roles) != {"prefill", "decode"}:
         raise ValueError(
             f"the plan gives {name!r} replicas with roles {sorted(roles)}; a model is served either by 'both' "
@@ -78,7 +85,7 @@ def _deployment(
     def engines(role: str) -> list[AsyncEngine]:
         return [_engine(f"{name}-{role}-{i}", loaded, config, d) for i, d in enumerate(roles[role])]
 
-    return DisaggregatedDeployment(name, engines("decode"), prefill=engines("prefill"))
+    return DisaggregatedDeployment(name, engines("decode"), prefill=engines("prefill"), **_described(loaded))
 
 
 def build_cascade(

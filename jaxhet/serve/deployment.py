@@ -7,8 +7,10 @@ HTTP layer does not care which one a name resolves to.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
+from jaxhet.chat_template import TRANSCRIPT, ChatTemplate, ChatTemplateError
+from jaxhet.generation_config import SamplingDefaults
 from jaxhet.serve.async_engine import AsyncEngine
 from jaxhet.serve.config import SamplingParams
 from jaxhet.serve.engine import RequestOutput
@@ -17,10 +19,16 @@ from jaxhet.tokenizers import Tokenizer
 
 @dataclasses.dataclass
 class ModelDeployment:
-    """One model served by one or more replicas (engines on their own devices); requests go to the least loaded."""
+    """One model served by one or more replicas (engines on their own devices); requests go to the least loaded.
+
+    `chat_template` builds chat prompts (None: chat requests are refused); `sampling_defaults` fill the sampling
+    settings a request leaves unset.
+    """
 
     name: str
     replicas: Sequence[AsyncEngine]
+    chat_template: ChatTemplate | None = None
+    sampling_defaults: SamplingDefaults = SamplingDefaults()
 
     def __post_init__(self) -> None:
         if not self.replicas:
@@ -45,6 +53,16 @@ class ModelDeployment:
             return list(prompt)
         ids = self.tokenizer.encode(prompt)
         return [self.tokenizer.bos_id, *ids] if self.tokenizer.bos_id is not None else ids
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of the prompt the chat template makes of `messages`, opening the assistant's reply."""
+        if self.chat_template is None:
+            raise ChatTemplateError(
+                f"model {self.name!r} has no chat template (neither chat_template.jinja nor a chat_template in "
+                "tokenizer_config.json); start the server with --chat-template FILE, or --chat-template "
+                f"{TRANSCRIPT} for a plain 'Role: content' transcript, or use /v1/completions"
+            )
+        return self.chat_template.encode(self.tokenizer, messages)
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -132,8 +150,19 @@ class CascadeDeployment:
     def tokenizer(self) -> Tokenizer:
         return self.stages[0].tokenizer
 
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        return self.stages[0].chat_template
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        return self.stages[0].sampling_defaults
+
     def encode(self, prompt: str | list[int]) -> list[int]:
         return self.stages[0].encode(prompt)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        return self.stages[0].encode_chat(messages)
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams

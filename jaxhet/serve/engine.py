@@ -385,7 +385,7 @@ class Engine:
             sequence.top_logprobs.append(dict(top))
         self._totals["generated_tokens"] += 1
         finish = None
-        if token == self.tokenizer.eos_id:
+        if token in self.tokenizer.stop_ids:
             finish = "stop"
         elif len(sequence.generated) >= params.max_tokens or len(sequence.tokens) >= self.config.max_model_len:
             finish = "length"

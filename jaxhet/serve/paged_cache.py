@@ -14,7 +14,7 @@ from jaxtyping import Array, Int
 
 import pallas_kernels as pk
 from jaxhet.models.attention import StoredKV, cache_attention
-from jaxhet.models.config import LlamaConfig
+from jaxhet.models.config import ConfigError, LlamaConfig
 from jaxhet.models.llama import chunk_slots
 from pallas_kernels.kv_cache import has_scale, kv_format_of, scale_shape, stored_head_dim
 
@@ -76,8 +76,15 @@ class PagedLayerCache:
         )
         return PagedLayerCache(pool, self.block_tables)
 
-    def attend(self, q, lengths, input_lengths, backend):
+    def attend(self, q, lengths, input_lengths, backend, window):
+        """A window at least the cache's length changes nothing; a shorter one the paged decode kernel lacks."""
         pool = self.pool
+        max_len = self.block_tables.shape[1] * pool.k.shape[1]
+        if window is not None and window < max_len:
+            raise ConfigError(
+                f"the paged decode kernel has no sliding window: serve this model (sliding_window={window}) with "
+                f"max_model_len at most {window}"
+            )
         kv = StoredKV(pool.k, pool.v, pool.k_scale, pool.v_scale, self.block_tables)
         return cache_attention(q, kv, lengths, input_lengths, backend=backend)
 

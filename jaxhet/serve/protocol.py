@@ -60,9 +60,10 @@ class _Request(BaseModel):
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
+    # Unset: the model's generation_config.json default, else the API's (temperature 1, top_p 1, top_k off).
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stop: str | list[str] | None = None
@@ -138,11 +139,3 @@ class ChatCompletionRequest(_Request):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The plain-text transcript a base model continues: one `Role: content` paragraph per message, then
-    `Assistant:` to open the reply. Models trained with their own chat template should be prompted through
-    `/v1/completions` with it."""
-    turns = [f"{m.role.capitalize()}: {m.content}" for m in messages]
-    return "\n\n".join([*turns, "Assistant:"])

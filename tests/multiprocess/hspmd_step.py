@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from planners import Replica, Stage, TrainPlan
 from planners.cluster import ClusterSpec
@@ -83,7 +84,11 @@ def main(process_id: int, num_processes: int, port: int, cases: list[str], out: 
     cluster = ClusterSpec.from_dict(CLUSTERS[num_processes])
     start(cluster, Launch(f"127.0.0.1:{port}", num_processes, process_id))
     checks = {"switch": check_switching, "asymmetric_dp": check_asymmetric_dp}
-    results = {name: checks.get(name, check)(cluster, name) for name in cases}
+    results = {}
+    for name in cases:
+        began = time.perf_counter()
+        results[name] = checks.get(name, check)(cluster, name)
+        print(f"case {name} checked in {time.perf_counter() - began:.1f} s", flush=True)
     with open(out, "w") as f:
         json.dump(results, f)
     import jax
@@ -165,41 +170,41 @@ def check(cluster: ClusterSpec, name: str) -> dict:
     }
 
 
-def check_switching(cluster: ClusterSpec, name: str) -> dict:
-    """AdamW steps alternating between two plans (parameters and optimizer state resharded between their owner
-    layouts, across processes) against the same steps on one device: losses and final parameters."""
+def adamw_steps(model, params, chosen: list) -> tuple[list[float], dict, dict]:
+    """AdamW steps, step i through executor `chosen[i]` (parameters and optimizer state first resharded into its
+    owner layout, across processes, from wherever the last step left them), beside the same steps on one device.
+    Returns the loss errors, the final parameters and the reference's."""
     import jax
     import optax
 
-    from jaxhet.parallel import StagedLlama
-    from meshes import GroupedOptimizer, HetMesh, PlanExecutor
+    from meshes import GroupedOptimizer
     from meshes.transfer import host_value
 
-    named = plans(tuple(d.kind for d in cluster.devices))
-    chosen = [named["tp4_feeds_tp2_beside_dp"][1], named["cp2_beside_pipelines_across_processes"][1]]
-    model, params, _ = model_and_batch({"num_kv_heads": 4}, chosen[0].global_batch)
-    hetmesh = HetMesh.from_cluster(cluster)
-    executors = [PlanExecutor(p, hetmesh, StagedLlama(model.config)) for p in chosen]
     optimizer = optax.adamw(3e-3)
-    grouped = [GroupedOptimizer(optimizer, 1.0, ex.owner_shardings(params), ex.transfers) for ex in executors]
+    grouped = {id(ex): GroupedOptimizer(optimizer, 1.0, ex.owner_shardings(params), ex.transfers) for ex in chosen}
     reference = one_device(model)
     update = jax.jit(optimizer.update)
     host_params, host_state = params, jax.device_get(optimizer.init(params))
-    placed, state = executors[0].place(params), grouped[0].init(params)
+    placed, state = params, grouped[id(chosen[0])].init(params)
     loss_errors = []
-    for step in range(4):
-        batch = make_batch(chosen[0].global_batch, model.config.vocab_size, 10 + step)
-        executor, opt = executors[step % 2], grouped[step % 2]
+    for step, executor in enumerate(chosen):
+        batch = make_batch(executor.plan.global_batch, model.config.vocab_size, 10 + step)
+        opt = grouped[id(executor)]
         placed, state = executor.place(placed), opt.place_state(state)
         loss, grads = executor.value_and_grad(placed, batch)
         placed, state, _ = opt.step(placed, grads, state)
         expected_loss, expected_grads = reference(host_params, batch)
-        norm = optax.global_norm(expected_grads)
-        factor = min(1.0, 1.0 / float(norm))
+        factor = min(1.0, 1.0 / float(optax.global_norm(expected_grads)))
         clipped = jax.tree.map(lambda g, f=factor: g * f, expected_grads)
         updates, host_state = jax.device_get(update(clipped, host_state, host_params))
         host_params = jax.device_get(optax.apply_updates(host_params, updates))
         loss_errors.append(relative(host_value(loss), expected_loss))
+    return loss_errors, placed, host_params
+
+
+def steps_result(loss_errors: list[float], placed, host_params, executors) -> dict:
+    import jax
+
     worst, shards = compare_shards(placed, host_params)
     return {
         "loss_error": max(loss_errors),
@@ -208,6 +213,20 @@ def check_switching(cluster: ClusterSpec, name: str) -> dict:
         "leaves": len(jax.tree.leaves(placed)),
         "bytes_between_processes": sum(ex.transfers.log.between_processes for ex in executors),
     }
+
+
+def check_switching(cluster: ClusterSpec, name: str) -> dict:
+    """AdamW steps alternating between two plans (parameters and optimizer state resharded between their owner
+    layouts, across processes) against the same steps on one device: losses and final parameters."""
+    from jaxhet.parallel import StagedLlama
+    from meshes import HetMesh, PlanExecutor
+
+    named = plans(tuple(d.kind for d in cluster.devices))
+    chosen = [named["tp4_feeds_tp2_beside_dp"][1], named["cp2_beside_pipelines_across_processes"][1]]
+    model, params, _ = model_and_batch({"num_kv_heads": 4}, chosen[0].global_batch)
+    hetmesh = HetMesh.from_cluster(cluster)
+    executors = [PlanExecutor(p, hetmesh, StagedLlama(model.config)) for p in chosen]
+    return steps_result(*adamw_steps(model, params, [executors[step % 2] for step in range(4)]), executors)
 
 
 def check_asymmetric_dp(cluster: ClusterSpec, name: str) -> dict:
