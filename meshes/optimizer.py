@@ -114,12 +114,16 @@ class GroupedOptimizer:
         return self._map_state(state, lambda leaf, _: next(moved), self._place_scalar)
 
     def _place_scalar(self, leaf: Any) -> jax.Array:
-        """A replicated scalar (a step count) onto every group's devices: from the host, or all-reduced from the
-        first device holding it, which needs no layout both ends share."""
+        """A replicated scalar (a step count) onto every group's devices: from the host; as a view of the copies
+        already there when it is held on all of them (after an elastic drop, the survivors' copies: nothing is
+        read from the devices left out); else all-reduced from the first device holding it, which needs no layout
+        both ends share."""
         if not isinstance(leaf, jax.Array):
             return self.transfers.move(leaf, self._state_scalars)
         if leaf.sharding == self._state_scalars:
             return leaf
+        if self._state_scalars.device_set <= leaf.sharding.device_set:
+            return restrict(leaf, self._state_scalars)
         return restrict(self.transfers.sum_scalars([leaf], everywhere(jax.devices())), self._state_scalars)
 
     def _group_update(self, grads, state, params, factor):

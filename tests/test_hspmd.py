@@ -13,6 +13,7 @@ from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
 from meshes import AsymmetricDataParallel, GroupedOptimizer, HetMesh, PlanExecutor, pipeline_steps
 from planners import Replica, Stage, TrainPlan
 from planners.cluster import ClusterSpec
+from tests.multiprocess.failures import lose_devices
 
 SEQ = 9
 # Float32 everywhere; the plans only reorder sums (micro-batches, replicas, TP partial sums): ~1e-7 relative.
@@ -229,16 +230,19 @@ OPTIMIZER = optax.adamw(3e-3)
 OPTIMIZER_UPDATE = jax.jit(OPTIMIZER.update)
 
 
-def train(model: Llama, executors: list, batches: list) -> list[float]:
+def train(model: Llama, executors: list, batches: list, failures: dict | None = None) -> list[float]:
     """AdamW steps, each through the given executor or, for None, on one device. Before an executor's step the
     parameters and the optimizer state are resharded into its owner layout (from wherever the previous step left
-    them), and each owner group runs the optimizer on its own parameters. Returns the losses."""
+    them), and each owner group runs the optimizer on its own parameters. `failures` maps a step to devices lost
+    before it: their buffers are deleted. Returns the losses."""
     reference = single_device_step(model)
     params = llama_params(model)
     opt_state = OPTIMIZER.init(params)
     optimizers: dict[int, GroupedOptimizer] = {}
     losses = []
-    for executor, batch in zip(executors, batches, strict=True):
+    for step, (executor, batch) in enumerate(zip(executors, batches, strict=True)):
+        if step in (failures or {}):
+            assert lose_devices(failures[step]) > 0
         if executor is None:
             loss, grads = reference(params, batch)
             updates, opt_state = OPTIMIZER_UPDATE(grads, opt_state, params)
@@ -365,8 +369,9 @@ def test_asymmetric_dp_from_a_plan_of_single_devices(hetmesh):
 
 
 def test_elastic_drop_a_group_replan_over_survivors_and_continue(hetmesh):
-    """A node fails mid-run: the planner re-plans over the survivors, training continues from the parameters and
-    optimizer state resharded from their surviving owners, and the trajectory equals six steps on one device."""
+    """A node fails mid-run (every buffer on it deleted): the planner re-plans over the survivors, training continues
+    from the parameters and optimizer state resharded from their surviving owners (replica 0's stages; a failed
+    owner would lose them), and the trajectory equals six steps on one device."""
     cfg = config()
     model = Llama(cfg, rngs=nnx.Rngs(8))
     spec = planners.ModelSpec(
@@ -385,8 +390,10 @@ def test_elastic_drop_a_group_replan_over_survivors_and_continue(hetmesh):
     failed = [6, 7]  # the L4 node
     after = planners.replan_training(CLUSTER, failed, spec, workload, **options)
     assert set(failed) <= set(before.devices)
+    assert not set(failed) & set(before.replicas[0].devices), "the owners (replica 0) must survive: see the docstring"
     assert not set(failed) & set(after.devices)
     executors = [PlanExecutor(p, hetmesh, StagedLlama(cfg)) for p in (before, after)]
     chosen = [executors[0]] * 3 + [executors[1]] * 3
     batches = [make_batch(300 + step, 8, cfg.vocab_size, False) for step in range(6)]
-    np.testing.assert_allclose(train(model, chosen, batches), train(model, [None] * 6, batches), rtol=RTOL)
+    lost = {3: [hetmesh.devices[d] for d in failed]}
+    np.testing.assert_allclose(train(model, chosen, batches, lost), train(model, [None] * 6, batches), rtol=RTOL)
