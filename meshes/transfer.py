@@ -257,17 +257,23 @@ class Transfers:
             program = jax.jit(fn, out_shardings=out)
             devices = {d for sharding in jax.tree.leaves(out) for d in flat_devices(sharding)}
             if len(processes_of(devices)) > 1:
-                program = _MeetFirst(program, devices)
+                program = _CrossProcess(program, devices)
             self._programs[key] = program
         return self._programs[key]
 
 
-class _MeetFirst:
-    """A program over devices of several processes whose first run waits for all of them, once compiled and once
-    its inputs are ready. Collectives on CPU (gloo) open a connection per device set, with a fixed 30 s rendezvous,
-    on first run; a process still compiling, or still computing the inputs, would make the others miss it. The
-    processes meet at the coordination service instead (`meshes.distributed.meet`), which waits as long as it must,
-    and later runs reuse the connection. Inputs and shardings are the same at every call (the program's key)."""
+class _CrossProcess:
+    """A program over devices of several processes: its first run meets the other processes, and every run ends
+    before the next cross-process program starts.
+
+    Collectives on CPU (gloo) open a connection per device set, with a fixed 30 s rendezvous, on first run; a
+    process still compiling, or still computing the inputs, would make the others miss it. So the first run waits,
+    once compiled and once its inputs are ready, until every process involved reaches it (`meshes.distributed.meet`,
+    which waits as long as it must); later runs reuse the connection. With several such programs in flight at once,
+    two processes on 2 CPU cores stopped for good at the second step of a plan, each waiting inside a collective
+    (process 0 in the dispatch of a lane copy, process 1 on the loss). Waiting for each run to finish keeps one in
+    flight per process, run in the same order on every process, and removed the stop; it costs the overlap of
+    cross-process copies with other work. Inputs and shardings are the same at every call (the program's key)."""
 
     def __init__(self, program: Any, devices: set[jax.Device]):
         self._program = program
@@ -281,7 +287,7 @@ class _MeetFirst:
             ids = "-".join(str(d.id) for d in sorted(self._devices, key=lambda d: d.id))
             meet(f"devices/{ids}", processes_of(self._devices))
             self._compiled = compiled
-        return self._compiled(*args)
+        return jax.block_until_ready(self._compiled(*args))
 
 
 def _flatten(lanes: int, chunk: int):

@@ -83,7 +83,7 @@ def main(process_id: int, num_processes: int, port: int, cases: list[str], out: 
 
     cluster = ClusterSpec.from_dict(CLUSTERS[num_processes])
     start(cluster, Launch(f"127.0.0.1:{port}", num_processes, process_id))
-    checks = {"switch": check_switching, "asymmetric_dp": check_asymmetric_dp}
+    checks = {"switch": check_switching, "asymmetric_dp": check_asymmetric_dp, "elastic": check_elastic}
     results = {}
     for name in cases:
         began = time.perf_counter()
@@ -170,39 +170,54 @@ def check(cluster: ClusterSpec, name: str) -> dict:
     }
 
 
-def adamw_steps(model, params, chosen: list) -> tuple[list[float], dict, dict]:
-    """AdamW steps, step i through executor `chosen[i]` (parameters and optimizer state first resharded into its
-    owner layout, across processes, from wherever the last step left them), beside the same steps on one device.
-    Returns the loss errors, the final parameters and the reference's."""
+def reference_steps(model, params, rows: int, steps: int, optimizer) -> tuple[list[float], dict]:
+    """The same AdamW steps (clipped at norm 1) on one device: the losses and the final parameters. Computed before
+    the plan's steps, so no process's device runs other work between the programs every process runs in step."""
     import jax
     import optax
+
+    reference = one_device(model)
+    update = jax.jit(optimizer.update)
+    host_params, host_state, losses = params, jax.device_get(optimizer.init(params)), []
+    for step in range(steps):
+        loss, grads = reference(host_params, make_batch(rows, model.config.vocab_size, 10 + step))
+        factor = min(1.0, 1.0 / float(optax.global_norm(grads)))
+        clipped = jax.tree.map(lambda g, f=factor: g * f, grads)
+        updates, host_state = jax.device_get(update(clipped, host_state, host_params))
+        host_params = jax.device_get(optax.apply_updates(host_params, updates))
+        losses.append(float(loss))
+    return losses, host_params
+
+
+def adamw_steps(model, params, chosen: list, failures: dict | None = None) -> tuple[list[float], dict, dict, int]:
+    """AdamW steps, step i through executor `chosen[i]` (parameters and optimizer state first resharded into its
+    owner layout, across processes, from wherever the last step left them), against the same steps on one device.
+    `failures` maps a step to devices lost before it (their buffers deleted). Returns the loss errors, the final
+    parameters, the reference's, and how many buffers this process lost."""
+    import optax
+    from failures import lose_devices  # this script's folder is its first import path
 
     from meshes import GroupedOptimizer
     from meshes.transfer import host_value
 
     optimizer = optax.adamw(3e-3)
+    expected, host_params = reference_steps(model, params, chosen[0].plan.global_batch, len(chosen), optimizer)
     grouped = {id(ex): GroupedOptimizer(optimizer, 1.0, ex.owner_shardings(params), ex.transfers) for ex in chosen}
-    reference = one_device(model)
-    update = jax.jit(optimizer.update)
-    host_params, host_state = params, jax.device_get(optimizer.init(params))
     placed, state = params, grouped[id(chosen[0])].init(params)
-    loss_errors = []
+    loss_errors, deleted = [], 0
     for step, executor in enumerate(chosen):
+        if step in (failures or {}):
+            deleted += lose_devices(failures[step])
         batch = make_batch(executor.plan.global_batch, model.config.vocab_size, 10 + step)
         opt = grouped[id(executor)]
         placed, state = executor.place(placed), opt.place_state(state)
         loss, grads = executor.value_and_grad(placed, batch)
         placed, state, _ = opt.step(placed, grads, state)
-        expected_loss, expected_grads = reference(host_params, batch)
-        factor = min(1.0, 1.0 / float(optax.global_norm(expected_grads)))
-        clipped = jax.tree.map(lambda g, f=factor: g * f, expected_grads)
-        updates, host_state = jax.device_get(update(clipped, host_state, host_params))
-        host_params = jax.device_get(optax.apply_updates(host_params, updates))
-        loss_errors.append(relative(host_value(loss), expected_loss))
-    return loss_errors, placed, host_params
+        loss_errors.append(relative(host_value(loss), expected[step]))
+    return loss_errors, placed, host_params, deleted
 
 
-def steps_result(loss_errors: list[float], placed, host_params, executors) -> dict:
+def steps_result(loss_errors: list[float], placed, host_params, deleted: int, executors) -> dict:
     import jax
 
     worst, shards = compare_shards(placed, host_params)
@@ -212,6 +227,7 @@ def steps_result(loss_errors: list[float], placed, host_params, executors) -> di
         "shards": shards,
         "leaves": len(jax.tree.leaves(placed)),
         "bytes_between_processes": sum(ex.transfers.log.between_processes for ex in executors),
+        "deleted_on_failed_devices": deleted,
     }
 
 
@@ -227,6 +243,31 @@ def check_switching(cluster: ClusterSpec, name: str) -> dict:
     hetmesh = HetMesh.from_cluster(cluster)
     executors = [PlanExecutor(p, hetmesh, StagedLlama(model.config)) for p in chosen]
     return steps_result(*adamw_steps(model, params, [executors[step % 2] for step in range(4)]), executors)
+
+
+def check_elastic(cluster: ClusterSpec, name: str) -> dict:
+    """Devices 6 and 7 (half of process 1's node) fail after three steps: every buffer on them is deleted, and the
+    run continues on a plan over the survivors of both processes, its state resharded from the surviving owners
+    (replica 0's stages, on process 0); the trajectory equals six steps on one device."""
+    from jaxhet.parallel import StagedLlama
+    from meshes import HetMesh, PlanExecutor
+
+    kinds = tuple(d.kind for d in cluster.devices)
+    s = lambda *a, **k: stage(kinds, *a, **k)  # noqa: E731
+    before = (
+        Replica((s([0, 1], (0, 2)), s([2, 3], (2, 4))), 2, 1),
+        Replica((s([4, 5], (0, 4)),), 1, 1),
+        Replica((s([6], (0, 2)), s([7], (2, 4))), 1, 1),
+    )
+    after = (Replica((s([0, 1], (0, 4)),), 2, 1), Replica((s([2, 3], (0, 2)), s([4, 5], (2, 4))), 1, 2))
+    model, params, _ = model_and_batch({}, 4)
+    hetmesh = HetMesh.from_cluster(cluster)
+    executors = [
+        PlanExecutor(TrainPlan(replicas, 4, 4, SEQ, device_kinds=kinds), hetmesh, StagedLlama(model.config))
+        for replicas in (before, after)
+    ]
+    failures = {3: {hetmesh.devices[6], hetmesh.devices[7]}}
+    return steps_result(*adamw_steps(model, params, [executors[0]] * 3 + [executors[1]] * 3, failures), executors)
 
 
 def check_asymmetric_dp(cluster: ClusterSpec, name: str) -> dict:
