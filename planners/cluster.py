@@ -21,12 +21,9 @@ inside each node.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from planners import catalog, fields
 from planners.errors import SpecError
@@ -214,13 +211,7 @@ class ClusterSpec:
         if str(path) in CLUSTERS:
             return cls.from_dict(CLUSTERS[str(path)])
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"cluster file not found: {path} (built-in clusters: {sorted(CLUSTERS)})")
-        text = path.read_text()
-        try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise SpecError(f"{path}: cannot parse: {err}") from None
+        data = fields.read_spec_file(path, f"cluster file not found: {path} (built-in clusters: {sorted(CLUSTERS)})")
         try:
             return cls.from_dict(data, default_name=path.stem)
         except SpecError as err:

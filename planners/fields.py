@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from planners.errors import SpecError
+
+
+def read_spec_file(path: Path, missing: str) -> Any:
+    """The data of a .json or .yaml/.yml spec file: FileNotFoundError(`missing`) when there is none, SpecError
+    naming the file when it does not parse."""
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    text = path.read_text()
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise SpecError(f"{path}: cannot parse: {err}") from None
 
 
 def positive_int(value: Any, field: str, *, error: type[ValueError] = SpecError) -> int:

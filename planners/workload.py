@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from planners import fields
 from planners.errors import SpecError
@@ -225,13 +222,7 @@ class ServeWorkload:
     def load(cls, path: str | Path) -> ServeWorkload:
         """Read a workload file (.yaml/.yml or .json)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"workload file not found: {path}")
-        try:
-            data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise SpecError(f"{path}: cannot parse the workload: {err}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(fields.read_spec_file(path, f"workload file not found: {path}"))
 
 
 def _class_of_requests(name: str, requests: list[Request], rate: float, slos: dict[str, float]) -> RequestClass:
