@@ -171,6 +171,10 @@ def _normalise(name: str) -> str:
 AGREE_TIMEOUT_S = 900  # how long a process waits for the others at an agreement (a plan being made, a compile)
 
 
+def _key(name: str, process: int) -> str:
+    return f"jaxhet/{name}/{process}"
+
+
 def _client():
     from jax._src import distributed
 
@@ -188,11 +192,8 @@ def all_texts(name: str, text: str, runtime: Runtime) -> list[str]:
     if not runtime.multi_process:
         return [text]
     client = _client()
-    client.key_value_set(f"jaxhet/{name}/{runtime.process_id}", text)
-    return [
-        client.blocking_key_value_get(f"jaxhet/{name}/{p}", AGREE_TIMEOUT_S * 1000)
-        for p in range(runtime.num_processes)
-    ]
+    client.key_value_set(_key(name, runtime.process_id), text)
+    return [client.blocking_key_value_get(_key(name, p), AGREE_TIMEOUT_S * 1000) for p in range(runtime.num_processes)]
 
 
 def broadcast_text(name: str, text: str | None, runtime: Runtime) -> str:
@@ -200,7 +201,7 @@ def broadcast_text(name: str, text: str | None, runtime: Runtime) -> str:
     if not runtime.multi_process:
         assert text is not None
         return text
-    key = f"jaxhet/{name}/0"
+    key = _key(name, 0)
     if runtime.is_main:
         _client().key_value_set(key, text or "")
         return text or ""

@@ -35,13 +35,15 @@ def stage(kinds, devices, layers, tp=None):
     return Stage(tuple(devices), kinds[devices[0]], tp or len(devices), tuple(layers))
 
 
+def plan_of(kinds, replicas) -> TrainPlan:
+    """A plan of a 4-layer model over `replicas`, its global batch their batch shares."""
+    return TrainPlan(tuple(replicas), 4, sum(r.batch_share for r in replicas), SEQ, device_kinds=kinds)
+
+
 def plans(kinds) -> dict[str, tuple[dict, TrainPlan]]:
     """Per case: model config overrides and the plan (stage edges and replicas crossing processes)."""
 
-    def plan(replicas):
-        batch = sum(r.batch_share for r in replicas)
-        return TrainPlan(tuple(replicas), 4, batch, SEQ, device_kinds=kinds)
-
+    plan = lambda replicas: plan_of(kinds, replicas)  # noqa: E731
     s = lambda *a, **k: stage(kinds, *a, **k)  # noqa: E731
     return {
         "tp4_feeds_tp2_beside_dp": (
@@ -262,10 +264,7 @@ def check_elastic(cluster: ClusterSpec, name: str) -> dict:
     after = (Replica((s([0, 1], (0, 4)),), 2, 1), Replica((s([2, 3], (0, 2)), s([4, 5], (2, 4))), 1, 2))
     model, params, _ = model_and_batch({}, 4)
     hetmesh = HetMesh.from_cluster(cluster)
-    executors = [
-        PlanExecutor(TrainPlan(replicas, 4, 4, SEQ, device_kinds=kinds), hetmesh, StagedLlama(model.config))
-        for replicas in (before, after)
-    ]
+    executors = [PlanExecutor(plan_of(kinds, r), hetmesh, StagedLlama(model.config)) for r in (before, after)]
     failures = {3: {hetmesh.devices[6], hetmesh.devices[7]}}
     return steps_result(*adamw_steps(model, params, [executors[0]] * 3 + [executors[1]] * 3, failures), executors)
 
