@@ -29,6 +29,12 @@ MIN_COSINE = 0.999
 KERNEL_BACKENDS = ["flash", "block_sparse", "sage"]
 
 
+def _qkv(seed: int, q_shape: tuple, kv_shape: tuple) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Standard-normal queries, keys and values (keys and values of one shape)."""
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    return jax.random.normal(kq, q_shape), jax.random.normal(kk, kv_shape), jax.random.normal(kv, kv_shape)
+
+
 def _cosine(a, b) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
@@ -79,12 +85,7 @@ def test_cached_prefill_and_decode_run_the_backend_and_equal_the_full_forward(ba
 
 def test_context_parallel_flash_runs_inside_shard_map_and_equals_xla():
     """A shard of queries against all-gathered keys, with packed documents, under `shard_map`'s varying check."""
-    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
-    q, k, v = (
-        jax.random.normal(kq, (2, 32, 4, 16)),
-        jax.random.normal(kk, (2, 32, 2, 16)),
-        jax.random.normal(kv, (2, 32, 2, 16)),
-    )
+    q, k, v = _qkv(1, (2, 32, 4, 16), (2, 32, 2, 16))
     segments = jnp.broadcast_to((jnp.arange(32) >= 20).astype(jnp.int32), (2, 32))
     mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
 
@@ -122,12 +123,7 @@ def test_tensor_parallel_flash_runs_inside_shard_map():
 
 
 def test_quantized_attention_with_segment_ids_matches_across_implementations_and_full_precision():
-    kq, kk, kv = jax.random.split(jax.random.key(3), 3)
-    q, k, v = (
-        jax.random.normal(kq, (2, 24, 4, 32)),
-        jax.random.normal(kk, (2, 40, 2, 32)),
-        jax.random.normal(kv, (2, 40, 2, 32)),
-    )
+    q, k, v = _qkv(3, (2, 24, 4, 32), (2, 40, 2, 32))
     segments = (jnp.broadcast_to(jnp.arange(24) >= 10, (2, 24)), jnp.broadcast_to(jnp.arange(40) >= 26, (2, 40)))
     segments = tuple(s.astype(jnp.int32) for s in segments)
     run = {
