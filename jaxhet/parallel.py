@@ -144,20 +144,6 @@ class StagedLlama:
                 out["lm_head"] = params["lm_head"]
         return out
 
-    def add_stage_grads(
-        self, total: Params, grads: Params, spec: StageSpec, add: Callable[[Any, Any], Any] = jnp.add
-    ) -> Params:
-        """Add one stage's gradients into a whole-model gradient dict (tied embeddings collect from both ends),
-        leaf by leaf with `add`."""
-        for local, layer_grads in grads["layers"].items():
-            total["layers"][spec.layers[0] + local] = jax.tree.map(
-                add, total["layers"][spec.layers[0] + local], layer_grads
-            )
-        for name in ("embed_tokens", "norm", "lm_head"):
-            if name in grads:
-                total[name] = jax.tree.map(add, total[name], grads[name])
-        return total
-
     def stage_program(
         self, spec: StageSpec, tp: int, tp_axis: str, cp_axis: str | None = None, *, recompute: bool = False
     ) -> StageProgram:

@@ -11,13 +11,14 @@ of its own size under the plan's schedule (GPipe or 1F1B). Losses are summed per
 global token weight, so the loss and every gradient equal the single-device mean over the whole batch whatever
 the batch shares.
 
-Between steps each parameter lives with its *owner*: the stage of the first replica that holds it, in that stage's
-Megatron layout (`owner_shardings`). A step sends owners' parameters to every other replica's stages, and every
-stage's gradient (already reduced inside its group by `shard_map`'s transpose) back to the owner, where they are
-summed: a reduction inside groups, then transfers and sums between groups. Gradients come back in the owner
-layout, where `GroupedOptimizer` runs the optimizer step on each owner group's devices, so parameters, gradients
-and optimizer state never gather on one device. Switching to another compiled strategy (another executor) is a
-reshard into its owner layout (`place`, and `GroupedOptimizer.place_state` for the optimizer state), never a reload.
+State is held by every replica: each stage of each replica keeps its own layers' parameters on its own devices,
+in its Megatron layout, as one *copy* per stage group (`meshes.replicas`; `copy_shardings`). A step computes each
+stage's gradients (reduced inside the group by `shard_map`'s transpose), then sums every leaf over the groups that
+hold it (`Transfers.sum_copies`: a ring over like-for-like wire layouts of the replicas holding the same layers),
+leaving the same gradient in every holder's layout; `GroupedOptimizer` then updates every copy alike, so replicas
+stay identical and each is a backup of the others. No group gathers the model, and none serves as a hub. Switching
+to another compiled strategy (another executor) reads one copy of each leaf (`view`) and places it into the new
+plan's copies (`place`, and `GroupedOptimizer.place_state` for the optimizer state), never a reload.
 
 Every move between groups goes through `meshes.transfer`, so the same schedule runs in one process or as one
 process per node: every process walks the whole schedule and calls every program (a no-op where it holds none of
@@ -29,7 +30,7 @@ bytes that crossed between groups and between processes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -39,9 +40,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from meshes.hetmesh import DeviceGroup, HetMesh
+from meshes.replicas import Copies, first_copies, place
 from meshes.schedules import pipeline_steps
 from meshes.staged import Params, StagedModel, StageSpec
-from meshes.transfer import Transfers, add_where_held, empty_array, everywhere, is_local, put_host
+from meshes.transfer import Transfers, empty_array, everywhere, is_local, put_host
 from planners.plan import Replica, Stage, TrainPlan
 
 TP_AXIS = "tp"
@@ -133,26 +135,43 @@ class PlanExecutor:
             out.append(mbs)
         return out
 
-    def owner_shardings(self, params: Params) -> Any:
-        """For every parameter of `params` (whole-model structure), the sharding of the stage that owns it."""
-        labels = jax.tree_util.tree_map_with_path(lambda path, _: path, params)
-        owner = {}
-        for rt in reversed(self.stages[0]):  # the first stage owns a tied embedding, so it is written last
-            paths = jax.tree.leaves(self.model.stage_params(labels, rt.spec), is_leaf=lambda x: isinstance(x, tuple))
-            owner.update(zip(paths, jax.tree.leaves(rt.param_shardings), strict=True))
-        return jax.tree_util.tree_map_with_path(lambda path, _: owner[path], params)
+    @property
+    def runtimes(self) -> list[_StageRuntime]:
+        """Every stage of every replica, replica by replica: the device groups that hold copies of the state."""
+        return [rt for replica in self.stages for rt in replica]
 
-    def place(self, tree: Params) -> Params:
-        """`tree` (parameters, or anything shaped like them; host values or arrays anywhere) resharded into this
-        plan's owner layout."""
-        return self.transfers.tree(tree, self.owner_shardings(tree))
+    def groups_of(self, replicas: Sequence[int]) -> list[int]:
+        """The device groups (indices into `runtimes`) of the given replicas."""
+        firsts = np.cumsum([0] + [len(stages) for stages in self.stages])
+        return [g for r in replicas for g in range(firsts[r], firsts[r + 1])]
 
-    def _run_replica(self, replica: Replica, runtimes: list[_StageRuntime], params: Params, microbatches, scale):
-        """Run the replica's pipeline schedule; returns its last stage's loss sums and its per-stage gradient sums."""
+    def copy_shardings(self, params: Params) -> list[Any]:
+        """Per device group, a tree like `params` (whole-model structure) giving the sharding of each leaf the
+        group holds, None elsewhere."""
+        return [self._unstage(rt.param_shardings, rt.spec, params) for rt in self.runtimes]
+
+    def _unstage(self, stage_tree: Any, spec: StageSpec, like: Params) -> Any:
+        """A stage's tree (stage structure) as a whole-model tree like `like`, None outside the stage."""
+        labels = jax.tree_util.tree_map_with_path(lambda path, _: path, like)
+        paths = jax.tree.leaves(self.model.stage_params(labels, spec), is_leaf=lambda x: isinstance(x, tuple))
+        by_path = dict(zip(paths, jax.tree.leaves(stage_tree), strict=True))
+        return jax.tree_util.tree_map_with_path(lambda path, _: by_path.get(path), like)
+
+    def place(self, tree: Params) -> Copies:
+        """`tree` (parameters, or anything shaped like them; host values or arrays anywhere) as this plan's copies,
+        one per device group."""
+        return place(self.transfers, tree, self.copy_shardings(tree))
+
+    def view(self, copies: Copies, replicas: Sequence[int] | None = None) -> Params:
+        """The whole tree from `copies`, each leaf from the first of `replicas` (default: all) holding it."""
+        among = None if replicas is None else self.groups_of(replicas)
+        return first_copies(copies, among)
+
+    def _run_replica(self, replica: Replica, runtimes: list[_StageRuntime], copies: Copies, microbatches, scale):
+        """Run the replica's pipeline schedule on its stages' `copies`; returns its last stage's loss sums and its
+        per-stage gradient sums."""
         move = self.transfers.move
-        stage_params = [
-            self.transfers.tree(self.model.stage_params(params, rt.spec), rt.param_shardings) for rt in runtimes
-        ]
+        stage_params = [self.model.stage_params(copy, rt.spec) for copy, rt in zip(copies, runtimes, strict=True)]
         stage_batches = [
             [{k: put_host(v, rt.sequence) for k, v in mb.items()} for mb in microbatches] for rt in runtimes
         ]
@@ -184,30 +203,28 @@ class PlanExecutor:
                     cotangents[(s - 1, m)] = move(hidden_grad, runtimes[s - 1].sequence)
         return losses, grads
 
-    def value_and_grad(self, params: Params, batch: Batch) -> tuple[jax.Array, Params]:
-        """Mean token loss over `batch` and its gradient with respect to the whole-model `params`.
+    def value_and_grad(self, copies: Copies, batch: Batch) -> tuple[jax.Array, Copies]:
+        """Mean token loss over `batch` and its gradient with respect to the parameters, as copies like `copies`
+        (from `place`): every group's copy of a leaf holds the whole gradient of that leaf.
 
         `batch` holds `input_ids`, `targets` and `weights` (0 for padding) of shape [global_batch, seq], and
         optionally `segment_ids`; rows are dealt to replicas in plan order. Every process passes the same batch.
-        Gradients are in the owner layout; the loss is replicated on every device (`self.scalars`).
+        The loss is replicated on every device (`self.scalars`).
         """
         total_weight = float(np.sum(batch["weights"]))
         if total_weight <= 0:
             raise ValueError("batch['weights'] sums to 0: there is no token to train on")
         scale = np.float32(1.0 / total_weight)
-        owners = self.owner_shardings(params)
-        total_grads = jax.tree.map(lambda x, sharding: self.transfers.zeros(x.shape, x.dtype, sharding), params, owners)
-        losses = []
+        groups = iter(copies)
+        losses, grads = [], []
         for replica, runtimes, microbatches in zip(
             self.plan.replicas, self.stages, self._microbatches(batch), strict=True
         ):
-            replica_losses, grads = self._run_replica(replica, runtimes, params, microbatches, scale)
+            mine = [next(groups) for _ in runtimes]
+            replica_losses, stage_grads = self._run_replica(replica, runtimes, mine, microbatches, scale)
             losses += replica_losses
-            for rt, stage_grads in zip(runtimes, grads, strict=True):
-                stage_owners = self.model.stage_params(owners, rt.spec)
-                moved = self.transfers.tree(stage_grads, stage_owners)
-                self.model.add_stage_grads(total_grads, moved, rt.spec, add_where_held)
-        return self.transfers.sum_scalars(losses, self.scalars) / total_weight, total_grads
+            grads += [self._unstage(g, rt.spec, copy) for g, rt, copy in zip(stage_grads, runtimes, mine, strict=True)]
+        return self.transfers.sum_scalars(losses, self.scalars) / total_weight, self.transfers.sum_copies(grads)
 
 
 def _forward(rt: _StageRuntime, params, hidden, batch):

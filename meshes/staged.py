@@ -1,8 +1,9 @@
 """What an HSPMD executor needs from a model: its pipeline stages, each written for one tensor-parallel shard.
 
 `meshes` never imports a model. A model package implements `StagedModel` (jaxhet's is `jaxhet.parallel.StagedLlama`):
-it slices whole-model parameters into a stage's share, builds the stage's program for a given TP degree, and adds a
-stage's gradients back into whole-model form. Parameters are pytrees (nested dicts of arrays).
+it slices whole-model parameters into a stage's share (by selection, so the executor maps a stage's leaves back to
+the whole model's by their paths) and builds the stage's program for a given TP degree. Parameters are pytrees
+(nested dicts of arrays).
 """
 
 from __future__ import annotations
@@ -42,10 +43,6 @@ class StagedModel(Protocol):
     num_layers: int
 
     def stage_params(self, params: Params, spec: StageSpec) -> Params: ...
-
-    def add_stage_grads(self, total: Params, grads: Params, spec: StageSpec, add: Callable[[Any, Any], Any]) -> Params:
-        """`total` (whole-model structure) with the stage's `grads` added into it, leaf by leaf with `add`."""
-        ...
 
     def stage_program(
         self, spec: StageSpec, tp: int, tp_axis: str, cp_axis: str | None = None, *, recompute: bool = False

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from meshes.distributed import meet
 
-LANE, ROW, SIDE = "lane", "row", "side"
+LANE, ROW, SIDE, HOLDER = "lane", "row", "side", "holder"
 
 
 @dataclasses.dataclass
@@ -66,9 +66,8 @@ def is_local(sharding: Sharding) -> bool:
     return any(d.process_index == jax.process_index() for d in sharding.device_set)
 
 
-def add_where_held(a: jax.Array, b: jax.Array) -> jax.Array:
-    """`a + b` on the process(es) holding them; elsewhere `a`'s global handle, with nothing dispatched."""
-    return a + b if is_local(a.sharding) else a
+def is_none(x: Any) -> bool:
+    return x is None
 
 
 def processes_of(devices: Sequence[jax.Device]) -> frozenset[int]:
@@ -123,10 +122,11 @@ class Transfers:
         self.log = TransferLog()
         self._programs: dict[Any, Any] = {}
 
-    def tree(self, tree: Any, shardings: Any) -> Any:
-        """`move` for every leaf of `tree` to the sharding at the same place in `shardings`. Leaves that cross
-        processes between the same two device sets travel together: one wire buffer per (source devices,
-        destination devices, dtype), so a stage's parameters cost three small programs, not three per leaf."""
+    def tree(self, tree: Any, shardings: Any, *, copy: bool = False) -> Any:
+        """`move` for every leaf of `tree` to the sharding at the same place in `shardings` (with `copy`, into
+        buffers of their own). Leaves that cross processes between the same two device sets travel together: one
+        wire buffer per (source devices, destination devices, dtype), so a stage's parameters cost three small
+        programs, not three per leaf."""
         leaves, treedef = jax.tree.flatten(tree)
         targets = treedef.flatten_up_to(shardings)
         out: list[Any] = [None] * len(leaves)
@@ -135,7 +135,7 @@ class Transfers:
             if self._needs_wire(x, dst):
                 bundles.setdefault((flat_devices(x.sharding), flat_devices(dst), x.dtype), []).append(i)
             else:
-                out[i] = self.move(x, dst)
+                out[i] = self.move(x, dst, copy=copy)
         for (src, dst_devices, _), members in bundles.items():
             xs = [leaves[i] for i in members]
             for x in xs:
@@ -146,11 +146,12 @@ class Transfers:
                 out[i] = moved
         return jax.tree.unflatten(treedef, out)
 
-    def move(self, x: Any, dst: Sharding) -> jax.Array:
-        """`x` (a global `jax.Array`, or a host value every process holds alike) placed on `dst`."""
+    def move(self, x: Any, dst: Sharding, *, copy: bool = False) -> jax.Array:
+        """`x` (a global `jax.Array`, or a host value every process holds alike) placed on `dst`; with `copy`, never
+        sharing `x`'s buffers (what a program that donates its inputs needs)."""
         if not isinstance(x, jax.Array):
             return put_host(x, dst)
-        if x.sharding == dst:
+        if x.sharding == dst and not copy:
             return x
         src_devices, dst_devices = flat_devices(x.sharding), flat_devices(dst)
         if set(src_devices) != set(dst_devices):
@@ -158,7 +159,10 @@ class Transfers:
         if not self._needs_wire(x, dst):
             if jax.process_index() not in processes_of(src_devices) | processes_of(dst_devices):
                 return empty_array(x.shape, x.dtype, dst)
-            return jax.device_put(x, dst)
+            moved = jax.device_put(x, dst)
+            # device_put keeps the source buffer for a replica on the source device even with may_alias=False
+            # (jax 0.10.2, CPU): a copy made on the destination is the only sure way to own the buffers.
+            return jnp.copy(moved) if copy and is_local(dst) else moved
         return self._wire_copy([x], src_devices, [dst], dst_devices)[0]
 
     @staticmethod
@@ -184,18 +188,13 @@ class Transfers:
         dtype = xs[0].dtype
         lanes = math.gcd(len(src), len(dst_devices))
         chunk = -(-max(sum(x.size for x in xs), 1) // lanes)
-        src_wire = NamedSharding(Mesh(np.array(src, dtype=object).reshape(lanes, -1), (LANE, ROW)), P(LANE))
-        if jax.process_index() in processes_of(src):
-            key = ("flatten", tuple((x.shape, x.sharding) for x in xs), dtype, src_wire)
-            wire = self._program(key, _flatten(lanes, chunk), src_wire)(*xs)
-        else:
-            wire = empty_array((lanes, chunk), dtype, src_wire)
+        wire = self._to_wire(xs, src, lanes, chunk)
         src_heads = src[:: len(src) // lanes]
         dst_heads = dst_devices[:: len(dst_devices) // lanes]
         copied = {s.device: s.data for s in wire.addressable_shards if s.device in dst_heads}
         for pairs in _rounds(list(zip(src_heads, dst_heads, strict=True))):
             copied.update(self._copy_lanes(wire, pairs, chunk))
-        dst_wire = NamedSharding(Mesh(np.array(dst_devices, dtype=object).reshape(lanes, -1), (LANE, ROW)), P(LANE))
+        dst_wire = _wire_sharding(dst_devices, lanes)
         arrays = [_lane_on(copied, dst_heads[i // (len(dst_devices) // lanes)], d) for i, d in enumerate(dst_devices)]
         mine = [a for a, d in zip(arrays, dst_devices, strict=True) if d.process_index == jax.process_index()]
         if not mine:
@@ -221,6 +220,86 @@ class Transfers:
         send = self._program(("send", len(pairs), chunk, wire.dtype, mesh), _send_over(mesh, sharding), sharding)
         moved = send(pair)
         return {s.device: s.data.reshape(1, chunk) for s in moved.addressable_shards if s.index[1].start == 1}
+
+    def sum_copies(self, copies: list[Any]) -> list[Any]:
+        """Every leaf summed over the groups holding it, the sum left in each holder's own layout.
+
+        `copies` has one tree per device group, shaped alike, with None where the group holds nothing (see
+        `meshes.replicas`). Leaves with the same holders and dtype travel as one buffer: each holder flattens them
+        into its wire layout (`L` lanes, `L` the gcd of the holders' device counts), the lanes' first devices of
+        all holders form a (holder, lane) mesh, and one reduce-scatter then all-gather over the holder axis (a
+        ring: each holder sends 2(H-1)/H of the buffer) leaves the same bits on every holder; the lanes then go
+        along their rows and back into each holder's layout. No group gathers the others' copies."""
+        columns = [jax.tree.flatten(c, is_leaf=is_none) for c in copies]
+        leaves = [list(flat) for flat, _ in columns]
+        bundles: dict[Any, list[int]] = {}
+        for i, column in enumerate(zip(*leaves, strict=True)):
+            held = tuple(g for g, leaf in enumerate(column) if leaf is not None)
+            if len(held) > 1:
+                bundles.setdefault((held, column[held[0]].dtype), []).append(i)
+        for (held, _), members in bundles.items():
+            summed = self._ring_sum([[leaves[g][i] for i in members] for g in held])
+            for g, arrays in zip(held, summed, strict=True):
+                for i, x in zip(members, arrays, strict=True):
+                    leaves[g][i] = x
+        return [treedef.unflatten(group) for group, (_, treedef) in zip(leaves, columns, strict=True)]
+
+    def _ring_sum(self, per_holder: list[list[jax.Array]]) -> list[list[jax.Array]]:
+        """The elementwise sum of the holders' arrays (alike in shape and dtype), on each holder's shardings."""
+        holders = len(per_holder)
+        first = per_holder[0]
+        dtype, shapes = first[0].dtype, tuple(x.shape for x in first)
+        devices = [flat_devices(xs[0].sharding) for xs in per_holder]
+        lanes = math.gcd(*(len(d) for d in devices))
+        chunk = -(-max(sum(x.size for x in first), 1) // (lanes * holders)) * holders
+        wires = [self._to_wire(xs, d, lanes, chunk) for xs, d in zip(per_holder, devices, strict=True)]
+        heads = [d[:: len(d) // lanes] for d in devices]
+        reduced = self._reduce_heads(wires, heads, chunk)
+        self._count_ring(holders, lanes * chunk * dtype.itemsize, heads)
+        out = []
+        for xs, d, h in zip(per_holder, devices, heads, strict=True):
+            wire = _wire_sharding(d, lanes)
+            arrays = [_lane_on(reduced, h[i // (len(d) // lanes)], device) for i, device in enumerate(d)]
+            mine = [a for a, device in zip(arrays, d, strict=True) if device.process_index == jax.process_index()]
+            targets = tuple(x.sharding for x in xs)
+            if not mine:
+                out.append([empty_array(x.shape, dtype, x.sharding) for x in xs])
+                continue
+            received = jax.make_array_from_single_device_arrays((lanes, chunk), wire, mine, dtype=dtype)
+            unflatten = self._program(("unflatten", shapes, dtype, wire, targets), _unflatten(shapes), targets)
+            out.append(list(unflatten(received)))
+        return out
+
+    def _to_wire(self, xs: list[jax.Array], devices: tuple, lanes: int, chunk: int) -> jax.Array:
+        """`xs` flattened into one (lanes, chunk) buffer on `devices`, lane i replicated over their i-th row."""
+        wire = _wire_sharding(devices, lanes)
+        if jax.process_index() not in processes_of(devices):
+            return empty_array((lanes, chunk), xs[0].dtype, wire)
+        key = ("flatten", tuple((x.shape, x.sharding) for x in xs), xs[0].dtype, wire)
+        return self._program(key, _flatten(lanes, chunk), wire)(*xs)
+
+    def _reduce_heads(self, wires: list[jax.Array], heads: list[tuple], chunk: int) -> dict:
+        """Each lane summed over the holders, on every holder's lane head: {head device: (1, chunk) data}."""
+        mesh = Mesh(np.array(heads, dtype=object), (HOLDER, LANE))
+        sharding = NamedSharding(mesh, P(HOLDER, LANE))
+        me = jax.process_index()
+        arrays = []
+        for wire, row in zip(wires, heads, strict=True):
+            by_device = {s.device: s.data for s in wire.addressable_shards}
+            arrays += [by_device[head].reshape(1, 1, chunk) for head in row if head.process_index == me]
+        dtype = wires[0].dtype
+        shape = (len(heads), len(heads[0]), chunk)
+        stacked = jax.make_array_from_single_device_arrays(shape, sharding, arrays, dtype=dtype)
+        summed = self._program(("ring", shape, dtype, mesh), _ring_over(mesh), sharding)(stacked)
+        return {s.device: s.data.reshape(1, chunk) for s in summed.addressable_shards}
+
+    def _count_ring(self, holders: int, nbytes: int, heads: list[tuple]) -> None:
+        """A ring all-reduce of `nbytes` among `holders`: each sends 2(H-1)/H of it, so 2(H-1) buffers in all."""
+        moved = 2 * (holders - 1) * nbytes
+        self.log.moves += 1
+        self.log.between_groups += moved
+        if len(processes_of([d for row in heads for d in row])) > 1:
+            self.log.between_processes += moved
 
     def sum_scalars(self, values: Sequence[jax.Array], out: NamedSharding) -> jax.Array:
         """The sum of scalars living on different device sets, replicated on `out` (from `everywhere`).
@@ -308,6 +387,19 @@ def _unflatten(shapes: tuple[tuple[int, ...], ...]):
         return tuple(out)
 
     return unflatten
+
+
+def _wire_sharding(devices: Sequence[jax.Device], lanes: int) -> NamedSharding:
+    """`lanes` rows of `devices` (in order), row i holding lane i of a (lanes, chunk) buffer."""
+    return NamedSharding(Mesh(np.array(devices, dtype=object).reshape(lanes, -1), (LANE, ROW)), P(LANE))
+
+
+def _ring_over(mesh: Mesh):
+    def ring(block):
+        part = jax.lax.psum_scatter(block, HOLDER, scatter_dimension=2, tiled=True)
+        return jax.lax.all_gather(part, HOLDER, axis=2, tiled=True)
+
+    return jax.shard_map(ring, mesh=mesh, in_specs=P(HOLDER, LANE), out_specs=P(HOLDER, LANE))
 
 
 def _send_over(mesh: Mesh, sharding: NamedSharding):

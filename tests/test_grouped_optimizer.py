@@ -1,5 +1,5 @@
-"""The optimizer step run where a plan's parameters live equals optax on one device (float32, ~1e-6 relative:
-only the order of the gradient-norm sum differs)."""
+"""The optimizer step run on every device group's copy of its parameters equals optax on one device (float32,
+~1e-6 relative: only the order of the gradient-norm sum differs)."""
 
 import jax
 import jax.numpy as jnp
@@ -46,45 +46,49 @@ def _adamw():
 
 
 @pytest.mark.parametrize("max_norm", [None, 1e-3])
-def test_grouped_step_equals_one_device_optax_and_stays_with_the_owners(max_norm):
+def test_grouped_step_equals_one_device_optax_on_every_copy(max_norm):
     params = llama_params(Llama(CONFIG, rngs=nnx.Rngs(0)))
-    owners = PlanExecutor(PLAN, HetMesh.from_cluster(CLUSTER), StagedLlama(CONFIG)).owner_shardings(params)
+    executor = PlanExecutor(PLAN, HetMesh.from_cluster(CLUSTER), StagedLlama(CONFIG))
+    shardings = executor.copy_shardings(params)
     reference = _adamw() if max_norm is None else optax.chain(optax.clip_by_global_norm(max_norm), _adamw())
-    grouped = GroupedOptimizer(_adamw(), max_norm, owners)
-    assert len(grouped.groups) == 2  # the TP2 stage on devices 0-1 and the L4 stage on device 4
+    grouped = GroupedOptimizer(_adamw(), max_norm, shardings)
+    assert len(grouped.homes) == 3  # the TP2 stage on devices 0-1, the L4 stage on device 4, replica 1 on device 6
 
     ref_params, ref_state = params, reference.init(params)
-    het_params, het_state = jax.device_put(params, owners), grouped.init(params)
+    het_params, het_state = grouped.place(params), grouped.init(params)
     keys = jax.random.split(jax.random.key(1), 3)
     for key in keys:
         grads = jax.tree.map(lambda p, k=key: jax.random.normal(k, p.shape, p.dtype), params)
         updates, ref_state = reference.update(grads, ref_state, ref_params)
         ref_params = optax.apply_updates(ref_params, updates)
-        het_params, het_state, norm = grouped.step(het_params, jax.device_put(grads, owners), het_state)
+        het_params, het_state, norm = grouped.step(het_params, grouped.place(grads), het_state)
         np.testing.assert_allclose(float(norm), float(optax.tree.norm(grads)), rtol=1e-6)
 
     def close(a, b):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)
 
-    jax.tree.map(close, het_params, ref_params)
     ref_moments = ref_state if max_norm is None else ref_state[1]
-    jax.tree.map(close, het_state, ref_moments)
+    for group, (copy, state, placement) in enumerate(zip(het_params, het_state, shardings, strict=True)):
+        held = jax.tree.map(lambda x, s: x if s is not None else None, ref_params, placement)
+        jax.tree.map(close, copy, held)
+        jax.tree.map(
+            close, state[0].mu, jax.tree.map(lambda x, s: x if s is not None else None, ref_moments[0].mu, placement)
+        )
 
-    def with_owner(leaf, owner):
-        assert leaf.sharding.is_equivalent_to(owner, leaf.ndim), f"{leaf.sharding} is not the owner's {owner}"
+        def on_its_group(leaf, sharding):
+            assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), f"{leaf.sharding} is not {sharding}"
 
-    jax.tree.map(with_owner, het_params, owners)
-    jax.tree.map(with_owner, het_state[0].mu, owners)
-    jax.tree.map(with_owner, het_state[0].nu, owners)
-    assert int(het_state[0].count) == len(keys)
+        jax.tree.map(on_its_group, copy, placement)
+        jax.tree.map(on_its_group, state[0].nu, placement)
+        assert int(state[0].count) == len(keys), group
 
 
 def test_single_device_layout_is_one_group():
     params = llama_params(Llama(CONFIG, rngs=nnx.Rngs(0)))
     device = jax.devices()[3]
-    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), params)
+    shardings = [jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), params)]
     grouped = GroupedOptimizer(_adamw(), 1.0, shardings)
     state = grouped.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
-    new_params, _, _ = grouped.step(jax.device_put(params, device), grads, state)
+    new_params, _, _ = grouped.step(grouped.place(params), [grads], state)
     assert {d for leaf in jax.tree.leaves(new_params) for d in leaf.devices()} == {device}

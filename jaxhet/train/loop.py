@@ -2,10 +2,10 @@
 checkpoints and metrics.
 
 Everything a run needs to continue exactly is checkpointed: parameters, optimizer state (which holds the step
-count the learning-rate schedule reads) and the data iterator's position. Parameters and optimizer state stay in
-their owners' layout throughout (see `jaxhet.train.step`); checkpoints do not depend on it: Orbax writes each
-array from wherever it lives and restores it into whatever layout the resuming run (or `load_trained`, on one
-device) asks for.
+count the learning-rate schedule reads) and the data iterator's position. Parameters and optimizer state are held
+as a copy per device group (see `jaxhet.train.step`); checkpoints hold one copy of each leaf and do not depend on
+the plan: Orbax writes each array from wherever it lives and restores it into whatever layout the resuming run (or
+`load_trained`, on one device) asks for, from which every group's copy is placed.
 
 Several processes (one per node, `meshes.distributed`) run the same loop in lockstep: process 0 makes the plan
 and every process runs that plan; each builds the same batches from its own copy of the data; losses and norms
@@ -37,6 +37,8 @@ from jaxhet.train.metrics import MetricsLog
 from jaxhet.train.process_checkpoints import ProcessCheckpoints, gather_state, is_process_checkpointed
 from jaxhet.train.step import (
     Execution,
+    checkpoint_view,
+    from_checkpoint,
     initial_state,
     learning_rate_schedule,
     plan_execution,
@@ -204,18 +206,19 @@ def train(
     optimizer, state = initial_state(config, model, execution)
     start_step = 0
     if resume:
-        restored = store.restore_latest(jax.tree.map(_abstract, state))
+        restored = store.restore_latest(jax.tree.map(_abstract, checkpoint_view(optimizer, state)))
         if restored is None:
             log.warning("no checkpoint to resume in %s; starting from step 0", directory)
         else:
-            start_step, state, meta = restored
+            start_step, held, meta = restored
+            state = from_checkpoint(optimizer, held)
             data.restore(meta["data"])
     if runtime.is_main:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     plan = execution.plan
     schedule = learning_rate_schedule(config)
-    num_params = sum(leaf.size for leaf in jax.tree.leaves(state["params"]))
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(checkpoint_view(optimizer, state)["params"]))
     meter = ThroughputMeter(model.config, num_params, peak_flops(execution.devices))
 
     losses: list[float] = []
@@ -241,7 +244,7 @@ def train(
             if step % config.save_every == 0 or step == config.steps or stopping:
                 metrics.flush()
                 meta = {"step": step, "data": data.state(), "plan": "single" if plan is None else plan.to_dict()}
-                store.save(step, state, meta)
+                store.save(step, checkpoint_view(optimizer, state), meta)
     store.close()
     return TrainResult(
         start_step=start_step,
@@ -289,8 +292,8 @@ def load_trained(directory: str | Path) -> TrainedRun:
     config = TrainConfig.load(directory / "config.yaml")
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = build_model(config, tokenizer.vocab_size, jax.random.key(config.seed))
-    _, state = initial_state(config, model, single_device_execution(model))
-    abstract = jax.tree.map(_abstract, state)
+    optimizer, state = initial_state(config, model, single_device_execution(model))
+    abstract = jax.tree.map(_abstract, checkpoint_view(optimizer, state))
     if is_process_checkpointed(directory):
         restored = gather_state(directory, abstract)
     else:

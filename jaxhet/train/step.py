@@ -1,11 +1,12 @@
 """One training step: loss and gradients where an execution computes them, then the optimizer where each parameter
 lives.
 
-Between steps every parameter and its optimizer moments live with their owner: with a plan, the stage that owns
-the parameter, in its tensor-parallel layout (`meshes.PlanExecutor.owner_shardings`); on one device, that device.
-A step computes gradients (summed back to the owners by the executor) and runs the optimizer on each owner group's
-devices (`meshes.GroupedOptimizer`, which also clips by the global gradient norm), so the model and its optimizer
-state never gather on one device, and one device and any plan give the same loss at every step.
+Between steps every device group holds its own copy of its parameters and optimizer moments (`meshes.replicas`):
+with a plan, every stage of every replica, in its tensor-parallel layout (`meshes.PlanExecutor.copy_shardings`);
+on one device, that device. A step computes gradients (summed over each leaf's holders by the executor) and runs
+the optimizer on every group's devices (`meshes.GroupedOptimizer`, which also clips by the global gradient norm),
+so the model and its optimizer state never gather on one device, and one device and any plan give the same loss
+at every step. Checkpoints hold one copy of each leaf (`checkpoint_view`), whatever the plan.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jaxhet.models import Llama
 from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
 from jaxhet.train.config import TrainConfig
 from meshes import GroupedOptimizer, HetMesh, PlanExecutor
+from meshes.replicas import first_copies
 from meshes.transfer import Transfers
 
 Params = Any
@@ -31,12 +33,13 @@ StepFn = Callable[[Params, dict], tuple[jax.Array, Params]]
 
 @dataclasses.dataclass(frozen=True)
 class Execution:
-    """How a step computes: `value_and_grad(params, batch)` giving the mean loss and gradients in the owner layout,
-    `shardings` (each parameter's owner placement, a tree like the parameters), the plan (None: one device), the
-    devices the step computes on, and the transfer layer every move between device groups goes through."""
+    """How a step computes: `value_and_grad(copies, batch)` giving the mean loss and gradient copies, `shardings`
+    (per device group, a tree like the parameters with the sharding of each leaf it holds), the plan (None: one
+    device), the devices the step computes on, and the transfer layer every move between device groups goes
+    through."""
 
     value_and_grad: StepFn
-    shardings: Params
+    shardings: list[Params]
     plan: Any
     devices: tuple[jax.Device, ...]
     transfers: Transfers
@@ -46,17 +49,22 @@ def single_device_execution(model: Llama) -> Execution:
     """Plain `jax.jit` of the whole model's loss and gradients on the first device: the reference of every plan."""
     loss_sum = llama_loss_sum(model)
     value_and_grad = jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
+
+    def one_copy(copies: list[Params], batch: dict) -> tuple[jax.Array, list[Params]]:
+        loss, grads = value_and_grad(copies[0], batch)
+        return loss, [grads]
+
     device = jax.devices()[0]
     placement = jax.sharding.SingleDeviceSharding(device)
-    shardings = jax.tree.map(lambda _: placement, llama_params(model))
-    return Execution(value_and_grad, shardings, None, (device,), Transfers())
+    shardings = [jax.tree.map(lambda _: placement, llama_params(model))]
+    return Execution(one_copy, shardings, None, (device,), Transfers())
 
 
 def plan_execution(model: Llama, plan: Any, hetmesh: HetMesh) -> Execution:
     """The HSPMD executor of `plan` (a `planners.TrainPlan`) on `hetmesh`'s devices."""
     executor = PlanExecutor(plan, hetmesh, StagedLlama(model.config))
     devices = tuple(hetmesh.devices[d] for d in plan.devices)
-    shardings = executor.owner_shardings(llama_params(model))
+    shardings = executor.copy_shardings(llama_params(model))
     return Execution(executor.value_and_grad, shardings, plan, devices, executor.transfers)
 
 
@@ -74,21 +82,32 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
 def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """AdamW on the schedule. Gradient clipping is not part of it: it needs the norm over every parameter, which
-    `GroupedOptimizer` sums across owner groups before running this per-leaf update in each group."""
+    `GroupedOptimizer` sums across device groups before running this per-leaf update in each group."""
     o = config.optim
     return optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
 
 
 def initial_state(config: TrainConfig, model: Llama, execution: Execution) -> tuple[GroupedOptimizer, State]:
-    """The optimizer for parameters laid out as `execution.shardings`, and the state a run carries and
-    checkpoints (`params` and `opt_state`, in that layout): the structure every restore reads into. The model's
-    initial parameters (alike on every process) go through the host, so each process places its own shards."""
+    """The optimizer for parameters laid out as `execution.shardings`, and the state a run carries (`params`
+    and `opt_state`, a copy per device group). The model's initial parameters (alike on every process) go through
+    the host, so each process places its own shards."""
     params = jax.device_get(llama_params(model))
     optimizer = GroupedOptimizer(
         build_optimizer(config), config.optim.grad_clip, execution.shardings, execution.transfers
     )
-    placed = execution.transfers.tree(params, execution.shardings)
-    return optimizer, {"params": placed, "opt_state": optimizer.init(params)}
+    return optimizer, {"params": optimizer.place(params), "opt_state": optimizer.init(params)}
+
+
+def checkpoint_view(optimizer: GroupedOptimizer, state: State) -> State:
+    """What a checkpoint holds of `state`: one copy of each parameter and optimizer leaf (the first group's
+    holding it), in the whole model's structure, without a copy."""
+    return {"params": first_copies(state["params"]), "opt_state": optimizer.view_state(state["opt_state"])}
+
+
+def from_checkpoint(optimizer: GroupedOptimizer, restored: State) -> State:
+    """`restored` (a `checkpoint_view`'s structure, arrays anywhere) as the state a run carries: a copy per
+    group."""
+    return {"params": optimizer.place(restored["params"]), "opt_state": optimizer.place_state(restored["opt_state"])}
 
 
 def train_step(

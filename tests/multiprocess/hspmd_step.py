@@ -133,16 +133,26 @@ def one_device(model):
 
 def compare_shards(tree, expected) -> tuple[float, list]:
     """Worst relative error of every shard of `tree` this process holds against the host tree `expected`."""
+    return compare_copies([tree], expected)
+
+
+def compare_copies(copies: list, expected) -> tuple[float, list]:
+    """Worst relative error of every shard this process holds of every copy in `copies` (trees like `expected`,
+    None where a device group holds nothing) against the host tree `expected`; and [leaf, device] per shard."""
     import jax
     import numpy as np
 
+    wanted = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
     worst, shards = 0.0, []
-    for (path, leaf), want in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(expected), strict=True):
-        scale = max(float(np.max(np.abs(want))), 1e-12)
-        for shard in leaf.addressable_shards:
-            error = float(np.max(np.abs(np.asarray(shard.data) - want[shard.index]))) / scale
-            worst = max(worst, error)
-            shards.append([jax.tree_util.keystr(path), shard.device.id])
+    for copy in copies:
+        for path, leaf in jax.tree_util.tree_leaves_with_path(copy):
+            name = jax.tree_util.keystr(path)
+            want = wanted[name]
+            scale = max(float(np.max(np.abs(want))), 1e-12)
+            for shard in leaf.addressable_shards:
+                error = float(np.max(np.abs(np.asarray(shard.data) - want[shard.index]))) / scale
+                worst = max(worst, error)
+                shards.append([name, shard.device.id])
     return worst, shards
 
 
@@ -162,12 +172,12 @@ def check(cluster: ClusterSpec, name: str) -> dict:
     expected_loss, expected_grads = one_device(model)(params, batch)
     executor = PlanExecutor(plan, HetMesh.from_cluster(cluster), StagedLlama(model.config))
     loss, grads = executor.value_and_grad(executor.place(params), batch)
-    worst, shards = compare_shards(grads, expected_grads)
+    worst, shards = compare_copies(grads, expected_grads)
     return {
         "loss_error": relative(host_value(loss), expected_loss),
         "grad_error": worst,
         "shards": shards,
-        "leaves": len(jax.tree.leaves(grads)),
+        "leaves": len(jax.tree.leaves(expected_grads)),
         "bytes_between_processes": executor.transfers.log.between_processes,
     }
 
@@ -191,51 +201,62 @@ def reference_steps(model, params, rows: int, steps: int, optimizer) -> tuple[li
     return losses, host_params
 
 
-def adamw_steps(model, params, chosen: list, failures: dict | None = None) -> tuple[list[float], dict, dict, int]:
-    """AdamW steps, step i through executor `chosen[i]` (parameters and optimizer state first resharded into its
-    owner layout, across processes, from wherever the last step left them), against the same steps on one device.
-    `failures` maps a step to devices lost before it (their buffers deleted). Returns the loss errors, the final
-    parameters, the reference's, and how many buffers this process lost."""
+def adamw_steps(model, params, chosen: list, failures: dict | None = None) -> tuple[list[float], list, dict, int]:
+    """AdamW steps, step i through executor `chosen[i]`, against the same steps on one device. Consecutive steps of
+    one executor carry its copies (every replica's own state); at a change of executor, one copy of each leaf is
+    read from the replicas that survived and placed into the next executor's copies, across processes. `failures`
+    maps a step to devices lost before it (their buffers deleted). Returns the loss errors, the final parameter
+    copies, the reference's parameters, and how many buffers this process lost."""
+    import jax
     import optax
     from failures import lose_devices  # this script's folder is its first import path
 
     from meshes import GroupedOptimizer
+    from meshes.replicas import first_copies
     from meshes.transfer import host_value
 
     optimizer = optax.adamw(3e-3)
     expected, host_params = reference_steps(model, params, chosen[0].plan.global_batch, len(chosen), optimizer)
-    grouped = {id(ex): GroupedOptimizer(optimizer, 1.0, ex.owner_shardings(params), ex.transfers) for ex in chosen}
-    placed, state = params, grouped[id(chosen[0])].init(params)
-    loss_errors, deleted = [], 0
+    grouped = {id(ex): GroupedOptimizer(optimizer, 1.0, ex.copy_shardings(params), ex.transfers) for ex in chosen}
+    view, view_state = params, jax.device_get(optimizer.init(params))
+    loss_errors, deleted, lost, running = [], 0, set(), None
+    copies: list = []
+    states: list = []
     for step, executor in enumerate(chosen):
         if step in (failures or {}):
             deleted += lose_devices(failures[step])
-        batch = make_batch(executor.plan.global_batch, model.config.vocab_size, 10 + step)
+            lost = {d.id for d in failures[step]}
         opt = grouped[id(executor)]
-        placed, state = executor.place(placed), opt.place_state(state)
-        loss, grads = executor.value_and_grad(placed, batch)
-        placed, state, _ = opt.step(placed, grads, state)
+        if running is not executor:
+            if running is not None:
+                whole = [r for r, rep in enumerate(running.plan.replicas) if not lost & set(rep.devices)]
+                among = running.groups_of(whole)
+                view, view_state = first_copies(copies, among), grouped[id(running)].view_state(states, among)
+            copies, states, running = opt.place(view), opt.place_state(view_state), executor
+        batch = make_batch(executor.plan.global_batch, model.config.vocab_size, 10 + step)
+        loss, grads = executor.value_and_grad(copies, batch)
+        copies, states, _ = opt.step(copies, grads, states)
         loss_errors.append(relative(host_value(loss), expected[step]))
-    return loss_errors, placed, host_params, deleted
+    return loss_errors, copies, host_params, deleted
 
 
-def steps_result(loss_errors: list[float], placed, host_params, deleted: int, executors) -> dict:
+def steps_result(loss_errors: list[float], copies, host_params, deleted: int, executors) -> dict:
     import jax
 
-    worst, shards = compare_shards(placed, host_params)
+    worst, shards = compare_copies(copies, host_params)
     return {
         "loss_error": max(loss_errors),
         "grad_error": worst,
         "shards": shards,
-        "leaves": len(jax.tree.leaves(placed)),
+        "leaves": len(jax.tree.leaves(host_params)),
         "bytes_between_processes": sum(ex.transfers.log.between_processes for ex in executors),
         "deleted_on_failed_devices": deleted,
     }
 
 
 def check_switching(cluster: ClusterSpec, name: str) -> dict:
-    """AdamW steps alternating between two plans (parameters and optimizer state resharded between their owner
-    layouts, across processes) against the same steps on one device: losses and final parameters."""
+    """AdamW steps alternating between two plans (parameters and optimizer state resharded between their copies,
+    across processes) against the same steps on one device: losses and final parameters."""
     from jaxhet.parallel import StagedLlama
     from meshes import HetMesh, PlanExecutor
 
@@ -248,9 +269,10 @@ def check_switching(cluster: ClusterSpec, name: str) -> dict:
 
 
 def check_elastic(cluster: ClusterSpec, name: str) -> dict:
-    """Devices 6 and 7 (half of process 1's node) fail after three steps: every buffer on them is deleted, and the
-    run continues on a plan over the survivors of both processes, its state resharded from the surviving owners
-    (replica 0's stages, on process 0); the trajectory equals six steps on one device."""
+    """Devices 2 and 3 (process 0's half of replica 0) fail after three steps: every buffer on them is deleted, and
+    the run continues on a plan over the survivors of both processes, its state read from the replicas that
+    survived whole (replicas 1 and 2, on process 1) and placed onto both processes; the trajectory equals six
+    steps on one device."""
     from jaxhet.parallel import StagedLlama
     from meshes import HetMesh, PlanExecutor
 
@@ -261,11 +283,11 @@ def check_elastic(cluster: ClusterSpec, name: str) -> dict:
         Replica((s([4, 5], (0, 4)),), 1, 1),
         Replica((s([6], (0, 2)), s([7], (2, 4))), 1, 1),
     )
-    after = (Replica((s([0, 1], (0, 4)),), 2, 1), Replica((s([2, 3], (0, 2)), s([4, 5], (2, 4))), 1, 2))
+    after = (Replica((s([0, 1], (0, 4)),), 2, 1), Replica((s([4, 5], (0, 2)), s([6, 7], (2, 4))), 1, 2))
     model, params, _ = model_and_batch({}, 4)
     hetmesh = HetMesh.from_cluster(cluster)
     executors = [PlanExecutor(plan_of(kinds, r), hetmesh, StagedLlama(model.config)) for r in (before, after)]
-    failures = {3: {hetmesh.devices[6], hetmesh.devices[7]}}
+    failures = {3: {hetmesh.devices[2], hetmesh.devices[3]}}
     return steps_result(*adamw_steps(model, params, [executors[0]] * 3 + [executors[1]] * 3, failures), executors)
 
 
