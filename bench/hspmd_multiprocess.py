@@ -4,8 +4,9 @@ nodes' devices: step time and the bytes each step moves across processes, agains
 The plan: a TP4 stage on node 0 feeding a TP2 stage on node 1, beside two one-device replicas on node 1, so stage
 edges and replicas cross processes. Each variant times `PlanExecutor.value_and_grad` (no optimizer) after two
 warm-up steps; `Transfers.log` counts the bytes that crossed between processes. The cost model's figure is its
-stage-edge traffic (activations forward, their gradients backward) across nodes plus the ring all-reduce of the
-replicas' gradients, in float32 like the run (the planner itself prices bf16 activations).
+stage-edge traffic (activations forward, their gradients backward) across nodes plus the gradient rings over the
+replicas holding the same layers (`planners.traffic`), in float32 like the run (the planner itself prices bf16
+activations).
 
 On CPU the devices are emulated and both processes share this machine's cores, so the ratio measures the
 runtime's own overhead (transfers, per-process dispatch), not a network.
@@ -73,32 +74,12 @@ def build(shape: dict):
 
 
 def cost_model_bytes(config, cluster, plan) -> float:
-    """What the cost model charges across nodes per step, in float32: stage edges between nodes (forward and
-    backward) and the ring all-reduce of every replica's gradients (all replicas span both nodes here)."""
-    import planners
-    from planners.cost_model import GRAD_BYTES_PER_PARAM, TrainCosts
+    """What the plan says a step moves across nodes, in float32 (`planners.traffic`): stage edges between nodes
+    (forward and backward) and the gradient rings whose holders span nodes."""
+    from jaxhet.parallel import planner_spec
+    from planners.traffic import step_traffic
 
-    spec = planners.ModelSpec(
-        "bench",
-        config.vocab_size,
-        config.hidden_size,
-        config.intermediate_size,
-        config.num_layers,
-        config.num_heads,
-        config.num_kv_heads,
-        tied_embeddings=config.tie_word_embeddings,
-    )
-    costs = TrainCosts(cluster, spec, plan.seq_len)
-    node_of = [d.node for d in cluster.devices]
-    edges = 0.0
-    for replica in plan.replicas:
-        for a, b in zip(replica.stages, replica.stages[1:], strict=False):
-            if node_of[a.devices[0]] != node_of[b.devices[0]]:
-                activation = FLOAT32_BYTES * replica.microbatch_size * plan.seq_len * config.hidden_size
-                edges += 2 * activation * replica.num_microbatches
-    ranks = len(plan.replicas)
-    grads = costs.stage_grad_bytes(1, config.num_layers, True, True) * FLOAT32_BYTES / GRAD_BYTES_PER_PARAM
-    return edges + 2 * (ranks - 1) * grads
+    return step_traffic(plan, cluster, planner_spec(config), FLOAT32_BYTES, FLOAT32_BYTES).between_nodes
 
 
 def worker(process_id: int, num_processes: int, port: int, out: Path, shape: dict, steps: int) -> None:
@@ -204,7 +185,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     import record
 
-    moved = sum(r["bytes_between_processes"] for r in two)
+    moved = two[0]["bytes_between_processes"]  # every process walks the whole schedule and counts every move
     report = {
         **record.provenance("hspmd_multiprocess"),
         "shape": SHAPES[shape_name],

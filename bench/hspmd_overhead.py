@@ -116,7 +116,8 @@ def main() -> None:
     executor = PlanExecutor(plan, HetMesh.from_cluster(cluster, devices), StagedLlama(config))
     dtp_mesh = Mesh(np.array(devices).reshape(replicas, args.tp), ("data", "model"))
     plain = timed(plain_step(dtp_mesh, megatron_specs(params, args.tp, "model"), "data"))
-    hspmd = timed(lambda: executor.value_and_grad(params, batch))
+    copies = executor.place(params)
+    hspmd = timed(lambda: executor.value_and_grad(copies, batch))
     results.append(("data x tensor parallel", f"dp={replicas} tp={args.tp}", plain, hspmd))
 
     device_name = f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"

@@ -109,3 +109,44 @@ def test_replicated_scalars_are_summed_viewed_and_put_together_without_copies():
     assert float(whole) == 5.0 and whole.sharding == out
     with pytest.raises(ValueError, match=r"no part covers devices \[0, 3, 4, 5\]"):
         assemble([view], out)
+
+
+def test_copies_are_summed_by_a_ring_over_their_holders_into_each_layout():
+    """Three groups of 2, 4 and 1 devices hold copies of two leaves (a third is held by one group only): each
+    copy becomes the sum, bit for bit the same in every layout, by one reduce-scatter and all-gather over the
+    holders' lane heads (no all-reduce into one group); the log counts a ring's 2(H-1) buffers."""
+    devices = jax.devices()
+    tp2 = Mesh(np.array(devices[:2]), ("tp",))
+    tp4 = Mesh(np.array(devices[2:6]), ("tp",))
+    one = SingleDeviceSharding(devices[6])
+    rng = np.random.default_rng(0)
+    values = [
+        {"w": rng.normal(size=(4, 8)).astype(np.float32), "b": rng.normal(size=8).astype(np.float32)} for _ in range(3)
+    ]
+    layouts = [
+        {"w": NamedSharding(tp2, P(None, "tp")), "b": NamedSharding(tp2, P())},
+        {"w": NamedSharding(tp4, P("tp")), "b": NamedSharding(tp4, P("tp"))},
+        {"w": one, "b": None},
+    ]
+    copies = [
+        {k: None if s is None else put_host(v[k], s) for k, s in layout.items()}
+        for v, layout in zip(values, layouts, strict=True)
+    ]
+    transfers = Transfers()
+    summed = transfers.sum_copies(copies)
+    for copy, layout in zip(summed, layouts, strict=True):
+        np.testing.assert_array_equal(np.asarray(copy["w"]), np.asarray(summed[0]["w"]))
+        assert copy["w"].sharding.is_equivalent_to(layout["w"], 2)
+    np.testing.assert_allclose(np.asarray(summed[0]["w"]), sum(v["w"] for v in values), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(summed[1]["b"]), values[0]["b"] + values[1]["b"], rtol=1e-6)
+    assert summed[2]["b"] is None
+    # "w": 3 holders, 1 lane (gcd 2, 4, 1), 32 floats padded to 33; "b": 2 holders, 2 lanes, 8 floats.
+    assert transfers.log.between_groups == 2 * 2 * 33 * 4 + 2 * 1 * 8 * 4
+    rings = [
+        program.lower(jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P("holder", "lane")))).as_text()
+        for (kind, *rest), program in transfers._programs.items()
+        if kind == "ring"
+        for shape, dtype, mesh in [rest]
+    ]
+    assert len(rings) == 2
+    assert all("reduce_scatter" in text and "all_gather" in text and "all_reduce" not in text for text in rings)

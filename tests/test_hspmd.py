@@ -9,11 +9,12 @@ from flax import nnx
 
 import planners
 from jaxhet import Llama, LlamaConfig
-from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
+from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params, planner_spec
 from meshes import AsymmetricDataParallel, GroupedOptimizer, HetMesh, PlanExecutor, pipeline_steps
 from meshes.replicas import first_copies
 from planners import Replica, Stage, TrainPlan
 from planners.cluster import ClusterSpec
+from planners.traffic import step_traffic
 from tests.multiprocess.failures import lose_devices
 
 SEQ = 9
@@ -210,11 +211,17 @@ def test_plan_step_equals_single_device(name, executors):
     packed = name.startswith("gpipe") or name.endswith("packed")
     batch = make_batch(1, plan.global_batch, cfg.vocab_size, packed=packed, seq=plan.seq_len)
     executor = executors(name)
-    loss, grads = executor.value_and_grad(executor.place(params), batch)
+    copies = executor.place(params)
+    executor.transfers.log.reset()
+    loss, grads = executor.value_and_grad(copies, batch)
     expected_loss, expected_grads = single_device_step(model)(params, batch)
     np.testing.assert_allclose(loss, expected_loss, rtol=RTOL)
     assert_copies_identical(grads)
     assert_trees_close(executor.view(grads), expected_grads)
+    # What the step moved between groups is what the plan says it moves (float32 activations and gradients); the
+    # runtime pads each gradient buffer to whole ring chunks, well under 5% here.
+    charged = step_traffic(plan, CLUSTER, planner_spec(cfg), act_bytes=4, grad_bytes=4).between_groups
+    np.testing.assert_allclose(executor.transfers.log.between_groups, charged, rtol=0.05)
 
 
 def test_twenty_step_loss_trajectory_matches_single_device(executors):
@@ -408,16 +415,7 @@ def test_elastic_drop_a_group_replan_over_survivors_and_continue(hetmesh):
     trajectory equals six steps on one device."""
     cfg = config()
     model = Llama(cfg, rngs=nnx.Rngs(8))
-    spec = planners.ModelSpec(
-        "test",
-        cfg.vocab_size,
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.num_layers,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        tied_embeddings=True,
-    )
+    spec = planner_spec(cfg)
     before = plan_of(
         [
             Replica((stage([0, 1], (0, 2)), stage([6], (2, 4))), 4, 1),
