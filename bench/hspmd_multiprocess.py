@@ -76,10 +76,11 @@ def build(shape: dict):
 def cost_model_bytes(config, cluster, plan) -> float:
     """What the plan says a step moves across nodes, in float32 (`planners.traffic`): stage edges between nodes
     (forward and backward) and the gradient rings whose holders span nodes."""
-    from jaxhet.parallel import planner_spec
+    from planners import ModelSpec
     from planners.traffic import step_traffic
 
-    return step_traffic(plan, cluster, planner_spec(config), FLOAT32_BYTES, FLOAT32_BYTES).between_nodes
+    spec = ModelSpec.from_hf_config(config.to_hf_dict(), name="bench")
+    return step_traffic(plan, cluster, spec, FLOAT32_BYTES, FLOAT32_BYTES).between_nodes
 
 
 def worker(process_id: int, num_processes: int, port: int, out: Path, shape: dict, steps: int) -> None:

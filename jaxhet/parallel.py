@@ -22,7 +22,6 @@ from jaxtyping import Array, Float, Int
 from jaxhet.models.config import ConfigError, LlamaConfig
 from jaxhet.models.llama import DecoderLayer, Llama, add_output_head, output_logits, token_embedding, token_positions
 from meshes.staged import StageProgram, StageSpec
-from planners.model import ModelSpec
 
 Params = dict[str, Any]
 # Megatron layout: column-parallel projections split their outputs across shards, row-parallel ones their inputs.
@@ -182,17 +181,3 @@ def llama_loss_sum(model: Llama) -> Callable[[Params, dict[str, Array]], Float[A
 def llama_params(model: Llama) -> Params:
     """The model's parameters as a pure dict, the form `meshes` executors take and return."""
     return nnx.state(model, nnx.Param).to_pure_dict()
-
-
-def planner_spec(config: LlamaConfig, name: str = "jaxhet") -> ModelSpec:
-    """The shape the planners and their cost model see of a Llama config."""
-    return ModelSpec(
-        name=name,
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        ffn_size=config.intermediate_size,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        num_kv_heads=config.num_kv_heads,
-        tied_embeddings=config.tie_word_embeddings,
-    )

@@ -77,6 +77,7 @@ class GroupedOptimizer:
         self.scalars = everywhere(list({d for home in self.homes for d in home.device_set}))
         self._counted = self._first_holders()
         self._update = jax.jit(self._group_update, donate_argnums=(1, 2))
+        self._fused: dict[Callable, Callable] = {}
         self._square_sum = jax.jit(lambda tree: sum((jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)), 0.0))
 
     def _first_holders(self) -> list[Params]:
@@ -143,6 +144,25 @@ class GroupedOptimizer:
     def view_state(self, states: Copies, among: Sequence[int] | None = None) -> Any:
         """The whole model's optax state from `states`, each leaf from the first group of `among` holding it."""
         return first_copies(states, among)
+
+    def fused(self, value_and_grad: Callable) -> Callable:
+        """For a layout of one device group: `step(params, state, batch) -> (params, state, loss, norm)` as one
+        jitted program (`value_and_grad(params, batch)`, the gradient norm, clipping and the update) over the
+        group's copy, with the parameters and optimizer state donated; nothing is read back to the host. Compiled
+        once per `value_and_grad`."""
+        if len(self.homes) != 1:
+            raise ValueError(f"a fused step needs one device group; this layout has {len(self.homes)}")
+        if value_and_grad not in self._fused:
+
+            def step(params, state, batch):
+                loss, grads = value_and_grad(params, batch)
+                norm = optax.global_norm(grads)
+                factor = jnp.ones_like(norm) if self.max_grad_norm is None else clip_factor(norm, self.max_grad_norm)
+                params, state = self._group_update(grads, state, params, factor)
+                return params, state, loss, norm
+
+            self._fused[value_and_grad] = jax.jit(step, donate_argnums=(0, 1))
+        return self._fused[value_and_grad]
 
     def _group_update(self, grads, state, params, factor):
         grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)

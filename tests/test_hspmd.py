@@ -9,7 +9,7 @@ from flax import nnx
 
 import planners
 from jaxhet import Llama, LlamaConfig
-from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params, planner_spec
+from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
 from meshes import AsymmetricDataParallel, GroupedOptimizer, HetMesh, PlanExecutor, pipeline_steps
 from meshes.replicas import first_copies
 from planners import Replica, Stage, TrainPlan
@@ -220,7 +220,9 @@ def test_plan_step_equals_single_device(name, executors):
     assert_trees_close(executor.view(grads), expected_grads)
     # What the step moved between groups is what the plan says it moves (float32 activations and gradients); the
     # runtime pads each gradient buffer to whole ring chunks, well under 5% here.
-    charged = step_traffic(plan, CLUSTER, planner_spec(cfg), act_bytes=4, grad_bytes=4).between_groups
+    charged = step_traffic(
+        plan, CLUSTER, planners.ModelSpec.from_hf_config(cfg.to_hf_dict(), name="test"), act_bytes=4, grad_bytes=4
+    ).between_groups
     np.testing.assert_allclose(executor.transfers.log.between_groups, charged, rtol=0.05)
 
 
@@ -415,7 +417,7 @@ def test_elastic_drop_a_group_replan_over_survivors_and_continue(hetmesh):
     trajectory equals six steps on one device."""
     cfg = config()
     model = Llama(cfg, rngs=nnx.Rngs(8))
-    spec = planner_spec(cfg)
+    spec = planners.ModelSpec.from_hf_config(cfg.to_hf_dict(), name="test")
     before = plan_of(
         [
             Replica((stage([0, 1], (0, 2)), stage([6], (2, 4))), 4, 1),

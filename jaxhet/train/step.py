@@ -36,19 +36,22 @@ class Execution:
     """How a step computes: `value_and_grad(copies, batch)` giving the mean loss and gradient copies, `shardings`
     (per device group, a tree like the parameters with the sharding of each leaf it holds), the plan (None: one
     device), the devices the step computes on, and the transfer layer every move between device groups goes
-    through."""
+    through. Where the state sits on one device group, `one_group_loss` is the traceable (unjitted) loss and
+    gradient of that group's copy, which `train_step` fuses with the optimizer into one program."""
 
     value_and_grad: StepFn
     shardings: list[Params]
     plan: Any
     devices: tuple[jax.Device, ...]
     transfers: Transfers
+    one_group_loss: Callable[[Params, dict], tuple[jax.Array, Params]] | None = None
 
 
 def single_device_execution(model: Llama) -> Execution:
     """Plain `jax.jit` of the whole model's loss and gradients on the first device: the reference of every plan."""
     loss_sum = llama_loss_sum(model)
-    value_and_grad = jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
+    loss_and_grad = jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"]))
+    value_and_grad = jax.jit(loss_and_grad)
 
     def one_copy(copies: list[Params], batch: dict) -> tuple[jax.Array, list[Params]]:
         loss, grads = value_and_grad(copies[0], batch)
@@ -57,7 +60,7 @@ def single_device_execution(model: Llama) -> Execution:
     device = jax.devices()[0]
     placement = jax.sharding.SingleDeviceSharding(device)
     shardings = [jax.tree.map(lambda _: placement, llama_params(model))]
-    return Execution(one_copy, shardings, None, (device,), Transfers())
+    return Execution(one_copy, shardings, None, (device,), Transfers(), one_group_loss=loss_and_grad)
 
 
 def plan_execution(model: Llama, plan: Any, hetmesh: HetMesh) -> Execution:
@@ -113,7 +116,12 @@ def from_checkpoint(optimizer: GroupedOptimizer, restored: State) -> State:
 def train_step(
     execution: Execution, optimizer: GroupedOptimizer, state: State, batch: dict
 ) -> tuple[State, jax.Array, jax.Array]:
-    """One optimisation step on `batch`: (new state, the batch's mean loss, the gradient norm before clipping)."""
+    """One optimisation step on `batch`: (new state, the batch's mean loss, the gradient norm before clipping).
+    The old state's buffers are donated to the new one; nothing is read back to the host."""
+    if execution.one_group_loss is not None:
+        step = optimizer.fused(execution.one_group_loss)
+        params, opt_state, loss, grad_norm = step(state["params"][0], state["opt_state"][0], batch)
+        return {"params": [params], "opt_state": [opt_state]}, loss, grad_norm
     loss, grads = execution.value_and_grad(state["params"], batch)
     params, opt_state, grad_norm = optimizer.step(state["params"], grads, state["opt_state"])
     return {"params": params, "opt_state": opt_state}, loss, grad_norm
