@@ -38,7 +38,7 @@ from pallas_kernels import online_softmax
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.geometry import Geometry, attention_shapes, normalize_window, segment_mask
 from pallas_kernels.schedule import BlockSchedule, build_schedule
-from pallas_kernels.varying import align_varying, output_struct
+from pallas_kernels.varying import align_varying, fori_loop, output_struct
 
 DEFAULT_BLOCK = 64
 MIN_BLOCK = 16  # the smallest tile Triton's matrix-multiply instruction accepts
@@ -163,7 +163,7 @@ def _loop_schedule(refs: dict, st: _Static, block, transposed: bool, head=None) 
 def _loop(runs: list[_Run], body: Callable, carry):
     """Runs `body(block, masked, carry)` over every visit of every run."""
     for run in runs:
-        carry = lax.fori_loop(0, run.count, lambda j, c, run=run: body(run.block_at(j), run.masked, c), carry)
+        carry = fori_loop(0, run.count, lambda j, c, run=run: body(run.block_at(j), run.masked, c), carry)
     return carry
 
 
@@ -239,7 +239,7 @@ def _dkdv_kernel(*refs, st: _Static, names: tuple[str, ...]):
         return _loop(_loop_schedule(r, st, kv_block, transposed=True, head=head), body, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, st.groups, head_body, (zeros, zeros))
+    dk, dv = fori_loop(0, st.groups, head_body, (zeros, zeros))
     r["dk"][...] = (dk * st.sm_scale).astype(r["dk"].dtype)
     r["dv"][...] = dv.astype(r["dv"].dtype)
 
