@@ -1,9 +1,10 @@
 """FlashAttention-2 style attention in Pallas: online-softmax forward, dQ and dK/dV backward kernels.
 
 The kernels are written for Pallas's Triton lowering (GPU): a grid over (batch, heads, blocks), BlockSpecs that
-hand each program one query (or key) block plus the whole key (or query) sequence of its head, and a
-`lax.fori_loop` over the other sequence's blocks that loads slices with `pl.ds`. Elsewhere they run in Pallas
-interpret mode, which is what the CPU tests exercise.
+hand each program one query (or key) block plus the whole key (or query) sequence of its head, and a loop
+(`varying.fori_loop`, a while loop also for static bounds, so that interpret mode runs inside `shard_map`) over the
+other sequence's blocks that loads slices with `pl.ds`. Elsewhere they run in Pallas interpret mode, which is what
+the CPU tests exercise.
 
 Numerics: scores, the running max/sum and all accumulators are float32 whatever the input dtype; probabilities
 are cast to the input dtype only as the left operand of the P·V and dS·K / dS·Q products, as in FlashAttention.
