@@ -1,10 +1,10 @@
 """Every Pallas kernel against `pk.reference` at real shapes: the first thing to run on a GPU (bench/gpu_suite.sh).
 
 The tests check the kernels in interpret mode at small shapes; this runs the compiled kernels (interpret mode off
-GPU) at the shapes of the sm_90a report: flash forward and backward (dense, causal, GQA 4, segment ids,
-block-sparse) at B=4 S=4096 16 heads head_dim 128 bf16; quantized prefill (int8/int4 q·kᵀ, bf16/fp8 P·V)
-against the reference over the same quantised operands; decode of a bf16 query over bf16/int8/int4 caches,
-contiguous and paged, at B=32 with 32k context and 32/8 heads. The error of each output is
+GPU) at the shapes of the sm_90a report: flash forward and backward (dense, causal, GQA 4, GQA 4 inside
+`shard_map`, segment ids, block-sparse) at B=4 S=4096 16 heads head_dim 128 bf16; quantized prefill (int8/int4
+q·kᵀ, bf16/fp8 P·V) against the reference over the same quantised operands; decode of a bf16 query over
+bf16/int8/int4 caches, contiguous and paged, at B=32 with 32k context and 32/8 heads. The error of each output is
 max |kernel - reference| / max |reference| (float32 reference); a row passes under its tolerance (bf16 rounding:
 2e-2, fp8 P·V: 1e-1). It prints a table and writes JSON with provenance into bench/results/.
 
@@ -22,6 +22,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from record import provenance, save
 
 import pallas_kernels as pk
@@ -41,6 +43,13 @@ def _normal(key, shape):
     return jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16)
 
 
+def _inside_shard_map(attend):
+    """`attend` with its heads split over a one-device mesh axis: the kernels inside `shard_map` with its
+    varying-axes check on, as tensor- and context-parallel stages run them."""
+    heads = P(None, None, "tp")
+    return jax.shard_map(attend, mesh=Mesh(np.array(jax.devices()[:1]), ("tp",)), in_specs=heads, out_specs=heads)
+
+
 def flash_rows(shape: dict) -> list[dict]:
     """Forward output and dQ/dK/dV of `flash_attention` against the reference, per variant."""
     b, s, h, d = shape["batch"], shape["seq"], shape["heads"], shape["head_dim"]
@@ -52,6 +61,7 @@ def flash_rows(shape: dict) -> list[dict]:
         "dense": (h, {}),
         "causal": (h, dict(causal=True)),
         "causal gqa4": (h // 4, dict(causal=True)),
+        "causal gqa4 shard_map": (h // 4, dict(causal=True)),
         "causal segments": (h, dict(causal=True, segment_ids=segments)),
         "block sparse": (h, dict(block_mask=block_mask)),
     }
@@ -63,7 +73,10 @@ def flash_rows(shape: dict) -> list[dict]:
             out, vjp = jax.vjp(attend, *inputs[:3])
             return (out, *vjp(inputs[3]))
 
-        got = jax.jit(functools.partial(value_and_grads, functools.partial(pk.flash_attention, **options)))(q, k, v, do)
+        attend = functools.partial(pk.flash_attention, **options)
+        if name.endswith("shard_map"):
+            attend = _inside_shard_map(attend)
+        got = jax.jit(functools.partial(value_and_grads, attend))(q, k, v, do)
         ref_options = dict(options, block_q=64, block_k=64) if "block_mask" in options else options
         reference = functools.partial(pk.reference.flash_attention, **ref_options)
         upcast = [x.astype(jnp.float32) for x in (q, k, v, do)]

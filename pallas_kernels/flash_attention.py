@@ -1,9 +1,10 @@
 """FlashAttention-2 style attention in Pallas: online-softmax forward, dQ and dK/dV backward kernels.
 
 The kernels are written for Pallas's Triton lowering (GPU): a grid over (batch, heads, blocks), BlockSpecs that
-hand each program one query (or key) block plus the whole key (or query) sequence of its head, and a
-`lax.fori_loop` over the other sequence's blocks that loads slices with `pl.ds`. Elsewhere they run in Pallas
-interpret mode, which is what the CPU tests exercise.
+hand each program one query (or key) block plus the whole key (or query) sequence of its head, and a loop
+(`varying.fori_loop`, a while loop also for static bounds, so that interpret mode runs inside `shard_map`) over the
+other sequence's blocks that loads slices with `pl.ds`. Elsewhere they run in Pallas interpret mode, which is what
+the CPU tests exercise.
 
 Numerics: scores, the running max/sum and all accumulators are float32 whatever the input dtype; probabilities
 are cast to the input dtype only as the left operand of the P·V and dS·K / dS·Q products, as in FlashAttention.
@@ -38,7 +39,7 @@ from pallas_kernels import online_softmax
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.geometry import Geometry, attention_shapes, normalize_window, segment_mask
 from pallas_kernels.schedule import BlockSchedule, build_schedule
-from pallas_kernels.varying import align_varying, output_struct
+from pallas_kernels.varying import align_varying, fori_loop, output_struct
 
 DEFAULT_BLOCK = 64
 MIN_BLOCK = 16  # the smallest tile Triton's matrix-multiply instruction accepts
@@ -163,7 +164,7 @@ def _loop_schedule(refs: dict, st: _Static, block, transposed: bool, head=None) 
 def _loop(runs: list[_Run], body: Callable, carry):
     """Runs `body(block, masked, carry)` over every visit of every run."""
     for run in runs:
-        carry = lax.fori_loop(0, run.count, lambda j, c, run=run: body(run.block_at(j), run.masked, c), carry)
+        carry = fori_loop(0, run.count, lambda j, c, run=run: body(run.block_at(j), run.masked, c), carry)
     return carry
 
 
@@ -239,7 +240,7 @@ def _dkdv_kernel(*refs, st: _Static, names: tuple[str, ...]):
         return _loop(_loop_schedule(r, st, kv_block, transposed=True, head=head), body, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, st.groups, head_body, (zeros, zeros))
+    dk, dv = fori_loop(0, st.groups, head_body, (zeros, zeros))
     r["dk"][...] = (dk * st.sm_scale).astype(r["dk"].dtype)
     r["dv"][...] = dv.astype(r["dv"].dtype)
 

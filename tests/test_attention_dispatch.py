@@ -83,8 +83,14 @@ def test_cached_prefill_and_decode_run_the_backend_and_equal_the_full_forward(ba
     _assert_matches(backend, jnp.concatenate([first, second, last], axis=1), reference)
 
 
-def test_context_parallel_flash_runs_inside_shard_map_and_equals_xla():
-    """A shard of queries against all-gathered keys, with packed documents, under `shard_map`'s varying check."""
+def _value_and_grads(f, *args):
+    """f(*args) and the gradients of sum(f(*args)²) with respect to every argument, jitted."""
+    return jax.jit(lambda *a: (f(*a), jax.grad(lambda *b: jnp.sum(f(*b) ** 2), argnums=range(len(a)))(*a)))(*args)
+
+
+def test_context_parallel_flash_inside_shard_map_equals_xla_forward_and_backward():
+    """A shard of queries against all-gathered keys, with packed documents, under `shard_map`'s varying check; the
+    backward kernels run there too (the dK/dV kernel loops over a GQA group of 2 heads)."""
     q, k, v = _qkv(1, (2, 32, 4, 16), (2, 32, 2, 16))
     segments = jnp.broadcast_to((jnp.arange(32) >= 20).astype(jnp.int32), (2, 32))
     mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
@@ -103,23 +109,26 @@ def test_context_parallel_flash_runs_inside_shard_map_and_equals_xla():
                 kv_segment_ids=gather(segments),
             )
 
-        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(None, "cp"), out_specs=P(None, "cp")))
+        sharded = jax.shard_map(body, mesh=mesh, in_specs=P(None, "cp"), out_specs=P(None, "cp"))
+        return lambda q, k, v: sharded(q, k, v, segments)
 
-    want = attention(q, k, v, backend="xla", segment_ids=segments)
-    np.testing.assert_allclose(shard("flash")(q, k, v, segments), want, atol=TOL, rtol=TOL)
-    np.testing.assert_allclose(shard("xla")(q, k, v, segments), want, atol=TOL, rtol=TOL)
+    want = _value_and_grads(lambda q, k, v: attention(q, k, v, backend="xla", segment_ids=segments), q, k, v)
+    for backend in ("flash", "xla"):
+        got = _value_and_grads(shard(backend), q, k, v)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL), got, want)
 
 
-def test_tensor_parallel_flash_runs_inside_shard_map():
-    """Heads split over a mesh axis: the kernel's outputs vary over it like its inputs."""
+@pytest.mark.parametrize("causal", [False, True])
+def test_tensor_parallel_flash_inside_shard_map_forward_and_backward(causal):
+    """Heads split over a mesh axis: the kernels' outputs vary over it like their inputs, in both passes."""
     kq, kk = jax.random.split(jax.random.key(2))
     q, k = jax.random.normal(kq, (1, 16, 4, 16)), jax.random.normal(kk, (1, 16, 2, 16))
     mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
     heads = P(None, None, "tp")
-    sharded = jax.shard_map(
-        lambda q, k: pk.flash_attention(q, k, k, causal=True), mesh=mesh, in_specs=heads, out_specs=heads
-    )
-    np.testing.assert_allclose(jax.jit(sharded)(q, k), pk.flash_attention(q, k, k, causal=True), atol=TOL, rtol=TOL)
+    attend = lambda q, k: pk.flash_attention(q, k, k, causal=causal)  # noqa: E731
+    sharded = jax.shard_map(attend, mesh=mesh, in_specs=heads, out_specs=heads)
+    got, want = _value_and_grads(sharded, q, k), _value_and_grads(attend, q, k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL), got, want)
 
 
 def test_quantized_attention_with_segment_ids_matches_across_implementations_and_full_precision():

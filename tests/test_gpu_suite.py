@@ -28,5 +28,6 @@ def test_gpu_suite_smoke_runs_every_step_and_every_kernel_is_correct(tmp_path):
     (path,) = tmp_path.glob("kernel_correctness_*_smoke_*.json")
     rows = json.loads(path.read_text())["rows"]
     assert all(row["ok"] for row in rows)
-    assert {(r["kernel"], r["variant"]) for r in rows} >= {("flash", "block sparse"), ("decode", "int4 paged")}
-    assert len(rows) == 5 * 4 + 4 + 6
+    variants = {(r["kernel"], r["variant"]) for r in rows}
+    assert variants >= {("flash", "block sparse"), ("flash", "causal gqa4 shard_map"), ("decode", "int4 paged")}
+    assert len(rows) == 6 * 4 + 4 + 6
