@@ -71,7 +71,8 @@ class _HeaderDeadline(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         body = json.dumps(APIError(400, f"the request is not valid HTTP/1.1: {msg}").body()).encode()
-        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        length = str(len(body)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", length), (b"connection", b"close")]
         for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
         self.transport.close()
