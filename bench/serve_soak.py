@@ -15,6 +15,7 @@ the traffic is over: request series, KV pages and sequences still held (a leak w
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import pathlib
 import random
@@ -42,6 +43,7 @@ MODEL = "jaxhet-tiny"  # what `jaxhet serve` calls the fresh tiny model it serve
 GREEDY = {"model": MODEL, "prompt": "def main():\n", "max_tokens": 8, "temperature": 0}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "stream": True}
 ENGINE = EngineConfig(max_running=8, page_size=16, num_pages=64, kv_format="float32", max_model_len=256)
+SMOKE_ENGINE = dataclasses.replace(ENGINE, max_running=2)  # fewer batch shapes to compile before the server is up
 READ_TIMEOUT_S = 2.0
 CLIENT_TIMEOUT_S = 60.0
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -60,11 +62,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_server(port: int, workdir: str) -> subprocess.Popen:
-    """`jaxhet serve` of a fresh tiny model on `port`, answering /health."""
+def _start_server(port: int, workdir: str, engine: EngineConfig) -> subprocess.Popen:
+    """`jaxhet serve` of a fresh tiny model on `port` with `engine`'s settings, answering /health."""
     args = ["--port", str(port), "--api-key", KEY, "--read-timeout", str(READ_TIMEOUT_S), "--chat-template"]
-    args += ["transcript", "--kv-format", ENGINE.kv_format, "--max-running", str(ENGINE.max_running)]
-    args += ["--num-pages", str(ENGINE.num_pages), "--max-model-len", str(ENGINE.max_model_len)]
+    args += ["transcript", "--kv-format", engine.kv_format, "--max-running", str(engine.max_running)]
+    args += ["--num-pages", str(engine.num_pages), "--max-model-len", str(engine.max_model_len)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
         [sys.executable, "-m", "jaxhet", "serve", *args],
@@ -225,8 +227,9 @@ def soak(seconds: float, out: pathlib.Path, *, workers: int = 8, smoke: bool = F
     """Start the server, run the traffic for `seconds`, print a summary and save the report under `out`."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    engine = SMOKE_ENGINE if smoke else ENGINE
     with tempfile.TemporaryDirectory() as workdir:
-        server = _start_server(port, workdir)
+        server = _start_server(port, workdir, engine)
         try:
             reference = httpx.post(f"{url}/v1/completions", json=GREEDY, headers=AUTH, timeout=CLIENT_TIMEOUT_S)
             traffic = Soak("127.0.0.1", port, reference.json()["choices"][0]["text"])
@@ -250,7 +253,7 @@ def soak(seconds: float, out: pathlib.Path, *, workers: int = 8, smoke: bool = F
         finally:
             server.terminate()
             server.wait(timeout=120)
-    report = _report(traffic, rss, metrics, seconds, workers)
+    report = _report(traffic, rss, metrics, seconds, workers, engine)
     report["server_exit_status"] = server.returncode
     save(report, out, smoke=smoke)
     return report
@@ -261,7 +264,12 @@ def _total(metrics: dict[tuple[str, tuple], float], name: str) -> float:
 
 
 def _report(
-    traffic: Soak, rss: list[tuple[float, int]], metrics: dict[tuple[str, tuple], float], seconds: float, workers: int
+    traffic: Soak,
+    rss: list[tuple[float, int]],
+    metrics: dict[tuple[str, tuple], float],
+    seconds: float,
+    workers: int,
+    engine: EngineConfig,
 ) -> dict:
     by_kind: dict[str, dict[str, int]] = collections.defaultdict(dict)
     for (kind, status), count in sorted(traffic.statuses.items()):
@@ -286,7 +294,7 @@ def _report(
             "client_timeout_s": CLIENT_TIMEOUT_S,
         },
         "shapes": {"model": {k: getattr(model, k) for k in ("hidden_size", "num_layers", "vocab_size")}}
-        | {"engine": {k: getattr(ENGINE, k) for k in ("max_running", "page_size", "num_pages", "max_model_len")}},
+        | {"engine": {k: getattr(engine, k) for k in ("max_running", "page_size", "num_pages", "max_model_len")}},
         "requests": sum(traffic.statuses.values()),
         "responses_5xx": errors,
         "hangs": traffic.hangs,
