@@ -495,3 +495,10 @@ def test_a_client_hanging_up_mid_body_is_a_499_not_a_server_error(served):
         assert time.monotonic() < deadline, "the hang-up was never answered"
         time.sleep(0.05)
     assert _metric(server.url, "jaxhet_requests_total", status="500") == failed
+
+
+def test_any_integer_seed_is_accepted_and_repeatable(client):
+    request = dict(model="small", prompt="seed:", max_tokens=5, temperature=1.0)
+    for seed in (-1, -(2**63), 2**63, 10**30):
+        first, again = (client.completions.create(seed=seed, **request).choices[0].text for _ in range(2))
+        assert first == again, seed

@@ -1,10 +1,10 @@
 """Reading one request body into a pydantic model, each way it can be wrong answered with its own 4xx.
 
 The steps, in order: the declared and the actual size against a limit (413); the whole body within a time limit, so
-a client that stops half-way does not hold the connection (408; one that hangs up half-way is a 499, its own doing
-and no server error); strict UTF-8; JSON without NaN or Infinity and no
-deeper than `MAX_DEPTH` (400, never a RecursionError); no lone UTF-16 surrogate in any string, which JSON's `\\ud800`
-escapes allow but no text can be encoded with (400 naming the field); then the model's own validation.
+a client that stops half-way does not hold the connection (408; one that hangs up half-way gets a 499, its own
+doing and no server error); strict UTF-8; JSON without NaN or Infinity and no deeper than `MAX_DEPTH` (400, never a
+RecursionError); no lone UTF-16 surrogate in any string, which JSON's `\\ud800` escapes allow but no text can be
+encoded with (400 naming the field); then the model's own validation.
 """
 
 from __future__ import annotations
