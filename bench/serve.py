@@ -11,7 +11,9 @@ bytes it must read (weights + KV cache) per second, against a copy measured in t
 
     python bench/serve.py                      # GPU: ~1B Llama-style model, bf16, rates 2/8/32 req/s
     python bench/serve.py --smoke              # any machine: tiny model, a handful of requests
-    python bench/serve.py --soak 600           # any machine: HTTP soak, valid and hostile traffic (serve_soak.py)
+    python bench/serve.py --soak               # any machine: 10-minute HTTP soak of a `jaxhet serve` process,
+                                               # valid and hostile traffic (serve_soak.py); --soak SECONDS
+    python bench/serve.py --soak --smoke       # the same for a few seconds
 """
 
 from __future__ import annotations
@@ -146,12 +148,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="decode batch of both the engine and the naive loop")
     parser.add_argument("--kv-format", default="bfloat16")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
-    parser.add_argument("--soak", type=float, metavar="SECONDS", help="instead: the HTTP soak of serve_soak.py")
+    parser.add_argument(
+        "--soak",
+        type=float,
+        nargs="?",
+        const=0.0,
+        metavar="SECONDS",
+        help="instead: the HTTP soak of serve_soak.py, for SECONDS (600; 5 with --smoke unless given)",
+    )
     args = parser.parse_args()
     if args.soak is not None:
         from serve_soak import soak
 
-        soak(args.soak, args.out)
+        seconds = args.soak or (5.0 if args.smoke else 600.0)  # a bare --soak takes the default length
+        soak(seconds, args.out, workers=4 if args.smoke else 8, smoke=args.smoke)
         return
     if args.smoke:
         args.rates, args.requests, args.prompt_len, args.output_len, args.batch = [20.0], 6, 24, 8, 4

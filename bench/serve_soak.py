@@ -1,81 +1,104 @@
-"""Serving soak: a real server on 127.0.0.1 under mixed valid and hostile HTTP traffic for a while.
+"""The soak mode of `bench/serve.py --soak SECONDS`: a real `jaxhet serve` process on 127.0.0.1 under mixed valid
+and hostile HTTP traffic for a while.
 
-Worker threads loop until the time is up, each request drawn at random: greedy completions (whose text must equal
-the one measured before the soak), streamed chats, clients that leave mid-stream, and hostile requests (a huge
-top_k, lone surrogates, deep nesting, NaN, unimplemented fields, wrong keys, random paths, half-sent bodies). It
-reports responses by kind and status, p50/p99 latency of the valid kinds, responses >= 500, requests that hung
-(no answer within the client timeout), greedy answers that changed, the process RSS over time (server and clients
-share the process, so this is an upper bound on the server's growth) and the number of request series /metrics
-ends with.
-
-    python bench/serve.py --soak 600           # ten minutes, the issue's CPU soak
-    python bench/serve_soak.py --seconds 30    # directly
+The server is its own process (a fresh tiny model, an API key, short read timeouts), so the memory measured is the
+server's alone. Worker threads loop until the time is up, each request drawn at random: greedy completions (whose
+text must equal the one measured before the soak), streamed chats, clients that leave mid-stream or before a
+non-streamed answer, the hostile corpus of `jaxhet.serve.hostile` (out-of-range and wrong-typed fields, lone
+surrogates, deep nesting, NaN, unimplemented fields, damaged bodies, bytes that are not HTTP), probes with wrong
+keys and random paths, and half-sent bodies. It reports responses by kind and status (0: the server closed the
+connection without an answer), p50/p99 latency of the valid kinds, responses >= 500, requests that hung (no answer
+within the client timeout), greedy answers that changed, the server's RSS over time, and what /metrics says once
+the traffic is over: request series, KV pages and sequences still held (a leak would leave some).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
-import json
+import os
 import pathlib
 import random
 import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 
 import httpx
-import jax
-from flax import nnx
+from prometheus_client.parser import text_string_to_metric_families
 from record import provenance, save
 
-from jaxhet.chat_template import TRANSCRIPT, load_chat_template
-from jaxhet.loading import LoadedModel
-from jaxhet.models import Llama, LlamaConfig
-from jaxhet.serve import BackgroundServer, EngineConfig, ServerConfig, build_deployments, create_app
+from jaxhet.models import LlamaConfig
+from jaxhet.serve import EngineConfig
+from jaxhet.serve.hostile import hostile_requests, malformed_http
 from jaxhet.tokenizers import ByteTokenizer
 
 KEY = "soak-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
-GREEDY = {"model": "tiny", "prompt": "def main():\n", "max_tokens": 8, "temperature": 0}
-CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "stream": True}
+MODEL = "jaxhet-tiny"  # what `jaxhet serve` calls the fresh tiny model it serves without a checkpoint
+GREEDY = {"model": MODEL, "prompt": "def main():\n", "max_tokens": 8, "temperature": 0}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "stream": True}
+ENGINE = EngineConfig(max_running=8, page_size=16, num_pages=64, kv_format="float32", max_model_len=256)
+SMOKE_ENGINE = dataclasses.replace(ENGINE, max_running=2)  # fewer batch shapes to compile before the server is up
+READ_TIMEOUT_S = 2.0
 CLIENT_TIMEOUT_S = 60.0
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _rss_bytes() -> int:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+def _rss_bytes(pid: int) -> int:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
 
 
-def _hostile_posts() -> list[tuple[str, str, bytes]]:
-    """(kind, path, body) of hostile POSTs, each of which must get a 4xx."""
-    base = json.dumps(GREEDY)[:-1]
-    return [
-        ("huge top_k", "/v1/completions", json.dumps({**GREEDY, "top_k": 2**31}).encode()),
-        ("lone surrogate", "/v1/completions", b'{"model": "tiny", "prompt": "\\ud800"}'),
-        ("nested 2000 deep", "/v1/completions", (base + ', "x": ' + "[" * 2000 + "]" * 2000 + "}").encode()),
-        ("NaN", "/v1/completions", (base + ', "temperature": NaN}').encode()),
-        ("logit_bias", "/v1/completions", json.dumps({**GREEDY, "logit_bias": {"1": 5}}).encode()),
-        ("bad json", "/v1/completions", b'{"model": '),
-        ("too long", "/v1/completions", json.dumps({**GREEDY, "max_tokens": 10**6}).encode()),
-    ]
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_server(port: int, workdir: str, engine: EngineConfig) -> subprocess.Popen:
+    """`jaxhet serve` of a fresh tiny model on `port` with `engine`'s settings, answering /health."""
+    args = ["--port", str(port), "--api-key", KEY, "--read-timeout", str(READ_TIMEOUT_S), "--chat-template"]
+    args += ["transcript", "--kv-format", engine.kv_format, "--max-running", str(engine.max_running)]
+    args += ["--num-pages", str(engine.num_pages), "--max-model-len", str(engine.max_model_len)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jaxhet", "serve", *args],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"jaxhet serve did not come up on port {port} (exit status {process.poll()})")
 
 
 class Soak:
     """The traffic and what it observed."""
 
-    def __init__(self, url: str, host: str, port: int, reference: str):
-        self.url, self.host, self.port, self.reference = url, host, port, reference
+    def __init__(self, host: str, port: int, reference: str):
+        self.host, self.port, self.reference = host, port, reference
         self.statuses: collections.Counter[tuple[str, int]] = collections.Counter()
         self.latencies: dict[str, list[float]] = collections.defaultdict(list)
         self.hangs = 0
         self.changed = 0
+        self.left_early = 0
         self._lock = threading.Lock()
-        self._hostile = _hostile_posts()
+        self._hostile = hostile_requests(MODEL, variations=300)
+        self._malformed = malformed_http()
 
     def _note(self, kind: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -84,19 +107,23 @@ class Soak:
 
     def one(self, http: httpx.Client, rng: random.Random) -> None:
         actions: list[tuple[float, Callable[[httpx.Client, random.Random], None]]] = [
-            (0.35, self._greedy),
+            (0.33, self._greedy),
             (0.2, self._chat_stream),
-            (0.05, self._leave_mid_stream),
-            (0.3, self._hostile_post),
+            (0.04, self._leave_mid_stream),
+            (0.03, self._leave_before_the_answer),
+            (0.28, self._hostile_request),
+            (0.02, self._not_http),
             (0.08, self._probe),
             (0.02, self._half_sent),
         ]
         action = rng.choices([a for _, a in actions], weights=[w for w, _ in actions])[0]
         try:
             action(http, rng)
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             with self._lock:
                 self.hangs += 1
+        except (httpx.TransportError, OSError) as err:  # the server dropped a connection it should have answered
+            self._note(f"{action.__name__.strip('_')}: {type(err).__name__}", 0, 0.0)
 
     def _greedy(self, http: httpx.Client, rng: random.Random) -> None:
         started = time.monotonic()
@@ -120,11 +147,36 @@ class Soak:
             next(stream.iter_lines(), None)
         self._note("left mid-stream", stream.status_code, time.monotonic() - started)
 
-    def _hostile_post(self, http: httpx.Client, rng: random.Random) -> None:
-        kind, path, body = rng.choice(self._hostile)
+    def _raw(self, data: bytes, *, wait_for_answer: bool = True) -> int:
+        """Send raw bytes on a new connection; the answer's status (0: none before the server closed)."""
+        with socket.create_connection((self.host, self.port), timeout=CLIENT_TIMEOUT_S) as sock:
+            sock.sendall(data)
+            answer = sock.recv(4096) if wait_for_answer else b""
+        return int(answer.split()[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+    def _leave_before_the_answer(self, http: httpx.Client, rng: random.Random) -> None:
+        body = httpx.Request("POST", "/", json={**GREEDY, "max_tokens": 100}).content
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        with socket.create_connection((self.host, self.port), timeout=CLIENT_TIMEOUT_S) as sock:
+            sock.sendall(head.encode() + body)
+            time.sleep(rng.uniform(0.01, 0.3))
+        with self._lock:
+            self.left_early += 1
+
+    def _hostile_request(self, http: httpx.Client, rng: random.Random) -> None:
+        case = rng.choice(self._hostile)
         started = time.monotonic()
-        response = http.post(path, content=body, headers={**AUTH, "content-type": "application/json"})
-        self._note(kind, response.status_code, time.monotonic() - started)
+        headers = {**AUTH, "content-type": "application/json"}
+        response = http.request(case.method, case.path, content=case.body, headers=headers)
+        self._note("hostile", response.status_code, time.monotonic() - started)
+        if response.status_code >= 400 and not _is_json_error(response):
+            self._note("hostile: error without a JSON error body", response.status_code, 0.0)
+
+    def _not_http(self, http: httpx.Client, rng: random.Random) -> None:
+        _, raw = rng.choice(self._malformed)
+        started = time.monotonic()
+        self._note("not HTTP", self._raw(raw), time.monotonic() - started)
 
     def _probe(self, http: httpx.Client, rng: random.Random) -> None:
         label, path = rng.choice(
@@ -139,77 +191,133 @@ class Soak:
     def _half_sent(self, http: httpx.Client, rng: random.Random) -> None:
         started = time.monotonic()
         head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 500\r\n\r\n"
-        with socket.create_connection((self.host, self.port), timeout=CLIENT_TIMEOUT_S) as sock:
-            sock.sendall(head.encode() + b'{"model": ')
-            answer = sock.recv(4096)
-        status = int(answer.split()[1]) if answer.startswith(b"HTTP/1.1 ") else 0
-        self._note("half-sent body", status, time.monotonic() - started)
+        self._note("half-sent body", self._raw(head.encode() + b'{"model": '), time.monotonic() - started)
 
 
-def soak(seconds: float, out: pathlib.Path, *, workers: int = 8) -> dict:
-    """Serve a tiny model, run the traffic for `seconds`, print a summary and save the report under `out`."""
-    tokenizer = ByteTokenizer()
-    config = LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, num_layers=2, dtype="float32")
-    model = Llama(config, rngs=nnx.Rngs(params=jax.random.key(0)))
-    loaded = LoadedModel(model, tokenizer, "tiny", chat_template=load_chat_template(None, TRANSCRIPT))
-    engine = EngineConfig(max_running=8, page_size=16, num_pages=64, kv_format="float32", max_model_len=256)
-    app = create_app(build_deployments({"tiny": loaded}, engine), ServerConfig(api_key=KEY, read_timeout_s=2.0))
-    with BackgroundServer(app, header_timeout_s=2.0) as server:
-        reference = httpx.post(f"{server.url}/v1/completions", json=GREEDY, headers=AUTH, timeout=60).json()
-        traffic = Soak(server.url, server.host, server.port, reference["choices"][0]["text"])
-        rss = [(0.0, _rss_bytes())]
-        started = time.monotonic()
-        deadline = started + seconds
+def _is_json_error(response: httpx.Response) -> bool:
+    try:
+        return isinstance(response.json()["error"]["message"], str)
+    except (ValueError, KeyError, TypeError):
+        return False
 
-        def work(index: int) -> None:
-            rng = random.Random(index)
-            with httpx.Client(base_url=server.url, timeout=CLIENT_TIMEOUT_S) as http:
-                while time.monotonic() < deadline:
-                    traffic.one(http, rng)
 
-        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(workers)]
-        for thread in threads:
-            thread.start()
-        while any(t.is_alive() for t in threads):
-            time.sleep(min(10.0, max(deadline - time.monotonic(), 0.5)))
-            rss.append((round(time.monotonic() - started, 1), _rss_bytes()))
-        metrics = httpx.get(f"{server.url}/metrics", headers=AUTH, timeout=60).text
-    series = sum(1 for line in metrics.splitlines() if line.startswith("jaxhet_requests_total{"))
-    report = _report(traffic, rss, series, seconds, workers, engine)
-    save(report, out)
+def _metrics(url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{url}/metrics", headers=AUTH, timeout=CLIENT_TIMEOUT_S).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _settled(url: str, timeout_s: float = 60.0) -> dict[tuple[str, tuple], float]:
+    """/metrics once no sequence is running or waiting (or after `timeout_s`: then what is still held shows)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metrics = _metrics(url)
+        held = sum(
+            v for (name, _), v in metrics.items() if name in ("jaxhet_requests_running", "jaxhet_requests_waiting")
+        )
+        if held == 0 or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.5)
+
+
+def soak(seconds: float, out: pathlib.Path, *, workers: int = 8, smoke: bool = False) -> dict:
+    """Start the server, run the traffic for `seconds`, print a summary and save the report under `out`."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    engine = SMOKE_ENGINE if smoke else ENGINE
+    with tempfile.TemporaryDirectory() as workdir:
+        server = _start_server(port, workdir, engine)
+        try:
+            reference = httpx.post(f"{url}/v1/completions", json=GREEDY, headers=AUTH, timeout=CLIENT_TIMEOUT_S)
+            traffic = Soak("127.0.0.1", port, reference.json()["choices"][0]["text"])
+            rss = [(0.0, _rss_bytes(server.pid))]
+            started = time.monotonic()
+            deadline = started + seconds
+
+            def work(index: int) -> None:
+                rng = random.Random(index)
+                with httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT_S) as http:
+                    while time.monotonic() < deadline:
+                        traffic.one(http, rng)
+
+            threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(workers)]
+            for thread in threads:
+                thread.start()
+            while any(t.is_alive() for t in threads):
+                time.sleep(min(10.0, max(deadline - time.monotonic(), 0.5)))
+                rss.append((round(time.monotonic() - started, 1), _rss_bytes(server.pid)))
+            metrics = _settled(url)
+        finally:
+            server.terminate()
+            server.wait(timeout=120)
+    report = _report(traffic, rss, metrics, seconds, workers, engine)
+    report["server_exit_status"] = server.returncode
+    save(report, out, smoke=smoke)
     return report
 
 
+def _total(metrics: dict[tuple[str, tuple], float], name: str) -> float:
+    return sum(v for (n, _), v in metrics.items() if n == name)
+
+
 def _report(
-    traffic: Soak, rss: list[tuple[float, int]], series: int, seconds: float, workers: int, engine: EngineConfig
+    traffic: Soak,
+    rss: list[tuple[float, int]],
+    metrics: dict[tuple[str, tuple], float],
+    seconds: float,
+    workers: int,
+    engine: EngineConfig,
 ) -> dict:
     by_kind: dict[str, dict[str, int]] = collections.defaultdict(dict)
     for (kind, status), count in sorted(traffic.statuses.items()):
         by_kind[kind][str(status)] = count
+    by_status = collections.Counter()
+    for (_, status), count in traffic.statuses.items():
+        by_status[str(status)] += count
     latency = {
         kind: {"p50_ms": 1e3 * statistics.median(v), "p99_ms": 1e3 * _p99(v), "count": len(v)}
         for kind, v in traffic.latencies.items()
         if kind in ("greedy", "chat stream")
     }
-    errors = sum(c for (_, status), c in traffic.statuses.items() if status >= 500 or status == 0)
+    errors = sum(c for (_, status), c in traffic.statuses.items() if status >= 500)
+    model = LlamaConfig.tiny(vocab_size=ByteTokenizer.vocab_size)  # what `jaxhet serve` builds without a checkpoint
+    first = rss[1 if len(rss) > 2 else 0][1]  # after the first requests have compiled what they need
     report = {
         **provenance("serve_soak"),
-        "settings": {"seconds": seconds, "workers": workers, "engine": dataclasses.asdict(engine)},
+        "settings": {
+            "seconds": seconds,
+            "workers": workers,
+            "read_timeout_s": READ_TIMEOUT_S,
+            "client_timeout_s": CLIENT_TIMEOUT_S,
+        },
+        "shapes": {"model": {k: getattr(model, k) for k in ("hidden_size", "num_layers", "vocab_size")}}
+        | {"engine": {k: getattr(engine, k) for k in ("max_running", "page_size", "num_pages", "max_model_len")}},
         "requests": sum(traffic.statuses.values()),
-        "responses_5xx_or_none": errors,
+        "responses_5xx": errors,
         "hangs": traffic.hangs,
         "greedy_changed": traffic.changed,
+        "left_before_the_answer": traffic.left_early,
+        "by_status": dict(sorted(by_status.items())),
         "by_kind_and_status": by_kind,
         "latency": latency,
-        "rss_mb": [(t, round(b / 2**20, 1)) for t, b in rss],
-        "rss_growth_mb": round((rss[-1][1] - rss[1 if len(rss) > 2 else 0][1]) / 2**20, 1),
-        "request_series": series,
+        "server_rss_mb": [(t, round(b / 2**20, 1)) for t, b in rss],
+        "server_rss_growth_mb": round((rss[-1][1] - first) / 2**20, 1),
+        "after": {
+            "request_series": sum(1 for (name, _) in metrics if name == "jaxhet_requests_total"),
+            "kv_pages_used": _total(metrics, "jaxhet_kv_pages_used"),
+            "running": _total(metrics, "jaxhet_requests_running"),
+            "waiting": _total(metrics, "jaxhet_requests_waiting"),
+        },
     }
     print(
-        f"{report['requests']} requests in {seconds:.0f} s: {errors} answered >= 500 or not at all, "
-        f"{traffic.hangs} hung, {traffic.changed} greedy answers changed; RSS growth after the first sample "
-        f"{report['rss_growth_mb']} MB; {series} request series in /metrics"
+        f"{report['requests']} requests in {seconds:.0f} s: {errors} answered >= 500, {traffic.hangs} hung, "
+        f"{traffic.changed} greedy answers changed; server RSS growth after the first sample "
+        f"{report['server_rss_growth_mb']} MB; after the soak {report['after']}"
     )
+    print(f"  by status: {report['by_status']}")
     for kind, row in latency.items():
         print(f"  {kind:12s} p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms  ({row['count']} requests)")
     return report
@@ -218,16 +326,3 @@ def _report(
 def _p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=600.0)
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
-    args = parser.parse_args()
-    soak(args.seconds, args.out, workers=args.workers)
-
-
-if __name__ == "__main__":
-    main()

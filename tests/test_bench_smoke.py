@@ -41,6 +41,18 @@ def test_serve_benchmark_runs(tmp_path):
     assert record["decode"]["step_ms"] > 0
 
 
+def test_serve_soak_runs(tmp_path):
+    """A few seconds of the soak against a real `jaxhet serve` process: no 5xx, no hang, nothing held afterwards."""
+    result = _run_bench("serve.py", "--soak", "--smoke", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (path,) = tmp_path.glob("serve_soak_*_smoke_*.json")
+    record = json.loads(path.read_text())
+    assert record["requests"] > 0 and record["by_kind_and_status"]["greedy"].get("200", 0) > 0
+    assert record["responses_5xx"] == record["hangs"] == record["greedy_changed"] == 0
+    assert record["after"]["kv_pages_used"] == record["after"]["running"] == 0
+    assert record["server_exit_status"] == 0
+
+
 def test_quantized_attention_benchmark_smoke(tmp_path):
     result = _run_bench("quantized_attention.py", "--smoke", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr

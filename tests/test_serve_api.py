@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import random
 import socket
@@ -32,6 +33,7 @@ from jaxhet.serve import (
     build_deployments,
     create_app,
 )
+from jaxhet.serve.hostile import hostile_requests, malformed_http
 from jaxhet.serve.middleware import RequestGuard
 from jaxhet.tokenizers import ByteTokenizer
 
@@ -356,71 +358,37 @@ def test_a_victim_stream_is_unchanged_while_another_request_sends_a_huge_top_k(s
     assert "".join(parts) == expected
 
 
-def _hostile_bodies() -> list[tuple[str, str, bytes]]:
-    """(path, label, raw body) of requests a careless or hostile client sends, each to be refused with a 4xx."""
-    base = {"model": "small", "prompt": "a", "max_tokens": 2}
-    chat = {"model": "small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    values = [2**31, 2**63, -(2**63), -1, 0, 2.5, 1e308, -1e308, "7", "", None, [], {}, True, 0.5, 10**30]
-    fields = ["max_tokens", "temperature", "top_p", "top_k", "n", "logprobs", "seed", "stop", "presence_penalty"]
-    cases = [
-        ("/v1/completions", f"{field}={value!r}", json.dumps({**base, field: value}).encode())
-        for field in fields
-        for value in values
-    ]
-    cases += [
-        ("/v1/chat/completions", f"chat {field}={value!r}", json.dumps({**chat, field: value}).encode())
-        for field in ("top_logprobs", "max_completion_tokens", "top_k")
-        for value in values
-    ]
-    unsupported = {
-        "logit_bias": {"50": 100},
-        "stream_options": {"include_usage": True},
-        "tools": [{"type": "function", "function": {"name": "f"}}],
-        "response_format": {"type": "json_object"},
-        "tool_choice": "auto",
-    }
-    cases += [("/v1/chat/completions", f"{k} set", json.dumps({**chat, k: v}).encode()) for k, v in unsupported.items()]
-    deep = 1500  # past Python's recursion limit, inside the test server's 4096-byte body limit
-    cases += [
-        ("/v1/completions", "lone surrogate in a prompt", b'{"model": "small", "prompt": "a\\ud800b"}'),
-        (
-            "/v1/chat/completions",
-            "lone surrogate in chat",
-            b'{"model": "small", "messages": [{"role": "user", "content": "\\udfff"}]}',
-        ),
-        ("/v1/completions", "lone surrogate in a key", b'{"model": "small", "prompt": "a", "\\ud800": 1}'),
-        ("/v1/completions", "nested 1500 deep", b'{"model": "small", "prompt": ' + b"[" * deep + b"]" * deep + b"}"),
-        ("/v1/completions", "nested 40 deep", b'{"model": "small", "prompt": ' + b"[" * 40 + b"]" * 40 + b"}"),
-        ("/v1/completions", "NaN temperature", b'{"model": "small", "prompt": "a", "temperature": NaN}'),
-        ("/v1/completions", "Infinity top_p", b'{"model": "small", "prompt": "a", "top_p": Infinity}'),
-        ("/v1/completions", "5000-digit seed", b'{"model": "small", "prompt": "a", "seed": ' + b"9" * 5000 + b"}"),
-        ("/v1/completions", "long stop string", json.dumps({**base, "stop": "x" * 300}).encode()),
-        ("/v1/completions", "a list body", b"[1, 2, 3]"),
-        ("/v1/completions", "a null body", b"null"),
-        ("/v1/completions", "an empty body", b""),
-        ("/v1/completions", "prompt of nested lists", json.dumps({**base, "prompt": [[1]]}).encode()),
-        ("/v1/chat/completions", "messages not a list", json.dumps({**chat, "messages": "hi"}).encode()),
-        ("/v1/chat/completions", "content not text", json.dumps({**chat, "messages": [{"role": "user"}]}).encode()),
-        ("/v1/models", "POST to a GET route", b"{}"),
-        ("/v1/../../etc/passwd", "path traversal", b"{}"),
-        ("/v1/completions%00", "NUL in the path", b"{}"),
-    ]
-    return cases
+def _exchange(server, raw: bytes) -> bytes:
+    """Send `raw` on a fresh connection and read until the server closes it (a hang fails on the socket timeout)."""
+    with socket.create_connection((server.host, server.port), timeout=15) as sock:
+        sock.sendall(raw)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
 
 
 def test_hostile_requests_get_json_4xx_and_leave_greedy_output_unchanged(served, client):
     server, _ = served
     reference = dict(model="small", prompt="def f(x):\n", max_tokens=12, temperature=0)
     before = client.completions.create(**reference).choices[0].text
-    statuses: dict[int, int] = {}
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        for path, label, raw in _hostile_bodies():
-            response = http.post(path, content=raw, headers={"content-type": "application/json"})
-            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-            assert response.status_code < 500, (label, response.text)
+    cases = hostile_requests("small")
+    statuses: collections.Counter[int] = collections.Counter()
+    with httpx.Client(base_url=server.url, timeout=30) as http:  # a hang is a timeout, which fails the test
+        for case in cases:
+            response = http.request(
+                case.method, case.path, content=case.body, headers={"content-type": "application/json"}
+            )
+            statuses[response.status_code] += 1
+            assert response.status_code < 500, (case.label, response.text)
             if response.status_code >= 400:
-                assert response.json()["error"]["message"], label
-    assert sum(statuses.values()) >= 200 and statuses.get(400, 0) >= 150, statuses
+                assert response.json()["error"]["message"], case.label
+    for label, raw in malformed_http():
+        head, _, body = _exchange(server, raw).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), (label, head)
+        assert b"content-type: application/json" in head.lower(), (label, head)
+        assert "not valid HTTP/1.1" in json.loads(body)["error"]["message"], label
+    assert len(cases) >= 200 and statuses[400] >= 150 and statuses[200] > 0, statuses
     assert client.completions.create(**reference).choices[0].text == before
 
 
@@ -431,6 +399,10 @@ def test_hostile_requests_get_json_4xx_and_leave_greedy_output_unchanged(served,
         ("stream_options", {"include_usage": True}),
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
         ("response_format", {"type": "json_object"}),
+        ("modalities", ["text", "audio"]),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("reasoning_effort", "high"),
+        ("web_search_options", {}),
     ],
 )
 def test_unimplemented_fields_are_refused_by_name(served, field, value):
@@ -486,3 +458,47 @@ def test_an_exception_a_route_lets_escape_is_a_json_500_counted_under_its_route(
     assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
     assert counter.labels("/boom", "500")._value.get() == 1
     assert counter.labels("unmatched", "404")._value.get() == 1
+
+
+def test_a_request_that_could_never_fit_is_refused_and_the_one_behind_it_completes(served):
+    # max_model_len 192: two prompt tokens and 191 new ones could never be held; refused at once, never queued.
+    server, _ = served
+    never = {"model": "large", "prompt": "a", "max_tokens": ENGINE.max_model_len - 1, "temperature": 0}
+    small = {"model": "large", "prompt": "a", "max_tokens": 4, "temperature": 0}
+    chat = {"model": "large", "messages": [{"role": "user", "content": "x" * ENGINE.max_model_len}]}
+
+    async def together() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            paths = ["/v1/completions", "/v1/chat/completions", "/v1/completions"]
+            return await asyncio.gather(
+                *(http.post(p, json=b) for p, b in zip(paths, [never, chat, small], strict=True))
+            )
+
+    refused, too_long, completed = asyncio.run(together())
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+    assert "max_model_len" in refused.json()["error"]["message"] and "at most 190" in refused.json()["error"]["message"]
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "messages"
+    assert completed.status_code == 200 and completed.json()["usage"]["completion_tokens"] == 4
+    assert _metric(server.url, "jaxhet_requests_waiting", model="large") == 0
+
+
+def test_a_client_hanging_up_mid_body_is_a_499_not_a_server_error(served):
+    server, _ = served
+    failed = _metric(server.url, "jaxhet_requests_total", status="500")
+    left = _metric(server.url, "jaxhet_requests_total", endpoint="/v1/completions", status="499")
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    with socket.create_connection((server.host, server.port)) as sock:
+        sock.sendall(head + b'{"model": "small", ')
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while _metric(server.url, "jaxhet_requests_total", endpoint="/v1/completions", status="499") == left:
+        assert time.monotonic() < deadline, "the hang-up was never answered"
+        time.sleep(0.05)
+    assert _metric(server.url, "jaxhet_requests_total", status="500") == failed
+
+
+def test_any_integer_seed_is_accepted_and_repeatable(client):
+    request = dict(model="small", prompt="seed:", max_tokens=5, temperature=1.0)
+    for seed in (-1, -(2**63), 2**63, 10**30):
+        first, again = (client.completions.create(seed=seed, **request).choices[0].text for _ in range(2))
+        assert first == again, seed

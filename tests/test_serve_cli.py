@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 from flax import nnx
 
 import planners
@@ -66,14 +67,26 @@ def _stop(process: subprocess.Popen) -> str:
     return output
 
 
+def _half_sent_answer(url: str) -> tuple[bytes, float]:
+    """What a request whose body stops half-way gets, and after how many seconds."""
+    host, port = url.removeprefix("http://").split(":")
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        started = time.monotonic()
+        sock.sendall(head + b'{"model": ')
+        return sock.recv(4096), time.monotonic() - started
+
+
 def test_serve_with_no_model_serves_a_fresh_tiny_model_and_drains_on_sigterm(tmp_path):
-    process, url = _serve(cwd=tmp_path)
+    process, url = _serve("--read-timeout", "1", cwd=tmp_path)
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         (model,) = client.models.list()
         assert model.id == "jaxhet-tiny"
         response = client.completions.create(model=model.id, prompt="print(", max_tokens=5, temperature=0)
         assert response.usage.completion_tokens == 5
+        answer, seconds = _half_sent_answer(url)
+        assert answer.startswith(b"HTTP/1.1 408") and b"within 1 s" in answer and seconds < 5
     finally:
         output = _stop(process)
     assert "serving jaxhet-tiny" in output
@@ -125,8 +138,16 @@ def test_serve_names_a_cascade_model_without_weights(tmp_path):
     assert process.returncode == 2 and "missing.json" in output and "Traceback" not in output
 
 
-def test_serve_refuses_a_bad_option_in_one_line(tmp_path):
-    process = _jaxhet("serve", "--kv-format", "int3", cwd=tmp_path)
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--kv-format", "int3"], "kv_format must be one of"),
+        (["--num-pages", "8", "--max-model-len", "256"], "fewer than one sequence of max_model_len=256"),
+    ],
+)
+def test_serve_refuses_a_bad_option_in_one_line(tmp_path, args, needle):
+    process = _jaxhet("serve", *args, cwd=tmp_path)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 2
-    assert "kv_format must be one of" in output and "Traceback" not in output
+    (line,) = [line for line in output.splitlines() if line.startswith("error:")]
+    assert needle in line and "Traceback" not in output

@@ -243,6 +243,27 @@ def test_a_handoff_into_an_engine_with_another_cache_format_is_refused(model, pr
         _engine(model, kv_format="bfloat16").add_handoff("r", output.handoff, GREEDY)
 
 
+def test_a_handoff_from_another_model_fails_alone_and_the_batch_steps_on(model, prompts, solo):
+    # A real failure inside a step, not a refusal at admission: the pages a 3-layer model's prefill engine hands
+    # over (same page size, format and length) cannot be written into this 2-layer engine's pools.
+    config = LlamaConfig.tiny(vocab_size=ByteTokenizer.vocab_size, num_layers=3, dtype="float32")
+    prefill = _engine(Llama(config, rngs=nnx.Rngs(params=jax.random.key(4))))
+    prefill.add_request("foreign", prompts[4], GREEDY, hand_off=True)
+    (handoff,) = [o.handoff for o in prefill.step()]
+    engine = _engine(model)
+    for i in range(3):
+        engine.add_request(f"victim-{i}", prompts[i], GREEDY)
+    engine.step()
+    engine.add_handoff("foreign", handoff, GREEDY)
+    final = {}
+    while engine.has_unfinished():
+        final.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert final["foreign"].finish_reason == "error" and final["foreign"].error.startswith("ValueError")
+    assert [final[f"victim-{i}"].token_ids for i in range(3)] == solo[:3]
+    assert engine.stats().kv_pages_used == 0
+    assert engine.generate([prompts[5]], GREEDY)[0].token_ids == solo[5]  # the engine serves on
+
+
 def test_a_trained_run_is_served_as_the_generator_continues_it(tmp_path):
     overrides = {"num_layers": "2", "hidden_size": "64", "intermediate_size": "160", "data.seq_len": "32"}
     overrides |= {"data.batch_size": "4", "data.max_documents": "20", "steps": "2", "plan": "single"}

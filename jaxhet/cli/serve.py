@@ -79,6 +79,14 @@ def serve(
     page_size: Annotated[int, typer.Option(help="Tokens per KV page: 16, 32 or 64.")] = 16,
     max_model_len: Annotated[int, typer.Option(min=2, help="Prompt plus output tokens per request at most.")] = 1024,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body accepted.")] = 1 << 20,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            help="Seconds a request's headers, and then its body, may take to arrive: a connection whose headers "
+            "are late is closed, a late body gets a 408.",
+        ),
+    ] = 10.0,
     dtype: Annotated[str | None, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")] = None,
     chat_template: Annotated[
         str | None,
@@ -104,7 +112,7 @@ def serve(
             kv_format=kv_format,
             max_model_len=max_model_len,
         )
-        server_config = ServerConfig(api_key=api_key, max_body_bytes=max_body_bytes)
+        server_config = ServerConfig(api_key=api_key, max_body_bytes=max_body_bytes, read_timeout_s=read_timeout)
         loaded_plan = _read_plan(plan) if plan is not None else None
         sock = bind(host, port)  # a busy port or a foreign address is found before the models load
         cascade = isinstance(loaded_plan, planners.CascadePlan)
@@ -128,4 +136,4 @@ def serve(
             deployments = build_deployments(loaded, engine_config, replicas=replicas, plan=loaded_plan)
     where = f"http://{host}:{sock.getsockname()[1]}/v1"
     console.print(f"serving {', '.join(deployments)} on {where} (Ctrl-C drains and stops)")
-    serve_forever(create_app(deployments, server_config), sock)
+    serve_forever(create_app(deployments, server_config), sock, header_timeout_s=read_timeout)

@@ -32,10 +32,9 @@ from jaxhet.serve.deployment import CascadeDeployment, ModelDeployment
 from jaxhet.serve.engine import RequestOutput
 from jaxhet.serve.metrics import CONTENT_TYPE, ServerMetrics
 from jaxhet.serve.middleware import RequestGuard
-from jaxhet.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from jaxhet.serve.protocol import CLIENT_GONE, APIError, ChatCompletionRequest, CompletionRequest
 
 Deployment = ModelDeployment | CascadeDeployment
-CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection first
 _T = TypeVar("_T")
 
 
@@ -60,15 +59,17 @@ class ServerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class _Endpoint:
-    """What an endpoint's responses are called: the object kinds of whole answers and stream chunks, the id prefix."""
+    """What an endpoint's responses are called (the object kinds of whole answers and stream chunks, the id prefix)
+    and the request field its prompt comes from, for refusals that concern the prompt."""
 
     kind: str
     chunk_kind: str
     id_prefix: str
+    prompt_field: str
 
 
-COMPLETION = _Endpoint("text_completion", "text_completion", "cmpl")
-CHAT = _Endpoint("chat.completion", "chat.completion.chunk", "chatcmpl")
+COMPLETION = _Endpoint("text_completion", "text_completion", "cmpl", "prompt")
+CHAT = _Endpoint("chat.completion", "chat.completion.chunk", "chatcmpl", "messages")
 
 
 @dataclasses.dataclass
@@ -211,7 +212,7 @@ class _Api:
         return self.deployments[name]
 
     async def _start(
-        self, deployment: Deployment, ids: list[int], params: SamplingParams, index: int
+        self, deployment: Deployment, ids: list[int], params: SamplingParams, index: int, endpoint: _Endpoint
     ) -> tuple[_Generation, AsyncIterator[tuple[str, RequestOutput]]]:
         """Submit one choice and wait for its first output, so that a refusal is still a plain 4xx."""
         arrival = time.monotonic()
@@ -219,19 +220,23 @@ class _Api:
         try:
             served_by, output = await anext(stream)
         except ValueError as err:
-            raise APIError(400, str(err), param=getattr(err, "field", None)) from None
+            field = getattr(err, "field", None)
+            raise APIError(400, str(err), param=endpoint.prompt_field if field == "prompt" else field) from None
         except EngineFailure as err:
             raise APIError(500, str(err), kind="server_error") from None
         generation = _Generation(index, served_by, output, arrival)
         self._note_progress(generation)
         return generation, stream
 
-    async def _start_all(self, deployment: Deployment, ids: list[int], params: SamplingParams, n: int):
+    async def _start_all(
+        self, deployment: Deployment, ids: list[int], params: SamplingParams, n: int, endpoint: _Endpoint
+    ):
         """Submit `n` choices together (seeded ones get seeds seed, seed + 1, ...); all start or none does."""
         seeds = [None if params.seed is None else params.seed + i for i in range(n)]
         choices = [dataclasses.replace(params, seed=seed) for seed in seeds]
         started = await asyncio.gather(
-            *(self._start(deployment, ids, choice, i) for i, choice in enumerate(choices)), return_exceptions=True
+            *(self._start(deployment, ids, choice, i, endpoint) for i, choice in enumerate(choices)),
+            return_exceptions=True,
         )
         failures = [s for s in started if isinstance(s, BaseException)]
         if failures:
@@ -263,7 +268,7 @@ class _Api:
         self, http: Request, request, deployment: Deployment, ids, params, endpoint: _Endpoint, render, render_chunk
     ):
         """Answer with `request.n` choices, whole (`render` each) or streamed as SSE chunks (`render_chunk`)."""
-        started = await _unless_client_leaves(http, self._start_all(deployment, ids, params, request.n))
+        started = await _unless_client_leaves(http, self._start_all(deployment, ids, params, request.n, endpoint))
         followers = [self._follow(generation, stream) for generation, stream in started]
         generations = [generation for generation, _ in started]
         response_id = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"

@@ -1,9 +1,10 @@
 """Reading one request body into a pydantic model, each way it can be wrong answered with its own 4xx.
 
 The steps, in order: the declared and the actual size against a limit (413); the whole body within a time limit, so
-a client that stops half-way does not hold the connection (408); strict UTF-8; JSON without NaN or Infinity and no
-deeper than `MAX_DEPTH` (400, never a RecursionError); no lone UTF-16 surrogate in any string, which JSON's `\\ud800`
-escapes allow but no text can be encoded with (400 naming the field); then the model's own validation.
+a client that stops half-way does not hold the connection (408; one that hangs up half-way gets a 499, its own
+doing and no server error); strict UTF-8; JSON without NaN or Infinity and no deeper than `MAX_DEPTH` (400, never a
+RecursionError); no lone UTF-16 surrogate in any string, which JSON's `\\ud800` escapes allow but no text can be
+encoded with (400 naming the field); then the model's own validation.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
-from jaxhet.serve.protocol import APIError, validation_error
+from jaxhet.serve.protocol import CLIENT_GONE, APIError, validation_error
 
 MAX_DEPTH = 32
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -30,6 +32,8 @@ async def read_body(request: Request, model: type[_Model], *, max_bytes: int, ti
         raw = await asyncio.wait_for(_read(request, max_bytes), timeout_s)
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from None
+    except ClientDisconnect:
+        raise APIError(CLIENT_GONE, "the client closed the connection before sending the whole body") from None
     data = _parse(raw)
     _check_structure(data)
     try:

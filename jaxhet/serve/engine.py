@@ -200,20 +200,26 @@ class Engine:
         self._enqueue(sequence)
 
     def _check(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Refuse, naming the field, what this engine could never finish: the KV cache holds at least one
+        `max_model_len` sequence (`EngineConfig`), so a request within that length always runs to its end."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
-            raise ValueError("prompt must hold at least one token")
+            raise FieldError("prompt", "prompt must hold at least one token")
         limit = self.config.max_model_len
         if len(prompt_token_ids) >= limit:
-            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; this model takes at most {limit - 1}")
+            message = f"prompt has {len(prompt_token_ids)} tokens; this model takes at most {limit - 1}"
+            raise FieldError("prompt", message)
         if len(prompt_token_ids) + params.max_tokens > limit:
-            raise ValueError(
-                f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds this model's "
-                f"context of {limit} tokens"
+            raise FieldError(
+                "max_tokens",
+                f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"{limit} tokens one sequence may hold (max_model_len; the KV cache holds "
+                f"{self.config.num_pages * self.config.page_size}); lower max_tokens to at most "
+                f"{limit - len(prompt_token_ids)}",
             )
         if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+            raise FieldError("prompt", f"prompt token ids must lie in [0, {self.vocab_size})")
         if params.top_k > self.vocab_size:
             vocab = self.vocab_size
             raise FieldError("top_k", f"top_k must be at most the vocabulary size {vocab} (0: off), got {params.top_k}")

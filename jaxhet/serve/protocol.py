@@ -1,8 +1,9 @@
 """The OpenAI-compatible request bodies the server accepts, validated strictly, and the error body it answers with.
 
-Fields the server does not implement are refused by name when set to anything but their neutral value, so a
-client never silently gets something other than what it asked for; fields it does not know are ignored, as
-OpenAI's own API does for forward compatibility.
+Fields of OpenAI's API that would change the answer and that the server does not implement are refused by name
+when set to anything but their neutral value, so a client never silently gets something other than what it asked
+for; fields that change nothing here (`user`, `metadata`, `store`, ...) and fields it does not know are ignored, so
+clients that send extras of their own keep working.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_LENGTH = 256
 MAX_LOGPROBS = 20
 MAX_CHOICES = 16
+CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection first
 
 # Fields not implemented here, each with the values that ask for nothing (accepted, like leaving the field out).
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
@@ -25,6 +27,10 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "functions": ([],),
     "function_call": ("none",),
     "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "audio": (),
+    "reasoning_effort": (),
+    "web_search_options": (),
 }
 
 
@@ -128,8 +134,22 @@ class ChatCompletionRequest(_Request):
     functions: Any = None
     function_call: Any = None
     response_format: Any = None
+    modalities: Any = None
+    audio: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
 
-    @field_validator("tools", "tool_choice", "functions", "function_call", "response_format")
+    @field_validator(
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "response_format",
+        "modalities",
+        "audio",
+        "reasoning_effort",
+        "web_search_options",
+    )
     @classmethod
     def _unsupported_in_chat(cls, value: Any, info: ValidationInfo) -> Any:
         return _neutral_only(value, info)

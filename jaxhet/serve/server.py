@@ -4,7 +4,8 @@ and tests, always a uvicorn server listening on a socket.
 In the foreground, SIGINT/SIGTERM stop accepting connections, let in-flight requests finish (up to
 `drain_timeout_s`), then close the engines. A connection must deliver a request's headers within
 `header_timeout_s` of opening (or of its previous response), so half-sent requests cannot pile up; the body's own
-time limit is the app's (`ServerConfig.read_timeout_s`).
+time limit is the app's (`ServerConfig.read_timeout_s`). A request that is not HTTP/1.1 at all (a garbled request
+line, a bad Content-Length, ...) is answered, like every other error, with an OpenAI-style JSON body.
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
 
+import h11
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from jaxhet.serve.protocol import APIError
 
 HEADER_TIMEOUT_S = 10.0
 
@@ -43,7 +48,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class _HeaderDeadline(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, closing a connection whose next request's headers do not arrive in time."""
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose next request's headers do not arrive in time and
+    answering unparsable requests with a JSON 400 (uvicorn's own is plain text)."""
 
     def __init__(self, *args, header_timeout_s: float, **kwargs):
         super().__init__(*args, **kwargs)
@@ -62,6 +68,14 @@ class _HeaderDeadline(H11Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps(APIError(400, f"the request is not valid HTTP/1.1: {msg}").body()).encode()
+        length = str(len(body)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", length), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def _arm(self) -> None:
         if self._deadline is not None:
