@@ -1,7 +1,7 @@
 """Starting points for the training solver: regular plans built by rule, to hint CP-SAT and to fall back on.
 
-Each seed uses one class of nodes (or all), one TP degree per node class, and replicas of equal depth made of
-consecutive groups; blocks are split to minimise the slowest stage (the LM head counted on the last) and
+Each seed uses one class of nodes (or all), one group size per node class, one CP degree, and replicas of equal
+depth made of consecutive groups; blocks are split to minimise the slowest stage (the LM head counted on the last) and
 micro-batches in proportion to each replica's throughput. All seeds lie in the planner's search space; CP-SAT
 starts from the best of them and improves on it.
 """
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from planners.cluster import ClusterSpec
 from planners.cost_model import TrainCosts
-from planners.groups import Group, Slot, candidate_groups
+from planners.groups import Group, Slot, candidate_groups, shapes
 from planners.model import ModelSpec
 
 MAX_DEPTH = 8
@@ -38,23 +38,31 @@ def seed_slots(
     """Regular plans for one cell (memory not checked)."""
     costs = TrainCosts(cluster, model, seq_len)
     classes = cluster.node_classes()
-    candidates = candidate_groups(cluster, model)
+    candidates = candidate_groups(cluster, model, seq_len)
     subsets = [classes] + ([[c] for c in classes] if len(classes) > 1 else [])
     for chosen in subsets:
-        degrees = [[d for d in _degrees(cluster.nodes[c[0]].count) if model.supports_tp(d)] or [1] for c in chosen]
-        for tps in itertools.product(*degrees):
-            tp_of = {n: tp for c, tp in zip(chosen, tps, strict=True) for n in c}
-            groups = [g for g in candidates if tp_of.get(g.node) == g.tp]
-            for depth in range(1, min(len(groups), model.num_layers, MAX_DEPTH) + 1):
-                replicas = [groups[i : i + depth] for i in range(0, len(groups) - depth + 1, depth)]
-                for rc in (False, True) if recompute else (False,):
-                    slots = _balanced(costs, cluster, replicas, microbatch, microbatches, rc)
-                    if slots is not None:
-                        yield slots
+        options = [[d for d in _degrees(cluster.nodes[c[0]].count) if shapes(d, model, seq_len)] or [1] for c in chosen]
+        for sizes in itertools.product(*options):
+            size_of = {n: size for c, size in zip(chosen, sizes, strict=True) for n in c}
+            for cp in sorted(set.intersection(*(set(shapes(size, model, seq_len)) for size in sizes))):
+                groups = [g for g in candidates if size_of.get(g.node) == g.size and g.cp == cp]
+                yield from _seeds_of(costs, cluster, groups, microbatch, microbatches, recompute)
+
+
+def _seeds_of(
+    costs: TrainCosts, cluster: ClusterSpec, groups: list[Group], microbatch: int, microbatches: int, recompute: bool
+) -> Iterator[list[Slot]]:
+    """The seeds over `groups`: replicas of every depth made of consecutive groups, recomputing or not."""
+    for depth in range(1, min(len(groups), costs.model.num_layers, MAX_DEPTH) + 1):
+        replicas = [groups[i : i + depth] for i in range(0, len(groups) - depth + 1, depth)]
+        for rc in (False, True) if recompute else (False,):
+            slots = _balanced(costs, cluster, replicas, microbatch, microbatches, rc)
+            if slots is not None:
+                yield slots
 
 
 def _degrees(count: int) -> list[int]:
-    """The TP degrees seeds use on a node of `count` GPUs: powers of two from a quarter of the node up."""
+    """The group sizes seeds use on a node of `count` GPUs: powers of two from a quarter of the node up."""
     out, tp = [], 1
     while tp <= count:
         if 4 * tp >= count:
@@ -93,10 +101,15 @@ def _balanced(
 ) -> list[Slot] | None:
     layers_of, slowest = [], []
     for stages in replicas:
+        links = [cluster.nodes[g.node].intra_link for g in stages]
         per_layer = [
-            costs.layer_seconds(g.kind, g.tp, microbatch, recompute, cluster.nodes[g.node].intra_link) for g in stages
+            costs.layer_seconds(g.kind, g.tp, microbatch, recompute, link, g.cp, link)
+            for g, link in zip(stages, links, strict=True)
         ]
-        head = [0.0] * (len(stages) - 1) + [costs.head_seconds(stages[-1].kind, stages[-1].tp, microbatch)]
+        last, first = stages[-1], stages[0]
+        head = [0.0] * len(stages)
+        head[-1] += costs.head_seconds(last.kind, last.tp, microbatch, last.cp, links[-1])
+        head[0] += costs.embed_seconds(first.tp, first.cp, links[0])
         layers = _minmax_split(costs.model.num_layers, per_layer, head)
         if layers is None:
             return None
