@@ -15,7 +15,7 @@ Exponential: meant for clusters of a handful of devices and models of a handful 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from scipy.optimize import linprog
@@ -118,12 +118,17 @@ def all_plans(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -
 
 
 def best_plan(
-    cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, use_all_devices: bool = False
+    cluster: ClusterSpec,
+    model: ModelSpec,
+    workload: TrainWorkload,
+    use_all_devices: bool = False,
+    where: Callable[[TrainPlan], bool] | None = None,
 ) -> tuple[float, TrainPlan] | None:
-    """The lowest predicted iteration time over all plans that fit in memory, or None if none fits."""
+    """The lowest predicted iteration time over all plans that fit in memory (and satisfy `where`, if given), or
+    None if none fits."""
     best: tuple[float, TrainPlan] | None = None
     for plan in all_plans(cluster, model, workload):
-        if use_all_devices and len(plan.devices) < cluster.num_devices:
+        if use_all_devices and len(plan.devices) < cluster.num_devices or (where and not where(plan)):
             continue
         estimate = evaluate_train_plan(plan, cluster, model)
         if (best is None or estimate.iteration_s < best[0]) and not memory_excess(plan, cluster, estimate):

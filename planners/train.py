@@ -436,7 +436,7 @@ def explain_infeasible(cluster: ClusterSpec, model: ModelSpec, workload: TrainWo
         for cp in shapes(size, model, workload.seq_len):
             tp = size // cp
             need = costs.stage_memory_bytes(tp, 1, b, workload.recompute, 1, False, False, cp)
-            at = f"TP={tp} CP={cp}"
+            at = f"TP={tp}" + (f" CP={cp}" if cp > 1 else "")
             lines.append(f"{node.kind}: one block at {at} needs {need / 1e9:.2f} GB of {cap / 1e9:.2f} GB usable")
             head = costs.last_state_bytes(tp) + costs.logits_bytes(tp, b, cp)
             for what, extra in (("embedding", costs.first_state_bytes(tp)), ("LM head", head)):
