@@ -12,9 +12,9 @@ device; attention needs every earlier key, so the keys and values are all-gather
 once more when recomputing) and their gradients reduce-scattered (backward), `2 * seq * kv_width / tp` bf16
 elements per sequence in each, ring collectives over the link the CP group spans. The slices are consecutive, so
 the last rank attends the most keys (`seq * (2 cp - 1) / (2 cp)` on average per query) and paces the stage. The
-parameters are replicated across the CP ranks, so every micro-batch's backward all-reduces the stage's (fp32)
-parameter gradients over them. The gathered keys and values of the whole sequence stay in memory for the backward.
-Packed documents' segment ids are gathered too (4 bytes per token and block); they are not priced.
+parameters are replicated across the CP ranks, so every micro-batch's backward all-reduces the stage's parameter
+gradients over them (`cp_grad_bytes`). The gathered keys and values of the whole sequence stay in memory for the
+backward. Packed documents' segment ids are gathered too (4 bytes per token and block); they are not priced.
 
 Communication: alpha-beta per link class (`Link.seconds`). Tensor parallelism costs two ring all-reduces of the
 block's activations forward and two backward (two more when recomputing) over the TP group's link; pipeline stages
@@ -125,7 +125,19 @@ class TrainCosts:
         when recomputing), their gradients' reduce-scatter, and the block's parameter gradients' all-reduce."""
         gathers = 3 if recompute else 2
         kv = gathers * ring_allgather_seconds(self.kv_gather_bytes(tp, microbatch), cp, cp_link)
-        return kv + _cp_allreduce_seconds(GRAD_BYTES_PER_PARAM * self.model.layer_params / tp, cp, cp_link)
+        return kv + _cp_allreduce_seconds(self.cp_grad_bytes(tp), cp, cp_link)
+
+    def cp_grad_bytes(self, tp: int, part: str = "block") -> float:
+        """Bytes of parameter gradients one device all-reduces over the CP ranks per micro-batch, for one `part`
+        ("block", "embedding" or "head"): weights in the compute dtype (their gradients are summed where the
+        replicated weights are cast), the matmuls' sharded over TP, the embedding and the head matrix replicated
+        as `jaxhet.parallel.megatron_specs` lays them out; norms in fp32."""
+        h = self.model.hidden_size
+        if part == "block":
+            return ACT_BYTES * self._matmul_params / tp + GRAD_BYTES_PER_PARAM * 2 * h
+        if part == "embedding":
+            return ACT_BYTES * self.model.embedding_params
+        return ACT_BYTES * (self.model.head_params - h) + GRAD_BYTES_PER_PARAM * h
 
     def layer_seconds(
         self,
@@ -160,12 +172,12 @@ class TrainCosts:
         flops = 3 * 2 * tokens * self.model.vocab_size * self.model.hidden_size / tp
         moved = 3 * ACT_BYTES * self.model.head_params / tp + LOGIT_BYTES * tokens * self.model.vocab_size / tp
         compute = max(flops / prof.flops_per_s_at(self.model.hidden_size), moved / prof.bytes_per_s)
-        return compute + _cp_allreduce_seconds(GRAD_BYTES_PER_PARAM * self.model.head_params / tp, cp, cp_link)
+        return compute + _cp_allreduce_seconds(self.cp_grad_bytes(tp, "head"), cp, cp_link)
 
     def embed_seconds(self, tp: int, cp: int = 1, cp_link: Link | None = None) -> float:
         """The first stage's per-micro-batch extra: the all-reduce of the embedding's gradients over the CP ranks
         (the lookup itself is not timed)."""
-        return _cp_allreduce_seconds(GRAD_BYTES_PER_PARAM * self.model.embedding_params / tp, cp, cp_link)
+        return _cp_allreduce_seconds(self.cp_grad_bytes(tp, "embedding"), cp, cp_link)
 
     def stage_seconds(
         self,
