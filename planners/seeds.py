@@ -1,9 +1,9 @@
 """Starting points for the training solver: regular plans built by rule, to hint CP-SAT and to fall back on.
 
 Each seed uses one class of nodes (or all), one group size per node class, one CP degree, and replicas of equal
-depth made of consecutive groups; blocks are split to minimise the slowest stage (the LM head counted on the last) and
-micro-batches in proportion to each replica's throughput. All seeds lie in the planner's search space; CP-SAT
-starts from the best of them and improves on it.
+depth made of consecutive groups; blocks are split to minimise the slowest stage (the LM head counted on the last)
+within each stage's memory, and micro-batches in proportion to each replica's throughput. All seeds lie in the
+planner's search space; CP-SAT starts from the best of them and improves on it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator
 
 from planners.cluster import ClusterSpec
-from planners.cost_model import TrainCosts
+from planners.cost_model import TrainCosts, in_flight
 from planners.groups import Group, Slot, candidate_groups, shapes
 from planners.model import ModelSpec
 
@@ -35,7 +35,7 @@ def _split(total: int, weights: list[float]) -> list[int] | None:
 def seed_slots(
     cluster: ClusterSpec, model: ModelSpec, seq_len: int, microbatch: int, microbatches: int, recompute: bool
 ) -> Iterator[list[Slot]]:
-    """Regular plans for one cell (memory not checked)."""
+    """Regular plans for one cell (layer splits within memory under 1F1B; the caller checks the whole plan)."""
     costs = TrainCosts(cluster, model, seq_len)
     classes = cluster.node_classes()
     candidates = candidate_groups(cluster, model, seq_len)
@@ -52,13 +52,16 @@ def seed_slots(
 def _seeds_of(
     costs: TrainCosts, cluster: ClusterSpec, groups: list[Group], microbatch: int, microbatches: int, recompute: bool
 ) -> Iterator[list[Slot]]:
-    """The seeds over `groups`: replicas of every depth made of consecutive groups, recomputing or not."""
-    for depth in range(1, min(len(groups), costs.model.num_layers, MAX_DEPTH) + 1):
-        replicas = [groups[i : i + depth] for i in range(0, len(groups) - depth + 1, depth)]
-        for rc in (False, True) if recompute else (False,):
-            slots = _balanced(costs, cluster, replicas, microbatch, microbatches, rc)
-            if slots is not None:
-                yield slots
+    """The seeds over `groups`: replicas of every depth made of consecutive groups (in device order, and reversed
+    when kinds differ: the stage nearer the end holds fewer micro-batches in flight), recomputing or not."""
+    orders = [groups] + ([groups[::-1]] if len({g.kind for g in groups}) > 1 else [])
+    for ordered in orders:
+        for depth in range(1, min(len(ordered), costs.model.num_layers, MAX_DEPTH) + 1):
+            replicas = [ordered[i : i + depth] for i in range(0, len(ordered) - depth + 1, depth)]
+            for rc in (False, True) if recompute else (False,):
+                slots = _balanced(costs, cluster, replicas, microbatch, microbatches, rc)
+                if slots is not None:
+                    yield slots
 
 
 def _degrees(count: int) -> list[int]:
@@ -71,13 +74,17 @@ def _degrees(count: int) -> list[int]:
     return out
 
 
-def _minmax_split(total: int, per_item: list[float], extra: list[float]) -> list[int] | None:
-    """`total` items over stages (each at least one) minimising the slowest stage `n_i * per_item[i] + extra[i]`."""
-    if total < len(per_item):
+def _minmax_split(total: int, per_item: list[float], extra: list[float], caps: list[int]) -> list[int] | None:
+    """`total` items over stages (each at least one, at most `caps[i]`) minimising the slowest stage
+    `n_i * per_item[i] + extra[i]`; None if the caps leave no such split."""
+    if total < len(per_item) or min(caps) < 1 or sum(caps) < total:
         return None
 
     def fits(limit: float) -> list[int]:
-        return [max(0, math.floor((limit - e) / t + 1e-9)) for t, e in zip(per_item, extra, strict=True)]
+        return [
+            min(cap, max(0, math.floor((limit - e) / t + 1e-9)))
+            for t, e, cap in zip(per_item, extra, caps, strict=True)
+        ]
 
     lo = max(t + e for t, e in zip(per_item, extra, strict=True))
     hi = total * max(per_item) + max(extra)
@@ -89,6 +96,21 @@ def _minmax_split(total: int, per_item: list[float], extra: list[float]) -> list
         surplus = sum(counts) - total
         counts[i] -= min(surplus, counts[i] - 1)
     return counts
+
+
+def _memory_caps(
+    costs: TrainCosts, cluster: ClusterSpec, stages: list[Group], microbatch: int, microbatches: int, recompute: bool
+) -> list[int]:
+    """The most blocks each stage of a replica holds within its devices' usable memory under 1F1B (with as many
+    micro-batches in flight as the cell's count allows: never fewer than the replica will have)."""
+    caps = []
+    for i, g in enumerate(stages):
+        held = in_flight("1f1b", len(stages), i, microbatches)
+        ends = (held, i == 0, i == len(stages) - 1, g.cp)
+        fixed = costs.stage_memory_bytes(g.tp, 0, microbatch, recompute, *ends)
+        per_block = costs.stage_memory_bytes(g.tp, 1, microbatch, recompute, *ends) - fixed
+        caps.append(math.floor((cluster.profile(g.kind).capacity_bytes - fixed) / per_block))
+    return caps
 
 
 def _balanced(
@@ -110,7 +132,8 @@ def _balanced(
         head = [0.0] * len(stages)
         head[-1] += costs.head_seconds(last.kind, last.tp, microbatch, last.cp, links[-1])
         head[0] += costs.embed_seconds(first.tp, first.cp, links[0])
-        layers = _minmax_split(costs.model.num_layers, per_layer, head)
+        caps = _memory_caps(costs, cluster, stages, microbatch, microbatches, recompute)
+        layers = _minmax_split(costs.model.num_layers, per_layer, head, caps)
         if layers is None:
             return None
         layers_of.append(layers)
