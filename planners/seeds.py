@@ -1,9 +1,10 @@
 """Starting points for the training solver: regular plans built by rule, to hint CP-SAT and to fall back on.
 
-Each seed uses one class of nodes (or all), one group size per node class, one CP degree, and replicas of equal
-depth made of consecutive groups; blocks are split to minimise the slowest stage (the LM head counted on the last)
-within each stage's memory, and micro-batches in proportion to each replica's throughput. All seeds lie in the
-planner's search space; CP-SAT starts from the best of them and improves on it.
+Each seed uses one class of nodes (or all), one group size per node class, one CP degree (the smallest that
+fits), and replicas of equal depth made of consecutive groups (reversed where that does not fit); blocks are split
+to minimise the slowest stage (the LM head counted on the last) within each stage's memory, and micro-batches in
+proportion to each replica's throughput. All seeds lie in the planner's search space; CP-SAT starts from the best
+of them and improves on it.
 """
 
 from __future__ import annotations
@@ -46,22 +47,27 @@ def seed_slots(
             size_of = {n: size for c, size in zip(chosen, sizes, strict=True) for n in c}
             for cp in sorted(set.intersection(*(set(shapes(size, model, seq_len)) for size in sizes))):
                 groups = [g for g in candidates if size_of.get(g.node) == g.size and g.cp == cp]
-                yield from _seeds_of(costs, cluster, groups, microbatch, microbatches, recompute)
+                found = list(_seeds_of(costs, cluster, groups, microbatch, microbatches, recompute))
+                yield from found
+                if found:  # larger CP degrees are left to CP-SAT once a smaller one fits
+                    break
 
 
 def _seeds_of(
     costs: TrainCosts, cluster: ClusterSpec, groups: list[Group], microbatch: int, microbatches: int, recompute: bool
 ) -> Iterator[list[Slot]]:
-    """The seeds over `groups`: replicas of every depth made of consecutive groups (in device order, and reversed
-    when kinds differ: the stage nearer the end holds fewer micro-batches in flight), recomputing or not."""
-    orders = [groups] + ([groups[::-1]] if len({g.kind for g in groups}) > 1 else [])
-    for ordered in orders:
-        for depth in range(1, min(len(ordered), costs.model.num_layers, MAX_DEPTH) + 1):
-            replicas = [ordered[i : i + depth] for i in range(0, len(ordered) - depth + 1, depth)]
-            for rc in (False, True) if recompute else (False,):
+    """The seeds over `groups`: replicas of every depth made of consecutive groups, recomputing or not; in device
+    order, or reversed where that does not fit and kinds differ (the stage nearer the end holds fewer micro-batches
+    in flight)."""
+    mixed = len({g.kind for g in groups}) > 1
+    for depth in range(1, min(len(groups), costs.model.num_layers, MAX_DEPTH) + 1):
+        for rc in (False, True) if recompute else (False,):
+            for ordered in (groups, groups[::-1]) if mixed else (groups,):
+                replicas = [ordered[i : i + depth] for i in range(0, len(ordered) - depth + 1, depth)]
                 slots = _balanced(costs, cluster, replicas, microbatch, microbatches, rc)
                 if slots is not None:
                     yield slots
+                    break
 
 
 def _degrees(count: int) -> list[int]:
