@@ -1,8 +1,8 @@
 """Exhaustive enumeration of the planners' search spaces, for checking them on small instances.
 
 Training: every plan of the space described in `planners.train` (node layouts, partitions of groups into
-replicas, every stage order of each replica, layer splits, recomputation flags, micro-batch counts, micro-batch
-sizes) is built as a `TrainPlan` and
+replicas, every CP degree each replica's groups allow, every stage order of each replica, layer splits,
+recomputation flags, micro-batch counts, micro-batch sizes) is built as a `TrainPlan` and
 scored with `planners.cost_model` directly, sharing nothing with the CP-SAT encoding but the cost model itself.
 Serving: every vector of replica counts per configuration that fits the nodes and the budget; for `min_latency`
 the traffic of each count vector is routed fastest-replica-first, trying every split between colocated and
@@ -15,7 +15,7 @@ Exponential: meant for clusters of a handful of devices and models of a handful 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from scipy.optimize import linprog
@@ -24,6 +24,7 @@ from planners.cascade import CascadePoint
 from planners.cascade_profile import CascadeProfile
 from planners.cluster import ClusterSpec
 from planners.cost_model import evaluate_train_plan, memory_excess
+from planners.groups import shapes
 from planners.model import ModelSpec
 from planners.plan import Replica, Stage, TrainPlan
 from planners.serve import Config, Shape, candidate_configs, packing_fits, served_rate, shapes_of
@@ -31,10 +32,10 @@ from planners.serving_cost import ROLES
 from planners.workload import ServeWorkload, TrainWorkload
 
 
-def _node_layouts(count: int, model: ModelSpec) -> list[tuple[int, ...]]:
+def _node_layouts(count: int, model: ModelSpec, seq_len: int) -> list[tuple[int, ...]]:
     """Non-increasing tuples of powers of two with sum <= count (the groups a node may run, largest first), each a
-    TP degree `model` supports."""
-    sizes = [1 << k for k in range(count.bit_length()) if 1 << k <= count and model.supports_tp(1 << k)]
+    size `model` can run in some (tp, cp) shape."""
+    sizes = [1 << k for k in range(count.bit_length()) if 1 << k <= count and shapes(1 << k, model, seq_len)]
     out = [()]
     for n in range(1, count + 1):
         out += [c for c in itertools.combinations_with_replacement(sorted(sizes, reverse=True), n) if sum(c) <= count]
@@ -59,19 +60,45 @@ def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
         yield tuple(bounds[i + 1] - bounds[i] for i in range(parts))
 
 
+Group = tuple[tuple[int, ...], str]  # devices, kind
+
+
+def _layout_groups(cluster: ClusterSpec, choice: tuple[tuple[int, ...], ...]) -> list[Group]:
+    """The groups of one layout per node, each node's laid out from its first device."""
+    groups = []
+    for n, (sizes, start) in enumerate(zip(choice, cluster.node_offsets(), strict=True)):
+        for t in sizes:
+            groups.append((tuple(range(start, start + t)), cluster.nodes[n].kind))
+            start += t
+    return groups
+
+
+def _replicas(
+    groups: list[Group], members: list[int], model: ModelSpec, workload: TrainWorkload, b: int, m: int
+) -> Iterator[Replica]:
+    """Every replica over the groups `members` with `m` micro-batches of `b`: each CP degree they all allow,
+    stage order, layer split and recomputation flags."""
+    L = model.num_layers
+    flags = [False, True] if workload.recompute else [False]
+    cps = set.intersection(*(set(shapes(len(groups[g][0]), model, workload.seq_len)) for g in members))
+    for cp in sorted(cps):
+        for order in itertools.permutations(members):
+            for split in _compositions(L, len(members)):
+                for rc in itertools.product(flags, repeat=len(members)):
+                    stages, start = [], 0
+                    for g, n_layers, flag in zip(order, split, rc, strict=True):
+                        devices, kind = groups[g]
+                        stages.append(Stage(devices, kind, len(devices) // cp, (start, start + n_layers), flag))
+                        start += n_layers
+                    yield Replica(tuple(stages), m, b, cp)
+
+
 def all_plans(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> Iterator[TrainPlan]:
     """Every plan of the search space (memory not checked)."""
     kinds = tuple(d.kind for d in cluster.devices)
-    offsets = cluster.node_offsets()
-    layouts = [_node_layouts(node.count, model) for node in cluster.nodes]
-    L = model.num_layers
+    layouts = [_node_layouts(node.count, model, workload.seq_len) for node in cluster.nodes]
     for choice in itertools.product(*layouts):
-        groups = []
-        for n, sizes in enumerate(choice):
-            start = offsets[n]
-            for t in sizes:
-                groups.append((tuple(range(start, start + t)), cluster.nodes[n].kind))
-                start += t
+        groups = _layout_groups(cluster, choice)
         if not groups:
             continue
         for partition in _set_partitions(list(range(len(groups)))):
@@ -80,36 +107,28 @@ def all_plans(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -
                 if len(partition) > total:
                     continue
                 for counts in _compositions(total, len(partition)):
-                    options = []
-                    for members in partition:
-                        flags = [False, True] if workload.recompute else [False]
-                        options.append(
-                            [
-                                (order, split, rc)
-                                for order in itertools.permutations(members)
-                                for split in _compositions(L, len(members))
-                                for rc in itertools.product(flags, repeat=len(members))
-                            ]
+                    options = [
+                        list(_replicas(groups, members, model, workload, b, m))
+                        for members, m in zip(partition, counts, strict=True)
+                    ]
+                    for replicas in itertools.product(*options):
+                        yield TrainPlan(
+                            replicas, model.num_layers, workload.global_batch, workload.seq_len, device_kinds=kinds
                         )
-                    for combo in itertools.product(*options):
-                        replicas = []
-                        for (members, split, rc), m in zip(combo, counts, strict=True):
-                            stages, start = [], 0
-                            for g, n_layers, flag in zip(members, split, rc, strict=True):
-                                devices, kind = groups[g]
-                                stages.append(Stage(devices, kind, len(devices), (start, start + n_layers), flag))
-                                start += n_layers
-                            replicas.append(Replica(tuple(stages), m, b))
-                        yield TrainPlan(tuple(replicas), L, workload.global_batch, workload.seq_len, device_kinds=kinds)
 
 
 def best_plan(
-    cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, use_all_devices: bool = False
+    cluster: ClusterSpec,
+    model: ModelSpec,
+    workload: TrainWorkload,
+    use_all_devices: bool = False,
+    where: Callable[[TrainPlan], bool] | None = None,
 ) -> tuple[float, TrainPlan] | None:
-    """The lowest predicted iteration time over all plans that fit in memory, or None if none fits."""
+    """The lowest predicted iteration time over all plans that fit in memory (and satisfy `where`, if given), or
+    None if none fits."""
     best: tuple[float, TrainPlan] | None = None
     for plan in all_plans(cluster, model, workload):
-        if use_all_devices and len(plan.devices) < cluster.num_devices:
+        if use_all_devices and len(plan.devices) < cluster.num_devices or (where and not where(plan)):
             continue
         estimate = evaluate_train_plan(plan, cluster, model)
         if (best is None or estimate.iteration_s < best[0]) and not memory_excess(plan, cluster, estimate):

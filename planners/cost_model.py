@@ -3,25 +3,36 @@
 Compute: a roofline per transformer block, `max(FLOPs / achievable FLOP/s, bytes / achievable bandwidth)`, with the
 device's efficiency factors (`DeviceProfile`; FLOP/s at the size of the block's matmuls on one device, `hidden / tp`,
 where the profile measured how throughput falls for small matmuls), plus a fixed per-block overhead (kernel
-launches). FLOPs per token
-and block are `2 * matmul params + 2 * seq * hidden` (causal attention) forward, twice that backward, once more
-with recomputation.
+launches). FLOPs per token and block are `2 * matmul params + 4 * hidden * (keys attended)` forward (causal: a
+query at position `p` attends `p` keys, `seq / 2` on average), twice that backward, once more with recomputation.
+
+Context parallelism (`cp`, as `meshes.executor` runs it): every sequence is split into `cp` consecutive slices, one
+per CP rank, each rank a TP group of `tp` devices. A block's matmuls and activations cover `seq / cp` tokens per
+device; attention needs every earlier key, so the keys and values are all-gathered across the CP ranks (forward,
+once more when recomputing) and their gradients reduce-scattered (backward), `2 * seq * kv_width / tp` bf16
+elements per sequence in each, ring collectives over the link the CP group spans. The slices are consecutive, so
+the last rank attends the most keys (`seq * (2 cp - 1) / (2 cp)` on average per query) and paces the stage. The
+parameters are replicated across the CP ranks, so every micro-batch's backward all-reduces the stage's parameter
+gradients over them (`cp_grad_bytes`). The gathered keys and values of the whole sequence stay in memory for the
+backward. Packed documents' segment ids are gathered too (4 bytes per token and block); they are not priced.
 
 Communication: alpha-beta per link class (`Link.seconds`). Tensor parallelism costs two ring all-reduces of the
-block's activations forward and two backward (two more when recomputing) over the node's link; pipeline stages
+block's activations forward and two backward (two more when recomputing) over the TP group's link; pipeline stages
 exchange activations forward and their gradients backward over the link joining them (inside a node or between
 nodes); data-parallel replicas all-reduce gradients (fp32) across the plan with a ring, over the inter-node link
-when the plan spans several nodes.
+when the plan spans several nodes. A group spanning several nodes communicates over the inter-node link.
 
 Memory per device: parameters with mixed-precision Adam state (16 bytes per parameter: bf16 weights, fp32 master,
 two fp32 moments; gradients accumulate into the fp32 master buffer's twin counted in the 16), divided by TP;
-bf16 activations of the micro-batches in flight (1F1B: a stage `k` stages from the end holds `min(k, m)`) —
-without recomputation every block keeps its inputs to every matmul, norm and activation, with recomputation
-only its input plus one block's worth of working space; the last stage also holds the logits.
+bf16 activations of the micro-batches in flight (`in_flight`: GPipe keeps all of a replica's micro-batches, 1F1B
+on a stage `k` stages from the end at most `min(k, m)`) — without recomputation every block keeps its inputs to
+every matmul, norm and activation, with recomputation only its input plus one block's worth of working space;
+the last stage also holds the logits.
 
 Pipeline time of a replica with stage times `t_i` (forward+backward of one micro-batch), boundary transfer times
-`c_j` and `m` micro-batches: `sum t_i + sum c_j + (m - 1) * max t_i`. Iteration time: the slowest replica plus the
-gradient all-reduce. The optimizer step and overlap of communication with compute are not modelled.
+`c_j` and `m` micro-batches: `sum t_i + sum c_j + (m - 1) * max t_i` (GPipe and 1F1B alike). Iteration time: the
+slowest replica plus the gradient all-reduce. The optimizer step and overlap of communication with compute are
+not modelled.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import dataclasses
 
 from planners.cluster import ClusterSpec, Link
 from planners.model import ModelSpec
-from planners.plan import PlanEstimate, TrainPlan
+from planners.plan import PlanEstimate, Stage, TrainPlan
 from planners.profile import DeviceProfile
 
 STATE_BYTES_PER_PARAM = 16
@@ -46,9 +57,32 @@ def ring_allreduce_seconds(nbytes: float, ranks: int, link: Link) -> float:
     return 2 * (ranks - 1) * link.latency_us * 1e-6 + 2 * (ranks - 1) / ranks * nbytes / (link.gb_s * 1e9)
 
 
+def ring_allgather_seconds(nbytes: float, ranks: int, link: Link) -> float:
+    """Ring all-gather (or reduce-scatter) of a `nbytes` whole among `ranks` peers: n-1 steps of nbytes/n each."""
+    if ranks <= 1:
+        return 0.0
+    return (ranks - 1) * link.latency_us * 1e-6 + (ranks - 1) / ranks * nbytes / (link.gb_s * 1e9)
+
+
+def _cp_allreduce_seconds(nbytes: float, cp: int, cp_link: Link | None) -> float:
+    """All-reduce of `nbytes` over `cp` CP ranks joined by `cp_link` (needed when `cp` > 1)."""
+    if cp == 1:
+        return 0.0
+    if cp_link is None:
+        raise ValueError(f"cp = {cp} needs the CP group's link (cp_link)")
+    return ring_allreduce_seconds(nbytes, cp, cp_link)
+
+
+def in_flight(schedule: str, depth: int, stage: int, microbatches: int) -> int:
+    """Micro-batches whose activations stage `stage` of a `depth`-stage pipeline holds at once under `schedule`."""
+    return microbatches if schedule == "gpipe" else min(depth - stage, microbatches)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainCosts:
-    """Per-component costs for one model and sequence length on one cluster."""
+    """Per-component costs for one model and sequence length on one cluster. `cp` is the context-parallel degree
+    (ranks of `tp` devices each, the sequence split between them); `cp_link` the link the CP ranks share (by
+    default the TP group's `link`)."""
 
     cluster: ClusterSpec
     model: ModelSpec
@@ -61,39 +95,112 @@ class TrainCosts:
     def _matmul_params(self) -> int:
         return self.model.layer_params - 2 * self.model.hidden_size
 
-    def layer_flops(self, tokens: int) -> float:
-        """Forward FLOPs of one block over `tokens` tokens of `seq_len`-long sequences."""
-        return tokens * (2 * self._matmul_params + 2 * self.seq_len * self.model.hidden_size)
+    @property
+    def _kv_width(self) -> int:
+        return self.model.num_kv_heads * self.model.head_dim
 
-    def _act_elems_per_token(self, tp: int) -> float:
-        """Activation elements one block keeps per token for its backward pass (flash attention: no s^2 term)."""
+    def attended_keys(self, cp: int = 1) -> float:
+        """Keys a query of the last CP rank attends on average (causal, consecutive slices): `seq / 2` at cp 1."""
+        return self.seq_len * (2 * cp - 1) / (2 * cp)
+
+    def layer_flops(self, tokens: int, cp: int = 1) -> float:
+        """Forward FLOPs of one block over `tokens` tokens of `seq_len`-long sequences, those of the last CP rank's
+        slice when `tokens` is its share (`cp` > 1)."""
+        return tokens * (2 * self._matmul_params + 4 * self.attended_keys(cp) * self.model.hidden_size)
+
+    def _act_elems_per_token(self, tp: int, cp: int = 1) -> float:
+        """Activation elements one block keeps per local token for its backward pass (flash attention: no s^2
+        term); the gathered keys and values cover the whole sequence, `cp` times the local tokens."""
         m = self.model
-        kv = m.num_kv_heads * m.head_dim
-        sharded = 2 * m.hidden_size + 2 * kv + (3 if m.gated_mlp else 2) * m.ffn_size
+        sharded = 2 * m.hidden_size + 2 * cp * self._kv_width + (3 if m.gated_mlp else 2) * m.ffn_size
         return 4 * m.hidden_size + sharded / tp
 
-    def layer_seconds(self, kind: str, tp: int, microbatch: int, recompute: bool, link: Link) -> float:
-        """Forward+backward of one block on one micro-batch, on a TP group of `tp` devices of `kind` over `link`."""
+    def kv_gather_bytes(self, tp: int, microbatch: int) -> float:
+        """Bytes of one block's keys and values of a micro-batch's whole sequences on one TP rank: what a CP
+        all-gather assembles on every device (and a reduce-scatter of their gradients takes apart)."""
+        return 2 * ACT_BYTES * microbatch * self.seq_len * self._kv_width / tp
+
+    def cp_seconds(self, tp: int, cp: int, microbatch: int, recompute: bool, cp_link: Link) -> float:
+        """One block's context-parallel collectives per micro-batch: the key/value all-gathers (forward, again
+        when recomputing), their gradients' reduce-scatter, and the block's parameter gradients' all-reduce."""
+        gathers = 3 if recompute else 2
+        kv = gathers * ring_allgather_seconds(self.kv_gather_bytes(tp, microbatch), cp, cp_link)
+        return kv + _cp_allreduce_seconds(self.cp_grad_bytes(tp), cp, cp_link)
+
+    def cp_grad_bytes(self, tp: int, part: str = "block") -> float:
+        """Bytes of parameter gradients one device all-reduces over the CP ranks per micro-batch, for one `part`
+        ("block", "embedding" or "head"): weights in the compute dtype (their gradients are summed where the
+        replicated weights are cast), the matmuls' sharded over TP, the embedding and the head matrix replicated
+        as `jaxhet.parallel.megatron_specs` lays them out; norms in fp32."""
+        h = self.model.hidden_size
+        if part == "block":
+            return ACT_BYTES * self._matmul_params / tp + GRAD_BYTES_PER_PARAM * 2 * h
+        if part == "embedding":
+            return ACT_BYTES * self.model.embedding_params
+        return ACT_BYTES * (self.model.head_params - h) + GRAD_BYTES_PER_PARAM * h
+
+    def layer_seconds(
+        self,
+        kind: str,
+        tp: int,
+        microbatch: int,
+        recompute: bool,
+        link: Link,
+        cp: int = 1,
+        cp_link: Link | None = None,
+    ) -> float:
+        """Forward+backward of one block on one micro-batch, on a stage of `cp` ranks of `tp` devices of `kind`
+        (TP over `link`, CP over `cp_link`)."""
         prof = self._profile(kind)
-        tokens = microbatch * self.seq_len
+        tokens = microbatch * self.seq_len / cp
         passes = 4 if recompute else 3
-        flops = passes * self.layer_flops(tokens) / tp
+        flops = passes * self.layer_flops(tokens, cp) / tp
         weight_bytes = ACT_BYTES * self._matmul_params / tp
-        act_bytes = ACT_BYTES * self._act_elems_per_token(tp) * tokens
+        act_bytes = self.layer_act_bytes(tp, microbatch, False, cp)
         moved = passes * weight_bytes + (passes + 1) * act_bytes
         achievable = prof.flops_per_s_at(self.model.hidden_size // tp)
         compute = max(flops / achievable, moved / prof.bytes_per_s) + prof.layer_overhead_us * 1e-6
         allreduces = 6 if recompute else 4
         comm = allreduces * ring_allreduce_seconds(ACT_BYTES * tokens * self.model.hidden_size, tp, link)
-        return compute + comm
+        return compute + comm + self.cp_seconds(tp, cp, microbatch, recompute, cp_link or link)
 
-    def head_seconds(self, kind: str, tp: int, microbatch: int) -> float:
-        """Forward+backward of the final norm and the (vocabulary-parallel) LM head on one micro-batch."""
+    def head_seconds(self, kind: str, tp: int, microbatch: int, cp: int = 1, cp_link: Link | None = None) -> float:
+        """Forward+backward of the final norm and the (vocabulary-parallel) LM head on one micro-batch, with the
+        all-reduce of its gradients over the CP ranks."""
         prof = self._profile(kind)
-        tokens = microbatch * self.seq_len
+        tokens = microbatch * self.seq_len / cp
         flops = 3 * 2 * tokens * self.model.vocab_size * self.model.hidden_size / tp
         moved = 3 * ACT_BYTES * self.model.head_params / tp + LOGIT_BYTES * tokens * self.model.vocab_size / tp
-        return max(flops / prof.flops_per_s_at(self.model.hidden_size), moved / prof.bytes_per_s)
+        compute = max(flops / prof.flops_per_s_at(self.model.hidden_size), moved / prof.bytes_per_s)
+        return compute + _cp_allreduce_seconds(self.cp_grad_bytes(tp, "head"), cp, cp_link)
+
+    def embed_seconds(self, tp: int, cp: int = 1, cp_link: Link | None = None) -> float:
+        """The first stage's per-micro-batch extra: the all-reduce of the embedding's gradients over the CP ranks
+        (the lookup itself is not timed)."""
+        return _cp_allreduce_seconds(self.cp_grad_bytes(tp, "embedding"), cp, cp_link)
+
+    def stage_seconds(
+        self,
+        kind: str,
+        tp: int,
+        layers: int,
+        microbatch: int,
+        recompute: bool,
+        first: bool,
+        last: bool,
+        link: Link,
+        cp: int = 1,
+        cp_link: Link | None = None,
+    ) -> float:
+        """Forward+backward of one stage on one micro-batch: its blocks, the LM head if last, and the embedding's
+        CP gradient all-reduce if first."""
+        cp_link = cp_link or link
+        t = layers * self.layer_seconds(kind, tp, microbatch, recompute, link, cp, cp_link)
+        if last:
+            t += self.head_seconds(kind, tp, microbatch, cp, cp_link)
+        if first:
+            t += self.embed_seconds(tp, cp, cp_link)
+        return t
 
     def p2p_seconds(self, link: Link, microbatch: int) -> float:
         """Activations forward plus their gradients backward across one stage boundary, one micro-batch."""
@@ -109,27 +216,36 @@ class TrainCosts:
     def last_state_bytes(self, tp: int) -> float:
         return STATE_BYTES_PER_PARAM * self.model.head_params / tp
 
-    def logits_bytes(self, tp: int, microbatch: int) -> float:
-        return LOGIT_BYTES * microbatch * self.seq_len * self.model.vocab_size / tp
+    def logits_bytes(self, tp: int, microbatch: int, cp: int = 1) -> float:
+        return LOGIT_BYTES * microbatch * self.seq_len / cp * self.model.vocab_size / tp
 
-    def layer_act_bytes(self, tp: int, microbatch: int, recompute: bool) -> float:
-        """Activation bytes one block keeps per in-flight micro-batch."""
-        tokens = microbatch * self.seq_len
+    def layer_act_bytes(self, tp: int, microbatch: int, recompute: bool, cp: int = 1) -> float:
+        """Activation bytes one block keeps per in-flight micro-batch on one device."""
+        tokens = microbatch * self.seq_len / cp
         if recompute:
             return ACT_BYTES * self.model.hidden_size * tokens
-        return ACT_BYTES * self._act_elems_per_token(tp) * tokens
+        return ACT_BYTES * self._act_elems_per_token(tp, cp) * tokens
 
     def stage_memory_bytes(
-        self, tp: int, layers: int, microbatch: int, recompute: bool, in_flight: int, first: bool, last: bool
+        self,
+        tp: int,
+        layers: int,
+        microbatch: int,
+        recompute: bool,
+        in_flight: int,
+        first: bool,
+        last: bool,
+        cp: int = 1,
     ) -> float:
         """Peak bytes on one device of a stage."""
-        total = layers * (self.layer_state_bytes(tp) + in_flight * self.layer_act_bytes(tp, microbatch, recompute))
+        acts = in_flight * self.layer_act_bytes(tp, microbatch, recompute, cp)
+        total = layers * (self.layer_state_bytes(tp) + acts)
         if recompute:
-            total += self.layer_act_bytes(tp, microbatch, False)
+            total += self.layer_act_bytes(tp, microbatch, False, cp)
         if first:
             total += self.first_state_bytes(tp)
         if last:
-            total += self.last_state_bytes(tp) + self.logits_bytes(tp, microbatch)
+            total += self.last_state_bytes(tp) + self.logits_bytes(tp, microbatch, cp)
         return total
 
     def stage_grad_bytes(self, tp: int, layers: int, first: bool, last: bool) -> float:
@@ -147,35 +263,59 @@ class TrainCosts:
         return ring_allreduce_seconds(max_grad_bytes, replicas, link)
 
 
+def span_link(cluster: ClusterSpec, groups: list[tuple[int, ...]]) -> Link:
+    """The link collectives inside each of `groups` (device indices) cross: the inter-node link if one spans
+    several nodes, else the first device's node's own link."""
+    devices = cluster.devices
+    if any(len({devices[d].node for d in group}) > 1 for group in groups):
+        return cluster.inter_link
+    return cluster.nodes[devices[groups[0][0]].node].intra_link
+
+
+def stage_links(cluster: ClusterSpec, stage: Stage, cp: int) -> tuple[Link, Link]:
+    """The links of a stage's TP groups (`devices[c * tp : (c + 1) * tp]`) and of its CP groups
+    (`devices[t::tp]`)."""
+    d, tp = stage.devices, stage.tp
+    return span_link(cluster, [d[c * tp : (c + 1) * tp] for c in range(cp)]), span_link(
+        cluster, [d[t::tp] for t in range(tp)]
+    )
+
+
 def evaluate_train_plan(plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec) -> PlanEstimate:
     """Predicted iteration time and per-stage peak memory of `plan` (no feasibility check; see `memory_excess`)."""
     costs = TrainCosts(cluster, model, plan.seq_len)
     devices = cluster.devices
     replica_s, memory, max_grad = [], [], 0.0
     for replica in plan.replicas:
-        b, depth = replica.microbatch_size, len(replica.stages)
+        b, depth, cp = replica.microbatch_size, len(replica.stages), replica.cp
         times, mems, comm = [], [], 0.0
         for i, stage in enumerate(replica.stages):
             first, last = i == 0, i == depth - 1
-            in_flight = min(depth - i, replica.num_microbatches)
-            node = devices[stage.devices[0]].node
-            link = cluster.nodes[node].intra_link
-            t = stage.num_layers * costs.layer_seconds(stage.kind, stage.tp, b, stage.recompute, link)
-            if last:
-                t += costs.head_seconds(stage.kind, stage.tp, b)
-            times.append(t)
-            mems.append(
-                costs.stage_memory_bytes(stage.tp, stage.num_layers, b, stage.recompute, in_flight, first, last) / 1e9
+            link, cp_link = stage_links(cluster, stage, cp)
+            times.append(
+                costs.stage_seconds(
+                    stage.kind, stage.tp, stage.num_layers, b, stage.recompute, first, last, link, cp, cp_link
+                )
             )
+            held = in_flight(plan.schedule, depth, i, replica.num_microbatches)
+            nbytes = costs.stage_memory_bytes(stage.tp, stage.num_layers, b, stage.recompute, held, first, last, cp)
+            mems.append(nbytes / 1e9)
             max_grad = max(max_grad, costs.stage_grad_bytes(stage.tp, stage.num_layers, first, last))
             if not last:
-                same_node = devices[replica.stages[i + 1].devices[0]].node == node
-                comm += costs.p2p_seconds(link if same_node else cluster.inter_link, b)
+                comm += costs.p2p_seconds(boundary_link(cluster, stage, replica.stages[i + 1]), b)
         replica_s.append(sum(times) + comm + (replica.num_microbatches - 1) * max(times))
         memory.append(tuple(mems))
     nodes = sorted({devices[d].node for d in plan.devices})
     sync = costs.grad_sync_seconds(len(plan.replicas), max_grad, costs.dp_link(len(nodes), nodes[0]))
     return PlanEstimate(max(replica_s) + sync, tuple(replica_s), sync, tuple(memory))
+
+
+def boundary_link(cluster: ClusterSpec, stage: Stage, following: Stage) -> Link:
+    """The link between two consecutive stages: inside the first one's node if the next starts there too."""
+    devices = cluster.devices
+    node = devices[stage.devices[0]].node
+    same = devices[following.devices[0]].node == node
+    return cluster.nodes[node].intra_link if same else cluster.inter_link
 
 
 def memory_excess(plan: TrainPlan, cluster: ClusterSpec, estimate: PlanEstimate) -> list[str]:

@@ -58,7 +58,7 @@ def _device_grid(cluster: ClusterSpec, boxes: dict[int, Box], title: str, legend
 
 
 def placement_figure(plan: TrainPlan, cluster: ClusterSpec) -> Figure:
-    """`plan` drawn on `cluster`: which replica, stage, layers and TP degree each device holds."""
+    """`plan` drawn on `cluster`: which replica, stage, layers and CP/TP degrees each device holds."""
     import matplotlib
 
     cmap = matplotlib.colormaps["tab10"]
@@ -67,7 +67,8 @@ def placement_figure(plan: TrainPlan, cluster: ClusterSpec) -> Figure:
         depth = len(replica.stages)
         for s, stage in enumerate(replica.stages):
             flags = " rc" if stage.recompute else ""
-            text = f"R{r} S{s}\nL{stage.layers[0]}-{stage.layers[1] - 1}\nTP{stage.tp}{flags}"
+            shape = f"CP{replica.cp} TP{stage.tp}" if replica.cp > 1 else f"TP{stage.tp}"
+            text = f"R{r} S{s}\nL{stage.layers[0]}-{stage.layers[1] - 1}\n{shape}{flags}"
             for d in stage.devices:
                 boxes[d] = (cmap(r % 10), 1.0 - 0.55 * s / max(depth - 1, 1), text)
     title = f"{plan.model or 'model'} on {plan.cluster or cluster.name}: {len(plan.replicas)} replica(s)"

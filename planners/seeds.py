@@ -1,9 +1,10 @@
 """Starting points for the training solver: regular plans built by rule, to hint CP-SAT and to fall back on.
 
-Each seed uses one class of nodes (or all), one TP degree per node class, and replicas of equal depth made of
-consecutive groups; blocks are split to minimise the slowest stage (the LM head counted on the last) and
-micro-batches in proportion to each replica's throughput. All seeds lie in the planner's search space; CP-SAT
-starts from the best of them and improves on it.
+Each seed uses one class of nodes (or all), one group size per node class, one CP degree (the smallest that
+fits), and replicas of equal depth made of consecutive groups (reversed where that does not fit); blocks are split
+to minimise the slowest stage (the LM head counted on the last) within each stage's memory, and micro-batches in
+proportion to each replica's throughput. All seeds lie in the planner's search space; CP-SAT starts from the best
+of them and improves on it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import math
 from collections.abc import Iterator
 
 from planners.cluster import ClusterSpec
-from planners.cost_model import TrainCosts
-from planners.groups import Group, Slot, candidate_groups
+from planners.cost_model import TrainCosts, in_flight
+from planners.groups import Group, Slot, candidate_groups, shapes
 from planners.model import ModelSpec
 
 MAX_DEPTH = 8
@@ -35,26 +36,42 @@ def _split(total: int, weights: list[float]) -> list[int] | None:
 def seed_slots(
     cluster: ClusterSpec, model: ModelSpec, seq_len: int, microbatch: int, microbatches: int, recompute: bool
 ) -> Iterator[list[Slot]]:
-    """Regular plans for one cell (memory not checked)."""
+    """Regular plans for one cell (layer splits within memory under 1F1B; the caller checks the whole plan)."""
     costs = TrainCosts(cluster, model, seq_len)
     classes = cluster.node_classes()
-    candidates = candidate_groups(cluster, model)
+    candidates = candidate_groups(cluster, model, seq_len)
     subsets = [classes] + ([[c] for c in classes] if len(classes) > 1 else [])
     for chosen in subsets:
-        degrees = [[d for d in _degrees(cluster.nodes[c[0]].count) if model.supports_tp(d)] or [1] for c in chosen]
-        for tps in itertools.product(*degrees):
-            tp_of = {n: tp for c, tp in zip(chosen, tps, strict=True) for n in c}
-            groups = [g for g in candidates if tp_of.get(g.node) == g.tp]
-            for depth in range(1, min(len(groups), model.num_layers, MAX_DEPTH) + 1):
-                replicas = [groups[i : i + depth] for i in range(0, len(groups) - depth + 1, depth)]
-                for rc in (False, True) if recompute else (False,):
-                    slots = _balanced(costs, cluster, replicas, microbatch, microbatches, rc)
-                    if slots is not None:
-                        yield slots
+        options = [[d for d in _degrees(cluster.nodes[c[0]].count) if shapes(d, model, seq_len)] or [1] for c in chosen]
+        for sizes in itertools.product(*options):
+            size_of = {n: size for c, size in zip(chosen, sizes, strict=True) for n in c}
+            for cp in sorted(set.intersection(*(set(shapes(size, model, seq_len)) for size in sizes))):
+                groups = [g for g in candidates if size_of.get(g.node) == g.size and g.cp == cp]
+                found = list(_seeds_of(costs, cluster, groups, microbatch, microbatches, recompute))
+                yield from found
+                if found:  # larger CP degrees are left to CP-SAT once a smaller one fits
+                    break
+
+
+def _seeds_of(
+    costs: TrainCosts, cluster: ClusterSpec, groups: list[Group], microbatch: int, microbatches: int, recompute: bool
+) -> Iterator[list[Slot]]:
+    """The seeds over `groups`: replicas of every depth made of consecutive groups, recomputing or not; in device
+    order, or reversed where that does not fit and kinds differ (the stage nearer the end holds fewer micro-batches
+    in flight)."""
+    mixed = len({g.kind for g in groups}) > 1
+    for depth in range(1, min(len(groups), costs.model.num_layers, MAX_DEPTH) + 1):
+        for rc in (False, True) if recompute else (False,):
+            for ordered in (groups, groups[::-1]) if mixed else (groups,):
+                replicas = [ordered[i : i + depth] for i in range(0, len(ordered) - depth + 1, depth)]
+                slots = _balanced(costs, cluster, replicas, microbatch, microbatches, rc)
+                if slots is not None:
+                    yield slots
+                    break
 
 
 def _degrees(count: int) -> list[int]:
-    """The TP degrees seeds use on a node of `count` GPUs: powers of two from a quarter of the node up."""
+    """The group sizes seeds use on a node of `count` GPUs: powers of two from a quarter of the node up."""
     out, tp = [], 1
     while tp <= count:
         if 4 * tp >= count:
@@ -63,13 +80,17 @@ def _degrees(count: int) -> list[int]:
     return out
 
 
-def _minmax_split(total: int, per_item: list[float], extra: list[float]) -> list[int] | None:
-    """`total` items over stages (each at least one) minimising the slowest stage `n_i * per_item[i] + extra[i]`."""
-    if total < len(per_item):
+def _minmax_split(total: int, per_item: list[float], extra: list[float], caps: list[int]) -> list[int] | None:
+    """`total` items over stages (each at least one, at most `caps[i]`) minimising the slowest stage
+    `n_i * per_item[i] + extra[i]`; None if the caps leave no such split."""
+    if total < len(per_item) or min(caps) < 1 or sum(caps) < total:
         return None
 
     def fits(limit: float) -> list[int]:
-        return [max(0, math.floor((limit - e) / t + 1e-9)) for t, e in zip(per_item, extra, strict=True)]
+        return [
+            min(cap, max(0, math.floor((limit - e) / t + 1e-9)))
+            for t, e, cap in zip(per_item, extra, caps, strict=True)
+        ]
 
     lo = max(t + e for t, e in zip(per_item, extra, strict=True))
     hi = total * max(per_item) + max(extra)
@@ -83,6 +104,21 @@ def _minmax_split(total: int, per_item: list[float], extra: list[float]) -> list
     return counts
 
 
+def _memory_caps(
+    costs: TrainCosts, cluster: ClusterSpec, stages: list[Group], microbatch: int, microbatches: int, recompute: bool
+) -> list[int]:
+    """The most blocks each stage of a replica holds within its devices' usable memory under 1F1B (with as many
+    micro-batches in flight as the cell's count allows: never fewer than the replica will have)."""
+    caps = []
+    for i, g in enumerate(stages):
+        held = in_flight("1f1b", len(stages), i, microbatches)
+        ends = (held, i == 0, i == len(stages) - 1, g.cp)
+        fixed = costs.stage_memory_bytes(g.tp, 0, microbatch, recompute, *ends)
+        per_block = costs.stage_memory_bytes(g.tp, 1, microbatch, recompute, *ends) - fixed
+        caps.append(math.floor((cluster.profile(g.kind).capacity_bytes - fixed) / per_block))
+    return caps
+
+
 def _balanced(
     costs: TrainCosts,
     cluster: ClusterSpec,
@@ -93,11 +129,17 @@ def _balanced(
 ) -> list[Slot] | None:
     layers_of, slowest = [], []
     for stages in replicas:
+        links = [cluster.nodes[g.node].intra_link for g in stages]
         per_layer = [
-            costs.layer_seconds(g.kind, g.tp, microbatch, recompute, cluster.nodes[g.node].intra_link) for g in stages
+            costs.layer_seconds(g.kind, g.tp, microbatch, recompute, link, g.cp, link)
+            for g, link in zip(stages, links, strict=True)
         ]
-        head = [0.0] * (len(stages) - 1) + [costs.head_seconds(stages[-1].kind, stages[-1].tp, microbatch)]
-        layers = _minmax_split(costs.model.num_layers, per_layer, head)
+        last, first = stages[-1], stages[0]
+        head = [0.0] * len(stages)
+        head[-1] += costs.head_seconds(last.kind, last.tp, microbatch, last.cp, links[-1])
+        head[0] += costs.embed_seconds(first.tp, first.cp, links[0])
+        caps = _memory_caps(costs, cluster, stages, microbatch, microbatches, recompute)
+        layers = _minmax_split(costs.model.num_layers, per_layer, head, caps)
         if layers is None:
             return None
         layers_of.append(layers)

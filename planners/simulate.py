@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from planners.cluster import ClusterSpec
-from planners.cost_model import TrainCosts
+from planners.cost_model import TrainCosts, boundary_link, stage_links
 from planners.model import ModelSpec
 from planners.plan import Replica
 
@@ -74,19 +74,15 @@ def simulate_replica(
 ) -> float:
     """Simulated iteration time of one replica of a plan, with the cost model's stage and transfer times."""
     costs = TrainCosts(cluster, model, seq_len)
-    devices = cluster.devices
-    b, forward, backward, transfer = replica.microbatch_size, [], [], []
+    b, cp, depth, forward, backward, transfer = replica.microbatch_size, replica.cp, len(replica.stages), [], [], []
     for i, stage in enumerate(replica.stages):
-        node = devices[stage.devices[0]].node
-        link = cluster.nodes[node].intra_link
-        plain = stage.num_layers * costs.layer_seconds(stage.kind, stage.tp, b, False, link)
-        total = stage.num_layers * costs.layer_seconds(stage.kind, stage.tp, b, stage.recompute, link)
-        if i == len(replica.stages) - 1:
-            plain += costs.head_seconds(stage.kind, stage.tp, b)
-            total += costs.head_seconds(stage.kind, stage.tp, b)
+        link, cp_link = stage_links(cluster, stage, cp)
+        shape = (stage.kind, stage.tp, stage.num_layers, b)
+        ends = (i == 0, i == depth - 1, link, cp, cp_link)
+        plain = costs.stage_seconds(*shape, False, *ends)
+        total = costs.stage_seconds(*shape, stage.recompute, *ends)
         forward.append(FORWARD_SHARE * plain)
         backward.append(total - FORWARD_SHARE * plain)
-        if i + 1 < len(replica.stages):
-            same = devices[replica.stages[i + 1].devices[0]].node == node
-            transfer.append(costs.p2p_seconds(link if same else cluster.inter_link, b) / 2)
+        if i + 1 < depth:
+            transfer.append(costs.p2p_seconds(boundary_link(cluster, stage, replica.stages[i + 1]), b) / 2)
     return simulate_pipeline(forward, backward, transfer, replica.num_microbatches, schedule)

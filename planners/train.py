@@ -2,10 +2,12 @@
 recomputation.
 
 Search space (the same one `planners.brute_force` enumerates):
-- a stage is a TP group of `t` devices inside one node, `t` a power of two the model supports; inside each node
-  the groups in use are laid out largest first from the node's first device (every multiset of power-of-two sizes
-  that fits packs this way, aligned), and the node's remaining devices stay idle;
-- a replica is a pipeline of such groups in any order;
+- a stage is a group of `t` devices inside one node, `t` a power of two, run as `cp` context-parallel ranks of
+  `t / cp` tensor-parallel devices (`cp` a power of two dividing `seq_len`, `t / cp` a TP degree the model
+  supports); inside each node the groups in use are laid out largest first from the node's first device (every
+  multiset of power-of-two sizes that fits packs this way, aligned), and the node's remaining devices stay idle;
+- a replica is a pipeline of such groups of one CP degree, in any order, under the 1F1B schedule (GPipe takes the
+  same time under the cost model and more memory);
 - every replica gets at least one micro-batch; all micro-batches have one size `b`, chosen from the workload's
   candidates by solving once per candidate;
 - each stage gets at least one block, and may recompute its activations.
@@ -37,7 +39,7 @@ from planners.cells import cell_splits, coarser_splits, split_cell, state_bytes,
 from planners.cluster import ClusterSpec
 from planners.cost_model import TrainCosts, evaluate_train_plan, memory_excess
 from planners.errors import PlanningError
-from planners.groups import Group, Slot, candidate_groups
+from planners.groups import Group, Slot, candidate_groups, shapes
 from planners.model import ModelSpec
 from planners.plan import Replica, SolveInfo, Stage, TrainPlan
 from planners.seeds import seed_slots
@@ -53,14 +55,15 @@ MIN_SOLVE_S = 0.1  # a CP-SAT model is built only with at least this long left f
 
 def throughput_bound_s(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> float:
     """A lower bound on every plan's iteration time: all blocks of all micro-batches on every device at once, each
-    device at its best rate over the TP degrees (seconds per block and device: `tp * layer_seconds`)."""
+    device at its best rate over the (tp, cp) shapes (seconds per block and device: `size * layer_seconds`)."""
     costs = TrainCosts(cluster, model, workload.seq_len)
     best = math.inf
     for b in workload.microbatch_sizes:
         rate = 0.0
         for node in cluster.nodes:
-            tps = [g.tp for g in candidate_groups(dataclasses.replace(cluster, nodes=(node,)), model)]
-            seconds = min(t * costs.layer_seconds(node.kind, t, b, False, node.intra_link) for t in tps)
+            link = node.intra_link
+            groups = candidate_groups(dataclasses.replace(cluster, nodes=(node,)), model, workload.seq_len)
+            seconds = min(g.size * costs.layer_seconds(node.kind, g.tp, b, False, link, g.cp, link) for g in groups)
             rate += node.count / seconds
         best = min(best, model.num_layers * workload.global_batch / b / rate)
     return best
@@ -108,7 +111,7 @@ def _plan_from_slots(
                 devices = tuple(device_map[d] for d in group.devices)
                 built.append(Stage(devices, group.kind, group.tp, (start, start + layers), recompute))
                 start += layers
-            replicas.append(Replica(tuple(built), count, problem.microbatch))
+            replicas.append(Replica(tuple(built), count, problem.microbatch, stages[0][0].cp))
     plan = TrainPlan(
         replicas=tuple(replicas),
         num_layers=problem.model.num_layers,
@@ -149,7 +152,8 @@ def _cell_slots(plan: TrainPlan | None, problem: CellProblem) -> list[Slot] | No
         if r.microbatch_size != problem.microbatch or not all(d in local for d in r.devices):
             continue
         groups = [
-            Group(devices[local[st.devices[0]]].node, tuple(local[d] for d in st.devices), st.kind) for st in r.stages
+            Group(devices[local[st.devices[0]]].node, tuple(local[d] for d in st.devices), st.kind, r.cp)
+            for st in r.stages
         ]
         stages = [(g, st.num_layers, st.recompute) for g, st in zip(groups, r.stages, strict=True)]
         slots.append((stages, r.num_microbatches))
@@ -427,15 +431,18 @@ def explain_infeasible(cluster: ClusterSpec, model: ModelSpec, workload: TrainWo
     lines = []
     for members in cluster.node_classes():
         node = cluster.nodes[members[0]]
-        tp = 1 << (node.count.bit_length() - 1)
-        need = costs.stage_memory_bytes(tp, 1, b, workload.recompute, 1, False, False)
+        size = 1 << (node.count.bit_length() - 1)
         cap = cluster.profile(node.kind).capacity_bytes
-        lines.append(f"{node.kind}: one block at TP={tp} needs {need / 1e9:.2f} GB of {cap / 1e9:.2f} GB usable")
-        head = costs.last_state_bytes(tp) + costs.logits_bytes(tp, b)
-        for what, extra in (("embedding", costs.first_state_bytes(tp)), ("LM head", head)):
-            if need + extra > cap:
-                gb = (need + extra) / 1e9
-                lines.append(f"{node.kind}: a stage holding one block and the {what} at TP={tp} needs {gb:.2f} GB")
+        for cp in shapes(size, model, workload.seq_len):
+            tp = size // cp
+            need = costs.stage_memory_bytes(tp, 1, b, workload.recompute, 1, False, False, cp)
+            at = f"TP={tp}" + (f" CP={cp}" if cp > 1 else "")
+            lines.append(f"{node.kind}: one block at {at} needs {need / 1e9:.2f} GB of {cap / 1e9:.2f} GB usable")
+            head = costs.last_state_bytes(tp) + costs.logits_bytes(tp, b, cp)
+            for what, extra in (("embedding", costs.first_state_bytes(tp)), ("LM head", head)):
+                if need + extra > cap:
+                    gb = (need + extra) / 1e9
+                    lines.append(f"{node.kind}: a stage holding one block and the {what} at {at} needs {gb:.2f} GB")
     return (
         f"memory: no placement of {model.name} ({model.num_layers} blocks, micro-batch >= {b}, seq_len "
         f"{workload.seq_len}) keeps every stage within its devices' usable memory; " + "; ".join(lines)

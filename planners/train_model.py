@@ -4,7 +4,9 @@ Every active candidate group (`planners.groups`) is one pipeline stage. A replic
 circuit (vehicle-routing) constraint: it leaves the depot to its first stage, visits its stages in pipeline order
 and returns from its last stage; an inactive group takes its self-loop. Stage order is therefore free (any order
 the plan format can express), replicas are unlabelled (no slot symmetry), and nothing depends on the order in
-which nodes are listed. Along each arc `g -> h` the route carries, as enforced linear constraints:
+which nodes are listed. A candidate group exists in each of its (tp, cp) shapes, at most one of them active; a
+route joins only groups of one CP degree, the replica's. Along each arc `g -> h` the route carries, as enforced
+linear constraints:
 - the micro-batch count (equal along a route; the first stages' counts sum to the cell's micro-batches);
 - the blocks still to come (`left[g] = blocks[g] + left[h]`, the whole model at the first stage);
 - the distance from the end (1F1B keeps `min(distance, micro-batches)` micro-batches in flight on a stage);
@@ -72,15 +74,15 @@ class CellModel:
         self.p = problem
         cluster = self.cluster = problem.cell.cluster
         self.costs = TrainCosts(cluster, problem.model, problem.seq_len)
-        groups = candidate_groups(cluster, problem.model)
+        groups = candidate_groups(cluster, problem.model, problem.seq_len)
         if coarse:
-            groups = [g for g in groups if 2 * g.tp >= cluster.nodes[g.node].count]
+            groups = [g for g in groups if 2 * g.size >= cluster.nodes[g.node].count]
         self.groups = groups
         self.L, self.M, self.b = problem.model.num_layers, problem.microbatches, problem.microbatch
         self.depth = min(self.L, len(groups))
         self.intra = [cluster.nodes[g.node].intra_link for g in groups]
-        self.c0 = [self.costs.layer_seconds(g.kind, g.tp, self.b, False, self.intra[i]) for i, g in enumerate(groups)]
-        self.c1 = [self.costs.layer_seconds(g.kind, g.tp, self.b, True, self.intra[i]) for i, g in enumerate(groups)]
+        self.c0 = [self._layer_seconds(g, False) for g in groups]
+        self.c1 = [self._layer_seconds(g, True) for g in groups]
         self.unit = min(self.c0) / RESOLUTION
         self.m = cp_model.CpModel()
         self._layout()
@@ -93,6 +95,10 @@ class CellModel:
         self._grad_sync()
         # One tick per recomputed block breaks ties towards not recomputing where it does not pay.
         self.m.minimize(self.z + self.sync + sum(self.n1))
+
+    def _layer_seconds(self, g: Group, recompute: bool) -> float:
+        link = self.cluster.nodes[g.node].intra_link
+        return self.costs.layer_seconds(g.kind, g.tp, self.b, recompute, link, g.cp, link)
 
     def ticks(self, seconds: float) -> int:
         return round(seconds / self.unit)
@@ -115,12 +121,13 @@ class CellModel:
         for g, grp in enumerate(groups):
             before = grp.devices[0] - 1
             if before >= 0 and cluster.devices[before].node == grp.node:
-                bigger = [self.on[h] for h in self._range if before in groups[h].devices and groups[h].tp >= grp.tp]
+                bigger = [self.on[h] for h in self._range if before in groups[h].devices and groups[h].size >= grp.size]
                 m.add(sum(bigger) >= self.on[g])
 
     def _routes(self) -> None:
         """Arc literals: `start[g]` (g is a first stage), `end[g]` (a last stage), `nxt[g, h]` (h follows g); one
-        route per replica through the depot, at most as many replicas as memory and micro-batches allow."""
+        route per replica through the depot, at most as many replicas as memory and micro-batches allow; a route's
+        stages share one CP degree (the replica's), so arcs join only groups of equal `cp`."""
         m, groups = self.m, self.groups
         self.start = [m.new_bool_var(f"start{g}") for g in self._range]
         self.end = [m.new_bool_var(f"end{g}") for g in self._range]
@@ -129,7 +136,8 @@ class CellModel:
         for g in self._range:
             arcs += [(0, g + 1, self.start[g]), (g + 1, 0, self.end[g]), (g + 1, g + 1, self.on[g].negated())]
             for h in self._range:
-                if h != g and not set(groups[g].devices) & set(groups[h].devices):
+                shared = set(groups[g].devices) & set(groups[h].devices)
+                if h != g and not shared and groups[g].cp == groups[h].cp:
                     self.nxt[g, h] = m.new_bool_var(f"nxt{g}_{h}")
                     arcs.append((g + 1, h + 1, self.nxt[g, h]))
         m.add_multiple_circuit(arcs)
@@ -165,9 +173,10 @@ class CellModel:
             m.add(self.n[g] >= self.n[twin]).only_enforce_if([self.on[g], self.on[twin]])
 
     def _twins(self) -> list[tuple[int, int]]:
-        """Pairs (g, next same-size group of the same node): interchangeable, so their block counts descend."""
+        """Pairs (g, next group of the same node, size and CP degree): interchangeable, so their block counts
+        descend."""
         pairs = []
-        key = [(grp.node, grp.tp) for grp in self.groups]
+        key = [(grp.node, grp.size, grp.cp) for grp in self.groups]
         for g in self._range:
             later = [h for h in range(g + 1, len(self.groups)) if key[h] == key[g]]
             if later:
@@ -209,12 +218,13 @@ class CellModel:
             m.add_multiplication_equality(p0, [self.n0[g], q])
             m.add_multiplication_equality(p1, [self.n1[g], q])
             cap = math.floor(self.cluster.profile(grp.kind).capacity_bytes / memory_unit)
+            tp, cp = grp.tp, grp.cp
             m.add(
-                mb(costs.layer_state_bytes(grp.tp)) * self.n[g]
-                + mb(costs.layer_act_bytes(grp.tp, b, False)) * (p0 + self.rc[g])
-                + mb(costs.layer_act_bytes(grp.tp, b, True)) * p1
-                + mb(costs.first_state_bytes(grp.tp)) * self.start[g]
-                + mb(costs.last_state_bytes(grp.tp) + costs.logits_bytes(grp.tp, b)) * self.end[g]
+                mb(costs.layer_state_bytes(tp)) * self.n[g]
+                + mb(costs.layer_act_bytes(tp, b, False, cp)) * (p0 + self.rc[g])
+                + mb(costs.layer_act_bytes(tp, b, True, cp)) * p1
+                + mb(costs.first_state_bytes(tp)) * self.start[g]
+                + mb(costs.last_state_bytes(tp) + costs.logits_bytes(tp, b, cp)) * self.end[g]
                 <= cap
             )
 
@@ -228,13 +238,18 @@ class CellModel:
         """Stage times; along each route the slowest stage (`slow`) and the time from this stage to the end
         (`rest`, stages plus hops); `z` is at least every replica's `rest + (m - 1) * slow` at its first stage."""
         m, groups, M = self.m, self.groups, self.M
-        head = [self.ticks(self.costs.head_seconds(g.kind, g.tp, self.b)) for g in groups]
-        t_hi = self.L * max(self.ticks(c) for c in self.c1 + self.c0) + max(head)
+        pairs = list(zip(groups, self.intra, strict=True))
+        head = [self.ticks(self.costs.head_seconds(g.kind, g.tp, self.b, g.cp, link)) for g, link in pairs]
+        embed = [self.ticks(self.costs.embed_seconds(g.tp, g.cp, link)) for g, link in pairs]
+        t_hi = self.L * max(self.ticks(c) for c in self.c1 + self.c0) + max(head) + max(embed)
         hop_hi = max((self._hop_ticks(g, h) for g, h in self.nxt), default=0)
         rest_hi = self.depth * (t_hi + hop_hi)
         self.t_hi = t_hi
         self.stage_t = [
-            self.n0[g] * self.ticks(self.c0[g]) + self.n1[g] * self.ticks(self.c1[g]) + head[g] * self.end[g]
+            self.n0[g] * self.ticks(self.c0[g])
+            + self.n1[g] * self.ticks(self.c1[g])
+            + head[g] * self.end[g]
+            + embed[g] * self.start[g]
             for g in self._range
         ]
         self.z = m.new_int_var(0, rest_hi + t_hi * M, "z")
@@ -379,11 +394,12 @@ class CellModel:
 
 def canonical_twins(slots: list[Slot]) -> list[Slot]:
     """The same plan with interchangeable groups (same node and size) handed out so that their block counts
-    descend with the address, as `CellModel` requires; each group takes over the whole role of another."""
+    descend with the address, as `CellModel` requires; each group takes over the whole role of another (of the
+    same node, size and CP degree)."""
     roles: dict[tuple[int, int], list[Group]] = {}
     for stages, _ in slots:
         for g, _, _ in stages:
-            roles.setdefault((g.node, g.tp), []).append(g)
+            roles.setdefault((g.node, g.size, g.cp), []).append(g)
     layers = {g: n for stages, _ in slots for g, n, _ in stages}
     rename = {}
     for members in roles.values():

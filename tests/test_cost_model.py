@@ -82,3 +82,132 @@ def test_data_parallel_sync_crosses_nodes() -> None:
         return planners.evaluate_train_plan(planners.TrainPlan(replicas, 32, 2, 2048), CLUSTER, MODEL)
 
     assert dp((0, 4)).grad_sync_s > 10 * dp((0, 1)).grad_sync_s
+
+
+def _collective_bytes(first: bool, last: bool, tp: int, cp: int, microbatch: int, seq: int, cfg) -> dict[str, int]:
+    """Per-device bytes the real stage program's forward and backward put into collectives over the CP axis,
+    read from its jaxpr: all-gather outputs, reduce-scatter inputs, and the parameter-gradient sums."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    from jaxhet.models.llama import Llama
+    from jaxhet.parallel import StagedLlama, llama_params
+    from meshes.staged import StageSpec
+
+    staged = StagedLlama(cfg)
+    spec = StageSpec((0, cfg.num_layers), first=first, last=last)
+    program = staged.stage_program(spec, tp, "tp", "cp")
+    mesh = Mesh(np.array(jax.devices()[: tp * cp]).reshape(cp, tp), ("cp", "tp"))
+    sequence = P(None, "cp")
+    sharded = jax.shard_map(
+        program.apply,
+        mesh=mesh,
+        in_specs=(program.param_specs, P() if first else sequence, sequence),
+        out_specs=P() if last else sequence,
+    )
+    params = staged.stage_params(llama_params(Llama(cfg, rngs=nnx.Rngs(0))), spec)
+    hidden = jnp.zeros(()) if first else jnp.zeros((microbatch, seq, cfg.hidden_size))
+    rows = jnp.zeros((microbatch, seq), jnp.int32)
+    batch = {"input_ids": rows, "targets": rows, "weights": jnp.ones((microbatch, seq))}
+
+    def step(p, h):
+        out, vjp = jax.vjp(lambda p, h: sharded(p, h, batch), p, h)
+        return vjp(jnp.ones_like(out))
+
+    totals = {"all_gather": 0, "reduce_scatter": 0, "grads": 0}
+    for eqn in _equations(jax.make_jaxpr(step)(params, hidden).jaxpr):
+        axes = eqn.params.get("axis_name", eqn.params.get("axes", ()))
+        if "cp" not in (axes if isinstance(axes, tuple) else (axes,)):
+            continue
+        name = eqn.primitive.name
+        values = eqn.outvars if name == "all_gather" else eqn.invars
+        nbytes = sum(v.aval.size * v.aval.dtype.itemsize for v in values)
+        if name in ("all_gather", "reduce_scatter"):
+            totals[name] += nbytes
+        elif name == "psum_invariant" and eqn.invars[0].aval.size > 1:  # not the loss scalar
+            totals["grads"] += nbytes
+    return totals
+
+
+def _equations(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs nested in its equations (shard_map, remat, custom rules)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, list | tuple) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                inner = getattr(inner, "jaxpr", inner) if not hasattr(inner, "eqns") else inner
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+@pytest.mark.parametrize(("first", "last"), [(False, False), (True, True)])
+def test_cp_bytes_equal_the_stage_programs_collectives(first: bool, last: bool) -> None:
+    """The key/value all-gathers, their gradients' reduce-scatters and the parameter-gradient all-reduces over the
+    CP axis that `jaxhet.parallel`'s stage program runs (TP 2 x CP 2) are the bytes the cost model prices."""
+    from jaxhet.models.config import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, dtype="bfloat16"
+    )
+    spec = planners.ModelSpec("t", 64, 32, 64, 2, 4, 2)
+    tp, cp, b, seq = 2, 2, 3, 16
+    counted = _collective_bytes(first, last, tp, cp, b, seq, cfg)
+    costs = planners.TrainCosts(CLUSTER, spec, seq)
+    kv = spec.num_layers * costs.kv_gather_bytes(tp, b)
+    assert counted["all_gather"] == kv and counted["reduce_scatter"] == kv
+    grads = spec.num_layers * costs.cp_grad_bytes(tp)
+    if first:
+        grads += costs.cp_grad_bytes(tp, "embedding")
+    if last:
+        grads += costs.cp_grad_bytes(tp, "head")
+    norms = (2 * spec.num_layers + last) * spec.hidden_size
+    # Norm gradients are summed in fp32 or in the compute dtype, depending on where the cast lands: 2 bytes each.
+    assert grads - 2 * norms <= counted["grads"] <= grads
+
+
+def test_cp_time_is_ring_collectives_over_the_cp_link() -> None:
+    link = planners.Link(10.0, 0.0)
+    b, tp, cp = 1, 2, 2
+    plain = COSTS.layer_seconds("H100", tp, b, False, NVLINK, cp, NVLINK)
+    slow = COSTS.layer_seconds("H100", tp, b, False, NVLINK, cp, link)
+    fast = COSTS.layer_seconds("H100", tp, b, False, NVLINK, cp, planners.Link(1e9, 0.0))
+    # Without latency: two ring passes of (cp - 1) / cp of the gathered K/V, one all-reduce of the block's grads.
+    expected = (2 * 0.5 * COSTS.kv_gather_bytes(tp, b) + 2 * 0.5 * COSTS.cp_grad_bytes(tp)) / 10e9
+    assert slow - fast == pytest.approx(expected, rel=1e-6)
+    assert plain > fast and COSTS.layer_seconds("H100", tp, b, False, NVLINK) != plain
+
+
+def test_cp_splits_activations_and_attention_but_not_state() -> None:
+    for recompute in (False, True):
+        one = COSTS.layer_act_bytes(2, 1, recompute)
+        two = COSTS.layer_act_bytes(2, 1, recompute, 2)
+        if recompute:
+            assert two == pytest.approx(one / 2)
+        else:  # the gathered keys and values cover the whole sequence on every rank
+            assert two == pytest.approx(one / 2 + COSTS.kv_gather_bytes(2, 1) / 2)
+    assert COSTS.logits_bytes(2, 1, 2) == pytest.approx(COSTS.logits_bytes(2, 1) / 2)
+    # The last of cp consecutive slices attends (2 cp - 1) / (2 cp) of the sequence per query.
+    assert COSTS.attended_keys(1) == 1024 and COSTS.attended_keys(2) == 2048 * 3 / 4
+    assert COSTS.layer_flops(1024, 2) - COSTS.layer_flops(1024) == pytest.approx(1024 * 4 * MODEL.hidden_size * 512)
+    assert COSTS.stage_memory_bytes(2, 4, 1, True, 1, False, False, 2) > 4 * COSTS.layer_state_bytes(2)
+
+
+def test_gpipe_keeps_every_microbatch_in_flight() -> None:
+    def peak(schedule: str) -> tuple[float, ...]:
+        stages = (
+            planners.Stage((0, 1, 2, 3), "H100", 2, (0, 16)),
+            planners.Stage((4, 5, 6, 7), "L4", 2, (16, 32), recompute=True),
+        )
+        plan = planners.TrainPlan((planners.Replica(stages, 6, 1, cp=2),), 32, 6, 2048, schedule=schedule)
+        return planners.evaluate_train_plan(plan, CLUSTER, MODEL).peak_memory_gb[0]
+
+    gpipe, one_f_one_b = peak("gpipe"), peak("1f1b")
+    per_microbatch = [16 * COSTS.layer_act_bytes(2, 1, rc, 2) / 1e9 for rc in (False, True)]
+    # 1F1B: the first of two stages holds 2 micro-batches, the last 1; GPipe: all 6 on both.
+    assert gpipe[0] - one_f_one_b[0] == pytest.approx(4 * per_microbatch[0])
+    assert gpipe[1] - one_f_one_b[1] == pytest.approx(5 * per_microbatch[1])

@@ -47,9 +47,10 @@ def _cluster(cluster: str, device_profiles: list[Path] | None) -> planners.Clust
 def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Table:
     table = Table(
         title=f"{plan.model} on {plan.cluster} ({cluster.kinds_summary()})",
-        caption="rc: recompute activations; mb x size: micro-batches x sequences each; mem: peak / usable",
+        caption="CP: context-parallel ranks (each sequence split between them), TP devices each; rc: recompute "
+        "activations; mb x size: micro-batches x sequences each; mem: peak / usable",
     )
-    for column in ("replica", "stage", "devices", "GPU", "TP", "layers", "rc", "mb x size", "mem GB"):
+    for column in ("replica", "stage", "devices", "GPU", "CP", "TP", "layers", "rc", "mb x size", "mem GB"):
         table.add_column(column, justify="left" if column in ("devices", "GPU") else "right")
     assert plan.estimate is not None
     for r, (replica, mems) in enumerate(zip(plan.replicas, plan.estimate.peak_memory_gb, strict=True)):
@@ -60,6 +61,7 @@ def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Tab
                 str(s),
                 ",".join(map(str, stage.devices)),
                 stage.kind,
+                str(replica.cp),
                 str(stage.tp),
                 f"{stage.layers[0]}-{stage.layers[1] - 1}",
                 "yes" if stage.recompute else "no",
@@ -82,7 +84,7 @@ def train(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
     png: Annotated[Path | None, typer.Option(help="Write a picture of the placement here.")] = None,
 ) -> None:
-    """Find the fastest training plan (replicas, pipelines, TP degrees, layer split, batch shares)."""
+    """Find the fastest training plan (replicas, pipelines, CP and TP degrees, layer split, batch shares)."""
     console = Console()
     with user_errors():
         check_output(output, "--output")
