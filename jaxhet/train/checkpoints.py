@@ -126,8 +126,12 @@ class CheckpointStore:
             if restored is not None:
                 return step, *restored
             if move_aside:
-                self._move_aside(step, CORRUPT_SUFFIX, "it cannot be restored")
+                self.set_aside(step)
         return None
+
+    def set_aside(self, step: int) -> None:
+        """Move the damaged checkpoint of `step` to `<step>.corrupt`, out of Orbax's sight, with a warning."""
+        self._move_aside(step, CORRUPT_SUFFIX, "it cannot be restored")
 
     def restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict] | None:
         """(state, meta) of `step` in `abstract_state`'s layout (None: as saved), or None, with a warning, when

@@ -198,13 +198,13 @@ def _saved_config(directory: Path, config: TrainConfig) -> TrainConfig | None:
 
 def _restore(store, state, data: PackedBatches, directory: Path) -> tuple[int, object]:
     """The resumed step and state (data repositioned). When no checkpoint restores the run starts again from step 0
-    and `state` as given, with a warning: each damaged one was moved aside (and named in its own warning)."""
+    and `state` as given, with a warning naming the steps that failed (each also in a warning of its own)."""
     saved = store.steps()
     restored = store.restore_latest(jax.tree.map(_abstract, state))
     if restored is None:
         if saved:
             log.warning(
-                "no checkpoint in %s restores (steps %s were moved aside as <step>.corrupt); starting from step 0",
+                "none of the checkpoints in %s restores (steps %s); starting again from step 0",
                 directory,
                 ", ".join(map(str, saved)),
             )
