@@ -18,8 +18,6 @@ import pytest
 from jaxhet.models import CheckpointError
 from jaxhet.train import TrainConfig, load_trained, train
 from jaxhet.train.checkpoints import CheckpointStore
-from jaxhet.train.process_checkpoints import ProcessCheckpoints
-from meshes.distributed import Runtime
 
 ABSTRACT = {"w": jnp.zeros(8)}
 
@@ -192,21 +190,3 @@ def test_resuming_with_every_checkpoint_damaged_starts_again_from_step_0_and_sav
     assert (tmp_path / "run" / "2.corrupt").is_dir() and (tmp_path / "run" / "4.corrupt").is_dir()
     assert CheckpointStore(tmp_path / "run", keep=3).steps() == [2, 4]
     assert load_trained(tmp_path / "run").meta["step"] == 4
-
-
-def test_a_process_store_moves_its_damaged_copy_aside_and_saves_again(tmp_path):
-    # One process of a multi-process run's stores (`ProcessCheckpoints`), on a one-process runtime: its own copy of
-    # the newest step is damaged, so it restores the previous one and moves that copy aside, as one process does.
-    runtime = Runtime(process_id=0, num_processes=1, process_of_node=())
-    store = ProcessCheckpoints(tmp_path, keep=5, runtime=runtime)
-    for step in (1, 2):
-        store.save(step, _state(step), {"step": step})
-    store.close()
-    _overwrite_files(tmp_path / "process-0" / "2")
-    store = ProcessCheckpoints(tmp_path, keep=5, runtime=runtime)
-    step, state, meta = store.restore_latest(ABSTRACT)
-    assert (step, meta["step"], float(state["w"][0])) == (1, 1, 1.0)
-    assert (tmp_path / "process-0" / "2.corrupt").is_dir()
-    store.save(2, _state(22), {"step": 2})
-    store.close()
-    assert ProcessCheckpoints(tmp_path, keep=5, runtime=runtime).restore_latest(ABSTRACT)[0] == 2

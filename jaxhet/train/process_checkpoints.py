@@ -5,10 +5,8 @@ a heterogeneous plan's state is made of (each stage's parameters live on one nod
 unique shards (as host arrays, through its own Orbax manager, under `directory/process-<i>/`), with a record of
 which shard of which leaf each one is. Resuming reads them back into the same layout (a resumed run reuses its
 saved plan); a step counts only when every process finalised it, and every process must restore the same step,
-so a damaged step on one process sends all of them to the previous one (that process moves its copy aside as
-`<step>.corrupt`, as one process does; the others' copies are superseded by the next save at or before it).
-`gather_state` puts the whole state together from every process's files, for one-process readers (`load_trained`,
-serving).
+so a damaged step on one process sends all of them to the previous one. `gather_state` puts the whole state
+together from every process's files, for one-process readers (`load_trained`, serving).
 """
 
 from __future__ import annotations
@@ -81,8 +79,6 @@ class ProcessCheckpoints:
         """The newest step every process restores, into `abstract_state`'s layout; None when there is none."""
         for step in reversed(self.steps()):
             restored = self._own.restore_step(step, None)
-            if restored is None:
-                self._own.set_aside(step)
             if all(
                 ok == "1" for ok in all_texts(f"restore/{step}", "1" if restored is not None else "0", self.runtime)
             ):
