@@ -126,7 +126,9 @@ def test_a_full_disk_is_one_error_naming_the_run_and_keeps_the_last_checkpoint(t
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"CheckpointError: saving step 2 in {tmp_path} failed:")
-    assert "File too large" in result.stdout
+    assert "File too large (writing " in result.stdout and "tensorstore_spec" not in result.stdout
+    assert len(result.stdout.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]  # the unfinished step 2 is gone
     step, _, meta = CheckpointStore(tmp_path, keep=5).restore_latest(ABSTRACT)
     assert (step, meta) == (1, {"step": 1})
 
@@ -140,6 +142,8 @@ def _tiny_run(tmp_path: Path, steps: int) -> TrainConfig:
 def test_resuming_past_a_damaged_newest_checkpoint_saves_again_at_its_step(tmp_path):
     train(_tiny_run(tmp_path / "run", steps=4))
     _overwrite_files(tmp_path / "run" / "4")
+    # A reader (serving, generating) falls back too, but leaves the run directory as it is: a trainer may own it.
+    assert load_trained(tmp_path / "run").meta["step"] == 2 and (tmp_path / "run" / "4").is_dir()
     resumed = train(_tiny_run(tmp_path / "run", steps=6), resume=True)
     assert resumed.start_step == 2
     steps = CheckpointStore(tmp_path / "run", keep=3).steps()
@@ -173,3 +177,16 @@ def test_a_second_trainer_on_a_run_directory_is_refused_naming_the_first(tmp_pat
     assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
     store.close()
     CheckpointStore(tmp_path, keep=2).lock()
+
+
+def test_resuming_with_every_checkpoint_damaged_starts_again_from_step_0_and_saves(tmp_path, caplog):
+    train(_tiny_run(tmp_path / "run", steps=4))
+    for step in (2, 4):
+        _overwrite_files(tmp_path / "run" / str(step))
+    with caplog.at_level(logging.WARNING, logger="jaxhet.train"):
+        resumed = train(_tiny_run(tmp_path / "run", steps=4), resume=True)
+    assert "restores (steps 2, 4); starting again from step 0" in caplog.text
+    assert (resumed.start_step, resumed.end_step) == (0, 4)
+    assert (tmp_path / "run" / "2.corrupt").is_dir() and (tmp_path / "run" / "4.corrupt").is_dir()
+    assert CheckpointStore(tmp_path / "run", keep=3).steps() == [2, 4]
+    assert load_trained(tmp_path / "run").meta["step"] == 4

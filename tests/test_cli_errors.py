@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from jaxhet.models import ConfigError
-from jaxhet.train import TrainConfig
+from jaxhet.train import TrainConfig, load_trained
 from jaxhet.train.config import check_resume
+from jaxhet.train.step import learning_rate_schedule, schedule_change
 
 JAXHET = shutil.which("jaxhet") or str(Path(sys.executable).parent / "jaxhet")
 
@@ -104,11 +105,22 @@ def test_resuming_with_a_changed_shape_is_refused_naming_the_field(changed, need
         check_resume(saved, TrainConfig.load(None, {"data.seq_len": "32", "hidden_size": "64", **changed}))
 
 
-def test_resuming_with_more_steps_says_how_the_schedule_changes():
+def test_resuming_with_more_steps_says_how_the_learning_rate_changes_at_the_resumed_step():
     saved = TrainConfig.load(None, {"steps": "100"})
-    assert check_resume(saved, TrainConfig.load(None, {"steps": "100", "log_every": "5"})) is None
-    note = check_resume(saved, TrainConfig.load(None, {"steps": "300"}))
-    assert "steps changed from 100 to 300" in note and "learning-rate decay now spans 300 steps" in note
+    longer = TrainConfig.load(None, {"steps": "300"})
+    assert check_resume(saved, longer) is None  # allowed: the schedule is rebuilt, and said so
+    assert schedule_change(saved, TrainConfig.load(None, {"steps": "100", "log_every": "5"}), 100) is None
+    assert schedule_change(saved, longer, 0) is None  # nothing restored: the run simply starts on the new schedule
+    note = schedule_change(saved, longer, 100)
+    old_rate, new_rate = (float(learning_rate_schedule(c)(100)) for c in (saved, longer))
+    assert old_rate == pytest.approx(3e-4) and new_rate > 2e-3  # the 100-step decay had ended; the 300-step one not
+    assert note == (
+        "steps 100 → 300: the learning-rate schedule is rebuilt (warm-up, then cosine decay to step 300); "
+        f"at the resumed step 100 the rate is {new_rate:.3g}, the saved schedule had {old_rate:.3g}"
+    )
+    assert "optim.learning_rate 0.003 → 0.001" in schedule_change(
+        saved, TrainConfig.load(None, {"steps": "100", "optim.learning_rate": "0.001"}), 50
+    )
 
 
 TINY = [
@@ -137,6 +149,11 @@ def test_resuming_with_a_changed_data_shape_is_refused_and_a_second_trainer_is_l
         "train", "--steps", "2", "--resume", "--checkpoint-dir", run, *TINY, "--set", "data.seq_len=32", cwd=tmp_path
     )
     assert "--resume cannot change data.seq_len" in _one_line_error(changed)
+    assert "seq_len: 16" in (tmp_path / "run" / "config.yaml").read_text()  # the refused run wrote nothing
+    longer, _ = _run("train", "--steps", "2", "--resume", "--checkpoint-dir", run, *TINY, cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr
+    notes = [line for line in longer.stderr.splitlines() if "learning-rate schedule" in line]
+    assert len(notes) == 1 and "steps 1 → 2" in notes[0] and "at the resumed step 1 the rate is" in notes[0]
     env = {**os.environ, "XLA_FLAGS": ""}
     holder = subprocess.Popen(
         [JAXHET, "train", "--steps", "100000", "--resume", "--checkpoint-dir", run, *TINY],
@@ -156,3 +173,54 @@ def test_resuming_with_a_changed_data_shape_is_refused_and_a_second_trainer_is_l
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+def _in_own_filesystem(tmp_path: Path, options: str, command: str) -> subprocess.CompletedProcess:
+    """Run the shell `command` with a fresh tmpfs (`options`, e.g. size=700k) on `$DISK`, in a mount namespace of
+    its own (so the mount vanishes with it): a real full or read-only file system. Skips where this machine does
+    not allow mounting (no root, no unshare)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = f"mount -t tmpfs -o {options} tmpfs {disk}"
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True, text=True)
+    if shutil.which("unshare") is None or probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {probe.stderr.strip()}")
+    env = {**os.environ, "XLA_FLAGS": "", "DISK": str(disk), "JAXHET": JAXHET}
+    script = f"{mount} && {command}"
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_the_last_checkpoint_stays(tmp_path):
+    # A 700 KiB file system holds two of this model's checkpoints (about 320 KiB each) and fails the third mid-write.
+    tiny = " ".join(TINY)
+    train = f'"$JAXHET" train --steps 20 --set save_every=1 --set keep=20 --checkpoint-dir "$DISK/run" {tiny}'
+    result = _in_own_filesystem(
+        tmp_path, "size=700k", f'{train}; status=$?; cp -a "$DISK/run" {tmp_path}/run; exit $status'
+    )
+    line = _one_line_error(result)
+    assert f"{tmp_path}/disk/run" in line and "No space left on device" in line, line
+    run = tmp_path / "run"
+    finished = sorted(int(p.name) for p in run.iterdir() if p.name.isdigit())
+    assert finished and not list(run.glob("*.orbax-checkpoint-tmp*")), sorted(p.name for p in run.iterdir())
+    assert load_trained(run).meta["step"] == finished[-1] < 20
+
+
+def test_a_read_only_checkpoint_dir_is_refused_before_any_work(tmp_path):
+    started = time.monotonic()
+    result = _in_own_filesystem(tmp_path, "ro,size=64k", '"$JAXHET" train --checkpoint-dir "$DISK/run"')
+    line = _one_line_error(result)
+    assert f"checkpoint_dir: {tmp_path}/disk is not writable, so {tmp_path}/disk/run cannot be written" in line
+    assert "training" not in result.stdout and time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(
+    ("command", "needle"),
+    [
+        (["plan", "serve", "--time-limit", "60", "--png", "nowhere/serve.png"], "--png nowhere/serve.png"),
+        (["profile", "--scale", "tiny", "-o", "nowhere/profile.json"], "--output nowhere/profile.json"),
+    ],
+)
+def test_outputs_into_a_missing_folder_are_refused_before_the_work(tmp_path, command, needle):
+    result, seconds = _run(*command, cwd=tmp_path)
+    assert f"{needle}: the folder nowhere does not exist" in _one_line_error(result)
+    assert seconds < 60

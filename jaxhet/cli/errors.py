@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from jaxhet.models import CheckpointError, ConfigError
 # OSError covers what the machine refuses: a busy port, a missing or unwritable path, a full disk. Each names what
 # it concerns, which is all a user needs to fix it.
 USER_ERRORS = (CheckpointError, ConfigError, OSError, ValueError)
+# Libraries that log their own view of a failure they also raise (Orbax through absl, asyncio's tasks it left behind).
+LIBRARY_LOGGERS = ("absl", "asyncio")
 
 
 @contextlib.contextmanager
@@ -37,3 +41,21 @@ def check_output(path: Path | None, option: str) -> None:
         raise ValueError(f"{option} {path}: is a folder, not a file")
     if not os.access(folder, os.W_OK):
         raise ValueError(f"{option} {path}: the folder {folder} is not writable")
+
+
+def quiet_library_logs() -> None:
+    """For the rest of this command, keep libraries' own reports of a failure off the terminal, so a failure that
+    reaches the user as one `user_errors` line is not buried under hundreds of lines of the same failure seen from
+    inside: Orbax logs every failed background write with its traceback (through absl), asyncio logs the tasks it
+    left unfinished (when the process exits), and TensorStore's callbacks into a closed event loop end as unraisable
+    "Event loop is closed" errors. Other unraisable errors, and jaxhet's own warnings, still show. A command-line
+    entry point's setting: it lasts until the process exits, which is when asyncio reports."""
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    report = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+            report(unraisable)
+
+    sys.unraisablehook = hook

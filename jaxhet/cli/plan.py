@@ -3,6 +3,7 @@ model cascade (thresholds, deployment and simulated latency; JSON, PNG of the la
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,7 @@ from rich.table import Table
 
 import planners
 from jaxhet.cli.errors import check_output, user_errors
+from planners.picture import save_cascade_png, save_placement_png, save_serve_png
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -110,14 +112,7 @@ def train(
         f"micro-batch size {info.microbatch_size}",
         highlight=False,
     )
-    if output is not None:
-        output.write_text(plan.to_json() + "\n")
-        console.print(f"plan written to {output}", highlight=False)
-    if png is not None:
-        from planners.picture import save_placement_png
-
-        save_placement_png(plan, spec, png)
-        console.print(f"placement picture written to {png}", highlight=False)
+    _write_outputs(console, plan.to_json(), output, png, lambda path: save_placement_png(plan, spec, path))
 
 
 def _serve_table(plan: planners.ServePlan) -> Table:
@@ -203,6 +198,7 @@ def serve(
     console = Console()
     with user_errors():
         check_output(output, "--output")
+        check_output(png, "--png")
         spec = _cluster(cluster, device_profile)
         models = [planners.ModelSpec.resolve(m) for m in (model or ["llama-2-7b"])]
         traffic = _serve_workload(rate, input_len, output_len, ttft, tpot, budget, trace, bucket_edge or [], workload)
@@ -224,14 +220,7 @@ def serve(
     served = ", ".join(f"{name}: {r * plan.throughput_scale:.2f} req/s" for name, r in plan.rates.items())
     console.print(f"serves {served} at {plan.price_per_hour:.2f}/h (cost model, no queueing)", highlight=False)
     console.print(f"solver: {plan.status}, objective bound {plan.objective_bound:.4g}", highlight=False)
-    if output is not None:
-        output.write_text(plan.to_json() + "\n")
-        console.print(f"plan written to {output}", highlight=False)
-    if png is not None:
-        from planners.picture import save_serve_png
-
-        save_serve_png(plan, spec, png)
-        console.print(f"placement picture written to {png}", highlight=False)
+    _write_outputs(console, plan.to_json(), output, png, lambda path: save_serve_png(plan, spec, path))
 
 
 def _serve_workload(
@@ -367,14 +356,28 @@ def cascade(
             f"p90 {stats.percentile(90):.2f} s, quality {stats.quality:.3f}",
             highlight=False,
         )
-    if output is not None:
-        plan.save(output)
-        console.print(f"plan written to {output}", highlight=False)
-    if png is not None:
-        from planners.picture import save_cascade_png
+    _write_outputs(
+        console, plan.to_json(), output, png, lambda path: save_cascade_png(plan, path), "latency/quality front"
+    )
 
-        save_cascade_png(plan, png)
-        console.print(f"latency/quality front written to {png}", highlight=False)
+
+def _write_outputs(
+    console: Console,
+    plan_json: str,
+    output: Path | None,
+    png: Path | None,
+    draw: Callable[[Path], object],
+    picture: str = "placement picture",
+) -> None:
+    """Write the plan JSON and the picture asked for; a write the disk refuses is one `user_errors` line (their
+    folders were checked before the solve)."""
+    with user_errors():
+        if output is not None:
+            output.write_text(plan_json + "\n")
+            console.print(f"plan written to {output}", highlight=False)
+        if png is not None:
+            draw(png)
+            console.print(f"{picture} written to {png}", highlight=False)
 
 
 app.command("train")(train)

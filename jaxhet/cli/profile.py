@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from jaxhet.cli.errors import user_errors
+from jaxhet.cli.errors import check_output, user_errors
 from jaxhet.cli.launch import Coordinator, NumProcesses, ProcessId, join
 from planners.measured import MeasuredProfile
 
@@ -71,6 +71,7 @@ def profile(
         runtime = join(None, coordinator, num_processes, process_id)
         if runtime.process_id:
             output = output.with_name(f"{output.stem}.process{runtime.process_id}{output.suffix}")
+        check_output(output, "--output")
         local = jax.local_devices()[:devices] if devices else jax.local_devices()
         sizes = profiling.ProfileSizes.preset(scale or profiling.default_scale(local[0]))
         dtypes = dtype or (["float32"] if local[0].platform == "cpu" else ["bfloat16", "float16", "float32"])
@@ -87,5 +88,6 @@ def profile(
             measured = profiling.measure(local, sizes, dtypes, kind, on_step)
             progress.update(task, advance=1)
     console.print(_table(measured))
-    measured.save(output)
+    with user_errors():
+        measured.save(output)
     console.print(f"profile written to {output}", highlight=False)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from jaxhet.cli.errors import user_errors
+from jaxhet.cli.errors import quiet_library_logs, user_errors
 from jaxhet.cli.launch import Coordinator, NumProcesses, ProcessId, join
 
 
@@ -68,12 +68,14 @@ def train(
     under SLURM / Open MPI, which are detected): node i of the cluster file runs on process i."""
     with user_errors():
         from jaxhet.train import TrainConfig
+        from jaxhet.train.config import check_writable_directory
 
         overrides = _overrides(set_ or [])
         for key, value in (("plan", plan), ("steps", steps), ("checkpoint_dir", checkpoint_dir)):
             if value is not None:
                 overrides[key] = str(value)
         cfg = TrainConfig.load(config, overrides)
+        check_writable_directory("checkpoint_dir", Path(cfg.checkpoint_dir))
         runtime = _join(cfg, coordinator, num_processes, process_id)
     result = _run(cfg, resume, runtime)
     if runtime.is_main:
@@ -95,6 +97,7 @@ def _run(cfg, resume: bool, runtime):
     from jaxhet.train import train as run_training
 
     console = Console(quiet=not runtime.is_main)
+    quiet_library_logs()
     with user_errors():
         where = cfg.cluster if cfg.plan == "auto" else cfg.plan
         console.print(

@@ -8,8 +8,10 @@ fails to restore and the previous one is used, with a warning, and the damaged o
 save up to its step. For the same reason a save at step s first renames any checkpoint at step s or later to
 `<step>.superseded`, with a warning: they belong to a run that went further before it was resumed from an earlier
 step (in a multi-process run, steps some processes finalised and others did not). A save Orbax still declines, or
-a write that fails (a full disk), raises `CheckpointError` naming the directory; the checkpoints already finalised
-stay as they were.
+a write that fails (a full disk), raises `CheckpointError` naming the directory, the step and the OS's reason in one
+line; the unfinished step's files are removed and the checkpoints already finalised stay as they were. Readers
+(`restore_latest(..., move_aside=False)`) skip a damaged checkpoint without renaming it: the run may belong to a
+trainer that is still writing it.
 
 A trainer takes the run directory's lock (`lock()`, an advisory `flock` on `.lock` holding its PID, released when
 the process ends however it ends), so a second trainer on the same directory is refused naming the first; readers
@@ -23,6 +25,8 @@ import fcntl
 import itertools
 import logging
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,11 @@ log = logging.getLogger(__name__)
 CORRUPT_SUFFIX = ".corrupt"
 SUPERSEDED_SUFFIX = ".superseded"
 LOCK_FILE = ".lock"
+# Orbax writes a step into `<step>.orbax-checkpoint-tmp...` and renames it to `<step>` when it is complete.
+UNFINISHED_GLOB = "{step}.orbax-checkpoint-tmp*"
+# TensorStore reports a failed write as text: the OS error's number and the files concerned, then its whole spec.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_ABSOLUTE_PATH = re.compile(r'"(/[^"]+)"')
 
 
 class CheckpointStore:
@@ -79,8 +88,9 @@ class CheckpointStore:
 
         Checkpoints at this step or later are moved aside first; CheckpointError if Orbax declines all the same or a
         write fails."""
+        self.wait()  # Orbax waits for the previous save anyway; its failure is named by its own step here
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        with self._failures_named(f"saving step {step}"):
+        with self._failures_named(step):
             for later in [s for s in self.steps() if s >= step]:
                 self._move_aside(later, SUPERSEDED_SUFFIX, f"a save at step {step} supersedes it")
             saved = self._manager.save(step, args=args)
@@ -90,31 +100,38 @@ class CheckpointStore:
 
     def wait(self) -> None:
         """Block until the last save is on disk; CheckpointError if its write failed."""
-        with self._failures_named(f"saving step {self._last_save}"):
+        with self._failures_named(self._last_save):
             self._manager.wait_until_finished()
 
     @contextlib.contextmanager
-    def _failures_named(self, doing: str) -> Iterator[None]:
-        """Any failure of Orbax's (its writes fail as OSError or as TensorStore's ValueError, which names the file
-        and the OS error) as one CheckpointError naming the run directory."""
+    def _failures_named(self, step: int | None) -> Iterator[None]:
+        """Any failure of Orbax's while saving `step` as one CheckpointError naming the run directory, the step and
+        the reason; the step's unfinished files are removed, so a failed save leaves the disk as it found it."""
         try:
             yield
         except Exception as err:  # noqa: BLE001 - every way a write fails is the same failure to the caller
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"{doing} in {self.directory} failed: {first_line}") from err
+            for unfinished in self.directory.glob(UNFINISHED_GLOB.format(step=step)):
+                shutil.rmtree(unfinished, ignore_errors=True)
+            raise CheckpointError(f"saving step {step} in {self.directory} failed: {failure_reason(err)}") from err
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+    def restore_latest(self, abstract_state: Any, *, move_aside: bool = True) -> tuple[int, Any, dict] | None:
         """The newest checkpoint that restores, as (step, state, meta); None when there is none. Each newer one
-        that fails is moved aside, so that saves of its step and below land again."""
+        that fails is moved aside (unless `move_aside` is false: a reader's call), so that saves of its step and
+        below land again."""
         for step in reversed(self.steps()):
             restored = self.restore_step(step, abstract_state)
             if restored is not None:
                 return step, *restored
-            self._move_aside(step, CORRUPT_SUFFIX, "it cannot be restored")
+            if move_aside:
+                self.set_aside(step)
         return None
+
+    def set_aside(self, step: int) -> None:
+        """Move the damaged checkpoint of `step` to `<step>.corrupt`, out of Orbax's sight, with a warning."""
+        self._move_aside(step, CORRUPT_SUFFIX, "it cannot be restored")
 
     def restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict] | None:
         """(state, meta) of `step` in `abstract_state`'s layout (None: as saved), or None, with a warning, when
@@ -156,3 +173,19 @@ class CheckpointStore:
             if self._lock is not None:
                 os.close(self._lock)  # closing the descriptor releases the flock
                 self._lock = None
+
+
+def failure_reason(err: BaseException) -> str:
+    """Why a write failed, in a few words: the OS's reason and the file for a failed write (TensorStore's spec dump
+    dropped), otherwise the error's first line."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror + (f" ({cause.filename})" if cause.filename else "")
+        cause = cause.__cause__ or cause.__context__
+    text = str(err).strip()
+    code = _OS_ERROR_CODE.search(text)
+    if code is not None:
+        paths = _ABSOLUTE_PATH.findall(text)
+        return os.strerror(int(code.group(1))) + (f" (writing {paths[0]})" if paths else "")
+    return text.splitlines()[0].split(" [tensorstore_spec=")[0] if text else type(err).__name__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -134,13 +135,27 @@ def _override(values: dict[str, Any], key: str, value: Any) -> None:
     target[parts[-1]] = value
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def _check_directory_path(name: str, directory: Path) -> None:
     """ConfigError if `directory` can never be a directory: it, or the nearest part of it that exists, is a file."""
-    existing = directory
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
+    existing = _nearest_existing(directory)
     if existing.exists() and not existing.is_dir():
         raise ConfigError(f"{name}: {existing} is a file, so {directory} cannot be a directory")
+
+
+def check_writable_directory(name: str, directory: Path) -> None:
+    """ConfigError unless `directory` is, or can be made, a directory this process writes in: the nearest part of
+    it that exists must be a directory it may write (a read-only file system or missing permission is refused).
+    Only writers check this: a run directory on read-only storage still serves."""
+    _check_directory_path(name, directory)
+    existing = _nearest_existing(directory)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name}: {existing} is not writable, so {directory} cannot be written")
 
 
 # What a checkpoint's arrays and data position are shaped by: a resumed run must keep each as it was saved.
@@ -162,10 +177,10 @@ RESUME_FIXED = (
 )
 
 
-def check_resume(saved: TrainConfig, requested: TrainConfig) -> str | None:
+def check_resume(saved: TrainConfig, requested: TrainConfig) -> None:
     """Refuse to resume `saved` (the run directory's config.yaml) as `requested` when a field the checkpoint's
-    shapes or data position depend on changed, naming it (ConfigError); otherwise a note on how a changed `steps`
-    reshapes the learning-rate schedule (None when it does not change)."""
+    shapes or data position depend on changed, naming it (ConfigError). Other fields may change; how a changed
+    schedule reads is `jaxhet.train.step.schedule_change`."""
     for name in RESUME_FIXED:
         before, after = _dotted(saved, name), _dotted(requested, name)
         if before != after:
@@ -173,12 +188,11 @@ def check_resume(saved: TrainConfig, requested: TrainConfig) -> str | None:
                 f"--resume cannot change {name} (the run was saved with {before!r}, now {after!r}); "
                 f"start a new checkpoint_dir instead"
             )
-    if saved.steps == requested.steps:
-        return None
-    return (
-        f"steps changed from {saved.steps} to {requested.steps}: the cosine learning-rate decay now spans "
-        f"{requested.steps} steps, so from the resumed step on the rate differs from the original schedule"
-    )
+
+
+def changed_fields(before: TrainConfig, after: TrainConfig, names: tuple[str, ...]) -> list[str]:
+    """`name old → new` for each of the dotted `names` whose value differs."""
+    return [f"{n} {_dotted(before, n)} → {_dotted(after, n)}" for n in names if _dotted(before, n) != _dotted(after, n)]
 
 
 def _dotted(config: Any, name: str) -> Any:

@@ -16,6 +16,7 @@ shared directory; only process 0 writes metrics, TensorBoard events, `plan.json`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -27,10 +28,10 @@ import yaml
 from flax import nnx
 
 from jaxhet.data import PackedBatches
-from jaxhet.models import Llama, LlamaConfig
+from jaxhet.models import CheckpointError, Llama, LlamaConfig
 from jaxhet.tokenizers import Tokenizer, load_tokenizer
 from jaxhet.train.checkpoints import CheckpointStore
-from jaxhet.train.config import TrainConfig, check_resume
+from jaxhet.train.config import TrainConfig, check_resume, check_writable_directory
 from jaxhet.train.flops import peak_flops
 from jaxhet.train.meter import ThroughputMeter
 from jaxhet.train.metrics import MetricsLog
@@ -42,6 +43,7 @@ from jaxhet.train.step import (
     initial_state,
     learning_rate_schedule,
     plan_execution,
+    schedule_change,
     single_device_execution,
     train_step,
 )
@@ -173,7 +175,8 @@ class _StopRequest:
 
 def _open_store(config: TrainConfig, directory: Path, resume: bool, runtime: Runtime):
     """The run directory's checkpoints, locked for this trainer; a resumed run must keep what its checkpoints'
-    shapes and data position depend on."""
+    shapes and data position depend on. Checked before any other work: a run directory that cannot be written."""
+    check_writable_directory("checkpoint_dir", directory)
     if runtime.multi_process:
         store = ProcessCheckpoints(directory, keep=config.keep, runtime=runtime)
     else:
@@ -181,12 +184,39 @@ def _open_store(config: TrainConfig, directory: Path, resume: bool, runtime: Run
     store.lock()
     if not resume and store.steps():
         raise ValueError(f"{directory} already holds checkpoints; pass --resume, or choose another checkpoint_dir")
-    saved = directory / "config.yaml"
-    if resume and saved.is_file():
-        note = check_resume(TrainConfig.load(saved), config)
-        if note and runtime.is_main:
-            log.warning("%s", note)
     return store
+
+
+def _saved_config(directory: Path, config: TrainConfig) -> TrainConfig | None:
+    """The config a resumed run was saved with (None for a run without one), refused if `config` changes what its
+    checkpoints' shapes depend on."""
+    saved = directory / "config.yaml"
+    if not saved.is_file():
+        return None
+    saved_config = TrainConfig.load(saved)
+    check_resume(saved_config, config)
+    return saved_config
+
+
+def _restore(store, optimizer, state, data: PackedBatches, directory: Path) -> tuple[int, object]:
+    """The resumed step and state (data repositioned; every device group's copy placed from the checkpoint's one).
+    When no checkpoint restores the run starts again from step 0 and `state` as given, with a warning naming the
+    steps that failed (each also in a warning of its own)."""
+    saved = store.steps()
+    restored = store.restore_latest(jax.tree.map(_abstract, checkpoint_view(optimizer, state)))
+    if restored is None:
+        if saved:
+            log.warning(
+                "none of the checkpoints in %s restores (steps %s); starting again from step 0",
+                directory,
+                ", ".join(map(str, saved)),
+            )
+        else:
+            log.warning("no checkpoint to resume in %s; starting from step 0", directory)
+        return 0, state
+    step, held, meta = restored
+    data.restore(meta["data"])
+    return step, from_checkpoint(optimizer, held)
 
 
 def train(
@@ -200,19 +230,28 @@ def train(
     With a multi-process `runtime` every process calls this alike (see the module docstring)."""
     directory = Path(config.checkpoint_dir)
     store = _open_store(config, directory, resume, runtime)
+    try:
+        result = _train(config, store, directory, resume, progress, runtime)
+    except BaseException:
+        with contextlib.suppress(CheckpointError):  # the error on its way out is the one to report
+            store.close()
+        raise
+    store.close()
+    return result
+
+
+def _train(config: TrainConfig, store, directory: Path, resume: bool, progress, runtime: Runtime) -> TrainResult:
+    saved_config = _saved_config(directory, config) if resume else None
     data = PackedBatches(config.data)
     model = build_model(config, data.vocab_size, jax.random.key(config.seed))
     execution = _execution(config, model, directory, resume, runtime)
     optimizer, state = initial_state(config, model, execution)
     start_step = 0
     if resume:
-        restored = store.restore_latest(jax.tree.map(_abstract, checkpoint_view(optimizer, state)))
-        if restored is None:
-            log.warning("no checkpoint to resume in %s; starting from step 0", directory)
-        else:
-            start_step, held, meta = restored
-            state = from_checkpoint(optimizer, held)
-            data.restore(meta["data"])
+        start_step, state = _restore(store, optimizer, state, data, directory)
+        note = saved_config and schedule_change(saved_config, config, start_step)
+        if note and runtime.is_main:
+            log.warning("%s", note)
     if runtime.is_main:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
@@ -245,7 +284,6 @@ def train(
                 metrics.flush()
                 meta = {"step": step, "data": data.state(), "plan": "single" if plan is None else plan.to_dict()}
                 store.save(step, checkpoint_view(optimizer, state), meta)
-    store.close()
     return TrainResult(
         start_step=start_step,
         end_step=step,
@@ -297,7 +335,7 @@ def load_trained(directory: str | Path) -> TrainedRun:
     if is_process_checkpointed(directory):
         restored = gather_state(directory, abstract)
     else:
-        restored = CheckpointStore(directory, keep=config.keep).restore_latest(abstract)
+        restored = CheckpointStore(directory, keep=config.keep).restore_latest(abstract, move_aside=False)
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
     _, state, meta = restored

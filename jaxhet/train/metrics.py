@@ -8,7 +8,9 @@ events at or after it), so both show each step once.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,26 +43,47 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self._writer is None:
             return
-        self._jsonl.write(json.dumps(record) + "\n")
+        with _named(self.jsonl_path):
+            self._jsonl.write(json.dumps(record) + "\n")
         for field, tag in SCALARS.items():
             if record.get(field) is not None:
                 self._writer.add_scalar(tag, record[field], record["step"])
 
     def flush(self) -> None:
         if self._writer is not None:
-            self._jsonl.flush()
-            self._writer.flush()
+            with _named(self.jsonl_path):
+                self._jsonl.flush()
+            with _named(self.tensorboard_dir):
+                self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
-            self._jsonl.close()
-            self._writer.close()
+            with _named(self.jsonl_path):
+                self._jsonl.close()
+            with _named(self.tensorboard_dir):
+                self._writer.close()
 
     def __enter__(self) -> MetricsLog:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        """Close; with an error already on its way out (a full disk fails the close too), that error is kept."""
+        try:
+            self.close()
+        except OSError:
+            if exc_type is None:
+                raise
+
+
+@contextlib.contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """An OSError of a buffered write names no file; raise it again naming `path`."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from None
 
 
 def _trim(path: Path, last_step: int) -> None:

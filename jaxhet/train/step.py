@@ -21,7 +21,7 @@ import optax
 
 from jaxhet.models import Llama
 from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
-from jaxhet.train.config import TrainConfig
+from jaxhet.train.config import TrainConfig, changed_fields
 from meshes import GroupedOptimizer, HetMesh, PlanExecutor
 from meshes.replicas import first_copies
 from meshes.transfer import Transfers
@@ -80,6 +80,25 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
         warmup_steps=min(o.warmup_steps, config.steps),
         decay_steps=max(config.steps, o.warmup_steps + 1),
         end_value=o.learning_rate * o.min_lr_ratio,
+    )
+
+
+# The fields `learning_rate_schedule` reads.
+SCHEDULE_FIELDS = ("steps", "optim.learning_rate", "optim.warmup_steps", "optim.min_lr_ratio")
+
+
+def schedule_change(saved: TrainConfig, resumed: TrainConfig, step: int) -> str | None:
+    """One line on how resuming `saved` as `resumed` at `step` changes the learning-rate schedule (None when it does
+    not): the schedule is rebuilt from the resumed config, so a larger `steps` stretches the cosine decay to end at
+    the new last step and the rate jumps at `step` to the new schedule's value. A run resumed at step 0 (nothing
+    restored) simply starts on the new schedule."""
+    changed = changed_fields(saved, resumed, SCHEDULE_FIELDS)
+    if not changed or step == 0:
+        return None
+    before, after = (float(learning_rate_schedule(c)(step)) for c in (saved, resumed))
+    return (
+        f"{', '.join(changed)}: the learning-rate schedule is rebuilt (warm-up, then cosine decay to step "
+        f"{resumed.steps}); at the resumed step {step} the rate is {after:.3g}, the saved schedule had {before:.3g}"
     )
 
 
