@@ -252,10 +252,12 @@ class Transfers:
         devices = [flat_devices(xs[0].sharding) for xs in per_holder]
         lanes = math.gcd(*(len(d) for d in devices))
         chunk = -(-max(sum(x.size for x in first), 1) // (lanes * holders)) * holders
-        wires = [self._to_wire(xs, d, lanes, chunk) for xs, d in zip(per_holder, devices, strict=True)]
         heads = [d[:: len(d) // lanes] for d in devices]
-        reduced = self._reduce_heads(wires, heads, chunk)
         self._count_ring(holders, lanes * chunk * dtype.itemsize, heads)
+        if jax.process_index() not in processes_of([device for d in devices for device in d]):
+            return [[empty_array(x.shape, dtype, x.sharding) for x in xs] for xs in per_holder]
+        wires = [self._to_wire(xs, d, lanes, chunk) for xs, d in zip(per_holder, devices, strict=True)]
+        reduced = self._reduce_heads(wires, heads, chunk)
         out = []
         for xs, d, h in zip(per_holder, devices, heads, strict=True):
             wire = _wire_sharding(d, lanes)

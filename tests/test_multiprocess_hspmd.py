@@ -22,7 +22,7 @@ def run_cases(tmp_path, num_processes: int, cases: list[str]) -> list[dict]:
         python(WORKER, str(i), str(num_processes), str(port), ",".join(cases), str(outs[i]))
         for i in range(num_processes)
     ]
-    run(commands, tmp_path / "logs", timeout=480)
+    run(commands, tmp_path / "logs", timeout=720)
     return [json.loads(out.read_text()) for out in outs]
 
 
