@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -74,7 +75,19 @@ def _half_sent_answer(url: str) -> tuple[bytes, float]:
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         started = time.monotonic()
         sock.sendall(head + b'{"model": ')
-        return sock.recv(4096), time.monotonic() - started
+        answer = sock.recv(4096)
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _content_length(answer):
+            more = sock.recv(4096)
+            if not more:
+                break
+            answer += more
+        return answer, time.monotonic() - started
+
+
+def _content_length(answer: bytes) -> int:
+    """The Content-Length an HTTP response's head declares (0 while the head is incomplete)."""
+    match = re.search(rb"(?im)^content-length:\s*(\d+)", answer)
+    return int(match.group(1)) if match else 0
 
 
 def test_serve_with_no_model_serves_a_fresh_tiny_model_and_drains_on_sigterm(tmp_path):
