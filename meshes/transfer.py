@@ -89,10 +89,14 @@ def put_host(value: Any, sharding: Sharding) -> jax.Array:
 
 def host_value(x: jax.Array) -> np.ndarray:
     """The value of a replicated array, read from this process's first shard of it (never a remote one)."""
-    shards = x.addressable_shards
-    if not shards:
+    return host_values([x])[0]
+
+
+def host_values(xs: Sequence[jax.Array]) -> list[np.ndarray]:
+    """`host_value` of each of `xs`, fetched together (one wait for all, not one per array)."""
+    if not all(x.addressable_shards for x in xs):
         raise ValueError("this process holds no shard of the array; read it where it lives")
-    return np.asarray(shards[0].data)
+    return [np.asarray(v) for v in jax.device_get([x.addressable_shards[0].data for x in xs])]
 
 
 def restrict(x: jax.Array, sharding: Sharding) -> jax.Array:

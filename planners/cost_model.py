@@ -165,12 +165,13 @@ class TrainCosts:
         return compute + comm + self.cp_seconds(tp, cp, microbatch, recompute, cp_link or link)
 
     def head_seconds(self, kind: str, tp: int, microbatch: int, cp: int = 1, cp_link: Link | None = None) -> float:
-        """Forward+backward of the final norm and the (vocabulary-parallel) LM head on one micro-batch, with the
-        all-reduce of its gradients over the CP ranks."""
+        """Forward+backward of the final norm and the LM head on one micro-batch, with the all-reduce of its
+        gradients over the CP ranks. The head is replicated over TP (`jaxhet.parallel.megatron_specs`): every TP
+        device computes all the logits, so `tp` does not divide this time."""
         prof = self._profile(kind)
         tokens = microbatch * self.seq_len / cp
-        flops = 3 * 2 * tokens * self.model.vocab_size * self.model.hidden_size / tp
-        moved = 3 * ACT_BYTES * self.model.head_params / tp + LOGIT_BYTES * tokens * self.model.vocab_size / tp
+        flops = 3 * 2 * tokens * self.model.vocab_size * self.model.hidden_size
+        moved = 3 * ACT_BYTES * self.model.head_params + LOGIT_BYTES * tokens * self.model.vocab_size
         compute = max(flops / prof.flops_per_s_at(self.model.hidden_size), moved / prof.bytes_per_s)
         return compute + _cp_allreduce_seconds(self.cp_grad_bytes(tp, "head"), cp, cp_link)
 
@@ -210,14 +211,16 @@ class TrainCosts:
     def layer_state_bytes(self, tp: int) -> float:
         return STATE_BYTES_PER_PARAM * self.model.layer_params / tp
 
+    # The embedding, the final norm and the head are replicated over a stage's TP devices, as
+    # `jaxhet.parallel.megatron_specs` lays them out, so `tp` does not divide their state, logits or gradients.
     def first_state_bytes(self, tp: int) -> float:
-        return STATE_BYTES_PER_PARAM * self.model.embedding_params / tp
+        return STATE_BYTES_PER_PARAM * self.model.embedding_params
 
     def last_state_bytes(self, tp: int) -> float:
-        return STATE_BYTES_PER_PARAM * self.model.head_params / tp
+        return STATE_BYTES_PER_PARAM * self.model.head_params
 
     def logits_bytes(self, tp: int, microbatch: int, cp: int = 1) -> float:
-        return LOGIT_BYTES * microbatch * self.seq_len / cp * self.model.vocab_size / tp
+        return LOGIT_BYTES * microbatch * self.seq_len / cp * self.model.vocab_size
 
     def layer_act_bytes(self, tp: int, microbatch: int, recompute: bool, cp: int = 1) -> float:
         """Activation bytes one block keeps per in-flight micro-batch on one device."""
@@ -250,10 +253,10 @@ class TrainCosts:
 
     def stage_grad_bytes(self, tp: int, layers: int, first: bool, last: bool) -> float:
         """Gradient bytes one device of a stage all-reduces with the other replicas."""
-        params = layers * self.model.layer_params
+        params = layers * self.model.layer_params / tp
         params += self.model.embedding_params if first else 0
         params += self.model.head_params if last else 0
-        return GRAD_BYTES_PER_PARAM * params / tp
+        return GRAD_BYTES_PER_PARAM * params
 
     def dp_link(self, nodes_used: int, single_node: int) -> Link:
         """The link the gradient all-reduce crosses: inside `single_node` if the plan uses only one node."""

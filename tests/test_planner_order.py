@@ -58,7 +58,7 @@ def test_planner_matches_enumeration_over_every_stage_order() -> None:
         assert plan.estimate.iteration_s == pytest.approx(expected[0], rel=1e-3), seed
         assert info.lower_bound_s <= expected[0] * (1 + 1e-3) and info.gap <= 1e-3, seed
         matched += 1
-    assert matched >= 40
+    assert matched >= 38  # the rest fit in no memory (the embedding and head are replicated over TP)
 
 
 @pytest.mark.slow

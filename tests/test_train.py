@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from jaxhet.parallel import llama_params
-from jaxhet.train import TrainConfig, load_trained, train
+from jaxhet.train import TrainConfig, load_trained, loop, train
+from meshes.transfer import host_values
 
 JAXHET = shutil.which("jaxhet") or str(Path(sys.executable).parent / "jaxhet")
 SMALL = {
@@ -54,13 +55,13 @@ def test_auto_plan_gives_the_single_device_loss_at_every_step(tmp_path):
     assert (tmp_path / "auto" / "run" / "plan.png").is_file()
     # float32 on both paths; the plan only reorders sums (micro-batches, replicas, TP partial sums).
     np.testing.assert_allclose(auto.losses, single.losses, rtol=1e-5)
-    # Saved from the owner layout (optimizer step per owner group), restored onto one device.
+    # Saved from the plan's copies (each leaf from its first holder), restored onto one device.
     auto_params = llama_params(load_trained(tmp_path / "auto" / "run").model)
     single_params = llama_params(load_trained(tmp_path / "single" / "run").model)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), auto_params, single_params)
 
 
-def test_resuming_a_plan_restores_into_the_owner_layout_and_continues_identically(tmp_path):
+def test_resuming_a_plan_restores_into_its_copies_and_continues_identically(tmp_path):
     config = small_config(tmp_path, steps="6", save_every="3", plan="auto")
     full = train(config)
     shutil.rmtree(tmp_path / "run" / "6")  # as if the run had died after step 3's checkpoint
@@ -135,15 +136,23 @@ def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
-def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
-    result = train(small_config(tmp_path, steps="3", plan="single"))
+def test_metrics_go_to_jsonl_and_tensorboard_read_back_every_log_every_steps(tmp_path, monkeypatch):
+    read_backs = []
+
+    def counted(arrays):
+        read_backs.append(len(arrays))
+        return host_values(arrays)
+
+    monkeypatch.setattr(loop, "host_values", counted)
+    result = train(small_config(tmp_path, steps="5", log_every="2", plan="single"))
+    assert read_backs == [4, 4, 2]  # a loss and a norm per step, after steps 2, 4 and 5 (the end)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert all(r["tokens_per_s"] > 0 and r["model_tflops"] > 0 and r["grad_norm"] > 0 for r in records)
     assert records[0]["lr"] == 0.0 < records[1]["lr"]  # warm-up from 0
     assert records[0]["mfu"] is None and result.mfu is None  # CPU: no catalogued peak
     scalars = tensorboard_scalars(result.tensorboard_dir)
-    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3]
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([v for _, v in scalars["train/loss"]], result.losses, rtol=1e-6)
     assert {"train/learning_rate", "train/grad_norm", "perf/tokens_per_s", "perf/model_tflops"} <= set(scalars)
     assert "perf/mfu" not in scalars

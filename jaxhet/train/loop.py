@@ -49,7 +49,7 @@ from jaxhet.train.step import (
 )
 from meshes import HetMesh
 from meshes.distributed import Runtime, any_process, broadcast_text
-from meshes.transfer import host_value
+from meshes.transfer import host_values
 
 log = logging.getLogger(__name__)
 MASTER_DTYPE = "float32"
@@ -261,6 +261,7 @@ def _train(config: TrainConfig, store, directory: Path, resume: bool, progress, 
     meter = ThroughputMeter(model.config, num_params, peak_flops(execution.devices))
 
     losses: list[float] = []
+    pending: list[_Dispatched] = []
     step = start_step
     stopping = False
     with _StopRequest() as stop, MetricsLog(directory, start_step, writer=runtime.is_main) as metrics:
@@ -268,17 +269,15 @@ def _train(config: TrainConfig, store, directory: Path, resume: bool, progress, 
             batch = next(data)
             state, loss, grad_norm = train_step(execution, optimizer, state, batch)
             step += 1
-            losses.append(float(host_value(loss)))
-            record = {
-                "step": step,
-                "loss": losses[-1],
-                "lr": float(schedule(step - 1)),
-                "grad_norm": float(host_value(grad_norm)),
-                **meter.step(batch),
-            }
-            metrics.write(record)
-            if progress is not None:
-                progress(record)
+            pending.append(_Dispatched(step, loss, grad_norm, meter.count(batch)))
+            if not _window_ends(step, config, stop.requested, runtime):
+                continue
+            for record in _read_back(pending, meter, schedule):
+                losses.append(record["loss"])
+                metrics.write(record)
+                if progress is not None:
+                    progress(record)
+            pending = []
             stopping = any_process(f"stop/{step}", stop.requested, runtime)
             if step % config.save_every == 0 or step == config.steps or stopping:
                 metrics.flush()
@@ -297,6 +296,44 @@ def _train(config: TrainConfig, store, directory: Path, resume: bool, progress, 
         checkpoint_dir=directory,
         tensorboard_dir=metrics.tensorboard_dir,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dispatched:
+    """A step dispatched but not yet read back: its loss and gradient norm still on the devices."""
+
+    step: int
+    loss: jax.Array
+    grad_norm: jax.Array
+    counted: tuple[int, float]
+
+
+def _window_ends(step: int, config: TrainConfig, stop_requested: bool, runtime: Runtime) -> bool:
+    """Whether the loop reads its dispatched steps back after `step`: every `log_every` steps, before a save, at
+    the end, and (in one process) as soon as a stop is requested. Processes must agree on it without talking, so
+    a multi-process run sees a stop request at the next of the other points."""
+    return (
+        step % config.log_every == 0
+        or step % config.save_every == 0
+        or step == config.steps
+        or (stop_requested and not runtime.multi_process)
+    )
+
+
+def _read_back(pending: list[_Dispatched], meter: ThroughputMeter, schedule) -> list[dict]:
+    """The metrics records of the `pending` steps, their losses and norms read back together."""
+    values = host_values([x for d in pending for x in (d.loss, d.grad_norm)])
+    throughput = meter.records([d.counted for d in pending])
+    return [
+        {
+            "step": d.step,
+            "loss": float(loss),
+            "lr": float(schedule(d.step - 1)),
+            "grad_norm": float(norm),
+            **rates,
+        }
+        for d, loss, norm, rates in zip(pending, values[::2], values[1::2], throughput, strict=True)
+    ]
 
 
 def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:

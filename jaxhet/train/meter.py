@@ -1,8 +1,8 @@
-"""Throughput of a training run, step by step and overall: tokens/s, model TFLOP/s and MFU.
+"""Throughput of a training run, window by window and overall: tokens/s, model TFLOP/s and MFU.
 
-A step's time runs from the previous step's record to this one's, so it includes data loading, the optimizer and
-checkpoint hand-off, and (on the first step) compilation; the caller takes the record after the step's loss has
-been read back, which waits for the step's work.
+The loop dispatches steps without waiting and reads their losses back every `log_every` steps; a window's time runs
+from the previous read-back to this one, so it includes data loading, the optimizer, checkpoint hand-off and (in
+the first window) compilation, and its steps share it equally.
 """
 
 from __future__ import annotations
@@ -35,20 +35,35 @@ class ThroughputMeter:
         """Over the whole run so far, compilation included; None without a known peak."""
         return model_flops_utilisation(self.model_flops, self.seconds, self.peak_flops)
 
-    def step(self, batch: dict[str, np.ndarray]) -> dict[str, float | None]:
-        """Count `batch` as done now; returns the step's record fields (tokens so far, seconds so far, and the
-        step's tokens/s, model TFLOP/s and MFU)."""
+    def count(self, batch: dict[str, np.ndarray]) -> tuple[int, float]:
+        """Count `batch`'s step as dispatched; returns its tokens and model FLOPs for `records`."""
         rows, seq_len = batch["input_ids"].shape
         tokens = int(np.sum(batch["weights"]))
         flops = training_flops_per_token(self.config, self.num_params, seq_len) * rows * seq_len
         self.tokens += tokens
         self.model_flops += flops
+        return tokens, flops
+
+    def records(self, counted: list[tuple[int, float]]) -> list[dict[str, float | None]]:
+        """The record fields of the steps `counted` (their `count` results, in order) that are done now: tokens and
+        seconds so far, and tokens/s, model TFLOP/s and MFU over the window since the previous call, whose time
+        the window's steps share equally (their results were read back together)."""
         now = time.perf_counter()
-        seconds, self._last = now - self._last, now
-        return {
-            "tokens": self.tokens,
-            "seconds": now - self.started,
-            "tokens_per_s": tokens / seconds,
-            "model_tflops": flops / seconds / 1e12,
-            "mfu": model_flops_utilisation(flops, seconds, self.peak_flops),
-        }
+        seconds = (now - self._last) / len(counted)
+        tokens_so_far = self.tokens - sum(tokens for tokens, _ in counted)
+        elapsed = self._last - self.started
+        self._last = now
+        records = []
+        for tokens, flops in counted:
+            tokens_so_far += tokens
+            elapsed += seconds
+            records.append(
+                {
+                    "tokens": tokens_so_far,
+                    "seconds": elapsed,
+                    "tokens_per_s": tokens / seconds,
+                    "model_tflops": flops / seconds / 1e12,
+                    "mfu": model_flops_utilisation(flops, seconds, self.peak_flops),
+                }
+            )
+        return records
