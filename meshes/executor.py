@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from meshes.hetmesh import DeviceGroup, HetMesh
+from meshes.optimizer import zero1_shardings
 from meshes.replicas import Copies, first_copies, place
 from meshes.schedules import pipeline_steps
 from meshes.staged import Params, StagedModel, StageSpec
@@ -149,6 +150,13 @@ class PlanExecutor:
         """Per device group, a tree like `params` (whole-model structure) giving the sharding of each leaf the
         group holds, None elsewhere."""
         return [self._unstage(rt.param_shardings, rt.spec, params) for rt in self.runtimes]
+
+    def moment_shardings(self, params: Params) -> list[Any]:
+        """Per device group, where the optimizer's moments of the leaves it holds live: with their parameters, or
+        split over the group's devices where its stage has `zero` 1 (`meshes.optimizer.zero1_shardings`)."""
+        stages = [stage for replica in self.plan.replicas for stage in replica.stages]
+        layouts = self.copy_shardings(params)
+        return [zero1_shardings(params, g) if s.zero else g for s, g in zip(stages, layouts, strict=True)]
 
     def _unstage(self, stage_tree: Any, spec: StageSpec, like: Params) -> Any:
         """A stage's tree (stage structure) as a whole-model tree like `like`, None outside the stage."""

@@ -7,15 +7,19 @@ are per-leaf apart from the global gradient norm, which is summed from per-group
 the first group holding it) by an all-reduce of scalars, and applied as a clipping factor before each group's
 update. Gradients arrive already summed over the groups holding each leaf (`PlanExecutor.value_and_grad`), so
 copies of a leaf get the same update and stay identical. The optimizer state is a copy per group as well, in
-optax's structure (masked), with its step counts on each group's devices; its `first_copies` view is the whole
-model's optax state, which checkpoints hold, so checkpoints do not depend on the plan. Parameters and state are
+optax's structure (masked), with its step counts on each group's devices; a moment lives where its parameter does,
+or (ZeRO-1, `zero1_shardings`) split further over the group's devices that hold the parameter whole, each device
+updating its part and the parameter gathered back. Its `first_copies` view is the whole model's optax state, which
+checkpoints hold, so checkpoints do not depend on the plan. Parameters and state are
 updated in place (donated buffers). The same optimizer runs in one process or across processes: a process runs
 only its own groups' programs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -39,6 +43,34 @@ def _replicated(sharding: Sharding) -> Sharding:
     return sharding
 
 
+def zero1_sharding(shape: tuple[int, ...], sharding: Sharding) -> Sharding:
+    """Where a moment of a parameter of `shape` laid out as `sharding` lives under ZeRO-1: split as well over the
+    mesh axes the parameter is replicated on, along its first unsplit dimension they divide (as the parameter is
+    when none does, or when it lives on one device)."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    mesh = sharding.mesh
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    used = {axis for entry in spec if entry is not None for axis in (entry if isinstance(entry, tuple) else (entry,))}
+    free = tuple(axis for axis in mesh.axis_names if axis not in used and mesh.shape[axis] > 1)
+    ways = math.prod(mesh.shape[axis] for axis in free)
+    for dim, (entry, size) in enumerate(zip(spec, shape, strict=True)):
+        if free and entry is None and size % ways == 0:
+            spec[dim] = free
+            return NamedSharding(mesh, P(*spec))
+    return sharding
+
+
+def zero1_shardings(params: Params, shardings: Params) -> Params:
+    """`zero1_sharding` of every leaf of one group's `shardings` (a tree like `params`, None where not held)."""
+    return jax.tree.map(
+        lambda sharding, leaf: None if sharding is None else zero1_sharding(jnp.shape(leaf), sharding),
+        shardings,
+        params,
+        is_leaf=is_none,
+    )
+
+
 def clip_factor(norm: jax.Array, max_norm: float) -> jax.Array:
     """The factor `optax.clip_by_global_norm` scales gradients by: 1 below `max_norm`, `max_norm / norm` above."""
     return jnp.where(norm < max_norm, 1.0, max_norm / norm)
@@ -55,11 +87,27 @@ def _home(shardings: Any, group: int) -> Sharding:
     return _replicated(leaves[0])
 
 
+def _optimizer_update(optimizer: optax.GradientTransformation, grads, state, params, factor):
+    """`optimizer`'s step on gradients scaled by the clipping `factor`: (new parameters, new state)."""
+    grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+
+def _pinned(leaf: Any, sharding: Sharding | None) -> Any:
+    """`leaf` constrained to `sharding` inside a jitted program (a leaf on one device needs no constraint)."""
+    if not isinstance(sharding, NamedSharding) or leaf is None:
+        return leaf
+    return jax.lax.with_sharding_constraint(leaf, sharding)
+
+
 class GroupedOptimizer:
     """Apply `optimizer` (after global-norm clipping at `max_grad_norm`) to copies laid out as `shardings`.
 
     `shardings` has one tree per device group, like the parameters, giving the sharding of each leaf the group
     holds and None elsewhere (`PlanExecutor.copy_shardings`; on one device, one group holding everything).
+    `moment_shardings`, alike, places the optimizer's moments (default: with their parameters; `zero1_shardings`
+    for ZeRO-1).
     """
 
     def __init__(
@@ -68,15 +116,19 @@ class GroupedOptimizer:
         max_grad_norm: float | None,
         shardings: Sequence[Params],
         transfers: Transfers | None = None,
+        moment_shardings: Sequence[Params] | None = None,
     ):
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.shardings = list(shardings)
+        self.moment_shardings = self.shardings if moment_shardings is None else list(moment_shardings)
         self.transfers = Transfers() if transfers is None else transfers
         self.homes = [_home(s, g) for g, s in enumerate(self.shardings)]
         self.scalars = everywhere(list({d for home in self.homes for d in home.device_set}))
         self._counted = self._first_holders()
-        self._update = jax.jit(self._group_update, donate_argnums=(1, 2))
+        self._updates = [
+            jax.jit(partial(self._group_update, group=g), donate_argnums=(1, 2)) for g in range(len(self.shardings))
+        ]
         self._fused: dict[Callable, Callable] = {}
         self._square_sum = jax.jit(lambda tree: sum((jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)), 0.0))
 
@@ -128,7 +180,7 @@ class GroupedOptimizer:
 
             return other
 
-        for group, home in zip(self.shardings, self.homes, strict=True):
+        for group, home in zip(self.moment_shardings, self.homes, strict=True):
             self._map_state(state, group, collect, collect_other(home))
         moved = iter(self.transfers.tree(leaves, targets))
         return [
@@ -138,7 +190,7 @@ class GroupedOptimizer:
                 lambda leaf, sharding: None if sharding is None else next(moved),
                 lambda leaf: next(moved),
             )
-            for group in self.shardings
+            for group in self.moment_shardings
         ]
 
     def view_state(self, states: Copies, among: Sequence[int] | None = None) -> Any:
@@ -158,16 +210,31 @@ class GroupedOptimizer:
                 loss, grads = value_and_grad(params, batch)
                 norm = optax.global_norm(grads)
                 factor = jnp.ones_like(norm) if self.max_grad_norm is None else clip_factor(norm, self.max_grad_norm)
-                params, state = self._group_update(grads, state, params, factor)
+                params, state = self._group_update(grads, state, params, factor, group=0)
                 return params, state, loss, norm
 
             self._fused[value_and_grad] = jax.jit(step, donate_argnums=(0, 1))
         return self._fused[value_and_grad]
 
-    def _group_update(self, grads, state, params, factor):
-        grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
-        updates, state = self.optimizer.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
+    def _group_update(self, grads, state, params, factor, *, group: int):
+        """Group `group`'s update. On a device mesh each device updates its block of every leaf as the moments
+        are laid out (`shard_map`; under ZeRO-1 a part of a parameter it otherwise holds whole), and the parameters
+        are gathered back into their layout. Every group's devices thus run the same per-element program on their
+        blocks, whatever the blocks' shapes, so copies held by differently split groups get the same bits."""
+        update = partial(_optimizer_update, self.optimizer)
+        home = self.homes[group]
+        if isinstance(home, NamedSharding):
+            moments = self.moment_shardings[group]
+            leaf_specs = jax.tree.map(lambda sharding: sharding and sharding.spec, moments, is_leaf=is_none)
+            state_specs = self._map_state(state, moments, lambda _, sharding: sharding and sharding.spec, lambda _: P())
+            update = jax.shard_map(
+                update,
+                mesh=home.mesh,
+                in_specs=(leaf_specs, state_specs, leaf_specs, P()),
+                out_specs=(leaf_specs, state_specs),
+            )
+        params, state = update(grads, state, params, factor)
+        return jax.tree.map(_pinned, params, self.shardings[group]), state
 
     def global_norm(self, grads: Copies) -> jax.Array:
         """The gradient norm over every leaf (each counted once): per-group sums of squares, all-reduced onto
@@ -189,7 +256,7 @@ class GroupedOptimizer:
         new_params, new_state = [], []
         for group, home in enumerate(self.homes):
             if is_local(home):
-                p, s = self._update(grads[group], state[group], params[group], restrict(factor, home))
+                p, s = self._updates[group](grads[group], state[group], params[group], restrict(factor, home))
             else:  # another process's group: its handles stand for the result, which this process never reads
                 p, s = params[group], state[group]
             new_params.append(p)

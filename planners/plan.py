@@ -19,6 +19,8 @@ A `TrainPlan` says, for one training iteration of `global_batch` sequences of `s
   Gradients are combined across replicas weighted by tokens, so the update equals the single-device mean over the
   global batch.
 - `Stage.recompute`: recompute the stage's block activations in the backward pass instead of storing them.
+- `Stage.zero`: the ZeRO stage of its optimizer state, one of `ZERO_STAGES`: 0 keeps each moment laid out like its
+  parameter; 1 also splits it over the stage's devices that hold the parameter whole (ZeRO-1 inside the group).
 - `estimate`: what the cost model predicted for this plan (optional; informative only, never needed to run it).
 - `solve`: how the planner found it (optional, informative): the solver status ("OPTIMAL": no plan of the
   planner's search space is faster under the cost model; "FEASIBLE": the best found within the time limit), the
@@ -28,8 +30,8 @@ Compared with HSPMD's strategy format (DP count, per-replica stage layer counts,
 per-stage TP, per-replica CP, rank-to-device mapping, recompute layers), everything is here: the stage layer
 counts are `plan.layer_counts()`, the micro-batch counts `[r.num_microbatches for r in plan.replicas]`.
 
-`TrainPlan.to_json()` / `TrainPlan.from_json(text)` round-trip exactly (version 2 adds `solve`; version 1 plans,
-which lack it, still load); construction validates every invariant
+`TrainPlan.to_json()` / `TrainPlan.from_json(text)` round-trip exactly (version 2 adds `solve`, version 3
+`Stage.zero`; older plans, which lack them, still load); construction validates every invariant
 above and raises `PlanError` naming the offending field (e.g. `replicas[1].stages[0].tp`). After losing devices,
 `planners.replan_training(cluster, failed, ...)` returns a plan over the survivors in the original numbering.
 """
@@ -44,8 +46,9 @@ from typing import Any
 from planners import fields as validators
 
 FORMAT = "jaxhet.train_plan"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+ZERO_STAGES = (0, 1)
 STATUSES = ("OPTIMAL", "FEASIBLE")
 SCHEDULES = ("1f1b", "gpipe")
 
@@ -75,6 +78,7 @@ class Stage:
     tp: int
     layers: tuple[int, int]
     recompute: bool = False
+    zero: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", tuple(self.devices))
@@ -99,6 +103,8 @@ class Stage:
             raise PlanError(f"{_dotted(where, 'layers')} must satisfy 0 <= start < stop, got {list(self.layers)}")
         if not isinstance(self.recompute, bool):
             raise PlanError(f"{_dotted(where, 'recompute')} must be true or false, got {self.recompute!r}")
+        if self.zero not in ZERO_STAGES or isinstance(self.zero, bool):
+            raise PlanError(f"{_dotted(where, 'zero')} must be one of {list(ZERO_STAGES)}, got {self.zero!r}")
 
     @property
     def num_layers(self) -> int:
@@ -111,11 +117,12 @@ class Stage:
             "tp": self.tp,
             "layers": list(self.layers),
             "recompute": self.recompute,
+            "zero": self.zero,
         }
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "stage") -> Stage:
-        fields = ("devices", "kind", "tp", "layers", "recompute")
+        fields = ("devices", "kind", "tp", "layers", "recompute", "zero")
         d = _expect_keys(data, fields, fields[:4], where)
         for name in ("devices", "layers"):
             if not isinstance(d[name], list):
@@ -127,6 +134,7 @@ class Stage:
                 tp=d["tp"],
                 layers=tuple(d["layers"]),
                 recompute=d.get("recompute", False),
+                zero=d.get("zero", 0),
             )
         except PlanError as err:
             raise PlanError(f"{where}.{err}") from None

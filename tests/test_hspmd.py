@@ -34,8 +34,8 @@ CLUSTER = ClusterSpec.from_dict(
 KINDS = tuple(d.kind for d in CLUSTER.devices)
 
 
-def stage(devices, layers, recompute=False, tp=None):
-    return Stage(tuple(devices), KINDS[devices[0]], tp or len(devices), tuple(layers), recompute)
+def stage(devices, layers, recompute=False, tp=None, zero=0):
+    return Stage(tuple(devices), KINDS[devices[0]], tp or len(devices), tuple(layers), recompute, zero)
 
 
 def plan_of(replicas, num_layers, schedule="1f1b", seq=SEQ):
@@ -142,6 +142,18 @@ PLANS = {
             [
                 Replica((stage([0, 1, 2, 3], (0, 4), tp=2),), 2, 1, cp=2),
                 Replica((stage([4, 5], (0, 2), tp=1), stage([6, 7], (2, 4), tp=1)), 1, 2, cp=2),
+            ],
+            4,
+            seq=10,
+        ),
+    ),
+    # ZeRO-1: moments split over each group's devices (over CP and over TP where a leaf is replicated on them).
+    "zero1_cp2_tp2_beside_tp2": (
+        config(),
+        plan_of(
+            [
+                Replica((stage([0, 1, 2, 3], (0, 4), tp=2, zero=1),), 2, 1, cp=2),
+                Replica((stage([4, 5], (0, 4), zero=1),), 1, 2),
             ],
             4,
             seq=10,
@@ -284,8 +296,9 @@ def train(model: Llama, executors: list, batches: list, failures: dict | None = 
             updates, opt_state = OPTIMIZER_UPDATE(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
         else:
+            layouts = executor.copy_shardings(params), executor.moment_shardings(params)
             grouped = optimizers.setdefault(
-                id(executor), GroupedOptimizer(OPTIMIZER, None, executor.copy_shardings(params))
+                id(executor), GroupedOptimizer(OPTIMIZER, None, layouts[0], moment_shardings=layouts[1])
             )
             copies, states = (grouped.place(params), grouped.place_state(opt_state)) if held is None else held[2:]
             loss, grads = executor.value_and_grad(copies, batch)
@@ -297,6 +310,25 @@ def train(model: Llama, executors: list, batches: list, failures: dict | None = 
         assert_copies_identical(held[2])
         assert_copies_identical(held[3])
     return losses
+
+
+def test_zero1_splits_each_groups_moments_over_its_devices_and_keeps_the_trajectory(executors):
+    cfg, plan = PLANS["zero1_cp2_tp2_beside_tp2"]
+    model = Llama(cfg, rngs=nnx.Rngs(4))
+    executor = executors("zero1_cp2_tp2_beside_tp2")
+    params = llama_params(model)
+    grouped = GroupedOptimizer(
+        OPTIMIZER, None, executor.copy_shardings(params), moment_shardings=executor.moment_shardings(params)
+    )
+    states = grouped.init(params)
+    for group, rt in zip(states, executor.runtimes, strict=True):
+        moments = [leaf for leaf in jax.tree.leaves(group) if leaf.ndim > 0]
+        total = sum(leaf.nbytes for leaf in moments)
+        for device in rt.group.mesh.devices.flat:
+            held = sum(s.data.nbytes for leaf in moments for s in leaf.addressable_shards if s.device == device)
+            assert held == total // rt.group.mesh.size, (device, held, total)
+    batches = [make_batch(200 + step, plan.global_batch, cfg.vocab_size, False, plan.seq_len) for step in range(5)]
+    np.testing.assert_allclose(train(model, [executor] * 5, batches), train(model, [None] * 5, batches), rtol=RTOL)
 
 
 def test_switching_strategies_per_batch_keeps_the_single_device_trajectory(executors):

@@ -36,7 +36,8 @@ class Execution:
     """How a step computes: `value_and_grad(copies, batch)` giving the mean loss and gradient copies, `shardings`
     (per device group, a tree like the parameters with the sharding of each leaf it holds), the plan (None: one
     device), the devices the step computes on, and the transfer layer every move between device groups goes
-    through. Where the state sits on one device group, `one_group_loss` is the traceable (unjitted) loss and
+    through, and where the optimizer's moments live (None: with their parameters; a plan's stages with `zero` 1
+    split them further). Where the state sits on one device group, `one_group_loss` is the traceable (unjitted) loss and
     gradient of that group's copy, which `train_step` fuses with the optimizer into one program."""
 
     value_and_grad: StepFn
@@ -45,6 +46,7 @@ class Execution:
     devices: tuple[jax.Device, ...]
     transfers: Transfers
     one_group_loss: Callable[[Params, dict], tuple[jax.Array, Params]] | None = None
+    moment_shardings: list[Params] | None = None
 
 
 def single_device_execution(model: Llama) -> Execution:
@@ -67,8 +69,15 @@ def plan_execution(model: Llama, plan: Any, hetmesh: HetMesh) -> Execution:
     """The HSPMD executor of `plan` (a `planners.TrainPlan`) on `hetmesh`'s devices."""
     executor = PlanExecutor(plan, hetmesh, StagedLlama(model.config))
     devices = tuple(hetmesh.devices[d] for d in plan.devices)
-    shardings = executor.copy_shardings(llama_params(model))
-    return Execution(executor.value_and_grad, shardings, plan, devices, executor.transfers)
+    params = llama_params(model)
+    return Execution(
+        executor.value_and_grad,
+        executor.copy_shardings(params),
+        plan,
+        devices,
+        executor.transfers,
+        moment_shardings=executor.moment_shardings(params),
+    )
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -115,7 +124,11 @@ def initial_state(config: TrainConfig, model: Llama, execution: Execution) -> tu
     the host, so each process places its own shards."""
     params = jax.device_get(llama_params(model))
     optimizer = GroupedOptimizer(
-        build_optimizer(config), config.optim.grad_clip, execution.shardings, execution.transfers
+        build_optimizer(config),
+        config.optim.grad_clip,
+        execution.shardings,
+        execution.transfers,
+        moment_shardings=execution.moment_shardings,
     )
     return optimizer, {"params": optimizer.place(params), "opt_state": optimizer.init(params)}
 
