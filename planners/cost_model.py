@@ -45,7 +45,9 @@ from planners.plan import PlanEstimate, Stage, TrainPlan
 from planners.profile import DeviceProfile
 
 STATE_BYTES_PER_PARAM = 16
+MOMENT_BYTES_PER_PARAM = 8  # Adam's two float32 moments, part of the state
 GRAD_BYTES_PER_PARAM = 4
+MASTER_BYTES_PER_PARAM = 4  # the float32 parameters ZeRO-1 gathers back after each device's update
 ACT_BYTES = 2
 LOGIT_BYTES = 6
 
@@ -239,10 +241,13 @@ class TrainCosts:
         first: bool,
         last: bool,
         cp: int = 1,
+        zero: int = 0,
     ) -> float:
-        """Peak bytes on one device of a stage."""
+        """Peak bytes on one device of a stage (with `zero` 1, its moments split over the stage's devices)."""
         acts = in_flight * self.layer_act_bytes(tp, microbatch, recompute, cp)
         total = layers * (self.layer_state_bytes(tp) + acts)
+        if zero:
+            total -= self.zero1_saved_bytes(tp, layers, first, last, cp)
         if recompute:
             total += self.layer_act_bytes(tp, microbatch, False, cp)
         if first:
@@ -250,6 +255,27 @@ class TrainCosts:
         if last:
             total += self.last_state_bytes(tp) + self.logits_bytes(tp, microbatch, cp)
         return total
+
+    def _stage_params(self, layers: int, first: bool, last: bool) -> float:
+        """Parameters of a stage: its blocks, the embedding if first, the final norm and head if last."""
+        return (
+            layers * self.model.layer_params
+            + (self.model.embedding_params if first else 0)
+            + (self.model.head_params if last else 0)
+        )
+
+    def zero1_saved_bytes(self, tp: int, layers: int, first: bool, last: bool, cp: int = 1) -> float:
+        """Moment bytes ZeRO-1 takes off one device of a stage of `tp * cp` devices: every moment split over all
+        of them (`meshes.optimizer.zero1_sharding`) instead of laid out like its parameter (blocks split over TP,
+        the embedding and head whole)."""
+        held = self.stage_grad_bytes(tp, layers, first, last) / GRAD_BYTES_PER_PARAM
+        return MOMENT_BYTES_PER_PARAM * (held - self._stage_params(layers, first, last) / (tp * cp))
+
+    def zero1_gather_seconds(self, stage: Stage, cp: int, link: Link, first: bool, last: bool) -> float:
+        """ZeRO-1's gathering of a stage's updated float32 parameters over its `tp * cp` devices, once a step
+        (`link`: the slowest link the stage spans)."""
+        whole = MASTER_BYTES_PER_PARAM * self._stage_params(stage.num_layers, first, last)
+        return ring_allgather_seconds(whole, stage.tp * cp, link) if stage.zero else 0.0
 
     def stage_grad_bytes(self, tp: int, layers: int, first: bool, last: bool) -> float:
         """Gradient bytes one device of a stage all-reduces with the other replicas."""
@@ -291,7 +317,7 @@ def evaluate_train_plan(plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec)
     replica_s, memory, max_grad = [], [], 0.0
     for replica in plan.replicas:
         b, depth, cp = replica.microbatch_size, len(replica.stages), replica.cp
-        times, mems, comm = [], [], 0.0
+        times, mems, comm, gathers = [], [], 0.0, 0.0
         for i, stage in enumerate(replica.stages):
             first, last = i == 0, i == depth - 1
             link, cp_link = stage_links(cluster, stage, cp)
@@ -301,12 +327,17 @@ def evaluate_train_plan(plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec)
                 )
             )
             held = in_flight(plan.schedule, depth, i, replica.num_microbatches)
-            nbytes = costs.stage_memory_bytes(stage.tp, stage.num_layers, b, stage.recompute, held, first, last, cp)
+            nbytes = costs.stage_memory_bytes(
+                stage.tp, stage.num_layers, b, stage.recompute, held, first, last, cp, stage.zero
+            )
+            gathers = max(
+                gathers, costs.zero1_gather_seconds(stage, cp, span_link(cluster, [stage.devices]), first, last)
+            )
             mems.append(nbytes / 1e9)
             max_grad = max(max_grad, costs.stage_grad_bytes(stage.tp, stage.num_layers, first, last))
             if not last:
                 comm += costs.p2p_seconds(boundary_link(cluster, stage, replica.stages[i + 1]), b)
-        replica_s.append(sum(times) + comm + (replica.num_microbatches - 1) * max(times))
+        replica_s.append(sum(times) + comm + (replica.num_microbatches - 1) * max(times) + gathers)
         memory.append(tuple(mems))
     nodes = sorted({devices[d].node for d in plan.devices})
     sync = costs.grad_sync_seconds(len(plan.replicas), max_grad, costs.dp_link(len(nodes), nodes[0]))

@@ -3,7 +3,7 @@
 import pytest
 
 import planners
-from planners.cost_model import ring_allreduce_seconds
+from planners.cost_model import ring_allgather_seconds, ring_allreduce_seconds
 
 CLUSTER = planners.ClusterSpec.load("h100x4_l4x4")
 MODEL = planners.ModelSpec.preset("llama-2-7b")
@@ -72,6 +72,27 @@ def test_evaluate_plan() -> None:
     stage_max = longer.replica_s[0] - balanced.replica_s[0]
     assert 0 < stage_max < balanced.replica_s[0]
     assert planners.memory_excess(plan(26), CLUSTER, balanced) == []
+
+
+def test_zero1_takes_off_the_moments_beyond_the_stage_share_and_adds_one_gather() -> None:
+    plain = COSTS.stage_memory_bytes(2, 4, 1, False, 1, True, False, 2)
+    zero = COSTS.stage_memory_bytes(2, 4, 1, False, 1, True, False, 2, zero=1)
+    held = 4 * MODEL.layer_params / 2 + MODEL.embedding_params  # blocks split over TP, the embedding whole
+    share = (4 * MODEL.layer_params + MODEL.embedding_params) / 4  # every moment split over the 2 x 2 devices
+    assert plain - zero == pytest.approx(8 * (held - share))
+
+    def one_stage(zero: int) -> planners.PlanEstimate:
+        stage = planners.Stage((0, 1, 2, 3), "H100", 4, (0, 32), zero=zero)
+        return planners.evaluate_train_plan(
+            planners.TrainPlan((planners.Replica((stage,), 2, 1),), 32, 2, 2048), CLUSTER, MODEL
+        )
+
+    before, after = one_stage(0), one_stage(1)
+    assert after.peak_memory_gb[0][0] < before.peak_memory_gb[0][0]
+    gather = ring_allgather_seconds(
+        4 * (32 * MODEL.layer_params + MODEL.embedding_params + MODEL.head_params), 4, NVLINK
+    )
+    assert after.iteration_s - before.iteration_s == pytest.approx(gather)
 
 
 def test_data_parallel_sync_crosses_nodes() -> None:
