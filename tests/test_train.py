@@ -198,13 +198,13 @@ def test_bfloat16_compute_keeps_float32_master_weights_and_the_float32_loss(tmp_
 def test_fine_tunes_a_local_hugging_face_checkpoint(tmp_path):
     from flax import nnx
 
-    from jaxhet import Llama, LlamaConfig
+    from jaxhet import Llama, LlamaConfig, save_pretrained
 
     source = tmp_path / "hf"
     hf_config = LlamaConfig.tiny(
         vocab_size=300, num_layers=2, hidden_size=64, intermediate_size=160, dtype="bfloat16", param_dtype="bfloat16"
     )
-    Llama(hf_config, rngs=nnx.Rngs(1)).save_pretrained(source)  # stored in bfloat16
+    save_pretrained(Llama(hf_config, rngs=nnx.Rngs(1)), source)  # stored in bfloat16
     result = train(small_config(tmp_path, model=str(source), steps="4", plan="single", dtype="bfloat16"))
     assert result.end_step == 4 and all(np.isfinite(result.losses))
     run = load_trained(tmp_path / "run")
