@@ -2,6 +2,7 @@
 configurations of the one Llama-family decoder: parity with `transformers` (CPU torch, float32, random weights made
 here) in logits, incremental decoding, greedy generation and a save round trip."""
 
+import asyncio
 import json
 
 import jax
@@ -14,11 +15,13 @@ transformers = pytest.importorskip("transformers")
 
 from flax import nnx  # noqa: E402
 
+import planners  # noqa: E402
 from jaxhet import ConfigError, KVCache, Llama, load_pretrained, save_pretrained  # noqa: E402
 from jaxhet.generate import SamplingConfig, generate  # noqa: E402
+from jaxhet.loading import load_model_dir  # noqa: E402
 from jaxhet.models import LlamaConfig  # noqa: E402
 from jaxhet.parallel import megatron_specs, shard_config  # noqa: E402
-from jaxhet.serve import Engine, EngineConfig  # noqa: E402
+from jaxhet.serve import Engine, EngineConfig, SamplingParams, build_deployments  # noqa: E402
 from jaxhet.tokenizers import ByteTokenizer  # noqa: E402
 
 # Float32 on both sides; the two differ only in summation order (~1e-6 at these sizes).
@@ -173,6 +176,30 @@ def test_qwen3_under_tensor_parallelism_splits_heads_and_replicates_the_qk_norms
     assert attn["q_norm"]["weight"] == jax.sharding.PartitionSpec()
     assert attn["k_norm"]["weight"] == jax.sharding.PartitionSpec()
     assert attn["q_proj"]["kernel"] == jax.sharding.PartitionSpec(None, "tp")
+
+
+def test_a_qwen3_checkpoint_served_on_a_tp2_replica_generates_as_one_device(tmp_path):
+    _hf_model("qwen3").save_pretrained(tmp_path)
+    loaded = load_model_dir(tmp_path, lazy=True)  # what `jaxhet serve --model DIR` does
+    replica = planners.ServeReplica(
+        model="m", kind="cpu", tp=2, devices=(0, 1), max_batch=1, capacity_rps=1.0, routed_rps=1.0
+    )
+    plan = planners.ServePlan((replica,), "min_latency", throughput_scale=1.0, price_per_hour=0.0, rates={"m": 1.0})
+    config = EngineConfig(
+        max_running=1, page_size=16, num_pages=4, kv_format="float32", max_model_len=32, prefill_chunk=16
+    )
+    (deployment,) = build_deployments({"m": loaded}, config, plan=plan).values()
+    prompt = [3, 14, 15, 88, 65, 35, 8]
+
+    async def served() -> list[int]:
+        greedy = SamplingParams(max_tokens=6, temperature=0)
+        outputs = [out async for _, out in deployment.generate("r", prompt, greedy)]
+        await asyncio.gather(*(r.close() for r in deployment.replicas))
+        return outputs[-1].token_ids
+
+    whole = load_pretrained(tmp_path)
+    (want,) = generate(whole, [prompt], SamplingConfig(max_new_tokens=6), jax.random.key(0))
+    assert asyncio.run(served()) == want
 
 
 def test_serving_a_sliding_window_model_past_its_window_is_refused():
