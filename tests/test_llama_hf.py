@@ -190,3 +190,21 @@ def test_unknown_rope_type_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="rope_type must be one of default, llama3"):
         load_pretrained(tmp_path)
+
+
+def test_the_model_never_imports_its_checkpoint_format():
+    """The converter depends on the model, not both ways: no import of `jaxhet.models.hf` anywhere in llama.py."""
+    import ast
+    import inspect
+
+    from jaxhet.models import llama
+
+    tree = ast.parse(inspect.getsource(llama))
+    imported = set()  # every module, and every name taken from a module ("module.name"), llama.py imports
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    assert "jaxhet.models.config.LlamaConfig" in imported  # the walk does see its imports
+    assert not {name for name in imported if name == "jaxhet.models.hf" or name.startswith("jaxhet.models.hf.")}
