@@ -13,8 +13,10 @@ _EXPORTS = {
     "KVCache": "jaxhet.models",
     "Llama": "jaxhet.models",
     "LlamaConfig": "jaxhet.models",
+    "load_pretrained": "jaxhet.models",
     "load_sharded_params": "jaxhet.models",
     "pretrained_config": "jaxhet.models",
+    "save_pretrained": "jaxhet.models",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

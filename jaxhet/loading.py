@@ -11,7 +11,7 @@ from jaxtyping import PRNGKeyArray
 
 from jaxhet.chat_template import ChatTemplate, load_chat_template
 from jaxhet.generation_config import SamplingDefaults
-from jaxhet.models import Llama, LlamaConfig, pretrained_config
+from jaxhet.models import Llama, LlamaConfig, load_pretrained, pretrained_config
 from jaxhet.tokenizers import BYTE_TOKENIZER, ByteTokenizer, Tokenizer, load_tokenizer
 
 
@@ -67,7 +67,7 @@ def load_model(
             config = pretrained_config(hf_dir, dtype=dtype)
             model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
             return LoadedModel(model, tokenizer, str(hf_dir), weights_dir=hf_dir, **described)
-        return LoadedModel(Llama.from_pretrained(hf_dir, dtype=dtype), tokenizer, str(hf_dir), **described)
+        return LoadedModel(load_pretrained(hf_dir, dtype=dtype), tokenizer, str(hf_dir), **described)
     tokenizer = ByteTokenizer()
     config = LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, **({"dtype": dtype} if dtype else {}))
     model = Llama(config, rngs=nnx.Rngs(params=jax.random.key(0) if key is None else key))

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from jaxhet.chat_template import ChatTemplateError, load_chat_template
 from jaxhet.loading import load_model
-from jaxhet.models import Llama, LlamaConfig
+from jaxhet.models import Llama, LlamaConfig, save_pretrained
 from jaxhet.serve import (
     BackgroundServer,
     Engine,
@@ -78,7 +78,7 @@ def _checkpoint(
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special_tokens, initial_alphabet=alphabet)
     tokenizer.train_from_iterator(CORPUS * 10, trainer)
     config = LlamaConfig.tiny(vocab_size=tokenizer.get_vocab_size(), num_layers=2, dtype="float32")
-    Llama(config, rngs=nnx.Rngs(params=jax.random.key(seed))).save_pretrained(directory)
+    save_pretrained(Llama(config, rngs=nnx.Rngs(params=jax.random.key(seed))), directory)
     tokenizer.save(str(directory / "tokenizer.json"))
     files = {"tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer_config}}
     files |= {"generation_config.json": generation_config} if generation_config is not None else {}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from jaxhet import Llama, LlamaConfig
+from jaxhet import Llama, LlamaConfig, save_pretrained
 
 JAXHET = shutil.which("jaxhet") or str(Path(sys.executable).parent / "jaxhet")
 
@@ -34,7 +34,7 @@ def test_generate_with_a_fresh_tiny_model():
 
 def test_generate_from_a_saved_checkpoint(tmp_path):
     config = LlamaConfig.tiny(vocab_size=259, num_layers=1)
-    Llama(config, rngs=nnx.Rngs(0)).save_pretrained(tmp_path)
+    save_pretrained(Llama(config, rngs=nnx.Rngs(0)), tmp_path)
     result = run("generate", "--model", str(tmp_path), "--max-new-tokens", "4", "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert f"model: {tmp_path}" in result.stdout.replace("\n", "")

@@ -118,6 +118,17 @@ PLANS = {
             schedule="gpipe",
         ),
     ),
+    # Qwen3's per-head q/k norms: replicated over TP, their gradients summed over the shards' heads.
+    "qwen3_tp2_pp2_beside_tp1": (
+        config(architecture="qwen3", qk_norm=True, tie_word_embeddings=False),
+        plan_of(
+            [
+                Replica((stage([0, 1], (0, 1)), stage([2, 3], (1, 4))), 3, 1),
+                Replica((stage([6], (0, 4)),), 1, 1),
+            ],
+            4,
+        ),
+    ),
     "tp2_pp3_three_kinds": (
         config(num_layers=6),
         plan_of(

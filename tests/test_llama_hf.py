@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxhet import CheckpointError, ConfigError, Llama  # noqa: E402
+from jaxhet import CheckpointError, ConfigError, load_pretrained, save_pretrained  # noqa: E402
 
 # Float32 on both sides; differences come only from summation order, ~1e-6 at these sizes.
 ATOL = 1e-4
@@ -89,7 +89,7 @@ def token_ids() -> np.ndarray:
 def test_logits_match_transformers(name, token_ids, tmp_path):
     hf_model = make_hf_model(1, **CONFIGS[name])
     hf_model.save_pretrained(tmp_path)
-    model = Llama.from_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
     ours = np.asarray(model(jnp.asarray(token_ids)))
     np.testing.assert_allclose(ours, hf_logits(hf_model, token_ids), atol=ATOL, rtol=0)
 
@@ -98,7 +98,7 @@ def test_sharded_checkpoint_loads(token_ids, tmp_path):
     hf_model = make_hf_model(2, **CONFIGS["gqa_untied"])
     hf_model.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    model = Llama.from_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(token_ids))), hf_logits(hf_model, token_ids), atol=ATOL)
 
 
@@ -107,49 +107,47 @@ def test_sharded_checkpoint_loads(token_ids, tmp_path):
 def test_save_pretrained_loads_in_transformers(name, max_shard_bytes, token_ids, tmp_path):
     hf_model = make_hf_model(3, **CONFIGS[name])
     hf_model.save_pretrained(tmp_path / "source")
-    model = Llama.from_pretrained(tmp_path / "source")
+    model = load_pretrained(tmp_path / "source")
     if max_shard_bytes is None:
-        model.save_pretrained(tmp_path / "ours")
+        save_pretrained(model, tmp_path / "ours")
     else:
-        from jaxhet.models.hf import save_pretrained
-
         save_pretrained(model, tmp_path / "ours", max_shard_bytes=max_shard_bytes)
         assert (tmp_path / "ours" / "model.safetensors.index.json").is_file()
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours").eval()
     np.testing.assert_allclose(hf_logits(reloaded, token_ids), hf_logits(hf_model, token_ids), atol=ATOL)
-    ours = np.asarray(Llama.from_pretrained(tmp_path / "ours")(jnp.asarray(token_ids)))
+    ours = np.asarray(load_pretrained(tmp_path / "ours")(jnp.asarray(token_ids)))
     np.testing.assert_allclose(ours, hf_logits(hf_model, token_ids), atol=ATOL)
 
 
 def test_bfloat16_checkpoint_loads_close_to_float32(token_ids, tmp_path):
     hf_model = make_hf_model(4, **CONFIGS["gqa_untied"])
     hf_model.to(torch.bfloat16).save_pretrained(tmp_path)
-    model = Llama.from_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
     assert model.config.param_dtype == "bfloat16"
     assert model.embed_tokens.embedding.get_value().dtype == jnp.bfloat16
     reference = hf_logits(hf_model.float(), token_ids)
-    ours = np.asarray(Llama.from_pretrained(tmp_path, dtype="float32")(jnp.asarray(token_ids)))
+    ours = np.asarray(load_pretrained(tmp_path, dtype="float32")(jnp.asarray(token_ids)))
     # The weights are exactly representable in bf16, so float32 compute over them matches torch float32.
     np.testing.assert_allclose(ours, reference, atol=ATOL)
 
 
 def test_missing_directory_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        Llama.from_pretrained(tmp_path / "nope")
+        load_pretrained(tmp_path / "nope")
 
 
 def test_missing_weights_file_is_named(tmp_path):
     make_hf_model(5, **CONFIGS["biases"]).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        Llama.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_missing_config_is_named(tmp_path):
     make_hf_model(5, **CONFIGS["biases"]).save_pretrained(tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json"):
-        Llama.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_unsupported_architecture_is_named(tmp_path):
@@ -158,7 +156,7 @@ def test_unsupported_architecture_is_named(tmp_path):
     config.update(architectures=["GemmaForCausalLM"], model_type="gemma")
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="GemmaForCausalLM"):
-        Llama.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path):
@@ -170,7 +168,7 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
         CheckpointError,
         match=r"model\.layers\.0\.mlp\.gate_proj\.weight has shape \(64, 32\), the config implies \(72, 32\)",
     ):
-        Llama.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_missing_tensor_is_named(tmp_path):
@@ -181,7 +179,7 @@ def test_missing_tensor_is_named(tmp_path):
     del tensors["model.layers.0.mlp.up_proj.weight"]
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.up_proj\.weight"):
-        Llama.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_unknown_rope_type_is_named(tmp_path):
@@ -191,4 +189,22 @@ def test_unknown_rope_type_is_named(tmp_path):
     config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="rope_type must be one of default, llama3"):
-        Llama.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
+
+
+def test_the_model_never_imports_its_checkpoint_format():
+    """The converter depends on the model, not both ways: no import of `jaxhet.models.hf` anywhere in llama.py."""
+    import ast
+    import inspect
+
+    from jaxhet.models import llama
+
+    tree = ast.parse(inspect.getsource(llama))
+    imported = set()  # every module, and every name taken from a module ("module.name"), llama.py imports
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    assert "jaxhet.models.config.LlamaConfig" in imported  # the walk does see its imports
+    assert not {name for name in imported if name == "jaxhet.models.hf" or name.startswith("jaxhet.models.hf.")}

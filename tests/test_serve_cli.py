@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 import planners
-from jaxhet.models import Llama, LlamaConfig
+from jaxhet.models import Llama, LlamaConfig, save_pretrained
 from jaxhet.tokenizers import ByteTokenizer
 
 
@@ -108,7 +108,7 @@ def test_serve_with_no_model_serves_a_fresh_tiny_model_and_drains_on_sigterm(tmp
 def test_serve_a_cascade_plan_over_two_hugging_face_checkpoints(tmp_path):
     for name, layers in (("small", 1), ("large", 2)):
         config = LlamaConfig.tiny(vocab_size=ByteTokenizer.vocab_size, num_layers=layers, dtype="float32")
-        Llama(config, rngs=nnx.Rngs(layers)).save_pretrained(tmp_path / name)
+        save_pretrained(Llama(config, rngs=nnx.Rngs(layers)), tmp_path / name)
     replica = dict(kind="H100", tp=1, max_batch=8, capacity_rps=1.0, routed_rps=1.0)
     deployment = planners.ServePlan(
         replicas=(

@@ -112,7 +112,7 @@ def assert_only_device_blocks_read(reads, shardings) -> None:
 
 
 def test_tp4_load_reads_only_each_devices_block_and_holds_the_checkpoint(checkpoint, mesh, reads):
-    whole = llama_params(Llama.from_pretrained(checkpoint))
+    whole = llama_params(hf.load_pretrained(checkpoint))
     reads.clear()
     _, shardings = tp_shardings(mesh)
     params = load_sharded_params(checkpoint, CONFIG, shardings)
@@ -127,7 +127,7 @@ def test_tp4_load_reads_only_each_devices_block_and_holds_the_checkpoint(checkpo
 
 def test_tp4_logits_equal_the_one_device_load(checkpoint, mesh):
     specs, shardings = tp_shardings(mesh)
-    model = Llama.from_pretrained(checkpoint, shardings=shardings)
+    model = hf.load_pretrained(checkpoint, shardings=shardings)
     ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 11))
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(shard_config(CONFIG, TP, "tp"), rngs=nnx.Rngs(0))))
     tp_logits = jax.jit(
@@ -135,7 +135,7 @@ def test_tp4_logits_equal_the_one_device_load(checkpoint, mesh):
             lambda p, x: module_from_params(graphdef, abstract, p)(x), mesh=mesh, in_specs=(specs, P()), out_specs=P()
         )
     )(llama_params(model), ids)
-    want = Llama.from_pretrained(checkpoint)(ids)
+    want = hf.load_pretrained(checkpoint)(ids)
     np.testing.assert_allclose(np.asarray(tp_logits), np.asarray(want), rtol=RTOL, atol=ATOL)
 
 
@@ -145,7 +145,7 @@ def test_tp4_serving_runner_reads_its_blocks_and_samples_as_one_device(checkpoin
     split = ModelRunner(abstract, config, devices=jax.devices()[:TP], weights_dir=checkpoint)
     _, shardings = tp_shardings(Mesh(np.array(jax.devices()[:TP]), ("tp",)))
     assert_only_device_blocks_read(reads, shardings)
-    single = ModelRunner(Llama.from_pretrained(checkpoint), config, devices=jax.devices()[TP : TP + 1])
+    single = ModelRunner(hf.load_pretrained(checkpoint), config, devices=jax.devices()[TP : TP + 1])
     inputs = StepInputs.empty(1, 16, config.pages_per_sequence)
     inputs.tokens[0] = np.arange(16) * 5 % CONFIG.vocab_size
     inputs.input_lengths[0] = 16
@@ -177,6 +177,6 @@ def test_a_planned_tp4_replica_of_a_lazily_loaded_checkpoint_reads_its_blocks_an
         await asyncio.gather(*(r.close() for r in deployment.replicas))
         return outputs[-1].token_ids
 
-    whole = Llama.from_pretrained(checkpoint)
+    whole = hf.load_pretrained(checkpoint)
     (want,) = generate(whole, [prompt], SamplingConfig(max_new_tokens=6), jax.random.key(0))
     assert asyncio.run(served()) == want

@@ -207,13 +207,13 @@ def test_bfloat16_compute_keeps_float32_master_weights_and_the_float32_loss(tmp_
 def test_fine_tunes_a_local_hugging_face_checkpoint(tmp_path):
     from flax import nnx
 
-    from jaxhet import Llama, LlamaConfig
+    from jaxhet import Llama, LlamaConfig, save_pretrained
 
     source = tmp_path / "hf"
     hf_config = LlamaConfig.tiny(
         vocab_size=300, num_layers=2, hidden_size=64, intermediate_size=160, dtype="bfloat16", param_dtype="bfloat16"
     )
-    Llama(hf_config, rngs=nnx.Rngs(1)).save_pretrained(source)  # stored in bfloat16
+    save_pretrained(Llama(hf_config, rngs=nnx.Rngs(1)), source)  # stored in bfloat16
     result = train(small_config(tmp_path, model=str(source), steps="4", plan="single", dtype="bfloat16"))
     assert result.end_step == 4 and all(np.isfinite(result.losses))
     run = load_trained(tmp_path / "run")
@@ -221,3 +221,24 @@ def test_fine_tunes_a_local_hugging_face_checkpoint(tmp_path):
     assert run.model.config.num_layers == 2
     # bfloat16 compute, float32 master weights, whatever the checkpoint's storage dtype.
     assert (run.model.config.dtype, run.model.config.param_dtype) == ("bfloat16", "float32")
+
+
+@pytest.mark.slow
+def test_fine_tunes_a_qwen3_checkpoint_with_a_plan_as_on_one_device(tmp_path):
+    from flax import nnx
+
+    from jaxhet import Llama, LlamaConfig, save_pretrained
+
+    source = tmp_path / "hf"
+    hf_config = LlamaConfig.tiny(
+        vocab_size=300, num_layers=2, hidden_size=64, intermediate_size=160, architecture="qwen3", qk_norm=True
+    )
+    save_pretrained(Llama(hf_config, rngs=nnx.Rngs(1)), source)
+    single = train(small_config(tmp_path / "single", model=str(source), steps="3", plan="single"))
+    auto = train(small_config(tmp_path / "auto", model=str(source), steps="3", plan="auto"))
+    plan = json.loads((tmp_path / "auto" / "run" / "plan.json").read_text())
+    assert sum(len(stage["devices"]) for replica in plan["replicas"] for stage in replica["stages"]) > 1
+    # float32 on both paths; the plan only reorders sums (micro-batches, replicas, TP partial sums).
+    np.testing.assert_allclose(auto.losses, single.losses, rtol=1e-5)
+    run = load_trained(tmp_path / "auto" / "run")
+    assert (run.model.config.architecture, run.model.config.qk_norm) == ("qwen3", True)

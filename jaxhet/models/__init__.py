@@ -2,7 +2,7 @@
 
 from jaxhet.models.attention import attention, attention_mask
 from jaxhet.models.config import ATTENTION_BACKENDS, ConfigError, LlamaConfig, RopeScaling
-from jaxhet.models.hf import CheckpointError, load_sharded_params, pretrained_config
+from jaxhet.models.hf import CheckpointError, load_pretrained, load_sharded_params, pretrained_config, save_pretrained
 from jaxhet.models.llama import KVCache, Llama, segment_positions
 
 __all__ = [
@@ -15,7 +15,9 @@ __all__ = [
     "RopeScaling",
     "attention",
     "attention_mask",
+    "load_pretrained",
     "load_sharded_params",
     "pretrained_config",
+    "save_pretrained",
     "segment_positions",
 ]

@@ -2,8 +2,9 @@
 
 The fields mirror Hugging Face's `LlamaConfig` so that a checkpoint's `config.json` maps onto it one to one;
 `from_hf_dict` / `to_hf_dict` do that mapping and reject what this model cannot represent, naming the field.
-Qwen2 and Mistral are the same decoder configured differently (`ARCHITECTURES`): Qwen2 has biases on the query,
-key and value projections (`qkv_bias`), Mistral may attend over a sliding window (`sliding_window`).
+Qwen2, Mistral and Qwen3 are the same decoder configured differently (`ARCHITECTURES`): Qwen2 has biases on the
+query, key and value projections (`qkv_bias`), Mistral may attend over a sliding window (`sliding_window`), Qwen3
+normalises each head's queries and keys before the rotary embedding (`qk_norm`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ ATTENTION_BACKENDS = ("xla", "cudnn", "flash", "block_sparse", "sage")
 TRAINABLE_BACKENDS = ("xla", "cudnn", "flash", "block_sparse")  # `sage` is a quantised inference kernel
 DTYPES = ("float32", "bfloat16", "float16")
 # Hugging Face class name -> model_type of every architecture this decoder represents.
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral",
+    "Qwen3ForCausalLM": "qwen3",
+}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+# transformers' `Qwen3Config` default, used when a qwen3 `config.json` leaves `head_dim` out.
+_QWEN3_HEAD_DIM = 128
 
 
 class ConfigError(ValueError):
@@ -48,7 +56,9 @@ class LlamaConfig:
     holds a contiguous slice of every row, and attention gathers keys and values from the others.
     `architecture` is the Hugging Face model_type the config is saved as; `qkv_bias` puts biases on the query, key
     and value projections only (Qwen2; `attention_bias` puts them on all four, as Llama's config does);
-    `sliding_window` lets each query see only the last that many positions, itself included (Mistral).
+    `sliding_window` lets each query see only the last that many positions, itself included (Mistral); `qk_norm`
+    applies an RMSNorm over `head_dim` (one weight shared by all heads) to each head's queries and keys after the
+    projections and before the rotary embedding (Qwen3).
     """
 
     vocab_size: int
@@ -72,9 +82,10 @@ class LlamaConfig:
     attention_backend: str = "xla"
     tensor_parallel_axis: str | None = None
     context_parallel_axis: str | None = None
-    architecture: Literal["llama", "qwen2", "mistral"] = "llama"
+    architecture: Literal["llama", "qwen2", "mistral", "qwen3"] = "llama"
     qkv_bias: bool = False
     sliding_window: int | None = None
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         model_types = tuple(ARCHITECTURES.values())
@@ -82,6 +93,8 @@ class LlamaConfig:
             raise ConfigError(f"architecture must be one of {', '.join(model_types)}, got {self.architecture!r}")
         if self.qkv_bias != (self.architecture == "qwen2"):
             raise ConfigError("qkv_bias is what makes a qwen2 model: set it exactly when architecture is 'qwen2'")
+        if self.qk_norm != (self.architecture == "qwen3"):
+            raise ConfigError("qk_norm is what makes a qwen3 model: set it exactly when architecture is 'qwen3'")
         if self.sliding_window is not None and (self.architecture != "mistral" or self.sliding_window < 1):
             raise ConfigError(
                 f"sliding_window must be a positive integer on a mistral model, got {self.sliding_window!r} "
@@ -151,8 +164,7 @@ class LlamaConfig:
                 f"supported: {supported}"
             )
         (architecture,) = model_types
-        if architecture == "qwen2" and hf.get("use_sliding_window"):
-            raise ConfigError("Qwen2's use_sliding_window is not supported; set it to false")
+        _refuse_unsupported_fields(hf, architecture)
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act must be 'silu', got {hf['hidden_act']!r}")
         for required in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
@@ -166,7 +178,7 @@ class LlamaConfig:
             num_layers=hf["num_hidden_layers"],
             num_heads=hf["num_attention_heads"],
             num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim"),
+            head_dim=hf.get("head_dim", _QWEN3_HEAD_DIM if architecture == "qwen3" else None),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
@@ -179,6 +191,7 @@ class LlamaConfig:
             architecture=architecture,
             qkv_bias=architecture == "qwen2",
             sliding_window=hf.get("sliding_window") if architecture == "mistral" else None,
+            qk_norm=architecture == "qwen3",
         )
         torch_dtype = hf.get("dtype") or hf.get("torch_dtype")
         if torch_dtype in DTYPES:
@@ -196,6 +209,7 @@ class LlamaConfig:
             "llama": {},
             "qwen2": {"use_sliding_window": False},
             "mistral": {"sliding_window": self.sliding_window},
+            "qwen3": {"use_sliding_window": False},
         }
         (name,) = [name for name, kind in ARCHITECTURES.items() if kind == self.architecture]
         return {
@@ -221,6 +235,21 @@ class LlamaConfig:
             "eos_token_id": self.eos_token_id,
             "torch_dtype": self.param_dtype,
         }
+
+
+def _refuse_unsupported_fields(hf: dict[str, Any], architecture: str) -> None:
+    """Raise naming the field when `hf` asks for attention this decoder does not do: Qwen's sliding-window layers."""
+    if architecture not in ("qwen2", "qwen3"):
+        return
+    name = "Qwen2" if architecture == "qwen2" else "Qwen3"
+    if hf.get("use_sliding_window"):
+        raise ConfigError(f"{name}'s use_sliding_window is not supported; set it to false")
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise ConfigError(
+            f"{name}'s layer_types must all be 'full_attention' (sliding-window layers are not supported), "
+            f"got {sorted(layer_types)}"
+        )
 
 
 def _first_token_id(value: Any) -> int | None:

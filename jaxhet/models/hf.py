@@ -1,4 +1,8 @@
-"""Hugging Face Llama checkpoints: read and write `config.json` + safetensors (single file or sharded).
+"""Hugging Face checkpoints of the Llama family (`ARCHITECTURES`: Llama, Qwen2, Mistral, Qwen3): read and write
+`config.json` + safetensors (single file or sharded).
+
+This module depends on the model (`jaxhet.models.llama`), not the reverse: `load_pretrained` and `save_pretrained`
+are its entry points (also `jaxhet.load_pretrained` / `jaxhet.save_pretrained`).
 
 One table (`parameter_paths`) pairs every HF tensor name with the parameter that holds it, so loading and saving
 cannot drift apart. Torch-style linear weights are [out, in]; NNX kernels are [in, out]. Loading reads each device's
@@ -56,6 +60,9 @@ def parameter_paths(config: LlamaConfig) -> list[tuple[str, ParamPath, bool]]:
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             bias = config.attention_bias or (config.qkv_bias and name != "o_proj")
             entries.extend(_linear_entries(f"{prefix}.self_attn.{name}", (*path, "self_attn", name), bias))
+        if config.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                entries.append((f"{prefix}.self_attn.{norm}.weight", (*path, "self_attn", norm, "weight"), False))
         for name in ("gate_proj", "up_proj", "down_proj"):
             entries.extend(_linear_entries(f"{prefix}.mlp.{name}", (*path, "mlp", name), config.mlp_bias))
     entries.append(("model.norm.weight", ("norm", "weight"), False))
@@ -201,8 +208,10 @@ def load_pretrained(
     attention_backend: str | None = None,
     shardings: Sharding | Any | None = None,
 ) -> Llama:
-    """Build a `Llama` from a local HF directory (overrides as in `pretrained_config`), its parameters laid out by
-    `shardings` as `load_sharded_params` reads them (default: all on the first device)."""
+    """Build a `Llama` from a local HF directory (config.json + safetensors, single file or sharded; overrides as in
+    `pretrained_config`), its parameters laid out by `shardings` (one `jax.sharding.Sharding`, or a tree of them
+    shaped like the parameters) as `load_sharded_params` reads them, each device reading only its own block
+    (default: all on the first device)."""
     config = pretrained_config(path, dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
     state.replace_by_pure_dict(load_sharded_params(path, config, shardings))
@@ -210,7 +219,8 @@ def load_pretrained(
 
 
 def save_pretrained(model: Llama, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write `config.json` and the weights, split into shards with an index above `max_shard_bytes`."""
+    """Write `config.json` and the weights, which transformers' class for the model's architecture loads; above
+    `max_shard_bytes` the weights are split into shards with an index."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}

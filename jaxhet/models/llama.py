@@ -1,7 +1,8 @@
 """A Llama-family decoder in Flax NNX.
 
 Module and parameter names follow Hugging Face's `LlamaForCausalLM` (`layers[i].self_attn.q_proj`, ...), so the
-checkpoint mapping in `jaxhet.models.hf` is a table, not a translation. Two entry points share every layer:
+checkpoint mapping (`jaxhet.models.hf`, which depends on this module, never the reverse) is a table, not a
+translation. Two entry points share every layer:
 `__call__` (full sequences: training and scoring, with optional packed-document segment ids) and `extend`
 (append tokens to a cache: prefill, then one-token decode, for serving; `KVCache` here, paged pools in
 `jaxhet.serve`).
@@ -9,8 +10,7 @@ checkpoint mapping in `jaxhet.models.hf` is a table, not a translation. Two entr
 
 from __future__ import annotations
 
-import os
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -150,7 +150,11 @@ def _sum_shards(partial: Float[Array, "batch seq hidden"], config: LlamaConfig) 
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with rotary embeddings; the kernel is chosen by `config.attention_backend`."""
+    """Grouped-query self-attention with rotary embeddings; the kernel is chosen by `config.attention_backend`.
+
+    With `config.qk_norm` (Qwen3), each head's queries and keys are RMS-normalised over `head_dim` between the
+    projection and the rotary embedding; the two weights are per `head_dim`, so every TP shard holds them whole.
+    """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -160,6 +164,9 @@ class Attention(nnx.Module):
         self.k_proj = _linear(hidden, kv_heads * head_dim, config, qkv_bias, rngs)
         self.v_proj = _linear(hidden, kv_heads * head_dim, config, qkv_bias, rngs)
         self.o_proj = _linear(heads * head_dim, hidden, config, config.attention_bias, rngs)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, param_dtype=config.storage_dtype)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, param_dtype=config.storage_dtype)
 
     def _project(self, x: Float[Array, "batch seq hidden"], positions: Int[Array, "batch seq"]):
         batch, seq, _ = x.shape
@@ -167,6 +174,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
@@ -312,7 +321,10 @@ def output_logits(module: nnx.Module, x: Float[Array, "batch seq hidden"]) -> Fl
 
 
 class Llama(nnx.Module):
-    """Llama-family causal language model: token ids in, next-token logits out."""
+    """Llama-family causal language model: token ids in, next-token logits out.
+
+    Hugging Face checkpoints are read and written by `jaxhet.load_pretrained` and `jaxhet.save_pretrained`.
+    """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -364,30 +376,3 @@ class Llama(nnx.Module):
 
     def num_parameters(self) -> int:
         return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        *,
-        dtype: str | None = None,
-        param_dtype: str | None = None,
-        attention_backend: str | None = None,
-        shardings: jax.sharding.Sharding | Any | None = None,
-    ) -> Llama:
-        """Load a local Hugging Face Llama directory (config.json + safetensors, single file or sharded).
-
-        `shardings` (one `jax.sharding.Sharding`, or a tree of them shaped like the parameters) lays the
-        parameters out as they are read, each device reading only its own block; default: the first device.
-        """
-        from jaxhet.models.hf import load_pretrained
-
-        return load_pretrained(
-            path, dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend, shardings=shardings
-        )
-
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors that `transformers.LlamaForCausalLM` loads."""
-        from jaxhet.models.hf import save_pretrained
-
-        save_pretrained(self, path)

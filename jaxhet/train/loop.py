@@ -28,7 +28,7 @@ import yaml
 from flax import nnx
 
 from jaxhet.data import PackedBatches
-from jaxhet.models import CheckpointError, Llama, LlamaConfig
+from jaxhet.models import CheckpointError, Llama, LlamaConfig, load_pretrained
 from jaxhet.tokenizers import Tokenizer, load_tokenizer
 from jaxhet.train.checkpoints import CheckpointStore
 from jaxhet.train.config import TrainConfig, check_resume, check_writable_directory
@@ -92,7 +92,7 @@ def build_model(config: TrainConfig, vocab_size: int, key: jax.Array) -> Llama:
             attention_backend=config.attention_backend,
         )
         return Llama(model_config, rngs=nnx.Rngs(params=key))
-    model = Llama.from_pretrained(
+    model = load_pretrained(
         config.model, dtype=config.dtype, param_dtype=MASTER_DTYPE, attention_backend=config.attention_backend
     )
     if model.config.vocab_size < vocab_size:
