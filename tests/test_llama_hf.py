@@ -208,3 +208,16 @@ def test_the_model_never_imports_its_checkpoint_format():
             imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
     assert "jaxhet.models.config.LlamaConfig" in imported  # the walk does see its imports
     assert not {name for name in imported if name == "jaxhet.models.hf" or name.startswith("jaxhet.models.hf.")}
+
+
+def test_the_model_class_spells_the_converter_as_its_methods(tmp_path):
+    """`Llama.from_pretrained` / `model.save_pretrained`, the public names, are the converter's functions."""
+    from flax import nnx
+
+    import jaxhet
+
+    model = jaxhet.Llama(jaxhet.LlamaConfig.tiny(vocab_size=40, num_layers=1, dtype="float32"), rngs=nnx.Rngs(0))
+    model.save_pretrained(tmp_path)
+    loaded = jaxhet.Llama.from_pretrained(tmp_path)
+    ids = jnp.arange(7)[None] % 40
+    np.testing.assert_array_equal(loaded(ids), model(ids))
