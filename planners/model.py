@@ -17,7 +17,8 @@ from planners.errors import SpecError
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Decoder shape. `gated_mlp`: three MLP matrices (SwiGLU) instead of two; `tied_embeddings`: one matrix."""
+    """Decoder shape. `gated_mlp`: three MLP matrices (SwiGLU) instead of two; `tied_embeddings`: one matrix;
+    `head_size`: each attention head's width where it is not `hidden_size / num_heads` (Qwen3's `head_dim`)."""
 
     name: str
     vocab_size: int
@@ -28,11 +29,14 @@ class ModelSpec:
     num_kv_heads: int
     gated_mlp: bool = True
     tied_embeddings: bool = False
+    head_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "ffn_size", "num_layers", "num_heads", "num_kv_heads"):
             fields.positive_int(getattr(self, name), f"model.{name}")
-        if self.hidden_size % self.num_heads:
+        if self.head_size is not None:
+            fields.positive_int(self.head_size, "model.head_size")
+        elif self.hidden_size % self.num_heads:
             raise SpecError(
                 f"model.hidden_size ({self.hidden_size}) must be a multiple of model.num_heads ({self.num_heads})"
             )
@@ -47,13 +51,13 @@ class ModelSpec:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_size or self.hidden_size // self.num_heads
 
     @property
     def layer_params(self) -> int:
         """Parameters of one transformer block (attention, MLP, two norms)."""
-        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
-        attention = 2 * h * h + 2 * h * kv
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attention = 2 * h * q + 2 * h * kv
         mlp = (3 if self.gated_mlp else 2) * h * self.ffn_size
         return attention + mlp + 2 * h
 
@@ -115,6 +119,7 @@ class ModelSpec:
             num_kv_heads=get("num_key_value_heads", default=heads),
             gated_mlp=model_type not in ("opt", "gpt2", "gpt_neox", "falcon"),
             tied_embeddings=bool(get("tie_word_embeddings", default=model_type == "opt")),
+            head_size=hf.get("head_dim") or (128 if model_type == "qwen3" else None),
         )
 
     @classmethod

@@ -178,3 +178,23 @@ def test_workloads(tmp_path: Path) -> None:
     trace.write_text("t,in,out\n0,1,1\n")
     with pytest.raises(planners.SpecError, match="header must be arrival_s,input_len,output_len"):
         planners.load_trace(trace)
+
+
+def test_qwen3_head_dim_wider_than_hidden_over_heads_counts_its_attention_parameters() -> None:
+    # Qwen3-0.6B's shape: 16 heads of 128 (2048 wide) on a 1024-wide residual, 8 KV heads.
+    qwen3 = {
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "tie_word_embeddings": True,
+    }
+    spec = planners.ModelSpec.from_hf_config(qwen3)
+    assert spec.head_dim == 128
+    attention = 2 * 1024 * 16 * 128 + 2 * 1024 * 8 * 128
+    assert spec.layer_params == attention + 3 * 1024 * 3072 + 2 * 1024
+    assert abs(spec.num_params / 0.596e9 - 1) < 0.01  # the published 0.6B counts 0.596e9 (q/k norms aside)
