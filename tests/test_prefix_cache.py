@@ -177,6 +177,16 @@ def test_the_oldest_freed_pages_are_evicted_first(model, two_systems):
     assert hits == [0, 0, 9 * PAGE, 8 * PAGE]
 
 
+@pytest.mark.parametrize("kv_format", ["int8", "int4"])
+def test_quantized_caches_give_the_same_tokens_with_and_without_prefix_caching(model, two_systems, kv_format):
+    # A cached page holds the keys and values recomputing it would store (quantized the same way), so only the
+    # summation order of the prefill differs.
+    small = {**SMALL, "kv_format": kv_format}
+    cached = _engine(model, caching=True, **small)
+    assert _tokens(cached, two_systems) == _tokens(_engine(model, caching=False, **small), two_systems)
+    assert cached.stats().prefix_cache_hits > 0
+
+
 def test_without_prefix_caching_nothing_is_looked_up_or_kept(model, shared):
     engine = _engine(model, caching=False)
     engine.generate(shared[:2], GREEDY)
