@@ -14,6 +14,9 @@ bytes it must read (weights + KV cache) per second, against a copy measured in t
     python bench/serve.py --soak               # any machine: 10-minute HTTP soak of a `jaxhet serve` process,
                                                # valid and hostile traffic (serve_soak.py); --soak SECONDS
     python bench/serve.py --soak --smoke       # the same for a few seconds
+    python bench/serve.py --prefix-cache       # time to first token with and without prefix caching, 32 requests
+                                               # sharing a 1,000-token system prompt (serve_prefix.py): the ~1B
+                                               # model on a GPU, the tiny one on a CPU; --smoke: a few, shorter
 """
 
 from __future__ import annotations
@@ -138,6 +141,21 @@ def _decode_efficiency(engine: Engine, model: Llama, context: int, batch: int, s
     return {"step_ms": step_s * 1e3, "bytes_per_step": weight_bytes + kv_bytes, "fraction_of_copy": achieved / copy_bw}
 
 
+def _prefix_cache(args: argparse.Namespace) -> None:
+    from serve_prefix import PrefixWorkload, prefix_cache
+
+    if args.smoke:
+        workload = PrefixWorkload(system_len=100, user_len=8, requests=6, output_len=4, batch=2, prefill_chunk=64)
+    else:
+        workload = PrefixWorkload(kv_format=args.kv_format)
+    if args.smoke or jax.default_backend() == "cpu":
+        config = LlamaConfig.tiny(vocab_size=ByteTokenizer.vocab_size, dtype="float32")
+        workload = dataclasses.replace(workload, kv_format="float32")
+    else:
+        config = LlamaConfig(**ONE_B, dtype="bfloat16", param_dtype="bfloat16")
+    prefix_cache(config, workload, args.out, smoke=args.smoke)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model and trace, any machine")
@@ -156,7 +174,13 @@ def main() -> None:
         metavar="SECONDS",
         help="instead: the HTTP soak of serve_soak.py, for SECONDS (600; 5 with --smoke unless given)",
     )
+    parser.add_argument(
+        "--prefix-cache", action="store_true", help="instead: TTFT with and without prefix caching (serve_prefix.py)"
+    )
     args = parser.parse_args()
+    if args.prefix_cache:
+        _prefix_cache(args)
+        return
     if args.soak is not None:
         from serve_soak import soak
 

@@ -41,6 +41,16 @@ def test_serve_benchmark_runs(tmp_path):
     assert record["decode"]["step_ms"] > 0
 
 
+def test_serve_prefix_cache_benchmark_runs(tmp_path):
+    result = _run_bench("serve.py", "--prefix-cache", "--smoke", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (path,) = tmp_path.glob("prefix_cache_*_smoke_*.json")
+    record = json.loads(path.read_text())
+    assert record["same_tokens"] and record["cached"]["prefix_cache_hits"] > 0
+    assert record["uncached"]["prefix_cache_queries"] == 0
+    assert all(r > 0 for r in record["ratio_uncached_over_cached"].values())
+
+
 def test_serve_soak_runs(tmp_path):
     """A few seconds of the soak against a real `jaxhet serve` process: no 5xx, no hang, nothing held afterwards."""
     result = _run_bench("serve.py", "--soak", "--smoke", "--out", str(tmp_path))

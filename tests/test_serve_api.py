@@ -242,6 +242,21 @@ def test_metrics_report_latency_histograms_and_request_counts(served, client):
     assert _metric(server.url, "jaxhet_kv_pages_total", model="small") == ENGINE.num_pages
 
 
+def test_metrics_report_prefix_cache_hits(served, client):
+    server, _ = served
+    names = ("jaxhet_prefix_cache_queries_total", "jaxhet_prefix_cache_hits_total")
+    before = [_metric(server.url, name, model="small") for name in names]
+    prefix = "".join(random.Random(18).choices(string.ascii_letters, k=100))  # with BOS: 101 tokens, 6 full pages
+    for suffix in "xy":
+        client.completions.create(model="small", prompt=prefix + suffix, max_tokens=2, temperature=0)
+    queries, hits = (_metric(server.url, name, model="small") - b for name, b in zip(names, before, strict=True))
+    assert (queries, hits) == (2 * 102, 6 * ENGINE.page_size)  # the second request found the first's 6 pages
+    ratio = _metric(server.url, "jaxhet_prefix_cache_hit_ratio", model="small")
+    assert ratio == pytest.approx(
+        _metric(server.url, names[1], model="small") / _metric(server.url, names[0], model="small")
+    )
+
+
 @pytest.fixture(scope="module")
 def keyed():
     """A server with an API key and short time limits for request headers (1 s) and bodies (1 s)."""

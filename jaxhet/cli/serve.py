@@ -78,6 +78,13 @@ def serve(
     num_pages: Annotated[int, typer.Option(min=1, help="KV cache pages per engine.")] = 512,
     page_size: Annotated[int, typer.Option(help="Tokens per KV page: 16, 32 or 64.")] = 16,
     max_model_len: Annotated[int, typer.Option(min=2, help="Prompt plus output tokens per request at most.")] = 1024,
+    prefix_caching: Annotated[
+        bool,
+        typer.Option(
+            help="Share the KV pages of common prompt prefixes (a system prompt) between requests and keep them "
+            "after a request ends, so a repeated prefix is prefilled once."
+        ),
+    ] = True,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body accepted.")] = 1 << 20,
     read_timeout: Annotated[
         float,
@@ -111,6 +118,7 @@ def serve(
             num_pages=num_pages,
             kv_format=kv_format,
             max_model_len=max_model_len,
+            prefix_caching=prefix_caching,
         )
         server_config = ServerConfig(api_key=api_key, max_body_bytes=max_body_bytes, read_timeout_s=read_timeout)
         loaded_plan = _read_plan(plan) if plan is not None else None

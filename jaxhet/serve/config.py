@@ -49,7 +49,10 @@ class EngineConfig:
     `max_running` sequences decode together; a step prefills at most `prefill_chunk` prompt tokens (longer prompts
     are split over steps, so decoding never stalls behind a long prompt); the KV cache is `num_pages` pages of
     `page_size` tokens stored as `kv_format`; a sequence holds at most `max_model_len` tokens, prompt included.
-    Requests without a seed draw one from `seed`.
+    Requests without a seed draw one from `seed`. With `prefix_caching`, full KV pages are shared between
+    sequences with the same prefix and kept after they finish, so a repeated prefix (a system prompt) is prefilled
+    once (`PageAllocator`); a cached page holds what recomputing it would write, up to floating-point summation
+    order, so greedy outputs match those without it.
     """
 
     max_running: int = 16
@@ -59,6 +62,7 @@ class EngineConfig:
     max_model_len: int = 1024
     prefill_chunk: int = 128
     seed: int = 0
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         _at_least("max_running", self.max_running, 1)
@@ -72,6 +76,8 @@ class EngineConfig:
             message = f"max_model_len must be a multiple of page_size={self.page_size}, got {self.max_model_len}"
             raise FieldError("max_model_len", message)
         _at_least("prefill_chunk", self.prefill_chunk, 8)
+        if not isinstance(self.prefix_caching, bool):
+            raise FieldError("prefix_caching", f"prefix_caching must be True or False, got {self.prefix_caching!r}")
         if self.num_pages * self.page_size < self.max_model_len:
             raise FieldError(
                 "num_pages",

@@ -8,6 +8,13 @@ batch whose prompt chunks share a fixed token budget, so a long prompt never sta
 come from each request's seed and token index, so a seeded request gives the same tokens whatever it is batched
 with, and greedy requests give what they would give alone.
 
+With `EngineConfig.prefix_caching` (the default), a request is admitted holding the cached pages of its longest
+cached run of full prompt pages (shared read-only with whoever else holds them, or taken back from the pool of
+freed ones) and prefills from the first token after them; at least its last prompt token is always computed, so it
+has logits to sample from, and it writes only into its own pages past the shared ones. Each page a sequence fills
+is registered for later requests. Requests admitted in the same step do not share the prefix they all still have
+to compute.
+
 A request can also be split across two engines, prefill on one and decode on another (`hand_off=True`, then
 `add_handoff` with the output's `KVHandoff`): the decode engine imports the prompt's cache pages instead of
 recomputing them.
@@ -34,7 +41,7 @@ import numpy as np
 from jaxhet.models.llama import Llama
 from jaxhet.serve.config import EngineConfig, FieldError, SamplingParams
 from jaxhet.serve.detokenize import TextStream
-from jaxhet.serve.paged_cache import LayerPool, PageAllocator
+from jaxhet.serve.paged_cache import LayerPool, PageAllocator, page_keys
 from jaxhet.serve.runner import ModelRunner, StepInputs, StepOutputs
 from jaxhet.tokenizers import Tokenizer
 
@@ -81,7 +88,9 @@ class RequestOutput:
 
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
-    """Queue depths, KV-page use and running totals, as /metrics reports them."""
+    """Queue depths, KV-page use and running totals, as /metrics reports them. `kv_pages_cached`: free pages still
+    holding a cached prefix; `prefix_cache_queries`: tokens of the sequences looked up in the prefix cache at
+    admission (a preempted sequence is looked up again), `prefix_cache_hits`: those of them found cached."""
 
     waiting: int = 0
     running: int = 0
@@ -91,6 +100,9 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
+    kv_pages_cached: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 @dataclasses.dataclass
@@ -105,6 +117,7 @@ class _Sequence:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)
+    keys: list[bytes] = dataclasses.field(default_factory=list)
     computed: int = 0
     hand_off: bool = False
     imported: KVHandoff | None = None
@@ -248,6 +261,7 @@ class Engine:
             running=len(self._running),
             kv_pages_used=self._allocator.num_used,
             kv_pages_total=self._allocator.num_pages,
+            kv_pages_cached=self._allocator.num_cached,
             **self._totals,
         )
 
@@ -283,21 +297,53 @@ class Engine:
         while self._waiting and len(self._running) < self.config.max_running:
             sequence = self._waiting[0]
             needed = self._pages_for(len(sequence.tokens))
-            if self._allocator.num_free - needed < len(self._running):
+            cached = self._cached_prefix(sequence)
+            reclaimed = sum(1 for page in cached if not self._allocator.refcount(page))
+            if self._allocator.num_free - reclaimed - (needed - len(cached)) < len(self._running):
                 return
             first_admission = sequence.admitted < 0
-            sequence.pages = self._allocator.allocate(needed)
+            self._allocator.acquire(cached)  # before allocating, which could evict them
+            sequence.pages = cached + self._allocator.allocate(needed - len(cached))
+            sequence.computed = len(cached) * self.config.page_size
             sequence.admitted = next(self._admissions)
             self._running.append(self._waiting.popleft())
             if sequence.imported is not None:
                 self._guarded(sequence, self._import, sequence)
-            elif first_admission:
+                continue
+            if first_admission:
                 self._totals["prompt_tokens"] += len(sequence.prompt)
+            if self.config.prefix_caching:
+                self._totals["prefix_cache_queries"] += len(sequence.tokens)
+                self._totals["prefix_cache_hits"] += sequence.computed
+
+    def _cached_prefix(self, sequence: _Sequence) -> list[int]:
+        """Cached pages of the sequence's longest cached run of full pages, short of its last token (which must be
+        computed for its logits); none for an imported sequence, whose pages are all written by the import."""
+        if not self.config.prefix_caching or sequence.imported is not None:
+            return []
+        lookable = (len(sequence.tokens) - 1) // self.config.page_size
+        return self._allocator.lookup(self._keys(sequence, lookable))
+
+    def _keys(self, sequence: _Sequence, count: int) -> list[bytes]:
+        """The chain keys of the sequence's first `count` (full) pages."""
+        if len(sequence.keys) < count:
+            page_size = self.config.page_size
+            sequence.keys = page_keys(sequence.tokens[: count * page_size], page_size, sequence.keys)
+        return sequence.keys[:count]
+
+    def _register(self, sequence: _Sequence, first: int) -> None:
+        """Offer the sequence's pages from index `first` that are now full to the prefix cache."""
+        if not self.config.prefix_caching:
+            return
+        full = sequence.computed // self.config.page_size
+        for index, key in enumerate(self._keys(sequence, full)[first:], start=first):
+            self._allocator.register(sequence.pages[index], key)
 
     def _import(self, sequence: _Sequence) -> None:
         imported, sequence.imported = sequence.imported, None
         self._runner.import_pages(sequence.pages, imported.pages, self._pages_for(imported.cached_tokens))
         sequence.computed = imported.cached_tokens
+        self._register(sequence, 0)
 
     def _guarded(self, sequence: _Sequence, work: Callable[..., _T], *args: Any) -> _T | None:
         """`work(*args)` for one sequence; if it raises, that sequence alone fails (its pages freed, an error
@@ -374,7 +420,9 @@ class Engine:
         """Account for the tokens just cached; rows that reached their last token take the sampled one."""
         outputs = []
         for row, (sequence, size) in enumerate(chunks):
+            first = sequence.computed // self.config.page_size
             sequence.computed += size
+            self._register(sequence, first)
             if sequence.pending == 0:
                 output = self._guarded(sequence, self._accept, sequence, results, row)
                 outputs += [output] if output is not None else []

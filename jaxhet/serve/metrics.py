@@ -19,7 +19,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 
 class _EngineCollector(Collector):
-    """Queue depth, KV usage, token counters and the recent generation rate of every replica, per scrape."""
+    """Queue depth, KV usage, prefix-cache hits, token counters and the recent generation rate of every replica, per
+    scrape."""
 
     def __init__(self, replicas: Mapping[str, Iterable[AsyncEngine]], cascades: Iterable[CascadeDeployment]):
         self.replicas = replicas
@@ -33,12 +34,30 @@ class _EngineCollector(Collector):
             "kv_used": GaugeMetricFamily("jaxhet_kv_pages_used", "KV-cache pages in use.", labels=labels),
             "kv_total": GaugeMetricFamily("jaxhet_kv_pages_total", "KV-cache pages in the pool.", labels=labels),
             "kv_usage": GaugeMetricFamily("jaxhet_kv_usage_ratio", "Fraction of KV pages in use.", labels=labels),
+            "kv_cached": GaugeMetricFamily(
+                "jaxhet_kv_pages_cached", "Free KV pages still holding a cached prefix.", labels=labels
+            ),
+            "hit_rate": GaugeMetricFamily(
+                "jaxhet_prefix_cache_hit_ratio",
+                "Prefix cache hits over queries, in tokens, since the start (0 before any query).",
+                labels=labels,
+            ),
             "rate": GaugeMetricFamily(
                 "jaxhet_generation_tokens_per_second", "Tokens generated per second, recent window.", labels=labels
             ),
         }
         counters = {
-            "prompt": CounterMetricFamily("jaxhet_prompt_tokens", "Prompt tokens prefilled.", labels=labels),
+            "prompt": CounterMetricFamily(
+                "jaxhet_prompt_tokens",
+                "Prompt tokens of admitted requests (prefix-cache hits included).",
+                labels=labels,
+            ),
+            "queries": CounterMetricFamily(
+                "jaxhet_prefix_cache_queries", "Tokens looked up in the prefix cache at admission.", labels=labels
+            ),
+            "hits": CounterMetricFamily(
+                "jaxhet_prefix_cache_hits", "Tokens found in the prefix cache, not prefilled.", labels=labels
+            ),
             "generated": CounterMetricFamily("jaxhet_generation_tokens", "Tokens generated.", labels=labels),
             "preemptions": CounterMetricFamily(
                 "jaxhet_preemptions", "Sequences preempted for lack of KV pages.", labels=labels
@@ -54,9 +73,13 @@ class _EngineCollector(Collector):
                 gauges["kv_total"].add_metric(key, stats.kv_pages_total)
                 gauges["kv_usage"].add_metric(key, stats.kv_pages_used / max(stats.kv_pages_total, 1))
                 gauges["rate"].add_metric(key, snap.tokens_per_second())
+                gauges["kv_cached"].add_metric(key, stats.kv_pages_cached)
+                gauges["hit_rate"].add_metric(key, stats.prefix_cache_hits / max(stats.prefix_cache_queries, 1))
                 counters["prompt"].add_metric(key, stats.prompt_tokens)
                 counters["generated"].add_metric(key, stats.generated_tokens)
                 counters["preemptions"].add_metric(key, stats.preemptions)
+                counters["queries"].add_metric(key, stats.prefix_cache_queries)
+                counters["hits"].add_metric(key, stats.prefix_cache_hits)
         escalations = CounterMetricFamily(
             "jaxhet_cascade_escalations", "Requests a cascade stage passed on.", labels=["cascade", "stage"]
         )
