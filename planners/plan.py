@@ -19,6 +19,9 @@ A `TrainPlan` says, for one training iteration of `global_batch` sequences of `s
   Gradients are combined across replicas weighted by tokens, so the update equals the single-device mean over the
   global batch.
 - `Stage.recompute`: recompute the stage's block activations in the backward pass instead of storing them.
+- `Stage.compress`: how the activations this stage sends to the next stage, and the gradients it receives back
+  from it, cross the edge: one of `COMPRESSIONS` (`meshes.compress` describes the codecs); "none" on the last
+  stage, which sends nothing onward. Plans written without the field load as "none".
 - `estimate`: what the cost model predicted for this plan (optional; informative only, never needed to run it).
 - `solve`: how the planner found it (optional, informative): the solver status ("OPTIMAL": no plan of the
   planner's search space is faster under the cost model; "FEASIBLE": the best found within the time limit), the
@@ -48,6 +51,7 @@ VERSION = 2
 READABLE_VERSIONS = (1, 2)
 STATUSES = ("OPTIMAL", "FEASIBLE")
 SCHEDULES = ("1f1b", "gpipe")
+COMPRESSIONS = ("none", "int8", "int4_hadamard")
 
 
 class PlanError(ValueError):
@@ -75,6 +79,7 @@ class Stage:
     tp: int
     layers: tuple[int, int]
     recompute: bool = False
+    compress: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", tuple(self.devices))
@@ -99,6 +104,8 @@ class Stage:
             raise PlanError(f"{_dotted(where, 'layers')} must satisfy 0 <= start < stop, got {list(self.layers)}")
         if not isinstance(self.recompute, bool):
             raise PlanError(f"{_dotted(where, 'recompute')} must be true or false, got {self.recompute!r}")
+        if self.compress not in COMPRESSIONS:
+            raise PlanError(f"{_dotted(where, 'compress')} must be one of {list(COMPRESSIONS)}, got {self.compress!r}")
 
     @property
     def num_layers(self) -> int:
@@ -111,11 +118,12 @@ class Stage:
             "tp": self.tp,
             "layers": list(self.layers),
             "recompute": self.recompute,
+            "compress": self.compress,
         }
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "stage") -> Stage:
-        fields = ("devices", "kind", "tp", "layers", "recompute")
+        fields = ("devices", "kind", "tp", "layers", "recompute", "compress")
         d = _expect_keys(data, fields, fields[:4], where)
         for name in ("devices", "layers"):
             if not isinstance(d[name], list):
@@ -127,6 +135,7 @@ class Stage:
                 tp=d["tp"],
                 layers=tuple(d["layers"]),
                 recompute=d.get("recompute", False),
+                compress=d.get("compress", "none"),
             )
         except PlanError as err:
             raise PlanError(f"{where}.{err}") from None
@@ -163,6 +172,10 @@ class Replica:
                     "stages must cover the layers contiguously from 0"
                 )
             expected_start = stage.layers[1]
+            if i == len(self.stages) - 1 and stage.compress != "none":
+                raise PlanError(
+                    f"{at}.compress is {stage.compress!r} but the last stage sends nothing onward; it must be 'none'"
+                )
             if len(stage.devices) != stage.tp * self.cp:
                 raise PlanError(
                     f"{at}.devices has {len(stage.devices)} devices but tp * cp = {stage.tp} * {self.cp} "
