@@ -1,6 +1,8 @@
 """Stage-edge compression: the codecs against a numpy reference, their error bounds and wire sizes, the plan field,
 a compressed pipeline step and short training run against the uncompressed plan, and the bytes the plan charges."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,12 +14,14 @@ from jaxhet import Llama
 from jaxhet.parallel import StagedLlama, llama_params
 from meshes import HetMesh, PlanExecutor
 from meshes.compress import CODECS, Codec, fwht, pack_int4, unpack_int4
-from planners import Replica, TrainPlan
-from planners.cluster import ClusterSpec
+from planners import Replica, TrainPlan, TrainWorkload, plan_training
+from planners.cluster import ClusterSpec, Link
 from planners.compression import FORMATS, edge_bytes_per_token
 from planners.cost_model import TrainCosts, evaluate_train_plan
+from planners.errors import SpecError
 from planners.model import ModelSpec
 from planners.plan import COMPRESSIONS, PlanError, Stage
+from planners.train import compress_edges
 from tests.test_hspmd import (
     CLUSTER,
     assert_traffic_as_planned,
@@ -264,3 +268,47 @@ def test_cost_model_charges_packed_bytes_and_codec_time():
 
     # The pipeline pays each edge once (its micro-batches' transfers are not modelled as overlapping compute).
     assert iteration_s("none") - iteration_s("int4_hadamard") == pytest.approx(plain - squeezed)
+
+
+def test_edges_are_compressed_where_the_link_is_slow_enough_to_pay():
+    model = ModelSpec.preset("llama-2-7b")
+    slow = ClusterSpec.load("examples/clusters/h100x4_l4x4.yaml")  # 12.5 GB/s between the nodes
+    fast = dataclasses.replace(slow, inter_link=Link(1e5, 15))
+    kinds = tuple(d.kind for d in slow.devices)
+    h100 = Stage((0,), "H100", 1, (0, 16))
+    plan = TrainPlan((Replica((h100, Stage((4,), "L4", 1, (16, 32))), 2, 2),), 32, 4, 4096, device_kinds=kinds)
+
+    def codec(cluster, lossiest):
+        return compress_edges(plan, cluster, model, lossiest).replicas[0].stages[0].compress
+
+    assert codec(slow, "int4_hadamard") == "int4_hadamard" and codec(slow, "int8") == "int8"
+    assert codec(slow, "none") == "none"
+    assert codec(fast, "int4_hadamard") == "none"  # faster than the devices' memory: (de)quantising costs more
+    chosen = compress_edges(plan, slow, model, "int4_hadamard")
+    assert chosen.estimate.iteration_s < evaluate_train_plan(plan, slow, model).iteration_s
+
+
+def test_planner_turns_compression_on_only_when_the_workload_allows_it():
+    """Two single-H100 nodes over 12.5 GB/s: a 7B model's state fits on neither, so every plan pipelines across
+    the nodes, and the edge is compressed when (and only when) the workload allows it."""
+    cluster = ClusterSpec.from_dict(
+        {
+            "name": "two_h100_nodes",
+            "nodes": [{"name": "a", "gpu": "H100", "count": 1}, {"name": "b", "gpu": "H100", "count": 1}],
+            "inter_node_link": {"gb_s": 12.5, "latency_us": 15},
+        }
+    )
+    model = ModelSpec.preset("llama-2-7b")
+
+    def planned(compress):
+        workload = TrainWorkload(global_batch=8, seq_len=2048, microbatch_sizes=(1,), compress=compress)
+        return plan_training(cluster, model, workload, time_limit_s=5.0)
+
+    plain, squeezed = planned("none"), planned("int4_hadamard")
+    assert [len(r.stages) for r in plain.replicas] == [2]
+    assert all(s.compress == "none" for r in plain.replicas for s in r.stages)
+    assert [s.compress for s in squeezed.replicas[0].stages] == ["int4_hadamard", "none"]
+    assert squeezed.estimate.iteration_s < plain.estimate.iteration_s
+    assert squeezed.solve.status == "FEASIBLE"  # the search's bound does not cover compressed plans
+    with pytest.raises(SpecError, match=r"compress must be one of \['none', 'int8', 'int4_hadamard'\]"):
+        TrainWorkload(global_batch=8, seq_len=2048, compress="fp8")
