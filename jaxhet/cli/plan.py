@@ -50,9 +50,10 @@ def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Tab
     table = Table(
         title=f"{plan.model} on {plan.cluster} ({cluster.kinds_summary()})",
         caption="CP: context-parallel ranks (each sequence split between them), TP devices each; rc: recompute "
-        "activations; mb x size: micro-batches x sequences each; mem: peak / usable",
+        "activations; edge: codec of the activations sent to the next stage (and their gradients back); mb x size: "
+        "micro-batches x sequences each; mem: peak / usable",
     )
-    for column in ("replica", "stage", "devices", "GPU", "CP", "TP", "layers", "rc", "mb x size", "mem GB"):
+    for column in ("replica", "stage", "devices", "GPU", "CP", "TP", "layers", "rc", "edge", "mb x size", "mem GB"):
         table.add_column(column, justify="left" if column in ("devices", "GPU") else "right")
     assert plan.estimate is not None
     for r, (replica, mems) in enumerate(zip(plan.replicas, plan.estimate.peak_memory_gb, strict=True)):
@@ -67,6 +68,7 @@ def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Tab
                 str(stage.tp),
                 f"{stage.layers[0]}-{stage.layers[1] - 1}",
                 "yes" if stage.recompute else "no",
+                stage.compress if s + 1 < len(replica.stages) else "",
                 f"{replica.num_microbatches} x {replica.microbatch_size}" if s == 0 else "",
                 f"{gb:.1f}/{cap:.0f}",
             )
@@ -81,6 +83,12 @@ def train(
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 256,
     no_recompute: Annotated[bool, typer.Option("--no-recompute", help="Forbid activation recomputation.")] = False,
     use_all_devices: Annotated[bool, typer.Option("--use-all-devices", help="Leave no device idle.")] = False,
+    compress: Annotated[
+        str,
+        typer.Option(
+            help=f"Lossiest stage-edge codec the planner may use where it pays ({', '.join(planners.COMPRESSIONS)})."
+        ),
+    ] = "none",
     time_limit: TimeLimitOption = 10.0,
     workers: Annotated[int, typer.Option(min=1, help="CP-SAT worker threads.")] = 2,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
@@ -93,7 +101,7 @@ def train(
         check_output(png, "--png")
         spec = _cluster(cluster, device_profile)
         model_spec = planners.ModelSpec.resolve(model)
-        workload = planners.TrainWorkload(global_batch, seq_len, recompute=not no_recompute)
+        workload = planners.TrainWorkload(global_batch, seq_len, recompute=not no_recompute, compress=compress)
         plan, info = planners.plan_training_with_info(
             spec, model_spec, workload, time_limit_s=time_limit, num_workers=workers, use_all_devices=use_all_devices
         )
