@@ -7,13 +7,15 @@ outlier channel only coarsens the quantization of its own tile. The codecs (`COD
 
 - `none`: the tensor itself.
 - `int8`: symmetric int8 per tile (`q = round(x / s)`, `s = absmax / 127`).
-- `int4_hadamard` (TAH-Quant's tile-wise adaptive Hadamard quantization): each tile is quantized to 4 bits
-  (`s = absmax / 7`, values in [-7, 7]) either as it is or after an orthonormal Walsh–Hadamard rotation
-  (`H / sqrt(tile)`, Sylvester order, computed by the fast transform in plain jnp), whichever reconstructs the tile
-  with the smaller squared error; the choice rides in the sign of the tile's scale (negative: rotated), so it costs
-  no bytes. The rotation spreads an outlier over the tile, so the other channels keep their resolution. Two 4-bit
-  values are packed into each uint8, so the wire form really is smaller: per tile of 64 channels 32 bytes of
-  values plus a 4-byte scale, against 256 bytes in float32 (7.1x) or 128 in bf16 (3.6x).
+- `int4_hadamard` (tile-wise adaptive Hadamard quantization after TAH-Quant, arXiv 2506.01352; the rule that
+  picks a tile's rotation is this module's own, and the paper's per-token bit allocation is not done): each tile is
+  quantized to 4 bits (`s = absmax / 7`, values in [-7, 7]) either as it is or after an orthonormal Walsh–Hadamard
+  rotation (`H / sqrt(tile)`, Sylvester order, computed by the fast transform in plain jnp), whichever
+  reconstructs the tile with the smaller squared error; the choice rides in the sign of the tile's scale
+  (negative: rotated), so it costs no bytes. The rotation spreads an outlier's energy over the whole tile, which
+  lowers the tile's absmax against its norm. Two 4-bit values are packed into each uint8, so the wire form really
+  is smaller: per tile of 64 channels 32 bytes of values plus a 4-byte scale, against 256 bytes in float32 (7.1x)
+  or 128 in bf16 (3.6x).
 
 `Codec.encode(x)` returns the packed form, a dict of arrays (`values`, and `scales` unless `none`) whose leading
 [batch, seq] dimensions are those of `x`, so it takes the same sharding along them; `Codec.decode(packed, dtype)`
