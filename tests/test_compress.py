@@ -21,6 +21,7 @@ from planners.cost_model import TrainCosts, evaluate_train_plan
 from planners.errors import SpecError
 from planners.model import ModelSpec
 from planners.plan import COMPRESSIONS, PlanError, Stage
+from planners.simulate import simulate_replica
 from planners.train import compress_edges
 from tests.test_hspmd import (
     CLUSTER,
@@ -260,14 +261,17 @@ def test_cost_model_charges_packed_bytes_and_codec_time():
         costs.p2p_seconds(link, 2, "int8")
     kinds = tuple(d.kind for d in cluster.devices)
 
-    def iteration_s(compress: str) -> float:
+    def replica(compress: str) -> Replica:
         h100 = Stage((kinds.index("H100"),), "H100", 1, (0, 16), compress=compress)
-        l4 = Stage((kinds.index("L4"),), "L4", 1, (16, 32))
-        plan = TrainPlan((Replica((h100, l4), 2, 2),), 32, 4, 4096)
-        return evaluate_train_plan(plan, cluster, model).iteration_s
+        return Replica((h100, Stage((kinds.index("L4"),), "L4", 1, (16, 32))), 2, 2)
+
+    def iteration_s(compress: str) -> float:
+        return evaluate_train_plan(TrainPlan((replica(compress),), 32, 4, 4096), cluster, model).iteration_s
 
     # The pipeline pays each edge once (its micro-batches' transfers are not modelled as overlapping compute).
     assert iteration_s("none") - iteration_s("int4_hadamard") == pytest.approx(plain - squeezed)
+    simulated = {c: simulate_replica(replica(c), cluster, model, 4096) for c in ("none", "int4_hadamard")}
+    assert simulated["int4_hadamard"] < simulated["none"]
 
 
 def test_edges_are_compressed_where_the_link_is_slow_enough_to_pay():
