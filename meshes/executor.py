@@ -4,7 +4,8 @@ Each pipeline stage of each replica is its own program on its own mesh (its devi
 stage's per-shard function runs under `shard_map` with Megatron parameter layouts over `tp` and, with the
 replica's context-parallel degree `cp` > 1, every sequence split into `cp` consecutive slices (keys and values
 gathered across them for attention), traced once per stage shape. Stages pass
-activations forward and their gradients backward by transfers between meshes; a stage with `recompute`
+activations forward and their gradients backward by transfers between meshes (in a stage's `compress` codec's
+packed form, `meshes.compression`, across its outgoing edge); a stage with `recompute`
 rematerialises its blocks in the backward pass; JAX's asynchronous dispatch lets
 stages and replicas of different groups run at the same time. Each replica runs its own number of micro-batches
 of its own size under the plan's schedule (GPipe or 1F1B). Losses are summed per token and divided once by the
@@ -39,6 +40,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from meshes.compression import EdgeMover
 from meshes.hetmesh import DeviceGroup, HetMesh
 from meshes.optimizer import zero1_shardings
 from meshes.replicas import Copies, first_copies, place
@@ -105,6 +107,7 @@ class PlanExecutor:
         self.plan = plan
         self.model = model
         self.transfers = Transfers()
+        self.edges = EdgeMover(self.transfers)
         self.scalars = everywhere([hetmesh.devices[d] for d in plan.devices])
         self.stages = [
             [
@@ -178,7 +181,7 @@ class PlanExecutor:
     def _run_replica(self, replica: Replica, runtimes: list[_StageRuntime], copies: Copies, microbatches, scale):
         """Run the replica's pipeline schedule on its stages' `copies`; returns its last stage's loss sums and its
         per-stage gradient sums."""
-        move = self.transfers.move
+        move = self.edges.move
         stage_params = [self.model.stage_params(copy, rt.spec) for copy, rt in zip(copies, runtimes, strict=True)]
         stage_batches = [
             [{k: put_host(v, rt.sequence) for k, v in mb.items()} for mb in microbatches] for rt in runtimes
@@ -200,7 +203,7 @@ class PlanExecutor:
                     losses.append(out)
                     cotangents[(s, m)] = put_host(scale, rt.replicated)
                 else:
-                    inputs[(s + 1, m)] = move(out, runtimes[s + 1].sequence)
+                    inputs[(s + 1, m)] = move(out, runtimes[s + 1].sequence, replica.stages[s].compress)
             else:
                 param_grads, hidden_grad = _backward(rt, vjps.pop((s, m)), cotangents.pop((s, m)))
                 if grads[s] is None or not rt.local:
@@ -208,7 +211,7 @@ class PlanExecutor:
                 else:
                     grads[s] = jax.tree.map(jnp.add, grads[s], param_grads)
                 if s > 0:
-                    cotangents[(s - 1, m)] = move(hidden_grad, runtimes[s - 1].sequence)
+                    cotangents[(s - 1, m)] = move(hidden_grad, runtimes[s - 1].sequence, replica.stages[s - 1].compress)
         return losses, grads
 
     def value_and_grad(self, copies: Copies, batch: Batch) -> tuple[jax.Array, Copies]:

@@ -18,7 +18,7 @@ from planners.cost_model import TrainCosts, evaluate_train_plan, memory_excess
 from planners.errors import PlanningError, SpecError
 from planners.measured import MeasuredProfile
 from planners.model import PRESETS, ModelSpec
-from planners.plan import PlanError, PlanEstimate, Replica, Stage, TrainPlan
+from planners.plan import COMPRESSIONS, PlanError, PlanEstimate, Replica, Stage, TrainPlan
 from planners.profile import DeviceProfile
 from planners.serve import OBJECTIVES as SERVE_OBJECTIVES
 from planners.serve import ClassShare, ServePlan, ServeReplica, plan_serving, replan_serving
@@ -30,6 +30,7 @@ from planners.workload import Request, RequestClass, ServeWorkload, TrainWorkloa
 
 __all__ = [
     "CATALOG",
+    "COMPRESSIONS",
     "PRESETS",
     "SERVE_OBJECTIVES",
     "CascadePlan",

@@ -20,7 +20,9 @@ Communication: alpha-beta per link class (`Link.seconds`). Tensor parallelism co
 block's activations forward and two backward (two more when recomputing) over the TP group's link; pipeline stages
 exchange activations forward and their gradients backward over the link joining them (inside a node or between
 nodes); data-parallel replicas all-reduce gradients (fp32) across the plan with a ring, over the inter-node link
-when the plan spans several nodes. A group spanning several nodes communicates over the inter-node link.
+when the plan spans several nodes. A group spanning several nodes communicates over the inter-node link. A stage
+whose `compress` is not "none" sends the packed form across its outgoing edge (both ways), and pays for encoding
+and decoding it as memory-bound passes at the two ends (`planners.compression`).
 
 Memory per device: parameters with mixed-precision Adam state (16 bytes per parameter: bf16 weights, fp32 master,
 two fp32 moments; gradients accumulate into the fp32 master buffer's twin counted in the 16), divided by TP;
@@ -40,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 
 from planners.cluster import ClusterSpec, Link
+from planners.compression import codec_seconds, edge_bytes_per_token
 from planners.model import ModelSpec
 from planners.plan import PlanEstimate, Stage, TrainPlan
 from planners.profile import DeviceProfile
@@ -205,10 +208,22 @@ class TrainCosts:
             t += self.embed_seconds(tp, cp, cp_link)
         return t
 
-    def p2p_seconds(self, link: Link, microbatch: int) -> float:
-        """Activations forward plus their gradients backward across one stage boundary, one micro-batch."""
-        nbytes = ACT_BYTES * microbatch * self.seq_len * self.model.hidden_size
-        return 2 * link.seconds(nbytes)
+    def edge_bytes(self, microbatch: int, compress: str = "none") -> float:
+        """Bytes one micro-batch's activations (or their gradients) put on a stage edge under codec `compress`."""
+        return microbatch * self.seq_len * edge_bytes_per_token(compress, self.model.hidden_size, ACT_BYTES)
+
+    def p2p_seconds(
+        self, link: Link, microbatch: int, compress: str = "none", kinds: tuple[str, str] | None = None
+    ) -> float:
+        """Activations forward plus their gradients backward across one stage boundary, one micro-batch; compressed
+        (`compress` not "none"), the packed bytes plus encoding and decoding on the two ends' device `kinds`."""
+        packed = self.edge_bytes(microbatch, compress)
+        if compress == "none":
+            return 2 * link.seconds(packed)
+        if kinds is None:
+            raise ValueError(f"compress = {compress!r} needs the device kinds of the edge's two ends (kinds)")
+        bandwidths = (self._profile(kinds[0]).bytes_per_s, self._profile(kinds[1]).bytes_per_s)
+        return 2 * (link.seconds(packed) + codec_seconds(self.edge_bytes(microbatch), packed, bandwidths))
 
     def layer_state_bytes(self, tp: int) -> float:
         return STATE_BYTES_PER_PARAM * self.model.layer_params / tp
@@ -336,7 +351,9 @@ def evaluate_train_plan(plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec)
             mems.append(nbytes / 1e9)
             max_grad = max(max_grad, costs.stage_grad_bytes(stage.tp, stage.num_layers, first, last))
             if not last:
-                comm += costs.p2p_seconds(boundary_link(cluster, stage, replica.stages[i + 1]), b)
+                following = replica.stages[i + 1]
+                link = boundary_link(cluster, stage, following)
+                comm += costs.p2p_seconds(link, b, stage.compress, (stage.kind, following.kind))
         replica_s.append(sum(times) + comm + (replica.num_microbatches - 1) * max(times) + gathers)
         memory.append(tuple(mems))
     nodes = sorted({devices[d].node for d in plan.devices})

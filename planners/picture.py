@@ -66,7 +66,7 @@ def placement_figure(plan: TrainPlan, cluster: ClusterSpec) -> Figure:
     for r, replica in enumerate(plan.replicas):
         depth = len(replica.stages)
         for s, stage in enumerate(replica.stages):
-            flags = " rc" if stage.recompute else ""
+            flags = (" rc" if stage.recompute else "") + (f" {stage.compress}" if stage.compress != "none" else "")
             shape = f"CP{replica.cp} TP{stage.tp}" if replica.cp > 1 else f"TP{stage.tp}"
             text = f"R{r} S{s}\nL{stage.layers[0]}-{stage.layers[1] - 1}\n{shape}{flags}"
             for d in stage.devices:

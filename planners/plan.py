@@ -21,6 +21,9 @@ A `TrainPlan` says, for one training iteration of `global_batch` sequences of `s
 - `Stage.recompute`: recompute the stage's block activations in the backward pass instead of storing them.
 - `Stage.zero`: the ZeRO stage of its optimizer state, one of `ZERO_STAGES`: 0 keeps each moment laid out like its
   parameter; 1 also splits it over the stage's devices that hold the parameter whole (ZeRO-1 inside the group).
+- `Stage.compress`: how the activations this stage sends to the next stage, and the gradients it receives back
+  from it, cross the edge: one of `COMPRESSIONS` (`meshes.compression` describes the codecs); "none" on the last
+  stage, which sends nothing onward. Plans written without the field load as "none".
 - `estimate`: what the cost model predicted for this plan (optional; informative only, never needed to run it).
 - `solve`: how the planner found it (optional, informative): the solver status ("OPTIMAL": no plan of the
   planner's search space is faster under the cost model; "FEASIBLE": the best found within the time limit), the
@@ -31,7 +34,7 @@ per-stage TP, per-replica CP, rank-to-device mapping, recompute layers), everyth
 counts are `plan.layer_counts()`, the micro-batch counts `[r.num_microbatches for r in plan.replicas]`.
 
 `TrainPlan.to_json()` / `TrainPlan.from_json(text)` round-trip exactly (version 2 adds `solve`, version 3
-`Stage.zero`; older plans, which lack them, still load); construction validates every invariant
+`Stage.zero` and `Stage.compress`; older plans, which lack them, still load); construction validates every invariant
 above and raises `PlanError` naming the offending field (e.g. `replicas[1].stages[0].tp`). After losing devices,
 `planners.replan_training(cluster, failed, ...)` returns a plan over the survivors in the original numbering.
 """
@@ -51,6 +54,7 @@ READABLE_VERSIONS = (1, 2, 3)
 ZERO_STAGES = (0, 1)
 STATUSES = ("OPTIMAL", "FEASIBLE")
 SCHEDULES = ("1f1b", "gpipe")
+COMPRESSIONS = ("none", "int8", "int4_hadamard")
 
 
 class PlanError(ValueError):
@@ -79,6 +83,7 @@ class Stage:
     layers: tuple[int, int]
     recompute: bool = False
     zero: int = 0
+    compress: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", tuple(self.devices))
@@ -105,6 +110,8 @@ class Stage:
             raise PlanError(f"{_dotted(where, 'recompute')} must be true or false, got {self.recompute!r}")
         if self.zero not in ZERO_STAGES or isinstance(self.zero, bool):
             raise PlanError(f"{_dotted(where, 'zero')} must be one of {list(ZERO_STAGES)}, got {self.zero!r}")
+        if self.compress not in COMPRESSIONS:
+            raise PlanError(f"{_dotted(where, 'compress')} must be one of {list(COMPRESSIONS)}, got {self.compress!r}")
 
     @property
     def num_layers(self) -> int:
@@ -118,11 +125,12 @@ class Stage:
             "layers": list(self.layers),
             "recompute": self.recompute,
             "zero": self.zero,
+            "compress": self.compress,
         }
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "stage") -> Stage:
-        fields = ("devices", "kind", "tp", "layers", "recompute", "zero")
+        fields = ("devices", "kind", "tp", "layers", "recompute", "zero", "compress")
         d = _expect_keys(data, fields, fields[:4], where)
         for name in ("devices", "layers"):
             if not isinstance(d[name], list):
@@ -135,6 +143,7 @@ class Stage:
                 layers=tuple(d["layers"]),
                 recompute=d.get("recompute", False),
                 zero=d.get("zero", 0),
+                compress=d.get("compress", "none"),
             )
         except PlanError as err:
             raise PlanError(f"{where}.{err}") from None
@@ -171,6 +180,10 @@ class Replica:
                     "stages must cover the layers contiguously from 0"
                 )
             expected_start = stage.layers[1]
+            if i == len(self.stages) - 1 and stage.compress != "none":
+                raise PlanError(
+                    f"{at}.compress is {stage.compress!r} but the last stage sends nothing onward; it must be 'none'"
+                )
             if len(stage.devices) != stage.tp * self.cp:
                 raise PlanError(
                     f"{at}.devices has {len(stage.devices)} devices but tp * cp = {stage.tp} * {self.cp} "

@@ -84,5 +84,9 @@ def simulate_replica(
         forward.append(FORWARD_SHARE * plain)
         backward.append(total - FORWARD_SHARE * plain)
         if i + 1 < depth:
-            transfer.append(costs.p2p_seconds(boundary_link(cluster, stage, replica.stages[i + 1]), b) / 2)
+            following = replica.stages[i + 1]
+            edge = costs.p2p_seconds(
+                boundary_link(cluster, stage, following), b, stage.compress, (stage.kind, following.kind)
+            )
+            transfer.append(edge / 2)
     return simulate_pipeline(forward, backward, transfer, replica.num_microbatches, schedule)

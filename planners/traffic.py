@@ -3,7 +3,8 @@
 Two kinds of traffic cross groups: activations forward and their gradients backward across every pipeline stage
 edge, once per micro-batch; and the gradient sync, a ring over the stages that hold the same parameters (every
 replica holds every block; a tied embedding is held by each replica's first stage and, in a pipeline, its last
-too), each of `H` holders sending `2(H-1)/H` of those parameters' gradient bytes. The iteration-time model
+too), each of `H` holders sending `2(H-1)/H` of those parameters' gradient bytes. An edge whose sending stage
+compresses carries the packed form both ways (`planners.compression`). The iteration-time model
 (`planners.cost_model`) prices the same two patterns; this module gives their byte counts, for checking that the
 runtime moves what the plan says.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from planners.cluster import ClusterSpec
+from planners.compression import edge_bytes_per_token
 from planners.model import ModelSpec
 from planners.plan import Stage, TrainPlan
 
@@ -46,7 +48,8 @@ def step_traffic(
     plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec, act_bytes: int, grad_bytes: int
 ) -> StepTraffic:
     """What one step of `plan` moves between groups: `act_bytes` per activation element across stage edges,
-    `grad_bytes` per parameter in the gradient sync."""
+    `grad_bytes` per parameter in the gradient sync (an edge whose sending stage compresses: its codec's packed
+    bytes)."""
     node_of = [d.node for d in cluster.devices]
 
     def nodes(stages: list[Stage]) -> set[int]:
@@ -54,8 +57,9 @@ def step_traffic(
 
     groups = crossing = 0.0
     for replica in plan.replicas:
-        activation = act_bytes * replica.microbatch_size * plan.seq_len * model.hidden_size
+        tokens = replica.microbatch_size * plan.seq_len
         for a, b in zip(replica.stages, replica.stages[1:], strict=False):
+            activation = tokens * edge_bytes_per_token(a.compress, model.hidden_size, act_bytes)
             moved = 2 * activation * replica.num_microbatches
             groups += moved
             crossing += moved if len(nodes([a, b])) > 1 else 0.0

@@ -11,7 +11,11 @@ Search space (the same one `planners.brute_force` enumerates):
 - every replica gets at least one micro-batch; all micro-batches have one size `b`, chosen from the workload's
   candidates by solving once per candidate;
 - each stage gets at least one block, and may recompute its activations.
-The model: `planners.cost_model`; its CP-SAT encoding: `planners.train_model`.
+The model: `planners.cost_model`; its CP-SAT encoding: `planners.train_model`. The search prices stage edges
+uncompressed; where the workload allows compression (`TrainWorkload.compress`), the best plan found then gets, on
+each stage edge, the allowed codec that makes that edge fastest (`compress_edges`: an edge's time adds to its
+replica's alone, so this can only lower the iteration time). The search's bound does not cover such plans, so a
+plan with a compressed edge is reported FEASIBLE with the compute-only `throughput_bound_s` as its bound.
 
 Large clusters may be split into `K` identical cells (each with `len(nodes) // K` nodes of every node class, the
 nodes left over idle, and each able to hold the model's state; `planners.cells`); one cell is planned and its
@@ -37,11 +41,11 @@ from typing import Any
 
 from planners.cells import cell_splits, coarser_splits, split_cell, state_bytes, subsets, usable_bytes
 from planners.cluster import ClusterSpec
-from planners.cost_model import TrainCosts, evaluate_train_plan, memory_excess
+from planners.cost_model import TrainCosts, boundary_link, evaluate_train_plan, memory_excess
 from planners.errors import PlanningError
 from planners.groups import Group, Slot, candidate_groups, shapes
 from planners.model import ModelSpec
-from planners.plan import Replica, SolveInfo, Stage, TrainPlan
+from planners.plan import COMPRESSIONS, Replica, SolveInfo, Stage, TrainPlan
 from planners.seeds import seed_slots
 from planners.train_model import Cell, CellModel, CellProblem, CellResult
 from planners.workload import TrainWorkload
@@ -244,12 +248,15 @@ def _summary(
     fastest = _fastest(outcomes)
     assert fastest is not None
     best, source = fastest
+    best = compress_edges(best, cluster, model, workload.compress)
     assert best.estimate is not None
+    compressed = any(s.compress != "none" for r in best.replicas for s in r.stages)
     whole = [o for o in outcomes if o.proves]
     sizes = {o.microbatch for o in whole}
-    proven = sizes == set(workload.microbatch_sizes) and all(o.status in ("OPTIMAL", "INFEASIBLE") for o in whole)
+    searched = sizes == set(workload.microbatch_sizes) and not compressed
+    proven = searched and all(o.status in ("OPTIMAL", "INFEASIBLE") for o in whole)
     bound = throughput_bound_s(cluster, model, workload)
-    if sizes == set(workload.microbatch_sizes):
+    if searched:
         bound = max(bound, min(o.bound_s for o in whole))
     iteration = best.estimate.iteration_s
     bound = min(bound, iteration)
@@ -264,6 +271,24 @@ def _summary(
         solves=len(outcomes),
     )
     return dataclasses.replace(best, solve=info), info
+
+
+def compress_edges(plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec, lossiest: str = "none") -> TrainPlan:
+    """`plan` with every stage edge in the codec, among `COMPRESSIONS` up to `lossiest`, that moves its activations
+    and gradients fastest under the cost model (packed bytes over the edge's link plus encoding and decoding; the
+    less lossy on a tie), re-estimated. With `lossiest` "none", every edge uncompressed."""
+    allowed = COMPRESSIONS[: COMPRESSIONS.index(lossiest) + 1]
+    costs = TrainCosts(cluster, model, plan.seq_len)
+    replicas = []
+    for replica in plan.replicas:
+        stages = list(replica.stages)
+        for i, (sender, receiver) in enumerate(zip(replica.stages, replica.stages[1:], strict=False)):
+            link, kinds = boundary_link(cluster, sender, receiver), (sender.kind, receiver.kind)
+            best = min(allowed, key=lambda c: costs.p2p_seconds(link, replica.microbatch_size, c, kinds))
+            stages[i] = dataclasses.replace(sender, compress=best)
+        replicas.append(dataclasses.replace(replica, stages=tuple(stages)))
+    chosen = dataclasses.replace(plan, replicas=tuple(replicas))
+    return dataclasses.replace(chosen, estimate=evaluate_train_plan(chosen, cluster, model))
 
 
 def _no_plan(

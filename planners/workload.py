@@ -24,6 +24,7 @@ from typing import Any
 
 from planners import fields
 from planners.errors import SpecError
+from planners.plan import COMPRESSIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,16 +32,20 @@ class TrainWorkload:
     """`global_batch` sequences of `seq_len` tokens per iteration.
 
     `microbatch_sizes` are the micro-batch sizes the planner may pick from (each must divide `global_batch`;
-    by default the powers of two up to 8 that do); `recompute` allows activation recomputation.
+    by default the powers of two up to 8 that do); `recompute` allows activation recomputation. `compress` is the
+    lossiest stage-edge codec the planner may turn on (`planners.plan.COMPRESSIONS`, least lossy first; "none":
+    never): it compresses an edge where that makes the plan faster under the cost model.
     """
 
     global_batch: int
     seq_len: int
     microbatch_sizes: tuple[int, ...] = ()
     recompute: bool = True
+    compress: str = "none"
 
     def __post_init__(self) -> None:
         fields.positive_int(self.global_batch, "global_batch")
+        fields.one_of(self.compress, COMPRESSIONS, "compress")
         fields.positive_int(self.seq_len, "seq_len")
         sizes = tuple(self.microbatch_sizes)
         for i, b in enumerate(sizes):

@@ -126,3 +126,24 @@ def test_hspmd_multiprocess_benchmark_runs(tmp_path):
     record = json.loads(path.read_text())
     assert record["one_process_step_s"] > 0 and record["two_process_step_s"] > 0
     assert record["bytes_between_processes_per_step"] > 0 and record["cost_model_bytes_per_step"] > 0
+
+
+def test_compression_error_benchmark_runs(tmp_path):
+    args = ["--batch", "1", "--seq", "8", "--hidden", "256", "--outliers", "3"]
+    result = _run_bench("compression_error.py", *args, "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (path,) = tmp_path.glob("compression_error_*.json")
+    record = json.loads(path.read_text())
+    assert len(record["rows"]) == 8 and record["hadamard_beats_plain_int4_on_outliers"]
+    assert "rel err" in result.stdout
+
+
+def test_compression_training_benchmark_runs(tmp_path):
+    args = ["--steps", "2", "--batch", "4", "--seq", "8", "--hidden", "32", "--layers", "2"]
+    result = _run_bench("compression_training.py", *args, "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (path,) = tmp_path.glob("compression_training_*.json")
+    record = json.loads(path.read_text())
+    assert [r["codec"] for r in record["rows"]] == ["none", "int8", "int4_hadamard"]
+    # hidden 32: float32 is 128 bytes a token, int4_hadamard 16 of values plus a 4-byte scale.
+    assert record["rows"][2]["bytes_reduction"] == 128 / 20

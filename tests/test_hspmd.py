@@ -34,8 +34,10 @@ CLUSTER = ClusterSpec.from_dict(
 KINDS = tuple(d.kind for d in CLUSTER.devices)
 
 
-def stage(devices, layers, recompute=False, tp=None, zero=0):
-    return Stage(tuple(devices), KINDS[devices[0]], tp or len(devices), tuple(layers), recompute, zero)
+def stage(devices, layers, recompute=False, tp=None, zero=0, compress="none"):
+    return Stage(
+        tuple(devices), KINDS[devices[0]], tp or len(devices), tuple(layers), recompute, zero=zero, compress=compress
+    )
 
 
 def plan_of(replicas, num_layers, schedule="1f1b", seq=SEQ):
@@ -241,11 +243,15 @@ def test_plan_step_equals_single_device(name, executors):
     np.testing.assert_allclose(loss, expected_loss, rtol=RTOL)
     assert_copies_identical(grads)
     assert_trees_close(executor.view(grads), expected_grads)
-    # What the step moved between groups is what the plan says it moves (float32 activations and gradients); the
-    # runtime pads each gradient buffer to whole ring chunks, well under 5% here.
-    charged = step_traffic(
-        plan, CLUSTER, planners.ModelSpec.from_hf_config(cfg.to_hf_dict(), name="test"), act_bytes=4, grad_bytes=4
-    ).between_groups
+    assert_traffic_as_planned(executor, cfg)
+
+
+def assert_traffic_as_planned(executor: PlanExecutor, cfg: LlamaConfig) -> None:
+    """What the executor's last step moved between groups is what its plan says it moves (float32 activations,
+    packed where a stage compresses, and float32 gradients); the runtime pads each gradient buffer to whole ring
+    chunks, well under 5% here."""
+    model = planners.ModelSpec.from_hf_config(cfg.to_hf_dict(), name="test")
+    charged = step_traffic(executor.plan, CLUSTER, model, act_bytes=4, grad_bytes=4).between_groups
     np.testing.assert_allclose(executor.transfers.log.between_groups, charged, rtol=0.05)
 
 

@@ -57,3 +57,15 @@ def test_two_processes_tp4_feeding_tp2_cp_dp_switching_asymmetric_dp_and_elastic
 def test_four_processes_equal_one_device(tmp_path):
     results = run_cases(tmp_path, 4, ["four_nodes_tp2_pipeline_cp2_dp"])
     check(results, "four_nodes_tp2_pipeline_cp2_dp")
+
+
+@pytest.mark.slow
+def test_two_processes_carry_an_int4_hadamard_edge_packed(tmp_path):
+    """A stage edge from process 0's TP-4 stage to process 1's TP-2 stage in int4_hadamard: the step runs on both
+    processes, its loss is within the quantization error of one device's, and what crossed processes is the
+    plan's charge for the packed edge plus the gradient sync."""
+    case = "int4_hadamard_edge_across_processes"
+    for result in run_cases(tmp_path, 2, [case]):
+        r = result[case]
+        assert r["loss_error"] <= 2e-2 and r["finite_local_grads"]
+        assert r["bytes_between_processes"] == pytest.approx(r["charged_between_nodes"], rel=0.05)

@@ -66,6 +66,23 @@ def test_user_mistakes_are_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "unknown field(s) ['speed']" in result.output
     result = RUNNER.invoke(app, ["plan", "train", "--cluster", "h100x4_l4x4", "--model", "llama-2-70b"])
     assert result.exit_code == 2 and "weights, gradients and Adam state" in result.output
+    result = RUNNER.invoke(app, ["plan", "train", "--compress", "fp8"])
+    assert result.exit_code == 2 and "compress must be one of ['none', 'int8', 'int4_hadamard']" in result.output
+
+
+def test_plan_train_compresses_a_slow_pipeline_edge(tmp_path: Path) -> None:
+    """Two single-H100 nodes over 12.5 GB/s: a 7B model must pipeline across them, and its edge is compressed."""
+    cluster = tmp_path / "two.yaml"
+    cluster.write_text(
+        "nodes: [{name: a, gpu: H100, count: 1}, {name: b, gpu: H100, count: 1}]\n"
+        "inter_node_link: {gb_s: 12.5, latency_us: 15}\n"
+    )
+    out = tmp_path / "plan.json"
+    args = ["--cluster", str(cluster), "--model", "llama-2-7b", "--global-batch", "8", "--seq-len", "2048"]
+    result = RUNNER.invoke(app, ["plan", "train", *args, "--compress", "int4_hadamard", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    plan = planners.TrainPlan.from_json(out.read_text())
+    assert [s.compress for s in plan.replicas[0].stages] == ["int4_hadamard", "none"]
 
 
 def test_plan_serve(tmp_path: Path) -> None:

@@ -57,6 +57,8 @@ def test_hspmd_strategy_is_expressible_and_round_trips() -> None:
         "tp": 2,
         "layers": [14, 37],
         "recompute": False,
+        "zero": 0,
+        "compress": "none",
     }
 
 

@@ -47,18 +47,21 @@ def _cluster(cluster: str, device_profiles: list[Path] | None) -> planners.Clust
 
 
 def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Table:
+    compressed = any(s.compress != "none" for r in plan.replicas for s in r.stages)
+    edge = "edge: codec of the activations sent to the next stage (and their gradients back); " if compressed else ""
     table = Table(
         title=f"{plan.model} on {plan.cluster} ({cluster.kinds_summary()})",
         caption="CP: context-parallel ranks (each sequence split between them), TP devices each; rc: recompute "
-        "activations; mb x size: micro-batches x sequences each; mem: peak / usable",
+        f"activations; {edge}mb x size: micro-batches x sequences each; mem: peak / usable",
     )
-    for column in ("replica", "stage", "devices", "GPU", "CP", "TP", "layers", "rc", "mb x size", "mem GB"):
+    columns = ("replica", "stage", "devices", "GPU", "CP", "TP", "layers", "rc", "edge", "mb x size", "mem GB")
+    for column in columns if compressed else tuple(c for c in columns if c != "edge"):
         table.add_column(column, justify="left" if column in ("devices", "GPU") else "right")
     assert plan.estimate is not None
     for r, (replica, mems) in enumerate(zip(plan.replicas, plan.estimate.peak_memory_gb, strict=True)):
         for s, (stage, gb) in enumerate(zip(replica.stages, mems, strict=True)):
             cap = cluster.profile(stage.kind).capacity_bytes / 1e9
-            table.add_row(
+            cells = [
                 str(r) if s == 0 else "",
                 str(s),
                 ",".join(map(str, stage.devices)),
@@ -67,9 +70,11 @@ def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Tab
                 str(stage.tp),
                 f"{stage.layers[0]}-{stage.layers[1] - 1}",
                 "yes" if stage.recompute else "no",
+                *([stage.compress if s + 1 < len(replica.stages) else ""] if compressed else []),
                 f"{replica.num_microbatches} x {replica.microbatch_size}" if s == 0 else "",
                 f"{gb:.1f}/{cap:.0f}",
-            )
+            ]
+            table.add_row(*cells)
     return table
 
 
@@ -81,6 +86,12 @@ def train(
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 256,
     no_recompute: Annotated[bool, typer.Option("--no-recompute", help="Forbid activation recomputation.")] = False,
     use_all_devices: Annotated[bool, typer.Option("--use-all-devices", help="Leave no device idle.")] = False,
+    compress: Annotated[
+        str,
+        typer.Option(
+            help=f"Lossiest stage-edge codec the planner may use where it pays ({', '.join(planners.COMPRESSIONS)})."
+        ),
+    ] = "none",
     time_limit: TimeLimitOption = 10.0,
     workers: Annotated[int, typer.Option(min=1, help="CP-SAT worker threads.")] = 2,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
@@ -93,7 +104,7 @@ def train(
         check_output(png, "--png")
         spec = _cluster(cluster, device_profile)
         model_spec = planners.ModelSpec.resolve(model)
-        workload = planners.TrainWorkload(global_batch, seq_len, recompute=not no_recompute)
+        workload = planners.TrainWorkload(global_batch, seq_len, recompute=not no_recompute, compress=compress)
         plan, info = planners.plan_training_with_info(
             spec, model_spec, workload, time_limit_s=time_limit, num_workers=workers, use_all_devices=use_all_devices
         )

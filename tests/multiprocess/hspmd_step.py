@@ -31,8 +31,8 @@ CLUSTERS = {
 }
 
 
-def stage(kinds, devices, layers, tp=None):
-    return Stage(tuple(devices), kinds[devices[0]], tp or len(devices), tuple(layers))
+def stage(kinds, devices, layers, tp=None, compress="none"):
+    return Stage(tuple(devices), kinds[devices[0]], tp or len(devices), tuple(layers), compress=compress)
 
 
 def plan_of(kinds, replicas) -> TrainPlan:
@@ -66,6 +66,10 @@ def plans(kinds) -> dict[str, tuple[dict, TrainPlan]]:
                 ]
             ),
         ),
+        "int4_hadamard_edge_across_processes": (
+            {"num_kv_heads": 4},
+            plan([Replica((s([0, 1, 2, 3], (0, 2), compress="int4_hadamard"), s([4, 5], (2, 4))), 2, 1)]),
+        ),
         "four_nodes_tp2_pipeline_cp2_dp": (
             {},
             plan(
@@ -85,7 +89,12 @@ def main(process_id: int, num_processes: int, port: int, cases: list[str], out: 
 
     cluster = ClusterSpec.from_dict(CLUSTERS[num_processes])
     start(cluster, Launch(f"127.0.0.1:{port}", num_processes, process_id))
-    checks = {"switch": check_switching, "asymmetric_dp": check_asymmetric_dp, "elastic": check_elastic}
+    checks = {
+        "switch": check_switching,
+        "asymmetric_dp": check_asymmetric_dp,
+        "elastic": check_elastic,
+        "int4_hadamard_edge_across_processes": check_compressed,
+    }
     results = {}
     for name in cases:
         began = time.perf_counter()
@@ -179,6 +188,35 @@ def check(cluster: ClusterSpec, name: str) -> dict:
         "shards": shards,
         "leaves": len(jax.tree.leaves(expected_grads)),
         "bytes_between_processes": executor.transfers.log.between_processes,
+    }
+
+
+def check_compressed(cluster: ClusterSpec, name: str) -> dict:
+    """A plan whose stage edge crosses processes in a compressed form: its loss against one device (it differs by
+    the quantization error), and the bytes that crossed processes in the step against what the plan charges."""
+    import jax
+    import numpy as np
+
+    from jaxhet.parallel import StagedLlama
+    from meshes import HetMesh, PlanExecutor
+    from meshes.transfer import host_value
+    from planners.model import ModelSpec
+    from planners.traffic import step_traffic
+
+    overrides, plan = plans(tuple(d.kind for d in cluster.devices))[name]
+    model, params, batch = model_and_batch(overrides, plan.global_batch)
+    expected_loss, _ = one_device(model)(params, batch)
+    executor = PlanExecutor(plan, HetMesh.from_cluster(cluster), StagedLlama(model.config))
+    copies = executor.place(params)
+    executor.transfers.log.reset()
+    loss, grads = executor.value_and_grad(copies, batch)
+    spec = ModelSpec.from_hf_config(model.config.to_hf_dict(), name="test")
+    shards = [np.asarray(s.data) for leaf in jax.tree.leaves(grads) for s in leaf.addressable_shards]
+    return {
+        "loss_error": relative(host_value(loss), expected_loss),
+        "finite_local_grads": bool(shards) and all(np.isfinite(x).all() for x in shards),
+        "bytes_between_processes": executor.transfers.log.between_processes,
+        "charged_between_nodes": step_traffic(plan, cluster, spec, act_bytes=4, grad_bytes=4).between_nodes,
     }
 
 
