@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
 from meshes.replicas import Copies, first_copies, place
-from meshes.transfer import Transfers, everywhere, is_local, is_none, restrict
+from meshes.transfer import Transfers, empty_array, everywhere, is_local, is_none, restrict
 
 Params = Any
 
@@ -64,7 +64,7 @@ def zero1_sharding(shape: tuple[int, ...], sharding: Sharding) -> Sharding:
 def zero1_shardings(params: Params, shardings: Params) -> Params:
     """`zero1_sharding` of every leaf of one group's `shardings` (a tree like `params`, None where not held)."""
     return jax.tree.map(
-        lambda sharding, leaf: None if sharding is None else zero1_sharding(jnp.shape(leaf), sharding),
+        lambda sharding, leaf: None if sharding is None else zero1_sharding(tuple(leaf.shape), sharding),
         shardings,
         params,
         is_leaf=is_none,
@@ -160,6 +160,28 @@ class GroupedOptimizer:
     def init(self, params: Params) -> Copies:
         """Optimizer state for `params` (host values, alike on every process), a copy per group."""
         return self.place_state(jax.device_get(self.optimizer.init(params)))
+
+    def init_copies(self, params: Copies) -> Copies:
+        """Optimizer state for the parameter copies `params` (from `place`, or read straight into this layout), each
+        group's made by a program on its own devices, so no model-sized value passes through one device or the
+        host; another process's group gets handles only."""
+        return [self._init_group(group, copy) for group, copy in enumerate(params)]
+
+    def _init_group(self, group: int, copy: Params) -> Any:
+        moments, home = self.moment_shardings[group], self.homes[group]
+        if not is_local(home):
+            return self._map_state(
+                jax.eval_shape(self.optimizer.init, copy),
+                moments,
+                lambda leaf, sharding: None if sharding is None else empty_array(leaf.shape, leaf.dtype, sharding),
+                lambda leaf: empty_array(leaf.shape, leaf.dtype, home),
+            )
+
+        def init(params: Params) -> Any:
+            state = self.optimizer.init(params)
+            return self._map_state(state, moments, _pinned, lambda leaf: _pinned(leaf, home))
+
+        return jax.jit(init)(copy)
 
     def place_state(self, state: Any) -> Copies:
         """`state` (the whole model's optax state; host values or arrays anywhere) as a copy per group: moments

@@ -180,3 +180,38 @@ def test_a_planned_tp4_replica_of_a_lazily_loaded_checkpoint_reads_its_blocks_an
     whole = hf.load_pretrained(checkpoint)
     (want,) = generate(whole, [prompt], SamplingConfig(max_new_tokens=6), jax.random.key(0))
     assert asyncio.run(served()) == want
+
+
+def test_training_on_a_plan_reads_each_groups_blocks_into_its_copy(checkpoint, reads, tmp_path):
+    """`jaxhet train --set model=DIR` on a plan: a TP4 stage and a TP2 stage each read only their devices' blocks of
+    the tensors they split, and every group's copy holds the checkpoint's values in its layout."""
+    from jaxhet.train import TrainConfig
+    from jaxhet.train.loop import build_model
+    from jaxhet.train.step import initial_state, plan_execution
+    from meshes import HetMesh
+
+    cluster = planners.ClusterSpec.from_dict({"name": "six", "nodes": [{"gpu": "H100", "count": 6}]})
+    stages = (planners.Stage((0, 1, 2, 3), "H100", 4, (0, 1)), planners.Stage((4, 5), "H100", 2, (1, 2), zero=1))
+    plan = planners.TrainPlan((planners.Replica(stages, 2, 1),), 2, 2, 16)
+    config = TrainConfig.load(None, {"model": str(checkpoint), "checkpoint_dir": str(tmp_path / "run")})
+    model = build_model(config, CONFIG.vocab_size, jax.random.key(0))
+    assert not reads  # the model is shapes only
+    execution = plan_execution(model, plan, HetMesh.from_cluster(cluster))
+    whole = llama_params(hf.load_pretrained(checkpoint))
+    reads.clear()
+    _, state = initial_state(config, model, execution)
+    block_shapes: dict[str, set] = {}
+    for name, path, transposed in hf.parameter_paths(CONFIG):
+        for layout, copy in zip(execution.shardings, state["params"], strict=True):
+            sharding, array, want = layout, copy, whole
+            for key in path:
+                sharding, array, want = sharding[key], array[key], want[key]
+            if sharding is None:
+                assert array is None
+                continue
+            block = sharding.shard_shape(array.shape)
+            block_shapes.setdefault(name, set()).add(block[::-1] if transposed else block)
+            assert {shard.data.shape for shard in array.addressable_shards} == {block}
+            np.testing.assert_array_equal(np.asarray(array), np.asarray(want))
+    for name, shape in reads:
+        assert shape in block_shapes[name], (name, shape)  # never a whole tensor where every holder splits it

@@ -178,7 +178,8 @@ def load_sharded_params(
     `jaxhet.parallel.llama_params`) laid out by `shardings`.
 
     `shardings` is one `jax.sharding.Sharding` for every parameter, or a tree of them shaped like the parameters
-    (e.g. `megatron_specs` over a TP mesh); default: the first device. Every device's block of every tensor is
+    (e.g. `megatron_specs` over a TP mesh; a None leaf is not read and stays None, as in a plan's copy of a device
+    group that holds only some layers); default: the first device. Every device's block of every tensor is
     read on its own (`safe_open(...).get_slice`, `jax.make_array_from_callback`), transposed and cast there, so a
     tensor the layout splits is never whole on a device, nor in host memory; a process reads only the blocks of its
     own devices.
@@ -195,9 +196,10 @@ def load_sharded_params(
             tensor = handles[files[name]].get_slice(name)
             _check_shape(name, tuple(tensor.get_shape()), target.shape, transposed)
             sharding = shardings if isinstance(shardings, Sharding) else _leaf_at(shardings, param_path)
-            read = partial(_read_block, tensor, transposed, target.dtype)
-            arrays[param_path] = jax.make_array_from_callback(target.shape, sharding, read)
-    return jax.tree_util.tree_map_with_path(lambda keys, _: arrays[tuple(k.key for k in keys)], abstract)
+            if sharding is not None:
+                read = partial(_read_block, tensor, transposed, target.dtype)
+                arrays[param_path] = jax.make_array_from_callback(target.shape, sharding, read)
+    return jax.tree_util.tree_map_with_path(lambda keys, _: arrays.get(tuple(k.key for k in keys)), abstract)
 
 
 def load_pretrained(

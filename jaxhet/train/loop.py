@@ -28,7 +28,7 @@ import yaml
 from flax import nnx
 
 from jaxhet.data import PackedBatches
-from jaxhet.models import CheckpointError, Llama, LlamaConfig, load_pretrained
+from jaxhet.models import CheckpointError, Llama, LlamaConfig, pretrained_config
 from jaxhet.tokenizers import Tokenizer, load_tokenizer
 from jaxhet.train.checkpoints import CheckpointStore
 from jaxhet.train.config import TrainConfig, check_resume, check_writable_directory
@@ -77,7 +77,8 @@ class TrainResult:
 
 def build_model(config: TrainConfig, vocab_size: int, key: jax.Array) -> Llama:
     """The model to train: computing in `config.dtype` over float32 master parameters (gradients and optimizer
-    state are float32 too, whatever dtype a fine-tuned checkpoint was stored in)."""
+    state are float32 too, whatever dtype a fine-tuned checkpoint was stored in). A checkpoint directory's model
+    is abstract (shapes only): its parameters are read into the run's layout by `initial_state`."""
     if config.model == "tiny":
         model_config = LlamaConfig.tiny(
             vocab_size=vocab_size,
@@ -92,9 +93,10 @@ def build_model(config: TrainConfig, vocab_size: int, key: jax.Array) -> Llama:
             attention_backend=config.attention_backend,
         )
         return Llama(model_config, rngs=nnx.Rngs(params=key))
-    model = load_pretrained(
+    model_config = pretrained_config(
         config.model, dtype=config.dtype, param_dtype=MASTER_DTYPE, attention_backend=config.attention_backend
     )
+    model = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0)))
     if model.config.vocab_size < vocab_size:
         raise ValueError(
             f"the tokenizer has {vocab_size} tokens but the model {config.model} only {model.config.vocab_size}"

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxhet.models import Llama
+from jaxhet.models import Llama, load_sharded_params
 from jaxhet.parallel import StagedLlama, llama_loss_sum, llama_params
 from jaxhet.train.config import TrainConfig, changed_fields
 from meshes import GroupedOptimizer, HetMesh, PlanExecutor
@@ -120,9 +120,10 @@ def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def initial_state(config: TrainConfig, model: Llama, execution: Execution) -> tuple[GroupedOptimizer, State]:
     """The optimizer for parameters laid out as `execution.shardings`, and the state a run carries (`params`
-    and `opt_state`, a copy per device group). The model's initial parameters (alike on every process) go through
-    the host, so each process places its own shards."""
-    params = jax.device_get(llama_params(model))
+    and `opt_state`, a copy per device group). A fresh model's initial parameters (alike on every process) go
+    through the host, so each process places its own shards; a checkpoint directory's (`config.model`) are read
+    by every group straight into its layout, each device its own blocks (`load_sharded_params`), so a model larger
+    than one device loads. The optimizer state is made on each group's devices."""
     optimizer = GroupedOptimizer(
         build_optimizer(config),
         config.optim.grad_clip,
@@ -130,7 +131,11 @@ def initial_state(config: TrainConfig, model: Llama, execution: Execution) -> tu
         execution.transfers,
         moment_shardings=execution.moment_shardings,
     )
-    return optimizer, {"params": optimizer.place(params), "opt_state": optimizer.init(params)}
+    if config.model == "tiny":
+        params = optimizer.place(jax.device_get(llama_params(model)))
+    else:
+        params = [load_sharded_params(config.model, model.config, layout) for layout in execution.shardings]
+    return optimizer, {"params": params, "opt_state": optimizer.init_copies(params)}
 
 
 def checkpoint_view(optimizer: GroupedOptimizer, state: State) -> State:
