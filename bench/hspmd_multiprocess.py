@@ -9,7 +9,8 @@ replicas holding the same layers (`planners.traffic`), in float32 like the run (
 activations).
 
 On CPU the devices are emulated and both processes share this machine's cores, so the ratio measures the
-runtime's own overhead (transfers, per-process dispatch), not a network.
+runtime's own overhead (transfers, per-process dispatch), not a network. `compare` is also the multi-process row
+of `bench/hspmd_overhead.py`.
     python bench/hspmd_multiprocess.py [--steps 5] [--smoke]
 """
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +38,7 @@ SHAPES = {
     "smoke": dict(hidden=32, layers=2, seq=16, microbatch=1),
 }
 FLOAT32_BYTES = 4
+TIMEOUT_S = 600  # for all the processes of one variant together
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and 1 timed step (the CPU test suite)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--worker", nargs=4, metavar=("PROCESS_ID", "NUM_PROCESSES", "PORT", "OUT_JSON"))
+    parser.add_argument("--shape", help="the shape as JSON (set by the parent for its workers)")
     return parser.parse_args()
 
 
@@ -128,68 +133,49 @@ def worker(process_id: int, num_processes: int, port: int, out: Path, shape: dic
         jax.distributed.shutdown()
 
 
-def launch(num_processes: int, shape_name: str, steps: int, scratch: Path) -> list[dict]:
-    """Run the workers of one variant as subprocesses; their results, process by process."""
-    import socket
-
+def launch(num_processes: int, shape: dict, steps: int, scratch: Path) -> list[dict]:
+    """Run the workers of one variant as subprocesses on 127.0.0.1 (a free port, one deadline for all, each
+    process killed by its PID if it outlives it); their results, process by process."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     devices = 8 // num_processes
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(ROOT)}
     outs = [scratch / f"{num_processes}_{i}.json" for i in range(num_processes)]
-    args = ["--smoke"] if shape_name == "smoke" else []
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                *args,
-                "--steps",
-                str(steps),
-                "--worker",
-                str(i),
-                str(num_processes),
-                str(port),
-                str(outs[i]),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for i in range(num_processes)
-    ]
+    logs = [scratch / f"{num_processes}_{i}.log" for i in range(num_processes)]
+    common = [sys.executable, __file__, "--shape", json.dumps(shape), "--steps", str(steps), "--worker"]
+    procs = []
     try:
-        for p in procs:
-            _, err = p.communicate(timeout=900)
-            if p.returncode:
-                raise SystemExit(f"worker failed (exit {p.returncode}):\n{err.decode()[-3000:]}")
+        for i in range(num_processes):
+            with logs[i].open("w") as log:
+                command = [*common, str(i), str(num_processes), str(port), str(outs[i])]
+                procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + TIMEOUT_S
+        for i, p in enumerate(procs):
+            try:
+                code = p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                raise SystemExit(f"worker {i} of {num_processes} still running after {TIMEOUT_S} s") from None
+            if code:
+                raise SystemExit(f"worker {i} of {num_processes} failed (exit {code}):\n{logs[i].read_text()[-3000:]}")
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
     return [json.loads(o.read_text()) for o in outs]
 
 
-def main() -> None:
-    args = parse_args()
-    shape_name = "smoke" if args.smoke else "full"
-    steps = 1 if args.smoke else args.steps
-    if args.worker:
-        pid, num, port, out = args.worker
-        worker(int(pid), int(num), int(port), Path(out), SHAPES[shape_name], steps)
-        return
+def compare(shape: dict, steps: int) -> dict:
+    """The plan of `shape` as 1 process holding all 8 devices and as 2 processes of 4: step times, their ratio,
+    and the bytes a step moves across processes against what the cost model charges for them."""
     with tempfile.TemporaryDirectory() as scratch:
-        one = launch(1, shape_name, steps, Path(scratch))[0]
-        two = launch(2, shape_name, steps, Path(scratch))
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    sys.path.insert(0, str(ROOT / "bench"))
-    import record
-
+        one = launch(1, shape, steps, Path(scratch))[0]
+        two = launch(2, shape, steps, Path(scratch))
     moved = two[0]["bytes_between_processes"]  # every process walks the whole schedule and counts every move
-    report = {
-        **record.provenance("hspmd_multiprocess"),
-        "shape": SHAPES[shape_name],
+    return {
+        "shape": shape,
+        "plan": "TP4 stage (process 0) -> TP2 stage (process 1), beside two 1-device replicas (process 1)",
         "timed_steps": steps,
         "one_process_step_s": one["step_s"],
         "two_process_step_s": two[0]["step_s"],
@@ -198,14 +184,35 @@ def main() -> None:
         "cost_model_bytes_per_step": two[0]["cost_model_bytes"],
         "moved_over_charged": moved / two[0]["cost_model_bytes"],
     }
+
+
+def print_comparison(row: dict) -> None:
     print(f"{'variant':<28}{'step (s)':>12}")
-    print(f"{'1 process, 8 devices':<28}{one['step_s']:>12.4f}")
-    print(f"{'2 processes, 4 devices each':<28}{two[0]['step_s']:>12.4f}   ratio {report['ratio_two_over_one']:.2f}")
+    print(f"{'1 process, 8 devices':<28}{row['one_process_step_s']:>12.4f}")
     print(
-        f"bytes across processes per step: {moved:,.0f} moved, {report['cost_model_bytes_per_step']:,.0f} charged "
-        f"by the cost model ({report['moved_over_charged']:.2f}x)"
+        f"{'2 processes, 4 devices each':<28}{row['two_process_step_s']:>12.4f}   ratio {row['ratio_two_over_one']:.2f}"
     )
-    record.save(report, args.out, smoke=args.smoke)
+    print(
+        f"bytes across processes per step: {row['bytes_between_processes_per_step']:,.0f} moved, "
+        f"{row['cost_model_bytes_per_step']:,.0f} charged by the cost model ({row['moved_over_charged']:.2f}x)"
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    shape = json.loads(args.shape) if args.shape else SHAPES["smoke" if args.smoke else "full"]
+    steps = 1 if args.smoke else args.steps
+    if args.worker:
+        pid, num, port, out = args.worker
+        worker(int(pid), int(num), int(port), Path(out), shape, steps)
+        return
+    row = compare(shape, steps)
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    sys.path.insert(0, str(ROOT / "bench"))
+    import record
+
+    print_comparison(row)
+    record.save({**record.provenance("hspmd_multiprocess"), **row}, args.out, smoke=args.smoke)
 
 
 if __name__ == "__main__":

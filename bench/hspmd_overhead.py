@@ -5,10 +5,13 @@ Two comparisons, each in the same run on the same devices, one training step's l
      the whole-batch loss with the batch sharded over a 1-D mesh;
   2. data x tensor parallel: `meshes.PlanExecutor` running replicas of one TP stage each vs `jax.jit` with the
      batch sharded over `data` and the parameters in Megatron layout over `model` (XLA's SPMD partitioner).
-Prints a table (median step time, ratio HSPMD / plain) and writes JSON to bench/results/.
+Then the multi-process row (`bench/hspmd_multiprocess.py`'s `compare`, at this run's width, depth, sequence and
+per-device batch): its heterogeneous plan as 2 real JAX processes on 127.0.0.1 (4 devices each, gloo) vs 1 process
+of 8 devices, and the bytes a step moves across processes against what the cost model charges for them.
+Prints the tables (median step time, ratio HSPMD / plain; 2 processes / 1) and writes JSON to bench/results/.
 
 On a CPU machine the devices are emulated (`--xla_force_host_platform_device_count`), set here before JAX starts.
-    python bench/hspmd_overhead.py [--steps 20] [--devices 8] [--tp 2]
+    python bench/hspmd_overhead.py [--steps 20] [--devices 8] [--tp 2] [--no-multiprocess]
 """
 
 from __future__ import annotations
@@ -33,8 +36,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=256, help="model width (FFN is 2.6875x, 8 heads, 4 kv heads)")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--no-multiprocess", action="store_true", help="skip the 2-process row")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     return parser.parse_args()
+
+
+def multi_process_row(args: argparse.Namespace) -> dict:
+    """`hspmd_multiprocess.compare` at this run's shapes (its plan, model family and 8 devices), printed."""
+    import hspmd_multiprocess
+
+    shape = dict(hidden=args.hidden, layers=args.layers, seq=args.seq_len, microbatch=args.batch_per_device)
+    row = hspmd_multiprocess.compare(shape, args.steps)
+    print("multi-process:", row["plan"])
+    hspmd_multiprocess.print_comparison(row)
+    return row
 
 
 def main() -> None:
@@ -139,6 +154,8 @@ def main() -> None:
             {"strategy": n, "layout": lay, "plain_s": p, "hspmd_s": h, "ratio": h / p} for n, lay, p, h in results
         ],
     }
+    if not args.no_multiprocess:
+        record["multi_process"] = multi_process_row(args)
     path = args.out / f"hspmd_overhead_{devices[0].platform}.json"
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")

@@ -1,7 +1,7 @@
-"""Training throughput on one device: jaxhet's training step against a plain `jax.jit` step, in the same run.
+"""Training throughput: jaxhet's step vs a plain `jax.jit` step, and jaxhet on a plan with recompute and ZeRO on/off.
 
-Both train the same Llama-family model (same initial parameters, same batch, bfloat16 compute over float32 master
-weights, AdamW with global-norm clipping) and differ only in how the step runs:
+On one device, both train the same Llama-family model (same initial parameters, same batch, bfloat16 compute over
+float32 master weights, AdamW with global-norm clipping) and differ only in how the step runs:
 - plain: one `jax.jit` of loss, gradients, clipping and the AdamW update, parameters and optimizer state donated,
   attention by `jax.nn.dot_product_attention(implementation="cudnn")` (its XLA implementation off GPU) — what a
   user would write instead;
@@ -12,8 +12,15 @@ the device's catalog peak, its dense 16-bit tensor figure (`jaxhet.train.flops`;
 tokens already on the device, without segment ids, so both sides run plain causal attention. Prints a table and
 writes JSON (device, versions, shapes, date, every row) into bench/results/.
 
+Then `bench/train_plans.py`'s rows: jaxhet's step on a 4-device plan (TP 2 x CP 2) with recompute and with ZeRO-1,
+each against the same plan with both off (step time, optimizer-state bytes per device, the stage's compiled
+memory), on emulated CPU devices (`--xla_force_host_platform_device_count`, set here before JAX starts its
+backends) at `--plan-shape` (small enough for a CPU; the smoke shapes with `--smoke`).
+
     python bench/train.py            # GPU: d=2048, 16 layers, 16 q / 8 kv heads, FFN 5632, vocab 32000, B=8, S=2048
     python bench/train.py --smoke    # any machine: tiny shapes in float32, a step or two each
+    python bench/train.py --hidden 256 --layers 4 --heads 8 --kv-heads 4 --ffn 688 --vocab 512 --batch 4 \\
+        --seq 256 --dtype float32 --steps 5   # CPU, about a minute on 2 cores
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import os
 import pathlib
 import time
 from collections.abc import Callable
@@ -32,6 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 from record import provenance, save
+from train_plans import plan_rows, print_table
 
 from jaxhet import Llama, LlamaConfig
 from jaxhet.parallel import llama_loss_sum, llama_params
@@ -103,7 +112,7 @@ def _print_table(rows: list[dict]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> pathlib.Path:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in float32, for any machine")
     parser.add_argument("--hidden", type=int, default=2048)
@@ -118,13 +127,25 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     parser.add_argument("--backends", nargs="+", default=["cudnn", "flash"], help="attention backends of jaxhet")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation) per variant")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument(
+        "--plan-shape",
+        type=int,
+        nargs=4,
+        default=[256, 4, 4, 256],
+        metavar=("HIDDEN", "LAYERS", "BATCH", "SEQ"),
+        help="the plan rows' model width, blocks, batch and sequence (8 q / 4 kv heads, FFN 2.6875x, vocab 512)",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     if args.smoke:
         args.hidden, args.layers, args.heads, args.kv_heads, args.ffn, args.vocab = 64, 2, 4, 2, 160, 256
         args.batch, args.seq, args.dtype, args.warmup, args.steps = 2, 32, "float32", 1, 2
+        args.plan_shape = [args.hidden, args.layers, args.batch, args.seq]
+    return args
 
-    config = LlamaConfig(
+
+def model_config(args: argparse.Namespace) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.ffn,
@@ -135,7 +156,29 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         dtype=args.dtype,
         param_dtype="float32",
     )
-    train_config = TrainConfig(steps=1000, optim=OptimConfig(learning_rate=3e-4, warmup_steps=10))
+
+
+def plan_config(args: argparse.Namespace) -> LlamaConfig:
+    """The plan rows' model: the smoke model with `--smoke`, else `--plan-shape`'s, in float32."""
+    hidden, layers = args.plan_shape[:2]
+    if args.smoke:
+        heads, kv_heads, ffn, vocab = args.heads, args.kv_heads, args.ffn, args.vocab
+    else:
+        heads, kv_heads, ffn, vocab = 8, 4, hidden * 43 // 16, 512
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        dtype="float32",
+        param_dtype="float32",
+    )
+
+
+def single_device_rows(args: argparse.Namespace, config: LlamaConfig, train_config: TrainConfig) -> list[dict]:
+    """The plain `jax.jit` step and jaxhet's `--plan single` step per backend on the first device."""
     ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq + 1)).astype(np.int32)
     batch = jax.device_put(
         {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "weights": np.ones((args.batch, args.seq), np.float32)}
@@ -150,10 +193,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     for backend in args.backends:
         variants.append(("jaxhet", backend, lambda b=backend: jaxhet_step(model(b), train_config, batch)))
 
-    device = jax.devices()[0]
     num_params = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))).num_parameters()
     step_flops = training_flops_per_token(config, num_params, args.seq) * args.batch * args.seq
-    peak = peak_flops([device])
+    peak = peak_flops([jax.devices()[0]])
     rows = []
     for name, backend, build in variants:
         seconds, loss = measure(build, warmup=args.warmup, steps=args.steps)
@@ -170,21 +212,48 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         )
     for row in rows:
         row["vs_plain"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return rows
 
+
+def main(argv: list[str] | None = None) -> pathlib.Path:
+    args = parse_args(argv)
+    if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    config = model_config(args)
+    train_config = TrainConfig(steps=1000, optim=OptimConfig(learning_rate=3e-4, warmup_steps=10))
+    rows = single_device_rows(args, config, train_config)
+    device = jax.devices()[0]
+    num_params = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))).num_parameters()
     print(f"device {device.device_kind} ({device.platform}); {num_params / 1e6:,.1f}M parameters")
     print(f"batch {args.batch} x {args.seq} tokens, {args.dtype} compute, float32 master weights")
     _print_table(rows)
 
+    p_config = plan_config(args)
+    p_config_params = nnx.eval_shape(lambda: Llama(p_config, rngs=nnx.Rngs(0))).num_parameters()
+    p_batch, p_seq = args.plan_shape[2:]
+    p_ids = np.random.default_rng(1).integers(0, p_config.vocab_size, (p_batch, p_seq + 1)).astype(np.int32)
+    where, p_rows = plan_rows(
+        p_config, train_config, p_ids, lambda build: measure(build, warmup=args.warmup, steps=args.steps)
+    )
+    print_table(where, p_rows)
+
+    step_flops = training_flops_per_token(config, num_params, args.seq) * args.batch * args.seq
     report = dict(
         **provenance("train"),
         smoke=args.smoke,
         shapes=dict(batch=args.batch, seq_len=args.seq, model=config.to_hf_dict()),
         num_params=num_params,
         flops_per_step=step_flops,
-        peak_flops=peak,
+        peak_flops=peak_flops([device]),
         warmup_steps=args.warmup,
         timed_steps=args.steps,
         rows=rows,
+        plan=dict(
+            devices=where,
+            num_params=p_config_params,
+            shapes=dict(batch=p_batch, seq_len=p_seq, model=p_config.to_hf_dict()),
+            rows=p_rows,
+        ),
     )
     return save(report, args.out, smoke=args.smoke)
 

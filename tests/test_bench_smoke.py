@@ -29,6 +29,10 @@ def test_hspmd_overhead_benchmark_runs(tmp_path):
     record = json.loads((tmp_path / "hspmd_overhead_cpu.json").read_text())
     assert [r["layout"] for r in record["results"]] == ["dp=8", "dp=4 tp=2"]
     assert all(r["plain_s"] > 0 and r["hspmd_s"] > 0 for r in record["results"])
+    row = record["multi_process"]  # the same plan as 2 real processes and as 1
+    assert row["shape"] == {"hidden": 64, "layers": 2, "seq": 16, "microbatch": 1}
+    assert row["one_process_step_s"] > 0 and row["two_process_step_s"] > 0 and row["ratio_two_over_one"] > 0
+    assert row["bytes_between_processes_per_step"] > 0 and row["cost_model_bytes_per_step"] > 0
 
 
 def test_serve_benchmark_runs(tmp_path):
@@ -101,6 +105,17 @@ def test_train_benchmark_runs(tmp_path):
     # Same initial parameters and batch: every variant trains the same model to (nearly) the same loss.
     np.testing.assert_allclose([r["last_loss"] for r in record["rows"]], record["rows"][0]["last_loss"], rtol=1e-4)
     assert record["versions"]["jax"] and record["shapes"]["seq_len"] == 32
+    # jaxhet's step on a 4-device plan with recompute and with ZeRO-1, each against both off.
+    plan = record["plan"]
+    baseline, recompute, zero1 = plan["rows"]
+    assert [(r["recompute"], r["zero"]) for r in plan["rows"]] == [(False, 0), (True, 0), (False, 1)]
+    assert all(r["step_ms"] > 0 and r["step_vs_baseline"] > 0 for r in plan["rows"])
+    # Same model, batch and arithmetic up to rematerialisation and moment layout: the same loss after the same steps.
+    np.testing.assert_allclose([r["last_loss"] for r in plan["rows"]], baseline["last_loss"], rtol=1e-5)
+    # AdamW keeps two float32 moments per parameter; ZeRO-1 splits them evenly over the stage's 4 devices.
+    assert sorted(zero1["opt_state_bytes_per_device"].values()) == [2 * 4 * plan["num_params"] // 4] * 4
+    assert baseline["opt_state_bytes_max_per_device"] > zero1["opt_state_bytes_max_per_device"]
+    assert recompute["forward_output_bytes"] < baseline["forward_output_bytes"]
 
 
 def test_attention_benchmark_runs(tmp_path):
