@@ -122,7 +122,7 @@ class ClusterSpec:
         return self.inter_link
 
     def link_of(self, nodes: Iterable[int]) -> Link:
-        """The slowest link traffic among the node indices `nodes` crosses (the first one's own if only one)."""
+        """The link traffic among the node indices `nodes` crosses: that of the level they span (`level_link`)."""
         nodes = list(nodes)
         return self.level_link(self.level_of(nodes), nodes[0])
 

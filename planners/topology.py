@@ -12,8 +12,8 @@ topology:
 A first-level group may name a `repeat` entry of `nodes:` for all of its nodes (`{r0: [h100]}` for `h100-0 ..`).
 Every node (every group) sits in exactly one group of the next level. The *level* a set of nodes spans is 0 when
 it is one node, `k` (1-based) when its nodes share a group of level `k` but not of the levels below, and
-`len(levels) + 1` when they share none: the slowest link their traffic crosses is then the node's own, level `k`'s,
-or the cluster's `inter_node_link`. Without a topology, two nodes always span level 1, over `inter_node_link`.
+`len(levels) + 1` when they share none: the link their traffic crosses is then the node's own, level `k`'s, or
+the cluster's `inter_node_link`. Without a topology, two nodes always span level 1, over `inter_node_link`.
 """
 
 from __future__ import annotations
