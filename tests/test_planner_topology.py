@@ -191,6 +191,17 @@ def interleaved_racks() -> tuple[planners.ClusterSpec, planners.ModelSpec, plann
     return planners.ClusterSpec.from_dict(spec), model, planners.TrainWorkload(2, 256, microbatch_sizes=(1,))
 
 
+def test_the_maximum_spread_is_the_level_of_all_the_plans_nodes() -> None:
+    checked = 0
+    for seed in range(3):
+        cluster, model, workload = small_instance(seed)
+        node = [d.node for d in cluster.devices]
+        for plan in all_plans(cluster, model, workload):
+            assert plan_spread(plan, cluster).max == cluster.level_of(node[d] for d in plan.devices), seed
+            checked += 1
+    assert checked > 100
+
+
 def test_planner_matches_enumeration_of_time_then_spread() -> None:
     decided = 0
     for cluster, model, workload in [interleaved_racks(), *(small_instance(seed) for seed in range(8))]:
