@@ -25,6 +25,8 @@ from planners.serve import ClassShare, ServePlan, ServeReplica, plan_serving, re
 from planners.simulate import simulate_pipeline, simulate_replica
 from planners.simulate_cascade import CascadeStats, simulate_cascade
 from planners.simulate_serving import ServeStats, poisson_trace, simulate_serving
+from planners.spread import Spread, plan_spread
+from planners.topology import Level, Topology
 from planners.train import SolveInfo, plan_training, plan_training_with_info, replan_training
 from planners.workload import Request, RequestClass, ServeWorkload, TrainWorkload, load_trace
 
@@ -43,6 +45,7 @@ __all__ = [
     "Device",
     "DeviceProfile",
     "GPUSpec",
+    "Level",
     "Link",
     "MeasuredProfile",
     "ModelSpec",
@@ -59,7 +62,9 @@ __all__ = [
     "ServeStats",
     "SolveInfo",
     "SpecError",
+    "Spread",
     "Stage",
+    "Topology",
     "TrainCosts",
     "TrainPlan",
     "TrainWorkload",
@@ -68,6 +73,7 @@ __all__ = [
     "memory_excess",
     "plan_cascade",
     "plan_serving",
+    "plan_spread",
     "poisson_trace",
     "plan_training",
     "plan_training_with_info",

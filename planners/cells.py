@@ -1,9 +1,11 @@
 """How the training planner divides a cluster: identical cells (planned once, repeated), and subsets of its nodes
 (quick solves that warm-start the whole).
 
-A split into `k` cells gives each cell `len(nodes) // k` nodes of every node class, in listed order; nodes left
-over stay idle. Only splits whose cells can hold the model's weights, gradients and optimizer state are tried, so
-a decomposition never turns a feasible problem into an infeasible one for lack of memory alone.
+A split into `k` cells gives each cell `len(nodes) // k` nodes of every node class, in listed order (with a
+topology, ordered by their switches first, so that a cell takes the nodes of one rack, one pod, before the next's,
+whatever the order in the file); nodes left over stay idle. Only splits whose cells can hold the model's weights,
+gradients and optimizer state are tried, so a decomposition never turns a feasible problem into an infeasible one
+for lack of memory alone.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ def usable_bytes(cluster: ClusterSpec) -> float:
 
 def split_cell(cluster: ClusterSpec, k: int) -> Cell | None:
     """`cluster` split into `k` identical cells, each taking `len(nodes) // k` nodes of every node class (the nodes
-    left over stay idle); None if the cells would be empty."""
-    classes, offsets = cluster.node_classes(), cluster.node_offsets()
+    left over stay idle), with the topology level all cells' nodes span; None if the cells would be empty."""
+    offsets, topology = cluster.node_offsets(), cluster.topology
+    classes = [
+        sorted(nodes, key=lambda n: topology.sort_key(cluster.nodes[n].name)) for nodes in cluster.node_classes()
+    ]
     per = [len(nodes) // k for nodes in classes]
     if not any(per):
         return None
@@ -43,7 +48,8 @@ def split_cell(cluster: ClusterSpec, k: int) -> Cell | None:
         sorted(n for nodes, q in zip(classes, per, strict=True) for n in nodes[c * q : (c + 1) * q]) for c in range(k)
     ]
     maps = tuple(tuple(offsets[n] + i for n in nodes for i in range(cluster.nodes[n].count)) for nodes in chosen)
-    return Cell(dataclasses.replace(cluster, nodes=tuple(cluster.nodes[n] for n in chosen[0])), k, maps)
+    level = cluster.level_of(n for nodes in chosen for n in nodes)
+    return Cell(dataclasses.replace(cluster, nodes=tuple(cluster.nodes[n] for n in chosen[0])), k, maps, level)
 
 
 def _splits(

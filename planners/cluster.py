@@ -10,12 +10,15 @@ nodes:
 inter_node_link: {gb_s: 12.5, latency_us: 15}          # per GPU, per direction (100 Gb/s Ethernet here)
 gpus: {MyGPU: {tflops: 100, memory_gb: 32, memory_bw_gb_s: 900, price_per_hour: 1, nvlink_gb_s: 25}}
 profiles: {L4: {compute_efficiency: 0.45}}              # calibrated figures override the catalog
+topology:                                              # optional: switches above the nodes (planners.topology)
+  - {level: rack, link: {gb_s: 25, latency_us: 10}, groups: {r0: [h100], r1: [l4]}}
 ```
 
 `process: K` names the multi-controller process that runs a node (default: its position, so node i runs on process
 i; several nodes may share one). `repeat: N` expands one entry into N identical nodes (named
 `name-0 .. name-N-1`). `devices` is the flat device list plans refer to: node by node in file order, GPUs in order
-inside each node.
+inside each node. With a `topology:`, node names must be unique, and traffic between nodes crosses the link of
+the lowest level whose group holds them all (`link_of`); without one, always `inter_node_link`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from planners import catalog, fields
 from planners.errors import SpecError
 from planners.presets import CLUSTERS
 from planners.profile import DeviceProfile
+from planners.topology import Topology
 
 DEFAULT_INTER_NODE = {"gb_s": 12.5, "latency_us": 15.0}
 DEFAULT_INTRA_LATENCY_US = 5.0
@@ -82,12 +86,14 @@ class Device:
 
 @dataclasses.dataclass(frozen=True)
 class ClusterSpec:
-    """Nodes, the inter-node link, and the device profile of every GPU kind present."""
+    """Nodes, the inter-node link, the device profile of every GPU kind present, and the switch levels above the
+    nodes (none by default: every pair of nodes joined by `inter_link`)."""
 
     name: str
     nodes: tuple[Node, ...]
     inter_link: Link
     profiles: Mapping[str, DeviceProfile]
+    topology: Topology = Topology()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(self.nodes))
@@ -98,6 +104,27 @@ class ClusterSpec:
             fields.positive_int(node.count, f"nodes[{i}].count")
             if node.kind not in self.profiles:
                 raise SpecError(f"nodes[{i}].gpu {node.kind!r} has no device profile")
+            if self.topology.levels and node.name not in self.topology.paths:
+                raise SpecError(
+                    f"nodes[{i}] {node.name!r} is in no group of topology level {self.topology.levels[0].name!r}"
+                )
+
+    def level_of(self, nodes: Iterable[int]) -> int:
+        """The topology level the node indices `nodes` span: 0 inside one node, `topology.top` across the top."""
+        return self.topology.level_of(self.nodes[n].name for n in nodes)
+
+    def level_link(self, level: int, node: int) -> Link:
+        """The link of `level` (0: the intra-node link of `node`)."""
+        if level == 0:
+            return self.nodes[node].intra_link
+        if level <= len(self.topology.levels):
+            return self.topology.levels[level - 1].link
+        return self.inter_link
+
+    def link_of(self, nodes: Iterable[int]) -> Link:
+        """The link traffic among the node indices `nodes` crosses: that of the level they span (`level_link`)."""
+        nodes = list(nodes)
+        return self.level_link(self.level_of(nodes), nodes[0])
 
     @property
     def devices(self) -> tuple[Device, ...]:
@@ -168,7 +195,8 @@ class ClusterSpec:
 
     @classmethod
     def from_dict(cls, data: Any, default_name: str = "cluster") -> ClusterSpec:
-        d = fields.mapping(data, "cluster", ("name", "nodes", "inter_node_link", "gpus", "profiles"), ("nodes",))
+        allowed = ("name", "nodes", "inter_node_link", "gpus", "profiles", "topology")
+        d = fields.mapping(data, "cluster", allowed, ("nodes",))
         custom: dict[str, catalog.GPUSpec] = {}
         for kind, spec in fields.mapping(d.get("gpus", {}), "gpus", list(d.get("gpus", {}) or {})).items():
             base = None
@@ -180,6 +208,7 @@ class ClusterSpec:
         if not isinstance(d["nodes"], list) or not d["nodes"]:
             raise SpecError("nodes must be a non-empty list of {name, gpu, count} entries")
         nodes: list[Node] = []
+        aliases: dict[str, list[str]] = {}
         gpus: dict[str, catalog.GPUSpec] = {}
         for i, entry in enumerate(d["nodes"]):
             where = f"nodes[{i}]"
@@ -196,14 +225,19 @@ class ClusterSpec:
                 link = Link(gpu.nvlink_gb_s, DEFAULT_INTRA_LATENCY_US)
             base_name = str(e.get("name", f"{gpu.name.lower()}{i}"))
             process = None if e.get("process") is None else fields.int_at_least(e["process"], 0, f"{where}.process")
-            for r in range(repeat):
-                nodes.append(Node(base_name if repeat == 1 else f"{base_name}-{r}", gpu.name, count, link, process))
+            names = [base_name] if repeat == 1 else [f"{base_name}-{r}" for r in range(repeat)]
+            nodes += [Node(name, gpu.name, count, link, process) for name in names]
+            if repeat > 1:
+                aliases[base_name] = names
         inter = Link.from_dict(d.get("inter_node_link", DEFAULT_INTER_NODE), "inter_node_link")
         overrides = fields.mapping(d.get("profiles", {}), "profiles", list(gpus))
         profiles = {
             kind: DeviceProfile.from_gpu(gpu).with_overrides(overrides.get(kind, {})) for kind, gpu in gpus.items()
         }
-        return cls(str(d.get("name", default_name)), tuple(nodes), inter, profiles)
+        topology = Topology()
+        if "topology" in d:
+            topology = Topology.from_list(d["topology"], [n.name for n in nodes], Link.from_dict, aliases)
+        return cls(str(d.get("name", default_name)), tuple(nodes), inter, profiles, topology)
 
     @classmethod
     def load(cls, path: str | Path) -> ClusterSpec:

@@ -20,7 +20,9 @@ Communication: alpha-beta per link class (`Link.seconds`). Tensor parallelism co
 block's activations forward and two backward (two more when recomputing) over the TP group's link; pipeline stages
 exchange activations forward and their gradients backward over the link joining them (inside a node or between
 nodes); data-parallel replicas all-reduce gradients (fp32) across the plan with a ring, over the inter-node link
-when the plan spans several nodes. A group spanning several nodes communicates over the inter-node link. A stage
+when the plan spans several nodes. A group spanning several nodes communicates over the inter-node link. With a
+topology (`planners.topology`), "the inter-node link" is that of the highest level the nodes concerned span: the
+link of their common rack, of their common pod, or `inter_node_link` when they share none. A stage
 whose `compress` is not "none" sends the packed form across its outgoing edge (both ways), and pays for encoding
 and decoding it as memory-bound passes at the two ends (`planners.compression`).
 
@@ -40,6 +42,7 @@ not modelled.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from planners.cluster import ClusterSpec, Link
 from planners.compression import codec_seconds, edge_bytes_per_token
@@ -299,21 +302,22 @@ class TrainCosts:
         params += self.model.head_params if last else 0
         return GRAD_BYTES_PER_PARAM * params
 
-    def dp_link(self, nodes_used: int, single_node: int) -> Link:
-        """The link the gradient all-reduce crosses: inside `single_node` if the plan uses only one node."""
-        return self.cluster.inter_link if nodes_used > 1 else self.cluster.nodes[single_node].intra_link
+    def dp_link(self, nodes: Sequence[int]) -> Link:
+        """The link the gradient all-reduce over the plan's `nodes` crosses: inside the node if there is one, else
+        that of the topology level they span (the inter-node link without a topology)."""
+        return self.cluster.link_of(nodes)
 
     def grad_sync_seconds(self, replicas: int, max_grad_bytes: float, link: Link) -> float:
         return ring_allreduce_seconds(max_grad_bytes, replicas, link)
 
 
 def span_link(cluster: ClusterSpec, groups: list[tuple[int, ...]]) -> Link:
-    """The link collectives inside each of `groups` (device indices) cross: the inter-node link if one spans
-    several nodes, else the first device's node's own link."""
+    """The link collectives inside each of `groups` (device indices) cross: that of the highest topology level one
+    spans (`ClusterSpec.level_link`; without a topology the inter-node link if one spans several nodes), else the
+    first device's node's own link."""
     devices = cluster.devices
-    if any(len({devices[d].node for d in group}) > 1 for group in groups):
-        return cluster.inter_link
-    return cluster.nodes[devices[groups[0][0]].node].intra_link
+    level = max(cluster.level_of(devices[d].node for d in group) for group in groups)
+    return cluster.level_link(level, devices[groups[0][0]].node)
 
 
 def stage_links(cluster: ClusterSpec, stage: Stage, cp: int) -> tuple[Link, Link]:
@@ -357,16 +361,15 @@ def evaluate_train_plan(plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec)
         replica_s.append(sum(times) + comm + (replica.num_microbatches - 1) * max(times) + gathers)
         memory.append(tuple(mems))
     nodes = sorted({devices[d].node for d in plan.devices})
-    sync = costs.grad_sync_seconds(len(plan.replicas), max_grad, costs.dp_link(len(nodes), nodes[0]))
+    sync = costs.grad_sync_seconds(len(plan.replicas), max_grad, costs.dp_link(nodes))
     return PlanEstimate(max(replica_s) + sync, tuple(replica_s), sync, tuple(memory))
 
 
 def boundary_link(cluster: ClusterSpec, stage: Stage, following: Stage) -> Link:
-    """The link between two consecutive stages: inside the first one's node if the next starts there too."""
+    """The link between two consecutive stages: inside the first one's node if the next starts there too, else
+    that of the topology level their first devices' nodes span."""
     devices = cluster.devices
-    node = devices[stage.devices[0]].node
-    same = devices[following.devices[0]].node == node
-    return cluster.nodes[node].intra_link if same else cluster.inter_link
+    return cluster.link_of((devices[stage.devices[0]].node, devices[following.devices[0]].node))
 
 
 def memory_excess(plan: TrainPlan, cluster: ClusterSpec, estimate: PlanEstimate) -> list[str]:

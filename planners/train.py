@@ -11,6 +11,13 @@ Search space (the same one `planners.brute_force` enumerates):
 - every replica gets at least one micro-batch; all micro-batches have one size `b`, chosen from the workload's
   candidates by solving once per candidate;
 - each stage gets at least one block, and may recompute its activations.
+With a topology (`planners.topology`), links between nodes are those of the levels they span, and the objective
+is lexicographic in effect: the iteration time first, then the plan's spread (`planners.spread`: `max + pp`, the
+level all its nodes span plus the highest level a pipeline spans). Inside CP-SAT the spread weighs one tick per
+level (a tick is 1e-4 of the fastest block's time, the resolution of its times: the term decides between
+placements of equal time and trades at most a few ticks of time for spread); between the plans of
+several solves, times within `SPREAD_TIE` (relative) count as equal and the less spread plan wins. Without a
+topology there is no spread term: placements are as they always were.
 The model: `planners.cost_model`; its CP-SAT encoding: `planners.train_model`. The search prices stage edges
 uncompressed; where the workload allows compression (`TrainWorkload.compress`), the best plan found then gets, on
 each stage edge, the allowed codec that makes that edge fastest (`compress_edges`: an edge's time adds to its
@@ -47,6 +54,7 @@ from planners.groups import Group, Slot, candidate_groups, shapes
 from planners.model import ModelSpec
 from planners.plan import COMPRESSIONS, Replica, SolveInfo, Stage, TrainPlan
 from planners.seeds import seed_slots
+from planners.spread import plan_spread
 from planners.train_model import Cell, CellModel, CellProblem, CellResult
 from planners.workload import TrainWorkload
 
@@ -55,6 +63,7 @@ RESERVE_SHARE = 0.05  # of the time limit, kept for turning solutions into plans
 SUBSET_MIN_DEVICES = 17  # smaller clusters are solved to optimality, which needs no warm start from subsets
 SUBSET_SHARE = 0.3  # of the time limit, for the subsets' quick solves
 MIN_SOLVE_S = 0.1  # a CP-SAT model is built only with at least this long left for its sub-problem
+SPREAD_TIE = 1e-9  # iteration times this close (relative) are equal, and the less spread plan wins
 
 
 def throughput_bound_s(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> float:
@@ -90,7 +99,7 @@ def _seeds(problem: CellProblem) -> list[list[Slot]]:
             for r in plan.replicas
             for i, st in enumerate(r.stages)
         )
-        link = cell.cluster.inter_link if cell.copies > 1 else None
+        link = cell.cluster.level_link(cell.copies_level, 0) if cell.copies > 1 else None
         score = (
             estimate.iteration_s
             if link is None
@@ -211,10 +220,20 @@ def _problems(
                 )
 
 
-def _fastest(outcomes: list[_Outcome], microbatch: int | None = None) -> tuple[TrainPlan, _Outcome] | None:
-    """The fastest plan of `outcomes` (of one micro-batch size if given) and the outcome it came from."""
+def _fastest(
+    outcomes: list[_Outcome], microbatch: int | None = None, cluster: ClusterSpec | None = None
+) -> tuple[TrainPlan, _Outcome] | None:
+    """The fastest plan of `outcomes` (of one micro-batch size if given) and the outcome it came from; if `cluster`
+    has a topology, the least spread (`Spread.score`) of those within `SPREAD_TIE` of the fastest."""
     found = [(p, o) for o in outcomes for p in o.plans if microbatch in (None, o.microbatch)]
-    return min(found, key=lambda x: x[0].estimate.iteration_s) if found else None  # type: ignore[union-attr]
+    if not found:
+        return None
+    best = min(found, key=lambda x: x[0].estimate.iteration_s)  # type: ignore[union-attr]
+    if cluster is None or not cluster.topology.levels:
+        return best
+    limit = best[0].estimate.iteration_s * (1 + SPREAD_TIE)  # type: ignore[union-attr]
+    ties = [x for x in found if x[0].estimate.iteration_s <= limit]  # type: ignore[union-attr]
+    return min(ties, key=lambda x: plan_spread(x[0], cluster).score)
 
 
 def _run(
@@ -245,7 +264,7 @@ def _summary(
     time_limit_s: float,
 ) -> tuple[TrainPlan, SolveInfo]:
     """The fastest plan found, with its status, bound and gap."""
-    fastest = _fastest(outcomes)
+    fastest = _fastest(outcomes, cluster=cluster)
     assert fastest is not None
     best, source = fastest
     best = compress_edges(best, cluster, model, workload.compress)

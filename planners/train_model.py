@@ -34,6 +34,7 @@ from planners.model import ModelSpec
 RESOLUTION = 10_000
 MEMORY_RESOLUTION = 1 << 20
 HINT_SHARE = 0.1
+SPREAD_TICKS = 1  # per level of spread: the resolution of times, so it decides between equal ones
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Cell:
     cluster: ClusterSpec
     copies: int
     device_maps: tuple[tuple[int, ...], ...]
+    copies_level: int = 1  # the topology level all copies' nodes span together (their gradient sync's link)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +95,9 @@ class CellModel:
         self._times()
         self._throughput_bound()
         self._grad_sync()
-        # One tick per recomputed block breaks ties towards not recomputing where it does not pay.
-        self.m.minimize(self.z + self.sync + sum(self.n1))
+        # One tick per recomputed block breaks ties towards not recomputing where it does not pay; with a topology,
+        # one tick per level of spread (`planners.spread`) breaks them towards the less spread placement.
+        self.m.minimize(self.z + self.sync + sum(self.n1) + self._spread())
 
     def _layer_seconds(self, g: Group, recompute: bool) -> float:
         link = self.cluster.nodes[g.node].intra_link
@@ -230,8 +233,7 @@ class CellModel:
 
     def _hop_ticks(self, g: int, h: int) -> int:
         """One micro-batch's activations and gradients across the boundary g -> h."""
-        same = self.groups[g].node == self.groups[h].node
-        link = self.intra[g] if same else self.cluster.inter_link
+        link = self.cluster.link_of((self.groups[g].node, self.groups[h].node))
         return self.ticks(self.costs.p2p_seconds(link, self.b))
 
     def _times(self) -> None:
@@ -281,23 +283,57 @@ class CellModel:
         costs = self.costs
         return self.ticks(costs.grad_sync_seconds(total, nbytes, link) - costs.grad_sync_seconds(total, 0, link))
 
+    def _span_levels(self) -> list[cp_model.IntVar]:
+        """`at[j]`: the nodes in use (of all copies) span topology level `j` (`ClusterSpec.level_of`), exactly one
+        of them. A level is at least what the nodes span; with a topology, also at most (without one, a single
+        node may still take the inter-node link, as it always could)."""
+        m, cluster, groups = self.m, self.cluster, self.groups
+        top = cluster.topology.top
+        at = [m.new_bool_var(f"level{j}") for j in range(top + 1)]
+        m.add_exactly_one(at)
+        if self.p.cell.copies > 1:
+            m.add(at[self.p.cell.copies_level] == 1)
+            return at
+        members = [[n] for n in range(len(cluster.nodes))]
+        for j in range(1, top + 1):
+            used = [m.new_bool_var(f"used{j}_{i}") for i in range(len(members))]
+            for u, nodes in zip(used, members, strict=True):
+                active = [self.on[g] for g in self._range if groups[g].node in nodes]
+                m.add_max_equality(u, active or [0])
+            m.add(sum(used) <= 1 + len(members) * sum(at[j:]))
+            if cluster.topology.levels:
+                m.add(sum(used) >= 2).only_enforce_if(at[j])
+            if j <= len(cluster.topology.levels):
+                paths = [cluster.topology.paths[node.name] for node in cluster.nodes]
+                names = list(dict.fromkeys(p[j - 1] for p in paths))
+                members = [[n for n, p in enumerate(paths) if p[j - 1] == name] for name in names]
+        return at
+
+    def _spread(self) -> cp_model.LinearExprT:
+        """With a topology, the spread term in ticks: the level the nodes in use span (`planners.spread`'s `max`)
+        plus the highest level a replica's pipeline spans (its `pp`: the highest level of a hop along a route);
+        0 without a topology, whose placements it leaves as they were."""
+        cluster, top = self.cluster, self.cluster.topology.top
+        if not cluster.topology.levels:
+            return 0
+        pp = self.m.new_int_var(0, top, "pp")
+        for (g, h), lit in self.nxt.items():
+            level = cluster.level_of((self.groups[g].node, self.groups[h].node))
+            if level:
+                self.m.add(pp >= level).only_enforce_if(lit)
+        return SPREAD_TICKS * (pp + sum(j * lit for j, lit in enumerate(self.at)))
+
     def _grad_sync(self) -> None:
         """`sync`: the ring all-reduce of the widest stage's gradients over all replicas of all copies, inside
-        the one node in use or else over the inter-node link."""
+        the one node in use or else over the link of the topology level the nodes in use span."""
         m, groups, cluster, costs = self.m, self.groups, self.cluster, self.costs
         R, copies, L = self.max_replicas, self.p.cell.copies, self.L
         count_is = [m.new_bool_var(f"R{k}") for k in range(R + 1)]
         m.add_exactly_one(count_is)
         m.add(sum(k * count_is[k] for k in range(R + 1)) == self.replicas)
-        multi = m.new_bool_var("multi")
-        node_used = [m.new_bool_var(f"node{n}") for n in range(len(cluster.nodes))]
-        if copies > 1:
-            m.add(multi == 1)
-        else:
-            m.add(sum(node_used) <= 1 + len(cluster.nodes) * multi)
-        for g in self._range:
-            m.add(node_used[groups[g].node] >= self.on[g])
-        links = [cluster.inter_link, *self.intra]
+        self.at = self._span_levels()
+        level_links = [[cluster.level_link(j, g.node) for g in groups] for j in range(cluster.topology.top + 1)]
+        links = [link for row in level_links for link in row]
         widest = R * copies
         full = max(costs.stage_grad_bytes(gr.tp, L, True, True) for gr in groups)
         slowest = min(links, key=lambda link: link.gb_s)
@@ -308,7 +344,7 @@ class CellModel:
             total = k * copies
             if total == 1:
                 continue
-            for link_of, when in ((self.intra, multi.negated()), ([cluster.inter_link] * len(groups), multi)):
+            for link_of, when in zip(level_links, self.at, strict=True):
                 for g, grp in enumerate(groups):
                     link = link_of[g]
                     m.add(

@@ -123,6 +123,7 @@ def train(
         f"micro-batch size {info.microbatch_size}",
         highlight=False,
     )
+    console.print(f"spread: {planners.plan_spread(plan, spec).describe(spec)}", highlight=False)
     _write_outputs(console, plan.to_json(), output, png, lambda path: save_placement_png(plan, spec, path))
 
 
