@@ -107,6 +107,7 @@ class PlanExecutor:
         self.plan = plan
         self.model = model
         self.transfers = Transfers()
+        self._paths: dict[tuple, list] = {}
         self.edges = EdgeMover(self.transfers)
         self.scalars = everywhere([hetmesh.devices[d] for d in plan.devices])
         self.stages = [
@@ -163,10 +164,18 @@ class PlanExecutor:
 
     def _unstage(self, stage_tree: Any, spec: StageSpec, like: Params) -> Any:
         """A stage's tree (stage structure) as a whole-model tree like `like`, None outside the stage."""
-        labels = jax.tree_util.tree_map_with_path(lambda path, _: path, like)
-        paths = jax.tree.leaves(self.model.stage_params(labels, spec), is_leaf=lambda x: isinstance(x, tuple))
-        by_path = dict(zip(paths, jax.tree.leaves(stage_tree), strict=True))
+        by_path = dict(zip(self._stage_paths(spec, like), jax.tree.leaves(stage_tree), strict=True))
         return jax.tree_util.tree_map_with_path(lambda path, _: by_path.get(path), like)
+
+    def _stage_paths(self, spec: StageSpec, like: Params) -> list:
+        """The whole-model paths of a stage's leaves, in its tree's order; worked out once per stage and model
+        structure (every step unstages every stage's gradients)."""
+        key = (spec, jax.tree.structure(like))
+        if key not in self._paths:
+            labels = jax.tree_util.tree_map_with_path(lambda path, _: path, like)
+            stage = self.model.stage_params(labels, spec)
+            self._paths[key] = jax.tree.leaves(stage, is_leaf=lambda x: isinstance(x, tuple))
+        return self._paths[key]
 
     def place(self, tree: Params) -> Copies:
         """`tree` (parameters, or anything shaped like them; host values or arrays anywhere) as this plan's copies,
