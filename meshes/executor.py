@@ -31,7 +31,7 @@ bytes that crossed between groups and between processes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -63,6 +63,7 @@ class _StageRuntime:
     sequence: NamedSharding  # activations and micro-batch arrays: [rows, seq, ...], seq split over the cp axis
     forward: Any  # (params, hidden, batch) -> (output, vjp_fn)
     backward: Any  # (vjp_fn, cotangent) -> (param_grads, hidden_grad)
+    apply: Any  # (params, hidden, batch) -> output, traceable: the stage's shard_map program
 
     @property
     def local(self) -> bool:
@@ -91,7 +92,14 @@ def _compile_stage(model: StagedModel, hetmesh: HetMesh, spec: StageSpec, stage:
 
     shardings = jax.tree.map(lambda s: NamedSharding(group.mesh, s), program.param_specs)
     return _StageRuntime(
-        spec, group, shardings, NamedSharding(group.mesh, P()), NamedSharding(group.mesh, sequence), forward, backward
+        spec,
+        group,
+        shardings,
+        NamedSharding(group.mesh, P()),
+        NamedSharding(group.mesh, sequence),
+        forward,
+        backward,
+        sharded,
     )
 
 
@@ -222,6 +230,30 @@ class PlanExecutor:
                 if s > 0:
                     cotangents[(s - 1, m)] = move(hidden_grad, runtimes[s - 1].sequence, replica.stages[s - 1].compress)
         return losses, grads
+
+    def one_group_loss(self) -> Callable[[Params, Batch], tuple[jax.Array, Params]] | None:
+        """For a plan of one replica of one stage on this process's devices: the traceable `(copy, batch) ->
+        (mean loss, gradients)` of that group's copy over the whole batch (its micro-batches summed in one
+        program), which a training step fuses with the optimizer update; None for any other plan."""
+        if len(self.runtimes) != 1 or self.runtimes[0].group.mesh.is_multi_process:
+            return None
+        rt, replica = self.runtimes[0], self.plan.replicas[0]
+
+        def loss_and_grad(copy: Params, batch: Batch) -> tuple[jax.Array, Params]:
+            def mean_loss(copy: Params) -> jax.Array:
+                params = self.model.stage_params(copy, rt.spec)
+                rows = replica.microbatch_size
+                sums = [
+                    rt.apply(
+                        params, jnp.zeros((), jnp.float32), {k: v[m * rows : (m + 1) * rows] for k, v in batch.items()}
+                    )
+                    for m in range(replica.num_microbatches)
+                ]
+                return sum(sums) / jnp.sum(batch["weights"])
+
+            return jax.value_and_grad(mean_loss)(copy)
+
+        return loss_and_grad
 
     def value_and_grad(self, copies: Copies, batch: Batch) -> tuple[jax.Array, Copies]:
         """Mean token loss over `batch` and its gradient with respect to the parameters, as copies like `copies`

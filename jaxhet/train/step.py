@@ -76,6 +76,7 @@ def plan_execution(model: Llama, plan: Any, hetmesh: HetMesh) -> Execution:
         plan,
         devices,
         executor.transfers,
+        one_group_loss=executor.one_group_loss(),
         moment_shardings=executor.moment_shardings(params),
     )
 
