@@ -68,7 +68,8 @@ def train(codec: str, config, params, batches: list[dict], lr: float) -> tuple[l
     executor = PlanExecutor(plan, HetMesh.from_cluster(cluster), StagedLlama(config))
     optimizer = optax.adamw(lr)
     grouped = GroupedOptimizer(optimizer, 1.0, executor.copy_shardings(params), executor.transfers)
-    copies, states = grouped.place(params), grouped.place_state(optimizer.init(params))
+    copies = grouped.place(params)
+    states = grouped.init(copies)
     losses, moved = [], []
     for batch in batches:
         executor.transfers.log.reset()

@@ -157,11 +157,7 @@ class GroupedOptimizer:
         this layout."""
         return place(self.transfers, params, self.shardings)
 
-    def init(self, params: Params) -> Copies:
-        """Optimizer state for `params` (host values, alike on every process), a copy per group."""
-        return self.place_state(jax.device_get(self.optimizer.init(params)))
-
-    def init_copies(self, params: Copies) -> Copies:
+    def init(self, params: Copies) -> Copies:
         """Optimizer state for the parameter copies `params` (from `place`, or read straight into this layout), each
         group's made by a program on its own devices, so no model-sized value passes through one device or the
         host; another process's group gets handles only."""

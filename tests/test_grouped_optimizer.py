@@ -55,7 +55,8 @@ def test_grouped_step_equals_one_device_optax_on_every_copy(max_norm):
     assert len(grouped.homes) == 3  # the TP2 stage on devices 0-1, the L4 stage on device 4, replica 1 on device 6
 
     ref_params, ref_state = params, reference.init(params)
-    het_params, het_state = grouped.place(params), grouped.init(params)
+    het_params = grouped.place(params)
+    het_state = grouped.init(het_params)
     keys = jax.random.split(jax.random.key(1), 3)
     for key in keys:
         grads = jax.tree.map(lambda p, k=key: jax.random.normal(k, p.shape, p.dtype), params)
@@ -88,7 +89,8 @@ def test_single_device_layout_is_one_group():
     device = jax.devices()[3]
     shardings = [jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), params)]
     grouped = GroupedOptimizer(_adamw(), 1.0, shardings)
-    state = grouped.init(params)
+    copies = grouped.place(params)
+    state = grouped.init(copies)
     grads = jax.tree.map(jnp.ones_like, params)
-    new_params, _, _ = grouped.step(grouped.place(params), [grads], state)
+    new_params, _, _ = grouped.step(copies, [grads], state)
     assert {d for leaf in jax.tree.leaves(new_params) for d in leaf.devices()} == {device}

@@ -337,7 +337,7 @@ def test_zero1_splits_each_groups_moments_over_its_devices_and_keeps_the_traject
     grouped = GroupedOptimizer(
         OPTIMIZER, None, executor.copy_shardings(params), moment_shardings=executor.moment_shardings(params)
     )
-    states = grouped.init(params)
+    states = grouped.init(grouped.place(params))
     for group, rt in zip(states, executor.runtimes, strict=True):
         moments = [leaf for leaf in jax.tree.leaves(group) if leaf.ndim > 0]
         total = sum(leaf.nbytes for leaf in moments)

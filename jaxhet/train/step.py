@@ -136,7 +136,7 @@ def initial_state(config: TrainConfig, model: Llama, execution: Execution) -> tu
         params = optimizer.place(jax.device_get(llama_params(model)))
     else:
         params = [load_sharded_params(config.model, model.config, layout) for layout in execution.shardings]
-    return optimizer, {"params": params, "opt_state": optimizer.init_copies(params)}
+    return optimizer, {"params": params, "opt_state": optimizer.init(params)}
 
 
 def checkpoint_view(optimizer: GroupedOptimizer, state: State) -> State:
