@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from meshes.dispatch import in_order
 from meshes.hetmesh import HetMesh
 from planners.plan import TrainPlan
 
@@ -63,8 +64,9 @@ class AsymmetricDataParallel:
             loss, grads = jax.lax.fori_loop(0, trips, body, zeros)
             return jax.lax.psum((loss, grads), DATA_AXIS)
 
-        self._step = jax.jit(
-            jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
+        self._step = in_order(
+            jax.jit(jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))),
+            self.mesh.devices.flat,
         )
 
     @classmethod

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Sharding
 
+from meshes.dispatch import devices_of, in_order
 from meshes.transfer import Transfers, empty_array, is_local
 
 Packed = dict[str, jax.Array]
@@ -176,5 +177,5 @@ class EdgeMover:
 
     def _program(self, key: Any, fn: Any, out: Sharding) -> Any:
         if key not in self._programs:
-            self._programs[key] = jax.jit(fn, out_shardings=out)
+            self._programs[key] = in_order(jax.jit(fn, out_shardings=out), devices_of(out))
         return self._programs[key]

@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from meshes.compression import EdgeMover
+from meshes.dispatch import in_order
 from meshes.hetmesh import DeviceGroup, HetMesh
 from meshes.optimizer import zero1_shardings
 from meshes.replicas import Copies, first_copies, place
@@ -82,11 +83,9 @@ def _compile_stage(model: StagedModel, hetmesh: HetMesh, spec: StageSpec, stage:
         out_specs=P() if spec.last else sequence,
     )
 
-    @jax.jit
     def forward(params, hidden, batch):
         return jax.vjp(lambda p, h: sharded(p, h, batch), params, hidden)
 
-    @jax.jit
     def backward(vjp_fn, cotangent):
         return vjp_fn(cotangent)
 
@@ -97,8 +96,8 @@ def _compile_stage(model: StagedModel, hetmesh: HetMesh, spec: StageSpec, stage:
         shardings,
         NamedSharding(group.mesh, P()),
         NamedSharding(group.mesh, sequence),
-        forward,
-        backward,
+        in_order(jax.jit(forward), group.mesh.devices.flat),
+        in_order(jax.jit(backward), group.mesh.devices.flat),
         sharded,
     )
 

@@ -28,6 +28,7 @@ import optax
 from jax.sharding import NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
+from meshes.dispatch import in_order
 from meshes.replicas import Copies, first_copies, place
 from meshes.transfer import Transfers, empty_array, everywhere, is_local, is_none, restrict
 
@@ -127,10 +128,12 @@ class GroupedOptimizer:
         self.scalars = everywhere(list({d for home in self.homes for d in home.device_set}))
         self._counted = self._first_holders()
         self._updates = [
-            jax.jit(partial(self._group_update, group=g), donate_argnums=(1, 2)) for g in range(len(self.shardings))
+            in_order(jax.jit(partial(self._group_update, group=g), donate_argnums=(1, 2)), home.device_set)
+            for g, home in enumerate(self.homes)
         ]
         self._fused: dict[Callable, Callable] = {}
-        self._square_sum = jax.jit(lambda tree: sum((jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)), 0.0))
+        square_sum = jax.jit(lambda tree: sum((jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)), 0.0))
+        self._square_sums = [in_order(square_sum, home.device_set) for home in self.homes]
 
     def _first_holders(self) -> list[Params]:
         """Per group, a tree of booleans: whether the group is the first holding the leaf (counted in the norm)."""
@@ -177,7 +180,7 @@ class GroupedOptimizer:
             state = self.optimizer.init(params)
             return self._map_state(state, moments, _pinned, lambda leaf: _pinned(leaf, home))
 
-        return jax.jit(init)(copy)
+        return in_order(jax.jit(init), home.device_set)(copy)
 
     def place_state(self, state: Any) -> Copies:
         """`state` (the whole model's optax state; host values or arrays anywhere) as a copy per group: moments
@@ -231,7 +234,7 @@ class GroupedOptimizer:
                 params, state = self._group_update(grads, state, params, factor, group=0)
                 return params, state, loss, norm
 
-            self._fused[value_and_grad] = jax.jit(step, donate_argnums=(0, 1))
+            self._fused[value_and_grad] = in_order(jax.jit(step, donate_argnums=(0, 1)), self.homes[0].device_set)
         return self._fused[value_and_grad]
 
     def _group_update(self, grads, state, params, factor, *, group: int):
@@ -258,10 +261,10 @@ class GroupedOptimizer:
         """The gradient norm over every leaf (each counted once): per-group sums of squares, all-reduced onto
         every device."""
         partial = []
-        for group, counted, home in zip(grads, self._counted, self.homes, strict=True):
-            mine = jax.tree.map(lambda g, c: g if c else None, group, counted, is_leaf=is_none)
+        for group, (copy, counted, home) in enumerate(zip(grads, self._counted, self.homes, strict=True)):
+            mine = jax.tree.map(lambda g, c: g if c else None, copy, counted, is_leaf=is_none)
             if is_local(home) and jax.tree.leaves(mine):
-                partial.append(self._square_sum(mine))
+                partial.append(self._square_sums[group](mine))
             else:  # nothing counted here, or another process's group (a handle with no data)
                 partial.append(self.transfers.zeros((), jnp.float32, home))
         return jnp.sqrt(self.transfers.sum_scalars(partial, self.scalars))

@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from meshes.distributed import meet
+from meshes.dispatch import devices_of, in_order, processes_of
 
 LANE, ROW, SIDE, HOLDER = "lane", "row", "side", "holder"
 
@@ -68,10 +68,6 @@ def is_local(sharding: Sharding) -> bool:
 
 def is_none(x: Any) -> bool:
     return x is None
-
-
-def processes_of(devices: Sequence[jax.Device]) -> frozenset[int]:
-    return frozenset(d.process_index for d in devices)
 
 
 def empty_array(shape: tuple[int, ...], dtype: Any, sharding: Sharding) -> jax.Array:
@@ -339,40 +335,8 @@ class Transfers:
 
     def _program(self, key: Any, fn: Any, out: Sharding) -> Any:
         if key not in self._programs:
-            program = jax.jit(fn, out_shardings=out)
-            devices = {d for sharding in jax.tree.leaves(out) for d in flat_devices(sharding)}
-            if len(processes_of(devices)) > 1:
-                program = _CrossProcess(program, devices)
-            self._programs[key] = program
+            self._programs[key] = in_order(jax.jit(fn, out_shardings=out), devices_of(out))
         return self._programs[key]
-
-
-class _CrossProcess:
-    """A program over devices of several processes: its first run meets the other processes, and every run ends
-    before the next cross-process program starts.
-
-    Collectives on CPU (gloo) open a connection per device set, with a fixed 30 s rendezvous, on first run; a
-    process still compiling, or still computing the inputs, would make the others miss it. So the first run waits,
-    once compiled and once its inputs are ready, until every process involved reaches it (`meshes.distributed.meet`,
-    which waits as long as it must); later runs reuse the connection. With several such programs in flight at once,
-    two processes on 2 CPU cores stopped for good at the second step of a plan, each waiting inside a collective
-    (process 0 in the dispatch of a lane copy, process 1 on the loss). Waiting for each run to finish keeps one in
-    flight per process, run in the same order on every process, and removed the stop; it costs the overlap of
-    cross-process copies with other work. Inputs and shardings are the same at every call (the program's key)."""
-
-    def __init__(self, program: Any, devices: set[jax.Device]):
-        self._program = program
-        self._devices = devices
-        self._compiled: Any = None
-
-    def __call__(self, *args: jax.Array) -> Any:
-        if self._compiled is None:
-            compiled = self._program.lower(*args).compile()
-            jax.block_until_ready(args)
-            ids = "-".join(str(d.id) for d in sorted(self._devices, key=lambda d: d.id))
-            meet(f"devices/{ids}", processes_of(self._devices))
-            self._compiled = compiled
-        return jax.block_until_ready(self._compiled(*args))
 
 
 def _flatten(lanes: int, chunk: int):
