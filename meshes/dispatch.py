@@ -30,6 +30,11 @@ def processes_of(devices: Iterable[jax.Device]) -> frozenset[int]:
     return frozenset(d.process_index for d in devices)
 
 
+def devices_of(shardings: Any) -> set[jax.Device]:
+    """Every device of a tree of shardings (None leaves skipped)."""
+    return {d for sharding in jax.tree.leaves(shardings) for d in sharding.device_set}
+
+
 def in_order(program: Callable, devices: Iterable[jax.Device]) -> Callable:
     """`program` (jitted) as it must be called when it runs on `devices` (see the module docstring)."""
     devices = set(devices)
@@ -82,8 +87,3 @@ class _CrossProcess:
 
     def lower(self, *args: Any) -> Any:
         return self._program.lower(*args)
-
-
-def devices_of(shardings: Any) -> set[jax.Device]:
-    """Every device of a tree of shardings (None leaves skipped)."""
-    return {d for sharding in jax.tree.leaves(shardings) for d in sharding.device_set}

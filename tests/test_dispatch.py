@@ -13,8 +13,8 @@ from meshes.dispatch import in_order
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Five ring all-reduces over overlapping sets of 8 CPU devices, each fed by a single-device-per-shard program,
-# issued 300 times. Issued without waiting, this stopped within 100 iterations in every run on a 2-core VM (XLA
+# Five ring all-reduces over overlapping sets of 8 CPU devices, each fed by an elementwise program, issued 300
+# times. Issued without waiting, this stopped within 100 iterations in every run on a 2-core VM (XLA
 # then aborts the process after 40 s); through `in_order` it finishes in seconds.
 OVERLAPPING_RINGS = textwrap.dedent(
     """
