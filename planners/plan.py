@@ -19,8 +19,13 @@ A `TrainPlan` says, for one training iteration of `global_batch` sequences of `s
   Gradients are combined across replicas weighted by tokens, so the update equals the single-device mean over the
   global batch.
 - `Stage.recompute`: recompute the stage's block activations in the backward pass instead of storing them.
-- `Stage.zero`: the ZeRO stage of its optimizer state, one of `ZERO_STAGES`: 0 keeps each moment laid out like its
-  parameter; 1 also splits it over the stage's devices that hold the parameter whole (ZeRO-1 inside the group).
+- `Stage.zero`: the ZeRO stage of its state, one of `ZERO_STAGES`: 0 keeps each moment laid out like its
+  parameter; 1 also splits it over the stage's devices that hold the parameter whole (ZeRO-1 inside the group) and,
+  for leaves whose every holding stage (in any replica) has `zero` >= 1, across those holders too (each holds
+  its part of the summed gradient, updates it, and the parameters are all-gathered back); 3 splits the parameters
+  themselves, with their gradients and moments, over the stage's devices that would hold them whole (FSDP inside
+  the group: each block's parameters gathered for its forward and again for its backward, gradients
+  reduce-scattered), and across holders as 1.
 - `Stage.compress`: how the activations this stage sends to the next stage, and the gradients it receives back
   from it, cross the edge: one of `COMPRESSIONS` (`meshes.compression` describes the codecs); "none" on the last
   stage, which sends nothing onward. Plans written without the field load as "none".
@@ -34,7 +39,7 @@ per-stage TP, per-replica CP, rank-to-device mapping, recompute layers), everyth
 counts are `plan.layer_counts()`, the micro-batch counts `[r.num_microbatches for r in plan.replicas]`.
 
 `TrainPlan.to_json()` / `TrainPlan.from_json(text)` round-trip exactly (version 2 adds `solve`, version 3
-`Stage.zero` and `Stage.compress`; older plans, which lack them, still load); construction validates every invariant
+`Stage.zero` and `Stage.compress`, version 4 `zero` 3; older plans, which lack them, still load); construction validates every invariant
 above and raises `PlanError` naming the offending field (e.g. `replicas[1].stages[0].tp`). After losing devices,
 `planners.replan_training(cluster, failed, ...)` returns a plan over the survivors in the original numbering.
 """
@@ -49,9 +54,9 @@ from typing import Any
 from planners import fields as validators
 
 FORMAT = "jaxhet.train_plan"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
-ZERO_STAGES = (0, 1)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+ZERO_STAGES = (0, 1, 3)
 STATUSES = ("OPTIMAL", "FEASIBLE")
 SCHEDULES = ("1f1b", "gpipe")
 COMPRESSIONS = ("none", "int8", "int4_hadamard")

@@ -50,7 +50,7 @@ def test_hspmd_strategy_is_expressible_and_round_trips() -> None:
     assert [r.num_microbatches for r in plan.replicas] == [29, 18, 17]
     assert TrainPlan.from_json(plan.to_json()) == plan
     data = json.loads(plan.to_json())
-    assert data["format"] == "jaxhet.train_plan" and data["version"] == 3 and data["solve"] is None
+    assert data["format"] == "jaxhet.train_plan" and data["version"] == 4 and data["solve"] is None
     assert data["replicas"][0]["stages"][2] == {
         "devices": [2, 3],
         "kind": "H800",
@@ -104,7 +104,7 @@ def mutate(path: list, value: object) -> dict:
         (["replicas", 0, "stages", 0, "speed"], 3, "replicas[0].stages[0]: unknown field(s) ['speed']"),
         (["schedule"], "zigzag", "schedule must be one of ['1f1b', 'gpipe']"),
         (["replicas", 1, "stages", 0, "zero"], 3, "replicas[1].stages[0].zero must be one of [0, 1], got 3"),
-        (["version"], 7, "version must be one of [1, 2, 3]"),
+        (["version"], 7, "version must be one of [1, 2, 3, 4]"),
         (["solve"], {"status": "PROVEN"}, "solve: missing required field(s) ['lower_bound_s'"),
         (["replicas"], [], "replicas must not be empty"),
         (["device_kinds"], "H100", "device_kinds must be a list of GPU kind names, got 'H100'"),
