@@ -17,7 +17,9 @@ in its Megatron layout, as one *copy* per stage group (`meshes.replicas`; `copy_
 stage's gradients (reduced inside the group by `shard_map`'s transpose), then sums every leaf over the groups that
 hold it (`Transfers.sum_copies`: a ring over like-for-like wire layouts of the replicas holding the same layers),
 leaving the same gradient in every holder's layout; `GroupedOptimizer` then updates every copy alike, so replicas
-stay identical and each is a backup of the others. No group gathers the model, and none serves as a hub. Switching
+stay identical and each is a backup of the others of its parameters. Where the holders' stages have `zero` >= 1,
+the optimizer sums instead (`value_and_grad(..., summed=False)`): a reduce-scatter over the holders, each updating
+its part of the moments, and an all-gather of the parameters, the same bytes as the ring (`meshes.zero`). No group gathers the model, and none serves as a hub. Switching
 to another compiled strategy (another executor) reads one copy of each leaf (`view`) and places it into the new
 plan's copies (`place`, and `GroupedOptimizer.place_state` for the optimizer state), never a reload.
 
@@ -169,6 +171,11 @@ class PlanExecutor:
         layouts = self.copy_shardings(params)
         return [zero1_shardings(params, g) if s.zero else g for s, g in zip(stages, layouts, strict=True)]
 
+    def split_across(self) -> list[bool]:
+        """Per device group, whether the moments of the leaves it shares with other groups may be split across
+        them (its stage has `zero` >= 1; see `meshes.zero`)."""
+        return [stage.zero >= 1 for replica in self.plan.replicas for stage in replica.stages]
+
     def _unstage(self, stage_tree: Any, spec: StageSpec, like: Params) -> Any:
         """A stage's tree (stage structure) as a whole-model tree like `like`, None outside the stage."""
         by_path = dict(zip(self._stage_paths(spec, like), jax.tree.leaves(stage_tree), strict=True))
@@ -254,9 +261,11 @@ class PlanExecutor:
 
         return loss_and_grad
 
-    def value_and_grad(self, copies: Copies, batch: Batch) -> tuple[jax.Array, Copies]:
+    def value_and_grad(self, copies: Copies, batch: Batch, *, summed: bool = True) -> tuple[jax.Array, Copies]:
         """Mean token loss over `batch` and its gradient with respect to the parameters, as copies like `copies`
-        (from `place`): every group's copy of a leaf holds the whole gradient of that leaf.
+        (from `place`): every group's copy of a leaf holds the whole gradient of that leaf; without `summed`, only
+        the group's own share of it, which `GroupedOptimizer.step(..., summed=False)` sums as the state's layout
+        needs (a ring, or a reduce-scatter where moments are split across groups).
 
         `batch` holds `input_ids`, `targets` and `weights` (0 for padding) of shape [global_batch, seq], and
         optionally `segment_ids`; rows are dealt to replicas in plan order. Every process passes the same batch.
@@ -275,7 +284,8 @@ class PlanExecutor:
             replica_losses, stage_grads = self._run_replica(replica, runtimes, mine, microbatches, scale)
             losses += replica_losses
             grads += [self._unstage(g, rt.spec, copy) for g, rt, copy in zip(stage_grads, runtimes, mine, strict=True)]
-        return self.transfers.sum_scalars(losses, self.scalars) / total_weight, self.transfers.sum_copies(grads)
+        loss = self.transfers.sum_scalars(losses, self.scalars) / total_weight
+        return loss, self.transfers.sum_copies(grads) if summed else grads
 
 
 def _forward(rt: _StageRuntime, params, hidden, batch):

@@ -9,7 +9,9 @@ update. Gradients arrive already summed over the groups holding each leaf (`Plan
 copies of a leaf get the same update and stay identical. The optimizer state is a copy per group as well, in
 optax's structure (masked), with its step counts on each group's devices; a moment lives where its parameter does,
 or (ZeRO-1, `zero1_shardings`) split further over the group's devices that hold the parameter whole, each device
-updating its part and the parameter gathered back. Its `first_copies` view is the whole model's optax state, which
+updating its part and the parameter gathered back; where every group holding a leaf allows it, the leaf's moments
+are split across those groups instead (`meshes.zero`: a reduce-scatter of the gradients, each part updated where
+it lives, an all-gather of the parameters). Its `first_copies` view is the whole model's optax state, which
 checkpoints hold, so checkpoints do not depend on the plan. Parameters and state are
 updated in place (donated buffers). The same optimizer runs in one process or across processes: a process runs
 only its own groups' programs.
@@ -30,7 +32,8 @@ from jax.sharding import PartitionSpec as P
 
 from meshes.dispatch import in_order
 from meshes.replicas import Copies, first_copies, place
-from meshes.transfer import Transfers, empty_array, everywhere, is_local, is_none, restrict
+from meshes.transfer import Transfers, empty_array, everywhere, is_local, is_none, restrict, shared_bundles
+from meshes.zero import HolderShards, map_slots
 
 Params = Any
 
@@ -108,7 +111,12 @@ class GroupedOptimizer:
     `shardings` has one tree per device group, like the parameters, giving the sharding of each leaf the group
     holds and None elsewhere (`PlanExecutor.copy_shardings`; on one device, one group holding everything).
     `moment_shardings`, alike, places the optimizer's moments (default: with their parameters; `zero1_shardings`
-    for ZeRO-1).
+    for ZeRO-1). `split_across` says per group whether the moments of the leaves it shares with other groups may
+    be split across them (`meshes.zero`: a plan's stage with `zero` >= 1); a shared leaf is split where all its
+    holders allow it.
+
+    The state (`init`, `place_state`) is a list: one optax state per group, over the leaves it keeps whole, then
+    one per bundle of leaves whose moments are split across their holders.
     """
 
     def __init__(
@@ -118,13 +126,19 @@ class GroupedOptimizer:
         shardings: Sequence[Params],
         transfers: Transfers | None = None,
         moment_shardings: Sequence[Params] | None = None,
+        split_across: Sequence[bool] | None = None,
     ):
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.shardings = list(shardings)
-        self.moment_shardings = self.shardings if moment_shardings is None else list(moment_shardings)
         self.transfers = Transfers() if transfers is None else transfers
         self.homes = [_home(s, g) for g, s in enumerate(self.shardings)]
+        self.bundles = self._split_bundles([False] * len(self.shardings) if split_across is None else split_across)
+        self._split = {i for bundle in self.bundles for i in bundle.members}
+        self.moment_shardings = [
+            self.own(g, tree) for g, tree in enumerate(self.shardings if moment_shardings is None else moment_shardings)
+        ]
+        self._own_shardings = [self.own(g, tree) for g, tree in enumerate(self.shardings)]
         self.scalars = everywhere(list({d for home in self.homes for d in home.device_set}))
         self._counted = self._first_holders()
         self._updates = [
@@ -135,8 +149,40 @@ class GroupedOptimizer:
         square_sum = jax.jit(lambda tree: sum((jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)), 0.0))
         self._square_sums = [in_order(square_sum, home.device_set) for home in self.homes]
 
+    def _split_bundles(self, split_across: Sequence[bool]) -> list[HolderShards]:
+        """The leaves shared by groups that all allow it, bundled by holders, each with its moments split across
+        them."""
+        flat = [jax.tree.flatten(tree, is_leaf=is_none)[0] for tree in self.shardings]
+        update = partial(_optimizer_update, self.optimizer)
+        return [
+            HolderShards(
+                self.optimizer,
+                update,
+                self.transfers,
+                holders,
+                members,
+                [tuple(flat[g][i] for i in members) for g in holders],
+            )
+            for (holders, _), members in shared_bundles(flat, kind=lambda _: None).items()
+            if all(split_across[g] for g in holders)
+        ]
+
+    def own(self, group: int, tree: Params) -> Params:
+        """`tree` (group `group`'s copy, whole-model structure) without the leaves whose moments are split across
+        groups (None there): what the group updates itself."""
+        if not self._split:
+            return tree
+        leaves, treedef = jax.tree.flatten(tree, is_leaf=is_none)
+        return treedef.unflatten([None if i in self._split else leaf for i, leaf in enumerate(leaves)])
+
+    def _per_holder(self, copies: Copies, bundle: HolderShards) -> list[list[Any]]:
+        """The bundle's members from each of its holders' copies."""
+        flat = {g: jax.tree.flatten(copies[g], is_leaf=is_none)[0] for g in bundle.holders}
+        return [[flat[g][i] for i in bundle.members] for g in bundle.holders]
+
     def _first_holders(self) -> list[Params]:
-        """Per group, a tree of booleans: whether the group is the first holding the leaf (counted in the norm)."""
+        """Per group, a tree of booleans: whether the group is the first holding the leaf (counted in the norm;
+        leaves split across groups are counted by their bundles)."""
         seen: set = set()
 
         def first(group: Params) -> Params:
@@ -148,7 +194,7 @@ class GroupedOptimizer:
 
             return jax.tree_util.tree_map_with_path(mark, group, is_leaf=is_none)
 
-        return [first(group) for group in self.shardings]
+        return [first(group) for group in self._own_shardings]
 
     def _map_state(self, state: Any, shardings: Params, on_param: Callable, on_other: Callable) -> Any:
         return optax.tree_utils.tree_map_params(
@@ -164,7 +210,8 @@ class GroupedOptimizer:
         """Optimizer state for the parameter copies `params` (from `place`, or read straight into this layout), each
         group's made by a program on its own devices, so no model-sized value passes through one device or the
         host; another process's group gets handles only."""
-        return [self._init_group(group, copy) for group, copy in enumerate(params)]
+        groups = [self._init_group(group, self.own(group, copy)) for group, copy in enumerate(params)]
+        return groups + [bundle.init(self._per_holder(params, bundle)) for bundle in self.bundles]
 
     def _init_group(self, group: int, copy: Params) -> Any:
         moments, home = self.moment_shardings[group], self.homes[group]
@@ -204,7 +251,7 @@ class GroupedOptimizer:
         for group, home in zip(self.moment_shardings, self.homes, strict=True):
             self._map_state(state, group, collect, collect_other(home))
         moved = iter(self.transfers.tree(leaves, targets))
-        return [
+        groups = [
             self._map_state(
                 state,
                 group,
@@ -213,10 +260,38 @@ class GroupedOptimizer:
             )
             for group in self.moment_shardings
         ]
+        if not self.bundles:
+            return groups
+        slots, others = [], []
+        map_slots(self.optimizer, state, lambda slot: slots.append(jax.tree.leaves(slot)), others.append)
+        return groups + [
+            bundle.place_slots([[slot[i] for i in bundle.members] for slot in slots], others) for bundle in self.bundles
+        ]
 
     def view_state(self, states: Copies, among: Sequence[int] | None = None) -> Any:
-        """The whole model's optax state from `states`, each leaf from the first group of `among` holding it."""
-        return first_copies(states, among)
+        """The whole model's optax state from `states`, each leaf from the first group of `among` holding it.
+
+        Moments split across groups are gathered whole onto their first holder in `among`, which needs every
+        holder: when one is missing from `among` (a lost group), their parts are gone and this raises, naming the
+        groups; such a run restores its optimizer state from its last checkpoint."""
+        groups = list(states[: len(self.homes)])
+        chosen = list(range(len(self.homes)) if among is None else among)
+        for bundle, state in zip(self.bundles, states[len(self.homes) :], strict=True):
+            lost = [g for g in bundle.holders if g not in chosen]
+            if lost:
+                raise ValueError(
+                    f"the optimizer moments of {len(bundle.members)} leaves are split across device groups "
+                    f"{list(bundle.holders)} and groups {lost} are not among {chosen}: restore them from a checkpoint"
+                )
+            first = next(g for g in chosen if g in bundle.holders)
+            slots = iter(bundle.gather_slots(state, bundle.holders.index(first)))
+            groups[first] = map_slots(
+                self.optimizer,
+                groups[first],
+                lambda slot, m=bundle.members, v=slots: _filled(slot, m, next(v)),
+                lambda x: x,
+            )
+        return first_copies(groups, among)
 
     def fused(self, value_and_grad: Callable) -> Callable:
         """For a layout of one device group: `step(params, state, batch) -> (params, state, loss, norm)` as one
@@ -255,12 +330,12 @@ class GroupedOptimizer:
                 out_specs=(leaf_specs, state_specs),
             )
         params, state = update(grads, state, params, factor)
-        return jax.tree.map(_pinned, params, self.shardings[group]), state
+        return jax.tree.map(_pinned, params, self._own_shardings[group], is_leaf=is_none), state
 
-    def global_norm(self, grads: Copies) -> jax.Array:
-        """The gradient norm over every leaf (each counted once): per-group sums of squares, all-reduced onto
-        every device."""
-        partial = []
+    def global_norm(self, grads: Copies, squares: Sequence[jax.Array] = ()) -> jax.Array:
+        """The gradient norm over every leaf each group keeps whole (each counted once) plus the sums of `squares`
+        (the split bundles'): per-group sums of squares, all-reduced onto every device."""
+        partial = list(squares)
         for group, (copy, counted, home) in enumerate(zip(grads, self._counted, self.homes, strict=True)):
             mine = jax.tree.map(lambda g, c: g if c else None, copy, counted, is_leaf=is_none)
             if is_local(home) and jax.tree.leaves(mine):
@@ -269,17 +344,42 @@ class GroupedOptimizer:
                 partial.append(self.transfers.zeros((), jnp.float32, home))
         return jnp.sqrt(self.transfers.sum_scalars(partial, self.scalars))
 
-    def step(self, params: Copies, grads: Copies, state: Copies) -> tuple[Copies, Copies, jax.Array]:
+    def step(
+        self, params: Copies, grads: Copies, state: Copies, *, summed: bool = True
+    ) -> tuple[Copies, Copies, jax.Array]:
         """One optimizer step on every group's copy: (new params, new state, the gradient norm before clipping).
-        `params` and `state` are donated: their buffers hold the new values."""
-        norm = self.global_norm(grads)
+        `grads` are each group's gradient of every leaf it holds: summed over the leaf's holders already
+        (`summed`, as `PlanExecutor.value_and_grad` gives them) or each group's own share, which this sums (a ring
+        over the holders, or a reduce-scatter where the moments are split). `params` and `state` are donated:
+        their buffers hold the new values."""
+        groups = len(self.homes)
+        own = [self.own(g, copy) for g, copy in enumerate(grads)]
+        if not summed:
+            own = self.transfers.sum_copies(own)
+        scattered = [bundle.scatter(self._per_holder(grads, bundle), summed) for bundle in self.bundles]
+        norm = self.global_norm(own, [square for _, square in scattered])
         factor = jnp.ones_like(norm) if self.max_grad_norm is None else clip_factor(norm, self.max_grad_norm)
         new_params, new_state = [], []
         for group, home in enumerate(self.homes):
-            if is_local(home):
-                p, s = self._updates[group](grads[group], state[group], params[group], restrict(factor, home))
+            mine = self.own(group, params[group])
+            if is_local(home):  # also where every leaf is split across groups: its step counts advance
+                p, s = self._updates[group](own[group], state[group], mine, restrict(factor, home))
             else:  # another process's group: its handles stand for the result, which this process never reads
-                p, s = params[group], state[group]
-            new_params.append(p)
+                p, s = mine, state[group]
+            new_params.append(jax.tree.flatten(p, is_leaf=is_none))
             new_state.append(s)
-        return new_params, new_state, norm
+        for bundle, (parts, _), bundle_state in zip(self.bundles, scattered, state[groups:], strict=True):
+            updated, bundle_state = bundle.update(parts, bundle_state, self._per_holder(params, bundle), factor)
+            for g, arrays in zip(bundle.holders, updated, strict=True):
+                for i, x in zip(bundle.members, arrays, strict=True):
+                    new_params[g][0][i] = x
+            new_state.append(bundle_state)
+        return [treedef.unflatten(leaves) for leaves, treedef in new_params], new_state, norm
+
+
+def _filled(slot: Params, members: Sequence[int], values: Sequence[jax.Array]) -> Params:
+    """A moment slot (whole-model structure, None where not held) with `values` at the flat leaves `members`."""
+    leaves, treedef = jax.tree.flatten(slot, is_leaf=is_none)
+    for i, value in zip(members, values, strict=True):
+        leaves[i] = value
+    return treedef.unflatten(leaves)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -49,6 +49,50 @@ class TransferLog:
 
     def reset(self) -> None:
         self.between_groups = self.between_processes = self.moves = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class HolderLayout:
+    """The wire layout that the device groups holding the same arrays (the holders) share: each holder flattens
+    the arrays (alike in shape and dtype on every holder) into `lanes` lanes of `chunk` elements, `lanes` the gcd of
+    the holders' device counts, lane i replicated over the i-th row of the holder's devices; the first device of
+    each row is its lane's *head*. The heads of all holders form a (holder, lane) mesh, over which a collective
+    along the holder axis pairs like-for-like lanes. `chunk` is a multiple of the number of holders, so a lane
+    splits into equal parts, one per holder."""
+
+    devices: tuple[tuple[jax.Device, ...], ...]
+    lanes: int
+    chunk: int
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: Any
+
+    @property
+    def heads(self) -> tuple[tuple[jax.Device, ...], ...]:
+        return tuple(d[:: len(d) // self.lanes] for d in self.devices)
+
+    @property
+    def mesh(self) -> Mesh:
+        return Mesh(np.array(self.heads, dtype=object), (HOLDER, LANE))
+
+    @property
+    def heads_sharding(self) -> NamedSharding:
+        """A (holders, lanes, ...) array with head (h, l) holding block (h, l)."""
+        return NamedSharding(self.mesh, P(HOLDER, LANE))
+
+    @property
+    def local(self) -> bool:
+        """Whether this process holds any of the holders' devices."""
+        return jax.process_index() in processes_of([d for devices in self.devices for d in devices])
+
+
+def holder_layout(per_holder: Sequence[Sequence[jax.Array]]) -> HolderLayout:
+    """The `HolderLayout` of the holders of `per_holder` (per holder, its arrays, alike across holders)."""
+    first = per_holder[0]
+    devices = tuple(flat_devices(xs[0].sharding) for xs in per_holder)
+    lanes = math.gcd(*(len(d) for d in devices))
+    holders = len(per_holder)
+    chunk = -(-max(sum(x.size for x in first), 1) // (lanes * holders)) * holders
+    return HolderLayout(devices, lanes, chunk, tuple(x.shape for x in first), first[0].dtype)
 
 
 def flat_devices(sharding: Sharding) -> tuple[jax.Device, ...]:
@@ -201,7 +245,7 @@ class Transfers:
             return [empty_array(x.shape, dtype, dst) for x, dst in zip(xs, dsts, strict=True)]
         received = jax.make_array_from_single_device_arrays((lanes, chunk), dst_wire, mine, dtype=dtype)
         shapes = tuple(x.shape for x in xs)
-        unflatten = self._program(("unflatten", shapes, dtype, dst_wire, tuple(dsts)), _unflatten(shapes), tuple(dsts))
+        unflatten = self.program(("unflatten", shapes, dtype, dst_wire, tuple(dsts)), _unflatten(shapes), tuple(dsts))
         return list(unflatten(received))
 
     def _copy_lanes(self, wire: jax.Array, pairs: list[tuple[jax.Device, jax.Device]], chunk: int) -> dict:
@@ -217,7 +261,7 @@ class Transfers:
             if target.process_index == me:
                 arrays.append(jnp.zeros((1, 1, chunk), wire.dtype, device=target))
         pair = jax.make_array_from_single_device_arrays((len(pairs), 2, chunk), sharding, arrays, dtype=wire.dtype)
-        send = self._program(("send", len(pairs), chunk, wire.dtype, mesh), _send_over(mesh, sharding), sharding)
+        send = self.program(("send", len(pairs), chunk, wire.dtype, mesh), _send_over(mesh, sharding), sharding)
         moved = send(pair)
         return {s.device: s.data.reshape(1, chunk) for s in moved.addressable_shards if s.index[1].start == 1}
 
@@ -232,12 +276,7 @@ class Transfers:
         along their rows and back into each holder's layout. No group gathers the others' copies."""
         columns = [jax.tree.flatten(c, is_leaf=is_none) for c in copies]
         leaves = [list(flat) for flat, _ in columns]
-        bundles: dict[Any, list[int]] = {}
-        for i, column in enumerate(zip(*leaves, strict=True)):
-            held = tuple(g for g, leaf in enumerate(column) if leaf is not None)
-            if len(held) > 1:
-                bundles.setdefault((held, column[held[0]].dtype), []).append(i)
-        for (held, _), members in bundles.items():
+        for (held, _), members in shared_bundles(leaves).items():
             summed = self._ring_sum([[leaves[g][i] for i in members] for g in held])
             for g, arrays in zip(held, summed, strict=True):
                 for i, x in zip(members, arrays, strict=True):
@@ -246,30 +285,57 @@ class Transfers:
 
     def _ring_sum(self, per_holder: list[list[jax.Array]]) -> list[list[jax.Array]]:
         """The elementwise sum of the holders' arrays (alike in shape and dtype), on each holder's shardings."""
-        holders = len(per_holder)
-        first = per_holder[0]
-        dtype, shapes = first[0].dtype, tuple(x.shape for x in first)
-        devices = [flat_devices(xs[0].sharding) for xs in per_holder]
-        lanes = math.gcd(*(len(d) for d in devices))
-        chunk = -(-max(sum(x.size for x in first), 1) // (lanes * holders)) * holders
-        heads = [d[:: len(d) // lanes] for d in devices]
-        self._count_ring(holders, lanes * chunk * dtype.itemsize, heads)
-        if jax.process_index() not in processes_of([device for d in devices for device in d]):
-            return [[empty_array(x.shape, dtype, x.sharding) for x in xs] for xs in per_holder]
-        wires = [self._to_wire(xs, d, lanes, chunk) for xs, d in zip(per_holder, devices, strict=True)]
-        reduced = self._reduce_heads(wires, heads, chunk)
+        layout = holder_layout(per_holder)
+        self.count_holders(layout, passes=2)
+        if not layout.local:
+            return [[empty_array(x.shape, x.dtype, x.sharding) for x in xs] for xs in per_holder]
+        stacked = self.to_heads(layout, per_holder)
+        key = ("ring", stacked.shape, layout.dtype, layout.mesh)
+        summed = self.program(key, _ring_over(layout.mesh), layout.heads_sharding)(stacked)
+        return self.from_heads(layout, summed, [tuple(x.sharding for x in xs) for xs in per_holder])
+
+    def to_heads(self, layout: HolderLayout, per_holder: list[list[jax.Array]]) -> jax.Array:
+        """Each holder's arrays (like the layout's) in its wire layout, the lane heads' rows stacked into one
+        (holders, lanes, chunk) array over the heads mesh (`HolderLayout.heads_sharding`), without a copy between
+        groups: each head holds its own holder's lane."""
+        me = jax.process_index()
+        arrays = []
+        for xs, devices, row in zip(per_holder, layout.devices, layout.heads, strict=True):
+            wire = self._to_wire(xs, devices, layout.lanes, layout.chunk)
+            by_device = {s.device: s.data for s in wire.addressable_shards}
+            arrays += [by_device[head].reshape(1, 1, layout.chunk) for head in row if head.process_index == me]
+        shape = (len(layout.heads), layout.lanes, layout.chunk)
+        return jax.make_array_from_single_device_arrays(shape, layout.heads_sharding, arrays, dtype=layout.dtype)
+
+    def from_heads(
+        self,
+        layout: HolderLayout,
+        stacked: jax.Array,
+        targets: list[tuple[Sharding, ...]],
+        only: Sequence[int] | None = None,
+    ) -> list:
+        """The inverse of `to_heads`: each holder's lanes (its heads' rows of `stacked`) copied along their rows and
+        unflattened into the holder's `targets` (one sharding per array of the layout); with `only`, for those
+        holders (indices into the layout's) alone."""
+        lanes_by_head = {s.device: s.data.reshape(1, layout.chunk) for s in stacked.addressable_shards}
+        chosen = range(len(layout.devices)) if only is None else only
         out = []
-        for xs, d, h in zip(per_holder, devices, heads, strict=True):
-            wire = _wire_sharding(d, lanes)
-            arrays = [_lane_on(reduced, h[i // (len(d) // lanes)], device) for i, device in enumerate(d)]
-            mine = [a for a, device in zip(arrays, d, strict=True) if device.process_index == jax.process_index()]
-            targets = tuple(x.sharding for x in xs)
+        for h in chosen:
+            devices, row, shardings = layout.devices[h], layout.heads[h], targets[h]
+            per_row = len(devices) // layout.lanes
+            arrays = [_lane_on(lanes_by_head, row[i // per_row], device) for i, device in enumerate(devices)]
+            mine = [a for a, device in zip(arrays, devices, strict=True) if device.process_index == jax.process_index()]
             if not mine:
-                out.append([empty_array(x.shape, dtype, x.sharding) for x in xs])
+                out.append(
+                    [empty_array(shape, layout.dtype, s) for shape, s in zip(layout.shapes, shardings, strict=True)]
+                )
                 continue
-            received = jax.make_array_from_single_device_arrays((lanes, chunk), wire, mine, dtype=dtype)
-            unflatten = self._program(("unflatten", shapes, dtype, wire, targets), _unflatten(shapes), targets)
-            out.append(list(unflatten(received)))
+            wire = _wire_sharding(devices, layout.lanes)
+            received = jax.make_array_from_single_device_arrays(
+                (layout.lanes, layout.chunk), wire, mine, dtype=layout.dtype
+            )
+            key = ("unflatten", layout.shapes, layout.dtype, wire, tuple(shardings))
+            out.append(list(self.program(key, _unflatten(layout.shapes), tuple(shardings))(received)))
         return out
 
     def _to_wire(self, xs: list[jax.Array], devices: tuple, lanes: int, chunk: int) -> jax.Array:
@@ -278,29 +344,15 @@ class Transfers:
         if jax.process_index() not in processes_of(devices):
             return empty_array((lanes, chunk), xs[0].dtype, wire)
         key = ("flatten", tuple((x.shape, x.sharding) for x in xs), xs[0].dtype, wire)
-        return self._program(key, _flatten(lanes, chunk), wire)(*xs)
+        return self.program(key, _flatten(lanes, chunk), wire)(*xs)
 
-    def _reduce_heads(self, wires: list[jax.Array], heads: list[tuple], chunk: int) -> dict:
-        """Each lane summed over the holders, on every holder's lane head: {head device: (1, chunk) data}."""
-        mesh = Mesh(np.array(heads, dtype=object), (HOLDER, LANE))
-        sharding = NamedSharding(mesh, P(HOLDER, LANE))
-        me = jax.process_index()
-        arrays = []
-        for wire, row in zip(wires, heads, strict=True):
-            by_device = {s.device: s.data for s in wire.addressable_shards}
-            arrays += [by_device[head].reshape(1, 1, chunk) for head in row if head.process_index == me]
-        dtype = wires[0].dtype
-        shape = (len(heads), len(heads[0]), chunk)
-        stacked = jax.make_array_from_single_device_arrays(shape, sharding, arrays, dtype=dtype)
-        summed = self._program(("ring", shape, dtype, mesh), _ring_over(mesh), sharding)(stacked)
-        return {s.device: s.data.reshape(1, chunk) for s in summed.addressable_shards}
-
-    def _count_ring(self, holders: int, nbytes: int, heads: list[tuple]) -> None:
-        """A ring all-reduce of `nbytes` among `holders`: each sends 2(H-1)/H of it, so 2(H-1) buffers in all."""
-        moved = 2 * (holders - 1) * nbytes
+    def count_holders(self, layout: HolderLayout, passes: int) -> None:
+        """`passes` collectives over the holders of `layout`'s wire buffer (a reduce-scatter or an all-gather is one
+        pass, a ring all-reduce two): each holder sends (H-1)/H of the buffer per pass, (H-1) buffers in all."""
+        moved = passes * (len(layout.heads) - 1) * layout.lanes * layout.chunk * layout.dtype.itemsize
         self.log.moves += 1
         self.log.between_groups += moved
-        if len(processes_of([d for row in heads for d in row])) > 1:
+        if len(processes_of([d for row in layout.heads for d in row])) > 1:
             self.log.between_processes += moved
 
     def sum_scalars(self, values: Sequence[jax.Array], out: NamedSharding) -> jax.Array:
@@ -324,19 +376,35 @@ class Transfers:
         ]
         stacked_sharding = NamedSharding(out.mesh, P(out.mesh.axis_names[0]))
         stacked = jax.make_array_from_single_device_arrays((len(devices),), stacked_sharding, arrays, dtype=first.dtype)
-        return self._program(("sum", first.dtype, out), jnp.sum, out)(stacked)
+        return self.program(("sum", first.dtype, out), jnp.sum, out)(stacked)
 
     def zeros(self, shape: tuple[int, ...], dtype: Any, sharding: Sharding) -> jax.Array:
         """Zeros made on `sharding`'s devices (only a global handle on processes that hold none of them)."""
         if not is_local(sharding):
             return empty_array(tuple(shape), dtype, sharding)
         key = ("zeros", tuple(shape), jnp.dtype(dtype), sharding)
-        return self._program(key, lambda: jnp.zeros(shape, dtype), sharding)()
+        return self.program(key, lambda: jnp.zeros(shape, dtype), sharding)()
 
-    def _program(self, key: Any, fn: Any, out: Sharding) -> Any:
+    def program(self, key: Any, fn: Any, out: Any, donate: tuple[int, ...] = ()) -> Any:
+        """`fn` jitted with outputs on `out` (a sharding or a tree of them) and the arguments `donate` donated,
+        compiled once per `key` and called in order (`meshes.dispatch.in_order`) on the devices of `out`."""
         if key not in self._programs:
-            self._programs[key] = in_order(jax.jit(fn, out_shardings=out), devices_of(out))
+            program = jax.jit(fn, out_shardings=out, donate_argnums=donate)
+            self._programs[key] = in_order(program, devices_of(out))
         return self._programs[key]
+
+
+def shared_bundles(
+    leaves: Sequence[Sequence[Any]], kind: Callable[[Any], Any] = lambda x: x.dtype
+) -> dict[tuple[tuple[int, ...], Any], list[int]]:
+    """Per group, its flat leaves (None where it holds none): the leaves held by several groups, bundled by
+    (holding groups, `kind` of the leaf: its dtype), in leaf order; such a bundle travels as one wire buffer."""
+    bundles: dict[Any, list[int]] = {}
+    for i, column in enumerate(zip(*leaves, strict=True)):
+        held = tuple(g for g, leaf in enumerate(column) if leaf is not None)
+        if len(held) > 1:
+            bundles.setdefault((held, kind(column[held[0]])), []).append(i)
+    return bundles
 
 
 def _flatten(lanes: int, chunk: int):

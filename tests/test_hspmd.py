@@ -286,6 +286,29 @@ def survivors(executor: PlanExecutor, lost: list) -> list[int]:
     return [r for r, replica in enumerate(executor.plan.replicas) if not ids & set(replica.devices)]
 
 
+def plan_optimizer(executor: PlanExecutor, params) -> GroupedOptimizer:
+    """`OPTIMIZER` in the layout `executor`'s plan asks for (ZeRO where its stages say), counting its traffic in
+    the executor's log."""
+    return GroupedOptimizer(
+        OPTIMIZER,
+        None,
+        executor.copy_shardings(params),
+        executor.transfers,
+        moment_shardings=executor.moment_shardings(params),
+        split_across=executor.split_across(),
+    )
+
+
+def moment_bytes_by_device(states) -> dict[int, int]:
+    """Bytes of optimizer moments (arrays of rank > 0; not step counts) each device holds, from the shards."""
+    held: dict[int, int] = {}
+    for leaf in jax.tree.leaves(states):
+        if leaf.ndim > 0:
+            for shard in leaf.addressable_shards:
+                held[shard.device.id] = held.get(shard.device.id, 0) + shard.data.nbytes
+    return held
+
+
 def train(model: Llama, executors: list, batches: list, failures: dict | None = None) -> list[float]:
     """AdamW steps, each through the given executor or, for None, on one device. Consecutive steps of one executor
     carry its copies (every replica's own parameters and optimizer state); at a change of executor the state is
@@ -313,39 +336,53 @@ def train(model: Llama, executors: list, batches: list, failures: dict | None = 
             updates, opt_state = OPTIMIZER_UPDATE(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
         else:
-            layouts = executor.copy_shardings(params), executor.moment_shardings(params)
-            grouped = optimizers.setdefault(
-                id(executor), GroupedOptimizer(OPTIMIZER, None, layouts[0], moment_shardings=layouts[1])
-            )
+            grouped = optimizers.setdefault(id(executor), plan_optimizer(executor, params))
             copies, states = (grouped.place(params), grouped.place_state(opt_state)) if held is None else held[2:]
-            loss, grads = executor.value_and_grad(copies, batch)
-            copies, states, _ = grouped.step(copies, grads, states)
+            loss, grads = executor.value_and_grad(copies, batch, summed=False)
+            copies, states, _ = grouped.step(copies, grads, states, summed=False)
             assert {d.id for leaf in jax.tree.leaves(copies) for d in leaf.devices()} <= set(executor.plan.devices)
             held = (executor, grouped, copies, states)
         losses.append(float(loss))
     if held is not None:
         assert_copies_identical(held[2])
-        assert_copies_identical(held[3])
+        assert_copies_identical(held[3][: len(held[1].homes)])  # the groups' states; split moments have one copy
     return losses
 
 
-def test_zero1_splits_each_groups_moments_over_its_devices_and_keeps_the_trajectory(executors):
+def test_zero1_splits_moments_across_the_replicas_holding_the_same_layers(executors):
+    """Both replicas hold every layer: the moments are split across them, a quarter on each lane head (L = gcd(4,
+    2) = 2 lanes: devices 0 and 2 of the CP2xTP2 group, 4 and 5 of the TP2 group), none on devices 1 and 3, one
+    copy of the moments in all; the gradient reduce-scatter and parameter all-gather move the ring's bytes."""
     cfg, plan = PLANS["zero1_cp2_tp2_beside_tp2"]
     model = Llama(cfg, rngs=nnx.Rngs(4))
     executor = executors("zero1_cp2_tp2_beside_tp2")
     params = llama_params(model)
-    grouped = GroupedOptimizer(
-        OPTIMIZER, None, executor.copy_shardings(params), moment_shardings=executor.moment_shardings(params)
-    )
-    states = grouped.init(grouped.place(params))
-    for group, rt in zip(states, executor.runtimes, strict=True):
-        moments = [leaf for leaf in jax.tree.leaves(group) if leaf.ndim > 0]
-        total = sum(leaf.nbytes for leaf in moments)
-        for device in rt.group.mesh.devices.flat:
-            held = sum(s.data.nbytes for leaf in moments for s in leaf.addressable_shards if s.device == device)
-            assert held == total // rt.group.mesh.size, (device, held, total)
+    grouped = plan_optimizer(executor, params)
+    copies = grouped.place(params)
+    states = grouped.init(copies)
+    held = moment_bytes_by_device(states)
+    whole = 2 * sum(leaf.nbytes for leaf in jax.tree.leaves(params))  # AdamW's mu and nu
+    assert held.keys() == {0, 2, 4, 5}, held
+    assert len(set(held.values())) == 1 and whole <= sum(held.values()) < whole + 2 * 4 * 4 * len(grouped.bundles)
     batches = [make_batch(200 + step, plan.global_batch, cfg.vocab_size, False, plan.seq_len) for step in range(5)]
+    executor.transfers.log.reset()
+    _, grads = executor.value_and_grad(copies, batches[0], summed=False)
+    grouped.step(copies, grads, states, summed=False)
+    assert_traffic_as_planned(executor, cfg)
     np.testing.assert_allclose(train(model, [executor] * 5, batches), train(model, [None] * 5, batches), rtol=RTOL)
+
+
+def test_zero1_inside_a_group_splits_moments_over_its_devices(executors):
+    """Leaves held by one group only (a single replica) keep ZeRO-1 inside the group: each moment split further
+    over the CP2xTP2 group's devices, an equal share on each."""
+    cfg, plan = PLANS["zero1_cp2_tp2_beside_tp2"]
+    executor = executors("zero1_cp2_tp2_beside_tp2")
+    params = llama_params(Llama(cfg, rngs=nnx.Rngs(4)))
+    layouts = executor.copy_shardings(params)[:1], executor.moment_shardings(params)[:1]
+    grouped = GroupedOptimizer(OPTIMIZER, None, layouts[0], moment_shardings=layouts[1], split_across=[True])
+    held = moment_bytes_by_device(grouped.init(grouped.place(params)))
+    whole = 2 * sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    assert held == {d.id: whole // 4 for d in executor.runtimes[0].group.mesh.devices.flat}
 
 
 def test_switching_strategies_per_batch_keeps_the_single_device_trajectory(executors):
@@ -486,3 +523,24 @@ def test_elastic_drop_a_group_replan_over_survivors_and_continue(hetmesh):
     lost = {3: [hetmesh.devices[d] for d in failed]}
     assert survivors(executors[0], lost[3]) == [1, 2]
     np.testing.assert_allclose(train(model, chosen, batches, lost), train(model, [None] * 6, batches), rtol=RTOL)
+
+
+def test_elastic_drop_with_moments_split_across_replicas_names_the_lost_parts(hetmesh):
+    """With ZeRO-1 across replicas, each replica holds the only copy of its part of the moments: after the L4 node
+    fails (its buffers deleted), the survivors' view of the optimizer state is refused, naming the lost groups,
+    instead of continuing from moments that no longer exist (the run restores them from its checkpoint)."""
+    cfg = config()
+    model = Llama(cfg, rngs=nnx.Rngs(8))
+    before = plan_of(
+        [
+            Replica((stage([0, 1], (0, 2), zero=1), stage([6], (2, 4), zero=1)), 4, 1),
+            Replica((stage([4, 5], (0, 4), zero=1),), 2, 1),
+        ],
+        4,
+    )
+    after = plan_of([Replica((stage([4, 5], (0, 4)),), 6, 1)], 4)
+    executors = [PlanExecutor(p, hetmesh, StagedLlama(cfg)) for p in (before, after)]
+    batches = [make_batch(300 + step, 6, cfg.vocab_size, False) for step in range(3)]
+    lost = {2: [hetmesh.devices[d] for d in (6, 7)]}
+    with pytest.raises(ValueError, match=r"split across device groups \[0, 1, 2\] and groups \[0, 1\] are not among"):
+        train(model, executors[:1] * 2 + executors[1:], batches, lost)

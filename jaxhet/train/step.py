@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -33,11 +34,13 @@ StepFn = Callable[[Params, dict], tuple[jax.Array, Params]]
 
 @dataclasses.dataclass(frozen=True)
 class Execution:
-    """How a step computes: `value_and_grad(copies, batch)` giving the mean loss and gradient copies, `shardings`
+    """How a step computes: `value_and_grad(copies, batch)` giving the mean loss and each group's own share of
+    the gradient (summed over groups by the optimizer), `shardings`
     (per device group, a tree like the parameters with the sharding of each leaf it holds), the plan (None: one
     device), the devices the step computes on, and the transfer layer every move between device groups goes
     through, and where the optimizer's moments live (None: with their parameters; a plan's stages with `zero` 1
-    split them further). Where the state sits on one device group, `one_group_loss` is the traceable (unjitted) loss and
+    split them further; `split_across`: per group, whether moments of leaves shared between groups are split across
+    them). Where the state sits on one device group, `one_group_loss` is the traceable (unjitted) loss and
     gradient of that group's copy, which `train_step` fuses with the optimizer into one program."""
 
     value_and_grad: StepFn
@@ -47,6 +50,7 @@ class Execution:
     transfers: Transfers
     one_group_loss: Callable[[Params, dict], tuple[jax.Array, Params]] | None = None
     moment_shardings: list[Params] | None = None
+    split_across: list[bool] | None = None
 
 
 def single_device_execution(model: Llama) -> Execution:
@@ -71,13 +75,14 @@ def plan_execution(model: Llama, plan: Any, hetmesh: HetMesh) -> Execution:
     devices = tuple(hetmesh.devices[d] for d in plan.devices)
     params = llama_params(model)
     return Execution(
-        executor.value_and_grad,
+        partial(executor.value_and_grad, summed=False),
         executor.copy_shardings(params),
         plan,
         devices,
         executor.transfers,
         one_group_loss=executor.one_group_loss(),
         moment_shardings=executor.moment_shardings(params),
+        split_across=executor.split_across(),
     )
 
 
@@ -131,6 +136,7 @@ def initial_state(config: TrainConfig, model: Llama, execution: Execution) -> tu
         execution.shardings,
         execution.transfers,
         moment_shardings=execution.moment_shardings,
+        split_across=execution.split_across,
     )
     if config.model == "tiny":
         params = optimizer.place(jax.device_get(llama_params(model)))
@@ -161,5 +167,5 @@ def train_step(
         params, opt_state, loss, grad_norm = step(state["params"][0], state["opt_state"][0], batch)
         return {"params": [params], "opt_state": [opt_state]}, loss, grad_norm
     loss, grads = execution.value_and_grad(state["params"], batch)
-    params, opt_state, grad_norm = optimizer.step(state["params"], grads, state["opt_state"])
+    params, opt_state, grad_norm = optimizer.step(state["params"], grads, state["opt_state"], summed=False)
     return {"params": params, "opt_state": opt_state}, loss, grad_norm
