@@ -19,9 +19,10 @@ hold it (`Transfers.sum_copies`: a ring over like-for-like wire layouts of the r
 leaving the same gradient in every holder's layout; `GroupedOptimizer` then updates every copy alike, so replicas
 stay identical and each is a backup of the others of its parameters. Where the holders' stages have `zero` >= 1,
 the optimizer sums instead (`value_and_grad(..., summed=False)`): a reduce-scatter over the holders, each updating
-its part of the moments, and an all-gather of the parameters, the same bytes as the ring (`meshes.zero`). No group gathers the model, and none serves as a hub. Switching
-to another compiled strategy (another executor) reads one copy of each leaf (`view`) and places it into the new
-plan's copies (`place`, and `GroupedOptimizer.place_state` for the optimizer state), never a reload.
+its part of the moments, and an all-gather of the parameters, the same bytes as the ring (`meshes.zero`). No group
+gathers the model, and none serves as a hub. Switching to another compiled strategy (another executor) reads one
+copy of each leaf (`view`) and places it into the new plan's copies (`place`, and `GroupedOptimizer.place_state`
+for the optimizer state), never a reload.
 
 Every move between groups goes through `meshes.transfer`, so the same schedule runs in one process or as one
 process per node: every process walks the whole schedule and calls every program (a no-op where it holds none of

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from meshes.dispatch import in_order
 from meshes.replicas import Copies, first_copies, place
 from meshes.transfer import Transfers, empty_array, everywhere, is_local, is_none, restrict, shared_bundles
-from meshes.zero import HolderShards, map_slots
+from meshes.zero import HolderShards, has_slots, map_slots
 
 Params = Any
 
@@ -151,7 +151,9 @@ class GroupedOptimizer:
 
     def _split_bundles(self, split_across: Sequence[bool]) -> list[HolderShards]:
         """The leaves shared by groups that all allow it, bundled by holders, each with its moments split across
-        them."""
+        them (none for an optimizer without moments)."""
+        if not has_slots(self.optimizer):
+            return []
         flat = [jax.tree.flatten(tree, is_leaf=is_none)[0] for tree in self.shardings]
         update = partial(_optimizer_update, self.optimizer)
         return [

@@ -39,6 +39,14 @@ def map_slots(optimizer: optax.GradientTransformation, state: Any, on_slot: Call
     )
 
 
+def has_slots(optimizer: optax.GradientTransformation) -> bool:
+    """Whether `optimizer` keeps any parameter-shaped state (moments) to split."""
+    found: list[Any] = []
+    state = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct((1,), "float32"))
+    map_slots(optimizer, state, lambda slot: found.append(slot) or slot, lambda leaf: leaf)
+    return bool(found)
+
+
 class HolderShards:
     """The leaves `members` (indices into the model's flat leaves) that the device groups `holders` all hold,
     with their moments split across those holders (see the module docstring).
@@ -169,10 +177,15 @@ class HolderShards:
         map_slots(self.optimizer, state, lambda slot: slots.append(slot) or slot, lambda leaf: leaf)
         out = []
         for parts in slots:
-            layout = self._layout_of_parts(parts)
-            whole = self._run(
-                "gather", layout, lambda p: jax.lax.all_gather(p, HOLDER, axis=2, tiled=True), ((PARTS,), PARTS), parts
-            )
+            layout = self._layouts[parts.dtype]
+            if not layout.local:
+                targets = self.targets[holder]
+                out.append(
+                    [empty_array(shape, parts.dtype, s) for shape, s in zip(layout.shapes, targets, strict=True)]
+                )
+                continue
+            gather = lambda p: jax.lax.all_gather(p, HOLDER, axis=2, tiled=True)  # noqa: E731
+            whole = self._run("gather", layout, gather, ((PARTS,), PARTS), parts)
             out.append(self.transfers.from_heads(layout, whole, self.targets, only=[holder])[0])
         return out
 
@@ -183,13 +196,12 @@ class HolderShards:
         for values in slots:
             per_holder = self._placed(values)
             layout = self.layout(per_holder)
-            if not layout.local:
+            if layout.local:
+                stacked = self.transfers.to_heads(layout, per_holder)
+                parts.append(self._run("take_part", layout, _own_part, ((PARTS,), PARTS), stacked))
+            else:
                 part = self._part_struct(layout)
                 parts.append(empty_array(part.shape, part.dtype, layout.heads_sharding))
-                continue
-            stacked = self.transfers.to_heads(layout, per_holder)
-            parts.append(self._run("take_part", layout, _own_part, ((PARTS,), PARTS), stacked))
-        layout = self.layout(self._placed(slots[0])) if slots else None
         replicated = self._replicated(layout)
         moved = iter([self.transfers.move(x, replicated, copy=True) for x in others])
         shape = jax.eval_shape(self.optimizer.init, self._part_struct(layout))
@@ -202,10 +214,6 @@ class HolderShards:
         moved = self.transfers.tree(list(values) * len(self.holders), targets)
         n = len(self.members)
         return [moved[h * n : (h + 1) * n] for h in range(len(self.holders))]
-
-    def _layout_of_parts(self, parts: jax.Array) -> HolderLayout:
-        """The layout (made when the bundle was initialised or placed) whose heads hold `parts`."""
-        return self._layouts[parts.dtype]
 
 
 def _own_part(block: jax.Array) -> jax.Array:
