@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from meshes.compression import EdgeMover
 from meshes.dispatch import in_order
+from meshes.fsdp import Zero3
 from meshes.hetmesh import DeviceGroup, HetMesh
 from meshes.optimizer import zero1_shardings
 from meshes.replicas import Copies, first_copies, place
@@ -74,7 +75,10 @@ class _StageRuntime:
 
 def _compile_stage(model: StagedModel, hetmesh: HetMesh, spec: StageSpec, stage: Stage, cp: int, name: str):
     group = hetmesh.submesh(stage.devices, ((CP_AXIS, cp), (TP_AXIS, stage.tp)), name=name)
-    program = model.stage_program(spec, stage.tp, TP_AXIS, CP_AXIS if cp > 1 else None, recompute=stage.recompute)
+    zero3 = Zero3(group.mesh, data_axes=(CP_AXIS,)) if stage.zero == 3 else None
+    program = model.stage_program(
+        spec, stage.tp, TP_AXIS, CP_AXIS if cp > 1 else None, recompute=stage.recompute, zero3=zero3
+    )
     sequence = P(None, CP_AXIS) if cp > 1 else P()
     sharded = jax.shard_map(
         program.apply,
