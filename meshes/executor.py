@@ -3,7 +3,10 @@
 Each pipeline stage of each replica is its own program on its own mesh (its devices, axes `cp` x `tp`): the
 stage's per-shard function runs under `shard_map` with Megatron parameter layouts over `tp` and, with the
 replica's context-parallel degree `cp` > 1, every sequence split into `cp` consecutive slices (keys and values
-gathered across them for attention), traced once per stage shape. Stages pass
+gathered across them for attention), traced once per stage shape. A stage with `zero` 3 holds its parameters split
+further over the group's axes that layout replicates them on (ZeRO-3 inside the group, `meshes.fsdp`): its program
+gathers each block's parameters right before the block runs and again in the backward pass, keeping none of them
+between the two, and its gradients come out reduce-scattered into the same split layout. Stages pass
 activations forward and their gradients backward by transfers between meshes (in a stage's `compress` codec's
 packed form, `meshes.compression`, across its outgoing edge); a stage with `recompute`
 rematerialises its blocks in the backward pass; JAX's asynchronous dispatch lets
@@ -13,7 +16,8 @@ global token weight, so the loss and every gradient equal the single-device mean
 the batch shares.
 
 State is held by every replica: each stage of each replica keeps its own layers' parameters on its own devices,
-in its Megatron layout, as one *copy* per stage group (`meshes.replicas`; `copy_shardings`). A step computes each
+in its Megatron layout (split further under `zero` 3), as one *copy* per stage group (`meshes.replicas`;
+`copy_shardings`). A step computes each
 stage's gradients (reduced inside the group by `shard_map`'s transpose), then sums every leaf over the groups that
 hold it (`Transfers.sum_copies`: a ring over like-for-like wire layouts of the replicas holding the same layers),
 leaving the same gradient in every holder's layout; `GroupedOptimizer` then updates every copy alike, so replicas
@@ -168,7 +172,8 @@ class PlanExecutor:
 
     def moment_shardings(self, params: Params) -> list[Any]:
         """Per device group, where the optimizer's moments of the leaves it holds live: with their parameters, or
-        split over the group's devices where its stage has `zero` 1 (`meshes.optimizer.zero1_shardings`)."""
+        split over the group's devices where its stage has `zero` 1 (`meshes.optimizer.zero1_shardings`); under
+        `zero` 3 the parameters are split that way already and the moments follow them."""
         stages = [stage for replica in self.plan.replicas for stage in replica.stages]
         layouts = self.copy_shardings(params)
         return [zero1_shardings(params, g) if s.zero else g for s, g in zip(stages, layouts, strict=True)]

@@ -31,19 +31,18 @@ from tests.test_hspmd import (
 )
 
 SEQ = 10
-CONFIG = config()  # 4 blocks, for one stage's collectives and bytes
-PLAN_CONFIG = config(num_layers=2)
-# A CP2 x TP2 group with zero 3 beside a TP2 replica with zero 0 and a CP2 replica with zero 3 and recompute.
+CONFIG = config()  # 4 blocks, tied embedding: one stage's collectives and bytes
+PLAN_CONFIG = config(num_layers=2, tie_word_embeddings=False)
+# A CP2 x TP2 group with zero 3 beside a CP2 pipeline whose first stage has zero 3 and recompute, its last zero 0.
 PLAN = plan_of(
     [
         Replica((stage([0, 1, 2, 3], (0, 2), tp=2, zero=3),), 2, 1, cp=2),
-        Replica((stage([4, 5], (0, 2)),), 1, 2),
-        Replica((stage([6, 7], (0, 2), tp=1, zero=3, recompute=True),), 1, 1, cp=2),
+        Replica((stage([4, 5], (0, 1), tp=1, zero=3, recompute=True), stage([6, 7], (1, 2), tp=1)), 1, 2, cp=2),
     ],
     2,
     seq=SEQ,
 )
-ZERO3_GROUPS = (0, 2)
+ZERO3_GROUPS = (0, 1)
 # A block's parameters: 7 projection kernels and 2 norm weights.
 BLOCK_LEAVES = 9
 
@@ -71,16 +70,16 @@ def test_zero3_groups_store_parameters_split_and_give_the_single_device_gradient
     assert block["mlp"]["down_proj"]["kernel"].spec == P("tp", "cp")  # Megatron P("tp", None)
     assert block["input_layernorm"]["weight"].spec == P(("cp", "tp"))  # replicated by Megatron: over both axes
     assert layouts[0]["embed_tokens"]["embedding"].spec == P(None, ("cp", "tp"))  # 50 rows: 4 do not divide
-    assert layouts[1]["layers"][0]["self_attn"]["q_proj"]["kernel"].spec == P(None, "tp")  # zero 0: as laid out
-    assert layouts[2]["layers"][0]["input_layernorm"]["weight"].spec == P("cp")
+    assert layouts[1]["layers"][0]["input_layernorm"]["weight"].spec == P("cp")
+    assert layouts[2]["lm_head"]["kernel"].spec == P()  # zero 0: as laid out
 
     batch = make_batch(1, PLAN.global_batch, PLAN_CONFIG.vocab_size, packed=True, seq=SEQ)
     loss, grads = executor.value_and_grad(executor.place(params), batch)
     expected_loss, expected_grads = single_device_step(model)(params, batch)
     np.testing.assert_allclose(loss, expected_loss, rtol=RTOL)
     assert_copies_identical(grads)
-    for group in range(len(grads)):
-        assert_trees_close(executor.view(grads, executor.groups_of([group])), expected_grads)
+    for replica in range(len(PLAN.replicas)):
+        assert_trees_close(executor.view(grads, [replica]), expected_grads)
     for group in ZERO3_GROUPS:
         same = jax.tree.map(lambda g, s: g.sharding.is_equivalent_to(s, g.ndim), grads[group], layouts[group])
         assert all(jax.tree.leaves(same))
