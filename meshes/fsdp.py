@@ -5,13 +5,14 @@ over the group's mesh axes its tensor-parallel layout replicates it on (`cp` for
 Megatron replicates, such as norms), along its first dimension they divide. The stage's program (written by the
 model, `meshes.StagedModel.stage_program`) gathers a part's parameters back into their tensor-parallel layout
 (`Zero3Layout.gather`) right before the part runs, inside a `jax.checkpoint` region whose policy
-(`Zero3Layout.policy`) recomputes exactly those gathers in the backward pass instead of keeping what they gathered.
+(`Zero3Layout.policy`) has the backward pass gather them again instead of keeping what they gathered.
 
 A gather runs axis by axis. Over a *data* axis (`cp`: every device computes on its own slice of the sequence) it is
 `all_gather`, whose transpose is a reduce-scatter (`psum_scatter`): the devices' partial gradients are summed and
-each keeps its block. Over any other axis (`tp`, where every shard computes with the same replicated activations)
-it is `all_gather(to="invarying")`, whose transpose slices out the device's block: the tensor-parallel all-reduce
-of the activations' gradients has already summed the shards' contributions to such a leaf.
+each keeps its block. Over any other axis (`tp`, over which Megatron replicates the leaf) it is
+`all_gather(to="invarying")`: the gathered leaf is typed replicated over `tp`, as it is without ZeRO-3, so
+`shard_map`'s transpose sums its gradient over `tp` where it meets per-shard values (the tensor-parallel all-reduce
+of the activations' gradients), and the gather's transpose only slices out the device's block.
 """
 
 from __future__ import annotations
