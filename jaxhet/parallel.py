@@ -21,6 +21,7 @@ from jaxtyping import Array, Float, Int
 
 from jaxhet.models.config import ConfigError, LlamaConfig
 from jaxhet.models.llama import DecoderLayer, Llama, add_output_head, output_logits, token_embedding, token_positions
+from meshes.fsdp import Zero3, Zero3Layout
 from meshes.staged import StageProgram, StageSpec
 
 Params = dict[str, Any]
@@ -88,19 +89,86 @@ class LlamaStage(nnx.Module):
         if spec.last:
             add_output_head(self, config, rngs)
 
-    def __call__(self, hidden: Float[Array, "batch seq hidden"] | None, batch: dict[str, Array]):
-        """Stage output: activations for the next stage, or the micro-batch's loss sum on the last stage."""
+    def __call__(
+        self,
+        hidden: Float[Array, "batch seq hidden"] | None,
+        batch: dict[str, Array],
+        zero3: Zero3Stage | None = None,
+    ):
+        """Stage output: activations for the next stage, or the micro-batch's loss sum on the last stage. With
+        `zero3`, the module holds its parameters split (ZeRO-3) and each part gathers its own where it runs."""
         segment_ids = batch.get("segment_ids")
         cp_axis = self.config.context_parallel_axis
         positions = token_positions(batch["input_ids"], segment_ids, cp_axis)
-        x = self.embed_tokens(batch["input_ids"]) if self.spec.first else hidden
-        block = _recomputed_block if self.recompute else _block
-        for layer in self.layers:
-            x = block(layer, x, positions, segment_ids)
+        if not self.spec.first:
+            x = hidden
+        elif zero3 is None:
+            x = self.embed_tokens(batch["input_ids"])
+        else:
+            x = zero3.region(_embed, ("embed_tokens",))(self, batch["input_ids"])
+        for index, layer in enumerate(self.layers):
+            x = self._block(index, zero3)(layer, x, positions, segment_ids)
         if not self.spec.last:
             return x
-        loss_sum = next_token_loss_sum(output_logits(self, x), batch["targets"], batch["weights"])
+        if zero3 is None:
+            logits = output_logits(self, x)
+        else:
+            head = "embed_tokens" if self.config.tie_word_embeddings else "lm_head"
+            logits = zero3.region(_head, ("norm", head))(self, x)
+        loss_sum = next_token_loss_sum(logits, batch["targets"], batch["weights"])
         return loss_sum if cp_axis is None else jax.lax.psum(loss_sum, cp_axis)
+
+    def _block(self, index: int, zero3: Zero3Stage | None) -> Callable:
+        """Block `index`'s function of `(layer, x, positions, segment_ids)`: rematerialised with `recompute`;
+        under ZeRO-3 its parameters gathered inside (see `Zero3Stage.block`)."""
+        if zero3 is not None:
+            return zero3.block(index, self.recompute)
+        return _recomputed_block if self.recompute else _block
+
+
+def _embed(stage: LlamaStage, input_ids: Int[Array, "batch seq"]) -> Float[Array, "batch seq hidden"]:
+    return stage.embed_tokens(input_ids)
+
+
+def _head(stage: LlamaStage, x: Float[Array, "batch seq hidden"]) -> Float[Array, "batch seq vocab"]:
+    return output_logits(stage, x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Zero3Stage:
+    """Where a ZeRO-3 stage's split parameters are gathered (`meshes.fsdp`): a block's inside the block's
+    rematerialised region, the embedding's, final norm's and head's inside the regions that use them, so that no
+    gathered parameter is kept between the forward and the backward pass (each is gathered again there)."""
+
+    layout: Zero3Layout
+
+    def gathered(self, module: nnx.Module, stored: Params, specs: Params) -> nnx.Module:
+        """`module` with each parameter named in `stored` (a subtree of the layout's, like `specs`) gathered."""
+        graphdef, state = nnx.split(module)
+        params = nnx.to_pure_dict(state)
+        held = {key: params[key] for key in stored}
+        params.update(self.layout.gather(held, stored, {key: specs[key] for key in stored}))
+        return module_from_params(graphdef, state, params)
+
+    def block(self, index: int, recompute: bool) -> Callable:
+        """Block `index`'s `(layer, x, positions, segment_ids) -> x`, its parameters gathered inside a region
+        that saves nothing (`recompute`) or everything but the gathered parameters."""
+        stored, specs = self.layout.stored["layers"][index], self.layout.specs["layers"][index]
+
+        def gathered_block(layer: DecoderLayer, x, positions, segment_ids):
+            return _block(self.gathered(layer, stored, specs), x, positions, segment_ids)
+
+        return nnx.remat(gathered_block, policy=self.layout.policy(recompute))
+
+    def region(self, use: Callable, keys: tuple[str, ...]) -> Callable:
+        """`use(stage, x)` on the stage with its parts `keys` (embedding, final norm, head) gathered, saving
+        everything but the gathered parameters (these parts are not rematerialised: `recompute` is about blocks)."""
+        stored = {key: self.layout.stored[key] for key in keys}
+
+        def gathered_use(stage: LlamaStage, x):
+            return use(self.gathered(stage, stored, self.layout.specs), x)
+
+        return nnx.remat(gathered_use, policy=self.layout.policy(False))
 
 
 def megatron_specs(params: Params, tp: int, tp_axis: str) -> Any:
@@ -145,19 +213,35 @@ class StagedLlama:
         return out
 
     def stage_program(
-        self, spec: StageSpec, tp: int, tp_axis: str, cp_axis: str | None = None, *, recompute: bool = False
+        self,
+        spec: StageSpec,
+        tp: int,
+        tp_axis: str,
+        cp_axis: str | None = None,
+        *,
+        recompute: bool = False,
+        zero3: Zero3 | None = None,
     ) -> StageProgram:
         """`spec`'s blocks as one TP shard's program; with `recompute`, every block is rematerialised in the
-        backward pass, keeping only its input (what the planner's cost model charges a recomputed stage)."""
+        backward pass, keeping only its input (what the planner's cost model charges a recomputed stage). With
+        `zero3`, parameters are held split over the stage's mesh (`param_specs` says how) and gathered where used
+        (`Zero3Stage`)."""
         local_config = shard_config(self.config, tp, tp_axis, cp_axis)
         stage = nnx.eval_shape(lambda: LlamaStage(local_config, spec, recompute=recompute, rngs=nnx.Rngs(0)))
         graphdef, abstract = nnx.split(stage)
+        whole = nnx.eval_shape(lambda: LlamaStage(self.config, spec, rngs=nnx.Rngs(0)))
+        shapes = nnx.state(whole).to_pure_dict()
+        specs = megatron_specs(shapes, tp, tp_axis)
+        if zero3 is None:
+            split, held = None, specs
+        else:
+            layout = zero3.layout(shapes, specs)
+            split, held = Zero3Stage(layout), layout.stored
 
         def apply(params: Params, hidden, batch):
-            return module_from_params(graphdef, abstract, params)(hidden, batch)
+            return module_from_params(graphdef, abstract, params)(hidden, batch, split)
 
-        whole = nnx.eval_shape(lambda: LlamaStage(self.config, spec, rngs=nnx.Rngs(0)))
-        return StageProgram(apply=apply, param_specs=megatron_specs(nnx.state(whole).to_pure_dict(), tp, tp_axis))
+        return StageProgram(apply=apply, param_specs=held)
 
 
 def module_from_params(graphdef: nnx.GraphDef, state: nnx.State, params: Params) -> nnx.Module:

@@ -3,7 +3,10 @@
 Each pipeline stage of each replica is its own program on its own mesh (its devices, axes `cp` x `tp`): the
 stage's per-shard function runs under `shard_map` with Megatron parameter layouts over `tp` and, with the
 replica's context-parallel degree `cp` > 1, every sequence split into `cp` consecutive slices (keys and values
-gathered across them for attention), traced once per stage shape. Stages pass
+gathered across them for attention), traced once per stage shape. A stage with `zero` 3 holds its parameters split
+further over the group's axes that layout replicates them on (ZeRO-3 inside the group, `meshes.fsdp`): its program
+gathers each block's parameters right before the block runs and again in the backward pass, keeping none of them
+between the two, and its gradients come out reduce-scattered into the same split layout. Stages pass
 activations forward and their gradients backward by transfers between meshes (in a stage's `compress` codec's
 packed form, `meshes.compression`, across its outgoing edge); a stage with `recompute`
 rematerialises its blocks in the backward pass; JAX's asynchronous dispatch lets
@@ -13,7 +16,8 @@ global token weight, so the loss and every gradient equal the single-device mean
 the batch shares.
 
 State is held by every replica: each stage of each replica keeps its own layers' parameters on its own devices,
-in its Megatron layout, as one *copy* per stage group (`meshes.replicas`; `copy_shardings`). A step computes each
+in its Megatron layout (split further under `zero` 3), as one *copy* per stage group (`meshes.replicas`;
+`copy_shardings`). A step computes each
 stage's gradients (reduced inside the group by `shard_map`'s transpose), then sums every leaf over the groups that
 hold it (`Transfers.sum_copies`: a ring over like-for-like wire layouts of the replicas holding the same layers),
 leaving the same gradient in every holder's layout; `GroupedOptimizer` then updates every copy alike, so replicas
@@ -45,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from meshes.compression import EdgeMover
 from meshes.dispatch import in_order
+from meshes.fsdp import Zero3
 from meshes.hetmesh import DeviceGroup, HetMesh
 from meshes.optimizer import zero1_shardings
 from meshes.replicas import Copies, first_copies, place
@@ -77,7 +82,10 @@ class _StageRuntime:
 
 def _compile_stage(model: StagedModel, hetmesh: HetMesh, spec: StageSpec, stage: Stage, cp: int, name: str):
     group = hetmesh.submesh(stage.devices, ((CP_AXIS, cp), (TP_AXIS, stage.tp)), name=name)
-    program = model.stage_program(spec, stage.tp, TP_AXIS, CP_AXIS if cp > 1 else None, recompute=stage.recompute)
+    zero3 = Zero3(group.mesh, data_axes=(CP_AXIS,)) if stage.zero == 3 else None
+    program = model.stage_program(
+        spec, stage.tp, TP_AXIS, CP_AXIS if cp > 1 else None, recompute=stage.recompute, zero3=zero3
+    )
     sequence = P(None, CP_AXIS) if cp > 1 else P()
     sharded = jax.shard_map(
         program.apply,
@@ -167,7 +175,8 @@ class PlanExecutor:
 
     def moment_shardings(self, params: Params) -> list[Any]:
         """Per device group, where the optimizer's moments of the leaves it holds live: with their parameters, or
-        split over the group's devices where its stage has `zero` 1 (`meshes.optimizer.zero1_shardings`)."""
+        split over the group's devices where its stage has `zero` 1 (`meshes.optimizer.zero1_shardings`); under
+        `zero` 3 the parameters are split that way already and the moments follow them."""
         stages = [stage for replica in self.plan.replicas for stage in replica.stages]
         layouts = self.copy_shardings(params)
         return [zero1_shardings(params, g) if s.zero else g for s, g in zip(stages, layouts, strict=True)]

@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from meshes.fsdp import Zero3
+
 Params = Any
 
 
@@ -45,11 +47,26 @@ class StagedModel(Protocol):
     def stage_params(self, params: Params, spec: StageSpec) -> Params: ...
 
     def stage_program(
-        self, spec: StageSpec, tp: int, tp_axis: str, cp_axis: str | None = None, *, recompute: bool = False
+        self,
+        spec: StageSpec,
+        tp: int,
+        tp_axis: str,
+        cp_axis: str | None = None,
+        *,
+        recompute: bool = False,
+        zero3: Zero3 | None = None,
     ) -> StageProgram:
         """The stage for `tp` shards over `tp_axis`; with `cp_axis`, the sequence is also split over that axis.
 
         With `recompute` (a plan's `Stage.recompute`), the program rematerialises its blocks in the backward pass
         instead of keeping their activations; its values and gradients are those without.
+
+        With `zero3` (a plan's `Stage.zero == 3`), `param_specs` is the ZeRO-3 layout `zero3.layout` gives (each
+        leaf split over the mesh axes its tensor-parallel layout replicates it on) and the program gathers each
+        block's parameters (`Zero3Layout.gather`) inside a `jax.checkpoint` region with `Zero3Layout.policy`, and
+        the embedding, final norm and head inside the regions that use them: one gather per parameter and use in
+        the forward pass, again in the backward pass for every use whose gradient needs the parameter (all but the
+        embedding lookup), none kept in between; gradients come out in the stored layout, reduce-scattered over
+        `cp`. Its values and gradients are those without.
         """
         ...
