@@ -1,6 +1,7 @@
-"""`jaxhet train` on a plan whose replicas split their optimizer moments across one another (ZeRO-1 across the
-holders of each layer: a CP2 x TP2 group beside a TP2 + TP1 pipeline): the single-device loss at every step, and checkpoints that
-hold whole moments, so a run resumed from one continues exactly."""
+"""`jaxhet train` on a plan whose replicas split their optimizer moments across one another (ZeRO across the
+holders of each layer): a CP2 x TP2 group that also splits its parameters over CP (zero 3, FSDP) beside a TP2 + TP1
+pipeline (zero 1). The single-device loss at every step, and checkpoints that hold whole moments, so a run resumed
+from one continues exactly."""
 
 import shutil
 
@@ -14,12 +15,12 @@ KINDS = tuple(d.kind for d in ClusterSpec.load("examples/clusters/emulated8.yaml
 
 
 def zero_plan() -> TrainPlan:
-    def stage(devices, layers, tp):
-        return Stage(tuple(devices), KINDS[devices[0]], tp, layers, False, zero=1)
+    def stage(devices, layers, tp, zero=1):
+        return Stage(tuple(devices), KINDS[devices[0]], tp, layers, False, zero=zero)
 
     return TrainPlan(
         (
-            Replica((stage([0, 1, 2, 3], (0, 2), 2),), 2, 2, cp=2),
+            Replica((stage([0, 1, 2, 3], (0, 2), 2, zero=3),), 2, 2, cp=2),
             Replica((stage([4, 5], (0, 1), 2), stage([6], (1, 2), 1)), 4, 1),
         ),
         2,
