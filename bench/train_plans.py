@@ -1,4 +1,5 @@
-"""The rows of `bench/train.py` that run jaxhet's training step on a plan: recompute and ZeRO-1, each on and off.
+"""The rows of `bench/train.py` that run jaxhet's training step on a plan: recompute, ZeRO-1 and ZeRO-3 (FSDP over
+the stage's CP devices), each against all off.
 
 Every row trains the same model (same initial parameters, same batch) through `jaxhet.train.step` (`plan_execution`,
 `initial_state`, `train_step`, the loop of `jaxhet train --plan FILE`) on one plan: one replica whose single stage
@@ -10,6 +11,7 @@ runtime on CPU, not a GPU.
 Besides step time, each row reports:
 - optimizer-state bytes per device: the bytes of the optimizer's moment shards on each device, counted from the
   arrays' addressable shards (`Execution.moment_shardings` places them; step counts and other scalars excluded);
+  parameter bytes per device likewise (ZeRO-3 splits them);
 - the stage's compiled memory (`memory_analysis()` of the executor's forward and backward programs of one
   micro-batch): the forward's output bytes are the residuals the stage holds between its forward and backward
   passes, which recompute cuts; the backward's temp bytes are given as compiled. XLA's CPU compiler schedules the
@@ -45,6 +47,7 @@ VARIANTS = (  # (name, recompute, zero); each "on" row is compared with the firs
     ("baseline", False, 0),
     ("recompute", True, 0),
     ("zero1", False, 1),
+    ("zero3", False, 3),
 )
 
 Step = Callable[[], tuple[jax.Array, Any]]
@@ -62,10 +65,11 @@ def hetmesh(devices: list[jax.Device]) -> HetMesh:
     return HetMesh.from_cluster(cluster, devices)
 
 
-def moment_bytes_per_device(opt_state: list[Any]) -> dict[str, int]:
-    """Bytes of the optimizer's non-scalar leaves on each device, from the arrays' addressable shards."""
+def moment_bytes_per_device(tree: Any) -> dict[str, int]:
+    """Bytes of the non-scalar leaves of `tree` (optimizer state, or parameters) on each device, from the arrays'
+    addressable shards."""
     held: dict[str, int] = {}
-    for leaf in jax.tree.leaves(opt_state):
+    for leaf in jax.tree.leaves(tree):
         if isinstance(leaf, jax.Array) and leaf.ndim > 0:
             for shard in leaf.addressable_shards:
                 held[str(shard.device)] = held.get(str(shard.device), 0) + shard.data.nbytes
@@ -92,9 +96,9 @@ def stage_memory(model: Llama, plan: TrainPlan, devices: list[jax.Device], batch
 
 def plan_step(
     model: Llama, train_config: TrainConfig, plan: TrainPlan, devices: list, batch: dict
-) -> tuple[Step, dict[str, int]]:
-    """jaxhet's step on `plan`, as `jaxhet train --plan FILE` runs it, and its optimizer-state bytes per device
-    (counted before the first step)."""
+) -> tuple[Step, tuple[dict[str, int], dict[str, int]]]:
+    """jaxhet's step on `plan`, as `jaxhet train --plan FILE` runs it, and its optimizer-state and parameter bytes
+    per device (counted before the first step)."""
     execution = plan_execution(model, plan, hetmesh(devices))
     optimizer, state = initial_state(train_config, model, execution)
     carried = [state]
@@ -103,7 +107,7 @@ def plan_step(
         carried[0], loss, _ = train_step(execution, optimizer, carried[0], batch)
         return loss, carried
 
-    return run, moment_bytes_per_device(state["opt_state"])
+    return run, (moment_bytes_per_device(state["opt_state"]), moment_bytes_per_device(state["params"]))
 
 
 def plan_rows(
@@ -120,7 +124,7 @@ def plan_rows(
     rows = []
     for name, recompute, zero in VARIANTS:
         plan = plan_of(config, batch_rows, seq, recompute=recompute, zero=zero)
-        counted: list[dict[str, int]] = []
+        counted: list[tuple[dict[str, int], dict[str, int]]] = []
 
         def build(plan=plan, counted=counted) -> Step:
             run, held = plan_step(Llama(config, rngs=nnx.Rngs(0)), train_config, plan, devices, batch)
@@ -128,15 +132,17 @@ def plan_rows(
             return run
 
         seconds, loss = measure(build)
-        (held,) = counted
+        ((held, params),) = counted
         row = dict(variant=name, recompute=recompute, zero=zero, step_ms=seconds * 1e3, last_loss=loss)
         row.update(opt_state_bytes_max_per_device=max(held.values()), opt_state_bytes_per_device=held)
+        row.update(param_bytes_max_per_device=max(params.values()))
         row.update(stage_memory(Llama(config, rngs=nnx.Rngs(0)), plan, devices, batch))
         rows.append(row)
     for row in rows:
         base = rows[0]
         row["step_vs_baseline"] = row["step_ms"] / base["step_ms"]
         row["opt_state_vs_baseline"] = row["opt_state_bytes_max_per_device"] / base["opt_state_bytes_max_per_device"]
+        row["params_vs_baseline"] = row["param_bytes_max_per_device"] / base["param_bytes_max_per_device"]
         row["residuals_vs_baseline"] = row["forward_output_bytes"] / base["forward_output_bytes"]
         row["backward_temp_vs_baseline"] = row["backward_temp_bytes"] / base["backward_temp_bytes"]
     return f"{DEVICES} x {devices[0].device_kind} ({devices[0].platform}), TP {TP} x CP {CP}", rows
@@ -144,12 +150,13 @@ def plan_rows(
 
 def print_table(where: str, rows: list[dict]) -> None:
     print(f"jaxhet step on a plan, {where}; ratios against the baseline row (recompute off, zero 0)")
-    header = ("variant", "ms/step", "x", "opt B/dev", "x", "residual B", "x", "bwd temp B", "x", "loss")
-    print("{:10} {:>9} {:>6} {:>11} {:>6} {:>11} {:>6} {:>11} {:>6} {:>7}".format(*header))
+    header = ("variant", "ms/step", "x", "opt B/dev", "x", "param x", "residual B", "x", "bwd temp B", "x", "loss")
+    print("{:10} {:>9} {:>6} {:>11} {:>6} {:>7} {:>11} {:>6} {:>11} {:>6} {:>7}".format(*header))
     for r in rows:
         print(
             f"{r['variant']:10} {r['step_ms']:9.2f} {r['step_vs_baseline']:6.2f} "
             f"{r['opt_state_bytes_max_per_device']:11,} {r['opt_state_vs_baseline']:6.2f} "
+            f"{r['params_vs_baseline']:7.2f} "
             f"{r['forward_output_bytes']:11,} {r['residuals_vs_baseline']:6.2f} "
             f"{r['backward_temp_bytes']:11,} {r['backward_temp_vs_baseline']:6.2f} {r['last_loss']:7.3f}"
         )

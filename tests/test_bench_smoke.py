@@ -107,8 +107,8 @@ def test_train_benchmark_runs(tmp_path):
     assert record["versions"]["jax"] and record["shapes"]["seq_len"] == 32
     # jaxhet's step on a 4-device plan with recompute and with ZeRO-1, each against both off.
     plan = record["plan"]
-    baseline, recompute, zero1 = plan["rows"]
-    assert [(r["recompute"], r["zero"]) for r in plan["rows"]] == [(False, 0), (True, 0), (False, 1)]
+    baseline, recompute, zero1, zero3 = plan["rows"]
+    assert [(r["recompute"], r["zero"]) for r in plan["rows"]] == [(False, 0), (True, 0), (False, 1), (False, 3)]
     assert all(r["step_ms"] > 0 and r["step_vs_baseline"] > 0 for r in plan["rows"])
     # Same model, batch and arithmetic up to rematerialisation and moment layout: the same loss after the same steps.
     np.testing.assert_allclose([r["last_loss"] for r in plan["rows"]], baseline["last_loss"], rtol=1e-5)
@@ -116,6 +116,9 @@ def test_train_benchmark_runs(tmp_path):
     assert sorted(zero1["opt_state_bytes_per_device"].values()) == [2 * 4 * plan["num_params"] // 4] * 4
     assert baseline["opt_state_bytes_max_per_device"] > zero1["opt_state_bytes_max_per_device"]
     assert recompute["forward_output_bytes"] < baseline["forward_output_bytes"]
+    # ZeRO-3 splits the parameters too (over CP; the TP-replicated ones over TP as well), and moments with them.
+    assert zero3["param_bytes_max_per_device"] < baseline["param_bytes_max_per_device"]
+    assert zero3["opt_state_bytes_per_device"] == zero1["opt_state_bytes_per_device"]
 
 
 def test_attention_benchmark_runs(tmp_path):
