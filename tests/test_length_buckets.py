@@ -5,8 +5,11 @@ relative 1e-5: the plans only reorder sums), each plan's programs compiled once,
 import collections
 import contextlib
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from jaxhet.parallel import llama_params
 from jaxhet.tokenizers import ByteTokenizer
 from jaxhet.train import TrainConfig, load_trained, train
 
+JAXHET = shutil.which("jaxhet") or str(Path(sys.executable).parent / "jaxhet")
 RTOL = 1e-5
 # The embedded corpus in buckets of rows of 256 and 512 tokens, 1024 tokens a batch (4 x 256 or 2 x 512); data.seed
 # 64 draws the buckets 256, 512, 256, 512, 512 for the first five batches, so the run switches back to each plan.
@@ -205,3 +209,14 @@ def test_length_buckets_round_trip_through_the_run_config_and_must_be_kept_on_re
 
     with pytest.raises(ConfigError, match="--resume cannot change data.length_buckets"):
         check_resume(config, TrainConfig.load(None, {"data.length_buckets": "[64]"}))
+
+
+def test_the_cli_names_the_buckets_and_their_throughput(tmp_path):
+    args = ["train", "--plan", "single", "--steps", "2", "--checkpoint-dir", str(tmp_path / "run")]
+    for key, value in BUCKETED.items():
+        args += ["--set", f"{key}={value}"]
+    result = subprocess.run([JAXHET, *args], capture_output=True, text=True, timeout=600, env=os.environ)
+    assert result.returncode == 0, result.stderr
+    out = " ".join(result.stdout.split())
+    assert "batches of 1024 tokens in length buckets 256, 512" in out
+    assert re.search(r"tok/s per bucket │ 256: [\d,]+, 512: [\d,]+", out), out

@@ -7,6 +7,12 @@ as a copy per device group (see `jaxhet.train.step`); checkpoints hold one copy 
 the plan: Orbax writes each array from wherever it lives and restores it into whatever layout the resuming run (or
 `load_trained`, on one device) asks for, from which every group's copy is placed.
 
+With `data.length_buckets` each batch comes from one length bucket (`jaxhet.data.buckets`) and each bucket runs on
+its own execution (with `--plan auto`, a plan made for the bucket's batch shape), built on the bucket's first batch
+and kept. Before a batch of another bucket the state moves into that execution's layout device to device (one copy
+of each leaf, placed as the new layout's copies); losses are read back there, so each window of the metrics holds
+one bucket's steps.
+
 Several processes (one per node, `meshes.distributed`) run the same loop in lockstep: process 0 makes the plan
 and every process runs that plan; each builds the same batches from its own copy of the data; losses and norms
 are read from each process's own shard of arrays replicated on every device; a stop request on any process stops
