@@ -24,6 +24,7 @@ from jaxhet.models import ConfigError
 from jaxhet.parallel import llama_params
 from jaxhet.tokenizers import ByteTokenizer
 from jaxhet.train import TrainConfig, load_trained, train
+from planners.errors import PlanningError
 
 JAXHET = shutil.which("jaxhet") or str(Path(sys.executable).parent / "jaxhet")
 RTOL = 1e-5
@@ -220,3 +221,21 @@ def test_the_cli_names_the_buckets_and_their_throughput(tmp_path):
     out = " ".join(result.stdout.split())
     assert "batches of 1024 tokens in length buckets 256, 512" in out
     assert re.search(r"tok/s per bucket │ 256: [\d,]+, 512: [\d,]+", out), out
+
+
+def test_a_bucket_without_documents_is_never_drawn(tmp_path):
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": "a" * n}) + "\n" for n in (3, 9, 14)))
+    config = DataConfig(source=str(tmp_path / "docs.jsonl"), seq_len=16, batch_size=4, length_buckets=(16, 32))
+    batches = BucketedBatches(config)
+    assert batches.drawn == [16]
+    assert all(batches.upcoming == 16 and next(batches)["input_ids"].shape == (4, 16) for _ in range(20))
+
+
+def test_every_bucket_is_planned_before_the_first_step(tmp_path):
+    """A bucket the planner cannot place (one row of 512 tokens cannot keep 8 devices busy) fails the run before
+    any step, whichever bucket comes first."""
+    config = bucketed_config(tmp_path / "run", plan="auto", **{"data.seq_len": "128"})
+    with pytest.raises(PlanningError, match="seq_len 512"):
+        train(config)
+    assert (tmp_path / "run" / "plan-bucket256.json").is_file()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

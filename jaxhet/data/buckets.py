@@ -67,6 +67,11 @@ class BucketedBatches:
         return self
 
     @property
+    def drawn(self) -> list[int]:
+        """The row lengths of the buckets batches come from: those with documents."""
+        return [length for length, stream in zip(self.lengths, self._streams, strict=True) if stream is not None]
+
+    @property
     def upcoming(self) -> int:
         """The row length (bucket) of the batch `next` returns."""
         return self.lengths[self._upcoming_index()]

@@ -8,10 +8,10 @@ the plan: Orbax writes each array from wherever it lives and restores it into wh
 `load_trained`, on one device) asks for, from which every group's copy is placed.
 
 With `data.length_buckets` each batch comes from one length bucket (`jaxhet.data.buckets`) and each bucket runs on
-its own execution (with `--plan auto`, a plan made for the bucket's batch shape), built on the bucket's first batch
-and kept. Before a batch of another bucket the state moves into that execution's layout device to device (one copy
-of each leaf, placed as the new layout's copies); losses are read back there, so each window of the metrics holds
-one bucket's steps.
+its own execution (with `--plan auto`, a plan made for the bucket's batch shape), all built before the first step
+and kept; a plan's programs compile on its bucket's first batch. Before a batch of another bucket the state moves
+into that execution's layout device to device (one copy of each leaf, placed as the new layout's copies); losses
+are read back there, so each window of the metrics holds one bucket's steps.
 
 Several processes (one per node, `meshes.distributed`) run the same loop in lockstep: process 0 makes the plan
 and every process runs that plan; each builds the same batches from its own copy of the data; losses and norms
@@ -186,9 +186,8 @@ def _execution(
 
 
 class _Executions:
-    """The execution and optimizer of each length bucket (None: the run's one batch shape), each built when its
-    first batch comes and then kept, so that a plan's programs compile once however often the run switches back
-    to it."""
+    """The execution and optimizer of each length bucket (None: the run's one batch shape), built once and kept, so
+    that a plan's programs (compiled on its first batch) compile once however often the run switches back to it."""
 
     def __init__(self, config: TrainConfig, build: Callable[[int | None], Execution]):
         self._config = config
@@ -225,6 +224,11 @@ class _Executions:
 def _upcoming_bucket(data: PackedBatches | BucketedBatches) -> int | None:
     """The length bucket of the next batch; None without buckets."""
     return data.upcoming if isinstance(data, BucketedBatches) else None
+
+
+def _drawn_buckets(data: PackedBatches | BucketedBatches) -> list[int | None]:
+    """The length buckets batches can come from (those with documents); [None] without buckets."""
+    return data.drawn if isinstance(data, BucketedBatches) else [None]
 
 
 class _StopRequest:
@@ -319,6 +323,8 @@ def _train(config: TrainConfig, store, directory: Path, resume: bool, progress, 
     data = PackedBatches(config.data) if config.data.length_buckets is None else BucketedBatches(config.data)
     model = build_model(config, data.vocab_size, jax.random.key(config.seed))
     executions = _Executions(config, lambda b: _execution(config, model, directory, resume, runtime, b))
+    for drawn in _drawn_buckets(data):  # every bucket planned before the first step: one the planner cannot place
+        executions.get(drawn)  # fails now, not when its first batch comes
     bucket = _upcoming_bucket(data)
     execution, optimizer = executions.get(bucket)
     state = fresh_state(config, model, execution, optimizer)
