@@ -115,6 +115,7 @@ def test_a_plan_per_bucket_gives_the_single_device_loss_at_every_step(runs):
     assert [r["bucket"] for r in logged] == BUCKETS_DRAWN
     labels = {r["bucket"]: r["plan"] for r in logged}
     assert len(set(labels.values())) == 2 and all(f"bucket {b}: {p}" in runs["auto"].plan for b, p in labels.items())
+    assert " cp 2" in labels[512] and " cp " not in labels[256], labels
     assert set(runs["auto"].bucket_tokens_per_s) == {256, 512}
     single = records(runs["root"] / "single")
     assert [r["bucket"] for r in single] == BUCKETS_DRAWN

@@ -449,10 +449,13 @@ def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
 
 
 def _describe(plan) -> str:
+    """The plan in one line: per replica its stages (GPU kind x devices: layers), micro-batches and, where the
+    sequence is split, its context-parallel degree."""
     parts = []
     for replica in plan.replicas:
         stages = "+".join(f"{s.kind}x{len(s.devices)}:L{s.layers[0]}-{s.layers[1] - 1}" for s in replica.stages)
-        parts.append(f"[{stages}] mb {replica.num_microbatches}x{replica.microbatch_size}")
+        context = f" cp {replica.cp}" if replica.cp > 1 else ""
+        parts.append(f"[{stages}] mb {replica.num_microbatches}x{replica.microbatch_size}{context}")
     return f"{len(plan.replicas)} replica(s): " + ", ".join(parts)
 
 
