@@ -92,6 +92,14 @@ def _join(cfg, coordinator: str | None, num_processes: int | None, process_id: i
     return join(cluster, coordinator, num_processes, process_id)
 
 
+def _batches(data) -> str:
+    """The batch shape, for the first line of a run."""
+    if data.length_buckets is None:
+        return f"batch {data.batch_size}x{data.seq_len} tokens"
+    lengths = ", ".join(map(str, data.length_buckets))
+    return f"batches of {data.batch_tokens} tokens in length buckets {lengths}"
+
+
 def _run(cfg, resume: bool, runtime):
     """Train, with a progress bar on process 0 (the others train silently)."""
     from jaxhet.train import train as run_training
@@ -101,8 +109,8 @@ def _run(cfg, resume: bool, runtime):
     with user_errors():
         where = cfg.cluster if cfg.plan == "auto" else cfg.plan
         console.print(
-            f"[dim]training {cfg.model} for {cfg.steps} steps, batch {cfg.data.batch_size}x{cfg.data.seq_len} tokens, "
-            f"plan {cfg.plan} on {where}; run directory {cfg.checkpoint_dir}[/]"
+            f"[dim]training {cfg.model} for {cfg.steps} steps, {_batches(cfg.data)}, plan {cfg.plan} on {where}; "
+            f"run directory {cfg.checkpoint_dir}[/]"
         )
         columns = (
             TextColumn("[bold]step {task.completed}/{task.total}"),
@@ -144,6 +152,9 @@ def _summary(result) -> None:
             f"{result.model_flops / result.seconds / 1e12:.3g} TFLOP/s, MFU {_percent(result.mfu)}",
         )
     table.add_row("plan", result.plan)
+    if result.bucket_tokens_per_s:
+        rates = ", ".join(f"{b}: {rate:,.0f}" for b, rate in result.bucket_tokens_per_s.items())
+        table.add_row("tok/s per bucket", rates)
     table.add_row("checkpoints", str(result.checkpoint_dir))
     table.add_row("loss curve", str(curve))
     table.add_row("TensorBoard", f"tensorboard --logdir {result.tensorboard_dir}")

@@ -27,7 +27,9 @@ STATE_VERSION = 1
 class PackedBatches:
     """Batches of `input_ids`, `targets`, `weights` and `segment_ids`, each `[batch_size, seq_len]`, forever."""
 
-    def __init__(self, config: DataConfig, split: str = "train"):
+    def __init__(self, config: DataConfig, split: str = "train", documents: np.ndarray | None = None):
+        """With `documents` (indices into the source), only those of the split's documents are read (one length
+        bucket's, `jaxhet.data.buckets`); `config.length_buckets` is not read here."""
         check_split(split, config)
         self.config = config
         self.split = split
@@ -41,6 +43,8 @@ class PackedBatches:
             validation_fraction=config.validation_fraction,
             max_documents=config.max_documents,
         )
+        if documents is not None:
+            self._documents = self._documents[np.isin(self._documents, documents)]
         self._seek(epoch=0, position=0, offset=0)
 
     def __iter__(self) -> PackedBatches:
@@ -79,8 +83,15 @@ class PackedBatches:
     @functools.cached_property
     def tokens_per_epoch(self) -> int:
         """Tokens packed per epoch (documents with their BOS/EOS), counted by tokenizing the split once."""
-        lengths = (len(document_tokens(self.tokenizer, self._source.read(int(d)))) for d in self._documents)
-        return sum(n for n in lengths if n >= MIN_DOCUMENT_TOKENS)
+        _, lengths = self.document_lengths
+        return int(np.sum(lengths[lengths >= MIN_DOCUMENT_TOKENS]))
+
+    @functools.cached_property
+    def document_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the split's documents as source indices, each one's token count with its BOS/EOS), by tokenizing each
+        document once."""
+        lengths = [len(document_tokens(self.tokenizer, self._source.read(int(d)))) for d in self._documents]
+        return self._documents.copy(), np.asarray(lengths, dtype=np.int64)
 
     def _identity(self) -> dict[str, Any]:
         """What must match for a saved position to mean the same documents and tokens here."""

@@ -2,7 +2,8 @@
 
 Both come from the seed alone: one seeded permutation of all documents decides the validation/train split and the
 `max_documents` cap, so the split's documents are the same every epoch; each epoch then shuffles them with a seed
-derived from (seed, epoch).
+derived from (seed, epoch). With length buckets, the bucket of each batch is drawn with a seed derived from (seed,
+batch number).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from jaxhet.models.config import ConfigError
 
 _SPLIT_STREAM = 0
 _EPOCH_STREAM = 1
+_BUCKET_STREAM = 2
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -37,3 +39,9 @@ def split_documents(
 def epoch_order(documents: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
     """`documents` shuffled for `epoch`."""
     return _rng(seed, _EPOCH_STREAM, epoch).permutation(documents)
+
+
+def batch_bucket(weights: np.ndarray, *, seed: int, batch: int) -> int:
+    """The bucket (index into `weights`) that batch number `batch` comes from, drawn with probability proportional
+    to `weights`: a function of (seed, batch) alone, so a resumed run continues the same sequence."""
+    return int(_rng(seed, _BUCKET_STREAM, batch).choice(len(weights), p=weights / np.sum(weights)))

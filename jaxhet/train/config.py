@@ -89,6 +89,11 @@ class TrainConfig:
             raise ConfigError(
                 f"plan must be one of {', '.join(PLAN_CHOICES)} or an existing plan file, got {self.plan!r}"
             )
+        if self.data.length_buckets is not None and self.plan not in PLAN_CHOICES:
+            raise ConfigError(
+                f"plan must be one of {', '.join(PLAN_CHOICES)} with data.length_buckets (each bucket is planned for "
+                f"its own batch shape; a plan file fits one), got {self.plan!r}"
+            )
         _check_directory_path("checkpoint_dir", Path(self.checkpoint_dir))
 
     @classmethod
@@ -106,6 +111,19 @@ class TrainConfig:
         for key, raw in (overrides or {}).items():
             _override(values, key, _yaml(raw, f"--set {key}"))
         return _build(cls, values, "")
+
+    def to_yaml(self) -> str:
+        """The config as YAML that `load` reads back to an equal config."""
+        return yaml.safe_dump(_plain(dataclasses.asdict(self)), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    """Dataclass fields as YAML's plain types: tuples become lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _yaml(text: str, source: str) -> Any:
@@ -174,6 +192,7 @@ RESUME_FIXED = (
     "data.seed",
     "data.max_documents",
     "data.validation_fraction",
+    "data.length_buckets",
 )
 
 
@@ -240,5 +259,7 @@ def _convert(value: Any, kind: Any, name: str) -> Any:
             return value
         if option is str and isinstance(value, (int, float)):
             return str(value)
+        if typing.get_origin(option) is tuple:  # the dataclass checks the value and names what it allows
+            return tuple(value) if isinstance(value, list) else value
     allowed = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"{name} must be {allowed}, got {value!r}")

@@ -2,7 +2,10 @@
 
 The loop dispatches steps without waiting and reads their losses back every `log_every` steps; a window's time runs
 from the previous read-back to this one, so it includes data loading, the optimizer, checkpoint hand-off and (in
-the first window) compilation, and its steps share it equally.
+the first window) compilation, and its steps share it equally. With length buckets a window holds the steps of one
+bucket (the loop reads back where the bucket changes), so each bucket's tokens/s is its windows' tokens over their
+time; a bucket's first window includes its plan's compilation, and a window's time the move of the state into its
+layout.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class ThroughputMeter:
         self.tokens = 0
         self.model_flops = 0.0
         self.started = self._last = time.perf_counter()
+        self._buckets: dict[int, tuple[int, float]] = {}  # length bucket -> (tokens, seconds)
 
     @property
     def seconds(self) -> float:
@@ -44,11 +48,19 @@ class ThroughputMeter:
         self.model_flops += flops
         return tokens, flops
 
-    def records(self, counted: list[tuple[int, float]]) -> list[dict[str, float | None]]:
+    def bucket_rates(self) -> dict[int, float]:
+        """Tokens/s of each length bucket over the windows of its steps so far."""
+        return {bucket: tokens / seconds for bucket, (tokens, seconds) in sorted(self._buckets.items())}
+
+    def records(self, counted: list[tuple[int, float]], bucket: int | None = None) -> list[dict[str, float | None]]:
         """The record fields of the steps `counted` (their `count` results, in order) that are done now: tokens and
         seconds so far, and tokens/s, model TFLOP/s and MFU over the window since the previous call, whose time
-        the window's steps share equally (their results were read back together)."""
+        the window's steps share equally (their results were read back together). The window's tokens and time
+        count towards `bucket`'s rate, if given."""
         now = time.perf_counter()
+        if bucket is not None:
+            tokens, seconds = self._buckets.get(bucket, (0, 0.0))
+            self._buckets[bucket] = tokens + sum(t for t, _ in counted), seconds + now - self._last
         seconds = (now - self._last) / len(counted)
         tokens_so_far = self.tokens - sum(tokens for tokens, _ in counted)
         elapsed = self._last - self.started

@@ -124,13 +124,9 @@ def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
 
 
-def initial_state(config: TrainConfig, model: Llama, execution: Execution) -> tuple[GroupedOptimizer, State]:
-    """The optimizer for parameters laid out as `execution.shardings`, and the state a run carries (`params`
-    and `opt_state`, a copy per device group). A fresh model's initial parameters (alike on every process) go
-    through the host, so each process places its own shards; a checkpoint directory's (`config.model`) are read
-    by every group straight into its layout, each device its own blocks (`load_sharded_params`), so a model larger
-    than one device loads. The optimizer state is made on each group's devices."""
-    optimizer = GroupedOptimizer(
+def grouped_optimizer(config: TrainConfig, execution: Execution) -> GroupedOptimizer:
+    """The optimizer for parameters laid out as `execution.shardings`."""
+    return GroupedOptimizer(
         build_optimizer(config),
         config.optim.grad_clip,
         execution.shardings,
@@ -138,11 +134,25 @@ def initial_state(config: TrainConfig, model: Llama, execution: Execution) -> tu
         moment_shardings=execution.moment_shardings,
         split_across=execution.split_across,
     )
+
+
+def initial_state(config: TrainConfig, model: Llama, execution: Execution) -> tuple[GroupedOptimizer, State]:
+    """The optimizer for parameters laid out as `execution.shardings`, and the state a run carries (`params`
+    and `opt_state`, a copy per device group). A fresh model's initial parameters (alike on every process) go
+    through the host, so each process places its own shards; a checkpoint directory's (`config.model`) are read
+    by every group straight into its layout, each device its own blocks (`load_sharded_params`), so a model larger
+    than one device loads. The optimizer state is made on each group's devices."""
+    optimizer = grouped_optimizer(config, execution)
+    return optimizer, fresh_state(config, model, execution, optimizer)
+
+
+def fresh_state(config: TrainConfig, model: Llama, execution: Execution, optimizer: GroupedOptimizer) -> State:
+    """`initial_state`'s state for an `optimizer` already made for `execution` (`grouped_optimizer`)."""
     if config.model == "tiny":
         params = optimizer.place(jax.device_get(llama_params(model)))
     else:
         params = [load_sharded_params(config.model, model.config, layout) for layout in execution.shardings]
-    return optimizer, {"params": params, "opt_state": optimizer.init(params)}
+    return {"params": params, "opt_state": optimizer.init(params)}
 
 
 def checkpoint_view(optimizer: GroupedOptimizer, state: State) -> State:
