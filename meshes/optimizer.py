@@ -229,7 +229,10 @@ class GroupedOptimizer:
             state = self.optimizer.init(params)
             return self._map_state(state, moments, _pinned, lambda leaf: _pinned(leaf, home))
 
-        return in_order(jax.jit(init), home.device_set)(copy)
+        # Committed outputs (explicit shardings, one device too), as the step's outputs are: a step then compiles
+        # once, not again at its second call.
+        placed = self._map_state(jax.eval_shape(init, copy), moments, lambda _, sharding: sharding, lambda _: home)
+        return in_order(jax.jit(init, out_shardings=placed), home.device_set)(copy)
 
     def place_state(self, state: Any) -> Copies:
         """`state` (the whole model's optax state; host values or arrays anywhere) as a copy per group: moments

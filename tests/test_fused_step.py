@@ -14,6 +14,7 @@ from jaxhet.train.loop import build_model
 from jaxhet.train.step import initial_state, plan_execution, single_device_execution, train_step
 from meshes import HetMesh
 from meshes.replicas import first_copies
+from tests.compile_events import compiled_programs
 
 RTOL = 1e-5
 CONFIG = TrainConfig.load(
@@ -55,9 +56,14 @@ def test_a_one_group_plan_fuses_its_step_and_equals_the_staged_run_and_one_devic
     single_losses, single_params = losses_and_params(single_device_execution(model), model, batches)
     np.testing.assert_allclose(fused_losses, staged_losses, rtol=RTOL)
     np.testing.assert_allclose(fused_losses, single_losses, rtol=RTOL)
+    # Parameters after 3 AdamW steps: where a gradient element is near zero, its ~1e-7 reordering error is large
+    # relative to it, and Adam's division by sqrt(v) turns it into up to ~1e-3 of that element's update (the
+    # learning rate, 3e-3 here): 1.3e-6 was measured on a 2-core VM. A wrong gradient moves an element by a whole
+    # update; the tolerance is a hundredth of one.
+    atol = 1e-2 * CONFIG.optim.learning_rate
     for got, staged_leaf, want in zip(*map(jax.tree.leaves, (fused_params, staged_params, single_params)), strict=True):
-        np.testing.assert_allclose(got, staged_leaf, rtol=RTOL, atol=1e-6)
-        np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-6)
+        np.testing.assert_allclose(got, staged_leaf, rtol=RTOL, atol=atol)
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=atol)
 
 
 def test_a_plan_of_several_groups_has_no_fused_step():
@@ -66,3 +72,19 @@ def test_a_plan_of_several_groups_has_no_fused_step():
     stages = (planners.Stage((0,), "H100", 1, (0, 1)), planners.Stage((1,), "H100", 1, (1, 2)))
     plan = planners.TrainPlan((planners.Replica(stages, 2, 2),), 2, 4, 32)
     assert plan_execution(model, plan, HetMesh.from_cluster(cluster)).one_group_loss is None
+
+
+def test_the_one_device_step_compiles_at_the_first_step_only():
+    """The optimizer state starts committed to its device as the step's outputs are, so the second step reuses the
+    first step's program (uncommitted initial state compiled the step a second time)."""
+    data = PackedBatches(CONFIG.data)
+    model = build_model(CONFIG, data.vocab_size, jax.random.key(0))
+    execution = single_device_execution(model)
+    optimizer, state = initial_state(CONFIG, model, execution)
+    compiled = []
+    for batch in [next(data) for _ in range(3)]:
+        with compiled_programs() as names:
+            state, loss, _ = train_step(execution, optimizer, state, batch)
+            jax.block_until_ready(loss)
+        compiled.append(names)
+    assert compiled[0] and compiled[1:] == [[], []], compiled

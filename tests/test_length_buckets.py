@@ -3,20 +3,17 @@ switched per batch with the state moved between layouts; the same loss as one de
 relative 1e-5: the plans only reorder sums), each plan's programs compiled once, and resume exact."""
 
 import collections
-import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from jax._src import dispatch
 
 from jaxhet.data import BucketedBatches, DataConfig
 from jaxhet.data.buckets import bucket_index
@@ -25,6 +22,7 @@ from jaxhet.parallel import llama_params
 from jaxhet.tokenizers import ByteTokenizer
 from jaxhet.train import TrainConfig, load_trained, train
 from planners.errors import PlanningError
+from tests.compile_events import compiled_programs
 
 JAXHET = shutil.which("jaxhet") or str(Path(sys.executable).parent / "jaxhet")
 RTOL = 1e-5
@@ -49,22 +47,6 @@ BUCKETS_DRAWN = [256, 512, 256, 512, 512]
 
 def bucketed_config(directory: Path, **overrides: str) -> TrainConfig:
     return TrainConfig.load(None, {**BUCKETED, "checkpoint_dir": str(directory), **overrides})
-
-
-@contextlib.contextmanager
-def compiled_programs() -> Iterator[list[str]]:
-    """The names of the programs XLA compiles inside the block, in order (JAX's compilation events)."""
-    names: list[str] = []
-
-    def listen(event: str, seconds: float, **fields) -> None:
-        if event == dispatch.BACKEND_COMPILE_EVENT:
-            names.append(fields["fun_name"])
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield names
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def records(run_dir: Path) -> list[dict]:
