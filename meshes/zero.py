@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
@@ -81,8 +82,7 @@ class HolderShards:
                 f"the leaves held by device groups {list(self.holders)} have dtypes {sorted(map(str, dtypes))}; "
                 "splitting their moments across those groups needs one dtype"
             )
-        layout = self._layouts.setdefault(per_holder[0][0].dtype, holder_layout(per_holder))
-        return layout
+        return self._layouts.setdefault(per_holder[0][0].dtype, holder_layout(per_holder))
 
     def _replicated(self, layout: HolderLayout) -> NamedSharding:
         return NamedSharding(layout.mesh, P())
@@ -143,7 +143,7 @@ class HolderShards:
                 part = _own_part(block)
             else:
                 part = jax.lax.psum_scatter(block, HOLDER, scatter_dimension=2, tiled=True)
-            return part, jax.lax.psum(jax.numpy.sum(jax.numpy.square(part)), (HOLDER, LANE))
+            return part, jax.lax.psum(jnp.sum(jnp.square(part)), (HOLDER, LANE))
 
         name = "take" if summed else "scatter"
         return self._run(name, layout, scatter, ((PARTS,), (PARTS, P())), self.transfers.to_heads(layout, grads))
@@ -158,7 +158,7 @@ class HolderShards:
         self.transfers.count_holders(layout, passes=1)
         if not layout.local:
             return [[empty_array(x.shape, x.dtype, x.sharding) for x in xs] for xs in params], state
-        specs = self._state_specs(layout)
+        state_specs = self._state_specs(layout)
 
         def step(grad_part, state, block, factor):
             new_part, state = self.update_fn(grad_part, state, _own_part(block), factor)
@@ -166,7 +166,7 @@ class HolderShards:
 
         stacked = self.transfers.to_heads(layout, params)
         factor = restrict(factor, self._replicated(layout))
-        specs = ((PARTS, specs, PARTS, P()), (PARTS, specs))
+        specs = ((PARTS, state_specs, PARTS, P()), (PARTS, state_specs))
         gathered, state = self._run("update", layout, step, specs, parts, state, stacked, factor, donate=(0, 1, 2))
         return self.transfers.from_heads(layout, gathered, self.targets), state
 
