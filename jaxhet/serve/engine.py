@@ -166,6 +166,11 @@ class Engine:
         self._failed: list[RequestOutput] = []
 
     @property
+    def devices(self) -> tuple[jax.Device, ...]:
+        """The devices the model and its KV cache live on (several: split tensor-parallel)."""
+        return self._runner.devices
+
+    @property
     def attention_backend(self) -> str:
         """The attention backend every step runs (`runner.serving_backend`: `sage` over an int8 cache)."""
         return self._runner.attention_backend
