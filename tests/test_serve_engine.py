@@ -17,6 +17,7 @@ from jaxhet.loading import load_model
 from jaxhet.models import Llama, LlamaConfig
 from jaxhet.serve import Engine, EngineConfig, SamplingParams
 from jaxhet.serve import runner as runner_module
+from jaxhet.serve.paged_cache import LayerPool
 from jaxhet.tokenizers import ByteTokenizer
 from jaxhet.train import TrainConfig, train
 
@@ -227,12 +228,36 @@ def test_prefill_on_one_device_and_decode_on_another_equals_one_engine(model, pr
     assert prefill.stats().kv_pages_used == 0
     for request_id, handoff in handoffs.items():
         assert len(handoff.token_ids) == 1 and handoff.cached_tokens == len(handoff.prompt_token_ids)
+        used_pages = -(-handoff.cached_tokens // config.page_size)
+        assert handoff.nbytes == used_pages * _page_bytes(model, config)  # the used pages, not the block table
         decode.add_handoff(request_id, handoff, GREEDY)
     final = {}
     while decode.has_unfinished():
         final.update((o.request_id, o) for o in decode.step() if o.finished)
     assert [final[f"r{i}"].token_ids for i in range(5)] == [o.token_ids for o in whole]
     assert decode.stats().prompt_tokens == 0  # the decode engine imported the prompts' cache, it did not recompute
+
+
+def _page_bytes(model: Llama, config: EngineConfig) -> int:
+    """Bytes of one KV page in every layer (keys, values and their scales), from a one-page pool's arrays."""
+    one_page = LayerPool.create(model.config, 1, config.page_size, config.kv_format)
+    return model.config.num_layers * sum(leaf.nbytes for leaf in jax.tree.leaves(one_page))
+
+
+@pytest.mark.parametrize("kv_format", ["float32", "int4"])
+def test_a_five_token_prompt_hands_over_one_page_per_layer(model, prompts, solo, kv_format):
+    config = _engine(model, kv_format=kv_format, max_model_len=256).config
+    prefill = Engine(model, ByteTokenizer(), config)
+    prefill.add_request("r", prompts[0], GREEDY, hand_off=True)  # 5 tokens
+    (output,) = prefill.step()
+    assert output.handoff.nbytes == _page_bytes(model, config)  # of the 16 pages a 256-token block table names
+    decode = Engine(model, ByteTokenizer(), config, devices=jax.devices()[1:2])
+    decode.add_handoff("r", output.handoff, GREEDY)
+    final = None
+    while decode.has_unfinished():
+        final = next((o for o in decode.step() if o.finished), final)
+    whole = _engine(model, kv_format=kv_format).generate([prompts[0]], GREEDY)[0]
+    assert final.token_ids == whole.token_ids
 
 
 def test_a_handoff_into_an_engine_with_another_cache_format_is_refused(model, prompts):

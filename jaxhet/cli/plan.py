@@ -228,7 +228,11 @@ def serve(
     if len(plan.classes) > 1:
         console.print(_routing_table(plan))
     if current is not None:
-        console.print(f"kept {plan.kept} running replica(s) in place", highlight=False)
+        console.print(
+            f"kept {plan.kept} running replica(s) in place; a running `jaxhet serve` applies the plan written with "
+            "-o live, from POST /admin/plan or, when it is its --plan file, on SIGHUP",
+            highlight=False,
+        )
     served = ", ".join(f"{name}: {r * plan.throughput_scale:.2f} req/s" for name, r in plan.rates.items())
     console.print(f"serves {served} at {plan.price_per_hour:.2f}/h (cost model, no queueing)", highlight=False)
     console.print(f"solver: {plan.status}, objective bound {plan.objective_bound:.4g}", highlight=False)

@@ -1,9 +1,11 @@
 """`jaxhet serve`: an OpenAI-compatible HTTP server over trained runs, Hugging Face checkpoints or a tiny model,
-one model or several as a serving or cascade plan lays them out."""
+one model or several as a serving or cascade plan lays them out; with a serving plan, SIGHUP re-reads it and applies
+it live (as `POST /admin/plan` does)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -44,6 +46,22 @@ def _read_plan(path: Path):
     return (planners.CascadePlan if kind == "jaxhet.cascade_plan" else planners.ServePlan).from_json(text)
 
 
+def _replan_on_hangup(fleet, path: Path, console: Console) -> Callable[[], Awaitable[None]]:
+    """What SIGHUP does: apply the serving plan now in `path` live; a plan that cannot run leaves the server as
+    it was, with the reason printed."""
+    from jaxhet.serve.replan import parse_plan
+
+    async def replan() -> None:
+        try:
+            report = await fleet.apply(parse_plan(json.loads(path.read_text())))
+        except Exception as err:  # noqa: BLE001 - any reason a plan cannot run is printed, and serving goes on
+            console.print(f"[red]SIGHUP: the plan in {path} was not applied: {err}[/]", highlight=False)
+        else:
+            console.print(f"SIGHUP: applied {path}: {report}", highlight=False)
+
+    return replan
+
+
 def serve(
     checkpoint: Annotated[
         Path | None, typer.Option(help=f"A `jaxhet train` run directory (default: {DEFAULT_RUN} when it exists).")
@@ -60,7 +78,10 @@ def serve(
     ] = None,
     plan: Annotated[
         Path | None,
-        typer.Option(help="A serving plan (`jaxhet plan serve -o`) or cascade plan (`jaxhet plan cascade -o`) JSON."),
+        typer.Option(
+            help="A serving plan (`jaxhet plan serve -o`) or cascade plan (`jaxhet plan cascade -o`) JSON; SIGHUP "
+            "re-reads a serving plan and applies it live."
+        ),
     ] = None,
     replicas: Annotated[int, typer.Option(min=1, help="Engines on distinct local devices, without a plan.")] = 1,
     host: Annotated[
@@ -109,7 +130,14 @@ def serve(
     with user_errors():
         import planners
         from jaxhet.loading import load_model, load_model_dir
-        from jaxhet.serve import EngineConfig, ServerConfig, build_cascade, build_deployments, create_app
+        from jaxhet.serve import (
+            EngineConfig,
+            ReplicaSource,
+            ServerConfig,
+            build_cascade,
+            build_deployments,
+            create_app,
+        )
         from jaxhet.serve.server import bind, serve_forever
 
         engine_config = EngineConfig(
@@ -140,8 +168,11 @@ def serve(
         console.print("[dim]compiling the engines' shape buckets...[/]")
         if cascade:
             deployments = build_cascade(loaded, engine_config, loaded_plan, name=name or "cascade")
+            app = create_app(deployments, server_config)
         else:
             deployments = build_deployments(loaded, engine_config, replicas=replicas, plan=loaded_plan)
+            app = create_app(deployments, server_config, replicas=ReplicaSource(loaded, engine_config))
     where = f"http://{host}:{sock.getsockname()[1]}/v1"
     console.print(f"serving {', '.join(deployments)} on {where} (Ctrl-C drains and stops)")
-    serve_forever(create_app(deployments, server_config), sock, header_timeout_s=read_timeout)
+    on_hangup = None if plan is None or cascade else _replan_on_hangup(app.state.fleet, plan, console)
+    serve_forever(app, sock, header_timeout_s=read_timeout, on_hangup=on_hangup)

@@ -1,11 +1,12 @@
 """The OpenAI-compatible HTTP API over a set of deployments, as a FastAPI app.
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both streaming over SSE or not), `GET /v1/models`,
-`GET /health`, `GET /metrics` (Prometheus). Every refused request gets a 4xx with an OpenAI-style error body that
-names the problem (bodies are read by `jaxhet.serve.body`, so each way one can be wrong gets its own message), and
-a failure inside the server a JSON 500 (`jaxhet.serve.middleware`, which also checks the API key and counts
-responses). A client that leaves before its answer is ready has its generation aborted, streamed or not, so its
-KV pages are freed at once.
+`GET /health` (with the replica count of every model and role), `GET /metrics` (Prometheus), and `POST /admin/plan`,
+which applies a new serving plan live (`jaxhet.serve.replan`; only on a server with an API key). Every refused
+request gets a 4xx with an OpenAI-style error body that names the problem (bodies are read by `jaxhet.serve.body`,
+so each way one can be wrong gets its own message), and a failure inside the server a JSON 500
+(`jaxhet.serve.middleware`, which also checks the API key and counts responses). A client that leaves before its
+answer is ready has its generation aborted, streamed or not, so its KV pages are freed at once.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxhet.chat_template import ChatTemplateError
 from jaxhet.generation_config import SamplingDefaults
-from jaxhet.serve.async_engine import AsyncEngine, EngineFailure
-from jaxhet.serve.body import read_body
+from jaxhet.serve.async_engine import EngineFailure
+from jaxhet.serve.body import read_body, read_json
 from jaxhet.serve.config import SamplingParams
 from jaxhet.serve.deployment import CascadeDeployment, ModelDeployment
 from jaxhet.serve.engine import RequestOutput
 from jaxhet.serve.metrics import CONTENT_TYPE, ServerMetrics
 from jaxhet.serve.middleware import RequestGuard
 from jaxhet.serve.protocol import CLIENT_GONE, APIError, ChatCompletionRequest, CompletionRequest
+from jaxhet.serve.replan import Fleet, ReplanRefused, ReplicaSource, parse_plan
 
 Deployment = ModelDeployment | CascadeDeployment
 _T = TypeVar("_T")
@@ -83,42 +85,37 @@ class _Generation:
     first_token: float | None = None
 
 
-def _engines_of(deployments: Mapping[str, Deployment]) -> dict[str, list[AsyncEngine]]:
-    engines: dict[str, list[AsyncEngine]] = {}
-    for deployment in deployments.values():
-        for model in deployment.stages if isinstance(deployment, CascadeDeployment) else [deployment]:
-            engines[model.name] = model.engines
-    return engines
-
-
-def create_app(deployments: Mapping[str, Deployment], config: ServerConfig = ServerConfig()) -> FastAPI:
-    """The app serving `deployments` (served name -> deployment); closes their engines on shutdown."""
-    engines = _engines_of(deployments)
-    metrics = ServerMetrics(engines, [d for d in deployments.values() if isinstance(d, CascadeDeployment)])
+def create_app(
+    deployments: Mapping[str, Deployment],
+    config: ServerConfig = ServerConfig(),
+    *,
+    replicas: ReplicaSource | None = None,
+) -> FastAPI:
+    """The app serving `deployments` (served name -> deployment); closes their engines on shutdown. With
+    `replicas` (the weights and engine settings new replicas are built from), `POST /admin/plan` re-plans live;
+    the app's `Fleet` is `app.state.fleet`."""
+    fleet = Fleet(deployments, replicas)
+    metrics = ServerMetrics(fleet)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        for replicas in engines.values():
-            for engine in replicas:
-                await engine.close()
+        await fleet.close()
 
     app = FastAPI(title="jaxhet", lifespan=lifespan)
+    app.state.fleet = fleet
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     routes = lambda: [route.path for route in app.routes]
     app.add_middleware(RequestGuard, api_key=config.api_key, requests=metrics.requests, routes=routes)
-    api = _Api(deployments, config, metrics)
-    app.get("/health")(_health)
+    api = _Api(fleet, config, metrics)
+    app.get("/health")(api.health)
     app.get("/metrics")(lambda: Response(metrics.render(), media_type=CONTENT_TYPE))
     app.get("/v1/models")(api.models)
     app.post("/v1/completions")(api.completions)
     app.post("/v1/chat/completions")(api.chat_completions)
+    app.post("/admin/plan")(api.admin_plan)
     return app
-
-
-async def _health() -> dict[str, str]:
-    return {"status": "ok"}
 
 
 async def _api_error(_: Request, err: APIError) -> JSONResponse:
@@ -130,13 +127,35 @@ async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
 
 
 class _Api:
-    """The model endpoints over `deployments`."""
+    """The endpoints over the fleet's deployments."""
 
-    def __init__(self, deployments: Mapping[str, Deployment], config: ServerConfig, metrics: ServerMetrics):
-        self.deployments = deployments
+    def __init__(self, fleet: Fleet, config: ServerConfig, metrics: ServerMetrics):
+        self.fleet = fleet
+        self.deployments = fleet.deployments  # the fleet changes this dict in place
         self.config = config
         self.metrics = metrics
         self.created = int(time.time())
+
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "replicas": self.fleet.replica_counts()}
+
+    async def admin_plan(self, request: Request) -> dict[str, Any]:
+        """Apply the serving plan in the body (a `jaxhet plan serve -o` file) and answer what changed, once the
+        removed replicas have drained. Without an API key anyone could reshape the server, so it is refused."""
+        if self.config.api_key is None:
+            message = (
+                "POST /admin/plan changes what the server runs, so it needs the server started with an API key "
+                "(--api-key or JAXHET_API_KEY)"
+            )
+            raise APIError(403, message, kind="permission_error")
+        data = await read_json(request, max_bytes=self.config.max_body_bytes, timeout_s=self.config.read_timeout_s)
+        try:
+            report = await self.fleet.apply(parse_plan(data))
+        except ReplanRefused as err:
+            raise APIError(409, str(err)) from None
+        except ValueError as err:
+            raise APIError(400, str(err), param=getattr(err, "field", None)) from None
+        return {**dataclasses.asdict(report), "replicas": self.fleet.replica_counts()}
 
     async def models(self) -> dict[str, Any]:
         data = [

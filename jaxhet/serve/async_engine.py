@@ -66,12 +66,18 @@ class AsyncEngine:
         self._tokens_by_second: collections.deque[tuple[int, int]] = collections.deque()
         self._snapshot = EngineSnapshot(engine.stats())
         self._in_flight = 0
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
     @property
     def snapshot(self) -> EngineSnapshot:
         return self._snapshot
+
+    @property
+    def closed(self) -> bool:
+        """Whether the engine thread has stopped (after `close`), so the engine holds no request any more."""
+        return not self._thread.is_alive()
 
     @property
     def load(self) -> int:
@@ -96,6 +102,8 @@ class AsyncEngine:
         return self._stream(request_id, lambda e: e.add_handoff(request_id, handoff, params))
 
     async def _stream(self, request_id: str, submit: Callable[[Engine], None]) -> AsyncIterator[RequestOutput]:
+        if self._closing:
+            raise EngineFailure(f"{self.name}: the engine has been closed")
         sink = _Sink(asyncio.get_running_loop())
         self._in_flight += 1
         self._commands.put(("add", request_id, submit, sink))
@@ -114,7 +122,8 @@ class AsyncEngine:
                 self._commands.put(("abort", request_id))
 
     async def close(self) -> None:
-        """Stop the engine thread once every request it holds has finished."""
+        """Stop the engine thread once every request it holds has finished; later requests fail at once."""
+        self._closing = True
         self._commands.put(("stop",))
         await asyncio.to_thread(self._thread.join)
 

@@ -25,6 +25,15 @@ _Model = TypeVar("_Model", bound=BaseModel)
 
 async def read_body(request: Request, model: type[_Model], *, max_bytes: int, timeout_s: float) -> _Model:
     """The body of `request` as a validated `model`; APIError saying what is wrong otherwise."""
+    data = await read_json(request, max_bytes=max_bytes, timeout_s=timeout_s)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err) from None
+
+
+async def read_json(request: Request, *, max_bytes: int, timeout_s: float) -> Any:
+    """The body of `request` as decoded JSON, through every check but a model's validation."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise APIError(413, f"the request body is larger than {max_bytes} bytes")
@@ -36,10 +45,7 @@ async def read_body(request: Request, model: type[_Model], *, max_bytes: int, ti
         raise APIError(CLIENT_GONE, "the client closed the connection before sending the whole body") from None
     data = _parse(raw)
     _check_structure(data)
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        raise validation_error(err) from None
+    return data
 
 
 async def _read(request: Request, max_bytes: int) -> bytes:

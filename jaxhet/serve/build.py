@@ -3,11 +3,14 @@
 Without a plan, each model gets `replicas` engines on distinct local devices. With a `planners.ServePlan`, each
 replica of the plan becomes an engine (prefill, decode or both) on the local devices its device indices name,
 tensor-parallel over them when it has several (on a machine without GPUs, the emulated cluster's devices are the
-CPU devices in order).
+CPU devices in order). `place` checks a plan against the weights and devices at hand, naming the plan field at
+fault; live re-planning (`jaxhet.serve.replan`) uses it too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,22 +19,111 @@ import jax
 import planners
 from jaxhet.loading import LoadedModel
 from jaxhet.serve.async_engine import AsyncEngine
-from jaxhet.serve.config import EngineConfig
-from jaxhet.serve.deployment import CascadeDeployment, DisaggregatedDeployment, ModelDeployment
+from jaxhet.serve.config import EngineConfig, FieldError
+from jaxhet.serve.deployment import CascadeDeployment, ModelDeployment
 from jaxhet.serve.engine import Engine
 
 
-def _engine(name: str, loaded: LoadedModel, config: EngineConfig, devices: Sequence[jax.Device]) -> AsyncEngine:
-    """A warmed-up (compiled) engine for `loaded` on `devices` (tensor-parallel over several), on its own thread;
-    each device reads its block of the weights from `loaded.weights_dir` when they were left there."""
-    engine = Engine(loaded.model, loaded.tokenizer, config, devices=devices, weights_dir=loaded.weights_dir)
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """One replica to run: `model` on `devices` (tensor-parallel over several) in `role` ("both", "prefill" or
+    "decode"). `key` is what a running replica is recognised by across plans; the role is not part of it, since
+    a replica changes role without touching its weights."""
+
+    model: str
+    devices: tuple[jax.Device, ...]
+    role: str
+
+    @property
+    def key(self) -> tuple[str, tuple[jax.Device, ...]]:
+        return self.model, self.devices
+
+
+def new_engine(placement: Placement, loaded: LoadedModel, config: EngineConfig) -> AsyncEngine:
+    """A warmed-up (compiled) engine for `loaded` on the placement's devices, on its own thread; each device reads
+    its block of the weights from `loaded.weights_dir` when they were left there."""
+    engine = Engine(loaded.model, loaded.tokenizer, config, devices=placement.devices, weights_dir=loaded.weights_dir)
     engine.warmup()
-    return AsyncEngine(engine, name=name)
+    return AsyncEngine(engine, name=placement.model)
 
 
 def _described(loaded: LoadedModel) -> dict[str, Any]:
     """What a deployment takes from the checkpoint beside the model: how to prompt it and sample from it."""
     return {"chat_template": loaded.chat_template, "sampling_defaults": loaded.sampling_defaults}
+
+
+def _index_list(value: object) -> bool:
+    return isinstance(value, Sequence) and all(
+        isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in value
+    )
+
+
+def _place_one(
+    where: str, replica: planners.ServeReplica, models: Mapping[str, LoadedModel], devices: Sequence[jax.Device]
+) -> Placement:
+    if replica.model not in models:
+        message = f"{where}.model: {replica.model!r} has no weights in this server; known: {sorted(models)}"
+        raise FieldError(f"{where}.model", message)
+    indices = replica.devices
+    if not indices or not _index_list(indices) or not all(0 <= i < len(devices) for i in indices):
+        message = f"{where}.devices must list device indices in [0, {len(devices)}), got {list(indices)!r}"
+        raise FieldError(f"{where}.devices", message)
+    if len(set(indices)) != len(indices):
+        raise FieldError(f"{where}.devices", f"{where}.devices names a device twice: {list(indices)}")
+    if replica.tp != len(indices):
+        message = f"{where}.tp is {replica.tp!r}, but the replica has {len(indices)} device(s)"
+        raise FieldError(f"{where}.tp", message)
+    kv_heads = models[replica.model].model.config.num_kv_heads
+    if kv_heads % replica.tp:
+        message = f"{where}.tp: tp={replica.tp} does not divide {replica.model!r}'s {kv_heads} kv heads"
+        raise FieldError(f"{where}.tp", message)
+    return Placement(replica.model, tuple(devices[i] for i in indices), replica.role)
+
+
+def place(
+    plan: planners.ServePlan, models: Mapping[str, LoadedModel], devices: Sequence[jax.Device]
+) -> list[Placement]:
+    """The plan's replicas on `devices`; FieldError naming the field (`replicas[i].devices`, ...) of a replica
+    these weights and devices cannot run, of one repeating another's model and devices, or `replicas` when a model
+    has prefill replicas without decode ones (or the reverse)."""
+    placements: dict[tuple, tuple[str, Placement]] = {}
+    for index, replica in enumerate(plan.replicas):
+        where = f"replicas[{index}]"
+        placement = _place_one(where, replica, models, devices)
+        if placement.key in placements:
+            first = placements[placement.key][0]
+            raise FieldError(where, f"{where} repeats {first}'s model and devices")
+        placements[placement.key] = where, placement
+    placed = [placement for _, placement in placements.values()]
+    for model in {p.model for p in placed}:
+        roles = {p.role for p in placed if p.model == model}
+        if ("prefill" in roles) != ("decode" in roles):
+            have, lack = ("prefill", "decode") if "prefill" in roles else ("decode", "prefill")
+            raise FieldError("replicas", f"replicas: {model!r} has {have} replicas but no {lack} replica")
+    return placed
+
+
+def by_role(placed: Sequence[tuple[Placement, AsyncEngine]]) -> dict[str, dict[str, list[AsyncEngine]]]:
+    """Model -> role -> its engines in plan order, each engine named after its model, role and position
+    (`small-0` for whole-request replicas, `small-prefill-0`, `small-decode-0`)."""
+    grouped: dict[str, dict[str, list[AsyncEngine]]] = {}
+    for placement, engine in placed:
+        engines = grouped.setdefault(placement.model, {}).setdefault(placement.role, [])
+        role = "" if placement.role == "both" else f"-{placement.role}"
+        engine.name = f"{placement.model}{role}-{len(engines)}"
+        engines.append(engine)
+    return grouped
+
+
+def deployment(name: str, loaded: LoadedModel, roles: Mapping[str, Sequence[AsyncEngine]]) -> ModelDeployment:
+    """The deployment of `name` over engines by role (as `by_role` groups them)."""
+    return ModelDeployment(
+        name,
+        roles.get("both", ()),
+        prefill=roles.get("prefill", ()),
+        decode=roles.get("decode", ()),
+        **_described(loaded),
+    )
 
 
 def build_deployments(
@@ -44,48 +136,18 @@ def build_deployments(
 ) -> dict[str, ModelDeployment]:
     """Served name -> deployment of warmed-up engines.
 
-    A plan's replicas with role "both" serve requests whole; a model whose replicas are split into "prefill" and
-    "decode" roles becomes a `DisaggregatedDeployment` that hands each request's KV cache from one to the other.
+    A plan's replicas with role "both" serve requests whole; those with roles "prefill" and "decode" hand each
+    request's KV cache from one to the other; a model may have both kinds (`ModelDeployment`).
     """
     devices = list(devices if devices is not None else jax.devices())
     if plan is None:
         if not 1 <= replicas <= len(devices):
             raise ValueError(f"replicas must be between 1 and the {len(devices)} local devices, got {replicas}")
-        return {
-            name: _deployment(name, loaded, config, {"both": [[devices[i]] for i in range(replicas)]})
-            for name, loaded in models.items()
-        }
-    placed: dict[str, dict[str, list[list[jax.Device]]]] = {}
-    for index, replica in enumerate(plan.replicas):
-        where = f"plan replica {index}"
-        if replica.model not in models:
-            raise ValueError(f"{where} serves {replica.model!r}, which has no weights; known: {sorted(models)}")
-        if max(replica.devices) >= len(devices):
-            raise ValueError(f"{where} uses device {max(replica.devices)}, but {len(devices)} devices are here")
-        kv_heads = models[replica.model].model.config.num_kv_heads
-        if kv_heads % replica.tp:
-            raise ValueError(f"{where}: tp={replica.tp} does not divide {replica.model!r}'s {kv_heads} kv heads")
-        group = [devices[d] for d in replica.devices]
-        placed.setdefault(replica.model, {}).setdefault(replica.role, []).append(group)
-    return {name: _deployment(name, models[name], config, roles) for name, roles in placed.items()}
-
-
-def _deployment(
-    name: str, loaded: LoadedModel, config: EngineConfig, roles: Mapping[str, list[list[jax.Device]]]
-) -> ModelDeployment:
-    if set(roles) == {"both"}:
-        engines = [_engine(f"{name}-{i}", loaded, config, d) for i, d in enumerate(roles["both"])]
-        return ModelDeployment(name, engines, **_described(loaded))
-    if set(roles) != {"prefill", "decode"}:
-        raise ValueError(
-            f"the plan gives {name!r} replicas with roles {sorted(roles)}; a model is served either by 'both' "
-            "replicas or by 'prefill' and 'decode' replicas together"
-        )
-
-    def engines(role: str) -> list[AsyncEngine]:
-        return [_engine(f"{name}-{role}-{i}", loaded, config, d) for i, d in enumerate(roles[role])]
-
-    return DisaggregatedDeployment(name, engines("decode"), prefill=engines("prefill"), **_described(loaded))
+        placements = [Placement(name, (devices[i],), "both") for name in models for i in range(replicas)]
+    else:
+        placements = place(plan, models, devices)
+    placed = [(p, new_engine(p, models[p.model], config)) for p in placements]
+    return {name: deployment(name, models[name], roles) for name, roles in by_role(placed).items()}
 
 
 def build_cascade(

@@ -1,4 +1,5 @@
-"""What a served model name stands for: replicas of one model balanced by load, or a cascade of such models.
+"""What a served model name stands for: replicas of one model balanced by load (whole, or prefill handing over to
+decode), or a cascade of such models.
 
 Both answer `generate(request_id, prompt, params)` with a stream of `(served_by, RequestOutput)` pairs, so the
 HTTP layer does not care which one a name resolves to.
@@ -19,33 +20,58 @@ from jaxhet.tokenizers import Tokenizer
 
 @dataclasses.dataclass
 class ModelDeployment:
-    """One model served by one or more replicas (engines on their own devices); requests go to the least loaded.
+    """One model served by replicas (engines on their own devices) in up to three roles.
 
-    `chat_template` builds chat prompts (None: chat requests are refused); `sampling_defaults` fill the sampling
-    settings a request leaves unset.
+    `replicas` serve requests whole. `prefill` replicas compute a prompt's cache and first token, then hand the cache
+    pages to a `decode` replica, which generates the rest: long prompts then never stall decoding, and each phase
+    can run on the GPU kind that suits it (compute-bound prefill, bandwidth-bound decode). A request starts on the
+    least loaded of the whole and prefill replicas, and a handed-over one continues on the least loaded decode
+    replica. `chat_template` builds chat prompts (None: chat requests are refused); `sampling_defaults` fill the
+    sampling settings a request leaves unset.
+
+    `route` replaces the replica lists at once (live re-planning). A request picks its replica when it starts, and
+    its decode replica when its prefill ends, so after `route` returns no request starts on a replica left out,
+    and those already running finish where they are.
     """
 
     name: str
-    replicas: Sequence[AsyncEngine]
+    replicas: Sequence[AsyncEngine] = ()
     chat_template: ChatTemplate | None = None
     sampling_defaults: SamplingDefaults = SamplingDefaults()
+    prefill: Sequence[AsyncEngine] = ()
+    decode: Sequence[AsyncEngine] = ()
 
     def __post_init__(self) -> None:
-        if not self.replicas:
-            raise ValueError(f"model {self.name!r} needs at least one replica")
+        self.route(self.replicas, self.prefill, self.decode)
+
+    def route(
+        self, replicas: Sequence[AsyncEngine], prefill: Sequence[AsyncEngine], decode: Sequence[AsyncEngine]
+    ) -> None:
+        """Serve from now on with these replicas; ValueError (nothing changed) if some role cannot be served."""
+        if not replicas and not prefill:
+            raise ValueError(f"model {self.name!r} needs at least one replica (role 'both' or 'prefill')")
+        if bool(prefill) != bool(decode):
+            have, lack = ("prefill", "decode") if prefill else ("decode", "prefill")
+            raise ValueError(f"model {self.name!r} has {have} replicas but no {lack} replica")
+        self.replicas, self.prefill, self.decode = list(replicas), list(prefill), list(decode)
 
     @property
     def engines(self) -> list[AsyncEngine]:
         """Every engine this deployment runs."""
-        return list(self.replicas)
+        return [*self.replicas, *self.prefill, *self.decode]
+
+    def roles(self) -> dict[str, list[AsyncEngine]]:
+        """Role -> the engines serving in it, for the roles that have any."""
+        lists = {"both": self.replicas, "prefill": self.prefill, "decode": self.decode}
+        return {role: list(engines) for role, engines in lists.items() if engines}
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return self.replicas[0].engine.tokenizer
+        return self.engines[0].engine.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.replicas[0].engine.config.max_model_len
+        return self.engines[0].engine.config.max_model_len
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a text prompt (with BOS when the tokenizer has one); id prompts are taken as they are."""
@@ -67,47 +93,25 @@ class ModelDeployment:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[tuple[str, RequestOutput]]:
-        async for output in _least_loaded(self.replicas).generate(request_id, prompt_token_ids, params):
-            yield self.name, output
-
-
-def _least_loaded(replicas: Sequence[AsyncEngine]) -> AsyncEngine:
-    return min(replicas, key=lambda r: r.load)
-
-
-@dataclasses.dataclass
-class DisaggregatedDeployment(ModelDeployment):
-    """One model with prefill and decode on separate replicas: a prefill replica computes the prompt's cache and
-    first token, then hands the cache pages to a decode replica, which generates the rest.
-
-    Long prompts then never stall decoding, and each phase can run on the GPU kind that suits it (compute-bound
-    prefill on fast matmul units, bandwidth-bound decode on fast memory). `replicas` are the decode replicas.
-    """
-
-    prefill: Sequence[AsyncEngine] = ()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.prefill:
-            raise ValueError(f"model {self.name!r} needs at least one prefill replica")
-
-    @property
-    def engines(self) -> list[AsyncEngine]:
-        return [*self.prefill, *self.replicas]
-
-    async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[tuple[str, RequestOutput]]:
+        entry = _least_loaded([*self.replicas, *self.prefill])
+        if not any(entry is p for p in self.prefill):
+            async for output in entry.generate(request_id, prompt_token_ids, params):
+                yield self.name, output
+            return
         handoff = None
-        async for output in _least_loaded(self.prefill).generate(request_id, prompt_token_ids, params, hand_off=True):
+        async for output in entry.generate(request_id, prompt_token_ids, params, hand_off=True):
             if output.handoff is None:
                 yield self.name, output
                 continue
             handoff = output.handoff
             yield self.name, dataclasses.replace(output, finished=False, finish_reason=None, handoff=None)
         if handoff is not None:
-            async for output in _least_loaded(self.replicas).resume(request_id, handoff, params):
+            async for output in _least_loaded(self.decode).resume(request_id, handoff, params):
                 yield self.name, output
+
+
+def _least_loaded(replicas: Sequence[AsyncEngine]) -> AsyncEngine:
+    return min(replicas, key=lambda r: r.load)
 
 
 def mean_logprob(output: RequestOutput) -> float:

@@ -52,7 +52,8 @@ _T = TypeVar("_T")
 @dataclasses.dataclass(frozen=True)
 class KVHandoff:
     """A sequence leaving a prefill engine after its first token: tokens, sampling state and its cached keys and
-    values (`cached_tokens` of them, in pages exported from the prefill engine's pools)."""
+    values: `cached_tokens` of them, in exactly the pages that hold them, exported from the prefill engine's pools
+    in their stored format (scales included) as runs of power-of-two page counts (`runner.page_runs`)."""
 
     prompt_token_ids: list[int]
     token_ids: list[int]
@@ -60,9 +61,14 @@ class KVHandoff:
     top_logprobs: list[dict[int, float]]
     seed: int
     cached_tokens: int
-    pages: tuple[LayerPool, ...]
+    pages: tuple[tuple[LayerPool, ...], ...]
     page_size: int
     kv_format: str
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of cache handed over: every page's keys, values and scales, in every layer."""
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(self.pages))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +164,11 @@ class Engine:
         self._admissions = itertools.count()
         self._totals = collections.Counter()
         self._failed: list[RequestOutput] = []
+
+    @property
+    def devices(self) -> tuple[jax.Device, ...]:
+        """The devices the model and its KV cache live on (several: split tensor-parallel)."""
+        return self._runner.devices
 
     @property
     def attention_backend(self) -> str:
@@ -341,7 +352,7 @@ class Engine:
 
     def _import(self, sequence: _Sequence) -> None:
         imported, sequence.imported = sequence.imported, None
-        self._runner.import_pages(sequence.pages, imported.pages, self._pages_for(imported.cached_tokens))
+        self._runner.import_pages(sequence.pages[: self._pages_for(imported.cached_tokens)], imported.pages)
         sequence.computed = imported.cached_tokens
         self._register(sequence, 0)
 
@@ -472,7 +483,7 @@ class Engine:
             top_logprobs=list(sequence.top_logprobs),
             seed=sequence.seed,
             cached_tokens=sequence.computed,
-            pages=self._runner.export_pages(sequence.pages),
+            pages=self._runner.export_pages(sequence.pages[: self._pages_for(sequence.computed)]),
             page_size=self.config.page_size,
             kv_format=self.config.kv_format,
         )

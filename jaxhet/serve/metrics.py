@@ -5,26 +5,24 @@ Each server owns its registry (no process-global state), so several servers in o
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from jaxhet.serve.async_engine import AsyncEngine
-from jaxhet.serve.deployment import CascadeDeployment
+from jaxhet.serve.replan import Fleet
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class _EngineCollector(Collector):
-    """Queue depth, KV usage, prefix-cache hits, token counters and the recent generation rate of every replica, per
-    scrape."""
+    """Queue depth, KV usage, prefix-cache hits, token counters and the recent generation rate of every replica the
+    fleet routes to, and the replica count of every model and role, per scrape (so a re-plan shows at once)."""
 
-    def __init__(self, replicas: Mapping[str, Iterable[AsyncEngine]], cascades: Iterable[CascadeDeployment]):
-        self.replicas = replicas
-        self.cascades = list(cascades)
+    def __init__(self, fleet: Fleet):
+        self.fleet = fleet
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         labels = ["model", "replica"]
@@ -63,7 +61,7 @@ class _EngineCollector(Collector):
                 "jaxhet_preemptions", "Sequences preempted for lack of KV pages.", labels=labels
             ),
         }
-        for model, engines in self.replicas.items():
+        for model, engines in self.fleet.engines().items():
             for engine in engines:
                 snap, key = engine.snapshot, [model, engine.name]
                 stats = snap.stats
@@ -83,20 +81,31 @@ class _EngineCollector(Collector):
         escalations = CounterMetricFamily(
             "jaxhet_cascade_escalations", "Requests a cascade stage passed on.", labels=["cascade", "stage"]
         )
-        for cascade in self.cascades:
+        for cascade in self.fleet.cascades():
             for stage, count in zip(cascade.stages, cascade.escalations, strict=False):
                 escalations.add_metric([cascade.name, stage.name], count)
+        replicas = GaugeMetricFamily("jaxhet_replicas", "Replicas serving, by role.", labels=["model", "role"])
+        for model, roles in self.fleet.replica_counts().items():
+            for role, count in roles.items():
+                replicas.add_metric([model, role], count)
+        started = CounterMetricFamily(
+            "jaxhet_replicas_started",
+            "Replicas live re-plans built (weights loaded, warmed up).",
+            value=self.fleet.started,
+        )
         yield from gauges.values()
         yield from counters.values()
         yield escalations
+        yield replicas
+        yield started
 
 
 class ServerMetrics:
     """The server's registry and the per-request observations the HTTP layer records."""
 
-    def __init__(self, replicas: Mapping[str, Iterable[AsyncEngine]], cascades: Iterable[CascadeDeployment] = ()):
+    def __init__(self, fleet: Fleet):
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(replicas, cascades))
+        self.registry.register(_EngineCollector(fleet))
         self.requests = Counter(
             "jaxhet_requests",
             'Requests answered, by route ("unmatched" for paths no route serves) and HTTP status.',

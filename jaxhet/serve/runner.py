@@ -139,6 +139,12 @@ def _scatter_pages(pools: tuple[LayerPool, ...], pages: jax.Array, data: tuple[L
     return jax.tree.map(lambda pool, new: pool.at[pages].set(new, mode="drop"), pools, data)
 
 
+def page_runs(count: int) -> list[int]:
+    """`count` split into distinct powers of two, largest first (37 -> 32, 4, 1): the run lengths pages are handed
+    over in."""
+    return [1 << bit for bit in reversed(range(count.bit_length())) if count >> bit & 1]
+
+
 class ModelRunner:
     """Owns the model's weights and the KV pools on its devices and runs steps on them: one device, or several
     that split every layer tensor-parallel (heads and FFN columns; the kv-head count must divide by their number).
@@ -201,17 +207,25 @@ class ModelRunner:
         outputs, self._pools = self._program(self._state, self._pools, inputs)
         return StepOutputs(*(np.asarray(x) for x in outputs))
 
-    def export_pages(self, pages: list[int]) -> tuple[LayerPool, ...]:
-        """Copies of `pages` from every layer, padded to a sequence's full block table (one compiled shape)."""
-        table = np.zeros(self.config.pages_per_sequence, np.int32)
-        table[: len(pages)] = pages
-        return _gather_pages(self._pools, table)
+    def export_pages(self, pages: list[int]) -> tuple[tuple[LayerPool, ...], ...]:
+        """Copies of exactly `pages` from every layer, in the pools' stored format (scales included), as runs of
+        power-of-two lengths (`page_runs`): a few compiled shapes, and no page more than the sequence holds."""
+        runs, start = [], 0
+        for size in page_runs(len(pages)):
+            runs.append(_gather_pages(self._pools, np.asarray(pages[start : start + size], np.int32)))
+            start += size
+        return tuple(runs)
 
-    def import_pages(self, pages: list[int], data: tuple[LayerPool, ...], count: int) -> None:
-        """Write the first `count` pages of `export_pages` output (from any device) into `pages` here."""
-        table = np.full(self.config.pages_per_sequence, self.config.num_pages, np.int32)
-        table[:count] = pages[:count]
-        self._pools = _scatter_pages(self._pools, table, jax.device_put(data, self._pool_shardings))
+    def import_pages(self, pages: list[int], runs: Sequence[tuple[LayerPool, ...]]) -> None:
+        """Write `export_pages` output (from any device) into `pages` here, run by run in order."""
+        start = 0
+        for run in runs:
+            size = run[0].k.shape[0]
+            table = np.asarray(pages[start : start + size], np.int32)
+            self._pools = _scatter_pages(self._pools, table, jax.device_put(run, self._pool_shardings))
+            start += size
+        if start != len(pages):
+            raise ValueError(f"a handoff of {start} pages cannot fill the {len(pages)} pages allocated for it")
 
     def warmup(self) -> None:
         """Compile every step shape now rather than on a user's request."""
@@ -220,4 +234,6 @@ class ModelRunner:
             self.run(StepInputs.empty(rows, 1, pages))
         for rows, tokens in self.prefill_shapes():
             self.run(StepInputs.empty(rows, tokens, pages))
-        self.import_pages([], self.export_pages([]), 0)
+        for size in page_runs((1 << self.config.pages_per_sequence.bit_length()) - 1):
+            nowhere = np.full(size, self.config.num_pages, np.int32)  # out of the pool: the scatter drops it
+            self._pools = _scatter_pages(self._pools, nowhere, _gather_pages(self._pools, np.zeros(size, np.int32)))

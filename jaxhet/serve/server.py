@@ -2,10 +2,11 @@
 and tests, always a uvicorn server listening on a socket.
 
 In the foreground, SIGINT/SIGTERM stop accepting connections, let in-flight requests finish (up to
-`drain_timeout_s`), then close the engines. A connection must deliver a request's headers within
-`header_timeout_s` of opening (or of its previous response), so half-sent requests cannot pile up; the body's own
-time limit is the app's (`ServerConfig.read_timeout_s`). A request that is not HTTP/1.1 at all (a garbled request
-line, a bad Content-Length, ...) is answered, like every other error, with an OpenAI-style JSON body.
+`drain_timeout_s`), then close the engines; SIGHUP runs a given coroutine (`jaxhet serve` re-reads its plan). A
+connection must deliver a request's headers within `header_timeout_s` of opening (or of its previous response), so
+half-sent requests cannot pile up; the body's own time limit is the app's (`ServerConfig.read_timeout_s`). A request
+that is not HTTP/1.1 at all (a garbled request line, a bad Content-Length, ...) is answered, like every other error,
+with an OpenAI-style JSON body.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import h11
 import uvicorn
@@ -94,20 +95,37 @@ def _config(app: FastAPI, header_timeout_s: float, **options) -> uvicorn.Config:
 
 
 class _DrainingServer(uvicorn.Server):
-    """A uvicorn server whose SIGINT/SIGTERM drain and then exit with status 0.
+    """A uvicorn server whose SIGINT/SIGTERM drain and then exit with status 0, and whose SIGHUP starts
+    `on_hangup()` on the event loop (when given) while serving goes on.
 
     uvicorn re-raises the captured signal once it has shut down, so a clean drain would still end as "killed by
     SIGTERM"; a process supervisor should instead see a normal exit.
     """
 
+    def __init__(self, config: uvicorn.Config, on_hangup: Callable[[], Awaitable[None]] | None = None):
+        super().__init__(config)
+        self._on_hangup = on_hangup
+        self._hangups: set[asyncio.Task[None]] = set()
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        loop = asyncio.get_running_loop()
+        if self._on_hangup is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._hangup)
         try:
             yield
         finally:
+            if self._on_hangup is not None:
+                loop.remove_signal_handler(signal.SIGHUP)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _hangup(self) -> None:
+        assert self._on_hangup is not None
+        task = asyncio.ensure_future(self._on_hangup())
+        self._hangups.add(task)  # held until done, so that it is not collected mid-way
+        task.add_done_callback(self._hangups.discard)
 
 
 def serve_forever(
@@ -117,11 +135,12 @@ def serve_forever(
     drain_timeout_s: float = 60.0,
     header_timeout_s: float = HEADER_TIMEOUT_S,
     log_level: str = "info",
+    on_hangup: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Serve on `sock` (from `bind`, so that a busy port is found before any work) until interrupted, draining
-    in-flight requests on the way out."""
+    in-flight requests on the way out; each SIGHUP runs `on_hangup()` (when given) beside the requests."""
     config = _config(app, header_timeout_s, log_level=log_level, timeout_graceful_shutdown=drain_timeout_s)
-    _DrainingServer(config).run(sockets=[sock])
+    _DrainingServer(config, on_hangup).run(sockets=[sock])
 
 
 class BackgroundServer:
