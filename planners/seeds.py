@@ -148,6 +148,6 @@ def _balanced(
     if counts is None:
         return None
     return [
-        ([(g, n, recompute) for g, n in zip(stages, layers, strict=True)], count)
+        ([(g, n, recompute, 0) for g, n in zip(stages, layers, strict=True)], count)
         for stages, layers, count in zip(replicas, layers_of, counts, strict=True)
     ]

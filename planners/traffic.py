@@ -15,6 +15,7 @@ import dataclasses
 
 from planners.cluster import ClusterSpec
 from planners.compression import edge_bytes_per_token
+from planners.cost_model import piece_holders, piece_params
 from planners.model import ModelSpec
 from planners.plan import Stage, TrainPlan
 
@@ -28,20 +29,12 @@ class StepTraffic:
 
 
 def _pieces(plan: TrainPlan, model: ModelSpec) -> list[tuple[int, list[Stage]]]:
-    """(parameter count, the stages holding it) for every block, the embedding and the head."""
-    pieces = []
-    for layer in range(plan.num_layers):
-        holders = [s for r in plan.replicas for s in r.stages if s.layers[0] <= layer < s.layers[1]]
-        pieces.append((model.layer_params, holders))
-    embedding = [r.stages[0] for r in plan.replicas]
-    lasts = [r.stages[-1] for r in plan.replicas]
-    if model.tied_embeddings:
-        embedding += [r.stages[-1] for r in plan.replicas if len(r.stages) > 1]
-        pieces.append((model.hidden_size, lasts))  # the final norm
-    else:
-        pieces.append((model.head_params, lasts))
-    pieces.append((model.embedding_params, embedding))
-    return pieces
+    """(parameter count, the stages holding it) for every block, the embedding and the head
+    (`planners.cost_model.piece_holders`)."""
+    return [
+        (piece_params(model, piece), [plan.replicas[r].stages[s] for r, s in holders])
+        for piece, holders in piece_holders(plan, model)
+    ]
 
 
 def step_traffic(
