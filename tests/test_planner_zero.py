@@ -14,9 +14,9 @@ KINDS = ["H100", "A100-40GB", "L4", "T4"]
 
 
 def tight_instance(seed: int) -> tuple[planners.ClusterSpec, planners.ModelSpec, planners.TrainWorkload]:
-    """A cluster of 2-3 devices (a NIC faster than PCIe in some), a 2-3 block model (tied in some), and devices
-    each holding between a third and all of the model's weights, gradients and Adam state: ZeRO and recomputation
-    decide what fits."""
+    """A cluster of 2-3 devices (a NIC faster than PCIe in some), a 2-3 block model (tied in some; with one key/value
+    head in some, so that only CP splits a group), and devices each holding 0.45 to 0.8 of the model's weights,
+    gradients and Adam state: ZeRO and recomputation decide what fits."""
     rng = random.Random(seed)
     sizes = rng.choice([[2, 1], [1, 1, 1], [1, 2], [2], [1, 1]])
     nodes = [{"gpu": rng.choice(KINDS), "count": c} for c in sizes]
