@@ -95,7 +95,13 @@ def _seeds(problem: CellProblem) -> list[list[Slot]]:
     costs = TrainCosts(cell.cluster, model, problem.seq_len)
     scored = []
     for slots in seed_slots(
-        cell.cluster, model, problem.seq_len, problem.microbatch, problem.microbatches, problem.recompute
+        cell.cluster,
+        model,
+        problem.seq_len,
+        problem.microbatch,
+        problem.microbatches,
+        problem.recompute,
+        problem.zero_stages,
     ):
         plan = _plan_from_slots(slots, Cell(cell.cluster, 1, (tuple(range(cell.cluster.num_devices)),)), problem)
         estimate = plan.estimate

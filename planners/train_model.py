@@ -11,9 +11,17 @@ linear constraints:
 - the blocks still to come (`left[g] = blocks[g] + left[h]`, the whole model at the first stage);
 - the distance from the end (1F1B keeps `min(distance, micro-batches)` micro-batches in flight on a stage);
 - the slowest stage and the time of the rest of the pipeline (its stages, and its hops: inside the node's link when
-  `g` and `h` share a node, over the inter-node link otherwise).
-A replica's time is `sum t_i + sum hops + (m - 1) * max t_i` (a product at its first stage); the gradient
-all-reduce follows the widest stage over the replica count. Times are integers in units of 1/10000 of the fastest
+  `g` and `h` share a node, over the inter-node link otherwise);
+- the longest zero-1 gather of its stages.
+A replica's time is `sum t_i + sum hops + (m - 1) * max t_i + max gather` (a product at its first stage); the
+gradient all-reduce follows the widest stage over the replica count.
+
+ZeRO: each active group takes one allowed stage (`zero[g][z]`), its memory and time constraints enforced by that
+literal. Whether a piece's moments are split across its holders depends on the other replicas, so each block gets
+`hold[g]` literals (g runs it: `L - left[g] <= block < L - left[g] + n[g]`), and each piece (every block, the
+embedding, the head) a holder count, a split literal (at least two holders, none with zero 0), and the smallest
+holder size (sizes are powers of two, so it is the gcd): its split moments on every holder's first device are
+`8 P / (H L)`, exactly `planners.cost_model.moment_splits`. Times are integers in units of 1/10000 of the fastest
 block's time (rounding costs at most ~1e-4 relative); memory is in units of 2^-20 of the smallest device's usable
 memory, rounded up (plans are never over memory).
 """

@@ -127,3 +127,20 @@ def test_a_model_that_fits_without_them_keeps_zero_0_and_no_recompute() -> None:
 def test_workload_errors_name_the_field(fields: dict, message: str) -> None:
     with pytest.raises(planners.SpecError, match=message):
         planners.TrainWorkload(2, 128, **fields)
+
+
+def test_llama_7b_at_128k_tokens_uses_zero_3_and_beats_the_plan_without_it() -> None:
+    """llama-2-7b on sequences of 131072 tokens on h100x4_l4x4: without ZeRO no H100 group fits the whole model
+    (CP ranks hold the parameters whole, TP alone keeps too many activations), so the plan pipelines through the
+    slow L4s; ZeRO 3 splits the parameters over a TP2 x CP2 group of H100s instead, within memory and faster."""
+    cluster = planners.ClusterSpec.load("h100x4_l4x4")
+    model = planners.ModelSpec.preset("llama-2-7b")
+    workload = planners.TrainWorkload(2, 131072, microbatch_sizes=(1,))
+    plain = planners.plan_training(cluster, model, dataclasses.replace(workload, zero_stages=(0,)), time_limit_s=8)
+    plan = planners.plan_training(cluster, model, workload, time_limit_s=8)
+    assert not planners.memory_excess(plan, cluster, plan.estimate)
+    assert any(s.zero == 3 for r in plan.replicas for s in r.stages)
+    assert plan.estimate.iteration_s < 0.8 * plain.estimate.iteration_s
+    caps = {k: p.capacity_bytes / 1e9 for k, p in cluster.profiles.items()}
+    for replica, memory in zip(plan.replicas, plan.estimate.peak_memory_gb, strict=True):
+        assert all(gb <= caps[s.kind] for s, gb in zip(replica.stages, memory, strict=True))
