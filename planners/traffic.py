@@ -3,7 +3,9 @@
 Two kinds of traffic cross groups: activations forward and their gradients backward across every pipeline stage
 edge, once per micro-batch; and the gradient sync, a ring over the stages that hold the same parameters (every
 replica holds every block; a tied embedding is held by each replica's first stage and, in a pipeline, its last
-too), each of `H` holders sending `2(H-1)/H` of those parameters' gradient bytes. An edge whose sending stage
+too), each of `H` holders sending `2(H-1)/H` of those parameters' gradient bytes (the same under ZeRO: across holders
+its reduce-scatter and all-gather move the bytes of the all-reduce they replace, and zero 3's collectives stay
+inside a group). An edge whose sending stage
 compresses carries the packed form both ways (`planners.compression`). The iteration-time model
 (`planners.cost_model`) prices the same two patterns; this module gives their byte counts, for checking that the
 runtime moves what the plan says.
