@@ -36,7 +36,8 @@ when it has at most `WHOLE_CLUSTER_DEVICES` devices; coarser splits when those l
 whole-cluster plans too, so only the whole-cluster solves prove optimality and bound the iteration time; without
 them the bound is the throughput bound of `throughput_bound_s`. Each sub-problem is solved over coarse groups
 only (TP of at least half a node, fast), then over all groups starting from that plan (a CP-SAT hint); where ZeRO is
-allowed, those two solves are without it and a third, over all groups with it, starts from their plan (`_phases`).
+allowed, those two solves are without it and a third, over all groups with it, starts from their plan (`_phases`;
+on cells too large for that model, ZeRO comes from the seeds only, and the plan is not proven optimal).
 All start from the fastest plan known so far: the best regular seed plan (`planners.seeds`), or a plan of finer cells
 or of a subset of the nodes. Clusters of at least `SUBSET_MIN_DEVICES` devices first get quick solves of their
 subsets (without one node of a class, or without a whole class), renumbered onto the cluster: warm starts that
@@ -65,6 +66,7 @@ from planners.workload import TrainWorkload
 
 COARSE_SHARE = 0.25
 PLAIN_SHARE = 0.5  # of the time left after the coarse solve, for the full solve without ZeRO
+ZERO_SEARCH_BLOCKS = 2048  # candidate groups x blocks beyond which CP-SAT leaves ZeRO to the seeds
 RESERVE_SHARE = 0.05  # of the time limit, kept for turning solutions into plans
 SUBSET_MIN_DEVICES = 17  # smaller clusters are solved to optimality, which needs no warm start from subsets
 SUBSET_SHARE = 0.3  # of the time limit, for the subsets' quick solves
@@ -153,7 +155,7 @@ def _plan_from_slots(
 class _Outcome:
     """One sub-problem's result: the plans it yielded (cells, micro-batch size), CP-SAT's status and bound
     (seconds) on its full model, and whether that bound holds for every plan of the micro-batch size (a solve of
-    the whole cluster, not of cells or of a subset of nodes)."""
+    the whole cluster, not of cells or of a subset of nodes, with ZeRO in its model where the workload allows it)."""
 
     cells: int
     microbatch: int
@@ -188,10 +190,16 @@ def _cell_slots(plan: TrainPlan | None, problem: CellProblem) -> list[Slot] | No
 def _phases(problem: CellProblem) -> list[tuple[CellProblem, bool, float]]:
     """The CP-SAT solves of one sub-problem, in turn: (problem, coarse groups only, share of the time left). Coarse,
     then full; where ZeRO >= 1 is allowed beside zero 0, those two without it (a much smaller model that finds
-    good plans fast) and a last full solve with it, which starts from their plan and decides."""
-    if problem.zero_stages == (0,) or 0 not in problem.zero_stages:
+    good plans fast) and a last full solve with it, which starts from their plan and decides; but where the model
+    with ZeRO would exceed `ZERO_SEARCH_BLOCKS` (too large to build and solve within a limit of seconds), ZeRO is
+    left to the seeds, which try each allowed stage on all stages."""
+    zeros = problem.zero_stages
+    if zeros == (0,) or 0 not in zeros:
         return [(problem, True, COARSE_SHARE), (problem, False, 1.0)]
     plain = dataclasses.replace(problem, zero_stages=(0,))
+    groups = candidate_groups(problem.cell.cluster, problem.model, problem.seq_len)
+    if len(groups) * problem.model.num_layers > ZERO_SEARCH_BLOCKS:
+        return [(plain, True, COARSE_SHARE), (plain, False, 1.0)]
     return [(plain, True, COARSE_SHARE), (plain, False, PLAIN_SHARE), (problem, False, 1.0)]
 
 
@@ -216,8 +224,8 @@ def _solve(
 
     seeds = _seeds(problem)
     best = start = fastest([seeds[0] if seeds else None, _cell_slots(warm, problem)])
-    results = []
-    for sub, coarse, share in _phases(problem):
+    results, phases = [], _phases(problem)
+    for sub, coarse, share in phases:
         results.append(cp_sat(sub, coarse, share, best))
         best = fastest([results[-1].slots, best])
     full = results[-1]
@@ -228,7 +236,8 @@ def _solve(
         if excess:
             raise AssertionError(f"planner produced a plan over memory: {excess}")
     copies = problem.cell.copies
-    return _Outcome(copies, problem.microbatch, plans, full.status, full.bound_s, copies == 1)
+    searched = phases[-1][0] == problem  # the last solve covered the whole space (ZeRO included)
+    return _Outcome(copies, problem.microbatch, plans, full.status, full.bound_s, copies == 1 and searched)
 
 
 def _problems(
