@@ -117,7 +117,7 @@ class CellModel:
         self._times()
         self._throughput_bound()
         self._grad_sync()
-        # One tick per recomputed block, and per stage with zero 1 (two with zero 3), breaks ties towards the less
+        # One tick per recomputed block, and per ZeRO level of a stage (3 with zero 3), breaks ties towards the less
         # memory-saving machinery where it does not pay; with a topology, one tick per level of spread
         # (`planners.spread`) breaks them towards the less spread placement.
         machinery = sum(z * lit for g in self._range for z, lit in self.zero[g].items() if z)

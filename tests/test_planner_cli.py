@@ -191,9 +191,10 @@ def test_plan_train_shows_and_forbids_zero(tmp_path: Path) -> None:
     out = tmp_path / "plan.json"
     args = ["plan", "train", "--cluster", str(tmp_path / "cluster.json"), "--model", str(tmp_path / "config.json")]
     args += ["--global-batch", "2", "--seq-len", "128", "--no-recompute", "--use-all-devices", "--time-limit", "20"]
-    result = RUNNER.invoke(app, [*args, "-o", str(out)])
+    result = RUNNER.invoke(app, [*args, "-o", str(out)], env={"COLUMNS": "160"})  # the table's header unwrapped
     assert result.exit_code == 0, result.output
-    assert "zero" in result.output and "ZeRO stage" in result.output
+    header = next(line for line in result.output.splitlines() if "replica" in line and "GPU" in line)
+    assert "zero" in [c.strip() for c in header.split("┃")] and "ZeRO stage" in result.output
     assert {s.zero for r in planners.TrainPlan.from_json(out.read_text()).replicas for s in r.stages} == {1}
     result = RUNNER.invoke(app, [*args, "--no-zero"])
     assert result.exit_code != 0 and "memory" in result.output

@@ -48,15 +48,17 @@ def _cluster(cluster: str, device_profiles: list[Path] | None) -> planners.Clust
 
 def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Table:
     compressed = any(s.compress != "none" for r in plan.replicas for s in r.stages)
+    zero = any(s.zero for r in plan.replicas for s in r.stages)
     edge = "edge: codec of the activations sent to the next stage (and their gradients back); " if compressed else ""
+    zeros = "zero: ZeRO stage (1: moments split, 3: parameters, gradients and moments too); " if zero else ""
     table = Table(
         title=f"{plan.model} on {plan.cluster} ({cluster.kinds_summary()})",
         caption="CP: context-parallel ranks (each sequence split between them), TP devices each; rc: recompute "
-        "activations; zero: ZeRO stage (1: moments split, 3: parameters, gradients and moments split); "
-        f"{edge}mb x size: micro-batches x sequences each; mem: peak / usable",
+        f"activations; {zeros}{edge}mb x size: micro-batches x sequences each; mem: peak / usable",
     )
     columns = ("replica", "stage", "devices", "GPU", "CP", "TP", "layers", "rc", "zero", "edge", "mb x size", "mem GB")
-    for column in columns if compressed else tuple(c for c in columns if c != "edge"):
+    shown = {"zero": zero, "edge": compressed}
+    for column in (c for c in columns if shown.get(c, True)):
         table.add_column(column, justify="left" if column in ("devices", "GPU") else "right")
     assert plan.estimate is not None
     for r, (replica, mems) in enumerate(zip(plan.replicas, plan.estimate.peak_memory_gb, strict=True)):
@@ -71,7 +73,7 @@ def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Tab
                 str(stage.tp),
                 f"{stage.layers[0]}-{stage.layers[1] - 1}",
                 "yes" if stage.recompute else "no",
-                str(stage.zero),
+                *([str(stage.zero)] if zero else []),
                 *([stage.compress if s + 1 < len(replica.stages) else ""] if compressed else []),
                 f"{replica.num_microbatches} x {replica.microbatch_size}" if s == 0 else "",
                 f"{gb:.1f}/{cap:.0f}",
