@@ -18,7 +18,7 @@ from planners.cost_model import TrainCosts, evaluate_train_plan, memory_excess
 from planners.errors import PlanningError, SpecError
 from planners.measured import MeasuredProfile
 from planners.model import PRESETS, ModelSpec
-from planners.plan import COMPRESSIONS, PlanError, PlanEstimate, Replica, Stage, TrainPlan
+from planners.plan import COMPRESSIONS, ZERO_STAGES, PlanError, PlanEstimate, Replica, Stage, TrainPlan
 from planners.profile import DeviceProfile
 from planners.serve import OBJECTIVES as SERVE_OBJECTIVES
 from planners.serve import ClassShare, ServePlan, ServeReplica, plan_serving, replan_serving
@@ -35,6 +35,7 @@ __all__ = [
     "COMPRESSIONS",
     "PRESETS",
     "SERVE_OBJECTIVES",
+    "ZERO_STAGES",
     "CascadePlan",
     "CascadePoint",
     "CascadeProfile",

@@ -2,7 +2,7 @@
 
 Training: every plan of the space described in `planners.train` (node layouts, partitions of groups into
 replicas, every CP degree each replica's groups allow, every stage order of each replica, layer splits,
-recomputation flags, micro-batch counts, micro-batch sizes) is built as a `TrainPlan` and
+recomputation flags and ZeRO stages per stage, micro-batch counts, micro-batch sizes) is built as a `TrainPlan` and
 scored with `planners.cost_model` directly, sharing nothing with the CP-SAT encoding but the cost model itself.
 Serving: every vector of replica counts per configuration that fits the nodes and the budget; for `min_latency`
 the traffic of each count vector is routed fastest-replica-first, trying every split between colocated and
@@ -77,18 +77,20 @@ def _replicas(
     groups: list[Group], members: list[int], model: ModelSpec, workload: TrainWorkload, b: int, m: int
 ) -> Iterator[Replica]:
     """Every replica over the groups `members` with `m` micro-batches of `b`: each CP degree they all allow,
-    stage order, layer split and recomputation flags."""
+    stage order, layer split, and per stage recomputation flag and ZeRO stage (of those `workload` allows)."""
     L = model.num_layers
     flags = [False, True] if workload.recompute else [False]
+    options = list(itertools.product(flags, workload.zero_stages))
     cps = set.intersection(*(set(shapes(len(groups[g][0]), model, workload.seq_len)) for g in members))
     for cp in sorted(cps):
         for order in itertools.permutations(members):
             for split in _compositions(L, len(members)):
-                for rc in itertools.product(flags, repeat=len(members)):
+                for choice in itertools.product(options, repeat=len(members)):
                     stages, start = [], 0
-                    for g, n_layers, flag in zip(order, split, rc, strict=True):
+                    for g, n_layers, (flag, zero) in zip(order, split, choice, strict=True):
                         devices, kind = groups[g]
-                        stages.append(Stage(devices, kind, len(devices) // cp, (start, start + n_layers), flag))
+                        layers = (start, start + n_layers)
+                        stages.append(Stage(devices, kind, len(devices) // cp, layers, flag, zero))
                         start += n_layers
                     yield Replica(tuple(stages), m, b, cp)
 

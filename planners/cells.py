@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from planners.cluster import ClusterSpec
-from planners.cost_model import TrainCosts
+from planners.cost_model import STATE_BYTES_PER_PARAM
 from planners.errors import PlanningError
 from planners.model import ModelSpec
 from planners.train_model import Cell
@@ -23,10 +23,9 @@ WHOLE_CLUSTER_DEVICES = 32
 MAX_MODEL_DEVICES = 64  # no CP-SAT model spans more devices: its arcs grow with the square of the groups
 
 
-def state_bytes(cluster: ClusterSpec, model: ModelSpec, seq_len: int) -> float:
-    """Weights, gradients and optimizer state of the whole model."""
-    costs = TrainCosts(cluster, model, seq_len)
-    return model.num_layers * costs.layer_state_bytes(1) + costs.first_state_bytes(1) + costs.last_state_bytes(1)
+def state_bytes(model: ModelSpec) -> float:
+    """Weights, gradients and optimizer state of the whole model (one copy: every plan holds at least this)."""
+    return STATE_BYTES_PER_PARAM * model.num_params
 
 
 def usable_bytes(cluster: ClusterSpec) -> float:
@@ -57,7 +56,7 @@ def _splits(
 ) -> list[tuple[int, int, int]]:
     """`(devices per cell, idle devices, k)` of every split into `k > 1` cells that hold the model's state and
     divide the batch (and leave no device idle, with `use_all`)."""
-    state = state_bytes(cluster, model, workload.seq_len)
+    state = state_bytes(model)
     out = []
     for k in range(max(len(nodes) for nodes in cluster.node_classes()), 1, -1):
         cell = split_cell(cluster, k)

@@ -26,12 +26,30 @@ link of their common rack, of their common pod, or `inter_node_link` when they s
 whose `compress` is not "none" sends the packed form across its outgoing edge (both ways), and pays for encoding
 and decoding it as memory-bound passes at the two ends (`planners.compression`).
 
-Memory per device: parameters with mixed-precision Adam state (16 bytes per parameter: bf16 weights, fp32 master,
-two fp32 moments; gradients accumulate into the fp32 master buffer's twin counted in the 16), divided by TP;
-bf16 activations of the micro-batches in flight (`in_flight`: GPipe keeps all of a replica's micro-batches, 1F1B
-on a stage `k` stages from the end at most `min(k, m)`) — without recomputation every block keeps its inputs to
-every matmul, norm and activation, with recomputation only its input plus one block's worth of working space;
-the last stage also holds the logits.
+Memory per device: parameters with mixed-precision Adam state, 16 bytes per parameter a device holds: 4 of fp32
+parameters, 4 of fp32 gradients, 8 of Adam's two fp32 moments; a block's parameters split over TP, the embedding,
+the final norm and the LM head whole (`jaxhet.parallel.megatron_specs`); a stage holding both the embedding and a
+tied LM head holds the one matrix once. Plus bf16 activations of the micro-batches in flight (`in_flight`: GPipe
+keeps all of a replica's micro-batches, 1F1B on a stage `k` stages from the end at most `min(k, m)`) — without
+recomputation every block keeps its inputs to every matmul, norm and activation, with recomputation only its input
+plus one block's worth of working space; the last stage also holds the logits.
+
+ZeRO (`Stage.zero`, as the runtime runs it). A *piece* is one block, the embedding, or the head (the final norm
+and, untied, the head matrix; tied, the last stage's copy of the embedding counts as the embedding); its *holders*
+are the stages holding it, over all replicas (the embedding: every first stage and, tied, every last stage of a
+pipeline). With `n = tp * cp` devices on a stage:
+- zero 1: the piece's moments split over the stage's `n` devices (`8 P / n` bytes each) and its updated fp32
+  parameters all-gathered over them once a step (`zero1_gather_seconds`). Where all `H >= 2` holders of a piece
+  have zero >= 1, its moments are split across the holders instead (`moment_splits`): with `L` the gcd of the
+  holders' device counts, each holder's devices form `L` rows and the first device of each row holds `1 / (H L)`
+  of them (the others none; the peak is on the stage's first device), the gradients are reduce-scattered and the
+  parameters all-gathered over the holders, which moves the bytes of the all-reduce it replaces (no extra time).
+- zero 3 (FSDP inside the group): parameters, gradients and moments split over the stage's devices (`P / n` of
+  each a device), plus one piece's gathered weights (bf16) and its gradient (fp32) live at a time; per
+  micro-batch each piece's weights are all-gathered for the forward, again for the backward, and its gradients
+  reduce-scattered, in place of the CP gradient all-reduce (`fsdp_seconds`): the TP-split matrices over the CP
+  ranks, the weights Megatron replicates (norms, embedding, head) over all `n` devices. Moments across holders as
+  zero 1. The gradient all-reduce across replicas is priced as under zero 0.
 
 Pipeline time of a replica with stage times `t_i` (forward+backward of one micro-batch), boundary transfer times
 `c_j` and `m` micro-batches: `sum t_i + sum c_j + (m - 1) * max t_i` (GPipe and 1F1B alike). Iteration time: the
@@ -42,6 +60,7 @@ not modelled.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 from planners.cluster import ClusterSpec, Link
@@ -50,12 +69,15 @@ from planners.model import ModelSpec
 from planners.plan import PlanEstimate, Stage, TrainPlan
 from planners.profile import DeviceProfile
 
-STATE_BYTES_PER_PARAM = 16
-MOMENT_BYTES_PER_PARAM = 8  # Adam's two float32 moments, part of the state
+PARAM_BYTES_PER_PARAM = 4  # fp32 parameters, which ZeRO-1 gathers back after each device's update
 GRAD_BYTES_PER_PARAM = 4
-MASTER_BYTES_PER_PARAM = 4  # the float32 parameters ZeRO-1 gathers back after each device's update
+MOMENT_BYTES_PER_PARAM = 8  # Adam's two float32 moments
+STATE_BYTES_PER_PARAM = PARAM_BYTES_PER_PARAM + GRAD_BYTES_PER_PARAM + MOMENT_BYTES_PER_PARAM
 ACT_BYTES = 2
 LOGIT_BYTES = 6
+PIECES = ("block", "embedding", "head")
+MomentSplit = tuple[str, float]
+"""A piece whose moments are split across its holders, and the share of them a stage's first device holds."""
 
 
 def ring_allreduce_seconds(nbytes: float, ranks: int, link: Link) -> float:
@@ -81,6 +103,24 @@ def _cp_allreduce_seconds(nbytes: float, cp: int, cp_link: Link | None) -> float
     return ring_allreduce_seconds(nbytes, cp, cp_link)
 
 
+def _group_link(link: Link | None, cp_link: Link | None) -> Link:
+    """The link a ring over all of a stage's devices is paced by: the slower of its TP and CP groups' links."""
+    links = [x for x in (link, cp_link) if x is not None]
+    if not links:
+        raise ValueError("zero 3 on a stage of several devices needs its TP link (link) or CP link (cp_link)")
+    return min(links, key=lambda x: (x.gb_s, -x.latency_us))
+
+
+def piece_params(model: ModelSpec, piece: str) -> int:
+    """Parameters of one piece (`PIECES`): a block; the embedding; the head: the final norm and, untied, the head
+    matrix (tied, the matrix is the embedding piece, of which the last stage of a pipeline holds a copy)."""
+    if piece == "block":
+        return model.layer_params
+    if piece == "embedding":
+        return model.embedding_params
+    return model.hidden_size if model.tied_embeddings else model.head_params
+
+
 def in_flight(schedule: str, depth: int, stage: int, microbatches: int) -> int:
     """Micro-batches whose activations stage `stage` of a `depth`-stage pipeline holds at once under `schedule`."""
     return microbatches if schedule == "gpipe" else min(depth - stage, microbatches)
@@ -90,7 +130,7 @@ def in_flight(schedule: str, depth: int, stage: int, microbatches: int) -> int:
 class TrainCosts:
     """Per-component costs for one model and sequence length on one cluster. `cp` is the context-parallel degree
     (ranks of `tp` devices each, the sequence split between them); `cp_link` the link the CP ranks share (by
-    default the TP group's `link`)."""
+    default the TP group's `link`); `zero` a stage's ZeRO stage (`planners.plan.ZERO_STAGES`)."""
 
     cluster: ClusterSpec
     model: ModelSpec
@@ -128,24 +168,49 @@ class TrainCosts:
         all-gather assembles on every device (and a reduce-scatter of their gradients takes apart)."""
         return 2 * ACT_BYTES * microbatch * self.seq_len * self._kv_width / tp
 
-    def cp_seconds(self, tp: int, cp: int, microbatch: int, recompute: bool, cp_link: Link) -> float:
-        """One block's context-parallel collectives per micro-batch: the key/value all-gathers (forward, again
-        when recomputing), their gradients' reduce-scatter, and the block's parameter gradients' all-reduce."""
+    def kv_seconds(self, tp: int, cp: int, microbatch: int, recompute: bool, cp_link: Link) -> float:
+        """One block's key/value collectives over the CP ranks per micro-batch: the all-gathers (forward, again
+        when recomputing) and their gradients' reduce-scatter."""
         gathers = 3 if recompute else 2
-        kv = gathers * ring_allgather_seconds(self.kv_gather_bytes(tp, microbatch), cp, cp_link)
-        return kv + _cp_allreduce_seconds(self.cp_grad_bytes(tp), cp, cp_link)
+        return gathers * ring_allgather_seconds(self.kv_gather_bytes(tp, microbatch), cp, cp_link)
+
+    def _grad_bytes(self, tp: int, part: str) -> tuple[float, float]:
+        """Bytes of one `part`'s ("block", "embedding" or "head") parameter gradients on one device, as (matrices
+        split over TP, weights replicated over TP): weights in the compute dtype (their gradients are summed where
+        the replicated weights are cast), the matmuls' sharded over TP, the embedding and the head matrix
+        replicated as `jaxhet.parallel.megatron_specs` lays them out; norms in fp32."""
+        h = self.model.hidden_size
+        if part == "block":
+            return ACT_BYTES * self._matmul_params / tp, GRAD_BYTES_PER_PARAM * 2 * h
+        if part == "embedding":
+            return 0.0, ACT_BYTES * self.model.embedding_params
+        return 0.0, ACT_BYTES * (self.model.head_params - h) + GRAD_BYTES_PER_PARAM * h
 
     def cp_grad_bytes(self, tp: int, part: str = "block") -> float:
         """Bytes of parameter gradients one device all-reduces over the CP ranks per micro-batch, for one `part`
-        ("block", "embedding" or "head"): weights in the compute dtype (their gradients are summed where the
-        replicated weights are cast), the matmuls' sharded over TP, the embedding and the head matrix replicated
-        as `jaxhet.parallel.megatron_specs` lays them out; norms in fp32."""
-        h = self.model.hidden_size
-        if part == "block":
-            return ACT_BYTES * self._matmul_params / tp + GRAD_BYTES_PER_PARAM * 2 * h
-        if part == "embedding":
-            return ACT_BYTES * self.model.embedding_params
-        return ACT_BYTES * (self.model.head_params - h) + GRAD_BYTES_PER_PARAM * h
+        ("block", "embedding" or "head"); see `_grad_bytes`."""
+        return sum(self._grad_bytes(tp, part))
+
+    def fsdp_seconds(self, tp: int, cp: int, part: str, link: Link | None, cp_link: Link | None) -> float:
+        """Zero 3's collectives of one `part` per micro-batch: its weights all-gathered for the forward and again
+        for the backward, its gradients reduce-scattered, each of the bytes of `_grad_bytes`: the matrices split
+        over TP over the `cp` ranks (`cp_link`), the replicated weights over all `tp * cp` devices (`_group_link`)."""
+        split, replicated = self._grad_bytes(tp, part)
+        seconds = 0.0
+        if split and cp > 1:
+            seconds += ring_allgather_seconds(split, cp, _group_link(cp_link, None))
+        if replicated and tp * cp > 1:
+            seconds += ring_allgather_seconds(replicated, tp * cp, _group_link(link, cp_link))
+        return 3 * seconds
+
+    def grad_collective_seconds(
+        self, tp: int, cp: int, part: str, zero: int, link: Link | None, cp_link: Link | None
+    ) -> float:
+        """One `part`'s gradient collectives inside its stage per micro-batch: zero 3's gathers and reduce-scatter
+        (`fsdp_seconds`), otherwise the all-reduce over the CP ranks."""
+        if zero == 3:
+            return self.fsdp_seconds(tp, cp, part, link, cp_link)
+        return _cp_allreduce_seconds(self.cp_grad_bytes(tp, part), cp, cp_link)
 
     def layer_seconds(
         self,
@@ -156,9 +221,10 @@ class TrainCosts:
         link: Link,
         cp: int = 1,
         cp_link: Link | None = None,
+        zero: int = 0,
     ) -> float:
         """Forward+backward of one block on one micro-batch, on a stage of `cp` ranks of `tp` devices of `kind`
-        (TP over `link`, CP over `cp_link`)."""
+        (TP over `link`, CP over `cp_link`) under ZeRO stage `zero`."""
         prof = self._profile(kind)
         tokens = microbatch * self.seq_len / cp
         passes = 4 if recompute else 3
@@ -170,23 +236,37 @@ class TrainCosts:
         compute = max(flops / achievable, moved / prof.bytes_per_s) + prof.layer_overhead_us * 1e-6
         allreduces = 6 if recompute else 4
         comm = allreduces * ring_allreduce_seconds(ACT_BYTES * tokens * self.model.hidden_size, tp, link)
-        return compute + comm + self.cp_seconds(tp, cp, microbatch, recompute, cp_link or link)
+        cp_link = cp_link or link
+        kv = self.kv_seconds(tp, cp, microbatch, recompute, cp_link)
+        return compute + comm + kv + self.grad_collective_seconds(tp, cp, "block", zero, link, cp_link)
 
-    def head_seconds(self, kind: str, tp: int, microbatch: int, cp: int = 1, cp_link: Link | None = None) -> float:
-        """Forward+backward of the final norm and the LM head on one micro-batch, with the all-reduce of its
-        gradients over the CP ranks. The head is replicated over TP (`jaxhet.parallel.megatron_specs`): every TP
-        device computes all the logits, so `tp` does not divide this time."""
+    def head_seconds(
+        self,
+        kind: str,
+        tp: int,
+        microbatch: int,
+        cp: int = 1,
+        cp_link: Link | None = None,
+        zero: int = 0,
+        link: Link | None = None,
+    ) -> float:
+        """Forward+backward of the final norm and the LM head on one micro-batch, with its gradient collectives
+        (`grad_collective_seconds`; `link`: the TP group's, needed by zero 3). The head is replicated over TP
+        (`jaxhet.parallel.megatron_specs`): every TP device computes all the logits, so `tp` does not divide this
+        time."""
         prof = self._profile(kind)
         tokens = microbatch * self.seq_len / cp
         flops = 3 * 2 * tokens * self.model.vocab_size * self.model.hidden_size
         moved = 3 * ACT_BYTES * self.model.head_params + LOGIT_BYTES * tokens * self.model.vocab_size
         compute = max(flops / prof.flops_per_s_at(self.model.hidden_size), moved / prof.bytes_per_s)
-        return compute + _cp_allreduce_seconds(self.cp_grad_bytes(tp, "head"), cp, cp_link)
+        return compute + self.grad_collective_seconds(tp, cp, "head", zero, link, cp_link)
 
-    def embed_seconds(self, tp: int, cp: int = 1, cp_link: Link | None = None) -> float:
-        """The first stage's per-micro-batch extra: the all-reduce of the embedding's gradients over the CP ranks
-        (the lookup itself is not timed)."""
-        return _cp_allreduce_seconds(self.cp_grad_bytes(tp, "embedding"), cp, cp_link)
+    def embed_seconds(
+        self, tp: int, cp: int = 1, cp_link: Link | None = None, zero: int = 0, link: Link | None = None
+    ) -> float:
+        """The first stage's per-micro-batch extra: the embedding's gradient collectives (`grad_collective_seconds`;
+        the lookup itself is not timed)."""
+        return self.grad_collective_seconds(tp, cp, "embedding", zero, link, cp_link)
 
     def stage_seconds(
         self,
@@ -200,15 +280,16 @@ class TrainCosts:
         link: Link,
         cp: int = 1,
         cp_link: Link | None = None,
+        zero: int = 0,
     ) -> float:
         """Forward+backward of one stage on one micro-batch: its blocks, the LM head if last, and the embedding's
-        CP gradient all-reduce if first."""
+        gradient collectives if first."""
         cp_link = cp_link or link
-        t = layers * self.layer_seconds(kind, tp, microbatch, recompute, link, cp, cp_link)
+        t = layers * self.layer_seconds(kind, tp, microbatch, recompute, link, cp, cp_link, zero)
         if last:
-            t += self.head_seconds(kind, tp, microbatch, cp, cp_link)
+            t += self.head_seconds(kind, tp, microbatch, cp, cp_link, zero, link)
         if first:
-            t += self.embed_seconds(tp, cp, cp_link)
+            t += self.embed_seconds(tp, cp, cp_link, zero, link)
         return t
 
     def edge_bytes(self, microbatch: int, compress: str = "none") -> float:
@@ -228,16 +309,37 @@ class TrainCosts:
         bandwidths = (self._profile(kinds[0]).bytes_per_s, self._profile(kinds[1]).bytes_per_s)
         return 2 * (link.seconds(packed) + codec_seconds(self.edge_bytes(microbatch), packed, bandwidths))
 
-    def layer_state_bytes(self, tp: int) -> float:
-        return STATE_BYTES_PER_PARAM * self.model.layer_params / tp
+    def held_params(self, piece: str, tp: int) -> float:
+        """Parameters of one piece on one device of a stage under zero 0: a block's split over TP, the embedding
+        and the head whole (replicated over TP, as `jaxhet.parallel.megatron_specs` lays them out)."""
+        params = piece_params(self.model, piece)
+        return params / tp if piece == "block" else params
 
-    # The embedding, the final norm and the head are replicated over a stage's TP devices, as
-    # `jaxhet.parallel.megatron_specs` lays them out, so `tp` does not divide their state, logits or gradients.
-    def first_state_bytes(self, tp: int) -> float:
-        return STATE_BYTES_PER_PARAM * self.model.embedding_params
+    def stage_pieces(self, layers: int, first: bool, last: bool) -> dict[str, int]:
+        """How many of each piece a stage holds: its blocks, the embedding if first (tied: or last, once if both),
+        the head if last."""
+        embedding = first or (last and self.model.tied_embeddings)
+        return {"block": layers, "embedding": int(embedding), "head": int(last)}
 
-    def last_state_bytes(self, tp: int) -> float:
-        return STATE_BYTES_PER_PARAM * self.model.head_params
+    def piece_moment_bytes(self, piece: str, tp: int, cp: int, zero: int) -> float:
+        """Moment bytes of one piece on one device of a stage of `tp * cp` devices, split inside the stage only:
+        laid out like the parameter under zero 0, split over all the stage's devices under zero 1 and 3."""
+        if zero == 0:
+            return MOMENT_BYTES_PER_PARAM * self.held_params(piece, tp)
+        return MOMENT_BYTES_PER_PARAM * piece_params(self.model, piece) / (tp * cp)
+
+    def piece_state_bytes(self, piece: str, tp: int, cp: int, zero: int) -> float:
+        """Parameter, gradient and moment bytes of one piece on one device (moments split inside the stage only):
+        parameters and gradients laid out like the parameter under zero 0 and 1, split over the `tp * cp` devices
+        under zero 3."""
+        held = self.held_params(piece, tp) if zero < 3 else piece_params(self.model, piece) / (tp * cp)
+        return (PARAM_BYTES_PER_PARAM + GRAD_BYTES_PER_PARAM) * held + self.piece_moment_bytes(piece, tp, cp, zero)
+
+    def fsdp_live_bytes(self, tp: int, pieces: dict[str, int]) -> float:
+        """Zero 3's working set: the largest held piece's weights gathered in the compute dtype plus its fp32
+        gradient (one piece at a time)."""
+        largest = max((self.held_params(p, tp) for p, count in pieces.items() if count), default=0.0)
+        return (ACT_BYTES + GRAD_BYTES_PER_PARAM) * largest
 
     def logits_bytes(self, tp: int, microbatch: int, cp: int = 1) -> float:
         return LOGIT_BYTES * microbatch * self.seq_len / cp * self.model.vocab_size
@@ -260,47 +362,41 @@ class TrainCosts:
         last: bool,
         cp: int = 1,
         zero: int = 0,
+        splits: Sequence[MomentSplit] = (),
     ) -> float:
-        """Peak bytes on one device of a stage (with `zero` 1, its moments split over the stage's devices)."""
-        acts = in_flight * self.layer_act_bytes(tp, microbatch, recompute, cp)
-        total = layers * (self.layer_state_bytes(tp) + acts)
-        if zero:
-            total -= self.zero1_saved_bytes(tp, layers, first, last, cp)
+        """Peak bytes on the first device of a stage under ZeRO stage `zero`, the moments of the pieces in `splits`
+        split across their holders (`moment_splits`), the rest inside the stage."""
+        pieces = self.stage_pieces(layers, first, last)
+        total = sum(count * self.piece_state_bytes(p, tp, cp, zero) for p, count in pieces.items())
+        if zero == 3:
+            total += self.fsdp_live_bytes(tp, pieces)
+        for piece, share in splits:
+            total += MOMENT_BYTES_PER_PARAM * piece_params(self.model, piece) * share
+            total -= self.piece_moment_bytes(piece, tp, cp, zero)
+        total += layers * in_flight * self.layer_act_bytes(tp, microbatch, recompute, cp)
         if recompute:
             total += self.layer_act_bytes(tp, microbatch, False, cp)
-        if first:
-            total += self.first_state_bytes(tp)
         if last:
-            total += self.last_state_bytes(tp) + self.logits_bytes(tp, microbatch, cp)
+            total += self.logits_bytes(tp, microbatch, cp)
         return total
 
-    def _stage_params(self, layers: int, first: bool, last: bool) -> float:
-        """Parameters of a stage: its blocks, the embedding if first, the final norm and head if last."""
-        return (
-            layers * self.model.layer_params
-            + (self.model.embedding_params if first else 0)
-            + (self.model.head_params if last else 0)
-        )
-
-    def zero1_saved_bytes(self, tp: int, layers: int, first: bool, last: bool, cp: int = 1) -> float:
-        """Moment bytes ZeRO-1 takes off one device of a stage of `tp * cp` devices: every moment split over all
-        of them (`meshes.optimizer.zero1_sharding`) instead of laid out like its parameter (blocks split over TP,
-        the embedding and head whole)."""
-        held = self.stage_grad_bytes(tp, layers, first, last) / GRAD_BYTES_PER_PARAM
-        return MOMENT_BYTES_PER_PARAM * (held - self._stage_params(layers, first, last) / (tp * cp))
-
-    def zero1_gather_seconds(self, stage: Stage, cp: int, link: Link, first: bool, last: bool) -> float:
-        """ZeRO-1's gathering of a stage's updated float32 parameters over its `tp * cp` devices, once a step
-        (`link`: the slowest link the stage spans)."""
-        whole = MASTER_BYTES_PER_PARAM * self._stage_params(stage.num_layers, first, last)
-        return ring_allgather_seconds(whole, stage.tp * cp, link) if stage.zero else 0.0
+    def zero1_gather_seconds(
+        self, stage: Stage, cp: int, link: Link, first: bool, last: bool, splits: Sequence[MomentSplit] = ()
+    ) -> float:
+        """ZeRO-1's gathering, once a step, of a stage's updated fp32 parameters over its `tp * cp` devices
+        (`link`: the slowest link the stage spans), for the pieces whose moments it splits inside the stage (not
+        those of `splits`, gathered back across the holders in place of the gradient all-reduce's second half)."""
+        if stage.zero != 1:
+            return 0.0
+        pieces = self.stage_pieces(stage.num_layers, first, last)
+        params = sum(count * piece_params(self.model, p) for p, count in pieces.items())
+        params -= sum(piece_params(self.model, p) for p, _ in splits)
+        return ring_allgather_seconds(PARAM_BYTES_PER_PARAM * params, stage.tp * cp, link) if params else 0.0
 
     def stage_grad_bytes(self, tp: int, layers: int, first: bool, last: bool) -> float:
-        """Gradient bytes one device of a stage all-reduces with the other replicas."""
-        params = layers * self.model.layer_params / tp
-        params += self.model.embedding_params if first else 0
-        params += self.model.head_params if last else 0
-        return GRAD_BYTES_PER_PARAM * params
+        """Gradient bytes one device of a stage all-reduces with the other replicas (laid out as under zero 0)."""
+        pieces = self.stage_pieces(layers, first, last)
+        return GRAD_BYTES_PER_PARAM * sum(count * self.held_params(p, tp) for p, count in pieces.items())
 
     def dp_link(self, nodes: Sequence[int]) -> Link:
         """The link the gradient all-reduce over the plan's `nodes` crosses: inside the node if there is one, else
@@ -309,6 +405,43 @@ class TrainCosts:
 
     def grad_sync_seconds(self, replicas: int, max_grad_bytes: float, link: Link) -> float:
         return ring_allreduce_seconds(max_grad_bytes, replicas, link)
+
+
+def piece_holders(plan: TrainPlan, model: ModelSpec) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Every piece of the model (each block, the embedding, the head) with the stages of `plan` holding it, as
+    `(replica, stage)` indices: a block's its stage in every replica, the embedding every first stage and, with
+    tied embeddings, every last stage of a pipeline too, the head every last stage."""
+    pieces: list[tuple[str, list[tuple[int, int]]]] = []
+    for layer in range(plan.num_layers):
+        holders = [
+            (r, s)
+            for r, replica in enumerate(plan.replicas)
+            for s, stage in enumerate(replica.stages)
+            if stage.layers[0] <= layer < stage.layers[1]
+        ]
+        pieces.append(("block", holders))
+    lasts = [(r, len(replica.stages) - 1) for r, replica in enumerate(plan.replicas)]
+    embedding = [(r, 0) for r in range(len(plan.replicas))]
+    if model.tied_embeddings:
+        embedding += [(r, s) for r, s in lasts if s > 0]
+    return [*pieces, ("embedding", embedding), ("head", lasts)]
+
+
+def moment_splits(plan: TrainPlan, model: ModelSpec) -> dict[tuple[int, int], list[MomentSplit]]:
+    """For every stage `(replica, stage)` of `plan`, the pieces whose moments are split across their holders, with
+    the share its first device holds: those of `H >= 2` holders that all have zero >= 1, `1 / (H L)` with `L` the
+    gcd of the holders' device counts (each holder's devices in `L` rows, the first of each row holding a part)."""
+    out: dict[tuple[int, int], list[MomentSplit]] = {
+        (r, s): [] for r, replica in enumerate(plan.replicas) for s in range(len(replica.stages))
+    }
+    for piece, holders in piece_holders(plan, model):
+        stages = [plan.replicas[r].stages[s] for r, s in holders]
+        if len(holders) < 2 or any(stage.zero == 0 for stage in stages):
+            continue
+        lanes = math.gcd(*(len(stage.devices) for stage in stages))
+        for key in holders:
+            out[key].append((piece, 1 / (len(holders) * lanes)))
+    return out
 
 
 def span_link(cluster: ClusterSpec, groups: list[tuple[int, ...]]) -> Link:
@@ -333,25 +466,22 @@ def evaluate_train_plan(plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec)
     """Predicted iteration time and per-stage peak memory of `plan` (no feasibility check; see `memory_excess`)."""
     costs = TrainCosts(cluster, model, plan.seq_len)
     devices = cluster.devices
+    splits = moment_splits(plan, model)
     replica_s, memory, max_grad = [], [], 0.0
-    for replica in plan.replicas:
+    for r, replica in enumerate(plan.replicas):
         b, depth, cp = replica.microbatch_size, len(replica.stages), replica.cp
         times, mems, comm, gathers = [], [], 0.0, 0.0
         for i, stage in enumerate(replica.stages):
             first, last = i == 0, i == depth - 1
             link, cp_link = stage_links(cluster, stage, cp)
-            times.append(
-                costs.stage_seconds(
-                    stage.kind, stage.tp, stage.num_layers, b, stage.recompute, first, last, link, cp, cp_link
-                )
-            )
+            shape = (stage.kind, stage.tp, stage.num_layers, b, stage.recompute, first, last)
+            times.append(costs.stage_seconds(*shape, link, cp, cp_link, stage.zero))
             held = in_flight(plan.schedule, depth, i, replica.num_microbatches)
             nbytes = costs.stage_memory_bytes(
-                stage.tp, stage.num_layers, b, stage.recompute, held, first, last, cp, stage.zero
+                stage.tp, stage.num_layers, b, stage.recompute, held, first, last, cp, stage.zero, splits[r, i]
             )
-            gathers = max(
-                gathers, costs.zero1_gather_seconds(stage, cp, span_link(cluster, [stage.devices]), first, last)
-            )
+            group = span_link(cluster, [stage.devices])
+            gathers = max(gathers, costs.zero1_gather_seconds(stage, cp, group, first, last, splits[r, i]))
             mems.append(nbytes / 1e9)
             max_grad = max(max_grad, costs.stage_grad_bytes(stage.tp, stage.num_layers, first, last))
             if not last:

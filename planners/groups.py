@@ -28,8 +28,9 @@ class Group:
         return len(self.devices) // self.cp
 
 
-Slot = tuple[list[tuple[Group, int, bool]], int]
-"""A replica of a cell's plan: its stages (group, blocks, recompute) in pipeline order, and its micro-batch count."""
+Slot = tuple[list[tuple[Group, int, bool, int]], int]
+"""A replica of a cell's plan: its stages (group, blocks, recompute, ZeRO stage) in pipeline order, and its
+micro-batch count."""
 
 
 def shapes(size: int, model: ModelSpec, seq_len: int) -> list[int]:

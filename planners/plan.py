@@ -39,9 +39,10 @@ per-stage TP, per-replica CP, rank-to-device mapping, recompute layers), everyth
 counts are `plan.layer_counts()`, the micro-batch counts `[r.num_microbatches for r in plan.replicas]`.
 
 `TrainPlan.to_json()` / `TrainPlan.from_json(text)` round-trip exactly (version 2 adds `solve`, version 3
-`Stage.zero` and `Stage.compress`, version 4 `zero` 3; older plans, which lack them, still load); construction validates every invariant
-above and raises `PlanError` naming the offending field (e.g. `replicas[1].stages[0].tp`). After losing devices,
-`planners.replan_training(cluster, failed, ...)` returns a plan over the survivors in the original numbering.
+`Stage.zero` and `Stage.compress`, version 4 `zero` 3; older plans, which lack them, still load); construction
+validates every invariant above and raises `PlanError` naming the offending field (e.g. `replicas[1].stages[0].tp`).
+After losing devices, `planners.replan_training(cluster, failed, ...)` returns a plan over the survivors in the
+original numbering.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def simulate_replica(
     for i, stage in enumerate(replica.stages):
         link, cp_link = stage_links(cluster, stage, cp)
         shape = (stage.kind, stage.tp, stage.num_layers, b)
-        ends = (i == 0, i == depth - 1, link, cp, cp_link)
+        ends = (i == 0, i == depth - 1, link, cp, cp_link, stage.zero)
         plain = costs.stage_seconds(*shape, False, *ends)
         total = costs.stage_seconds(*shape, stage.recompute, *ends)
         forward.append(FORWARD_SHARE * plain)

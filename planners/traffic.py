@@ -3,7 +3,9 @@
 Two kinds of traffic cross groups: activations forward and their gradients backward across every pipeline stage
 edge, once per micro-batch; and the gradient sync, a ring over the stages that hold the same parameters (every
 replica holds every block; a tied embedding is held by each replica's first stage and, in a pipeline, its last
-too), each of `H` holders sending `2(H-1)/H` of those parameters' gradient bytes. An edge whose sending stage
+too), each of `H` holders sending `2(H-1)/H` of those parameters' gradient bytes (the same under ZeRO: across holders
+its reduce-scatter and all-gather move the bytes of the all-reduce they replace, and zero 3's collectives stay
+inside a group). An edge whose sending stage
 compresses carries the packed form both ways (`planners.compression`). The iteration-time model
 (`planners.cost_model`) prices the same two patterns; this module gives their byte counts, for checking that the
 runtime moves what the plan says.
@@ -15,6 +17,7 @@ import dataclasses
 
 from planners.cluster import ClusterSpec
 from planners.compression import edge_bytes_per_token
+from planners.cost_model import piece_holders, piece_params
 from planners.model import ModelSpec
 from planners.plan import Stage, TrainPlan
 
@@ -28,20 +31,12 @@ class StepTraffic:
 
 
 def _pieces(plan: TrainPlan, model: ModelSpec) -> list[tuple[int, list[Stage]]]:
-    """(parameter count, the stages holding it) for every block, the embedding and the head."""
-    pieces = []
-    for layer in range(plan.num_layers):
-        holders = [s for r in plan.replicas for s in r.stages if s.layers[0] <= layer < s.layers[1]]
-        pieces.append((model.layer_params, holders))
-    embedding = [r.stages[0] for r in plan.replicas]
-    lasts = [r.stages[-1] for r in plan.replicas]
-    if model.tied_embeddings:
-        embedding += [r.stages[-1] for r in plan.replicas if len(r.stages) > 1]
-        pieces.append((model.hidden_size, lasts))  # the final norm
-    else:
-        pieces.append((model.head_params, lasts))
-    pieces.append((model.embedding_params, embedding))
-    return pieces
+    """(parameter count, the stages holding it) for every block, the embedding and the head
+    (`planners.cost_model.piece_holders`)."""
+    return [
+        (piece_params(model, piece), [plan.replicas[r].stages[s] for r, s in holders])
+        for piece, holders in piece_holders(plan, model)
+    ]
 
 
 def step_traffic(

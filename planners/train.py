@@ -1,5 +1,5 @@
-"""The training planner: CP-SAT chooses device groups, replicas, stage order, layer splits, batch shares and
-recomputation.
+"""The training planner: CP-SAT chooses device groups, replicas, stage order, layer splits, batch shares,
+recomputation and ZeRO stages.
 
 Search space (the same one `planners.brute_force` enumerates):
 - a stage is a group of `t` devices inside one node, `t` a power of two, run as `cp` context-parallel ranks of
@@ -10,7 +10,11 @@ Search space (the same one `planners.brute_force` enumerates):
   same time under the cost model and more memory);
 - every replica gets at least one micro-batch; all micro-batches have one size `b`, chosen from the workload's
   candidates by solving once per candidate;
-- each stage gets at least one block, and may recompute its activations.
+- each stage gets at least one block, may recompute its activations (`TrainWorkload.recompute`) and runs one of
+  the ZeRO stages the workload allows (`TrainWorkload.zero_stages`), priced as `planners.cost_model` describes
+  (moments split across the holders of a piece where all of them have zero >= 1); among plans of equal time the
+  one with less of this machinery wins (CP-SAT charges one tick per recomputed block and per ZeRO level of a
+  stage).
 With a topology (`planners.topology`), links between nodes are those of the levels they span, and the objective
 is lexicographic in effect: the iteration time first, then the plan's spread (`planners.spread`: `max + pp`, the
 level all its nodes span plus the highest level a pipeline spans). Inside CP-SAT the spread weighs one tick per
@@ -30,9 +34,11 @@ plan repeated `K` times, with the gradient all-reduce counted over all `K` cells
 splits into cells of at most `max_cell_devices` devices that leave the fewest devices idle, and the whole cluster
 when it has at most `WHOLE_CLUSTER_DEVICES` devices; coarser splits when those leave no plan. Cell plans are
 whole-cluster plans too, so only the whole-cluster solves prove optimality and bound the iteration time; without
-them the bound is the throughput bound of `throughput_bound_s`. Each sub-problem is solved twice: over coarse
-groups only (TP of at least half a node, fast), then over all groups starting from that plan (a CP-SAT hint); both
-start from the fastest plan known so far: the best regular seed plan (`planners.seeds`), or a plan of finer cells
+them the bound is the throughput bound of `throughput_bound_s`. Each sub-problem is solved over coarse groups
+only (TP of at least half a node, fast), then over all groups starting from that plan (a CP-SAT hint); where ZeRO is
+allowed, those two solves are without it and a third, over all groups with it, starts from their plan (`_phases`;
+on cells too large for that model, ZeRO comes from the seeds only, and the plan is not proven optimal).
+All start from the fastest plan known so far: the best regular seed plan (`planners.seeds`), or a plan of finer cells
 or of a subset of the nodes. Clusters of at least `SUBSET_MIN_DEVICES` devices first get quick solves of their
 subsets (without one node of a class, or without a whole class), renumbered onto the cluster: warm starts that
 keep the plan no worse than theirs. The time limit holds for the whole call, model building included.
@@ -59,6 +65,8 @@ from planners.train_model import Cell, CellModel, CellProblem, CellResult
 from planners.workload import TrainWorkload
 
 COARSE_SHARE = 0.25
+PLAIN_SHARE = 0.5  # of the time left after the coarse solve, for the full solve without ZeRO
+ZERO_SEARCH_BLOCKS = 2048  # candidate groups x blocks beyond which CP-SAT leaves ZeRO to the seeds
 RESERVE_SHARE = 0.05  # of the time limit, kept for turning solutions into plans
 SUBSET_MIN_DEVICES = 17  # smaller clusters are solved to optimality, which needs no warm start from subsets
 SUBSET_SHARE = 0.3  # of the time limit, for the subsets' quick solves
@@ -89,7 +97,13 @@ def _seeds(problem: CellProblem) -> list[list[Slot]]:
     costs = TrainCosts(cell.cluster, model, problem.seq_len)
     scored = []
     for slots in seed_slots(
-        cell.cluster, model, problem.seq_len, problem.microbatch, problem.microbatches, problem.recompute
+        cell.cluster,
+        model,
+        problem.seq_len,
+        problem.microbatch,
+        problem.microbatches,
+        problem.recompute,
+        problem.zero_stages,
     ):
         plan = _plan_from_slots(slots, Cell(cell.cluster, 1, (tuple(range(cell.cluster.num_devices)),)), problem)
         estimate = plan.estimate
@@ -120,9 +134,9 @@ def _plan_from_slots(
     for device_map in cell.device_maps:
         for stages, count in slots:
             start, built = 0, []
-            for group, layers, recompute in stages:
+            for group, layers, recompute, zero in stages:
                 devices = tuple(device_map[d] for d in group.devices)
-                built.append(Stage(devices, group.kind, group.tp, (start, start + layers), recompute))
+                built.append(Stage(devices, group.kind, group.tp, (start, start + layers), recompute, zero))
                 start += layers
             replicas.append(Replica(tuple(built), count, problem.microbatch, stages[0][0].cp))
     plan = TrainPlan(
@@ -141,7 +155,7 @@ def _plan_from_slots(
 class _Outcome:
     """One sub-problem's result: the plans it yielded (cells, micro-batch size), CP-SAT's status and bound
     (seconds) on its full model, and whether that bound holds for every plan of the micro-batch size (a solve of
-    the whole cluster, not of cells or of a subset of nodes)."""
+    the whole cluster, not of cells or of a subset of nodes, with ZeRO in its model where the workload allows it)."""
 
     cells: int
     microbatch: int
@@ -168,15 +182,31 @@ def _cell_slots(plan: TrainPlan | None, problem: CellProblem) -> list[Slot] | No
             Group(devices[local[st.devices[0]]].node, tuple(local[d] for d in st.devices), st.kind, r.cp)
             for st in r.stages
         ]
-        stages = [(g, st.num_layers, st.recompute) for g, st in zip(groups, r.stages, strict=True)]
+        stages = [(g, st.num_layers, st.recompute, st.zero) for g, st in zip(groups, r.stages, strict=True)]
         slots.append((stages, r.num_microbatches))
     return slots if slots and sum(count for _, count in slots) == problem.microbatches else None
+
+
+def _phases(problem: CellProblem) -> list[tuple[CellProblem, bool, float]]:
+    """The CP-SAT solves of one sub-problem, in turn: (problem, coarse groups only, share of the time left). Coarse,
+    then full; where ZeRO >= 1 is allowed beside zero 0, those two without it (a much smaller model that finds
+    good plans fast) and a last full solve with it, which starts from their plan and decides; but where the model
+    with ZeRO would exceed `ZERO_SEARCH_BLOCKS` (too large to build and solve within a limit of seconds), ZeRO is
+    left to the seeds, which try each allowed stage on all stages."""
+    zeros = problem.zero_stages
+    if zeros == (0,) or 0 not in zeros:
+        return [(problem, True, COARSE_SHARE), (problem, False, 1.0)]
+    plain = dataclasses.replace(problem, zero_stages=(0,))
+    groups = candidate_groups(problem.cell.cluster, problem.model, problem.seq_len)
+    if len(groups) * problem.model.num_layers > ZERO_SEARCH_BLOCKS:
+        return [(plain, True, COARSE_SHARE), (plain, False, 1.0)]
+    return [(plain, True, COARSE_SHARE), (plain, False, PLAIN_SHARE), (problem, False, 1.0)]
 
 
 def _solve(
     problem: CellProblem, cluster: ClusterSpec, batch: int, end: float, workers: int, warm: TrainPlan | None
 ) -> _Outcome:
-    """Coarse, then full CP-SAT solve of one sub-problem before the wall-clock time `end`, each starting from the
+    """The CP-SAT solves of one sub-problem (`_phases`) before the wall-clock time `end`, each starting from the
     fastest plan known so far: the best seed or `warm` (a plan of finer cells with the same micro-batch size)."""
 
     def plan_of(slots: list[Slot]) -> TrainPlan:
@@ -186,24 +216,28 @@ def _solve(
         found = [s for s in options if s is not None]
         return min(found, key=lambda s: plan_of(s).estimate.iteration_s) if found else None  # type: ignore[union-attr]
 
-    def cp_sat(coarse: bool, share: float, hint: list[Slot] | None) -> CellResult:
+    def cp_sat(sub: CellProblem, coarse: bool, share: float, hint: list[Slot] | None) -> CellResult:
         left = end - time.perf_counter()
         if left < MIN_SOLVE_S:  # no time to build the model: its building would overrun the limit
             return CellResult("UNKNOWN", None, 0.0)
-        return CellModel(problem, coarse=coarse).solve(share * left, workers, hint=hint)
+        return CellModel(sub, coarse=coarse).solve(share * left, workers, hint=hint)
 
     seeds = _seeds(problem)
-    start = fastest([seeds[0] if seeds else None, _cell_slots(warm, problem)])
-    coarse = cp_sat(True, COARSE_SHARE, start)
-    full = cp_sat(False, 1.0, fastest([coarse.slots, start]))
-    plans = [plan_of(s) for s in (start, coarse.slots, full.slots) if s is not None]
+    best = start = fastest([seeds[0] if seeds else None, _cell_slots(warm, problem)])
+    results, phases = [], _phases(problem)
+    for sub, coarse, share in phases:
+        results.append(cp_sat(sub, coarse, share, best))
+        best = fastest([results[-1].slots, best])
+    full = results[-1]
+    plans = [plan_of(s) for s in (start, *(r.slots for r in results)) if s is not None]
     for plan in plans:
         assert plan.estimate is not None
         excess = memory_excess(plan, cluster, plan.estimate)
         if excess:
             raise AssertionError(f"planner produced a plan over memory: {excess}")
     copies = problem.cell.copies
-    return _Outcome(copies, problem.microbatch, plans, full.status, full.bound_s, copies == 1)
+    searched = phases[-1][0] == problem  # the last solve covered the whole space (ZeRO included)
+    return _Outcome(copies, problem.microbatch, plans, full.status, full.bound_s, copies == 1 and searched)
 
 
 def _problems(
@@ -215,8 +249,9 @@ def _problems(
         assert cell is not None
         for b in workload.microbatch_sizes:
             if workload.global_batch % (k * b) == 0:
+                microbatches = workload.global_batch // (k * b)
                 yield CellProblem(
-                    cell, model, workload.seq_len, b, workload.global_batch // (k * b), workload.recompute, use_all
+                    cell, model, workload.seq_len, b, microbatches, workload.recompute, use_all, workload.zero_stages
                 )
 
 
@@ -367,7 +402,7 @@ def _subset_outcomes(
     parts = subsets(cluster)
     for i, (sub, original) in enumerate(parts):
         end = time.perf_counter() + max(deadline - time.perf_counter(), 0.0) / (len(parts) - i)
-        if state_bytes(sub, model, workload.seq_len) > usable_bytes(sub):
+        if state_bytes(model) > usable_bytes(sub):
             continue
         try:
             found = _search(sub, model, workload, end, options, [])
@@ -404,7 +439,7 @@ def plan_training_with_info(
     """`plan_training`, also returning how the plan was found (also in `plan.solve`)."""
     start = time.perf_counter()
     deadline = start + (1 - RESERVE_SHARE) * time_limit_s
-    if state_bytes(cluster, model, workload.seq_len) > usable_bytes(cluster):
+    if state_bytes(model) > usable_bytes(cluster):
         raise PlanningError(explain_infeasible(cluster, model, workload))
     options = _Options(num_workers, max_cell_devices, use_all_devices)
     outcomes = []
@@ -462,10 +497,11 @@ def replan_training(
 
 
 def explain_infeasible(cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload) -> str:
-    """Name the constraint that rules out every plan (memory, in the usual case)."""
+    """Name the constraint that rules out every plan (memory, in the usual case); the per-stage figures are those
+    of the most memory-saving allowed ZeRO stage inside a stage (moments split across replicas can save more)."""
     costs = TrainCosts(cluster, model, workload.seq_len)
     b = min(workload.microbatch_sizes)
-    state, usable = state_bytes(cluster, model, workload.seq_len), usable_bytes(cluster)
+    state, usable = state_bytes(model), usable_bytes(cluster)
     if state > usable:
         return (
             f"memory: {model.name} needs {state / 1e9:.1f} GB for weights, gradients and Adam state "
@@ -479,14 +515,20 @@ def explain_infeasible(cluster: ClusterSpec, model: ModelSpec, workload: TrainWo
         cap = cluster.profile(node.kind).capacity_bytes
         for cp in shapes(size, model, workload.seq_len):
             tp = size // cp
-            need = costs.stage_memory_bytes(tp, 1, b, workload.recompute, 1, False, False, cp)
+
+            def need(first: bool, last: bool, tp: int = tp, cp: int = cp) -> float:
+                return min(
+                    costs.stage_memory_bytes(tp, 1, b, workload.recompute, 1, first, last, cp, zero)
+                    for zero in workload.zero_stages
+                )
+
             at = f"TP={tp}" + (f" CP={cp}" if cp > 1 else "")
-            lines.append(f"{node.kind}: one block at {at} needs {need / 1e9:.2f} GB of {cap / 1e9:.2f} GB usable")
-            head = costs.last_state_bytes(tp) + costs.logits_bytes(tp, b, cp)
-            for what, extra in (("embedding", costs.first_state_bytes(tp)), ("LM head", head)):
-                if need + extra > cap:
-                    gb = (need + extra) / 1e9
-                    lines.append(f"{node.kind}: a stage holding one block and the {what} at {at} needs {gb:.2f} GB")
+            block = need(False, False)
+            lines.append(f"{node.kind}: one block at {at} needs {block / 1e9:.2f} GB of {cap / 1e9:.2f} GB usable")
+            for what, gb in (("embedding", need(True, False)), ("LM head", need(False, True))):
+                if gb > cap:
+                    held = f"a stage holding one block and the {what} at {at}"
+                    lines.append(f"{node.kind}: {held} needs {gb / 1e9:.2f} GB")
     return (
         f"memory: no placement of {model.name} ({model.num_layers} blocks, micro-batch >= {b}, seq_len "
         f"{workload.seq_len}) keeps every stage within its devices' usable memory; " + "; ".join(lines)

@@ -24,7 +24,7 @@ from typing import Any
 
 from planners import fields
 from planners.errors import SpecError
-from planners.plan import COMPRESSIONS
+from planners.plan import COMPRESSIONS, ZERO_STAGES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +32,11 @@ class TrainWorkload:
     """`global_batch` sequences of `seq_len` tokens per iteration.
 
     `microbatch_sizes` are the micro-batch sizes the planner may pick from (each must divide `global_batch`;
-    by default the powers of two up to 8 that do); `recompute` allows activation recomputation. `compress` is the
-    lossiest stage-edge codec the planner may turn on (`planners.plan.COMPRESSIONS`, least lossy first; "none":
-    never): it compresses an edge where that makes the plan faster under the cost model.
+    by default the powers of two up to 8 that do); `recompute` allows activation recomputation and `zero_stages`
+    are the ZeRO stages (`planners.plan.ZERO_STAGES`) the planner may give a stage, each chosen per stage where it
+    makes the plan fit or faster. `compress` is the lossiest stage-edge codec the planner may turn on
+    (`planners.plan.COMPRESSIONS`, least lossy first; "none": never): it compresses an edge where that makes the
+    plan faster under the cost model.
     """
 
     global_batch: int
@@ -42,11 +44,15 @@ class TrainWorkload:
     microbatch_sizes: tuple[int, ...] = ()
     recompute: bool = True
     compress: str = "none"
+    zero_stages: tuple[int, ...] = ZERO_STAGES
 
     def __post_init__(self) -> None:
         fields.positive_int(self.global_batch, "global_batch")
         fields.one_of(self.compress, COMPRESSIONS, "compress")
         fields.positive_int(self.seq_len, "seq_len")
+        if not isinstance(self.recompute, bool):
+            raise SpecError(f"recompute must be true or false, got {self.recompute!r}")
+        self._check_zero_stages()
         sizes = tuple(self.microbatch_sizes)
         for i, b in enumerate(sizes):
             fields.positive_int(b, f"microbatch_sizes[{i}]")
@@ -55,6 +61,17 @@ class TrainWorkload:
         if not sizes:
             sizes = tuple(b for b in (1, 2, 4, 8) if self.global_batch % b == 0)
         object.__setattr__(self, "microbatch_sizes", sizes)
+
+    def _check_zero_stages(self) -> None:
+        zeros = tuple(self.zero_stages) if isinstance(self.zero_stages, list | tuple) else None
+        if not zeros:
+            raise SpecError(f"zero_stages must list at least one of {list(ZERO_STAGES)}, got {self.zero_stages!r}")
+        for i, z in enumerate(zeros):
+            if z not in ZERO_STAGES or isinstance(z, bool):
+                raise SpecError(f"zero_stages[{i}] must be one of {list(ZERO_STAGES)}, got {z!r}")
+        if len(set(zeros)) != len(zeros):
+            raise SpecError(f"zero_stages repeats a stage: {list(zeros)}")
+        object.__setattr__(self, "zero_stages", tuple(sorted(zeros)))
 
     @property
     def tokens(self) -> int:

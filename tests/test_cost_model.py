@@ -3,7 +3,7 @@
 import pytest
 
 import planners
-from planners.cost_model import ring_allgather_seconds, ring_allreduce_seconds
+from planners.cost_model import moment_splits, ring_allgather_seconds, ring_allreduce_seconds
 
 CLUSTER = planners.ClusterSpec.load("h100x4_l4x4")
 MODEL = planners.ModelSpec.preset("llama-2-7b")
@@ -45,7 +45,7 @@ def test_memory_grows_with_layers_and_in_flight_and_shrinks_with_recompute_and_t
     assert mem(tp=4) < mem(tp=1)
     assert COSTS.stage_memory_bytes(1, 4, 1, False, 1, True, True) > mem()
     # 16 bytes of weight, gradient and Adam state per parameter.
-    assert COSTS.layer_state_bytes(1) == 16 * MODEL.layer_params
+    assert COSTS.piece_state_bytes("block", 1, 1, 0) == 16 * MODEL.layer_params
 
 
 def test_alpha_beta() -> None:
@@ -215,7 +215,7 @@ def test_cp_splits_activations_and_attention_but_not_state() -> None:
     # The last of cp consecutive slices attends (2 cp - 1) / (2 cp) of the sequence per query.
     assert COSTS.attended_keys(1) == 1024 and COSTS.attended_keys(2) == 2048 * 3 / 4
     assert COSTS.layer_flops(1024, 2) - COSTS.layer_flops(1024) == pytest.approx(1024 * 4 * MODEL.hidden_size * 512)
-    assert COSTS.stage_memory_bytes(2, 4, 1, True, 1, False, False, 2) > 4 * COSTS.layer_state_bytes(2)
+    assert COSTS.stage_memory_bytes(2, 4, 1, True, 1, False, False, 2) > 4 * COSTS.piece_state_bytes("block", 2, 2, 0)
 
 
 def test_gpipe_keeps_every_microbatch_in_flight() -> None:
@@ -232,3 +232,87 @@ def test_gpipe_keeps_every_microbatch_in_flight() -> None:
     # 1F1B: the first of two stages holds 2 micro-batches, the last 1; GPipe: all 6 on both.
     assert gpipe[0] - one_f_one_b[0] == pytest.approx(4 * per_microbatch[0])
     assert gpipe[1] - one_f_one_b[1] == pytest.approx(5 * per_microbatch[1])
+
+
+def test_a_stage_holding_the_embedding_and_a_tied_head_holds_the_matrix_once() -> None:
+    tiny = planners.ModelSpec.preset("tiny")
+    assert tiny.tied_embeddings
+    costs = planners.TrainCosts(CLUSTER, tiny, 128)
+    acts = 4 * costs.layer_act_bytes(1, 1, False) + costs.logits_bytes(1, 1)
+    assert costs.stage_memory_bytes(1, 4, 1, False, 1, True, True) - acts == pytest.approx(16 * tiny.num_params)
+    assert costs.stage_grad_bytes(1, 4, True, True) == 4 * tiny.num_params
+    # A last stage that is not the first holds its own copy of the matrix, beside the final norm.
+    assert costs.stage_grad_bytes(1, 0, False, True) == 4 * (tiny.embedding_params + tiny.hidden_size)
+
+
+def test_zero3_splits_the_state_over_the_stage_and_gathers_every_block_per_microbatch() -> None:
+    tp, cp, params, h = 2, 2, MODEL.layer_params, MODEL.hidden_size
+    acts = 4 * COSTS.layer_act_bytes(tp, 1, False, cp)
+    plain = COSTS.stage_memory_bytes(tp, 4, 1, False, 1, False, False, cp) - acts
+    fsdp = COSTS.stage_memory_bytes(tp, 4, 1, False, 1, False, False, cp, zero=3) - acts
+    assert plain == pytest.approx(16 * 4 * params / tp)
+    # 16 bytes per parameter split over all 4 devices, plus one block gathered (bf16) with its fp32 gradient.
+    assert fsdp == pytest.approx(16 * 4 * params / (tp * cp) + 6 * params / tp)
+    link = planners.Link(10.0, 0.0)
+    for recompute in (False, True):
+        zero0, zero3 = (COSTS.layer_seconds("H100", tp, 1, recompute, link, cp, link, z) for z in (0, 3))
+        matrices, norms = 2 * (params - 2 * h) / tp, 4 * 2 * h
+        # Two gathers and a reduce-scatter: the matrices over the 2 CP ranks, the norms over all 4 devices; in
+        # place of the all-reduce of both over the CP ranks. The backward's gather serves the recomputation too.
+        expected = 3 * (matrices / 2 + norms * 3 / 4) - (matrices + norms)
+        assert zero3 - zero0 == pytest.approx(expected / 10e9, rel=1e-9)
+
+
+def _replicas(*stages: planners.Stage, microbatches: int = 1) -> planners.TrainPlan:
+    """One replica per stage, each holding all 32 blocks."""
+    replicas = tuple(planners.Replica((s,), microbatches, 1) for s in stages)
+    return planners.TrainPlan(replicas, 32, microbatches * len(stages), 2048)
+
+
+def test_moments_split_across_holders_only_where_every_holder_has_zero() -> None:
+    def tp4_beside_tp2(zeros: tuple[int, int]) -> planners.TrainPlan:
+        return _replicas(
+            planners.Stage((0, 1, 2, 3), "H100", 4, (0, 32), zero=zeros[0]),
+            planners.Stage((4, 5), "L4", 2, (0, 32), zero=zeros[1]),
+        )
+
+    # Two holders of 4 and 2 devices: 2 lanes each, a quarter of every piece's moments on each lane head.
+    splits = moment_splits(tp4_beside_tp2((1, 1)), MODEL)
+    assert splits[0, 0] == splits[1, 0] == [("block", 0.25)] * 32 + [("embedding", 0.25), ("head", 0.25)]
+    assert moment_splits(tp4_beside_tp2((1, 0)), MODEL) == {(0, 0): [], (1, 0): []}
+    across, inside, plain = (
+        planners.evaluate_train_plan(tp4_beside_tp2(z), CLUSTER, MODEL) for z in ((1, 1), (0, 1), (0, 0))
+    )
+    # The TP2 stage held half of every moment inside its group, a quarter across the holders.
+    assert inside.peak_memory_gb[1][0] - across.peak_memory_gb[1][0] == pytest.approx(8 * MODEL.num_params / 4e9)
+    # Across the holders the parameters come back with the gradient sync: no gather, the time of zero 0.
+    assert across.iteration_s == pytest.approx(plain.iteration_s, rel=1e-12)
+    gather = ring_allgather_seconds(4 * MODEL.num_params, 2, PCIE)
+    assert inside.replica_s[1] - plain.replica_s[1] == pytest.approx(gather)
+
+
+def test_a_single_device_holder_leaves_one_lane_and_half_the_moments_on_a_tp4_stage() -> None:
+    def tp4_beside_one(zeros: tuple[int, int]) -> planners.PlanEstimate:
+        plan = _replicas(
+            planners.Stage((0, 1, 2, 3), "H100", 4, (0, 32), zero=zeros[0]),
+            planners.Stage((4,), "L4", 1, (0, 32), zero=zeros[1]),
+        )
+        return planners.evaluate_train_plan(plan, CLUSTER, MODEL)
+
+    across, inside = tp4_beside_one((1, 1)), tp4_beside_one((1, 0))
+    # gcd(4, 1) = 1 lane: the TP4 stage's first device holds 1/2 of every moment, not the 1/4 of its own split.
+    assert across.peak_memory_gb[0][0] - inside.peak_memory_gb[0][0] == pytest.approx(8 * MODEL.num_params / 4e9)
+
+
+def test_a_tied_embedding_is_split_between_the_two_ends_of_one_pipeline() -> None:
+    tiny = planners.ModelSpec.preset("tiny")
+
+    def pipeline(zeros: tuple[int, int]) -> planners.TrainPlan:
+        stages = (
+            planners.Stage((0, 1), "H100", 2, (0, 2), zero=zeros[0]),
+            planners.Stage((2, 3), "H100", 2, (2, 4), zero=zeros[1]),
+        )
+        return planners.TrainPlan((planners.Replica(stages, 2, 1),), 4, 2, 128)
+
+    assert moment_splits(pipeline((1, 1)), tiny) == {(0, 0): [("embedding", 0.25)], (0, 1): [("embedding", 0.25)]}
+    assert moment_splits(pipeline((3, 0)), tiny) == {(0, 0): [], (0, 1): []}

@@ -171,3 +171,30 @@ def test_plan_serve_routes_request_classes_of_a_workload_file(tmp_path: Path) ->
     assert bad.exit_code == 2 and "--bucket-edge needs --trace" in bad.output
     wrong = RUNNER.invoke(app, ["plan", "serve", "--objective", "fastest"])
     assert wrong.exit_code == 2 and "min_latency" in wrong.output
+
+
+def test_plan_train_shows_and_forbids_zero(tmp_path: Path) -> None:
+    """Four H100s beside two L4s, each holding well under the model's weights, gradients and Adam state: with every
+    device busy the plan splits moments (zero 1), and `--no-zero` leaves no plan."""
+    config = {"vocab_size": 8000, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 2}
+    config |= {"num_attention_heads": 8, "num_key_value_heads": 8}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state_gb = 16 * planners.ModelSpec.from_hf_config(config).num_params / 1e9
+    cluster = {
+        "nodes": [{"gpu": "H100", "count": 4}, {"gpu": "L4", "count": 2}],
+        "gpus": {
+            k: {"memory_gb": share * state_gb, "usable_memory": 1.0} for k, share in (("H100", 0.45), ("L4", 0.3))
+        },
+        "inter_node_link": {"gb_s": 50, "latency_us": 5},
+    }
+    (tmp_path / "cluster.json").write_text(json.dumps(cluster))
+    out = tmp_path / "plan.json"
+    args = ["plan", "train", "--cluster", str(tmp_path / "cluster.json"), "--model", str(tmp_path / "config.json")]
+    args += ["--global-batch", "2", "--seq-len", "128", "--no-recompute", "--use-all-devices", "--time-limit", "20"]
+    result = RUNNER.invoke(app, [*args, "-o", str(out)], env={"COLUMNS": "160"})  # the table's header unwrapped
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if "replica" in line and "GPU" in line)
+    assert "zero" in [c.strip() for c in header.split("┃")] and "ZeRO stage" in result.output
+    assert {s.zero for r in planners.TrainPlan.from_json(out.read_text()).replicas for s in r.stages} == {1}
+    result = RUNNER.invoke(app, [*args, "--no-zero"])
+    assert result.exit_code != 0 and "memory" in result.output

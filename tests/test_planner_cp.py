@@ -32,7 +32,8 @@ def drawn(seed: int) -> tuple[dict, planners.ModelSpec, planners.TrainWorkload]:
     spec = {"name": f"cp{seed}", "nodes": nodes, "gpus": gpus, "inter_node_link": link}
     hidden = rng.choice([128, 256])
     model = planners.ModelSpec("m", 1000, hidden, 4 * hidden, rng.choice([2, 3]), 4, rng.choice([1, 2, 4]))
-    workload = planners.TrainWorkload(rng.choice([1, 2]), rng.choice([8192, 16384, 32768]), microbatch_sizes=(1,))
+    seq_len = rng.choice([8192, 16384, 32768])
+    workload = planners.TrainWorkload(rng.choice([1, 2]), seq_len, microbatch_sizes=(1,), zero_stages=(0,))
     return spec, model, workload
 
 

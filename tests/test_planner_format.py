@@ -103,7 +103,7 @@ def mutate(path: list, value: object) -> dict:
         (["replicas", 0, "stages", 0, "kind"], "", "replicas[0].stages[0].kind must be a non-empty GPU kind name"),
         (["replicas", 0, "stages", 0, "speed"], 3, "replicas[0].stages[0]: unknown field(s) ['speed']"),
         (["schedule"], "zigzag", "schedule must be one of ['1f1b', 'gpipe']"),
-        (["replicas", 1, "stages", 0, "zero"], 3, "replicas[1].stages[0].zero must be one of [0, 1], got 3"),
+        (["replicas", 1, "stages", 0, "zero"], 2, "replicas[1].stages[0].zero must be one of [0, 1, 3], got 2"),
         (["version"], 7, "version must be one of [1, 2, 3, 4]"),
         (["solve"], {"status": "PROVEN"}, "solve: missing required field(s) ['lower_bound_s'"),
         (["replicas"], [], "replicas must not be empty"),

@@ -31,7 +31,8 @@ def instance(seed: int) -> tuple[planners.ClusterSpec, planners.ModelSpec, plann
     hidden = rng.choice([256, 512, 1024])
     model = planners.ModelSpec("m", rng.choice([1000, 32000]), hidden, 4 * hidden, rng.choice([3, 4]), 8, 2)
     batch = rng.choice([2, 3, 4])
-    workload = planners.TrainWorkload(batch, rng.choice([256, 1024]), microbatch_sizes=(1,) if batch == 3 else (1, 2))
+    sizes = (1,) if batch == 3 else (1, 2)
+    workload = planners.TrainWorkload(batch, rng.choice([256, 1024]), microbatch_sizes=sizes, zero_stages=(0,))
     return cluster, model, workload
 
 

@@ -163,7 +163,11 @@ def small_instance(seed: int) -> tuple[planners.ClusterSpec, planners.ModelSpec,
     hidden = rng.choice([256, 1024])
     model = planners.ModelSpec("m", 1000, hidden, 4 * hidden, rng.choice([2, 3]), 8, 2)
     batch = rng.choice([2, 4])
-    return cluster, model, planners.TrainWorkload(batch, 256, microbatch_sizes=(1, 2), recompute=False)
+    return (
+        cluster,
+        model,
+        planners.TrainWorkload(batch, 256, microbatch_sizes=(1, 2), recompute=False, zero_stages=(0,)),
+    )
 
 
 def enumerate_plans(cluster, model, workload) -> list[tuple[float, int]]:
@@ -188,7 +192,8 @@ def interleaved_racks() -> tuple[planners.ClusterSpec, planners.ModelSpec, plann
         "topology": [{"level": "rack", "link": link, "groups": {"r0": ["n0", "n3"], "r1": ["n1", "n2"]}}],
     }
     model = planners.ModelSpec("m", 1000, 1024, 4096, 2, 8, 2)
-    return planners.ClusterSpec.from_dict(spec), model, planners.TrainWorkload(2, 256, microbatch_sizes=(1,))
+    workload = planners.TrainWorkload(2, 256, microbatch_sizes=(1,), zero_stages=(0,))
+    return planners.ClusterSpec.from_dict(spec), model, workload
 
 
 def test_the_maximum_spread_is_the_level_of_all_the_plans_nodes() -> None:

@@ -16,7 +16,7 @@ def test_supports_tp(tp, allowed):
 
 
 def test_planner_and_brute_force_skip_tp_degrees_the_heads_do_not_allow():
-    workload = TrainWorkload(global_batch=4, seq_len=128, recompute=False)
+    workload = TrainWorkload(global_batch=4, seq_len=128, recompute=False, zero_stages=(0,))
     plan = plan_training(CLUSTER, MODEL, workload, time_limit_s=10.0, num_workers=1, use_all_devices=True)
     assert max(stage.tp for replica in plan.replicas for stage in replica.stages) <= 2
     assert len(plan.devices) == 4

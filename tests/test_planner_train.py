@@ -13,7 +13,8 @@ KINDS = ["H100", "A100-40GB", "L4", "T4", "RTX3090"]
 
 
 def random_instance(seed: int) -> tuple[planners.ClusterSpec, planners.ModelSpec, planners.TrainWorkload]:
-    """A cluster of 3-4 devices in 1-3 nodes with small memories, a 2-4 block model, and a batch of 2-4."""
+    """A cluster of 3-4 devices in 1-3 nodes with small memories, a 2-4 block model, and a batch of 2-4; ZeRO stays
+    0 (its enumeration, over smaller instances, is in test_planner_zero)."""
     rng = random.Random(seed)
     sizes = rng.choice([[2, 2], [4], [2, 1, 1], [1, 1, 1], [2, 1], [3, 1]])
     nodes = [{"gpu": rng.choice(KINDS), "count": c} for c in sizes]
@@ -29,7 +30,7 @@ def random_instance(seed: int) -> tuple[planners.ClusterSpec, planners.ModelSpec
     )
     batch = rng.choice([2, 3, 4])
     workload = planners.TrainWorkload(
-        batch, rng.choice([128, 512]), microbatch_sizes=tuple(b for b in (1, 2) if batch % b == 0)
+        batch, rng.choice([128, 512]), microbatch_sizes=tuple(b for b in (1, 2) if batch % b == 0), zero_stages=(0,)
     )
     return cluster, model, workload
 
@@ -129,12 +130,17 @@ def test_model_too_big_is_explained() -> None:
         planners.plan_training(cluster, planners.ModelSpec.preset("llama-2-70b"), planners.TrainWorkload(8, 1024))
 
 
-def test_block_too_big_is_explained() -> None:
-    """Eight single-GPU T4 machines hold the model in total, but one of its wide blocks fits on none of them."""
+def test_block_too_big_is_explained_and_fits_with_moments_split_across_replicas() -> None:
+    """Eight single-GPU T4 machines hold the model in total, but without ZeRO one of its wide blocks fits on none of
+    them; with ZeRO its moments are split across the replicas holding it."""
     cluster = planners.ClusterSpec.from_dict({"nodes": [{"gpu": "T4", "count": 1, "repeat": 8}]})
     model = planners.ModelSpec("wide", 1000, 8192, 32768, 2, 64, 8)
+    workload = planners.TrainWorkload(8, 1024, zero_stages=(0,))
     with pytest.raises(planners.PlanningError, match=r"T4: one block at TP=1 needs 15.\d\d GB of 14.40 GB usable"):
-        planners.plan_training(cluster, model, planners.TrainWorkload(8, 1024), time_limit_s=5, num_workers=1)
+        planners.plan_training(cluster, model, workload, time_limit_s=5, num_workers=1)
+    plan = planners.plan_training(cluster, model, planners.TrainWorkload(8, 1024), time_limit_s=5, num_workers=1)
+    check_plan(plan, cluster, model)
+    assert all(s.zero > 0 for r in plan.replicas for s in r.stages) and len(plan.replicas) > 1
 
 
 def test_replan_after_failure_keeps_original_numbering() -> None:
@@ -172,7 +178,7 @@ def test_node_use_is_exact_beside_a_fast_nic() -> None:
         }
     )
     model = planners.ModelSpec("m4", 1000, 256, 1024, 4, 8, 8)
-    workload = planners.TrainWorkload(2, 512, microbatch_sizes=(1, 2))
+    workload = planners.TrainWorkload(2, 512, microbatch_sizes=(1, 2), zero_stages=(0,))
     expected = best_plan(cluster, model, workload)
     assert expected is not None
     plan, info = planners.plan_training_with_info(cluster, model, workload, time_limit_s=30, num_workers=1)

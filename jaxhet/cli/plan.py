@@ -48,14 +48,17 @@ def _cluster(cluster: str, device_profiles: list[Path] | None) -> planners.Clust
 
 def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Table:
     compressed = any(s.compress != "none" for r in plan.replicas for s in r.stages)
+    zero = any(s.zero for r in plan.replicas for s in r.stages)
     edge = "edge: codec of the activations sent to the next stage (and their gradients back); " if compressed else ""
+    zeros = "zero: ZeRO stage (1: moments split, 3: parameters, gradients and moments too); " if zero else ""
     table = Table(
         title=f"{plan.model} on {plan.cluster} ({cluster.kinds_summary()})",
         caption="CP: context-parallel ranks (each sequence split between them), TP devices each; rc: recompute "
-        f"activations; {edge}mb x size: micro-batches x sequences each; mem: peak / usable",
+        f"activations; {zeros}{edge}mb x size: micro-batches x sequences each; mem: peak / usable",
     )
-    columns = ("replica", "stage", "devices", "GPU", "CP", "TP", "layers", "rc", "edge", "mb x size", "mem GB")
-    for column in columns if compressed else tuple(c for c in columns if c != "edge"):
+    columns = ("replica", "stage", "devices", "GPU", "CP", "TP", "layers", "rc", "zero", "edge", "mb x size", "mem GB")
+    shown = {"zero": zero, "edge": compressed}
+    for column in (c for c in columns if shown.get(c, True)):
         table.add_column(column, justify="left" if column in ("devices", "GPU") else "right")
     assert plan.estimate is not None
     for r, (replica, mems) in enumerate(zip(plan.replicas, plan.estimate.peak_memory_gb, strict=True)):
@@ -70,6 +73,7 @@ def _train_table(plan: planners.TrainPlan, cluster: planners.ClusterSpec) -> Tab
                 str(stage.tp),
                 f"{stage.layers[0]}-{stage.layers[1] - 1}",
                 "yes" if stage.recompute else "no",
+                *([str(stage.zero)] if zero else []),
                 *([stage.compress if s + 1 < len(replica.stages) else ""] if compressed else []),
                 f"{replica.num_microbatches} x {replica.microbatch_size}" if s == 0 else "",
                 f"{gb:.1f}/{cap:.0f}",
@@ -85,6 +89,7 @@ def train(
     global_batch: Annotated[int, typer.Option(min=1, help="Sequences per iteration.")] = 16,
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 256,
     no_recompute: Annotated[bool, typer.Option("--no-recompute", help="Forbid activation recomputation.")] = False,
+    no_zero: Annotated[bool, typer.Option("--no-zero", help="Forbid ZeRO (every stage keeps zero 0).")] = False,
     use_all_devices: Annotated[bool, typer.Option("--use-all-devices", help="Leave no device idle.")] = False,
     compress: Annotated[
         str,
@@ -97,14 +102,18 @@ def train(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
     png: Annotated[Path | None, typer.Option(help="Write a picture of the placement here.")] = None,
 ) -> None:
-    """Find the fastest training plan (replicas, pipelines, CP and TP degrees, layer split, batch shares)."""
+    """Find the fastest training plan (replicas, pipelines, CP and TP degrees, layer split, batch shares,
+    recomputation and ZeRO stage per stage)."""
     console = Console()
     with user_errors():
         check_output(output, "--output")
         check_output(png, "--png")
         spec = _cluster(cluster, device_profile)
         model_spec = planners.ModelSpec.resolve(model)
-        workload = planners.TrainWorkload(global_batch, seq_len, recompute=not no_recompute, compress=compress)
+        zero_stages = (0,) if no_zero else planners.ZERO_STAGES
+        workload = planners.TrainWorkload(
+            global_batch, seq_len, recompute=not no_recompute, compress=compress, zero_stages=zero_stages
+        )
         plan, info = planners.plan_training_with_info(
             spec, model_spec, workload, time_limit_s=time_limit, num_workers=workers, use_all_devices=use_all_devices
         )
