@@ -191,11 +191,22 @@ class TrainCosts:
         ("block", "embedding" or "head"); see `_grad_bytes`."""
         return sum(self._grad_bytes(tp, part))
 
+    def fsdp_gather_bytes(self, tp: int, part: str) -> tuple[float, float]:
+        """Bytes one device's zero-3 gather of one `part`'s parameters yields, as (matrices split over TP, weights
+        replicated over TP): the stored fp32 parameters are gathered, then cast where they are used."""
+        h = self.model.hidden_size
+        if part == "block":
+            return PARAM_BYTES_PER_PARAM * self._matmul_params / tp, PARAM_BYTES_PER_PARAM * 2 * h
+        if part == "embedding":
+            return 0.0, PARAM_BYTES_PER_PARAM * self.model.embedding_params
+        return 0.0, PARAM_BYTES_PER_PARAM * self.model.head_params
+
     def fsdp_seconds(self, tp: int, cp: int, part: str, link: Link | None, cp_link: Link | None) -> float:
         """Zero 3's collectives of one `part` per micro-batch: its weights all-gathered for the forward and again
-        for the backward, its gradients reduce-scattered, each of the bytes of `_grad_bytes`: the matrices split
-        over TP over the `cp` ranks (`cp_link`), the replicated weights over all `tp * cp` devices (`_group_link`)."""
-        split, replicated = self._grad_bytes(tp, part)
+        for the backward, its gradients reduce-scattered, each of the bytes of `fsdp_gather_bytes`: the matrices
+        split over TP over the `cp` ranks (`cp_link`), the replicated weights over all `tp * cp` devices
+        (`_group_link`; gathered axis by axis, the same ring time)."""
+        split, replicated = self.fsdp_gather_bytes(tp, part)
         seconds = 0.0
         if split and cp > 1:
             seconds += ring_allgather_seconds(split, cp, _group_link(cp_link, None))
@@ -336,10 +347,10 @@ class TrainCosts:
         return (PARAM_BYTES_PER_PARAM + GRAD_BYTES_PER_PARAM) * held + self.piece_moment_bytes(piece, tp, cp, zero)
 
     def fsdp_live_bytes(self, tp: int, pieces: dict[str, int]) -> float:
-        """Zero 3's working set: the largest held piece's weights gathered in the compute dtype plus its fp32
-        gradient (one piece at a time)."""
+        """Zero 3's working set: the largest held piece's fp32 weights gathered plus its fp32 gradient (one piece at
+        a time)."""
         largest = max((self.held_params(p, tp) for p, count in pieces.items() if count), default=0.0)
-        return (ACT_BYTES + GRAD_BYTES_PER_PARAM) * largest
+        return (PARAM_BYTES_PER_PARAM + GRAD_BYTES_PER_PARAM) * largest
 
     def logits_bytes(self, tp: int, microbatch: int, cp: int = 1) -> float:
         return LOGIT_BYTES * microbatch * self.seq_len / cp * self.model.vocab_size

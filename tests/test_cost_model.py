@@ -105,9 +105,12 @@ def test_data_parallel_sync_crosses_nodes() -> None:
     assert dp((0, 4)).grad_sync_s > 10 * dp((0, 1)).grad_sync_s
 
 
-def _collective_bytes(first: bool, last: bool, tp: int, cp: int, microbatch: int, seq: int, cfg) -> dict[str, int]:
+def _collective_bytes(
+    first: bool, last: bool, tp: int, cp: int, microbatch: int, seq: int, cfg, zero3: bool = False
+) -> dict[str, int]:
     """Per-device bytes the real stage program's forward and backward put into collectives over the CP axis,
-    read from its jaxpr: all-gather outputs, reduce-scatter inputs, and the parameter-gradient sums."""
+    read from its jaxpr: all-gather outputs, reduce-scatter inputs, and the parameter-gradient sums; with `zero3`,
+    of the stage storing its parameters split over CP (ZeRO-3)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -119,10 +122,12 @@ def _collective_bytes(first: bool, last: bool, tp: int, cp: int, microbatch: int
     from jaxhet.parallel import StagedLlama, llama_params
     from meshes.staged import StageSpec
 
+    from meshes.fsdp import Zero3
+
     staged = StagedLlama(cfg)
     spec = StageSpec((0, cfg.num_layers), first=first, last=last)
-    program = staged.stage_program(spec, tp, "tp", "cp")
     mesh = Mesh(np.array(jax.devices()[: tp * cp]).reshape(cp, tp), ("cp", "tp"))
+    program = staged.stage_program(spec, tp, "tp", "cp", zero3=Zero3(mesh, ("cp",)) if zero3 else None)
     sequence = P(None, "cp")
     sharded = jax.shard_map(
         program.apply,
@@ -191,6 +196,26 @@ def test_cp_bytes_equal_the_stage_programs_collectives(first: bool, last: bool) 
     assert grads - 2 * norms <= counted["grads"] <= grads
 
 
+def test_zero3_bytes_equal_the_stage_programs_collectives() -> None:
+    """A zero-3 stage (TP 2 x CP 2, bfloat16 compute) gathers each block's stored fp32 parameters over CP for its
+    forward and again for its backward, and reduce-scatters their gradients once: besides the key/value collectives,
+    the bytes `fsdp_gather_bytes` prices (the replicated norms gathered over TP, then over CP: the same ring time as
+    one gather over all four devices), and no CP all-reduce of parameter gradients."""
+    from jaxhet.models.config import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, dtype="bfloat16"
+    )
+    spec = planners.ModelSpec("t", 64, 32, 64, 2, 4, 2)
+    tp, cp, b, seq = 2, 2, 3, 16
+    counted = _collective_bytes(False, False, tp, cp, b, seq, cfg, zero3=True)
+    costs = planners.TrainCosts(CLUSTER, spec, seq)
+    kv = spec.num_layers * costs.kv_gather_bytes(tp, b)
+    split, replicated = costs.fsdp_gather_bytes(tp, "block")
+    over_cp = spec.num_layers * (split + replicated)
+    assert counted == {"all_gather": kv + 2 * over_cp, "reduce_scatter": kv + over_cp, "grads": 0}
+
+
 def test_cp_time_is_ring_collectives_over_the_cp_link() -> None:
     link = planners.Link(10.0, 0.0)
     b, tp, cp = 1, 2, 2
@@ -251,15 +276,17 @@ def test_zero3_splits_the_state_over_the_stage_and_gathers_every_block_per_micro
     plain = COSTS.stage_memory_bytes(tp, 4, 1, False, 1, False, False, cp) - acts
     fsdp = COSTS.stage_memory_bytes(tp, 4, 1, False, 1, False, False, cp, zero=3) - acts
     assert plain == pytest.approx(16 * 4 * params / tp)
-    # 16 bytes per parameter split over all 4 devices, plus one block gathered (bf16) with its fp32 gradient.
-    assert fsdp == pytest.approx(16 * 4 * params / (tp * cp) + 6 * params / tp)
+    # 16 bytes per parameter split over all 4 devices, plus one block's stored fp32 weights gathered with its fp32
+    # gradient.
+    assert fsdp == pytest.approx(16 * 4 * params / (tp * cp) + 8 * params / tp)
     link = planners.Link(10.0, 0.0)
     for recompute in (False, True):
         zero0, zero3 = (COSTS.layer_seconds("H100", tp, 1, recompute, link, cp, link, z) for z in (0, 3))
-        matrices, norms = 2 * (params - 2 * h) / tp, 4 * 2 * h
-        # Two gathers and a reduce-scatter: the matrices over the 2 CP ranks, the norms over all 4 devices; in
-        # place of the all-reduce of both over the CP ranks. The backward's gather serves the recomputation too.
-        expected = 3 * (matrices / 2 + norms * 3 / 4) - (matrices + norms)
+        matrices, norms = 2 * (params - 2 * h) / tp, 4 * 2 * h  # the all-reduce's: bf16 matrices, fp32 norms
+        # Two gathers and a reduce-scatter of the stored fp32 weights: the matrices over the 2 CP ranks, the norms
+        # over all 4 devices; in place of the all-reduce of both over the CP ranks. The backward's gather serves the
+        # recomputation too.
+        expected = 3 * (2 * matrices / 2 + norms * 3 / 4) - (matrices + norms)
         assert zero3 - zero0 == pytest.approx(expected / 10e9, rel=1e-9)
 
 
