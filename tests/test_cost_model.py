@@ -120,9 +120,8 @@ def _collective_bytes(
 
     from jaxhet.models.llama import Llama
     from jaxhet.parallel import StagedLlama, llama_params
-    from meshes.staged import StageSpec
-
     from meshes.fsdp import Zero3
+    from meshes.staged import StageSpec
 
     staged = StagedLlama(cfg)
     spec = StageSpec((0, cfg.num_layers), first=first, last=last)
