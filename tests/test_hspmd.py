@@ -14,6 +14,7 @@ from meshes import AsymmetricDataParallel, GroupedOptimizer, HetMesh, PlanExecut
 from meshes.replicas import first_copies
 from planners import Replica, Stage, TrainPlan
 from planners.cluster import ClusterSpec
+from planners.cost_model import moment_splits, piece_params
 from planners.traffic import step_traffic
 from tests.multiprocess.failures import lose_devices
 
@@ -364,6 +365,12 @@ def test_zero1_splits_moments_across_the_replicas_holding_the_same_layers(execut
     whole = 2 * sum(leaf.nbytes for leaf in jax.tree.leaves(params))  # AdamW's mu and nu
     assert held.keys() == {0, 2, 4, 5}, held
     assert len(set(held.values())) == 1 and whole <= sum(held.values()) < whole + 2 * 4 * 4 * len(grouped.bundles)
+    # The cost model's moment bytes on each stage's first device (the runtime pads each lane by < H elements).
+    spec = planners.ModelSpec.from_hf_config(cfg.to_hf_dict(), name="test")
+    for stage, splits in moment_splits(plan, spec).items():
+        charged = sum(8 * piece_params(spec, piece) * share for piece, share in splits)
+        first = plan.replicas[stage[0]].stages[stage[1]].devices[0]
+        assert charged <= held[first] < charged + 2 * 4 * 2 * len(grouped.bundles), (stage, charged, held[first])
     batches = [make_batch(200 + step, plan.global_batch, cfg.vocab_size, False, plan.seq_len) for step in range(5)]
     executor.transfers.log.reset()
     _, grads = executor.value_and_grad(copies, batches[0], summed=False)
