@@ -59,10 +59,16 @@ RTOL = 1e-4
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    """The cluster and plan files, and the compilation cache every run of this module shares (each run compiles
+    the same programs)."""
     root = tmp_path_factory.mktemp("mp_train")
     (root / "cluster.yaml").write_text(CLUSTER)
     (root / "plan.json").write_text(json.dumps(PLAN))
     return root
+
+
+def compilation_cache(files):
+    return files / "compilation-cache"
 
 
 def command(files, run_dir, steps: int, *extra: str) -> list[str]:
@@ -99,15 +105,21 @@ def losses(run_dir) -> list[float]:
 def single(files):
     """The reference: one process, one device, 6 steps."""
     run_dir = files / "single"
-    subprocess.run(command(files, run_dir, 6, "--plan", "single"), check=True, env=environment(), cwd=ROOT, timeout=480)
+    single_run = command(files, run_dir, 6, "--plan", "single")
+    subprocess.run(single_run, check=True, env=environment(compilation_cache(files)), cwd=ROOT, timeout=480)
     return losses(run_dir)
 
 
 @pytest.mark.slow
 def test_two_processes_follow_one_device_and_resume_exactly(files, single, tmp_path):
     run_dir = tmp_path / "run"
-    run(two_processes(files, run_dir, 2), tmp_path / "first", timeout=480)
-    run(two_processes(files, run_dir, 4, "--resume"), tmp_path / "resumed", timeout=480)
+    run(two_processes(files, run_dir, 2), tmp_path / "first", timeout=480, compilation_cache=compilation_cache(files))
+    run(
+        two_processes(files, run_dir, 4, "--resume"),
+        tmp_path / "resumed",
+        timeout=480,
+        compilation_cache=compilation_cache(files),
+    )
     assert sorted(p.name for p in run_dir.glob("process-*")) == ["process-0", "process-1"]
     assert not (run_dir / "process-1" / "metrics.jsonl").exists()
     np.testing.assert_allclose(losses(run_dir), single[:4], rtol=RTOL)
@@ -127,19 +139,22 @@ def test_sigterm_to_one_process_stops_both_a_killed_one_stops_the_other_and_resu
     """SIGTERM to process 1 alone: both save the same step and exit 130. kill -9 of process 1 in the resumed run:
     process 0 exits non-zero within 60 s. A second resume then continues the one-device trajectory."""
     run_dir = tmp_path / "run"
-    with processes(two_processes(files, run_dir, 200), tmp_path / "terminated") as started:
+    with processes(two_processes(files, run_dir, 200), tmp_path / "terminated", compilation_cache(files)) as started:
         wait_for_steps(run_dir, started, tmp_path / "terminated", 2)
         os.kill(started[1].pid, signal.SIGTERM)
         assert wait_all(started, timeout=60) == [130, 130]
     saved = [sorted(int(p.name) for p in (run_dir / f"process-{i}").iterdir() if p.name.isdigit()) for i in range(2)]
     assert saved[0] == saved[1] and saved[0][-1] == len(losses(run_dir))
-    with processes(two_processes(files, run_dir, 200, "--resume"), tmp_path / "killed") as started:
+    with processes(
+        two_processes(files, run_dir, 200, "--resume"), tmp_path / "killed", compilation_cache(files)
+    ) as started:
         wait_for_steps(run_dir, started, tmp_path / "killed", saved[0][-1] + 1)
         os.kill(started[1].pid, signal.SIGKILL)
         killed_at = time.monotonic()
         assert wait_all(started[:1], timeout=60)[0] != 0
         assert time.monotonic() - killed_at < 60
-    run(two_processes(files, run_dir, len(single), "--resume"), tmp_path / "resumed", timeout=480)
+    final = two_processes(files, run_dir, len(single), "--resume")
+    run(final, tmp_path / "resumed", timeout=480, compilation_cache=compilation_cache(files))
     reached = losses(run_dir)
     assert len(reached) >= len(single)
     np.testing.assert_allclose(reached[: len(single)], single, rtol=RTOL)
