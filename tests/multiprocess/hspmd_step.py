@@ -6,6 +6,7 @@ same computation on one device, and write what was checked as JSON.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -148,13 +149,51 @@ def make_batch(rows: int, vocab: int, seed: int) -> dict:
 def one_device(model):
     """The reference: jitted loss and gradients of the whole model on this process's first device."""
     import jax
-    import jax.numpy as jnp
 
+    step = _one_device_step(model.config)
+    return lambda params, batch: jax.device_get(step(*jax.device_put((params, batch), jax.local_devices()[0])))
+
+
+@functools.cache
+def _one_device_step(config):
+    """The jitted reference step of a model config, compiled once for every case that uses the config."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxhet import Llama
     from jaxhet.parallel import llama_loss_sum
 
-    loss_sum = llama_loss_sum(model)
-    step = jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
-    return lambda params, batch: jax.device_get(step(*jax.device_put((params, batch), jax.local_devices()[0])))
+    loss_sum = llama_loss_sum(Llama(config, rngs=nnx.Rngs(0)))
+    return jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
+
+
+_EXECUTORS: dict = {}
+
+
+def executor(cluster: ClusterSpec, plan: TrainPlan, config):
+    """The `PlanExecutor` of `plan` for a model config, shared by the cases that run the same plan and config, so
+    that their programs are compiled once; its transfer log starts empty for each case."""
+    from jaxhet.parallel import StagedLlama
+    from meshes import PlanExecutor
+
+    key = (plan, config)
+    if key not in _EXECUTORS:
+        _EXECUTORS[key] = PlanExecutor(plan, hetmesh(cluster), StagedLlama(config))
+    _EXECUTORS[key].transfers.log.reset()
+    return _EXECUTORS[key]
+
+
+_HETMESHES: dict = {}
+
+
+def hetmesh(cluster: ClusterSpec):
+    """One `HetMesh` per cluster and process, for every executor of every case."""
+    from meshes import HetMesh
+
+    if cluster.name not in _HETMESHES:
+        _HETMESHES[cluster.name] = HetMesh.from_cluster(cluster)
+    return _HETMESHES[cluster.name]
 
 
 def compare_shards(tree, expected) -> tuple[float, list]:
@@ -189,22 +228,20 @@ def relative(a, b) -> float:
 def check(cluster: ClusterSpec, name: str) -> dict:
     import jax
 
-    from jaxhet.parallel import StagedLlama
-    from meshes import HetMesh, PlanExecutor
     from meshes.transfer import host_value
 
     overrides, plan = plans(tuple(d.kind for d in cluster.devices))[name]
     model, params, batch = model_and_batch(overrides, plan.global_batch)
     expected_loss, expected_grads = one_device(model)(params, batch)
-    executor = PlanExecutor(plan, HetMesh.from_cluster(cluster), StagedLlama(model.config))
-    loss, grads = executor.value_and_grad(executor.place(params), batch)
+    run = executor(cluster, plan, model.config)
+    loss, grads = run.value_and_grad(run.place(params), batch)
     worst, shards = compare_copies(grads, expected_grads)
     return {
         "loss_error": relative(host_value(loss), expected_loss),
         "grad_error": worst,
         "shards": shards,
         "leaves": len(jax.tree.leaves(expected_grads)),
-        "bytes_between_processes": executor.transfers.log.between_processes,
+        "bytes_between_processes": run.transfers.log.between_processes,
     }
 
 
@@ -214,8 +251,6 @@ def check_compressed(cluster: ClusterSpec, name: str) -> dict:
     import jax
     import numpy as np
 
-    from jaxhet.parallel import StagedLlama
-    from meshes import HetMesh, PlanExecutor
     from meshes.transfer import host_value
     from planners.model import ModelSpec
     from planners.traffic import step_traffic
@@ -223,16 +258,16 @@ def check_compressed(cluster: ClusterSpec, name: str) -> dict:
     overrides, plan = plans(tuple(d.kind for d in cluster.devices))[name]
     model, params, batch = model_and_batch(overrides, plan.global_batch)
     expected_loss, _ = one_device(model)(params, batch)
-    executor = PlanExecutor(plan, HetMesh.from_cluster(cluster), StagedLlama(model.config))
-    copies = executor.place(params)
-    executor.transfers.log.reset()
-    loss, grads = executor.value_and_grad(copies, batch)
+    run = executor(cluster, plan, model.config)
+    copies = run.place(params)
+    run.transfers.log.reset()
+    loss, grads = run.value_and_grad(copies, batch)
     spec = ModelSpec.from_hf_config(model.config.to_hf_dict(), name="test")
     shards = [np.asarray(s.data) for leaf in jax.tree.leaves(grads) for s in leaf.addressable_shards]
     return {
         "loss_error": relative(host_value(loss), expected_loss),
         "finite_local_grads": bool(shards) and all(np.isfinite(x).all() for x in shards),
-        "bytes_between_processes": executor.transfers.log.between_processes,
+        "bytes_between_processes": run.transfers.log.between_processes,
         "charged_between_nodes": step_traffic(plan, cluster, spec, act_bytes=4, grad_bytes=4).between_nodes,
     }
 
@@ -312,14 +347,10 @@ def steps_result(loss_errors: list[float], copies, host_params, deleted: int, ex
 def check_switching(cluster: ClusterSpec, name: str) -> dict:
     """AdamW steps alternating between two plans (parameters and optimizer state resharded between their copies,
     across processes) against the same steps on one device: losses and final parameters."""
-    from jaxhet.parallel import StagedLlama
-    from meshes import HetMesh, PlanExecutor
-
     named = plans(tuple(d.kind for d in cluster.devices))
     chosen = [named["tp4_feeds_tp2_beside_dp"][1], named["cp2_beside_pipelines_across_processes"][1]]
     model, params, _ = model_and_batch({"num_kv_heads": 4}, chosen[0].global_batch)
-    hetmesh = HetMesh.from_cluster(cluster)
-    executors = [PlanExecutor(p, hetmesh, StagedLlama(model.config)) for p in chosen]
+    executors = [executor(cluster, p, model.config) for p in chosen]
     return steps_result(*adamw_steps(model, params, [executors[step % 2] for step in range(4)]), executors)
 
 
