@@ -6,7 +6,6 @@ same computation on one device, and write what was checked as JSON.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
@@ -146,26 +145,24 @@ def make_batch(rows: int, vocab: int, seed: int) -> dict:
     return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "weights": weights}
 
 
+_REFERENCE_STEPS: dict = {}
+
+
 def one_device(model):
-    """The reference: jitted loss and gradients of the whole model on this process's first device."""
-    import jax
-
-    step = _one_device_step(model.config)
-    return lambda params, batch: jax.device_get(step(*jax.device_put((params, batch), jax.local_devices()[0])))
-
-
-@functools.cache
-def _one_device_step(config):
-    """The jitted reference step of a model config, compiled once for every case that uses the config."""
+    """The reference: jitted loss and gradients of the whole model on this process's first device (compiled once
+    per model config, for every case that uses the config)."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from jaxhet import Llama
     from jaxhet.parallel import llama_loss_sum
 
-    loss_sum = llama_loss_sum(Llama(config, rngs=nnx.Rngs(0)))
-    return jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
+    if model.config not in _REFERENCE_STEPS:
+        loss_sum = llama_loss_sum(model)
+        _REFERENCE_STEPS[model.config] = jax.jit(
+            jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"]))
+        )
+    step = _REFERENCE_STEPS[model.config]
+    return lambda params, batch: jax.device_get(step(*jax.device_put((params, batch), jax.local_devices()[0])))
 
 
 _EXECUTORS: dict = {}
