@@ -127,12 +127,16 @@ def single(files):
 
 @pytest.mark.slow
 def test_two_processes_follow_one_device_and_resume_exactly(files, single, tmp_path):
-    """`--steps 2`, then `--steps 4 --resume`: the four losses follow one device."""
+    """`--steps 2`, then `--steps 4 --resume`: the resumed run continues from step 2 (the first run's records of
+    steps 1-2 stay as written: a run that started again would rewrite them with its own timings), and the four
+    losses follow one device."""
     run_dir = tmp_path / "run"
     run_two(files, run_dir, tmp_path / "first", 2)
+    first = records(run_dir)
     run_two(files, run_dir, tmp_path / "resumed", 4, "--resume")
     assert sorted(p.name for p in run_dir.glob("process-*")) == ["process-0", "process-1"]
     assert not (run_dir / "process-1" / "metrics.jsonl").exists()
+    assert records(run_dir)[:2] == first, "the resumed run did not continue from step 2"
     np.testing.assert_allclose(losses(run_dir), single[:4], rtol=RTOL)
 
 
@@ -147,8 +151,9 @@ def wait_for_steps(run_dir, started, logs, steps: int, timeout: float = 240) -> 
 
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_a_killed_one_stops_the_other_and_resumes_continue(files, single, tmp_path):
-    """SIGTERM to process 1 alone: both save the same step and exit 130. kill -9 of process 1 in the resumed run:
-    process 0 exits non-zero within 60 s. A second resume then continues the one-device trajectory."""
+    """SIGTERM to process 1 alone: both save the same step and exit 130. kill -9 of process 1 in the resumed run
+    (which continues from the saved step): process 0 exits non-zero within 60 s. A second resume then continues
+    the one-device trajectory."""
     run_dir = tmp_path / "run"
     with start_two(files, run_dir, tmp_path / "terminated", 200) as started:
         wait_for_steps(run_dir, started, tmp_path / "terminated", 2)
@@ -156,12 +161,14 @@ def test_sigterm_to_one_process_stops_both_a_killed_one_stops_the_other_and_resu
         assert wait_all(started, timeout=60) == [130, 130]
     saved = [sorted(int(p.name) for p in (run_dir / f"process-{i}").iterdir() if p.name.isdigit()) for i in range(2)]
     assert saved[0] == saved[1] and saved[0][-1] == len(losses(run_dir))
+    terminated = records(run_dir)
     with start_two(files, run_dir, tmp_path / "killed", 200, "--resume") as started:
         wait_for_steps(run_dir, started, tmp_path / "killed", saved[0][-1] + 1)
         os.kill(started[1].pid, signal.SIGKILL)
         killed_at = time.monotonic()
         assert wait_all(started[:1], timeout=60)[0] != 0
         assert time.monotonic() - killed_at < 60
+    assert records(run_dir)[: len(terminated)] == terminated, "the resumed run did not continue from the saved step"
     run_two(files, run_dir, tmp_path / "resumed", len(single), "--resume")
     reached = losses(run_dir)
     assert len(reached) >= len(single)
