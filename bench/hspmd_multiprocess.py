@@ -135,12 +135,15 @@ def worker(process_id: int, num_processes: int, port: int, out: Path, shape: dic
 
 def launch(num_processes: int, shape: dict, steps: int, scratch: Path) -> list[dict]:
     """Run the workers of one variant as subprocesses on 127.0.0.1 (a free port, one deadline for all, each
-    process killed by its PID if it outlives it); their results, process by process."""
+    process killed by its PID if it outlives it), with this process's XLA flags but their own device count; their
+    results, process by process."""
+    from meshes.distributed import set_host_device_count
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    devices = 8 // num_processes
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    set_host_device_count(8 // num_processes, env)  # the caller's other XLA flags stay
     outs = [scratch / f"{num_processes}_{i}.json" for i in range(num_processes)]
     logs = [scratch / f"{num_processes}_{i}.log" for i in range(num_processes)]
     common = [sys.executable, __file__, "--shape", json.dumps(shape), "--steps", str(steps), "--worker"]

@@ -15,15 +15,27 @@ RTOL = 1e-5
 STEPS_RTOL = 1e-4
 
 
-def run_cases(tmp_path, num_processes: int, cases: list[str]) -> list[dict]:
+EXACT_CASES = ["tp4_feeds_tp2_beside_dp", "cp2_beside_pipelines_across_processes", "switch", "asymmetric_dp", "elastic"]
+INT4_CASE = "int4_hadamard_edge_across_processes"
+
+
+def run_cases(directory, num_processes: int, cases: list[str]) -> list[dict]:
+    """Every case in one set of processes, one after the other (they share the processes' start-up and the
+    compilation cache); each process's results."""
     port = free_port()
-    outs = [tmp_path / f"result{i}.json" for i in range(num_processes)]
+    outs = [directory / f"result{i}.json" for i in range(num_processes)]
     commands = [
         python(WORKER, str(i), str(num_processes), str(port), ",".join(cases), str(outs[i]))
         for i in range(num_processes)
     ]
-    run(commands, tmp_path / "logs", timeout=720)
+    run(commands, directory / "logs", timeout=720, compilation_cache=directory / "compilation-cache")
     return [json.loads(out.read_text()) for out in outs]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> list[dict]:
+    """The results of every two-process case, from one pair of processes."""
+    return run_cases(tmp_path_factory.mktemp("two_processes"), 2, [*EXACT_CASES, INT4_CASE])
 
 
 def check(results: list[dict], case: str, rtol: float = RTOL) -> None:
@@ -40,17 +52,17 @@ def check(results: list[dict], case: str, rtol: float = RTOL) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_tp4_feeding_tp2_cp_dp_switching_asymmetric_dp_and_elastic_drop_equal_one_device(tmp_path):
+def test_two_processes_tp4_feeding_tp2_cp_dp_switching_asymmetric_dp_and_elastic_drop_equal_one_device(
+    two_processes,
+):
     """Besides single steps: four AdamW steps alternating between the two plans (state resharded between their
     layouts across processes; losses and final parameters against one device), one SPMD program with per-device
     trip counts over devices of both processes, and an elastic drop: two of process 0's devices, half of replica 0,
     fail (their buffers deleted) and the steps continue over the survivors of both processes from the replicas that
     survived on process 1, equal to one device throughout."""
-    cases = ["tp4_feeds_tp2_beside_dp", "cp2_beside_pipelines_across_processes", "switch", "asymmetric_dp", "elastic"]
-    results = run_cases(tmp_path, 2, cases)
-    for case in cases:
-        check(results, case, STEPS_RTOL if case in ("switch", "elastic") else RTOL)
-    assert results[0]["elastic"]["deleted_on_failed_devices"] > 0, "no buffer on the failed devices was deleted"
+    for case in EXACT_CASES:
+        check(two_processes, case, STEPS_RTOL if case in ("switch", "elastic") else RTOL)
+    assert two_processes[0]["elastic"]["deleted_on_failed_devices"] > 0, "no buffer on the failed devices was deleted"
 
 
 @pytest.mark.slow
@@ -60,12 +72,11 @@ def test_four_processes_equal_one_device(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_carry_an_int4_hadamard_edge_packed(tmp_path):
+def test_two_processes_carry_an_int4_hadamard_edge_packed(two_processes):
     """A stage edge from process 0's TP-4 stage to process 1's TP-2 stage in int4_hadamard: the step runs on both
     processes, its loss is within the quantization error of one device's, and what crossed processes is the
     plan's charge for the packed edge plus the gradient sync."""
-    case = "int4_hadamard_edge_across_processes"
-    for result in run_cases(tmp_path, 2, [case]):
-        r = result[case]
+    for result in two_processes:
+        r = result[INT4_CASE]
         assert r["loss_error"] <= 2e-2 and r["finite_local_grads"]
         assert r["bytes_between_processes"] == pytest.approx(r["charged_between_nodes"], rel=0.05)

@@ -95,16 +95,33 @@ def main(process_id: int, num_processes: int, port: int, cases: list[str], out: 
         "elastic": check_elastic,
         "int4_hadamard_edge_across_processes": check_compressed,
     }
+    compiling = compile_clock()
     results = {}
     for name in cases:
-        began = time.perf_counter()
+        began, compiled = time.perf_counter(), compiling()
         results[name] = checks.get(name, check)(cluster, name)
-        print(f"case {name} checked in {time.perf_counter() - began:.1f} s", flush=True)
+        took = time.perf_counter() - began
+        print(f"case {name} checked in {took:.1f} s, {compiling() - compiled:.1f} s of it compiling", flush=True)
     with open(out, "w") as f:
         json.dump(results, f)
     import jax
 
     jax.distributed.shutdown()
+
+
+def compile_clock():
+    """A function returning the seconds this process has spent in XLA's compiler so far (the log says how much of
+    each case is compiling, the part a persistent compilation cache saves)."""
+    import jax
+
+    total = [0.0]
+
+    def listen(event: str, seconds: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            total[0] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    return lambda: total[0]
 
 
 def model_and_batch(overrides: dict, rows: int, seed: int = 1):
@@ -128,16 +145,52 @@ def make_batch(rows: int, vocab: int, seed: int) -> dict:
     return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "weights": weights}
 
 
+_REFERENCE_STEPS: dict = {}
+
+
 def one_device(model):
-    """The reference: jitted loss and gradients of the whole model on this process's first device."""
+    """The reference: jitted loss and gradients of the whole model on this process's first device (compiled once
+    per model config, for every case that uses the config)."""
     import jax
     import jax.numpy as jnp
 
     from jaxhet.parallel import llama_loss_sum
 
-    loss_sum = llama_loss_sum(model)
-    step = jax.jit(jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"])))
+    if model.config not in _REFERENCE_STEPS:
+        loss_sum = llama_loss_sum(model)
+        _REFERENCE_STEPS[model.config] = jax.jit(
+            jax.value_and_grad(lambda p, b: loss_sum(p, b) / jnp.sum(b["weights"]))
+        )
+    step = _REFERENCE_STEPS[model.config]
     return lambda params, batch: jax.device_get(step(*jax.device_put((params, batch), jax.local_devices()[0])))
+
+
+_EXECUTORS: dict = {}
+
+
+def executor(cluster: ClusterSpec, plan: TrainPlan, config):
+    """The `PlanExecutor` of `plan` for a model config, shared by the cases that run the same plan and config, so
+    that their programs are compiled once; its transfer log starts empty for each case."""
+    from jaxhet.parallel import StagedLlama
+    from meshes import PlanExecutor
+
+    key = (plan, config)
+    if key not in _EXECUTORS:
+        _EXECUTORS[key] = PlanExecutor(plan, hetmesh(cluster), StagedLlama(config))
+    _EXECUTORS[key].transfers.log.reset()
+    return _EXECUTORS[key]
+
+
+_HETMESHES: dict = {}
+
+
+def hetmesh(cluster: ClusterSpec):
+    """One `HetMesh` per cluster and process, for every executor of every case."""
+    from meshes import HetMesh
+
+    if cluster.name not in _HETMESHES:
+        _HETMESHES[cluster.name] = HetMesh.from_cluster(cluster)
+    return _HETMESHES[cluster.name]
 
 
 def compare_shards(tree, expected) -> tuple[float, list]:
@@ -172,22 +225,20 @@ def relative(a, b) -> float:
 def check(cluster: ClusterSpec, name: str) -> dict:
     import jax
 
-    from jaxhet.parallel import StagedLlama
-    from meshes import HetMesh, PlanExecutor
     from meshes.transfer import host_value
 
     overrides, plan = plans(tuple(d.kind for d in cluster.devices))[name]
     model, params, batch = model_and_batch(overrides, plan.global_batch)
     expected_loss, expected_grads = one_device(model)(params, batch)
-    executor = PlanExecutor(plan, HetMesh.from_cluster(cluster), StagedLlama(model.config))
-    loss, grads = executor.value_and_grad(executor.place(params), batch)
+    run = executor(cluster, plan, model.config)
+    loss, grads = run.value_and_grad(run.place(params), batch)
     worst, shards = compare_copies(grads, expected_grads)
     return {
         "loss_error": relative(host_value(loss), expected_loss),
         "grad_error": worst,
         "shards": shards,
         "leaves": len(jax.tree.leaves(expected_grads)),
-        "bytes_between_processes": executor.transfers.log.between_processes,
+        "bytes_between_processes": run.transfers.log.between_processes,
     }
 
 
@@ -197,8 +248,6 @@ def check_compressed(cluster: ClusterSpec, name: str) -> dict:
     import jax
     import numpy as np
 
-    from jaxhet.parallel import StagedLlama
-    from meshes import HetMesh, PlanExecutor
     from meshes.transfer import host_value
     from planners.model import ModelSpec
     from planners.traffic import step_traffic
@@ -206,16 +255,16 @@ def check_compressed(cluster: ClusterSpec, name: str) -> dict:
     overrides, plan = plans(tuple(d.kind for d in cluster.devices))[name]
     model, params, batch = model_and_batch(overrides, plan.global_batch)
     expected_loss, _ = one_device(model)(params, batch)
-    executor = PlanExecutor(plan, HetMesh.from_cluster(cluster), StagedLlama(model.config))
-    copies = executor.place(params)
-    executor.transfers.log.reset()
-    loss, grads = executor.value_and_grad(copies, batch)
+    run = executor(cluster, plan, model.config)
+    copies = run.place(params)
+    run.transfers.log.reset()
+    loss, grads = run.value_and_grad(copies, batch)
     spec = ModelSpec.from_hf_config(model.config.to_hf_dict(), name="test")
     shards = [np.asarray(s.data) for leaf in jax.tree.leaves(grads) for s in leaf.addressable_shards]
     return {
         "loss_error": relative(host_value(loss), expected_loss),
         "finite_local_grads": bool(shards) and all(np.isfinite(x).all() for x in shards),
-        "bytes_between_processes": executor.transfers.log.between_processes,
+        "bytes_between_processes": run.transfers.log.between_processes,
         "charged_between_nodes": step_traffic(plan, cluster, spec, act_bytes=4, grad_bytes=4).between_nodes,
     }
 
@@ -295,14 +344,10 @@ def steps_result(loss_errors: list[float], copies, host_params, deleted: int, ex
 def check_switching(cluster: ClusterSpec, name: str) -> dict:
     """AdamW steps alternating between two plans (parameters and optimizer state resharded between their copies,
     across processes) against the same steps on one device: losses and final parameters."""
-    from jaxhet.parallel import StagedLlama
-    from meshes import HetMesh, PlanExecutor
-
     named = plans(tuple(d.kind for d in cluster.devices))
     chosen = [named["tp4_feeds_tp2_beside_dp"][1], named["cp2_beside_pipelines_across_processes"][1]]
     model, params, _ = model_and_batch({"num_kv_heads": 4}, chosen[0].global_batch)
-    hetmesh = HetMesh.from_cluster(cluster)
-    executors = [PlanExecutor(p, hetmesh, StagedLlama(model.config)) for p in chosen]
+    executors = [executor(cluster, p, model.config) for p in chosen]
     return steps_result(*adamw_steps(model, params, [executors[step % 2] for step in range(4)]), executors)
 
 

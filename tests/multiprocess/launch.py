@@ -14,6 +14,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# Compiling is most of these processes' time on CPU, and every check compares with a reference computed in the
+# same process (or by `jaxhet train --plan single`) under the same flags: LLVM's optimisation level 0 halves the
+# compiler's CPU time for the tests' model (2.0 s -> 1.1 s for one step's jit; gradients move by ~5e-7 relative).
+COMPILER_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def free_port() -> int:
@@ -22,24 +26,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def environment() -> dict[str, str]:
-    """The test environment without the parent's 8-device flag (each process sets its own device count)."""
+def environment(compilation_cache: Path | None = None) -> dict[str, str]:
+    """The test environment without the parent's 8-device flag (each process sets its own device count), and with
+    `COMPILER_FLAGS`.
+
+    With `compilation_cache`, JAX's persistent compilation cache in that directory, for every program however
+    quick to compile: the processes of one test compile the same programs again (the same plan in every launch of
+    `jaxhet train`, the same stage programs in several cases), and compiling is most of their time on CPU. JAX
+    writes entries from process 0 only, so process 0's programs are the ones reused."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = ""
+    env["XLA_FLAGS"] = COMPILER_FLAGS
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).strip(os.pathsep)
     env["JAX_PLATFORMS"] = "cpu"
+    if compilation_cache is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env
 
 
 @contextlib.contextmanager
-def processes(commands: Sequence[Sequence[str]], logs: Path) -> Iterator[list[subprocess.Popen]]:
-    """Start one process per command (stdout and stderr to `logs/process<i>.log`); kill all on exit."""
+def processes(
+    commands: Sequence[Sequence[str]], logs: Path, compilation_cache: Path | None = None
+) -> Iterator[list[subprocess.Popen]]:
+    """Start one process per command (stdout and stderr to `logs/process<i>.log`), in `environment`; kill all on
+    exit."""
     logs.mkdir(parents=True, exist_ok=True)
     started = []
     try:
         for i, command in enumerate(commands):
             log = (logs / f"process{i}.log").open("w")
-            started.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment(), cwd=ROOT))
+            started.append(
+                subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=environment(compilation_cache), cwd=ROOT
+                )
+            )
         yield started
     finally:
         for p in started:
@@ -58,9 +79,11 @@ def log_text(logs: Path, i: int) -> str:
     return (logs / f"process{i}.log").read_text()
 
 
-def run(commands: Sequence[Sequence[str]], logs: Path, timeout: float) -> list[int]:
+def run(
+    commands: Sequence[Sequence[str]], logs: Path, timeout: float, compilation_cache: Path | None = None
+) -> list[int]:
     """Run the processes to the end; a failure's message carries every process's log tail."""
-    with processes(commands, logs) as started:
+    with processes(commands, logs, compilation_cache) as started:
         try:
             codes = wait_all(started, timeout)
         except subprocess.TimeoutExpired:
