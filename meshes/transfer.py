@@ -343,7 +343,7 @@ class Transfers:
         wire = _wire_sharding(devices, lanes)
         if jax.process_index() not in processes_of(devices):
             return empty_array((lanes, chunk), xs[0].dtype, wire)
-        key = ("flatten", tuple((x.shape, x.sharding) for x in xs), xs[0].dtype, wire)
+        key = ("flatten", tuple((x.shape, x.sharding) for x in xs), xs[0].dtype, wire, chunk)
         return self.program(key, _flatten(lanes, chunk), wire)(*xs)
 
     def count_holders(self, layout: HolderLayout, passes: int) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from jaxhet.models import CheckpointError
+from jaxhet.train.local_arrays import LocalArraysHandler, LocalArraysRestore, LocalArraysSave
 
 log = logging.getLogger(__name__)
 CORRUPT_SUFFIX = ".corrupt"
@@ -58,12 +59,21 @@ class CheckpointStore:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=process is None, create=process is None
         )
-        if process is not None:
+        self._local = process is not None
+        handlers: dict[str, ocp.CheckpointHandler] = {
+            "state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
+        if self._local:
             self.directory.mkdir(parents=True, exist_ok=True)
-            options.multiprocessing_options = ocp.options.MultiprocessingOptions(
+            own = ocp.options.MultiprocessingOptions(
                 primary_host=process, active_processes={process}, barrier_sync_key_prefix=f"process{process}"
             )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+            options.multiprocessing_options = own
+            # This process's host arrays and its meta, written by this process (Orbax's defaults write on process
+            # 0 only: see `jaxhet.train.local_arrays`).
+            handlers = {"state": LocalArraysHandler(), "meta": ocp.JsonCheckpointHandler(multiprocessing_options=own)}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._last_save: int | None = None
         self._lock: int | None = None
 
@@ -89,7 +99,8 @@ class CheckpointStore:
         Checkpoints at this step or later are moved aside first; CheckpointError if Orbax declines all the same or a
         write fails."""
         self.wait()  # Orbax waits for the previous save anyway; its failure is named by its own step here
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        saved_state = LocalArraysSave(state) if self._local else ocp.args.StandardSave(state)
+        args = ocp.args.Composite(state=saved_state, meta=ocp.args.JsonSave(meta))
         with self._failures_named(step):
             for later in [s for s in self.steps() if s >= step]:
                 self._move_aside(later, SUPERSEDED_SUFFIX, f"a save at step {step} supersedes it")
@@ -139,7 +150,7 @@ class CheckpointStore:
         try:
             restored = self._manager.restore(
                 step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+                args=ocp.args.Composite(state=self._state_restore(abstract_state), meta=ocp.args.JsonRestore()),
             )
         except Exception as err:  # noqa: BLE001 - any failure to read a checkpoint means: try the previous one
             log.warning(
@@ -150,6 +161,9 @@ class CheckpointStore:
             )
             return None
         return restored["state"], restored["meta"]
+
+    def _state_restore(self, abstract_state: Any) -> ocp.args.CheckpointArgs:
+        return LocalArraysRestore() if self._local else ocp.args.StandardRestore(abstract_state)
 
     def _move_aside(self, step: int, suffix: str, why: str) -> None:
         """Rename the checkpoint of `step` to `<step><suffix>` (or `<suffix>-2`, ...) out of Orbax's sight, with a

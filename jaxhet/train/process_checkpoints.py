@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxhet.train.checkpoints import CheckpointStore
 from meshes.distributed import Runtime, all_texts
+from meshes.transfer import empty_array, is_local
 
 SHARDS_FILE = "shards.json"
 
@@ -102,6 +103,9 @@ def _place(abstract_state: Any, arrays: dict[str, np.ndarray], record: list[dict
     placed = []
     for n, leaf in enumerate(leaves):
         saved = by_leaf.get(n, {})
+        if not is_local(leaf.sharding):  # jax calls the callback even for a leaf held only by other processes
+            placed.append(empty_array(leaf.shape, leaf.dtype, leaf.sharding))
+            continue
         placed.append(
             jax.make_array_from_callback(
                 leaf.shape,
