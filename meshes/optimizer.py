@@ -32,19 +32,19 @@ from jax.sharding import PartitionSpec as P
 
 from meshes.dispatch import in_order
 from meshes.replicas import Copies, first_copies, place
-from meshes.transfer import Transfers, empty_array, everywhere, is_local, is_none, restrict, shared_bundles
+from meshes.transfer import (
+    Transfers,
+    empty_array,
+    everywhere,
+    is_local,
+    is_none,
+    replicated_like,
+    restrict,
+    shared_bundles,
+)
 from meshes.zero import HolderShards, has_slots, map_slots
 
 Params = Any
-
-
-def _replicated(sharding: Sharding) -> Sharding:
-    """A sharding that replicates over the same devices as `sharding`."""
-    if isinstance(sharding, NamedSharding):
-        return NamedSharding(sharding.mesh, P())
-    if len(sharding.device_set) != 1:
-        raise ValueError(f"parameter shardings must be NamedSharding or single-device, got {sharding}")
-    return sharding
 
 
 def zero1_sharding(shape: tuple[int, ...], sharding: Sharding) -> Sharding:
@@ -88,7 +88,7 @@ def _home(shardings: Any, group: int) -> Sharding:
     devices = {frozenset(s.device_set) for s in leaves}
     if len(devices) != 1:
         raise ValueError(f"device group {group}'s leaves live on {len(devices)} different device sets, not one")
-    return _replicated(leaves[0])
+    return replicated_like(leaves[0])
 
 
 def _optimizer_update(optimizer: optax.GradientTransformation, grads, state, params, factor):

@@ -475,6 +475,15 @@ def _lane_on(copied: dict, head: jax.Device, device: jax.Device) -> jax.Array | 
     return copied[head] if device == head else jax.device_put(copied[head], device)
 
 
+def replicated_like(sharding: Sharding) -> Sharding:
+    """A sharding that replicates over the same devices as `sharding` (a NamedSharding or one device)."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, P())
+    if len(sharding.device_set) != 1:
+        raise ValueError(f"parameter shardings must be NamedSharding or single-device, got {sharding}")
+    return sharding
+
+
 def replicated_over(devices: Sequence[jax.Device]) -> NamedSharding:
     """Replicated over `devices`, as a 1-D mesh in id order."""
     ordered = sorted(set(devices), key=lambda d: d.id)

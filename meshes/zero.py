@@ -26,7 +26,17 @@ import optax
 from jax.sharding import NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
-from meshes.transfer import HOLDER, LANE, HolderLayout, Transfers, empty_array, holder_layout, restrict
+from meshes.transfer import (
+    HOLDER,
+    LANE,
+    HolderLayout,
+    Transfers,
+    assemble,
+    empty_array,
+    holder_layout,
+    replicated_like,
+    restrict,
+)
 
 PARTS = P(HOLDER, LANE)
 Update = Callable[[Any, Any, Any, Any], tuple[Any, Any]]
@@ -167,7 +177,7 @@ class HolderShards:
         stacked = self.transfers.to_heads(layout, params)
         factor = restrict(factor, self._replicated(layout))
         specs = ((PARTS, state_specs, PARTS, P()), (PARTS, state_specs))
-        gathered, state = self._run("update", layout, step, specs, parts, state, stacked, factor, donate=(0, 1, 2))
+        gathered, state = self._run("update", layout, step, specs, parts, state, stacked, factor, donate=(1, 2))
         return self.transfers.from_heads(layout, gathered, self.targets), state
 
     def gather_slots(self, state: Any, holder: int) -> list[list[jax.Array]]:
@@ -202,11 +212,19 @@ class HolderShards:
             else:
                 part = self._part_struct(layout)
                 parts.append(empty_array(part.shape, part.dtype, layout.heads_sharding))
-        replicated = self._replicated(layout)
-        moved = iter([self.transfers.move(x, replicated, copy=True) for x in others])
+        moved = iter([self._on_heads(x, layout) for x in others])
         shape = jax.eval_shape(self.optimizer.init, self._part_struct(layout))
         chosen = iter(parts)
         return map_slots(self.optimizer, shape, lambda _: next(chosen), lambda _: next(moved))
+
+    def _on_heads(self, value: Any, layout: HolderLayout) -> jax.Array:
+        """`value` (a scalar alike everywhere: a step count) replicated over the heads, which may span processes:
+        moved to every holder's devices (each inside one process), then seen on the heads without a copy."""
+        homes = [replicated_like(targets[0]) for targets in self.targets]
+        parts = [self.transfers.move(value, home, copy=True) for home in homes]
+        if not layout.local:
+            return empty_array(parts[0].shape, parts[0].dtype, self._replicated(layout))
+        return assemble(parts, self._replicated(layout))
 
     def _placed(self, values: list[Any]) -> list[list[jax.Array]]:
         """`values` (the members, whole) placed on every holder in its parameter layout."""

@@ -31,8 +31,8 @@ CLUSTERS = {
 }
 
 
-def stage(kinds, devices, layers, tp=None, compress="none"):
-    return Stage(tuple(devices), kinds[devices[0]], tp or len(devices), tuple(layers), compress=compress)
+def stage(kinds, devices, layers, tp=None, compress="none", zero=0):
+    return Stage(tuple(devices), kinds[devices[0]], tp or len(devices), tuple(layers), compress=compress, zero=zero)
 
 
 def plan_of(kinds, replicas) -> TrainPlan:
@@ -56,13 +56,15 @@ def plans(kinds) -> dict[str, tuple[dict, TrainPlan]]:
                 ]
             ),
         ),
+        # ZeRO-1 on every stage: in the switching case the moments are split across the replicas, which sit on
+        # both processes (the single-step case does not reach the optimizer).
         "cp2_beside_pipelines_across_processes": (
             {},
             plan(
                 [
-                    Replica((s([4, 5], (0, 4), tp=1),), 2, 1, cp=2),
-                    Replica((s([0, 1], (0, 2)), s([6], (2, 4))), 2, 1),
-                    Replica((s([2], (0, 1)), s([7], (1, 4))), 1, 1),
+                    Replica((s([4, 5], (0, 4), tp=1, zero=1),), 2, 1, cp=2),
+                    Replica((s([0, 1], (0, 2), zero=1), s([6], (2, 4), zero=1)), 2, 1),
+                    Replica((s([2], (0, 1), zero=1), s([7], (1, 4), zero=1)), 1, 1),
                 ]
             ),
         ),
@@ -304,7 +306,17 @@ def adamw_steps(model, params, chosen: list, failures: dict | None = None) -> tu
 
     optimizer = optax.adamw(3e-3)
     expected, host_params = reference_steps(model, params, chosen[0].plan.global_batch, len(chosen), optimizer)
-    grouped = {id(ex): GroupedOptimizer(optimizer, 1.0, ex.copy_shardings(params), ex.transfers) for ex in chosen}
+    grouped = {
+        id(ex): GroupedOptimizer(
+            optimizer,
+            1.0,
+            ex.copy_shardings(params),
+            ex.transfers,
+            moment_shardings=ex.moment_shardings(params),
+            split_across=ex.split_across(),
+        )
+        for ex in chosen
+    }
     view, view_state = params, jax.device_get(optimizer.init(params))
     loss_errors, deleted, lost, running = [], 0, set(), None
     copies: list = []
@@ -321,8 +333,8 @@ def adamw_steps(model, params, chosen: list, failures: dict | None = None) -> tu
                 view, view_state = first_copies(copies, among), grouped[id(running)].view_state(states, among)
             copies, states, running = opt.place(view), opt.place_state(view_state), executor
         batch = make_batch(executor.plan.global_batch, model.config.vocab_size, 10 + step)
-        loss, grads = executor.value_and_grad(copies, batch)
-        copies, states, _ = opt.step(copies, grads, states)
+        loss, grads = executor.value_and_grad(copies, batch, summed=False)
+        copies, states, _ = opt.step(copies, grads, states, summed=False)
         loss_errors.append(relative(host_value(loss), expected[step]))
     return loss_errors, copies, host_params, deleted
 
