@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Sharding
 
-from meshes.dispatch import devices_of, in_order
 from meshes.transfer import Transfers, empty_array, is_local
 
 Packed = dict[str, jax.Array]
@@ -156,14 +155,13 @@ class EdgeMover:
 
     def __init__(self, transfers: Transfers):
         self.transfers = transfers
-        self._programs: dict[Any, Any] = {}
 
     def move(self, x: jax.Array, dst: Sharding, codec: str) -> jax.Array:
         """`x` placed on `dst`, having crossed in `codec`'s packed form."""
         if codec == "none":
             return self.transfers.move(x, dst)
         chosen, src = CODECS[codec], x.sharding
-        encode = self._program(("encode", codec, x.shape, x.dtype, src), chosen.encode, src)
+        encode = self.transfers.program(("encode", codec, x.shape, x.dtype, src), chosen.encode, src)
         if is_local(src):
             packed = encode(x)
         else:
@@ -172,10 +170,7 @@ class EdgeMover:
         moved = self.transfers.tree(packed, jax.tree.map(lambda _: dst, packed))
         if not is_local(dst):
             return empty_array(x.shape, x.dtype, dst)
-        decode = self._program(("decode", codec, x.shape, x.dtype, dst), lambda p: chosen.decode(p, x.dtype), dst)
+        decode = self.transfers.program(
+            ("decode", codec, x.shape, x.dtype, dst), lambda p: chosen.decode(p, x.dtype), dst
+        )
         return decode(moved)
-
-    def _program(self, key: Any, fn: Any, out: Sharding) -> Any:
-        if key not in self._programs:
-            self._programs[key] = in_order(jax.jit(fn, out_shardings=out), devices_of(out))
-        return self._programs[key]
