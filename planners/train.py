@@ -417,6 +417,36 @@ def _subset_outcomes(
     return out
 
 
+def _current_outcome(
+    plan: TrainPlan, cluster: ClusterSpec, model: ModelSpec, workload: TrainWorkload, use_all_devices: bool
+) -> _Outcome:
+    """The plan running now (`current`), checked against `cluster`, `model` and `workload` and re-estimated: a warm
+    start that the result is never slower than under the cost model."""
+    wanted = {"num_layers": model.num_layers, "global_batch": workload.global_batch, "seq_len": workload.seq_len}
+    for field, value in wanted.items():
+        if getattr(plan, field) != value:
+            raise PlanningError(f"current plan: {field} is {getattr(plan, field)}, the workload's is {value}")
+    kinds = [d.kind for d in cluster.devices]
+    for r, replica in enumerate(plan.replicas):
+        for s, stage in enumerate(replica.stages):
+            at = f"current plan: replicas[{r}].stages[{s}]"
+            if any(d >= len(kinds) or kinds[d] != stage.kind for d in stage.devices):
+                raise PlanningError(f"{at}: devices {list(stage.devices)} are not {stage.kind} devices of {cluster.name}")
+            if stage.zero not in workload.zero_stages or (stage.recompute and not workload.recompute):
+                raise PlanningError(f"{at}: zero {stage.zero}, recompute {stage.recompute} not allowed by the workload")
+        if replica.microbatch_size not in workload.microbatch_sizes:
+            allowed = list(workload.microbatch_sizes)
+            raise PlanningError(f"current plan: replicas[{r}].microbatch_size must be one of {allowed}")
+    plan = dataclasses.replace(plan, device_kinds=tuple(kinds), cluster=cluster.name, solve=None)
+    plan = dataclasses.replace(plan, estimate=evaluate_train_plan(plan, cluster, model))
+    excess = memory_excess(plan, cluster, plan.estimate)
+    if excess:
+        raise PlanningError(f"current plan does not fit {cluster.name}: " + "; ".join(excess))
+    if use_all_devices and len(set(plan.devices)) < len(kinds):
+        raise PlanningError("current plan leaves devices idle, which use_all_devices forbids")
+    return _Outcome(1, plan.replicas[0].microbatch_size, [plan], "FEASIBLE", 0.0, False)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Options:
     """The caller's options that every sub-search shares."""
@@ -435,6 +465,7 @@ def plan_training_with_info(
     num_workers: int = 2,
     max_cell_devices: int = 16,
     use_all_devices: bool = False,
+    current: TrainPlan | None = None,
 ) -> tuple[TrainPlan, SolveInfo]:
     """`plan_training`, also returning how the plan was found (also in `plan.solve`)."""
     start = time.perf_counter()
@@ -442,9 +473,9 @@ def plan_training_with_info(
     if state_bytes(model) > usable_bytes(cluster):
         raise PlanningError(explain_infeasible(cluster, model, workload))
     options = _Options(num_workers, max_cell_devices, use_all_devices)
-    outcomes = []
+    outcomes = [] if current is None else [_current_outcome(current, cluster, model, workload, use_all_devices)]
     if cluster.num_devices >= SUBSET_MIN_DEVICES and not use_all_devices:
-        outcomes = _subset_outcomes(cluster, model, workload, start + SUBSET_SHARE * time_limit_s, options)
+        outcomes += _subset_outcomes(cluster, model, workload, start + SUBSET_SHARE * time_limit_s, options)
     outcomes = _search(cluster, model, workload, deadline, options, outcomes)
     if not any(o.plans for o in outcomes):
         raise _no_plan(outcomes, cluster, model, workload, time_limit_s, use_all_devices)
@@ -460,13 +491,15 @@ def plan_training(
     num_workers: int = 2,
     max_cell_devices: int = 16,
     use_all_devices: bool = False,
+    current: TrainPlan | None = None,
 ) -> TrainPlan:
     """The fastest training plan under the cost model (best found within `time_limit_s` if not proven optimal;
     `plan.solve` says which, with the bound and gap).
 
     `use_all_devices` forbids idle devices (e.g. to exercise every emulated device). Large clusters are planned
-    as identical cells of at most `max_cell_devices` devices (see the module docstring). Raises `PlanningError`
-    naming the binding constraint when no plan fits.
+    as identical cells of at most `max_cell_devices` devices (see the module docstring). `current`, a plan that
+    runs on `cluster` now (e.g. before a node was added), is a warm start the result is never slower than.
+    Raises `PlanningError` naming the binding constraint when no plan fits.
     """
     plan, _ = plan_training_with_info(
         cluster,
@@ -476,6 +509,7 @@ def plan_training(
         num_workers=num_workers,
         max_cell_devices=max_cell_devices,
         use_all_devices=use_all_devices,
+        current=current,
     )
     return plan
 

@@ -51,7 +51,16 @@ def test_plan_train_defaults_run(tmp_path: Path) -> None:
     out = tmp_path / "all.json"
     result = RUNNER.invoke(app, ["plan", "train", "--time-limit", "3", "--use-all-devices", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert sorted(planners.TrainPlan.from_json(out.read_text()).devices) == list(range(8))
+    first = planners.TrainPlan.from_json(out.read_text())
+    assert sorted(first.devices) == list(range(8))
+    again = tmp_path / "again.json"
+    result = RUNNER.invoke(app, ["plan", "train", "--time-limit", "2", "--current", str(out), "-o", str(again)])
+    assert result.exit_code == 0, result.output
+    replanned = planners.TrainPlan.from_json(again.read_text())
+    assert replanned.estimate.iteration_s <= first.estimate.iteration_s * (1 + 1e-9)
+    result = RUNNER.invoke(app, ["plan", "train", "--global-batch", "8", "--current", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "current plan: global_batch is 16, the workload's is 8" in result.output
 
 
 def test_user_mistakes_are_one_line(tmp_path: Path) -> None:

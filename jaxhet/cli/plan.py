@@ -99,11 +99,16 @@ def train(
     ] = "none",
     time_limit: TimeLimitOption = 10.0,
     workers: Annotated[int, typer.Option(min=1, help="CP-SAT worker threads.")] = 2,
+    current: Annotated[
+        Path | None,
+        typer.Option(help="The plan running now (JSON, on this cluster's numbering): the new plan is never slower."),
+    ] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan as JSON here.")] = None,
     png: Annotated[Path | None, typer.Option(help="Write a picture of the placement here.")] = None,
 ) -> None:
     """Find the fastest training plan (replicas, pipelines, CP and TP degrees, layer split, batch shares,
-    recomputation and ZeRO stage per stage)."""
+    recomputation and ZeRO stage per stage); with --current, starting from the plan that runs now (e.g. after
+    nodes were added to the cluster)."""
     console = Console()
     with user_errors():
         check_output(output, "--output")
@@ -114,8 +119,19 @@ def train(
         workload = planners.TrainWorkload(
             global_batch, seq_len, recompute=not no_recompute, compress=compress, zero_stages=zero_stages
         )
+        running = None
+        if current is not None:
+            if not current.is_file():
+                raise FileNotFoundError(f"--current plan not found: {current}")
+            running = planners.TrainPlan.from_json(current.read_text())
         plan, info = planners.plan_training_with_info(
-            spec, model_spec, workload, time_limit_s=time_limit, num_workers=workers, use_all_devices=use_all_devices
+            spec,
+            model_spec,
+            workload,
+            time_limit_s=time_limit,
+            num_workers=workers,
+            use_all_devices=use_all_devices,
+            current=running,
         )
     assert plan.estimate is not None
     console.print(_train_table(plan, spec))
