@@ -431,7 +431,9 @@ def _current_outcome(
         for s, stage in enumerate(replica.stages):
             at = f"current plan: replicas[{r}].stages[{s}]"
             if any(d >= len(kinds) or kinds[d] != stage.kind for d in stage.devices):
-                raise PlanningError(f"{at}: devices {list(stage.devices)} are not {stage.kind} devices of {cluster.name}")
+                raise PlanningError(
+                    f"{at}: devices {list(stage.devices)} are not {stage.kind} devices of {cluster.name!r}"
+                )
             if stage.zero not in workload.zero_stages or (stage.recompute and not workload.recompute):
                 raise PlanningError(f"{at}: zero {stage.zero}, recompute {stage.recompute} not allowed by the workload")
         if replica.microbatch_size not in workload.microbatch_sizes:
