@@ -34,13 +34,16 @@ class LaunchError(ValueError):
 class Launch:
     """How this process joins a run. All three fields, or none (then a launcher's environment, or one process).
 
-    `heartbeat_timeout_s` bounds how long the others take to notice a dead process and stop (non-zero)."""
+    `heartbeat_timeout_s` bounds how long the others take to notice a dead process and stop (non-zero). With
+    `recoverable` they do not stop (JAX's `jax_enable_recoverability`): a server keeps its endpoint up when a
+    process serving replicas dies; a training run leaves it off, so that every process stops."""
 
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
     heartbeat_timeout_s: int = 20
     initialization_timeout_s: int = 120
+    recoverable: bool = False
 
     def __post_init__(self) -> None:
         given = {
@@ -137,6 +140,7 @@ def start(cluster: ClusterSpec | None, launch: Launch, environ: Mapping[str, str
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_recoverability", launch.recoverable)
     jax.distributed.initialize(
         launch.coordinator,
         launch.num_processes,
@@ -191,9 +195,26 @@ def all_texts(name: str, text: str, runtime: Runtime) -> list[str]:
     compiling) while the others wait here."""
     if not runtime.multi_process:
         return [text]
-    client = _client()
-    client.key_value_set(_key(name, runtime.process_id), text)
-    return [client.blocking_key_value_get(_key(name, p), AGREE_TIMEOUT_S * 1000) for p in range(runtime.num_processes)]
+    publish_text(name, text, runtime)
+    return [read_text(name, p) for p in range(runtime.num_processes)]
+
+
+def publish_text(name: str, text: str, runtime: Runtime) -> None:
+    """Post this process's `text` under `name` (once per run) for others to `read_text`, without waiting."""
+    _client().key_value_set(_key(name, runtime.process_id), text)
+
+
+def read_text(name: str, process: int) -> str:
+    """What `process` posted under `name`, waiting for it up to `AGREE_TIMEOUT_S`."""
+    return _client().blocking_key_value_get(_key(name, process), AGREE_TIMEOUT_S * 1000)
+
+
+def coordinator_host() -> str:
+    """The host of the run's coordinator (process 0): the address other processes are known to reach it by."""
+    from jax._src import distributed
+
+    _client()
+    return (distributed.global_state.coordinator_address or "127.0.0.1").rsplit(":", 1)[0]
 
 
 def broadcast_text(name: str, text: str | None, runtime: Runtime) -> str:

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from jaxhet.cli.errors import user_errors
+from jaxhet.cli.launch import Coordinator, NumProcesses, ProcessId, join
 
 DEFAULT_RUN = Path("runs/latest")
 PLAN_FORMATS = ("jaxhet.serve_plan", "jaxhet.cascade_plan")
@@ -60,6 +61,51 @@ def _replan_on_hangup(fleet, path: Path, console: Console) -> Callable[[], Await
             console.print(f"SIGHUP: applied {path}: {report}", highlight=False)
 
     return replan
+
+
+def _multi_process_app(processes, plan, loaded, engine_config, server_config, name):
+    """On the endpoint process, the app over every process's replicas (and the cascade, for a cascade plan) and
+    its deployments; on the others, serve their replicas to the endpoint until it stops them, then (None, {})."""
+    import planners
+    from jaxhet.serve import create_app
+    from jaxhet.serve.build import add_cascade
+    from jaxhet.serve.processes import endpoint_deployments, run_worker
+    from jaxhet.serve.worker import EndpointLost
+
+    cascade = isinstance(plan, planners.CascadePlan)
+    serve_plan = plan.deployment if cascade else plan
+    if not processes.runtime.is_main:
+        try:
+            run_worker(processes, serve_plan, loaded, engine_config)
+        except EndpointLost as err:
+            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(code=1) from None
+        return None, {}
+    deployments, links = endpoint_deployments(processes, serve_plan, loaded, engine_config)
+    if cascade:
+        deployments = add_cascade(deployments, plan, name or "cascade")
+    return create_app(deployments, server_config, links=links), deployments
+
+
+def _processes(plan, cluster: str | None, coordinator: str | None, num_processes: int | None, process_id: int | None):
+    """This process's place in a multi-process server (None for one process): explicit options or a launcher's
+    environment, over the cluster the plan's device indices refer to. Must run before JAX starts."""
+    import os
+
+    import planners
+    from jaxhet.serve.processes import ServeProcesses, check_one_process
+    from meshes.distributed import Launch, detect_launcher, node_processes
+
+    launch = Launch(coordinator, num_processes, process_id)
+    detected = None if launch.explicit else detect_launcher(os.environ)
+    if not launch.explicit and detected is None:
+        return None
+    if plan is None:
+        raise ValueError("a multi-process server needs --plan: it says which replicas run on which node")
+    serve_plan = plan.deployment if isinstance(plan, planners.CascadePlan) else plan
+    spec = planners.ClusterSpec.load(cluster or serve_plan.cluster)
+    check_one_process(serve_plan, spec, node_processes(spec, num_processes or detected[1]))
+    return ServeProcesses(join(spec, coordinator, num_processes, process_id, recoverable=True), spec)
 
 
 def serve(
@@ -124,8 +170,17 @@ def serve(
             "ships no template refuses chat requests."
         ),
     ] = None,
+    coordinator: Coordinator = None,
+    num_processes: NumProcesses = None,
+    process_id: ProcessId = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(help="With several processes: the plan's cluster (name or YAML; default: the plan's own)."),
+    ] = None,
 ) -> None:
-    """Serve models over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics)."""
+    """Serve models over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics); with
+    --coordinator/--num-processes/--process-id (or under SLURM / Open MPI), one process per node of the plan's
+    cluster, process 0 the endpoint."""
     console = Console()
     with user_errors():
         import planners
@@ -150,7 +205,9 @@ def serve(
         )
         server_config = ServerConfig(api_key=api_key, max_body_bytes=max_body_bytes, read_timeout_s=read_timeout)
         loaded_plan = _read_plan(plan) if plan is not None else None
-        sock = bind(host, port)  # a busy port or a foreign address is found before the models load
+        processes = _processes(loaded_plan, cluster, coordinator, num_processes, process_id)
+        endpoint = processes is None or processes.runtime.is_main
+        sock = bind(host, port) if endpoint else None  # a busy port or a foreign address is found before loading
         cascade = isinstance(loaded_plan, planners.CascadePlan)
         sources = _named_sources(checkpoint, model or [], None if cascade else name)
         if isinstance(loaded_plan, planners.ServePlan):
@@ -166,13 +223,18 @@ def serve(
         for served, model_loaded in loaded.items():
             console.print(f"[dim]{served}: {model_loaded.source}[/]")
         console.print("[dim]compiling the engines' shape buckets...[/]")
-        if cascade:
+        if processes is not None:
+            app, deployments = _multi_process_app(processes, loaded_plan, loaded, engine_config, server_config, name)
+            if app is None:
+                return
+        elif cascade:
             deployments = build_cascade(loaded, engine_config, loaded_plan, name=name or "cascade")
             app = create_app(deployments, server_config)
         else:
             deployments = build_deployments(loaded, engine_config, replicas=replicas, plan=loaded_plan)
             app = create_app(deployments, server_config, replicas=ReplicaSource(loaded, engine_config))
+    assert sock is not None
     where = f"http://{host}:{sock.getsockname()[1]}/v1"
     console.print(f"serving {', '.join(deployments)} on {where} (Ctrl-C drains and stops)")
-    on_hangup = None if plan is None or cascade else _replan_on_hangup(app.state.fleet, plan, console)
+    on_hangup = None if plan is None or cascade or processes else _replan_on_hangup(app.state.fleet, plan, console)
     serve_forever(app, sock, header_timeout_s=read_timeout, on_hangup=on_hangup)

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -34,6 +34,7 @@ from jaxhet.serve.engine import RequestOutput
 from jaxhet.serve.metrics import CONTENT_TYPE, ServerMetrics
 from jaxhet.serve.middleware import RequestGuard
 from jaxhet.serve.protocol import CLIENT_GONE, APIError, ChatCompletionRequest, CompletionRequest
+from jaxhet.serve.remote import WorkerLink
 from jaxhet.serve.replan import Fleet, ReplanRefused, ReplicaSource, parse_plan
 
 Deployment = ModelDeployment | CascadeDeployment
@@ -90,15 +91,18 @@ def create_app(
     config: ServerConfig = ServerConfig(),
     *,
     replicas: ReplicaSource | None = None,
+    links: Sequence[WorkerLink] = (),
 ) -> FastAPI:
     """The app serving `deployments` (served name -> deployment); closes their engines on shutdown. With
     `replicas` (the weights and engine settings new replicas are built from), `POST /admin/plan` re-plans live;
-    the app's `Fleet` is `app.state.fleet`."""
-    fleet = Fleet(deployments, replicas)
+    `links` reach the other processes of a multi-process server (`jaxhet.serve.processes`), stopped on shutdown.
+    The app's `Fleet` is `app.state.fleet`."""
+    fleet = Fleet(deployments, replicas, links)
     metrics = ServerMetrics(fleet)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await fleet.start()
         yield
         await fleet.close()
 
@@ -137,7 +141,12 @@ class _Api:
         self.created = int(time.time())
 
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "replicas": self.fleet.replica_counts()}
+        """Up (the endpoint answers); "degraded" when another serving process is down, which `processes` names."""
+        if not self.fleet.links:
+            return {"status": "ok", "replicas": self.fleet.replica_counts()}
+        processes = self.fleet.processes()
+        status = "ok" if all(p["up"] for p in processes) else "degraded"
+        return {"status": status, "replicas": self.fleet.replica_counts(), "processes": processes}
 
     async def admin_plan(self, request: Request) -> dict[str, Any]:
         """Apply the serving plan in the body (a `jaxhet plan serve -o` file) and answer what changed, once the
@@ -242,7 +251,7 @@ class _Api:
             field = getattr(err, "field", None)
             raise APIError(400, str(err), param=endpoint.prompt_field if field == "prompt" else field) from None
         except EngineFailure as err:
-            raise APIError(500, str(err), kind="server_error") from None
+            raise _engine_error(err) from None
         generation = _Generation(index, served_by, output, arrival)
         self._note_progress(generation)
         return generation, stream
@@ -310,7 +319,7 @@ class _Api:
                         chunk = _envelope(response_id, endpoint.chunk_kind, current.served_by, [choice])
                         yield f"data: {json.dumps(chunk)}\n\n"
             except EngineFailure as err:
-                yield f"data: {json.dumps(APIError(500, str(err), kind='server_error').body())}\n\n"
+                yield f"data: {json.dumps(_engine_error(err).body())}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -343,13 +352,18 @@ def _sampling(request, defaults: SamplingDefaults, max_tokens: int, **extra) -> 
         raise APIError(400, str(err), param=getattr(err, "field", None)) from None
 
 
+def _engine_error(err: EngineFailure) -> APIError:
+    """A failure inside an engine is the request's 500; a replica lost with its process, a 503."""
+    return APIError(getattr(err, "status", 500), str(err), kind="server_error")
+
+
 async def _finish(followers: list[AsyncIterator[_Generation]]) -> None:
     """Run every choice to its end; a failure inside the engine is this request's 500."""
     try:
         async for _ in _merged(followers):
             pass
     except EngineFailure as err:
-        raise APIError(500, str(err), kind="server_error") from None
+        raise _engine_error(err) from None
 
 
 async def _unless_client_leaves(http: Request, work: Awaitable[_T]) -> _T:

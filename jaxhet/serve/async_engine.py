@@ -41,6 +41,13 @@ class EngineFailure(RuntimeError):
     step itself failed (the requests it held are aborted); either way the engine goes on serving."""
 
 
+class ReplicaLost(EngineFailure):
+    """A request's replica is gone: its process died or stopped answering, or no replica of a role is left up.
+    The endpoint answers 503 (the server is up; that capacity is not)."""
+
+    status = 503
+
+
 class _Sink:
     """Hands items from the engine thread to one request's asyncio queue on its event loop."""
 
@@ -58,9 +65,10 @@ class _Sink:
 class AsyncEngine:
     """Serve an `Engine` to asyncio code: `async for out in engine.generate(...)`."""
 
-    def __init__(self, engine: Engine, *, name: str):
+    def __init__(self, engine: Engine, *, name: str, node: str = "local"):
         self.engine = engine
         self.name = name
+        self.node = node
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}
         self._tokens_by_second: collections.deque[tuple[int, int]] = collections.deque()
@@ -78,6 +86,23 @@ class AsyncEngine:
     def closed(self) -> bool:
         """Whether the engine thread has stopped (after `close`), so the engine holds no request any more."""
         return not self._thread.is_alive()
+
+    @property
+    def available(self) -> bool:
+        """Whether new requests may come here (until `close`)."""
+        return not self._closing
+
+    @property
+    def devices(self) -> tuple:
+        return self.engine.devices
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
 
     @property
     def load(self) -> int:

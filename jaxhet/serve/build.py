@@ -39,12 +39,12 @@ class Placement:
         return self.model, self.devices
 
 
-def new_engine(placement: Placement, loaded: LoadedModel, config: EngineConfig) -> AsyncEngine:
-    """A warmed-up (compiled) engine for `loaded` on the placement's devices, on its own thread; each device reads
-    its block of the weights from `loaded.weights_dir` when they were left there."""
+def new_engine(placement: Placement, loaded: LoadedModel, config: EngineConfig, node: str = "local") -> AsyncEngine:
+    """A warmed-up (compiled) engine for `loaded` on the placement's devices (of `node`), on its own thread; each
+    device reads its block of the weights from `loaded.weights_dir` when they were left there."""
     engine = Engine(loaded.model, loaded.tokenizer, config, devices=placement.devices, weights_dir=loaded.weights_dir)
     engine.warmup()
-    return AsyncEngine(engine, name=placement.model)
+    return AsyncEngine(engine, name=placement.model, node=node)
 
 
 def _described(loaded: LoadedModel) -> dict[str, Any]:
@@ -163,13 +163,18 @@ def build_cascade(
     missing = [m for m in plan.models if m not in models]
     if missing:
         raise ValueError(f"the cascade plan needs weights for {missing}; given: {sorted(models)}")
-    deployments: dict[str, ModelDeployment | CascadeDeployment] = dict(
-        build_deployments(models, config, plan=plan.deployment, devices=devices)
-    )
+    return add_cascade(build_deployments(models, config, plan=plan.deployment, devices=devices), plan, name)
+
+
+def add_cascade(
+    deployments: Mapping[str, ModelDeployment], plan: planners.CascadePlan, name: str
+) -> dict[str, ModelDeployment | CascadeDeployment]:
+    """`deployments` (every model of the cascade placed, each servable by its own name) and the cascade itself
+    under `name` (its models in plan order, escalating below the plan's thresholds)."""
     unplaced = [m for m in plan.models if m not in deployments]
     if unplaced:
         raise ValueError(f"the cascade plan gives no replica to {unplaced}")
     if name in deployments:
         raise ValueError(f"the cascade's name {name!r} is also a model's name; choose another")
-    deployments[name] = CascadeDeployment(name, [deployments[m] for m in plan.models], list(plan.thresholds))
-    return deployments
+    cascade = CascadeDeployment(name, [deployments[m] for m in plan.models], list(plan.thresholds))
+    return {**deployments, name: cascade}

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 from jaxhet.chat_template import TRANSCRIPT, ChatTemplate, ChatTemplateError
 from jaxhet.generation_config import SamplingDefaults
-from jaxhet.serve.async_engine import AsyncEngine
+from jaxhet.serve.async_engine import AsyncEngine, ReplicaLost
 from jaxhet.serve.config import SamplingParams
 from jaxhet.serve.engine import RequestOutput
 from jaxhet.tokenizers import Tokenizer
@@ -67,11 +67,11 @@ class ModelDeployment:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return self.engines[0].engine.tokenizer
+        return self.engines[0].tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.engines[0].engine.config.max_model_len
+        return self.engines[0].max_model_len
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a text prompt (with BOS when the tokenizer has one); id prompts are taken as they are."""
@@ -90,10 +90,18 @@ class ModelDeployment:
             )
         return self.chat_template.encode(self.tokenizer, messages)
 
+    def _entry(self) -> AsyncEngine:
+        """The replica a request starts on: the least loaded whole or prefill one, prefill ones only while a decode
+        replica is up (a prefill nobody can continue is not started)."""
+        decoding = any(r.available for r in self.decode)
+        if self.prefill and not decoding and not self.replicas:
+            return _least_loaded(self.name, "decode", self.decode)  # none is up: raises, naming them
+        return _least_loaded(self.name, "whole or prefill", [*self.replicas, *(self.prefill if decoding else ())])
+
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[tuple[str, RequestOutput]]:
-        entry = _least_loaded([*self.replicas, *self.prefill])
+        entry = self._entry()
         if not any(entry is p for p in self.prefill):
             async for output in entry.generate(request_id, prompt_token_ids, params):
                 yield self.name, output
@@ -106,12 +114,18 @@ class ModelDeployment:
             handoff = output.handoff
             yield self.name, dataclasses.replace(output, finished=False, finish_reason=None, handoff=None)
         if handoff is not None:
-            async for output in _least_loaded(self.decode).resume(request_id, handoff, params):
+            async for output in _least_loaded(self.name, "decode", self.decode).resume(request_id, handoff, params):
                 yield self.name, output
 
 
-def _least_loaded(replicas: Sequence[AsyncEngine]) -> AsyncEngine:
-    return min(replicas, key=lambda r: r.load)
+def _least_loaded(model: str, role: str, replicas: Sequence[AsyncEngine]) -> AsyncEngine:
+    """The least loaded of `replicas` that takes requests (one on a process that died does not); ReplicaLost
+    naming them when none does."""
+    up = [r for r in replicas if r.available]
+    if not up:
+        down = ", ".join(f"{r.name} on node {r.node}" for r in replicas)
+        raise ReplicaLost(f"model {model!r}: no {role} replica is up ({down} down)")
+    return min(up, key=lambda r: r.load)
 
 
 def mean_logprob(output: RequestOutput) -> float:

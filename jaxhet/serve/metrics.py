@@ -25,8 +25,11 @@ class _EngineCollector(Collector):
         self.fleet = fleet
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        labels = ["model", "replica"]
+        labels = ["model", "replica", "node"]
         gauges = {
+            "up": GaugeMetricFamily(
+                "jaxhet_replica_up", "1 while the replica takes requests (0: its process is down).", labels=labels
+            ),
             "waiting": GaugeMetricFamily("jaxhet_requests_waiting", "Requests queued for admission.", labels=labels),
             "running": GaugeMetricFamily("jaxhet_requests_running", "Requests being generated.", labels=labels),
             "kv_used": GaugeMetricFamily("jaxhet_kv_pages_used", "KV-cache pages in use.", labels=labels),
@@ -63,8 +66,9 @@ class _EngineCollector(Collector):
         }
         for model, engines in self.fleet.engines().items():
             for engine in engines:
-                snap, key = engine.snapshot, [model, engine.name]
+                snap, key = engine.snapshot, [model, engine.name, engine.node]
                 stats = snap.stats
+                gauges["up"].add_metric(key, 1 if engine.available else 0)
                 gauges["waiting"].add_metric(key, stats.waiting)
                 gauges["running"].add_metric(key, stats.running)
                 gauges["kv_used"].add_metric(key, stats.kv_pages_used)
@@ -98,6 +102,24 @@ class _EngineCollector(Collector):
         yield escalations
         yield replicas
         yield started
+        yield from _process_metrics(self.fleet)
+
+
+def _process_metrics(fleet: Fleet) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Per other process of a multi-process server: whether it answers, and the KV handoff bytes to and from it."""
+    up = GaugeMetricFamily("jaxhet_process_up", "1 while a serving process answers.", labels=["process", "node"])
+    handoff = CounterMetricFamily(
+        "jaxhet_kv_handoff_bytes",
+        "KV cache bytes handed over to (sent) or from (received) another process's replicas.",
+        labels=["process", "node", "direction"],
+    )
+    for link in fleet.links:
+        key = [str(link.process), ",".join(link.nodes)]
+        up.add_metric(key, 1 if link.up else 0)
+        for direction, count in link.handoff_bytes.items():
+            handoff.add_metric([*key, direction], count)
+    yield up
+    yield handoff
 
 
 class ServerMetrics:

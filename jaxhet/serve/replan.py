@@ -24,6 +24,7 @@ from jaxhet.serve.async_engine import AsyncEngine
 from jaxhet.serve.build import Placement, by_role, deployment, new_engine, place
 from jaxhet.serve.config import EngineConfig, FieldError
 from jaxhet.serve.deployment import CascadeDeployment, ModelDeployment
+from jaxhet.serve.remote import WorkerLink
 
 Deployment = ModelDeployment | CascadeDeployment
 SERVE_PLAN = "jaxhet.serve_plan"
@@ -85,12 +86,19 @@ class Fleet:
     """The deployments a server runs (served name -> deployment) and, with a `ReplicaSource`, re-planning them.
 
     `deployments` is one dict, changed in place and only between two awaits, so a request sees either the old
-    routing or the new one. `started` counts the replicas re-plans built.
+    routing or the new one. `started` counts the replicas re-plans built. `links` reach the other processes of a
+    multi-process server (`jaxhet.serve.processes`), whose replicas the deployments route to too.
     """
 
-    def __init__(self, deployments: Mapping[str, Deployment], source: ReplicaSource | None = None):
+    def __init__(
+        self,
+        deployments: Mapping[str, Deployment],
+        source: ReplicaSource | None = None,
+        links: Sequence[WorkerLink] = (),
+    ):
         self.deployments: dict[str, Deployment] = dict(deployments)
         self.source = source
+        self.links = list(links)
         self.started = 0
         self._draining: list[AsyncEngine] = []
         self._lock = asyncio.Lock()
@@ -114,10 +122,25 @@ class Fleet:
         """Model -> role -> number of replicas serving in it."""
         return {model.name: {role: len(e) for role, e in model.roles().items()} for model in self.models()}
 
+    def processes(self) -> list[dict[str, Any]]:
+        """The other processes of a multi-process server: nodes, and whether each answers (else why not)."""
+        return [
+            {"process": link.process, "nodes": list(link.nodes), "up": link.up, "reason": link.down_reason}
+            for link in self.links
+        ]
+
+    async def start(self) -> None:
+        """Connect to the other processes (on the server's event loop)."""
+        for link in self.links:
+            await link.start()
+
     async def close(self) -> None:
-        """Stop every engine, those being drained included, once their requests finish."""
+        """Stop every engine, those being drained included, once their requests finish; then the other
+        processes."""
         for engine in [*(e for engines in self.engines().values() for e in engines), *self._draining]:
             await engine.close()
+        for link in self.links:
+            await link.stop()
 
     def _running(self) -> dict[tuple, tuple[AsyncEngine, str]]:
         """Placement key -> (engine, role) of every replica the routing uses now."""
@@ -125,7 +148,7 @@ class Fleet:
         for model in self.models():
             for role, engines in model.roles().items():
                 for engine in engines:
-                    running[(model.name, engine.engine.devices)] = engine, role
+                    running[(model.name, engine.devices)] = engine, role
         return running
 
     async def apply(self, plan: planners.ServePlan) -> ReplanReport:
@@ -136,6 +159,11 @@ class Fleet:
             raise ReplanRefused("this server was not given the models' weights, so it cannot start replicas")
         if self.cascades():
             raise ReplanRefused("this server runs a cascade; live re-planning applies to serving plans only")
+        if self.links:
+            raise ReplanRefused(
+                "this server's replicas run on several processes; live re-planning applies within one process "
+                "(restart the processes with the new plan)"
+            )
         async with self._lock:
             wanted = place(plan, source.models, source.local_devices())
             running = self._running()
