@@ -84,6 +84,14 @@ def serve(
         ),
     ] = None,
     replicas: Annotated[int, typer.Option(min=1, help="Engines on distinct local devices, without a plan.")] = 1,
+    cascade_decide_tokens: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="With a cascade plan: a model's answer is kept or escalated on the confidence of its first this "
+            "many tokens, and a kept answer then streams as it is generated.",
+        ),
+    ] = 16,
     host: Annotated[
         str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")
     ] = "127.0.0.1",
@@ -167,7 +175,9 @@ def serve(
             console.print(f"[dim]{served}: {model_loaded.source}[/]")
         console.print("[dim]compiling the engines' shape buckets...[/]")
         if cascade:
-            deployments = build_cascade(loaded, engine_config, loaded_plan, name=name or "cascade")
+            deployments = build_cascade(
+                loaded, engine_config, loaded_plan, name=name or "cascade", decide_tokens=cascade_decide_tokens
+            )
             app = create_app(deployments, server_config)
         else:
             deployments = build_deployments(loaded, engine_config, replicas=replicas, plan=loaded_plan)

@@ -157,9 +157,11 @@ def build_cascade(
     *,
     name: str = "cascade",
     devices: Sequence[jax.Device] | None = None,
+    decide_tokens: int = CascadeDeployment.decide_tokens,
 ) -> dict[str, ModelDeployment | CascadeDeployment]:
     """The deployments of a cascade plan: every model on the replicas the plan gives it, each servable by its own
-    name, and the cascade itself under `name` (its models in plan order, escalating below the plan's thresholds)."""
+    name, and the cascade itself under `name` (its models in plan order, escalating below the plan's thresholds,
+    deciding on the first `decide_tokens` tokens of each answer)."""
     missing = [m for m in plan.models if m not in models]
     if missing:
         raise ValueError(f"the cascade plan needs weights for {missing}; given: {sorted(models)}")
@@ -171,5 +173,6 @@ def build_cascade(
         raise ValueError(f"the cascade plan gives no replica to {unplaced}")
     if name in deployments:
         raise ValueError(f"the cascade's name {name!r} is also a model's name; choose another")
-    deployments[name] = CascadeDeployment(name, [deployments[m] for m in plan.models], list(plan.thresholds))
+    stages = [deployments[m] for m in plan.models]
+    deployments[name] = CascadeDeployment(name, stages, list(plan.thresholds), decide_tokens=decide_tokens)
     return deployments
