@@ -63,7 +63,7 @@ def _replan_on_hangup(fleet, path: Path, console: Console) -> Callable[[], Await
     return replan
 
 
-def _multi_process_app(processes, plan, loaded, engine_config, server_config, name):
+def _multi_process_app(processes, plan, loaded, engine_config, server_config, name, decide_tokens):
     """On the endpoint process, the app over every process's replicas (and the cascade, for a cascade plan) and
     its deployments; on the others, serve their replicas to the endpoint until it stops them, then (None, {})."""
     import planners
@@ -83,7 +83,7 @@ def _multi_process_app(processes, plan, loaded, engine_config, server_config, na
         return None, {}
     deployments, links = endpoint_deployments(processes, serve_plan, loaded, engine_config)
     if cascade:
-        deployments = add_cascade(deployments, plan, name or "cascade")
+        deployments = add_cascade(deployments, plan, name or "cascade", decide_tokens)
     return create_app(deployments, server_config, links=links), deployments
 
 
@@ -130,6 +130,14 @@ def serve(
         ),
     ] = None,
     replicas: Annotated[int, typer.Option(min=1, help="Engines on distinct local devices, without a plan.")] = 1,
+    cascade_decide_tokens: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="With a cascade plan: a model's answer is kept or escalated on the confidence of its first this "
+            "many tokens, and a kept answer then streams as it is generated.",
+        ),
+    ] = 16,
     host: Annotated[
         str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")
     ] = "127.0.0.1",
@@ -224,11 +232,15 @@ def serve(
             console.print(f"[dim]{served}: {model_loaded.source}[/]")
         console.print("[dim]compiling the engines' shape buckets...[/]")
         if processes is not None:
-            app, deployments = _multi_process_app(processes, loaded_plan, loaded, engine_config, server_config, name)
+            app, deployments = _multi_process_app(
+                processes, loaded_plan, loaded, engine_config, server_config, name, cascade_decide_tokens
+            )
             if app is None:
                 return
         elif cascade:
-            deployments = build_cascade(loaded, engine_config, loaded_plan, name=name or "cascade")
+            deployments = build_cascade(
+                loaded, engine_config, loaded_plan, name=name or "cascade", decide_tokens=cascade_decide_tokens
+            )
             app = create_app(deployments, server_config)
         else:
             deployments = build_deployments(loaded, engine_config, replicas=replicas, plan=loaded_plan)

@@ -157,24 +157,32 @@ def build_cascade(
     *,
     name: str = "cascade",
     devices: Sequence[jax.Device] | None = None,
+    decide_tokens: int = CascadeDeployment.decide_tokens,
 ) -> dict[str, ModelDeployment | CascadeDeployment]:
     """The deployments of a cascade plan: every model on the replicas the plan gives it, each servable by its own
-    name, and the cascade itself under `name` (its models in plan order, escalating below the plan's thresholds)."""
+    name, and the cascade itself under `name` (its models in plan order, escalating below the plan's thresholds,
+    deciding on the first `decide_tokens` tokens of each answer)."""
     missing = [m for m in plan.models if m not in models]
     if missing:
         raise ValueError(f"the cascade plan needs weights for {missing}; given: {sorted(models)}")
-    return add_cascade(build_deployments(models, config, plan=plan.deployment, devices=devices), plan, name)
+    deployments = build_deployments(models, config, plan=plan.deployment, devices=devices)
+    return add_cascade(deployments, plan, name, decide_tokens)
 
 
 def add_cascade(
-    deployments: Mapping[str, ModelDeployment], plan: planners.CascadePlan, name: str
+    deployments: Mapping[str, ModelDeployment],
+    plan: planners.CascadePlan,
+    name: str,
+    decide_tokens: int = CascadeDeployment.decide_tokens,
 ) -> dict[str, ModelDeployment | CascadeDeployment]:
     """`deployments` (every model of the cascade placed, each servable by its own name) and the cascade itself
-    under `name` (its models in plan order, escalating below the plan's thresholds)."""
+    under `name` (its models in plan order, escalating below the plan's thresholds, deciding on the first
+    `decide_tokens` tokens of each answer)."""
     unplaced = [m for m in plan.models if m not in deployments]
     if unplaced:
         raise ValueError(f"the cascade plan gives no replica to {unplaced}")
     if name in deployments:
         raise ValueError(f"the cascade's name {name!r} is also a model's name; choose another")
-    cascade = CascadeDeployment(name, [deployments[m] for m in plan.models], list(plan.thresholds))
+    stages = [deployments[m] for m in plan.models]
+    cascade = CascadeDeployment(name, stages, list(plan.thresholds), decide_tokens=decide_tokens)
     return {**deployments, name: cascade}

@@ -128,23 +128,29 @@ def _least_loaded(model: str, role: str, replicas: Sequence[AsyncEngine]) -> Asy
     return min(up, key=lambda r: r.load)
 
 
-def mean_logprob(output: RequestOutput) -> float:
-    """The cascade's confidence in an answer: the mean log-probability of its tokens (-inf for no tokens)."""
-    return sum(output.logprobs) / len(output.logprobs) if output.logprobs else float("-inf")
+def mean_logprob(output: RequestOutput, tokens: int | None = None) -> float:
+    """The cascade's confidence in an answer: the mean log-probability of its first `tokens` tokens (all of them
+    by default; -inf for no tokens)."""
+    logprobs = output.logprobs[:tokens]
+    return sum(logprobs) / len(logprobs) if logprobs else float("-inf")
 
 
 @dataclasses.dataclass
 class CascadeDeployment:
-    """Models tried from smallest to largest: stage i's answer is kept when its `mean_logprob` reaches
-    `thresholds[i]`, otherwise the request escalates to stage i + 1; the last stage always answers.
+    """Models tried from smallest to largest, deciding on a prefix of each stage's answer.
 
-    Every stage but the answering one runs to completion before the decision, so a streamed cascade answer
-    arrives in one piece.
+    Stage i (all but the last) generates until its answer has `decide_tokens` tokens or finishes sooner; the
+    outputs so far are held back. When the `mean_logprob` of those first `decide_tokens` tokens reaches
+    `thresholds[i]`, the cascade commits to stage i: it yields the held-back outputs, then each later output of
+    stage i as it is produced. Otherwise it leaves stage i's stream, which aborts that request and frees its KV
+    pages, counts one more in `escalations[i]`, and tries stage i + 1. The last stage always answers, streamed
+    from its first token. Outputs carry the cascade's `request_id` and are served by the answering stage's name.
     """
 
     name: str
     stages: Sequence[ModelDeployment]
     thresholds: Sequence[float]
+    decide_tokens: int = 16
     escalations: list[int] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -153,6 +159,8 @@ class CascadeDeployment:
                 f"cascade {self.name!r} needs at least two models and one threshold fewer than models, "
                 f"got {len(self.stages)} models and {len(self.thresholds)} thresholds"
             )
+        if self.decide_tokens < 1:
+            raise ValueError(f"cascade {self.name!r} needs decide_tokens > 0, got {self.decide_tokens}")
         vocabularies = {stage.tokenizer.vocab_size for stage in self.stages}
         if len(vocabularies) > 1:
             raise ValueError(
@@ -185,14 +193,38 @@ class CascadeDeployment:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[tuple[str, RequestOutput]]:
-        for index, (stage, threshold) in enumerate(zip(self.stages, self.thresholds, strict=False)):
-            final = None
-            async for _, output in stage.generate(f"{request_id}-{index}", prompt_token_ids, params):
-                final = output
-            if final is not None and mean_logprob(final) >= threshold:
-                yield stage.name, dataclasses.replace(final, request_id=request_id)
-                return
+        for index, stage in enumerate(self.stages):
+            last = index == len(self.thresholds)
+            stream = stage.generate(f"{request_id}-{index}", prompt_token_ids, params)
+            try:
+                held = [] if last else await self._prefix(stream)
+                if last or self._keeps(held, self.thresholds[index]):
+                    async for served_by, output in self._answer(held, stream):
+                        yield served_by, dataclasses.replace(output, request_id=request_id)
+                    return
+            finally:
+                await stream.aclose()  # an escalated stage's request is aborted here, freeing its KV pages
             self.escalations[index] += 1
-        last = self.stages[-1]
-        async for _, output in last.generate(request_id, prompt_token_ids, params):
-            yield last.name, output
+
+    async def _prefix(self, stream: AsyncIterator[tuple[str, RequestOutput]]) -> list[tuple[str, RequestOutput]]:
+        """A stage's outputs up to the first with `decide_tokens` tokens, or up to the finished one if sooner."""
+        held = []
+        async for served_by, output in stream:
+            held.append((served_by, output))
+            if output.finished or len(output.token_ids) >= self.decide_tokens:
+                break
+        return held
+
+    def _keeps(self, held: list[tuple[str, RequestOutput]], threshold: float) -> bool:
+        """Whether the cascade commits to the stage whose held-back outputs are `held`."""
+        return bool(held) and mean_logprob(held[-1][1], self.decide_tokens) >= threshold
+
+    @staticmethod
+    async def _answer(
+        held: list[tuple[str, RequestOutput]], stream: AsyncIterator[tuple[str, RequestOutput]]
+    ) -> AsyncIterator[tuple[str, RequestOutput]]:
+        """The committed stage's held-back outputs, then its later ones as they are produced."""
+        for pair in held:
+            yield pair
+        async for pair in stream:
+            yield pair
