@@ -49,14 +49,24 @@ MAX_TOKENS = 6
 START_TIMEOUT_S = 300
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Llama]:
+def _saved(tmp_path_factory, name: str, seed: int, layers: int) -> tuple[Path, Llama]:
     """A tiny float32 Llama saved as a Hugging Face directory (every process loads it from there)."""
-    config = LlamaConfig.tiny(vocab_size=ByteTokenizer.vocab_size, num_layers=2, dtype="float32")
-    model = Llama(config, rngs=nnx.Rngs(params=jax.random.key(5)))
-    directory = tmp_path_factory.mktemp("tiny")
+    config = LlamaConfig.tiny(vocab_size=ByteTokenizer.vocab_size, num_layers=layers, dtype="float32")
+    model = Llama(config, rngs=nnx.Rngs(params=jax.random.key(seed)))
+    directory = tmp_path_factory.mktemp(name)
     save_pretrained(model, directory)
     return directory, model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Llama]:
+    return _saved(tmp_path_factory, "tiny", 5, 2)
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory) -> tuple[Path, Llama]:
+    """The cascade's second model: another seed and one block more."""
+    return _saved(tmp_path_factory, "large", 7, 3)
 
 
 def _ids(prompt: str) -> list[int]:
@@ -70,32 +80,66 @@ def _solo(model: Llama, prompts: list[str], max_tokens: int) -> dict[str, str]:
     return {p: ByteTokenizer().decode(o) for p, o in zip(prompts, outputs, strict=True)}
 
 
-def _write_plan(directory: Path, name: str, replicas: list[tuple[int, str]]) -> Path:
+def _serve_plan(directory: Path, replicas: list[tuple[int, str, str]]) -> planners.ServePlan:
+    """A serving plan with a replica per (device, role, model) on the two-node cluster (written beside it)."""
     (directory / "cluster.yaml").write_text(CLUSTER)
-    common = dict(model="tiny", kind="cpu", max_batch=8, capacity_rps=1.0, routed_rps=1.0)
-    plan = planners.ServePlan(
-        replicas=tuple(planners.ServeReplica(tp=1, devices=(d,), role=role, **common) for d, role in replicas),
+    common = dict(kind="cpu", max_batch=8, capacity_rps=1.0, routed_rps=1.0)
+    return planners.ServePlan(
+        replicas=tuple(
+            planners.ServeReplica(model=model, tp=1, devices=(d,), role=role, **common) for d, role, model in replicas
+        ),
         objective="max_throughput",
         throughput_scale=1.0,
         price_per_hour=0.0,
-        rates={"tiny": 1.0},
+        rates={model: 1.0 for _, _, model in replicas},
         cluster=str(directory / "cluster.yaml"),
     )
+
+
+def _write_plan(directory: Path, name: str, replicas: list[tuple[int, str]]) -> Path:
     path = directory / f"{name}.json"
+    path.write_text(_serve_plan(directory, [(d, role, "tiny") for d, role in replicas]).to_json())
+    return path
+
+
+def _write_cascade(directory: Path, replicas: list[tuple[int, str, str]], threshold: float) -> Path:
+    """A cascade plan "tiny" -> "large" (escalating below `threshold`) over `replicas`."""
+    deployment = _serve_plan(directory, replicas)
+    plan = planners.CascadePlan(
+        models=("tiny", "large"),
+        thresholds=(threshold,),
+        deployment=deployment,
+        latency_s=1.0,
+        quality=1.0,
+        reach=(1.0, 1.0),
+        arrival_rate=1.0,
+        weight=1.0,
+        min_quality=None,
+        front=(),
+        single=(),
+        cluster=deployment.cluster,
+    )
+    path = directory / "cascade.json"
     path.write_text(plan.to_json())
     return path
 
 
-@contextlib.contextmanager
-def _server(tmp_path: Path, plan: Path, model_dir: Path) -> Iterator[tuple[str, list]]:
-    """Both processes of `jaxhet serve --plan` started for real; yields the endpoint's URL once /health answers."""
-    coordinator, port = free_port(), free_port()
-    commands = [
-        [sys.executable, "-m", "jaxhet", "serve", "--plan", str(plan), "--model", f"tiny={model_dir}", *ENGINE]
+def _commands(plan: Path, models: dict[str, Path], port: int) -> list[list[str]]:
+    """`jaxhet serve` of both processes: the same flags but the process id."""
+    coordinator = free_port()
+    weights = [arg for name, path in models.items() for arg in ("--model", f"{name}={path}")]
+    return [
+        [sys.executable, "-m", "jaxhet", "serve", "--plan", str(plan), *weights, *ENGINE, "--port", str(port)]
         + ["--coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2", "--process-id", str(i)]
-        + ["--port", str(port)]
         for i in range(2)
     ]
+
+
+@contextlib.contextmanager
+def _server(tmp_path: Path, plan: Path, models: dict[str, Path]) -> Iterator[tuple[str, list]]:
+    """Both processes of `jaxhet serve --plan` started for real; yields the endpoint's URL once /health answers."""
+    port = free_port()
+    commands = _commands(plan, models, port)
     logs = tmp_path / "logs"
     with processes(commands, logs, tmp_path.parent / "compile-cache") as started:
         url = f"http://127.0.0.1:{port}"
@@ -118,14 +162,14 @@ def _metric(url: str, name: str, **labels: str) -> float:
     return sum(s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-def _complete(client: openai.OpenAI, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
-    response = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0)
+def _complete(client: openai.OpenAI, prompt: str, max_tokens: int = MAX_TOKENS, model: str = "tiny") -> str:
+    response = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
     return response.choices[0].text
 
 
-def _stream(client: openai.OpenAI, prompt: str, max_tokens: int = MAX_TOKENS, first=None) -> str:
+def _stream(client: openai.OpenAI, prompt: str, max_tokens: int = MAX_TOKENS, first=None, model: str = "tiny") -> str:
     text = ""
-    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
     for chunk in stream:
         text += chunk.choices[0].text
         if first is not None and text:
@@ -139,11 +183,15 @@ def _stop(started: list) -> list[int]:
     return wait_all(started, timeout=120)
 
 
-def test_prefill_on_one_node_hands_used_pages_to_decode_on_the_other(tmp_path, tiny):
-    model_dir, model = tiny
-    plan = _write_plan(tmp_path, "pd", [(0, "prefill"), (2, "decode")])
+def test_prefill_on_one_node_hands_used_pages_to_decode_on_the_other(tmp_path, tiny, large):
+    """A cascade plan: "tiny" prefills on node h100 and decodes on node l4 (process 1), "large" runs on node h100;
+    "tiny" is served by name too. The cascade's threshold 0 escalates every answer (no mean log-probability
+    reaches 0), so the cascade answers as "large" does."""
+    (tiny_dir, model), (large_dir, large_model) = tiny, large
+    replicas = [(0, "prefill", "tiny"), (2, "decode", "tiny"), (1, "both", "large")]
+    plan = _write_cascade(tmp_path, replicas, threshold=0.0)
     solo = {**_solo(model, SHORT, MAX_TOKENS), **_solo(model, LONG, MAX_TOKENS)}
-    with _server(tmp_path, plan, model_dir) as (url, started):
+    with _server(tmp_path, plan, {"tiny": tiny_dir, "large": large_dir}) as (url, started):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         prompts = [*SHORT, *LONG]
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
@@ -156,6 +204,9 @@ def test_prefill_on_one_node_hands_used_pages_to_decode_on_the_other(tmp_path, t
         assert _metric(url, "jaxhet_kv_handoff_bytes_total", process="1", direction="sent") == used_pages * page_bytes
         for prompt in (SHORT[0], LONG[0]):
             assert _stream(client, prompt) == _complete(client, prompt) == solo[prompt]
+        escalated = _solo(large_model, SHORT[:1], MAX_TOKENS)[SHORT[0]]
+        assert _stream(client, SHORT[0], model="cascade") == _complete(client, SHORT[0], model="cascade") == escalated
+        assert _metric(url, "jaxhet_cascade_escalations_total", cascade="cascade") == 2
         assert _metric(url, "jaxhet_generation_tokens_total", replica="tiny-decode-0", node="l4") > 0
         assert _metric(url, "jaxhet_prompt_tokens_total", replica="tiny-prefill-0", node="h100") > 0
         health = httpx.get(f"{url}/health").json()
@@ -170,7 +221,7 @@ def test_a_killed_serving_process_fails_its_requests_clearly_and_the_endpoint_se
     plan = _write_plan(tmp_path, "two-decoders", [(0, "prefill"), (1, "decode"), (2, "decode")])
     long_tokens = 150
     solo = _solo(model, SHORT, long_tokens)
-    with _server(tmp_path, plan, model_dir) as (url, started):
+    with _server(tmp_path, plan, {"tiny": model_dir}) as (url, started):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         firsts = [threading.Event() for _ in range(8)]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -202,13 +253,7 @@ def test_a_replica_spanning_processes_is_refused_naming_the_field(tmp_path, tiny
     data = json.loads(plan.read_text())
     data["replicas"][0].update(devices=[1, 2], tp=2)
     plan.write_text(json.dumps(data))
-    coordinator = free_port()
-    commands = [
-        [sys.executable, "-m", "jaxhet", "serve", "--plan", str(plan), "--model", f"tiny={model_dir}", *ENGINE]
-        + ["--coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2", "--process-id", str(i)]
-        + ["--port", str(free_port())]
-        for i in range(2)
-    ]
+    commands = _commands(plan, {"tiny": model_dir}, free_port())
     with processes(commands, tmp_path / "logs") as started:
         codes = wait_all(started, timeout=120)
     for i, code in enumerate(codes):
