@@ -46,6 +46,7 @@ ENGINE += ["--kv-format", "float32", "--no-prefix-caching"]
 SHORT = [f"prompt {i:02d}:" for i in range(16)]  # 11 tokens with BOS: one page
 LONG = [f"a longer prompt, number {i:02d}, spanning pages:" for i in range(16)]  # 42 tokens: three pages
 MAX_TOKENS = 6
+KEY = "serving-key"
 START_TIMEOUT_S = 300
 
 
@@ -124,22 +125,22 @@ def _write_cascade(directory: Path, replicas: list[tuple[int, str, str]], thresh
     return path
 
 
-def _commands(plan: Path, models: dict[str, Path], port: int) -> list[list[str]]:
+def _commands(plan: Path, models: dict[str, Path], port: int, *extra: str) -> list[list[str]]:
     """`jaxhet serve` of both processes: the same flags but the process id."""
     coordinator = free_port()
     weights = [arg for name, path in models.items() for arg in ("--model", f"{name}={path}")]
     return [
-        [sys.executable, "-m", "jaxhet", "serve", "--plan", str(plan), *weights, *ENGINE, "--port", str(port)]
+        [sys.executable, "-m", "jaxhet", "serve", "--plan", str(plan), *weights, *ENGINE, "--port", str(port), *extra]
         + ["--coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2", "--process-id", str(i)]
         for i in range(2)
     ]
 
 
 @contextlib.contextmanager
-def _server(tmp_path: Path, plan: Path, models: dict[str, Path]) -> Iterator[tuple[str, list]]:
+def _server(tmp_path: Path, plan: Path, models: dict[str, Path], *extra: str) -> Iterator[tuple[str, list]]:
     """Both processes of `jaxhet serve --plan` started for real; yields the endpoint's URL once /health answers."""
     port = free_port()
-    commands = _commands(plan, models, port)
+    commands = _commands(plan, models, port, *extra)
     logs = tmp_path / "logs"
     with processes(commands, logs, tmp_path.parent / "compile-cache") as started:
         url = f"http://127.0.0.1:{port}"
@@ -156,8 +157,8 @@ def _server(tmp_path: Path, plan: Path, models: dict[str, Path]) -> Iterator[tup
         yield url, started
 
 
-def _metric(url: str, name: str, **labels: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
+def _metric(url: str, name: str, key: str = "", **labels: str) -> float:
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}).text
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
     return sum(s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items()))
 
@@ -221,8 +222,8 @@ def test_a_killed_serving_process_fails_its_requests_clearly_and_the_endpoint_se
     plan = _write_plan(tmp_path, "two-decoders", [(0, "prefill"), (1, "decode"), (2, "decode")])
     long_tokens = 150
     solo = _solo(model, SHORT, long_tokens)
-    with _server(tmp_path, plan, {"tiny": model_dir}) as (url, started):
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    with _server(tmp_path, plan, {"tiny": model_dir}, "--api-key", KEY) as (url, started):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
         firsts = [threading.Event() for _ in range(8)]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(_stream, client, SHORT[i], long_tokens, firsts[i]) for i in range(8)]
@@ -238,9 +239,11 @@ def test_a_killed_serving_process_fails_its_requests_clearly_and_the_endpoint_se
         assert _complete(client, SHORT[8], long_tokens) == solo[SHORT[8]]  # the survivors serve on
         health = httpx.get(f"{url}/health").json()
         assert health["status"] == "degraded" and health["processes"][0]["up"] is False
-        assert _metric(url, "jaxhet_process_up", process="1") == 0
-        assert _metric(url, "jaxhet_replica_up", replica="tiny-decode-1", node="l4") == 0
-        assert _metric(url, "jaxhet_replica_up", replica="tiny-decode-0", node="h100") == 1
+        assert _metric(url, "jaxhet_process_up", KEY, process="1") == 0
+        assert _metric(url, "jaxhet_replica_up", KEY, replica="tiny-decode-1", node="l4") == 0
+        assert _metric(url, "jaxhet_replica_up", KEY, replica="tiny-decode-0", node="h100") == 1
+        replan = httpx.post(f"{url}/admin/plan", content=plan.read_text(), headers={"Authorization": f"Bearer {KEY}"})
+        assert replan.status_code == 409 and "several processes" in replan.json()["error"]["message"]
         assert started[1].wait(timeout=10) == -signal.SIGKILL
         os.kill(started[0].pid, signal.SIGINT)
         assert started[0].wait(timeout=120) == 0, log_text(tmp_path / "logs", 0)[-3000:]

@@ -144,7 +144,9 @@ def test_replans_under_load_keep_every_output_and_the_weights_of_replicas_that_s
     metrics = _metrics(server.url)
     assert metrics[("jaxhet_replicas", (("model", "tiny"), ("role", "both")))] == 2
     assert metrics[("jaxhet_replicas_started_total", ())] == 1
-    assert metrics[("jaxhet_generation_tokens_total", (("model", "tiny"), ("replica", "tiny-1")))] > 0  # device 2
+    assert (
+        metrics[("jaxhet_generation_tokens_total", (("model", "tiny"), ("node", "local"), ("replica", "tiny-1")))] > 0
+    )  # device 2
     assert httpx.get(f"{server.url}/health").json()["replicas"] == {"tiny": {"both": 2}}
 
     # Flip both replicas' roles: device 0 prefills, device 2 decodes; no replica is built.
