@@ -178,6 +178,22 @@ def _stream(client: openai.OpenAI, prompt: str, max_tokens: int = MAX_TOKENS, fi
     return text
 
 
+def _abandon_a_stream(client: openai.OpenAI, url: str) -> None:
+    """A client leaving mid-stream aborts its request on the decode process: its pages there are freed long before
+    its 200 tokens could have been generated."""
+    time.sleep(1.0)  # the endpoint's view of process 1 is at most one probe (0.5 s) old
+    before = _metric(url, "jaxhet_generation_tokens_total", replica="tiny-decode-0")
+    stream = client.completions.create(model="tiny", prompt=SHORT[2], max_tokens=200, temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()
+    time.sleep(1.5)  # three probes: the endpoint's view of process 1 is at most 0.5 s old
+    deadline = time.monotonic() + 30
+    while _metric(url, "jaxhet_kv_pages_used", replica="tiny-decode-0") > 0:
+        assert time.monotonic() < deadline, "the abandoned request still holds pages on process 1"
+        time.sleep(0.2)
+    assert _metric(url, "jaxhet_generation_tokens_total", replica="tiny-decode-0") - before < 150
+
+
 def _stop(started: list) -> list[int]:
     """SIGINT to the endpoint: it drains, tells the other process to stop, and both exit."""
     os.kill(started[0].pid, signal.SIGINT)
@@ -205,6 +221,9 @@ def test_prefill_on_one_node_hands_used_pages_to_decode_on_the_other(tmp_path, t
         assert _metric(url, "jaxhet_kv_handoff_bytes_total", process="1", direction="sent") == used_pages * page_bytes
         for prompt in (SHORT[0], LONG[0]):
             assert _stream(client, prompt) == _complete(client, prompt) == solo[prompt]
+        both = client.completions.create(model="tiny", prompt=SHORT[1], max_tokens=MAX_TOKENS, temperature=0, n=2)
+        assert [c.text for c in both.choices] == [solo[SHORT[1]]] * 2
+        _abandon_a_stream(client, url)
         escalated = _solo(large_model, SHORT[:1], MAX_TOKENS)[SHORT[0]]
         assert _stream(client, SHORT[0], model="cascade") == _complete(client, SHORT[0], model="cascade") == escalated
         assert _metric(url, "jaxhet_cascade_escalations_total", cascade="cascade") == 2
