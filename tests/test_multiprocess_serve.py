@@ -158,7 +158,7 @@ def _server(tmp_path: Path, plan: Path, models: dict[str, Path], *extra: str) ->
 
 
 def _metric(url: str, name: str, key: str = "", **labels: str) -> float:
-    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}).text
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"} if key else {}).text
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
     return sum(s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items()))
 

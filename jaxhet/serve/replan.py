@@ -154,16 +154,16 @@ class Fleet:
     async def apply(self, plan: planners.ServePlan) -> ReplanReport:
         """Run `plan` from now on (see the module's docstring); returns once removed replicas have stopped.
         FieldError if the plan cannot run here (nothing changes), ReplanRefused if this server cannot re-plan."""
-        source = self.source
-        if source is None:
-            raise ReplanRefused("this server was not given the models' weights, so it cannot start replicas")
-        if self.cascades():
-            raise ReplanRefused("this server runs a cascade; live re-planning applies to serving plans only")
         if self.links:
             raise ReplanRefused(
                 "this server's replicas run on several processes; live re-planning applies within one process "
                 "(restart the processes with the new plan)"
             )
+        source = self.source
+        if source is None:
+            raise ReplanRefused("this server was not given the models' weights, so it cannot start replicas")
+        if self.cascades():
+            raise ReplanRefused("this server runs a cascade; live re-planning applies to serving plans only")
         async with self._lock:
             wanted = place(plan, source.models, source.local_devices())
             running = self._running()
