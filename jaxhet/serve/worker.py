@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import signal
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -44,12 +45,13 @@ class ReplicaWorker:
 
     async def serve(self, host: str, port: int = 0, on_listening=None) -> None:
         """Listen on `host:port` (`on_listening(address)` once bound), serve until the endpoint says stop or goes
-        away (EndpointLost) or SIGTERM arrives, then let the requests held finish and close the engines."""
+        away (EndpointLost) or SIGTERM / SIGINT arrives, then let the requests held finish and close the engines."""
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
         server = await asyncio.start_server(self._connection, host, port)
-        with contextlib.suppress(NotImplementedError, ValueError):
-            loop.add_signal_handler(signal.SIGTERM, self._finish, None)
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, ValueError):
+                loop.add_signal_handler(stop, self._finish, None)
         address = server.sockets[0].getsockname()
         if on_listening is not None:
             on_listening(f"{address[0]}:{address[1]}")
@@ -67,7 +69,7 @@ class ReplicaWorker:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             header, payload = await read_frame(reader)
-            if header.get("token") != self.token:
+            if not hmac.compare_digest(str(header.get("token", "")), self.token):
                 await write_frame(writer, {"error": "wrong or missing run token", "kind": "refused"})
                 return
             if header.get("op") == "control":
@@ -124,7 +126,8 @@ class ReplicaWorker:
                 if handoff is not None:
                     frame["handoff"], extra = handoff_to_frame(handoff)
                 await write_frame(writer, frame, extra)
-        except EngineFailure as err:
-            await write_frame(writer, {"error": str(err), "kind": "engine"})
         except (ValueError, KeyError, TypeError) as err:
             await write_frame(writer, {"error": str(err), "kind": "invalid"})
+        except Exception as err:  # noqa: BLE001 - a request's failure is its own, not its process's
+            message = str(err) if isinstance(err, EngineFailure) else f"request failed: {err!r}"
+            await write_frame(writer, {"error": message, "kind": "engine"})
