@@ -17,13 +17,14 @@ from jaxhet.models import ConfigError
 from jaxhet.train import TrainConfig, load_trained
 from jaxhet.train.config import check_resume
 from jaxhet.train.step import learning_rate_schedule, schedule_change
+from tests.multiprocess.launch import environment
 
 JAXHET = shutil.which("jaxhet") or str(Path(sys.executable).parent / "jaxhet")
 
 
-def _run(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
+def _run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, "XLA_FLAGS": ""} if env is None else env
     result = subprocess.run([JAXHET, *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
     return result, time.monotonic() - started
 
@@ -143,18 +144,29 @@ TINY = [
 
 def test_resuming_with_a_changed_data_shape_is_refused_and_a_second_trainer_is_locked_out(tmp_path):
     run = str(tmp_path / "run")
-    first, _ = _run("train", "--steps", "1", "--checkpoint-dir", run, *TINY, cwd=tmp_path)
+    # The trainers run the same programs: compiled once, by the first, into a persistent cache the others load.
+    env = environment(tmp_path / "compilation-cache")
+    first, _ = _run("train", "--steps", "1", "--checkpoint-dir", run, *TINY, cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr
     changed, _ = _run(
-        "train", "--steps", "2", "--resume", "--checkpoint-dir", run, *TINY, "--set", "data.seq_len=32", cwd=tmp_path
+        "train",
+        "--steps",
+        "2",
+        "--resume",
+        "--checkpoint-dir",
+        run,
+        *TINY,
+        "--set",
+        "data.seq_len=32",
+        cwd=tmp_path,
+        env=env,
     )
     assert "--resume cannot change data.seq_len" in _one_line_error(changed)
     assert "seq_len: 16" in (tmp_path / "run" / "config.yaml").read_text()  # the refused run wrote nothing
-    longer, _ = _run("train", "--steps", "2", "--resume", "--checkpoint-dir", run, *TINY, cwd=tmp_path)
+    longer, _ = _run("train", "--steps", "2", "--resume", "--checkpoint-dir", run, *TINY, cwd=tmp_path, env=env)
     assert longer.returncode == 0, longer.stderr
     notes = [line for line in longer.stderr.splitlines() if "learning-rate schedule" in line]
     assert len(notes) == 1 and "steps 1 → 2" in notes[0] and "at the resumed step 1 the rate is" in notes[0]
-    env = {**os.environ, "XLA_FLAGS": ""}
     holder = subprocess.Popen(
         [JAXHET, "train", "--steps", "100000", "--resume", "--checkpoint-dir", run, *TINY],
         stdout=subprocess.DEVNULL,
@@ -168,7 +180,7 @@ def test_resuming_with_a_changed_data_shape_is_refused_and_a_second_trainer_is_l
         while not (lock.is_file() and lock.read_text().strip() == str(holder.pid)):
             assert time.monotonic() < deadline and holder.poll() is None
             time.sleep(0.2)
-        second, _ = _run("train", "--steps", "2", "--resume", "--checkpoint-dir", run, *TINY, cwd=tmp_path)
+        second, _ = _run("train", "--steps", "2", "--resume", "--checkpoint-dir", run, *TINY, cwd=tmp_path, env=env)
         assert f"in use by another trainer (process {holder.pid})" in _one_line_error(second)
     finally:
         holder.kill()

@@ -1,7 +1,6 @@
 """`jaxhet train`: plans match one device, checkpoints resume exactly after kill -9, stops save first."""
 
 import json
-import os
 import shutil
 import signal
 import struct
@@ -17,6 +16,7 @@ import pytest
 from jaxhet.parallel import llama_params
 from jaxhet.train import TrainConfig, load_trained, loop, train
 from meshes.transfer import host_values
+from tests.multiprocess.launch import environment
 
 JAXHET = shutil.which("jaxhet") or str(Path(sys.executable).parent / "jaxhet")
 SMALL = {
@@ -34,9 +34,15 @@ def small_config(tmp_path: Path, **overrides: str) -> TrainConfig:
     return TrainConfig.load(None, {**SMALL, "checkpoint_dir": str(tmp_path / "run"), **overrides})
 
 
-def run_cli(*args: str, **kwargs) -> subprocess.Popen:
+def run_cli(*args: str, compilation_cache: Path | None = None) -> subprocess.Popen:
+    """`jaxhet train` in `launch.environment` (LLVM at -O0; with `compilation_cache`, JAX's persistent cache there,
+    so that later processes of one test load what the first compiled instead of compiling it again)."""
     return subprocess.Popen(
-        [JAXHET, "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ, **kwargs
+        [JAXHET, "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(compilation_cache),
     )
 
 
@@ -47,44 +53,93 @@ def cli_args(run_dir: Path, steps: int) -> list[str]:
     return args
 
 
-def test_auto_plan_gives_the_single_device_loss_at_every_step(tmp_path):
-    single = train(small_config(tmp_path / "single", steps="5", plan="single"))
-    auto = train(small_config(tmp_path / "auto", steps="5", plan="auto"))
-    plan = json.loads((tmp_path / "auto" / "run" / "plan.json").read_text())
-    assert sum(len(stage["devices"]) for replica in plan["replicas"] for stage in replica["stages"]) > 1
-    assert (tmp_path / "auto" / "run" / "plan.png").is_file()
+# Steps of the shared reference runs, saved every `SAVE_EVERY` (a resume restarts half way); `warmup_steps` 2 makes
+# the learning rate rise and then decay within them.
+STEPS, SAVE_EVERY = 4, 2
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache in a fresh directory while this module's tests run, for every program:
+    a resumed run builds the plan's programs anew, the same as the run it resumes, and loads them instead of
+    compiling them again (compiling is most of a run's time on CPU). Reset on both sides, since JAX sets the cache
+    up once, at a process's first compile."""
+    from jax._src import compilation_cache as cache
+
+    options = {
+        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("compilation-cache")),
+        "jax_persistent_cache_min_compile_time_secs": 0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    before = {name: getattr(jax.config, name) for name in options}
+    for name, value in options.items():
+        jax.config.update(name, value)
+    cache.reset_cache()
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+    cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, compilation_cache):
+    """The small model trained on one device and with the auto plan (float32, same config), shared by the tests that
+    compare against them: planning and compiling the plan's programs is most of a run's time on CPU."""
+    root = tmp_path_factory.mktemp("reference")
+    overrides = {"steps": str(STEPS), "save_every": str(SAVE_EVERY)}
+    single = train(small_config(root / "single", plan="single", **overrides))
+    auto = train(small_config(root / "auto", plan="auto", **overrides))
+    return {"root": root, "single": single, "auto": auto, "plan": root / "auto" / "run" / "plan.json"}
+
+
+def devices_used(plan_file: Path) -> int:
+    plan = json.loads(plan_file.read_text())
+    return sum(len(stage["devices"]) for replica in plan["replicas"] for stage in replica["stages"])
+
+
+def test_auto_plan_gives_the_single_device_loss_at_every_step(reference):
+    single, auto, root = reference["single"], reference["auto"], reference["root"]
+    assert devices_used(reference["plan"]) > 1
+    assert (root / "auto" / "run" / "plan.png").is_file()
+    assert len(auto.losses) == len(single.losses) == STEPS
     # float32 on both paths; the plan only reorders sums (micro-batches, replicas, TP partial sums).
     np.testing.assert_allclose(auto.losses, single.losses, rtol=1e-5)
     # Saved from the plan's copies (each leaf from its first holder), restored onto one device.
-    auto_params = llama_params(load_trained(tmp_path / "auto" / "run").model)
-    single_params = llama_params(load_trained(tmp_path / "single" / "run").model)
+    auto_params = llama_params(load_trained(root / "auto" / "run").model)
+    single_params = llama_params(load_trained(root / "single" / "run").model)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), auto_params, single_params)
 
 
-def test_resuming_a_plan_restores_into_its_copies_and_continues_identically(tmp_path):
-    config = small_config(tmp_path, steps="6", save_every="3", plan="auto")
-    full = train(config)
-    shutil.rmtree(tmp_path / "run" / "6")  # as if the run had died after step 3's checkpoint
+def test_resuming_a_plan_restores_into_its_copies_and_continues_identically(reference, tmp_path):
+    shutil.copytree(reference["root"] / "auto" / "run", tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / str(STEPS))  # as if the run had died after the half-way checkpoint
+    config = small_config(tmp_path, steps=str(STEPS), save_every=str(SAVE_EVERY), plan="auto")
     resumed = train(config, resume=True)
-    assert (resumed.start_step, resumed.end_step) == (3, 6)
-    assert resumed.losses == full.losses[3:]
+    assert (resumed.start_step, resumed.end_step) == (SAVE_EVERY, STEPS)
+    assert resumed.losses == reference["auto"].losses[SAVE_EVERY:]
+    assert resumed.plan == reference["auto"].plan  # the saved plan, not a new one
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     steps = 9
-    reference = run_cli(*cli_args(tmp_path / "reference", steps))
+    cache = tmp_path / "compilation-cache"  # the four processes run the same programs: compiled once
+    reference = run_cli(*cli_args(tmp_path / "reference", steps), compilation_cache=cache)
     assert reference.wait(timeout=600) == 0, reference.stderr.read()
 
-    victim = run_cli(*cli_args(tmp_path / "victim", steps))
+    victim = run_cli(*cli_args(tmp_path / "victim", steps), compilation_cache=cache)
     deadline = time.time() + 300
     while not (tmp_path / "victim" / "3").is_dir():  # Orbax renames a step's directory into place once complete
         assert victim.poll() is None, victim.stderr.read()
         assert time.time() < deadline
-        time.sleep(0.05)
+        time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=60)
-    resumed = run_cli(*cli_args(tmp_path / "victim", steps), "--resume")
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert victim.wait(timeout=60) == -signal.SIGKILL  # killed mid-run, not finished first
+    saved = max(int(p.name) for p in (tmp_path / "victim").iterdir() if p.name.isdigit())
+    assert saved < steps  # so the resumed run has steps to do (the victim loads its programs from the cache: fast)
+    resumed = run_cli(*cli_args(tmp_path / "victim", steps), "--resume", compilation_cache=cache)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert f"{saved} → {steps}" in " ".join(out.split())  # resumed from the last checkpoint the victim completed
 
     reference_run, run = load_trained(tmp_path / "reference"), load_trained(tmp_path / "victim")
     ref_model, ref_meta, model, meta = reference_run.model, reference_run.meta, run.model, run.meta
@@ -102,6 +157,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        env=environment(cache),
     )
     assert generated.returncode == 0, generated.stderr
     assert f"(step {steps})" in " ".join(generated.stdout.split())
@@ -158,14 +214,13 @@ def test_metrics_go_to_jsonl_and_tensorboard_read_back_every_log_every_steps(tmp
     assert "perf/mfu" not in scalars
 
 
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
-    config = small_config(tmp_path, steps="6", save_every="3", plan="single")
-    train(config)
-    for file in (tmp_path / "run" / "6").rglob("*"):
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(reference, tmp_path, caplog):
+    shutil.copytree(reference["root"] / "single" / "run", tmp_path / "run")
+    for file in (tmp_path / "run" / str(STEPS)).rglob("*"):
         if file.is_file() and file.stat().st_size > 0:
             file.write_bytes(b"\0" * 7)
-    assert load_trained(tmp_path / "run").meta["step"] == 3
-    assert "step 6" in caplog.text
+    assert load_trained(tmp_path / "run").meta["step"] == SAVE_EVERY
+    assert f"step {STEPS}" in caplog.text
 
 
 def test_starting_over_a_run_directory_needs_resume(tmp_path):
@@ -191,10 +246,14 @@ def test_config_mistakes_get_one_line_and_exit_2(args, message, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_bfloat16_compute_keeps_float32_master_weights_and_the_float32_loss(tmp_path):
-    float32 = train(small_config(tmp_path / "f32", steps="5", plan="single"))
-    bf16 = train(small_config(tmp_path / "bf16", steps="5", plan="single", dtype="bfloat16"))
-    bf16_plan = train(small_config(tmp_path / "bf16_auto", steps="5", plan="auto", dtype="bfloat16"))
+def test_bfloat16_compute_keeps_float32_master_weights_and_the_float32_loss(reference, tmp_path):
+    float32 = reference["single"]
+    steps = {"steps": str(STEPS), "save_every": str(SAVE_EVERY)}
+    bf16 = train(small_config(tmp_path / "bf16", plan="single", dtype="bfloat16", **steps))
+    # The auto plan's placement (the planner's model has no dtype, so it plans bfloat16 the same), from its file.
+    assert devices_used(reference["plan"]) > 1
+    bf16_plan = train(small_config(tmp_path / "bf16_auto", plan=str(reference["plan"]), dtype="bfloat16", **steps))
+    assert len(bf16.losses) == len(bf16_plan.losses) == len(float32.losses) == STEPS
     assert bf16.losses != float32.losses  # the matmuls really ran in bfloat16
     np.testing.assert_allclose(bf16.losses, float32.losses, rtol=2e-2)
     np.testing.assert_allclose(bf16_plan.losses, bf16.losses, rtol=2e-2)
@@ -224,7 +283,7 @@ def test_fine_tunes_a_local_hugging_face_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_fine_tunes_a_qwen3_checkpoint_with_a_plan_as_on_one_device(tmp_path):
+def test_fine_tunes_a_qwen3_checkpoint_with_a_plan_as_on_one_device(reference, tmp_path):
     from flax import nnx
 
     from jaxhet import Llama, LlamaConfig, save_pretrained
@@ -235,9 +294,10 @@ def test_fine_tunes_a_qwen3_checkpoint_with_a_plan_as_on_one_device(tmp_path):
     )
     save_pretrained(Llama(hf_config, rngs=nnx.Rngs(1)), source)
     single = train(small_config(tmp_path / "single", model=str(source), steps="3", plan="single"))
-    auto = train(small_config(tmp_path / "auto", model=str(source), steps="3", plan="auto"))
-    plan = json.loads((tmp_path / "auto" / "run" / "plan.json").read_text())
-    assert sum(len(stage["devices"]) for replica in plan["replicas"] for stage in replica["stages"]) > 1
+    # The small model's auto plan, from its file: a plan fixes layers, batch and sequence length, which this model
+    # shares (its vocabulary of 300 changes the planner's cost figures, not what the plan may place).
+    assert devices_used(reference["plan"]) > 1
+    auto = train(small_config(tmp_path / "auto", model=str(source), steps="3", plan=str(reference["plan"])))
     # float32 on both paths; the plan only reorders sums (micro-batches, replicas, TP partial sums).
     np.testing.assert_allclose(auto.losses, single.losses, rtol=1e-5)
     run = load_trained(tmp_path / "auto" / "run")
