@@ -8,12 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.multiprocess.launch import fast_compile_environment
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_gpu_suite_smoke_runs_every_step_and_every_kernel_is_correct(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    fast = fast_compile_environment(tmp_path / "compilation-cache")  # its steps' smoke times are not checked
+    xla_flags = f"--xla_force_host_platform_device_count=8 {fast['XLA_FLAGS']}"
+    env = {**os.environ, **fast, "PYTHON": sys.executable, "XLA_FLAGS": xla_flags}
     result = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--smoke", "--out", str(tmp_path)],
         capture_output=True,

@@ -45,6 +45,21 @@ def environment(compilation_cache: Path | None = None) -> dict[str, str]:
     return env
 
 
+def fast_compile_environment(compilation_cache: Path) -> dict[str, str]:
+    """Environment variables that make a smoke run compile less: JAX's persistent compilation cache in
+    `compilation_cache` for every program however quick to compile (some benchmarks build a program again through a
+    new `jax.jit` object, e.g. bench/train.py's plan rows their stage programs for the compiled-memory figures),
+    and LLVM's optimisation level 0 in `XLA_FLAGS` (compiling is most of a smoke run on CPU; its times are only
+    checked to be positive, and every variant of a run compiles under the same flags). Their workers and servers
+    inherit both. Only the tests set these: the benchmarks' own (GPU) runs compile as before."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(compilation_cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "XLA_FLAGS": COMPILER_FLAGS,
+    }
+
+
 @contextlib.contextmanager
 def processes(
     commands: Sequence[Sequence[str]], logs: Path, compilation_cache: Path | None = None
