@@ -69,6 +69,7 @@ class AsyncEngine:
         self.engine = engine
         self.name = name
         self.node = node
+        self.routed_rps = 1.0  # the model's traffic routed here, relative to its other replicas (`ModelDeployment`)
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}
         self._tokens_by_second: collections.deque[tuple[int, int]] = collections.deque()

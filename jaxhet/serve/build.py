@@ -27,12 +27,14 @@ from jaxhet.serve.engine import Engine
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """One replica to run: `model` on `devices` (tensor-parallel over several) in `role` ("both", "prefill" or
-    "decode"). `key` is what a running replica is recognised by across plans; the role is not part of it, since
-    a replica changes role without touching its weights."""
+    "decode"), the plan routing `routed_rps` requests/s to it. `key` is what a running replica is recognised by
+    across plans; neither role nor routed rate is part of it, since a replica changes them without touching its
+    weights."""
 
     model: str
     devices: tuple[jax.Device, ...]
     role: str
+    routed_rps: float = 1.0
 
     @property
     def key(self) -> tuple[str, tuple[jax.Device, ...]]:
@@ -77,7 +79,7 @@ def _place_one(
     if kv_heads % replica.tp:
         message = f"{where}.tp: tp={replica.tp} does not divide {replica.model!r}'s {kv_heads} kv heads"
         raise FieldError(f"{where}.tp", message)
-    return Placement(replica.model, tuple(devices[i] for i in indices), replica.role)
+    return Placement(replica.model, tuple(devices[i] for i in indices), replica.role, replica.routed_rps)
 
 
 def place(
@@ -105,12 +107,14 @@ def place(
 
 def by_role(placed: Sequence[tuple[Placement, AsyncEngine]]) -> dict[str, dict[str, list[AsyncEngine]]]:
     """Model -> role -> its engines in plan order, each engine named after its model, role and position
-    (`small-0` for whole-request replicas, `small-prefill-0`, `small-decode-0`)."""
+    (`small-0` for whole-request replicas, `small-prefill-0`, `small-decode-0`) and given its placement's routed
+    rate."""
     grouped: dict[str, dict[str, list[AsyncEngine]]] = {}
     for placement, engine in placed:
         engines = grouped.setdefault(placement.model, {}).setdefault(placement.role, [])
         role = "" if placement.role == "both" else f"-{placement.role}"
         engine.name = f"{placement.model}{role}-{len(engines)}"
+        engine.routed_rps = placement.routed_rps
         engines.append(engine)
     return grouped
 

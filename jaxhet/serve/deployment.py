@@ -17,6 +17,8 @@ from jaxhet.serve.config import SamplingParams
 from jaxhet.serve.engine import RequestOutput
 from jaxhet.tokenizers import Tokenizer
 
+MIN_ROUTED_RPS = 1e-9  # a replica the plan routes nothing to takes requests only when no other one is up
+
 
 @dataclasses.dataclass
 class ModelDeployment:
@@ -26,8 +28,9 @@ class ModelDeployment:
     pages to a `decode` replica, which generates the rest: long prompts then never stall decoding, and each phase
     can run on the GPU kind that suits it (compute-bound prefill, bandwidth-bound decode). A request starts on the
     least loaded of the whole and prefill replicas, and a handed-over one continues on the least loaded decode
-    replica. `chat_template` builds chat prompts (None: chat requests are refused); `sampling_defaults` fill the
-    sampling settings a request leaves unset.
+    replica, load measured against the requests/s the plan routes to each (`routed_rps`; alike without a plan).
+    `chat_template` builds chat prompts (None: chat requests are refused); `sampling_defaults` fill the sampling
+    settings a request leaves unset.
 
     `route` replaces the replica lists at once (live re-planning). A request picks its replica when it starts, and
     its decode replica when its prefill ends, so after `route` returns no request starts on a replica left out,
@@ -119,13 +122,14 @@ class ModelDeployment:
 
 
 def _least_loaded(model: str, role: str, replicas: Sequence[AsyncEngine]) -> AsyncEngine:
-    """The least loaded of `replicas` that takes requests (one on a process that died does not); ReplicaLost
-    naming them when none does."""
+    """Of `replicas` that take requests (one on a process that died does not), the one whose load with this request
+    is least for the traffic routed to it (`(load + 1) / routed_rps`: a replica the plan routes 3x the requests/s
+    to holds 3x the requests; the first on a tie); ReplicaLost naming them when none is up."""
     up = [r for r in replicas if r.available]
     if not up:
         down = ", ".join(f"{r.name} on node {r.node}" for r in replicas)
         raise ReplicaLost(f"model {model!r}: no {role} replica is up ({down} down)")
-    return min(up, key=lambda r: r.load)
+    return min(up, key=lambda r: (r.load + 1) / max(r.routed_rps, MIN_ROUTED_RPS))
 
 
 def mean_logprob(output: RequestOutput, tokens: int | None = None) -> float:

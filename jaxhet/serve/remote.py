@@ -147,6 +147,7 @@ class RemoteReplica:
     devices: tuple[jax.Device, ...]
     tokenizer: Tokenizer
     max_model_len: int
+    routed_rps: float = 1.0
     _in_flight: int = 0
 
     @property
