@@ -8,21 +8,17 @@ import asyncio
 import time
 
 import httpx
-import jax
 import openai
 import pytest
-from flax import nnx
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from jaxhet.chat_template import TRANSCRIPT, load_chat_template
 from jaxhet.cli import app
-from jaxhet.loading import LoadedModel
-from jaxhet.models import Llama, LlamaConfig
 from jaxhet.serve import BackgroundServer, CascadeDeployment, EngineConfig, ServerConfig, build_deployments, create_app
 from jaxhet.serve.config import SamplingParams
 from jaxhet.serve.engine import RequestOutput
 from jaxhet.tokenizers import ByteTokenizer
+from tests.tiny_models import tiny_loaded
 
 ENGINE = EngineConfig(max_running=4, page_size=16, num_pages=64, kv_format="float32", max_model_len=192)
 
@@ -129,16 +125,9 @@ def test_the_serve_command_refuses_zero_decide_tokens():
     assert result.exit_code == 2 and "cascade-decide-tokens" in result.output
 
 
-def _tiny(seed: int, layers: int = 2) -> LoadedModel:
-    tokenizer = ByteTokenizer()
-    config = LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, num_layers=layers, dtype="float32")
-    model = Llama(config, rngs=nnx.Rngs(params=jax.random.key(seed)))
-    return LoadedModel(model, tokenizer, f"tiny-{seed}", chat_template=load_chat_template(None, TRANSCRIPT))
-
-
 @pytest.fixture(scope="module")
 def server():
-    deployments = build_deployments({"small": _tiny(1), "large": _tiny(2, layers=3)}, ENGINE)
+    deployments = build_deployments({"small": tiny_loaded(1), "large": tiny_loaded(2, layers=3)}, ENGINE)
     stages = [deployments["small"], deployments["large"]]
     deployments["keep"] = CascadeDeployment("keep", stages, [float("-inf")], decide_tokens=4)
     deployments["escalate"] = CascadeDeployment("escalate", stages, [float("inf")], decide_tokens=4)

@@ -16,15 +16,11 @@ import jax
 import openai
 import pytest
 from fastapi import FastAPI
-from flax import nnx
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 import planners
-from jaxhet.chat_template import TRANSCRIPT, load_chat_template
 from jaxhet.generate import SamplingConfig, generate
-from jaxhet.loading import LoadedModel
-from jaxhet.models import Llama, LlamaConfig
 from jaxhet.serve import (
     BackgroundServer,
     CascadeDeployment,
@@ -35,21 +31,14 @@ from jaxhet.serve import (
 )
 from jaxhet.serve.hostile import hostile_requests, malformed_http
 from jaxhet.serve.middleware import RequestGuard
-from jaxhet.tokenizers import ByteTokenizer
+from tests.tiny_models import tiny_loaded
 
 ENGINE = EngineConfig(max_running=8, page_size=16, num_pages=96, kv_format="float32", max_model_len=192)
 
 
-def _tiny(seed: int, layers: int = 2) -> LoadedModel:
-    tokenizer = ByteTokenizer()
-    config = LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, num_layers=layers, dtype="float32")
-    model = Llama(config, rngs=nnx.Rngs(params=jax.random.key(seed)))
-    return LoadedModel(model, tokenizer, f"tiny-{seed}", chat_template=load_chat_template(None, TRANSCRIPT))
-
-
 @pytest.fixture(scope="module")
 def served():
-    small, large = _tiny(1), _tiny(2, layers=3)
+    small, large = tiny_loaded(1), tiny_loaded(2, layers=3)
     deployments = build_deployments({"small": small, "large": large}, ENGINE)
     deployments["always-small"] = CascadeDeployment(
         "always-small", [deployments["small"], deployments["large"]], [-1e9]
@@ -260,7 +249,7 @@ def test_metrics_report_prefix_cache_hits(served, client):
 @pytest.fixture(scope="module")
 def keyed():
     """A server with an API key and short time limits for request headers (1 s) and bodies (1 s)."""
-    deployments = build_deployments({"small": _tiny(1)}, ENGINE)
+    deployments = build_deployments({"small": tiny_loaded(1)}, ENGINE)
     app = create_app(deployments, ServerConfig(api_key="s3cret", read_timeout_s=1.0))
     with BackgroundServer(app, header_timeout_s=1.0) as server:
         yield server
