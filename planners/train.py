@@ -422,10 +422,14 @@ def _current_outcome(
 ) -> _Outcome:
     """The plan running now (`current`), checked against `cluster`, `model` and `workload` and re-estimated: a warm
     start that the result is never slower than under the cost model."""
-    wanted = {"num_layers": model.num_layers, "global_batch": workload.global_batch, "seq_len": workload.seq_len}
-    for field, value in wanted.items():
+    wanted = {
+        "num_layers": ("model", model.num_layers),
+        "global_batch": ("workload", workload.global_batch),
+        "seq_len": ("workload", workload.seq_len),
+    }
+    for field, (source, value) in wanted.items():
         if getattr(plan, field) != value:
-            raise PlanningError(f"current plan: {field} is {getattr(plan, field)}, the workload's is {value}")
+            raise PlanningError(f"current plan: {field} is {getattr(plan, field)}, the {source}'s is {value}")
     kinds = [d.kind for d in cluster.devices]
     for r, replica in enumerate(plan.replicas):
         for s, stage in enumerate(replica.stages):

@@ -63,17 +63,22 @@ def _replan_on_hangup(fleet, path: Path, console: Console) -> Callable[[], Await
     return replan
 
 
+def _serve_plan(plan):
+    """The serving plan inside `plan` (a cascade plan's deployment), or None."""
+    import planners
+
+    return plan.deployment if isinstance(plan, planners.CascadePlan) else plan
+
+
 def _multi_process_app(processes, plan, loaded, engine_config, server_config, name, decide_tokens):
     """On the endpoint process, the app over every process's replicas (and the cascade, for a cascade plan) and
     its deployments; on the others, serve their replicas to the endpoint until it stops them, then (None, {})."""
-    import planners
     from jaxhet.serve import create_app
     from jaxhet.serve.build import add_cascade
     from jaxhet.serve.processes import endpoint_deployments, run_worker
     from jaxhet.serve.worker import EndpointLost
 
-    cascade = isinstance(plan, planners.CascadePlan)
-    serve_plan = plan.deployment if cascade else plan
+    serve_plan = _serve_plan(plan)
     if not processes.runtime.is_main:
         try:
             run_worker(processes, serve_plan, loaded, engine_config)
@@ -82,7 +87,7 @@ def _multi_process_app(processes, plan, loaded, engine_config, server_config, na
             raise typer.Exit(code=1) from None
         return None, {}
     deployments, links = endpoint_deployments(processes, serve_plan, loaded, engine_config)
-    if cascade:
+    if serve_plan is not plan:
         deployments = add_cascade(deployments, plan, name or "cascade", decide_tokens)
     return create_app(deployments, server_config, links=links), deployments
 
@@ -102,7 +107,7 @@ def _processes(plan, cluster: str | None, coordinator: str | None, num_processes
         return None
     if plan is None:
         raise ValueError("a multi-process server needs --plan: it says which replicas run on which node")
-    serve_plan = plan.deployment if isinstance(plan, planners.CascadePlan) else plan
+    serve_plan = _serve_plan(plan)
     spec = planners.ClusterSpec.load(cluster or serve_plan.cluster)
     check_one_process(serve_plan, spec, node_processes(spec, num_processes or detected[1]))
     return ServeProcesses(join(spec, coordinator, num_processes, process_id, recoverable=True), spec)

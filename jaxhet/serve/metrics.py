@@ -114,7 +114,7 @@ def _process_metrics(fleet: Fleet) -> Iterator[GaugeMetricFamily | CounterMetric
         labels=["process", "node", "direction"],
     )
     for link in fleet.links:
-        key = [str(link.process), ",".join(link.nodes)]
+        key = [str(link.process), link.node]
         up.add_metric(key, 1 if link.up else 0)
         for direction, count in link.handoff_bytes.items():
             handoff.add_metric([*key, direction], count)

@@ -57,6 +57,11 @@ class WorkerLink:
     def up(self) -> bool:
         return self.down_reason is None
 
+    @property
+    def node(self) -> str:
+        """The process's nodes, as metrics label them."""
+        return ",".join(self.nodes)
+
     def describe(self) -> str:
         return f"process {self.process} (node {', '.join(self.nodes)})"
 
@@ -152,7 +157,7 @@ class RemoteReplica:
 
     @property
     def node(self) -> str:
-        return ",".join(self.link.nodes)
+        return self.link.node
 
     @property
     def load(self) -> int:
